@@ -176,7 +176,10 @@ def test_splits_are_deterministic_and_order_independent():
     assert not np.array_equal(other, split)
 
 
-@pytest.mark.parametrize("n, fraction, expected", [(100, 0.05, 5), (10, 0.05, 1), (2, 0.01, 1), (1, 0.5, 0), (20, 0.0, 0), (40, 0.1, 4)])
+@pytest.mark.parametrize(
+    "n, fraction, expected",
+    [(100, 0.05, 5), (10, 0.05, 1), (2, 0.01, 1), (1, 0.5, 0), (20, 0.0, 0), (40, 0.1, 4), (3, 0.9, 2)],
+)
 def test_val_count(n, fraction, expected):
     ids = [f"im{k}" for k in range(n)]
     _, _, split, report = assign_splits(ids, make_labels(ids), None, val_fraction=fraction)
