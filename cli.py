@@ -17,6 +17,7 @@ import click
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from mlsp.backbones import BACKBONES  # noqa: E402
 from mlsp.errors import MLSPError  # noqa: E402
 
 log = logging.getLogger("mlsp.cli")
@@ -57,6 +58,131 @@ def main(verbose):
 
 def echo_json(data):
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+def tqdm_progress(**kwargs):
+    """Progress bars for library calls: a tqdm bar on stderr, with rate and ETA."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("smoothing", 0.1)
+    return tqdm(**kwargs)
+
+
+def _sigterm_as_interrupt():
+    """Treat `kill` (SIGTERM) like Ctrl-C, so partial results are flushed before exiting."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _echo_errors(errors, limit=10):
+    if not errors:
+        return
+    click.echo(f"{len(errors)} inputs could not be used:", err=True)
+    for e in errors[:limit]:
+        click.echo(f"  {e['path']}: {e['reason']}", err=True)
+    if len(errors) > limit:
+        click.echo(f"  ... and {len(errors) - limit} more (all of them: mlsp inspect --errors STORE)", err=True)
+
+
+@main.command()
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--images", "images_dir", type=click.Path(file_okay=False),
+              help="Folder of images, searched recursively (jpg, jpeg, png, webp, bmp, tif, tiff).")
+@click.option("--net", type=click.Choice(sorted(BACKBONES)), default="irv2", show_default=True,
+              help="Backbone: irv2 = InceptionResNet-v2 (43 blocks, 16,928 channels), "
+                   "iv3 = Inception-v3 (11 blocks, 10,048 channels).")
+@click.option("--wide/--narrow", default=False, show_default=True,
+              help="Wide: each block pooled to 5x5 (area interpolation), for pool3fc. "
+                   "Narrow: global average per block (1x1), for the single/multi heads.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Store 8 views (4 corner crops of 87.5% and their mirror images) or 1 (the whole image).")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="'imagenet' (Keras' download and cache in ~/.keras/models), a path to a Keras "
+                   "weights file (e.g. the notop .h5 copied by hand), or 'random[:SEED]' "
+                   "(seeded random backbone: for tests and benchmarks, meaningless for aesthetics).")
+@click.option("--labels", type=click.Path(dir_okay=False, exists=True),
+              help="AVA.txt (vote counts) or a CSV with an image id column and a MOS column "
+                   "(optionally 10 vote-count columns). Images without labels are still extracted.")
+@click.option("--test-list", type=click.Path(dir_okay=False, exists=True),
+              help="Ids of the test split, one per line (AVA: generic_test.jpgl).")
+@click.option("--val-fraction", type=float, default=0.05, show_default=True,
+              help="Share of labelled non-test images drawn at random for validation.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Store file. Default: features/<dataset>/<net>_<narrow|wide>[_noaug].h5")
+@click.option("--dataset", help="Dataset name for the default --out. Default: the images folder's name.")
+@click.option("--max-side", type=int, default=1024, show_default=True,
+              help="Images with a longer side are resized down to it (INTER_AREA) before cropping, "
+                   "which bounds memory on large photos; AVA (max 800 px) is untouched. 0: never.")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Compute precision of the backbone (storage is float16 anyway).")
+@click.option("--workers", type=int, default=2, show_default=True,
+              help="Threads decoding images ahead of the model (0: decode in the main thread).")
+@click.option("--checkpoint-every", type=int, default=64, show_default=True,
+              help="Write finished images to disk every N images (and at least every 30 s); an "
+                   "interruption loses at most the images since the last write.")
+@handle_errors
+def extract(files, images_dir, net, wide, augment, weights, labels, test_list, val_fraction, seed, out,
+            dataset, max_side, precision, workers, checkpoint_every):
+    """Extract MLSP features of images into a feature store (stage 1, once per dataset).
+
+    Give a folder with --images, or image files as arguments. Interrupted runs (Ctrl-C, kill,
+    power loss) keep what was finished: run the same command again to resume. Files that cannot
+    be used (broken, empty, too small, not images) are listed in the store and the summary.
+    """
+    from mlsp.extract import ExtractConfig, extract as run_extract
+
+    if bool(files) == bool(images_dir):
+        raise click.UsageError("give either --images DIR or image files, not both and not neither")
+    config = ExtractConfig(net=net, pooling="wide" if wide else "narrow", augment=augment, weights=weights,
+                           max_side=max_side, precision=precision)
+    if config.weights.startswith("random"):
+        log.warning("using a RANDOM backbone (--weights %s): features carry no ImageNet knowledge; "
+                    "fine for tests and benchmarks, meaningless for aesthetics", config.weights)
+    _sigterm_as_interrupt()
+    try:
+        result = run_extract(images_dir or list(files), config, out, labels=labels, test_list=test_list,
+                             val_fraction=val_fraction, seed=seed, dataset=dataset, workers=workers,
+                             flush_images=max(1, checkpoint_every), progress=tqdm_progress)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: finished images are kept; run the same command again to resume.", err=True)
+        sys.exit(130)
+    _echo_errors(result.errors)
+    rep = result.labels_report
+    splits = ", ".join(f"{k} {v}" for k, v in rep.get("counts", {}).items())
+    click.echo(f"{result.store}: {result.images} images ({result.new} new, {result.skipped_existing} already "
+               f"there), {len(result.errors)} unusable, {result.seconds:.1f} s")
+    if splits:
+        click.echo(f"splits: {splits}")
+    if rep.get("labels_without_images"):
+        click.echo(f"{rep['labels_without_images']} labelled ids have no image")
+
+
+@main.command()
+@click.argument("store_path", metavar="STORE.h5", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option("--errors", "show_errors", is_flag=True, help="List every input that could not be used.")
+@handle_errors
+def inspect(store_path, as_json, show_errors):
+    """Show what a feature store holds: configuration, sizes, labels, splits, errors."""
+    from mlsp.store import FeatureStore, describe
+
+    info = describe(store_path)
+    if as_json:
+        echo_json(info)
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            click.echo(f"{key:<{width}}  {value}")
+    if show_errors:
+        with FeatureStore(store_path) as s:
+            for e in s.errors():
+                click.echo(f"{e['path']}\t{e['reason']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

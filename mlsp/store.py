@@ -448,6 +448,12 @@ class ShardWriter:
         self._last_flush = self._time()
         self._next_index = 1 + max([_shard_number(p) for p in self.shard_paths()] or [0])
 
+    def remove(self):
+        """Delete the (shard-less) partial folder once nothing in it is needed."""
+        for name in os.listdir(self.dir):
+            os.remove(os.path.join(self.dir, name))
+        os.rmdir(self.dir)
+
     def shard_paths(self) -> list:
         return sorted(glob.glob(os.path.join(self.dir, "shard-*.h5")))
 
@@ -571,12 +577,16 @@ def finalize_store(
     return len(rows), len(errors)
 
 
-def relabel_store(path: str, label_fn, attrs: dict):
-    """Rewrite labels and splits of a finished store in place (features untouched)."""
+def relabel_store(path: str, label_fn, attrs: dict, keys: Sequence[str]) -> int:
+    """Rewrite labels and splits of a finished store in place (features untouched).
+
+    ``label_fn`` runs first, so it may still add to ``attrs``; then ``keys`` of ``attrs`` are
+    written. Returns the number of images."""
     with h5py.File(path, "r+") as f:
         ids = _decode(f["ids"][:])
         mos, votes, split = label_fn(ids)
         f["mos"][...] = mos
         f["votes"][...] = votes
         f["split"][...] = _as_str_array(split)
-        write_attrs(f, attrs)
+        write_attrs(f, {k: attrs[k] for k in keys if k in attrs})
+        return len(ids)

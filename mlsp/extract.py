@@ -1,0 +1,374 @@
+"""Stage 1: images -> MLSP features in a feature store.
+
+:class:`FeatureExtractor` is the model: backbone, taps and pooling, run as one TensorFlow graph
+traced once with a fully dynamic input shape, so thousands of distinct image sizes cost one
+trace. :func:`extract` is the job: find the images, decode them ahead of the model in worker
+threads, run the views of each image as one batch, write crash-safe shards, and finally merge
+everything with the labels into one store (see ``features/README.md``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import time
+from collections import deque
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from . import backbones, images, store
+from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch
+
+log = logging.getLogger(__name__)
+
+POOLINGS = {"narrow": 1, "wide": 5}
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that determines the features of an image (and so a store's configuration)."""
+
+    net: str = "irv2"
+    pooling: str = "narrow"
+    augment: bool = True
+    weights: str = "imagenet"
+    max_side: int = 1024
+    precision: str = "float32"
+
+    def __post_init__(self):
+        backbones.get_backbone(self.net)
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, received {self.pooling!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, received {self.precision!r}")
+        if int(self.max_side) < 0:
+            raise ConfigError(f"max_side must be >= 0 (0: never resize), received {self.max_side!r}")
+
+    @property
+    def spec(self) -> backbones.BackboneSpec:
+        return backbones.get_backbone(self.net)
+
+    @property
+    def views(self) -> list[str]:
+        return images.view_names(self.augment)
+
+    def default_store_name(self) -> str:
+        name = f"{self.net}_{self.pooling}" + ("" if self.augment else "_noaug")
+        if self.precision != "float32":
+            name += f"_{self.precision}"
+        return name + ".h5"
+
+
+class FeatureExtractor:
+    """Backbone + taps + pooling. ``extractor(views)`` maps a (V, h, w, 3) uint8 RGB batch of
+    one size to (V, C) (narrow) or (V, 5, 5, C) (wide) float32 features."""
+
+    def __init__(self, config: ExtractConfig):
+        import keras
+        import tensorflow as tf
+
+        from .pooling import MultiLevelPooling
+
+        self.config = config
+        spec = config.spec
+        source = backbones.WeightsSource.parse(config.weights)
+        previous_policy = keras.config.dtype_policy()
+        policy = "float32" if config.precision == "float32" else f"mixed_{config.precision}"
+        keras.config.set_dtype_policy(policy)
+        try:
+            backbone, self.weights_record = backbones.build_backbone(spec, source)
+            names = {layer.name for layer in backbone.layers}
+            missing = [t for t in spec.taps if t not in names]
+            if missing:
+                raise ConfigError(f"{spec.name}: layers {missing} not found in Keras' {spec.constructor}")
+            taps = [backbone.get_layer(t).output for t in spec.taps]
+            channels = [int(t.shape[-1]) for t in taps]
+            if tuple(channels) != tuple(spec.channels):
+                raise ConfigError(f"{spec.name}: tap channels {channels} differ from the registry's {spec.channels}")
+            pooled = MultiLevelPooling(grid=POOLINGS[config.pooling], name="mlsp_pooling")(taps)
+            self.model = keras.Model(backbone.input, pooled, name=f"mlsp_{spec.name}_{config.pooling}")
+        finally:
+            keras.config.set_dtype_policy(previous_policy)
+        model = self.model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)], reduce_retracing=True)
+        def forward(batch):
+            x = spec.preprocess(tf.cast(batch, tf.float32))
+            return tf.cast(model(x, training=False), tf.float32)
+
+        self._forward = forward
+
+    @property
+    def tracing_count(self) -> int:
+        """How many graphs were traced (stays 1 whatever the input sizes)."""
+        return int(self._forward.experimental_get_tracing_count())
+
+    def __call__(self, views: np.ndarray) -> np.ndarray:
+        return self._forward(np.ascontiguousarray(views, dtype=np.uint8)).numpy()
+
+    def store_attrs(self) -> dict:
+        spec, cfg = self.config.spec, self.config
+        return {
+            "net": spec.name,
+            "pooling": cfg.pooling,
+            "grid": POOLINGS[cfg.pooling],
+            "block_names": list(spec.taps),
+            "block_channels": [int(c) for c in spec.channels],
+            "views": cfg.views,
+            "crop_fraction": images.CROP_FRACTION if cfg.augment else 1.0,
+            "weights": self.weights_record,
+            "weights_source": self.weights_record["source"],
+            "weights_sha256": self.weights_record["sha256"],
+            "preprocessing": spec.preprocessing,
+            "max_side": int(cfg.max_side),
+            "precision": cfg.precision,
+        }
+
+    def load_views(self, path: str) -> tuple[np.ndarray, tuple]:
+        """Decode one file into its views (runs in a worker thread)."""
+        img = images.decode_image(path, self.config.max_side)
+        images.check_size(path, img, self.config.augment, self.config.spec.min_side, self.config.net)
+        return images.make_views(img, self.config.augment), img.shape[:2]
+
+    def extract_file(self, path: str) -> np.ndarray:
+        views, _ = self.load_views(path)
+        return self(views)
+
+
+@dataclasses.dataclass
+class ExtractResult:
+    store: str
+    images: int  # rows in the finished store
+    new: int  # images extracted by this call
+    errors: list  # every input that could not be used (from this and earlier runs)
+    labels_report: dict
+    seconds: float
+    skipped_existing: int  # inputs already in the store or its partial results
+
+
+def _noop_progress(total=None, **kwargs):
+    class _Bar:
+        def update(self, n=1):
+            pass
+
+        def set_postfix(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    return _Bar()
+
+
+def collect_inputs(inputs: str | Sequence[str]) -> tuple[list[str], list[str], list[tuple[str, str]], str]:
+    """(paths, ids, skipped (path, reason), root) for a folder or a list of files."""
+    if isinstance(inputs, (str, os.PathLike)) and os.path.isdir(inputs):
+        root = os.path.abspath(inputs)
+        paths, others = images.list_images(root)
+        return paths, images.image_ids(paths, root), others, root
+    files = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(p) for p in inputs]
+    present, skipped = [], []
+    for p in files:
+        (present if os.path.isfile(p) else skipped).append(p)
+    skipped = [(p, "no such file") for p in skipped]
+    if not present and not skipped:
+        raise ConfigError("no input images given")
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in present]) if present else os.getcwd()
+    paths = sorted(os.path.abspath(p) for p in present)
+    return paths, images.image_ids(paths, root), skipped, root
+
+
+def _label_function(labels_file, test_list, val_fraction, seed, report):
+    from . import labels as labels_mod
+
+    labels = labels_mod.read_labels(labels_file) if labels_file else None
+    test_ids = labels_mod.read_test_list(test_list) if test_list else []
+
+    def label_fn(ids):
+        mos, votes, split, rep = labels_mod.assign_splits(list(ids), labels, test_ids, val_fraction, seed)
+        report.update(rep)
+        return mos, votes, split
+
+    return label_fn
+
+
+def extract(
+    inputs: str | Sequence[str],
+    config: ExtractConfig,
+    out: str | None = None,
+    *,
+    labels: str | None = None,
+    test_list: str | None = None,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    dataset: str | None = None,
+    workers: int = 2,
+    prefetch: int = 4,
+    flush_images: int = 64,
+    flush_seconds: float = 30.0,
+    progress: Callable = _noop_progress,
+    extractor: FeatureExtractor | None = None,
+) -> ExtractResult:
+    """Extract features of every image in ``inputs`` (a folder, recursively, or a list of files)
+    into the store ``out`` (default ``features/<dataset>/<config.default_store_name()>``).
+
+    Resumable: images already in ``out`` or in its unfinished partial results are skipped, so
+    running the same call again after an interruption only processes what is missing, and the
+    finished store equals that of an uninterrupted run. A store or partial result made with
+    another configuration raises :class:`StoreConfigMismatch`. Unusable inputs are recorded in
+    the store's ``/errors`` and never stop the run. ``progress`` is a tqdm-like factory:
+    ``progress(total=..., desc=..., unit=...)`` returning an object with ``update`` and ``close``.
+    """
+    started = time.monotonic()
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), received {val_fraction!r}")
+    paths, ids, skipped, root = collect_inputs(inputs)
+    dataset = dataset or os.path.basename(root.rstrip(os.sep)) or "dataset"
+    out = out or os.path.join("features", dataset, config.default_store_name())
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if os.path.exists(out) and labels is None and test_list is None:
+        labels, test_list = _stored_label_sources(out)
+    report: dict = {}
+    # Labels are read before any image, so a malformed file fails at once.
+    label_fn = _label_function(labels, test_list, val_fraction, seed, report)
+
+    extractor = extractor or FeatureExtractor(config)
+    attrs = extractor.store_attrs()
+    attrs.update(
+        dataset=dataset,
+        labels_file=os.path.abspath(labels) if labels else "",
+        test_list=os.path.abspath(test_list) if test_list else "",
+        val_fraction=float(val_fraction),
+        seed=int(seed),
+    )
+    previous = None
+    if os.path.exists(out):
+        with store.FeatureStore(out) as existing:
+            diff = store.config_differences(existing.attrs, attrs)
+            if diff:
+                raise StoreConfigMismatch(out, diff)
+            done_paths = set(existing.paths.tolist())
+            done_paths.update(e["path"] for e in existing.errors())
+        previous = out
+    else:
+        done_paths = set()
+
+    rel = {p: os.path.relpath(p, root).replace(os.sep, "/") for p in paths}
+    layout = {"views": attrs["views"], "pooling": config.pooling, "channels": int(sum(attrs["block_channels"]))}
+    writer = store.ShardWriter(out, {k: attrs[k] for k in store.CONFIG_KEYS}, layout,
+                               flush_images=flush_images, flush_seconds=flush_seconds)
+    for record in writer.read_shards():
+        done_paths.update(record.paths)
+        done_paths.update(e["path"] for e in record.errors)
+    for path, reason in skipped:
+        key = os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
+        if key not in done_paths:
+            writer.add_error(os.path.splitext(os.path.basename(path))[0], key, reason)
+    todo = [(p, i) for p, i in zip(paths, ids) if rel[p] not in done_paths]
+    skipped_existing = len(paths) - len(todo)
+    if skipped_existing:
+        log.info("%d of %d images are already extracted; %d to go", skipped_existing, len(paths), len(todo))
+    log.info("extracting %d images with %s (%s, %d views, weights %s) into %s", len(todo), config.net,
+             config.pooling, len(config.views), attrs["weights_source"], out)
+
+    new = 0
+    n_errors = 0
+    bar = progress(total=len(todo), desc="extract", unit="img")
+    try:
+        for (path, image_id), result in _decode_ahead(extractor.load_views, todo, workers, prefetch):
+            if isinstance(result, ImageDecodeError):
+                writer.add_error(image_id, rel[path], result.reason)
+                n_errors += 1
+                log.debug("skipped %s: %s", path, result.reason)
+            else:
+                views, size = result
+                writer.add(image_id, rel[path], size, extractor(views))
+                new += 1
+            bar.update(1)
+            if n_errors:
+                bar.set_postfix(errors=n_errors, refresh=False)
+    except BaseException:
+        # Ctrl-C or any failure: keep what is finished; the next run resumes from here.
+        writer.flush()
+        raise
+    finally:
+        bar.close()
+    writer.flush()
+
+    merge_bar = progress(total=None, desc="write store", unit="img")
+    labelled = _with_report(label_fn, attrs, report)
+    try:
+        if writer.shard_paths() or previous is None:
+            n_rows, _ = store.finalize_store(out, writer.dir, attrs, labelled, previous=previous,
+                                             progress=merge_bar.update)
+        else:  # nothing new: only the labels may have changed
+            writer.remove()
+            label_attrs = ("labels_file", "test_list", "val_fraction", "seed", "labels_without_images")
+            n_rows = store.relabel_store(out, labelled, attrs, label_attrs)
+    finally:
+        merge_bar.close()
+    with store.FeatureStore(out) as s:
+        errors = s.errors()
+    result = ExtractResult(out, n_rows, new, errors, dict(report), time.monotonic() - started, skipped_existing)
+    log.info("%s: %d images (%d new), %d unusable inputs, in %.1f s", out, n_rows, new, len(errors), result.seconds)
+    return result
+
+
+def _with_report(label_fn, attrs, report):
+    def fn(ids):
+        mos, votes, split = label_fn(ids)
+        attrs["labels_without_images"] = int(report.get("labels_without_images", 0))
+        return mos, votes, split
+
+    return fn
+
+
+def _stored_label_sources(path):
+    """The label files a store was made with, so that rerunning without --labels keeps them."""
+    with store.FeatureStore(path) as s:
+        found = []
+        for key in ("labels_file", "test_list"):
+            value = s.attrs.get(key) or None
+            if value and not os.path.isfile(value):
+                log.warning("%s was made with %s %s, which no longer exists; its labels are dropped",
+                            path, key, value)
+                value = None
+            found.append(value)
+    if any(found):
+        log.info("using the label sources recorded in %s: %s", path, ", ".join(v for v in found if v))
+    return found[0], found[1]
+
+
+def _decode_ahead(load: Callable, items: list, workers: int, prefetch: int) -> Iterable:
+    """Yield ``(item, load(item[0]) or the ImageDecodeError)`` in input order, decoding up to
+    ``prefetch`` items ahead in ``workers`` threads (OpenCV releases the GIL while decoding).
+    Memory is bounded by ``prefetch`` decoded images; the order, and so every result, is the
+    same as a serial loop's."""
+
+    def safe_load(path):
+        try:
+            return load(path)
+        except ImageDecodeError as exc:
+            return exc
+
+    if workers <= 0:
+        for item in items:
+            yield item, safe_load(item[0])
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlsp-decode") as pool:
+        pending: deque = deque()
+        it = iter(items)
+        for item in it:
+            pending.append((item, pool.submit(safe_load, item[0])))
+            if len(pending) >= max(1, prefetch):
+                break
+        while pending:
+            item, future = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(safe_load, nxt[0])))
+            yield item, future.result()

@@ -1,0 +1,50 @@
+"""Shared fixtures. Every test runs offline on random backbones and small generated images;
+nothing here needs ImageNet weights, AVA or a GPU."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_HOME", os.path.join(os.path.dirname(__file__), ".keras-test-home"))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def write_image(path, height, width, seed=0, channels=3, ext=None):
+    """A smooth random RGB picture (so JPEG keeps it close) written with OpenCV."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), channels), dtype=np.uint8)
+    img = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    if not cv2.imwrite(str(path), img):
+        raise RuntimeError(f"could not write {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def extractors():
+    """One FeatureExtractor per (net, pooling, augment) asked for, built once per session."""
+    from mlsp.extract import ExtractConfig, FeatureExtractor
+
+    cache = {}
+
+    def get(net="iv3", pooling="narrow", augment=True, weights="random:0", precision="float32"):
+        key = (net, pooling, augment, weights, precision)
+        if key not in cache:
+            cache[key] = FeatureExtractor(ExtractConfig(net=net, pooling=pooling, augment=augment,
+                                                        weights=weights, precision=precision))
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    """Six small images of five sizes, two of them in a sub-folder."""
+    root = tmp_path / "imgs"
+    sizes = [(96, 128), (120, 100), (100, 100), (130, 90), (96, 128), (110, 140)]
+    for k, (h, w) in enumerate(sizes):
+        sub = "sub/" if k >= 4 else ""
+        write_image(root / f"{sub}img{k}.png", h, w, seed=k)
+    return root
