@@ -28,6 +28,37 @@ POOLINGS = {"narrow": 1, "wide": 5}
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 
+def resolve_precision(precision: str) -> tuple[str, str]:
+    """(precision, why) for a requested precision; ``auto`` picks bfloat16 where the hardware
+    computes it natively (a GPU of compute capability 8.0 or newer, or a CPU with AVX-512 BF16
+    or AMX), float32 elsewhere, where bfloat16 would be emulated and slower."""
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be auto or one of {', '.join(PRECISIONS)}, received {precision!r}")
+        return precision, "as asked"
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        capability = details.get("compute_capability") or (0, 0)
+        if tuple(capability) >= (8, 0):
+            return "bfloat16", f"GPU {details.get('device_name', gpu.name)} (compute capability {capability}) computes bfloat16 natively"
+        return "float32", f"GPU {details.get('device_name', gpu.name)} (compute capability {capability}) has no native bfloat16"
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if native:
+        return "bfloat16", f"the CPU supports bfloat16 in hardware ({', '.join(native)})"
+    return "float32", "the CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16), so bfloat16 would be slower"
+
+
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
     """Everything that determines the features of an image (and so a store's configuration)."""
