@@ -1,0 +1,74 @@
+"""Reduced-precision extraction: fidelity against float32, the store attribute, no mixing of
+precisions, and decode-ahead giving exactly the serial path's results."""
+
+import numpy as np
+import pytest
+
+from conftest import write_image
+from mlsp.errors import StoreConfigMismatch
+from mlsp.extract import ExtractConfig, extract, resolve_precision
+from mlsp.images import make_views
+from mlsp.store import FeatureStore
+
+
+def cpu_has_bf16():
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bfloat16 hardware "
+                                "(avx512_bf16/amx_bf16); bfloat16 would be emulated, so it is not tested here")
+
+
+@needs_bf16
+@pytest.mark.parametrize("net", ["iv3", "irv2"])
+def test_bfloat16_fidelity(extractors, net):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    import cv2
+
+    views = make_views(cv2.resize(img, (220, 180), interpolation=cv2.INTER_CUBIC))
+    ref = extractors(net=net, pooling="wide")(views)
+    low = extractors(net=net, pooling="wide", precision="bfloat16")(views)
+    assert low.dtype == np.float32 and low.shape == ref.shape
+    max_rel = np.abs(low - ref).max() / np.abs(ref).max()
+    corr = np.corrcoef(low.ravel(), ref.ravel())[0, 1]
+    assert max_rel <= 0.03, max_rel
+    assert corr >= 0.9999, corr
+    assert not np.array_equal(low, ref), "bfloat16 must really compute in lower precision"
+
+
+@needs_bf16
+def test_auto_picks_bfloat16_on_this_cpu():
+    precision, why = resolve_precision("auto")
+    assert precision == "bfloat16" and "bf16" in why
+
+
+def test_explicit_precision_is_kept():
+    assert resolve_precision("float32") == ("float32", "as asked")
+
+
+def test_precision_recorded_and_never_mixed(tmp_path, image_dir, extractors):
+    out = tmp_path / "s.h5"
+    bf16 = ExtractConfig(net="iv3", weights="random:0", precision="bfloat16")
+    assert bf16.default_store_name() == "iv3_narrow_bfloat16.h5"
+    extract(str(image_dir), bf16, str(out), extractor=extractors(net="iv3", precision="bfloat16"))
+    with FeatureStore(str(out)) as s:
+        assert s.attrs["precision"] == "bfloat16"
+    write_image(image_dir / "late.png", 100, 100, seed=9)
+    with pytest.raises(StoreConfigMismatch, match="precision: store has 'bfloat16', asked for 'float32'"):
+        extract(str(image_dir), ExtractConfig(net="iv3", weights="random:0"), str(out), extractor=extractors(net="iv3"))
+
+
+def test_decode_ahead_equals_serial(tmp_path, image_dir, extractors):
+    ex = extractors(net="iv3")
+    config = ExtractConfig(net="iv3", weights="random:0")
+    serial, overlapped = tmp_path / "serial.h5", tmp_path / "overlap.h5"
+    extract(str(image_dir), config, str(serial), extractor=ex, workers=0)
+    extract(str(image_dir), config, str(overlapped), extractor=ex, workers=3, prefetch=2)
+    with FeatureStore(str(serial)) as a, FeatureStore(str(overlapped)) as b:
+        assert a.ids.tolist() == b.ids.tolist()
+        np.testing.assert_array_equal(a.load(), b.load())
