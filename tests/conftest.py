@@ -2,9 +2,11 @@
 nothing here needs ImageNet weights, AVA or a GPU."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_HOME", os.path.join(os.path.dirname(__file__), ".keras-test-home"))
+# Keras writes its config and weights cache under KERAS_HOME: keep tests away from the user's.
+os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="mlsp-keras-home-"))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
