@@ -46,3 +46,7 @@ class StoreConfigMismatch(StoreError):
             f"{path} was made with another configuration ({diff}). "
             "Use another --out, or delete the store to start over."
         )
+
+
+class TrainingError(MLSPError):
+    """Training a head cannot start or did not produce a model (e.g. the loss diverged)."""

@@ -1,0 +1,151 @@
+"""Metrics (PAPER.md, "Metrics") and the evaluation of a trained run on a store.
+
+- SRCC (Spearman) and PLCC (Pearson) between predicted and true MOS;
+- accuracy of the binary decision at MOS 5 (high quality is MOS > 5, for truth and prediction);
+- balanced accuracy: the mean of the recalls of the two classes (of the classes present), since
+  plain accuracy rewards predicting the majority (about 70% of AVA's test set is high quality);
+- n, the number of images.
+
+A correlation that is undefined (fewer than 2 images, or a constant prediction) is ``None``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import warnings
+from typing import Mapping
+
+import numpy as np
+from scipy import stats
+
+from mlsp.errors import ConfigError, StoreError
+from mlsp.store import FeatureStore
+
+from .data import open_features, predict_views
+
+log = logging.getLogger(__name__)
+
+THRESHOLD = 5.0
+EVAL_SPLITS = ("val", "test")
+
+
+def _correlation(fn, a, b):
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = float(fn(a, b)[0])
+    return value if np.isfinite(value) else None
+
+
+def compute_metrics(mos, pred, threshold: float = THRESHOLD) -> dict:
+    """``{"srcc", "plcc", "accuracy", "balanced_accuracy", "n"}`` of predictions against true MOS."""
+    mos = np.asarray(mos, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    if mos.shape != pred.shape or mos.ndim != 1:
+        raise ValueError(f"mos and pred must be 1-d and of equal length, received {mos.shape} and {pred.shape}")
+    n = int(len(mos))
+    if n == 0:
+        return {"srcc": None, "plcc": None, "accuracy": None, "balanced_accuracy": None, "n": 0}
+    high, high_pred = mos > threshold, pred > threshold
+    recalls = [float(np.mean(high_pred[cls] == high[cls])) for cls in (high, ~high) if cls.any()]
+    return {
+        "srcc": _correlation(stats.spearmanr, mos, pred),
+        "plcc": _correlation(stats.pearsonr, mos, pred),
+        "accuracy": float(np.mean(high == high_pred)),
+        "balanced_accuracy": float(np.mean(recalls)),
+        "n": n,
+    }
+
+
+def labelled_split(store: FeatureStore, split: str) -> np.ndarray:
+    """Rows of ``split`` with a known MOS."""
+    idx = store.split_indices(split)
+    return idx[np.isfinite(store.mos[idx])]
+
+
+def write_outputs(out_dir: str, store: FeatureStore, predictions: Mapping[str, tuple],
+                  threshold: float = THRESHOLD) -> dict:
+    """Write ``metrics.json``, ``predictions.csv`` and ``predictions.png`` for {split: (rows, pred)}.
+
+    Returns the metrics, ``{split: {...}}``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    metrics, results = {}, {}
+    rows_out = []
+    for split, (rows, pred) in predictions.items():
+        mos = store.mos[rows].astype(np.float64)
+        metrics[split] = compute_metrics(mos, pred, threshold)
+        results[split] = (mos, pred)
+        rows_out += [(store.ids[r], split, m, p) for r, m, p in zip(rows, mos, pred)]
+    with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
+        json.dump(metrics, handle, indent=2)
+        handle.write("\n")
+    with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "split", "mos", "pred"])
+        for image_id, split, m, p in rows_out:
+            writer.writerow([image_id, split, f"{m:.6g}", f"{p:.6g}"])
+    from .plots import plot_predictions
+
+    plot_predictions(os.path.join(out_dir, "predictions.png"), results, metrics, threshold)
+    for split, m in metrics.items():
+        log.info("%s: %s", split, ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in m.items()))
+    return metrics
+
+
+def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None,
+             memory_budget: int | None = None) -> dict:
+    """Recompute a run's metrics on val and test: its own store, or another one with the same layout.
+
+    Loads ``model.keras`` (safe_mode), predicts the mean over all stored views of each labelled
+    val and test image and writes ``metrics.json``, ``predictions.csv`` and ``predictions.png`` to
+    ``out``: by default the run folder for its own store, ``RUN_DIR/eval-<store>-<fingerprint>``
+    for another store. Returns ``{split: metrics}``.
+    """
+    import keras
+
+    from . import models  # noqa: F401  (registers the custom layers before loading)
+
+    config_path = os.path.join(run_dir, "config.json")
+    model_path = os.path.join(run_dir, "model.keras")
+    for path in (config_path, model_path):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{run_dir} is not a finished run: {os.path.basename(path)} is missing")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    store_path = store or config["store"]["path"]
+    model = keras.saving.load_model(model_path, compile=False)
+    with FeatureStore(store_path) as s:
+        want = tuple(model.input_shape[1:])
+        if tuple(s.feature_shape) != want:
+            raise ConfigError(
+                f"{store_path}: features of shape {tuple(s.feature_shape)} per view ({s.net}, {s.pooling}), "
+                f"but the model of {run_dir} takes {want} (trained on {config['store']['net']}, "
+                f"{config['store']['pooling']})"
+            )
+        if list(s.block_channels) != list(config["store"]["block_channels"]):
+            raise ConfigError(f"{store_path}: another block layout than the store the model was trained on")
+        same = s.fingerprint() == config["store"].get("fingerprint")
+        if not same:
+            log.warning("evaluating on %s, not the store the run was trained on (%s)", store_path,
+                        config["store"]["path"])
+        rows = {split: labelled_split(s, split) for split in EVAL_SPLITS}
+        rows = {k: v for k, v in rows.items() if len(v)}
+        if not rows:
+            raise StoreError(f"{store_path}: no labelled val or test images to evaluate on")
+        source = open_features(s, np.concatenate(list(rows.values())), memory_budget=memory_budget)
+        try:
+            predictions = {split: (r, predict_views(model, source, r)) for split, r in rows.items()}
+        finally:
+            source.close()
+        if out is None:
+            stem = os.path.splitext(os.path.basename(store_path))[0]
+            out = run_dir if same else os.path.join(run_dir, f"eval-{stem}-{s.fingerprint()}")
+        metrics = write_outputs(out, s, predictions)
+    log.info("wrote metrics and predictions to %s", out)
+    return metrics

@@ -1,0 +1,159 @@
+"""The four MLSP heads (PAPER.md, "Stage 2") as Keras functional models.
+
+Every layer is a stock Keras layer except :class:`BlockSplit`, which is registered so that a
+saved ``model.keras`` loads under ``safe_mode``; there are no ``Lambda`` layers.
+
+The 3FC block follows the authors' released code (kutils ``fc_layers`` with ``batch_norm=2``):
+``Dense(X, relu) -> BN -> Dropout(0.25) -> Dense(X/2, relu) -> BN -> Dropout(0.25) ->
+Dense(X/8, relu) -> BN -> Dropout(0.5) -> Dense(1)``, He-normal kernels. The ReLU sits inside
+each Dense, before its batch normalisation, as in their code. The reduced Inception module of
+Pool-3FC is their ``inception_block``: conv (no bias) + BN (no scale) + ReLU units, as in
+Keras' Inception-v3.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+from keras import layers
+
+from mlsp.errors import ConfigError
+
+from .registry import get_head
+
+DROPOUTS = (0.25, 0.25, 0.5)
+
+
+@keras.saving.register_keras_serializable(package="mlsp_heads")
+class BlockSplit(keras.layers.Layer):
+    """Split concatenated narrow features (B, C) back into their blocks: a list of (B, C_k)."""
+
+    def __init__(self, channels: Sequence[int], **kwargs):
+        super().__init__(**kwargs)
+        self.channels = [int(c) for c in channels]
+        if not self.channels or min(self.channels) < 1:
+            raise ValueError(f"channels must be positive integers, received {channels!r}")
+
+    def call(self, inputs):
+        out, start = [], 0
+        for c in self.channels:
+            out.append(inputs[:, start : start + c])
+            start += c
+        return out
+
+    def compute_output_shape(self, input_shape):
+        return [(input_shape[0], c) for c in self.channels]
+
+    def get_config(self):
+        config = super().get_config()
+        config["channels"] = list(self.channels)
+        return config
+
+
+def fc_sizes(width: int) -> tuple:
+    """Units of the three hidden layers of a 3FC block of width X: X, X/2, X/8 (at least 1)."""
+    return (int(width), max(1, int(width) // 2), max(1, int(width) // 8))
+
+
+def three_fc(x, width: int, prefix: str = "", output_bias: float = 0.0):
+    """The 3FC block on a (B, D) tensor; returns the (B, 1) prediction."""
+    for i, (units, rate) in enumerate(zip(fc_sizes(width), DROPOUTS)):
+        x = layers.Dense(units, activation="relu", kernel_initializer="he_normal", name=f"{prefix}fc{i}")(x)
+        x = layers.BatchNormalization(name=f"{prefix}bn{i}")(x)
+        x = layers.Dropout(rate, name=f"{prefix}dropout{i}")(x)
+    return layers.Dense(
+        1, kernel_initializer="he_normal", bias_initializer=keras.initializers.Constant(output_bias),
+        name=f"{prefix}out",
+    )(x)
+
+
+def single_1fc(x, block_channels, output_bias: float = 0.0):
+    return layers.Dense(1, bias_initializer=keras.initializers.Constant(output_bias), name="out")(x)
+
+
+def single_3fc(x, block_channels, output_bias: float = 0.0, width: int = 2048):
+    return three_fc(x, width, output_bias=output_bias)
+
+
+def multi_3fc(x, block_channels, output_bias: float = 0.0):
+    """One 3FC per block (X = the block's channels); the prediction is their weighted sum.
+
+    The weights start at 1/B (the mean of the blocks' predictions) and are learned.
+    """
+    block_channels = [int(c) for c in block_channels]
+    parts = BlockSplit(block_channels, name="split_blocks")(x) if len(block_channels) > 1 else [x]
+    preds = [three_fc(part, c, prefix=f"b{k:02d}_", output_bias=output_bias)
+             for k, (part, c) in enumerate(zip(parts, block_channels))]
+    if len(preds) == 1:
+        return preds[0]
+    stacked = layers.Concatenate(name="block_predictions")(preds)
+    return layers.Dense(
+        1, use_bias=False, kernel_initializer=keras.initializers.Constant(1.0 / len(preds)),
+        name="weighted_sum",
+    )(stacked)
+
+
+def conv_bn(x, filters: int, rows: int, cols: int, name: str):
+    """Conv2D ('same', no bias) -> BN (no scale) -> ReLU, as in Keras' Inception-v3."""
+    x = layers.Conv2D(filters, (rows, cols), padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(scale=False, name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=name)(x)
+
+
+def reduced_inception(x, kernels: int = 1024):
+    """Three columns of ``kernels`` channels each, concatenated: 3 * kernels channels."""
+    branch1x1 = conv_bn(x, kernels, 1, 1, "branch1x1")
+    branch3x3 = conv_bn(x, kernels, 1, 1, "branch3x3_1x1")
+    branch3x3 = layers.Concatenate(name="branch3x3")(
+        [conv_bn(branch3x3, kernels // 2, 1, 3, "branch3x3_1x3"),
+         conv_bn(branch3x3, kernels - kernels // 2, 3, 1, "branch3x3_3x1")]
+    )
+    branch_pool = layers.AveragePooling2D((3, 3), strides=(1, 1), padding="same", name="branch_pool_avg")(x)
+    branch_pool = conv_bn(branch_pool, kernels, 1, 1, "branch_pool")
+    return layers.Concatenate(name="inception")([branch1x1, branch3x3, branch_pool])
+
+
+def pool_3fc(x, block_channels, output_bias: float = 0.0, width: int = 2048, kernels: int = 1024):
+    x = reduced_inception(x, kernels)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    return three_fc(x, width, output_bias=output_bias)
+
+
+def build_head(
+    name: str,
+    block_channels: Sequence[int],
+    *,
+    pooling: str = "narrow",
+    grid: int = 5,
+    output_bias: float = 0.0,
+    **options,
+) -> keras.Model:
+    """Build the registered head ``name`` for features with the given channel layout.
+
+    ``pooling`` is the store's: a narrow head on ``"wide"`` features starts with a global
+    average over the grid (the mean of the 5x5 grid equals the narrow feature), so the model
+    takes what the store holds. ``output_bias`` initialises the output bias (training sets it
+    to the mean training MOS). ``options`` are the head's own (e.g. ``width``).
+    """
+    spec = get_head(name)
+    opts = spec.resolve_options(options)
+    block_channels = [int(c) for c in block_channels]
+    if not block_channels or min(block_channels) < 1:
+        raise ConfigError(f"block_channels must be positive integers, received {block_channels!r}")
+    channels = sum(block_channels)
+    if pooling not in ("narrow", "wide"):
+        raise ConfigError(f"unknown pooling {pooling!r}; expected 'narrow' or 'wide'")
+    if spec.needs_wide and pooling != "wide":
+        raise ConfigError(
+            f"head {name!r} needs wide (5x5) features, but the store is {pooling}; "
+            "extract with `mlsp extract --wide`, or choose a narrow head"
+        )
+    if pooling == "wide":
+        inputs = keras.Input((grid, grid, channels), name="features")
+        x = inputs if spec.needs_wide else layers.GlobalAveragePooling2D(name="grid_mean")(inputs)
+    else:
+        inputs = keras.Input((channels,), name="features")
+        x = inputs
+    outputs = spec.resolve_builder()(x, block_channels, output_bias=float(output_bias), **opts)
+    return keras.Model(inputs, outputs, name=name)

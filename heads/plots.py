@@ -1,0 +1,76 @@
+"""PNG plots of a run: predicted against true MOS, and the loss curves (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_predictions(path: str, results: Mapping[str, tuple], metrics: Mapping[str, dict] | None = None,
+                     threshold: float = 5.0):
+    """One panel per split: predicted (y) against true (x) MOS, the diagonal and the threshold."""
+    plt = _pyplot()
+    splits = [s for s in results if len(results[s][0])]
+    fig, axes = plt.subplots(1, max(1, len(splits)), figsize=(5 * max(1, len(splits)), 5), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        mos, pred = (np.asarray(v, dtype=float) for v in results[split])
+        lo = float(np.nanmin([mos.min(), pred.min(), 1.0]))
+        hi = float(np.nanmax([mos.max(), pred.max(), 10.0]))
+        ax.plot([lo, hi], [lo, hi], color="0.6", lw=1, zorder=1)
+        ax.axvline(threshold, color="0.85", lw=1, zorder=0)
+        ax.axhline(threshold, color="0.85", lw=1, zorder=0)
+        ax.scatter(mos, pred, s=4 if len(mos) > 2000 else 10, alpha=0.5, zorder=2)
+        title = f"{split} (n={len(mos)})"
+        m = (metrics or {}).get(split)
+        if m:
+            parts = [f"{k.upper()} {m[k]:.3f}" for k in ("srcc", "plcc") if m.get(k) is not None]
+            if m.get("accuracy") is not None:
+                parts.append(f"acc {100 * m['accuracy']:.1f}%")
+            title += "\n" + ", ".join(parts)
+        ax.set_title(title)
+        ax.set_xlabel("true MOS")
+        ax.set_ylabel("predicted MOS")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_history(path: str, history: Sequence[Mapping], events: Sequence[Mapping] = ()):
+    """Training and validation loss per epoch (log scale), LR changes as vertical lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    epochs = [int(r["epoch"]) for r in history]
+    for key, label in (("loss", "train loss (one random view)"), ("val_loss", "val loss (mean over views)")):
+        values = [float(r[key]) if r.get(key) is not None else np.nan for r in history]
+        ax.plot(epochs, values, marker="o", ms=3, label=label)
+    for event in events:
+        ax.axvline(event["epoch"] + 0.5, color="0.7", ls="--", lw=1)
+        ax.text(event["epoch"] + 0.5, 1.0, f" lr {event['to']:.0e}", transform=ax.get_xaxis_transform(),
+                va="top", fontsize=8, color="0.4")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE")
+    positive = [float(r[k]) for r in history for k in ("loss", "val_loss")
+                if r.get(k) is not None and np.isfinite(float(r[k])) and float(r[k]) > 0]
+    if positive:
+        ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

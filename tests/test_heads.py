@@ -1,0 +1,231 @@
+"""heads: the registry, the four heads (parameter counts from their layer sizes, any layout,
+safe_mode round trips, the grid mean of narrow heads on wide stores) and the metrics."""
+
+import numpy as np
+import pytest
+
+from mlsp.errors import ConfigError
+
+# The channel layouts of the two backbones, as the paper gives them (PAPER.md, "Stage 1").
+IRV2 = [320] + [128] * 10 + [1088] + [384] * 20 + [2080] + [448] * 10
+IV3 = [256, 288, 288, 768, 768, 768, 768, 768, 1280, 2048, 2048]
+SMALL = [8, 16, 8]
+HEAD_NAMES = ["single1fc", "single3fc", "multi3fc", "pool3fc"]
+
+
+# -- parameter counts from layer sizes -------------------------------------------------------
+# (total, trainable) of each piece; BN holds gamma, beta (trainable) and moving mean and
+# variance (not); the Inception units' BN has no gamma (scale=False), their convs no bias.
+
+
+def dense(n_in, n_out, bias=True):
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def bn(n, scale=True):
+    return ((4 if scale else 3) * n, (2 if scale else 1) * n)
+
+
+def three_fc(n_in, x):
+    a, b, c = x, max(1, x // 2), max(1, x // 8)
+    total = dense(n_in, a) + dense(a, b) + dense(b, c) + dense(c, 1)
+    bns = [bn(a), bn(b), bn(c)]
+    return total + sum(t for t, _ in bns), total + sum(t for _, t in bns)
+
+
+def expected_params(head, channels, width=2048, kernels=1024):
+    c = sum(channels)
+    if head == "single1fc":
+        return dense(c, 1), dense(c, 1)
+    if head == "single3fc":
+        return three_fc(c, width)
+    if head == "multi3fc":
+        parts = [three_fc(k, k) for k in channels]
+        return sum(t for t, _ in parts) + len(channels), sum(t for _, t in parts) + len(channels)
+    if head == "pool3fc":
+        half, other = kernels // 2, kernels - kernels // 2
+        convs = 3 * dense(c, kernels, bias=False) + dense(3 * kernels, half, bias=False) + \
+            dense(3 * kernels, other, bias=False)  # 1x1 x3 (from C); 1x3 and 3x1 (from K, 3 taps)
+        units = [bn(kernels, False)] * 3 + [bn(half, False), bn(other, False)]
+        fc_total, fc_trainable = three_fc(3 * kernels, width)
+        return (convs + sum(t for t, _ in units) + fc_total, convs + sum(t for _, t in units) + fc_trainable)
+    raise ValueError(head)
+
+
+def counts(model):
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    return model.count_params(), trainable
+
+
+def test_layouts_are_the_backbones():
+    from mlsp.backbones import BACKBONES
+
+    assert sum(IRV2) == 16928 and len(IRV2) == 43
+    assert sum(IV3) == 10048 and len(IV3) == 11
+    assert list(BACKBONES["irv2"].channels) == IRV2
+    assert list(BACKBONES["iv3"].channels) == IV3
+
+
+@pytest.mark.parametrize("layout", [IRV2, IV3], ids=["irv2", "iv3"])
+@pytest.mark.parametrize("head", HEAD_NAMES)
+def test_parameter_count_on_backbone_layouts(head, layout):
+    from heads.models import build_head
+
+    model = build_head(head, layout, pooling="wide" if head == "pool3fc" else "narrow")
+    assert counts(model) == expected_params(head, layout)
+
+
+@pytest.mark.parametrize("options", [{"width": 3072}, {"width": 64, "kernels": 32}, {"kernels": 7}])
+def test_pool3fc_width_and_kernels(options):
+    from heads.models import build_head
+
+    model = build_head("pool3fc", SMALL, pooling="wide", **options)
+    assert counts(model) == expected_params("pool3fc", SMALL, **options)
+    assert model.get_layer("inception").output.shape[-1] == 3 * options.get("kernels", 1024)
+
+
+def test_multi3fc_has_one_3fc_per_block_and_a_weighted_sum():
+    from heads.models import build_head
+
+    model = build_head("multi3fc", [5, 7, 300, 1])
+    assert [model.get_layer(f"b{k:02d}_fc0").units for k in range(4)] == [5, 7, 300, 1]
+    assert [model.get_layer(f"b{k:02d}_fc2").units for k in range(4)] == [1, 1, 37, 1]
+    weights = model.get_layer("weighted_sum").get_weights()
+    assert len(weights) == 1 and np.allclose(weights[0], 0.25)  # starts as the mean, learned
+
+
+@pytest.mark.parametrize("head", HEAD_NAMES)
+@pytest.mark.parametrize("layout", [[3], [8, 16, 8], [1, 2, 3, 4, 5]], ids=["1block", "3blocks", "5blocks"])
+def test_any_layout_builds_and_predicts(head, layout):
+    from heads.models import build_head
+
+    options = {"width": 16, "kernels": 8} if head == "pool3fc" else {"width": 16} if head == "single3fc" else {}
+    pooling = "wide" if head == "pool3fc" else "narrow"
+    model = build_head(head, layout, pooling=pooling, output_bias=5.5, **options)
+    shape = (4, 5, 5, sum(layout)) if pooling == "wide" else (4, sum(layout))
+    out = model.predict_on_batch(np.zeros(shape, np.float32))
+    assert out.shape == (4, 1)
+    if head != "pool3fc":  # zero input, inference mode: the output is the bias (BN stats start at 0/1)
+        assert np.allclose(out, 5.5, atol=1e-3)
+
+
+def test_registry():
+    from heads import get_head, list_heads
+
+    assert [h.name for h in list_heads()] == HEAD_NAMES
+    assert [h.needs_wide for h in list_heads()] == [False, False, False, True]
+    with pytest.raises(ConfigError, match="unknown head 'nope'.*single1fc, single3fc, multi3fc, pool3fc"):
+        get_head("nope")
+    with pytest.raises(ConfigError, match="does not take kernels"):
+        get_head("single3fc").resolve_options({"kernels": 8})
+    with pytest.raises(ConfigError, match="does not take width.*no options"):
+        get_head("multi3fc").resolve_options({"width": 8})
+    with pytest.raises(ConfigError, match="positive integer"):
+        get_head("pool3fc").resolve_options({"width": 0})
+    assert get_head("pool3fc").resolve_options({"width": 3072}) == {"width": 3072, "kernels": 1024}
+
+
+def test_registry_does_not_import_keras():
+    import subprocess
+    import sys
+
+    code = "import sys, heads; heads.list_heads(); print('keras' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_adding_a_head_is_one_entry():
+    from heads.models import build_head
+    from heads.registry import HEADS, HeadSpec, register
+
+    def mean_head(x, block_channels, output_bias=0.0):
+        import keras
+
+        return keras.layers.Dense(1, bias_initializer=keras.initializers.Constant(output_bias))(x)
+
+    register(HeadSpec("test_linear", mean_head, needs_wide=False, description="a test head"))
+    try:
+        assert build_head("test_linear", SMALL).count_params() == 33
+    finally:
+        del HEADS["test_linear"]
+
+
+def test_pool3fc_needs_wide_features():
+    from heads.models import build_head
+
+    with pytest.raises(ConfigError, match="needs wide .* features.*--wide"):
+        build_head("pool3fc", SMALL, pooling="narrow")
+
+
+@pytest.mark.parametrize("head", ["single1fc", "single3fc", "multi3fc"])
+def test_narrow_head_on_wide_features_is_the_narrow_head_on_the_grid_mean(head):
+    from heads.models import build_head
+
+    narrow = build_head(head, SMALL, output_bias=5.0)
+    wide = build_head(head, SMALL, pooling="wide", output_bias=5.0)
+    assert counts(narrow) == counts(wide)
+    rng = np.random.default_rng(0)
+    narrow.set_weights([rng.normal(size=w.shape).astype(np.float32) * 0.3 + (1.0 if "variance" in w.path else 0)
+                        for w in narrow.weights])
+    wide.set_weights(narrow.get_weights())
+    x = rng.uniform(0, 2, size=(6, 5, 5, sum(SMALL))).astype(np.float32)
+    np.testing.assert_allclose(wide.predict_on_batch(x), narrow.predict_on_batch(x.mean(axis=(1, 2))),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head,pooling", [("single1fc", "narrow"), ("single3fc", "wide"), ("multi3fc", "narrow"),
+                                          ("pool3fc", "wide")])
+def test_saved_model_loads_in_safe_mode(tmp_path, head, pooling):
+    import keras
+
+    from heads.models import build_head
+
+    options = {"width": 16, "kernels": 8} if head == "pool3fc" else {"width": 16} if head == "single3fc" else {}
+    model = build_head(head, SMALL, pooling=pooling, output_bias=3.0, **options)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True, compile=False)
+    x = np.random.default_rng(1).uniform(size=(3,) + tuple(model.input_shape[1:])).astype(np.float32)
+    np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), rtol=1e-6)
+    assert not any(type(layer).__name__ == "Lambda" for layer in loaded.layers)
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def test_metrics_by_hand():
+    from heads.evaluation import compute_metrics
+
+    mos = np.array([2.0, 4.0, 5.0, 6.0, 8.0, 9.0])
+    pred = np.array([3.0, 5.5, 4.0, 7.0, 6.0, 5.0])
+    m = compute_metrics(mos, pred)
+    # high quality is MOS > 5: truth [F F F T T T], prediction [F T F T T F]
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert m["n"] == 6
+    # Spearman by hand: ranks of pred [1 4 2 6 5 3] against [1..6], no ties
+    d = np.array([1, 4, 2, 6, 5, 3]) - np.arange(1, 7)
+    assert m["srcc"] == pytest.approx(1 - 6 * np.sum(d**2) / (6 * 35))
+    x, y = mos - mos.mean(), pred - pred.mean()
+    assert m["plcc"] == pytest.approx(np.sum(x * y) / np.sqrt(np.sum(x**2) * np.sum(y**2)))
+
+
+def test_balanced_accuracy_is_not_fooled_by_a_majority_guess():
+    from heads.evaluation import compute_metrics
+
+    mos = np.array([6.0] * 7 + [4.0] * 3)
+    m = compute_metrics(mos, np.full(10, 5.5) + np.arange(10) * 1e-3)
+    assert m["accuracy"] == pytest.approx(0.7)
+    assert m["balanced_accuracy"] == pytest.approx(0.5)
+
+
+def test_metrics_edge_cases():
+    from heads.evaluation import compute_metrics
+
+    constant = compute_metrics(np.array([3.0, 6.0, 7.0]), np.full(3, 6.0))
+    assert constant["srcc"] is None and constant["plcc"] is None and constant["accuracy"] == pytest.approx(2 / 3)
+    one = compute_metrics(np.array([6.0]), np.array([7.0]))
+    assert one["srcc"] is None and one["accuracy"] == 1.0 and one["balanced_accuracy"] == 1.0
+    assert compute_metrics(np.array([]), np.array([]))["n"] == 0
+    # exactly 5 is low quality, for truth and prediction alike
+    assert compute_metrics(np.array([5.0, 5.0]), np.array([5.0, 5.01]))["accuracy"] == 0.5
