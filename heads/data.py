@@ -252,6 +252,11 @@ def open_features(store: FeatureStore, indices: Sequence[int], *, reduce_grid: b
              len(indices), store.n_views, need / 2**30, budget / 2**30)
     try:
         features = np.empty((len(indices), stream.n_views) + stream.view_shape, stream.dtype)
+    except MemoryError:
+        log.warning("could not allocate %.2f GiB for the features: streaming them from the store instead",
+                    need / 2**30)
+        return stream
+    try:
         step = max(1, SLAB_BYTES // stream.stored_image_nbytes)
         for start in range(0, len(indices), step):
             features[start:start + step] = stream.take(indices[start:start + step])

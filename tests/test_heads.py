@@ -1,5 +1,5 @@
-"""heads: the registry, the four heads (parameter counts from their layer sizes, any layout,
-safe_mode round trips, the grid mean of narrow heads on wide stores) and the metrics."""
+"""heads: the registry and the four heads (parameter counts from their layer sizes, any layout,
+safe_mode round trips, the grid mean of narrow heads on wide stores)."""
 
 import numpy as np
 import pytest
@@ -188,44 +188,3 @@ def test_saved_model_loads_in_safe_mode(tmp_path, head, pooling):
     x = np.random.default_rng(1).uniform(size=(3,) + tuple(model.input_shape[1:])).astype(np.float32)
     np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), rtol=1e-6)
     assert not any(type(layer).__name__ == "Lambda" for layer in loaded.layers)
-
-
-# -- metrics ---------------------------------------------------------------------------------
-
-
-def test_metrics_by_hand():
-    from heads.evaluation import compute_metrics
-
-    mos = np.array([2.0, 4.0, 5.0, 6.0, 8.0, 9.0])
-    pred = np.array([3.0, 5.5, 4.0, 7.0, 6.0, 5.0])
-    m = compute_metrics(mos, pred)
-    # high quality is MOS > 5: truth [F F F T T T], prediction [F T F T T F]
-    assert m["accuracy"] == pytest.approx(4 / 6)
-    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 2 / 3) / 2)
-    assert m["n"] == 6
-    # Spearman by hand: ranks of pred [1 4 2 6 5 3] against [1..6], no ties
-    d = np.array([1, 4, 2, 6, 5, 3]) - np.arange(1, 7)
-    assert m["srcc"] == pytest.approx(1 - 6 * np.sum(d**2) / (6 * 35))
-    x, y = mos - mos.mean(), pred - pred.mean()
-    assert m["plcc"] == pytest.approx(np.sum(x * y) / np.sqrt(np.sum(x**2) * np.sum(y**2)))
-
-
-def test_balanced_accuracy_is_not_fooled_by_a_majority_guess():
-    from heads.evaluation import compute_metrics
-
-    mos = np.array([6.0] * 7 + [4.0] * 3)
-    m = compute_metrics(mos, np.full(10, 5.5) + np.arange(10) * 1e-3)
-    assert m["accuracy"] == pytest.approx(0.7)
-    assert m["balanced_accuracy"] == pytest.approx(0.5)
-
-
-def test_metrics_edge_cases():
-    from heads.evaluation import compute_metrics
-
-    constant = compute_metrics(np.array([3.0, 6.0, 7.0]), np.full(3, 6.0))
-    assert constant["srcc"] is None and constant["plcc"] is None and constant["accuracy"] == pytest.approx(2 / 3)
-    one = compute_metrics(np.array([6.0]), np.array([7.0]))
-    assert one["srcc"] is None and one["accuracy"] == 1.0 and one["balanced_accuracy"] == 1.0
-    assert compute_metrics(np.array([]), np.array([]))["n"] == 0
-    # exactly 5 is low quality, for truth and prediction alike
-    assert compute_metrics(np.array([5.0, 5.0]), np.array([5.0, 5.01]))["accuracy"] == 0.5

@@ -1,0 +1,463 @@
+"""Training a head on a feature store (PAPER.md, "Training").
+
+:func:`train` takes a :class:`TrainConfig`, checks the store and the configuration before any
+training starts, trains with the paper's schedule (:mod:`heads.schedule`), evaluates on val and
+test and writes the run folder:
+
+- ``model.keras``: the best weights on validation loss; takes one view of the store's features
+  ((C,) narrow, (5, 5, C) wide) and loads with ``safe_mode``;
+- ``config.json``: the store (path, fingerprint, layout), the head and its options, every
+  hyper-parameter and the seed, how the data was fed, package versions, the LR changes;
+- ``history.csv``: per epoch ``loss``, ``lr``, ``val_loss``, ``val_srcc``;
+- ``metrics.json``, ``predictions.csv``, ``predictions.png`` (:mod:`heads.evaluation`) and
+  ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import time
+from typing import Any, Mapping
+
+import keras
+import numpy as np
+
+from mlsp import __version__
+from mlsp.errors import ConfigError, StoreError, TrainingError
+from mlsp.store import FeatureStore, find_latest_store
+
+from .data import TrainBatches, open_features, predict_views
+from .evaluation import EVAL_SPLITS, compute_metrics, labelled_split, write_outputs
+from .models import build_head
+from .registry import get_head
+from .schedule import StepOrPlateauSchedule, lr_stages
+
+log = logging.getLogger(__name__)
+
+FEATURES_ROOT = "features"
+RUNS_ROOT = "runs"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a training run. Defaults are the paper's.
+
+    ``epochs`` caps the number of epochs; ``None`` runs until the schedule ends (at most
+    ``lr_epochs`` epochs per LR stage: 60 for 1e-4 down to 1e-6). ``steps_per_epoch=None`` makes
+    an epoch one pass over the training images; a number makes it that many batches (more than
+    one pass on a small store, each pass with new random views). ``memory_budget`` (bytes):
+    features up to this size are loaded into memory, larger ones are streamed from the store;
+    ``None`` is half the memory available to the process, 0 always streams. ``workers``: threads
+    reading batches ahead. Neither changes the result.
+    """
+
+    head: str
+    store: str | None = None
+    out: str | None = None
+    head_options: dict = dataclasses.field(default_factory=dict)
+    epochs: int | None = None
+    lr: float = 1e-4
+    lr_factor: float = 0.1
+    min_lr: float = 1e-6
+    lr_epochs: int = 20
+    patience: int = 5
+    batch_size: int = 128
+    steps_per_epoch: int | None = None
+    seed: int = 0
+    deterministic: bool = True
+    memory_budget: int | None = None
+    workers: int = 2
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        """A config from plain data (e.g. ``config.json``'s ``"train"``); unknown keys are errors."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        if "head" not in data:
+            raise ConfigError("a training config needs a head")
+        config = cls(**dict(data))
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self):
+        """Raise :class:`ConfigError` for any value that cannot be used."""
+        def positive(name, value, kind=int, allow_none=False):
+            if value is None and allow_none:
+                return
+            ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0
+            if kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) and value > 0
+            if not ok:
+                raise ConfigError(f"{name} must be a positive {kind.__name__}, received {value!r}")
+
+        get_head(self.head)
+        for name in ("lr_epochs", "patience", "batch_size", "workers"):
+            positive(name, getattr(self, name))
+        for name in ("epochs", "steps_per_epoch"):
+            positive(name, getattr(self, name), allow_none=True)
+        for name in ("lr", "min_lr"):
+            positive(name, getattr(self, name), float)
+        if not (isinstance(self.lr_factor, (int, float)) and 0 < self.lr_factor < 1):
+            raise ConfigError(f"lr_factor must be in (0, 1), received {self.lr_factor!r}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr ({self.min_lr}) is above lr ({self.lr})")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, received {self.seed!r}")
+        if self.memory_budget is not None and (not isinstance(self.memory_budget, int) or self.memory_budget < 0):
+            raise ConfigError(f"memory_budget must be a number of bytes >= 0, received {self.memory_budget!r}")
+        if not isinstance(self.head_options, dict):
+            raise ConfigError(f"head_options must be a mapping, received {self.head_options!r}")
+
+    @property
+    def max_epochs(self) -> int:
+        stages = len(lr_stages(self.lr, self.lr_factor, self.min_lr))
+        return self.epochs if self.epochs is not None else stages * self.lr_epochs
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: str
+    metrics: dict  # {"val": {...}, "test": {...}}
+    history: list  # one dict per epoch
+    config: dict  # what config.json holds
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+
+def check_store(store: FeatureStore, head: str) -> dict:
+    """The labelled rows of train, val and test; a clear error for a store the head cannot use."""
+    spec = get_head(head)
+    if store.pooling not in ("narrow", "wide"):
+        raise StoreError(f"{store.path}: unknown pooling {store.pooling!r}")
+    if store.pooling == "wide" and (len(store.feature_shape) != 3 or store.feature_shape[0] != store.feature_shape[1]):
+        raise StoreError(f"{store.path}: wide features should be (grid, grid, C) per view, found {store.feature_shape}")
+    if spec.needs_wide and store.pooling != "wide":
+        raise ConfigError(
+            f"head {head!r} needs wide (5x5) features, but {store.path} holds narrow ones; "
+            "extract with `mlsp extract --wide`, or choose a narrow head (single1fc, single3fc, multi3fc)"
+        )
+    if store.n_images == 0:
+        raise StoreError(f"{store.path}: the store holds no images")
+    labelled = np.isfinite(store.mos)
+    if not labelled.any():
+        raise StoreError(f"{store.path}: every MOS is NaN: the store has no labels; extract it with labels")
+    counts = {s: int((store.split == s).sum()) for s in ("train", "val", "test", "unlabeled")}
+    rows = {}
+    for split in ("train", "val", "test"):
+        rows[split] = labelled_split(store, split)
+        if not len(rows[split]):
+            raise StoreError(
+                f"{store.path}: the {split} split has no labelled images (images per split: {counts}); "
+                "training needs train, val (model selection) and test"
+            )
+        missing = counts[split] - len(rows[split])
+        if missing:
+            log.warning("%d %s images have no MOS and are left out", missing, split)
+    return rows
+
+
+def default_run_dir(store_path: str, head: str, root: str = RUNS_ROOT) -> str:
+    parent = os.path.basename(os.path.dirname(os.path.abspath(store_path)))
+    stem = os.path.splitext(os.path.basename(store_path))[0]
+    name = f"{stem}" if parent in ("", FEATURES_ROOT) else f"{parent}-{stem}"
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(root, f"{name}-{head}-{stamp}")
+    k = 1
+    while os.path.exists(path):
+        k += 1
+        path = os.path.join(root, f"{name}-{head}-{stamp}-{k}")
+    return path
+
+
+def versions() -> dict:
+    import h5py
+    import scipy
+
+    out = {"mlsp": __version__, "python": platform.python_version(), "keras": keras.__version__,
+           "numpy": np.__version__, "h5py": h5py.__version__, "scipy": scipy.__version__,
+           "keras_backend": keras.backend.backend(), "platform": platform.platform()}
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        out["tensorflow"] = tf.__version__
+        out["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
+    return out
+
+
+@contextlib.contextmanager
+def deterministic_ops(enabled: bool = True):
+    """TensorFlow's op determinism for the duration (restored afterwards)."""
+    if not enabled or keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    was = tf_config.is_op_determinism_enabled()
+    tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was:
+            tf_config.disable_op_determinism()
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks
+# --------------------------------------------------------------------------------------------
+
+
+class ViewMeanValidation(keras.callbacks.Callback):
+    """``val_loss`` (MSE) and ``val_srcc`` of the mean prediction over all stored views, per epoch."""
+
+    def __init__(self, source, rows, mos):
+        super().__init__()
+        self.source, self.rows = source, np.asarray(rows)
+        self.mos = np.asarray(mos, dtype=np.float64)
+
+    def on_epoch_end(self, epoch, logs=None):
+        pred = predict_views(self.model, self.source, self.rows)
+        if logs is not None:
+            logs["val_loss"] = float(np.mean((pred - self.mos) ** 2))
+            srcc = compute_metrics(self.mos, pred)["srcc"]
+            logs["val_srcc"] = float("nan") if srcc is None else srcc
+
+
+class Throughput(keras.callbacks.Callback):
+    """Training samples per second (the batches only: reading + the head's steps, not validation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.samples, self.seconds = 0, 0.0
+        self._epoch_start = self._last_batch_end = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        # from the start of the epoch to its last batch, so reading ahead between batches counts
+        self.seconds += self._last_batch_end - self._epoch_start
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last_batch_end = time.perf_counter()
+
+    @property
+    def samples_per_second(self):
+        return self.samples / self.seconds if self.seconds else None
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """``history.csv``: one row per epoch (numbered from 1), written as the epoch ends."""
+
+    COLUMNS = ("epoch", "loss", "val_loss", "lr", "val_srcc")
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def on_train_begin(self, logs=None):
+        with open(self.path, "w", newline="") as handle:
+            csv.writer(handle).writerow(self.COLUMNS)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        with open(self.path, "a", newline="") as handle:
+            csv.writer(handle).writerow(
+                [epoch + 1] + ["" if logs.get(k) is None else repr(float(logs[k])) for k in self.COLUMNS[1:]])
+
+
+class ProgressBar(keras.callbacks.Callback):
+    """A tqdm bar per epoch showing the loss, then val loss, val SRCC and LR."""
+
+    def __init__(self, steps: int, epochs: int):
+        super().__init__()
+        self.steps, self.epochs, self.bar = steps, epochs, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
+                        dynamic_ncols=True, leave=True)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.bar is not None:
+            self.bar.update(1)
+            if logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.bar is None:
+            return
+        logs = logs or {}
+        post = {k: f"{float(logs[k]):.4f}" for k in ("loss", "val_loss", "val_srcc") if k in logs}
+        if "lr" in logs:
+            post["lr"] = f"{float(logs['lr']):.0e}"
+        self.bar.set_postfix(post)
+        self.bar.close()
+        self.bar = None
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _write_json(path: str, data: dict):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_history(path: str) -> list:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v != ""} for r in rows]
+
+
+def train(config: TrainConfig, *, progress: bool = False) -> TrainResult:
+    """Train ``config.head`` on ``config.store`` (the newest store under features/ if None)."""
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"train() takes a TrainConfig, received {type(config).__name__}")
+    config.validate()
+    spec = get_head(config.head)
+    head_options = spec.resolve_options(config.head_options)
+    store_path = config.store or find_latest_store(FEATURES_ROOT)
+    if config.store is None:
+        log.info("no store given: using the newest one, %s", store_path)
+    started = time.time()
+    with FeatureStore(store_path) as store:
+        rows = check_store(store, spec.name)
+        run_dir = config.out or default_run_dir(store_path, spec.name)
+        if os.path.exists(os.path.join(run_dir, "config.json")):
+            raise ConfigError(f"{run_dir} already holds a run; choose another --out")
+        reduce_grid = store.pooling == "wide" and not spec.needs_wide
+        if reduce_grid:
+            log.info("%s takes narrow features: each view of this wide store is reduced to the mean of its "
+                     "5x5 grid, which equals the narrow feature", spec.name)
+        os.makedirs(run_dir, exist_ok=True)
+        log.info("run folder: %s", run_dir)
+        all_rows = np.concatenate([rows["train"], rows["val"], rows["test"]])
+        source = open_features(store, all_rows, reduce_grid=reduce_grid, memory_budget=config.memory_budget)
+        mos = store.mos.astype(np.float64)
+        output_bias = float(np.mean(mos[rows["train"]]))
+        record = {
+            "store": {
+                "path": os.path.abspath(store_path), "fingerprint": store.fingerprint(), "net": store.net,
+                "pooling": store.pooling, "block_names": store.block_names,
+                "block_channels": store.block_channels, "views": store.views, "n_images": store.n_images,
+                "config": store.config(),
+            },
+            "head": spec.name,
+            "head_options": head_options,
+            "train": config.to_dict(),
+            "splits": {k: int(len(v)) for k, v in rows.items()},
+            "data": {"mode": source.mode, "reduce_grid": reduce_grid,
+                     "memory_budget": config.memory_budget, "workers": config.workers},
+            "output_bias": output_bias,
+            "max_epochs": config.max_epochs,
+            "versions": versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "status": "running",
+        }
+        config_path = os.path.join(run_dir, "config.json")
+        _write_json(config_path, record)
+        try:
+            with deterministic_ops(config.deterministic):
+                model, schedule, throughput, history = _fit(
+                    config, spec.name, head_options, store, source, rows, mos, output_bias, reduce_grid,
+                    run_dir, progress)
+                predictions = {split: (rows[split], predict_views(model, source, rows[split])) for split in EVAL_SPLITS}
+        finally:
+            source.close()
+        # the saved model takes what the store holds: a narrow head on a wide store gets its grid mean
+        export = build_head(spec.name, store.block_channels, pooling=store.pooling, grid=_grid(store),
+                            output_bias=output_bias, **head_options)
+        export.set_weights(model.get_weights())
+        export.save(os.path.join(run_dir, "model.keras"))
+        metrics = write_outputs(run_dir, store, predictions)
+    history = _read_history(os.path.join(run_dir, "history.csv"))
+    from .plots import plot_history
+
+    plot_history(os.path.join(run_dir, "loss.png"), history, schedule.events)
+    record.update(
+        status="finished",
+        epochs_run=len(history),
+        best_epoch=None if schedule.best_epoch is None else schedule.best_epoch + 1,
+        best_val_loss=float(schedule.best),
+        lr_changes=schedule.events,
+        timing={"seconds": round(time.time() - started, 2),
+                "train_samples_per_second": (round(throughput.samples_per_second, 1)
+                                             if throughput.samples_per_second else None)},
+        metrics=metrics,
+    )
+    _write_json(config_path, record)
+    log.info("done in %.0f s: test SRCC %s, PLCC %s; run folder %s", time.time() - started,
+             _fmt(metrics["test"]["srcc"]), _fmt(metrics["test"]["plcc"]), run_dir)
+    return TrainResult(run_dir=run_dir, metrics=metrics, history=history, config=record)
+
+
+def _fmt(value):
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _grid(store: FeatureStore) -> int:
+    return int(store.feature_shape[0]) if store.pooling == "wide" else 5
+
+
+def _fit(config, head, head_options, store, source, rows, mos, output_bias, reduce_grid, run_dir, progress):
+    keras.utils.set_random_seed(config.seed)
+    model = build_head(head, store.block_channels, pooling="narrow" if reduce_grid else store.pooling,
+                       grid=_grid(store), output_bias=output_bias, **head_options)
+    model.compile(optimizer=keras.optimizers.Adam(config.lr), loss="mse")
+    log.info("%s: %s parameters (%s trainable)", head, f"{model.count_params():,}",
+             f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,}")
+    batches = TrainBatches(source, rows["train"], mos[rows["train"]], batch_size=config.batch_size,
+                           seed=config.seed, steps_per_epoch=config.steps_per_epoch, workers=config.workers)
+    if config.steps_per_epoch is None and len(batches) < 20:
+        log.warning("only %d training batches per epoch: the paper's schedule (LR stages of %d epochs) may stop "
+                    "before a head learns; on a small store pass e.g. --steps-per-epoch 50 --lr 1e-3", len(batches),
+                    config.lr_epochs)
+    schedule = StepOrPlateauSchedule(lr=config.lr, factor=config.lr_factor, min_lr=config.min_lr,
+                                     stage_epochs=config.lr_epochs, patience=config.patience)
+    throughput = Throughput()
+    callbacks = [
+        throughput,
+        ViewMeanValidation(source, rows["val"], mos[rows["val"]]),
+        schedule,
+        keras.callbacks.TerminateOnNaN(),
+        HistoryCSV(os.path.join(run_dir, "history.csv")),
+    ]
+    if progress:
+        callbacks.append(ProgressBar(len(batches), config.max_epochs))
+    log.info("training %s on %d images (%d batches of <= %d per epoch, %d views each, data from %s), "
+             "validating on %d, for at most %d epochs", head, len(rows["train"]), len(batches),
+             config.batch_size, source.n_views, source.mode, len(rows["val"]), config.max_epochs)
+    history = model.fit(batches, epochs=config.max_epochs, verbose=0, callbacks=callbacks)
+    per_epoch = len(rows["train"]) if config.steps_per_epoch is None else \
+        config.steps_per_epoch * min(config.batch_size, len(rows["train"]))
+    throughput.samples = per_epoch * len(history.epoch)
+    if schedule.best_weights is None:
+        raise TrainingError(
+            f"training did not produce a model: the validation loss was never finite (last logs: "
+            f"{history.history and {k: v[-1] for k, v in history.history.items()}}); try a lower --lr"
+        )
+    return model, schedule, throughput, history

@@ -1,0 +1,144 @@
+"""`mlsp train`, `mlsp evaluate` and `mlsp heads` from the command line: every head learns a
+planted signal, evaluation recomputes the metrics, bad input is a clean error, the newest store
+is the default, and the sample dataset trains end to end."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cli
+from heads.synthetic import write_synthetic_store
+
+# The paper's schedule is sized for AVA (~1,800 batches per epoch); on 1,400 training images
+# the documented small-store flags give the heads enough updates.
+SMALL_STORE_FLAGS = ["--lr", "1e-3", "--steps-per-epoch", "50", "--no-progress"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """2,000 images, 8 views, 128 channels in 3 blocks; MOS a fixed nonlinear function of the
+    mean features plus noise; 70/10/20 train/val/test. Narrow, and the same signal wide."""
+    root = tmp_path_factory.mktemp("planted")
+    stores = {}
+    for pooling in ("narrow", "wide"):
+        stores[pooling] = str(root / f"{pooling}.h5")
+        write_synthetic_store(stores[pooling], 2000, n_views=8, block_channels=(32, 64, 32), pooling=pooling,
+                              noise=0.1, seed=0)
+    return stores
+
+
+@pytest.mark.parametrize("head,pooling,options", [
+    ("single1fc", "narrow", []),
+    ("single3fc", "narrow", ["--width", "512"]),
+    ("multi3fc", "narrow", []),
+    ("pool3fc", "wide", ["--width", "128", "--kernels", "32"]),
+])
+def test_every_head_learns_a_planted_signal(planted, tmp_path, head, pooling, options):
+    out = tmp_path / "run"
+    res = invoke("train", "--store", planted[pooling], "--head", head, "--out", out, *SMALL_STORE_FLAGS, *options)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 400
+    assert metrics["test"]["srcc"] >= 0.9, metrics
+    assert metrics["test"]["plcc"] >= 0.85, metrics
+    assert f"run: {out}" in res.output
+    # evaluation recomputes the same figures from model.keras and the store
+    before = (out / "metrics.json").read_text()
+    res = invoke("evaluate", out, "--json")
+    assert res.exit_code == 0, res.output
+    again = json.loads(res.output[res.output.index("{"):])
+    for split in ("val", "test"):
+        for key in ("srcc", "plcc", "accuracy", "balanced_accuracy", "n"):
+            assert again[split][key] == pytest.approx(json.loads(before)[split][key], abs=1e-4), (split, key)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "missing votes"),
+    ("nan", "every MOS is NaN"),
+    ("empty", "the val split has no labelled images"),
+    ("head", "unknown head 'resnet'; registered heads: single1fc, single3fc, multi3fc, pool3fc"),
+    ("narrow", "needs wide (5x5) features"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, case, message):
+    path = str(tmp_path / "s.h5")
+    mos = np.full(50, np.nan) if case == "nan" else None
+    split = (0.8, 0.0, 0.2) if case == "empty" else (0.6, 0.2, 0.2)
+    info = write_synthetic_store(path, 50, n_views=2, block_channels=(4, 4), splits=split)
+    if mos is not None:
+        with h5py.File(path, "r+") as f:
+            f["mos"][...] = mos
+    if case == "missing":
+        with h5py.File(path, "r+") as f:
+            del f["votes"]
+    assert info["mos"].shape == (50,)
+    head = {"head": "resnet", "narrow": "pool3fc"}.get(case, "single1fc")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli.main, ["train", "--store", path, "--head", head, "--out", str(out)])
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output
+    assert message in res.output
+    assert not out.exists()
+
+
+def test_default_store_is_the_newest_under_features(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    old, new = "features/a/old.h5", "features/b/new.h5"
+    for k, path in enumerate((old, new)):
+        os.makedirs(os.path.dirname(path))
+        write_synthetic_store(path, 40, n_views=1, block_channels=(4,), seed=k)
+    os.utime(old, (2e9, 2e9))
+    os.utime(new, (1e9, 1e9))  # "old" is the newer file
+    res = invoke("train", "--head", "single1fc", "--epochs", "1", "--no-progress")
+    assert res.exit_code == 0, res.output
+    runs = os.listdir("runs")
+    assert len(runs) == 1 and runs[0].startswith("a-old-single1fc-")
+    config = json.loads(open(os.path.join("runs", runs[0], "config.json")).read())
+    assert config["store"]["path"] == os.path.abspath(old)
+
+
+def test_progress_bar_shows_loss_and_val_loss(tmp_path):
+    path = str(tmp_path / "s.h5")
+    write_synthetic_store(path, 60, n_views=2, block_channels=(4, 4))
+    res = CliRunner().invoke(cli.main, ["train", "--store", path, "--head", "single1fc", "--out",
+                                        str(tmp_path / "run"), "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    assert "epoch 2/2" in res.output and "val_loss=" in res.output and "loss=" in res.output
+
+
+def test_heads_lists_every_head_with_parameter_counts():
+    res = invoke("heads", "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output[res.output.index("["):])
+    assert [r["name"] for r in rows] == ["single1fc", "single3fc", "multi3fc", "pool3fc"]
+    assert rows[0]["params"] == {"irv2": 16929, "iv3": 10049}  # C weights + 1 bias
+    assert all(r["params"]["irv2"] > 0 and r["params"]["iv3"] > 0 for r in rows)
+    text = invoke("heads").output
+    assert "pool3fc" in text and "16,929" in text
+
+
+@pytest.mark.slow
+def test_sample_dataset_trains_and_evaluates_with_every_head(tmp_path):
+    pytest.importorskip("mlsp.sample", reason="`mlsp sample` (the sample dataset) is not written yet")
+    store = tmp_path / "sample.h5"
+    res = invoke("sample", "--dir", tmp_path / "data", "--images", "24", "--wide", "--weights", "random:0",
+                 "--out", store)
+    assert res.exit_code == 0, res.output
+    for head in ("single1fc", "single3fc", "multi3fc", "pool3fc"):
+        out = tmp_path / head
+        res = invoke("train", "--store", store, "--head", head, "--out", out, "--epochs", "2", "--no-progress")
+        assert res.exit_code == 0, res.output
+        config = json.loads((out / "config.json").read_text())
+        assert config["data"]["reduce_grid"] == (head != "pool3fc")
+        assert config["epochs_run"] == 2
+        res = invoke("evaluate", out)
+        assert res.exit_code == 0, res.output
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["test"]["n"] > 0 and metrics["test"]["accuracy"] is not None
