@@ -403,5 +403,68 @@ def heads_command(as_json):
                "narrow feature.")
 
 
+@main.command("score")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--store", "store_path", type=click.Path(exists=True, dir_okay=False),
+              help="Score every image of this store (same net, pooling and channel layout as the run's).")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
+              help="Score the images in this folder (recursively), running the run's backbone on them.")
+@click.option("--out", type=click.Path(dir_okay=False), help="CSV to write (id, pred, pred_std[, mos, split]). "
+              "Default: print the scores.")
+@click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Backbone precision for --images. Default: the one the run's store was extracted at.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Threads decoding images ahead.")
+@handle_errors
+def score_command(run_dir, files, store_path, images_dir, out, weights, precision, workers):
+    """Score images with a trained run: a whole store, or new image files.
+
+    \b
+    mlsp score RUN_DIR --store STORE.h5 --out scores.csv   from stored features
+    mlsp score RUN_DIR --images DIR --out scores.csv       new files, backbone + head
+    mlsp score RUN_DIR a.jpg b.png                          a few files
+
+    pred is the mean prediction over the views (4 corner crops and their mirror images, as in
+    training), pred_std their spread. Files that cannot be used are listed, and kept in the CSV
+    with their reason in the column `error`.
+    """
+    from mlsp.score import score_images, score_store
+
+    if sum(map(bool, (store_path, images_dir, files))) != 1:
+        raise click.UsageError("give one of --store, --images or image files")
+    if store_path:
+        frame = score_store(run_dir, store_path, out, progress=tqdm_progress)
+        errors = []
+    else:
+        _sigterm_as_interrupt()
+        frame, errors = score_images(run_dir, images_dir or list(files), out, weights=weights, precision=precision,
+                                     workers=workers, progress=tqdm_progress)
+    _echo_errors(errors)
+    if out:
+        click.echo(f"{out}: {len(frame)} images scored" + (f", {len(errors)} skipped" if errors else ""))
+    else:
+        click.echo(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Default: RUN_DIR/scoring_model.keras")
+@click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Backbone precision. Default: the one the run's store was extracted at.")
+@handle_errors
+def export_command(run_dir, out, weights, precision):
+    """Save views + backbone + pooling + head as one Keras model: image batch in, MOS out.
+
+    The model takes RGB images of one size with values 0..255 and returns the mean prediction
+    over the run's views. Load it with `mlsp.export.load_exported(path)`, or with
+    keras.saving.load_model after `import mlsp.export, heads.models`.
+    """
+    from mlsp.export import export
+
+    click.echo(f"exported: {export(run_dir, out, weights=weights, precision=precision)}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -203,4 +203,7 @@ def build_backbone(spec: BackboneSpec, weights: WeightsSource):
             f"{type(exc).__name__}: {exc}"
         ) from exc
     source = "imagenet" if weights.kind == "imagenet" else os.path.basename(path)
-    return model, {"source": source, "sha256": file_sha256(path)}
+    record = {"source": source, "sha256": file_sha256(path)}
+    if weights.kind == "file":
+        record["path"] = path  # where it was; scoring looks there first (the hash decides)
+    return model, record

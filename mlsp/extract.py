@@ -154,6 +154,7 @@ class FeatureExtractor:
             "weights": self.weights_record,
             "weights_source": self.weights_record["source"],
             "weights_sha256": self.weights_record["sha256"],
+            "weights_path": self.weights_record.get("path", ""),
             "preprocessing": spec.preprocessing,
             "max_side": int(cfg.max_side),
             "precision": cfg.precision,

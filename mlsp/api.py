@@ -1,0 +1,88 @@
+"""The Python API: the CLI's commands as functions, with the same names and defaults.
+
+>>> from mlsp import api
+>>> store = api.extract("photos/", net="irv2", wide=True, labels="AVA.txt").store
+>>> run = api.train(store, head="pool3fc", steps_per_epoch=50, lr=1e-3).run_dir
+>>> api.evaluate(run)["test"]["srcc"]
+>>> api.score(run, images="new_photos/", out="scores.csv")
+
+Every function logs through :mod:`logging` and shows no progress bar unless ``progress=True``
+(then tqdm bars on stderr). Errors are :class:`mlsp.errors.MLSPError` subclasses.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def _bars(progress: bool):
+    if not progress:
+        from .extract import _noop_progress
+
+        return _noop_progress
+    from tqdm.auto import tqdm
+
+    return tqdm
+
+
+def extract(images: str | Sequence[str], out: str | None = None, *, net: str = "irv2", wide: bool = False,
+            augment: bool = True, weights: str = "imagenet", labels: str | None = None,
+            test_list: str | None = None, val_fraction: float = 0.05, seed: int = 0, max_side: int = 1024,
+            precision: str = "float32", dataset: str | None = None, workers: int = 2,
+            checkpoint_every: int = 64, progress: bool = False):
+    """``mlsp extract``: features of a folder (recursively) or a list of files into a store.
+    Returns :class:`mlsp.extract.ExtractResult` (``.store``, ``.images``, ``.errors``, ...)."""
+    from .extract import ExtractConfig, extract as run, resolve_precision
+
+    config = ExtractConfig(net=net, pooling="wide" if wide else "narrow", augment=augment, weights=weights,
+                           max_side=max_side, precision=resolve_precision(precision)[0])
+    return run(images, config, out, labels=labels, test_list=test_list, val_fraction=val_fraction, seed=seed,
+               dataset=dataset, workers=workers, flush_images=checkpoint_every, progress=_bars(progress))
+
+
+def train(store: str | None = None, *, head: str, out: str | None = None, width: int | None = None,
+          kernels: int | None = None, progress: bool = False, **options):
+    """``mlsp train``: ``options`` are :class:`heads.training.TrainConfig` fields (epochs, lr,
+    min_lr, lr_epochs, patience, batch_size, steps_per_epoch, seed, memory_budget, workers);
+    an unknown one is an error. Returns :class:`heads.training.TrainResult`."""
+    from heads.training import TrainConfig, train as run
+
+    head_options = {k: v for k, v in (("width", width), ("kernels", kernels)) if v is not None}
+    config = TrainConfig.from_dict({"head": head, "store": store, "out": out, "head_options": head_options,
+                                    **options})
+    return run(config, progress=progress)
+
+
+def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None) -> dict:
+    """``mlsp evaluate``: SRCC, PLCC, accuracy, balanced accuracy and n on val and test."""
+    from heads.evaluation import evaluate as run
+
+    return run(run_dir, store, out=out)
+
+
+def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str] | None = None,
+          out: str | None = None, weights: str | None = None, precision: str | None = None,
+          workers: int = 2, progress: bool = False):
+    """``mlsp score``: a pandas DataFrame (id, pred, pred_std[, mos, split]) for every image of
+    ``store``, or of the image files ``images`` (then files that could not be used are in
+    ``frame.attrs["errors"]``)."""
+    from .score import score_images, score_store
+
+    if (store is None) == (images is None):
+        from .errors import ConfigError
+
+        raise ConfigError("score() takes either store= or images=")
+    if store is not None:
+        return score_store(run_dir, store, out, progress=_bars(progress))
+    frame, errors = score_images(run_dir, images, out, weights=weights, precision=precision, workers=workers,
+                                 progress=_bars(progress))
+    frame.attrs["errors"] = errors
+    return frame
+
+
+def export(run_dir: str, out: str | None = None, *, weights: str | None = None,
+           precision: str | None = None) -> str:
+    """``mlsp export``: one .keras model from image batch to MOS; returns its path."""
+    from .export import export as run
+
+    return run(run_dir, out, weights=weights, precision=precision)

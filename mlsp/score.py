@@ -1,0 +1,200 @@
+"""Scoring: a trained run applied to a whole store, or to new image files.
+
+Both give one row per image: ``id``, ``pred`` (the mean prediction over the image's views, as
+in evaluation), ``pred_std`` (their spread) and, where known, ``mos`` and ``split``. Scoring
+images runs the backbone recorded with the run -- the same net, pooling, views, weights (by
+hash), ``max_side`` and precision as the store it was trained on -- and rounds the features to
+float16 as the store does, so its numbers equal extracting and then scoring from a store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch
+from .extract import ExtractConfig, FeatureExtractor, _decode_ahead, _noop_progress, collect_inputs
+from .store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished training run: its folder, config.json and model.keras."""
+
+    path: str
+    config: dict
+
+    @classmethod
+    def open(cls, run_dir: str) -> "Run":
+        config_path = os.path.join(run_dir, "config.json")
+        for need in (config_path, os.path.join(run_dir, "model.keras")):
+            if not os.path.isfile(need):
+                raise ConfigError(f"{run_dir} is not a finished training run: {os.path.basename(need)} is missing")
+        with open(config_path) as handle:
+            config = json.load(handle)
+        if config.get("status") != "finished":
+            raise ConfigError(f"{run_dir}: the run did not finish (status {config.get('status')!r})")
+        return cls(run_dir, config)
+
+    @property
+    def store_info(self) -> dict:
+        return self.config["store"]
+
+    def load_model(self):
+        import keras
+
+        import heads.models  # noqa: F401  (registers the heads' layers before loading)
+
+        return keras.saving.load_model(os.path.join(self.path, "model.keras"), compile=False)
+
+    def extract_config(self, weights: str | None = None, precision: str | None = None) -> ExtractConfig:
+        """The extraction that made the run's store, with the weights file found again."""
+        cfg = self.store_info["config"]
+        views = self.store_info.get("views") or cfg.get("views")
+        source = cfg["weights_source"]
+        if weights is None:
+            if source == "imagenet" or source.startswith("random"):
+                weights = source
+            else:
+                recorded = cfg.get("weights_path") or self._store_attr("weights_path") or ""
+                if not os.path.isfile(recorded):
+                    raise ConfigError(
+                        f"the run's features came from the weights file {source!r}"
+                        + (f" (was at {recorded})" if recorded else "")
+                        + ", which is not there now: pass it with --weights PATH"
+                    )
+                weights = recorded
+        return ExtractConfig(net=self.store_info["net"], pooling=self.store_info["pooling"],
+                             augment=list(views) != ["full"], weights=weights,
+                             max_side=int(cfg.get("max_side") or 0), precision=precision or cfg.get("precision") or "float32")
+
+    def _store_attr(self, key):
+        """An attribute of the run's original store, if that file is still there."""
+        path = self.store_info.get("path")
+        if not path or not os.path.isfile(path):
+            return None
+        with FeatureStore(path) as store:
+            return store.attrs.get(key)
+
+    def check_weights(self, record: dict):
+        want = self.store_info["config"]["weights_sha256"]
+        if record["sha256"] != want:
+            raise StoreConfigMismatch(self.path, {"weights_sha256": (want, record["sha256"])})
+
+
+def check_store_matches(run: Run, store: FeatureStore):
+    """A trained head applies only to features of the same net, pooling and channel layout."""
+    info = run.store_info
+    diff = {}
+    for key, have in (("net", store.net), ("pooling", store.pooling), ("block_channels", store.block_channels),
+                      ("block_names", store.block_names)):
+        if list(np.atleast_1d(info[key])) != list(np.atleast_1d(have)):
+            diff[key] = (info[key], have)
+    if diff:  # "store has X, asked for Y": Y is what the run was trained on
+        raise StoreConfigMismatch(store.path, {k: (b, a) for k, (a, b) in diff.items()})
+    for key in ("weights_sha256", "preprocessing", "crop_fraction", "precision", "max_side"):
+        a, b = info["config"].get(key), store.attrs.get(key)
+        if a != b:
+            log.warning("%s: %s differs from the run's store (%r, store has %r); scores may not be comparable",
+                        store.path, key, a, b)
+
+
+def _frame(ids, preds, stds, mos=None, split=None):
+    import pandas as pd
+
+    data = {"id": list(ids), "pred": np.asarray(preds, np.float64), "pred_std": np.asarray(stds, np.float64)}
+    if mos is not None:
+        data["mos"] = np.asarray(mos, np.float64)
+    if split is not None:
+        data["split"] = list(split)
+    return pd.DataFrame(data)
+
+
+def view_predictions(model, features: np.ndarray) -> np.ndarray:
+    """(n, V, ...) features -> (n, V) predictions in one call."""
+    n, v = features.shape[:2]
+    flat = features.reshape((n * v,) + features.shape[2:])
+    return np.asarray(model.predict_on_batch(flat), np.float64).reshape(n, v)
+
+
+def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_images: int = 256,
+                progress: Callable = _noop_progress):
+    """Score every image of a store with a trained run; returns a pandas DataFrame."""
+    run = Run.open(run_dir)
+    model = run.load_model()
+    with FeatureStore(store_path) as store:
+        check_store_matches(run, store)
+        n = store.n_images
+        preds, stds = np.empty(n), np.empty(n)
+        bar = progress(total=n, desc="score", unit="img")
+        try:
+            for start in range(0, n, batch_images):
+                rows = np.arange(start, min(n, start + batch_images))
+                p = view_predictions(model, store.read(rows))
+                preds[rows], stds[rows] = p.mean(1), p.std(1)
+                bar.update(len(rows))
+        finally:
+            bar.close()
+        frame = _frame(store.ids, preds, stds, store.mos, store.split)
+    if out:
+        _write_csv(frame, out)
+    return frame
+
+
+def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = None, *,
+                 weights: str | None = None, precision: str | None = None, workers: int = 2,
+                 progress: Callable = _noop_progress, extractor: FeatureExtractor | None = None):
+    """Score image files with a trained run: backbone, pooling and head, streaming.
+
+    Memory stays bounded (a few decoded images ahead, one image's views in the model). Files
+    that cannot be used are skipped and returned as ``errors`` (path and reason); they are
+    also in the CSV with an empty ``pred`` and the reason in ``error``. Returns
+    ``(frame, errors)``.
+    """
+    run = Run.open(run_dir)
+    config = run.extract_config(weights, precision)
+    if config.precision != run.store_info["config"].get("precision"):
+        log.warning("scoring at %s, the run's store was extracted at %s", config.precision,
+                    run.store_info["config"].get("precision"))
+    paths, ids, skipped, root = collect_inputs(inputs)
+    extractor = extractor or FeatureExtractor(config)
+    run.check_weights(extractor.weights_record)
+    model = run.load_model()
+    rows, errors = [], [{"id": os.path.splitext(os.path.basename(p))[0], "path": p, "reason": r} for p, r in skipped]
+    bar = progress(total=len(paths), desc="score", unit="img")
+    try:
+        for (path, image_id), result in _decode_ahead(extractor.load_views, list(zip(paths, ids)), workers, 4):
+            if isinstance(result, ImageDecodeError):
+                errors.append({"id": image_id, "path": path, "reason": result.reason})
+            else:
+                features = extractor(result[0]).astype(np.float16)  # as stored
+                p = view_predictions(model, features[None])[0]
+                rows.append((image_id, p.mean(), p.std()))
+            bar.update(1)
+    finally:
+        bar.close()
+    frame = _frame([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    if out:
+        import pandas as pd
+
+        bad = pd.DataFrame({"id": [e["id"] for e in errors], "path": [e["path"] for e in errors],
+                            "error": [e["reason"] for e in errors]})
+        _write_csv(pd.concat([frame, bad], ignore_index=True) if errors else frame, out)
+    return frame, errors
+
+
+def _write_csv(frame, out: str):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    frame.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, out)
+    log.info("wrote %d rows to %s", len(frame), out)
+
+

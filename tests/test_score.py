@@ -1,0 +1,98 @@
+"""Scoring: from a store, from image files and through the exported model, on the same run."""
+
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import cli
+from mlsp import api
+from mlsp.errors import StoreConfigMismatch
+from mlsp.extract import ExtractConfig, extract
+from mlsp.images import decode_image
+from mlsp.sample import build_sample, make_bad_files
+from mlsp.score import Run, score_images, score_store
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, extractors):
+    """A small sample, its iv3 narrow store and a single1fc run trained on it."""
+    root = tmp_path_factory.mktemp("score")
+    info = build_sample(str(root / "sample"), n_images=16, seed=1)
+    store = str(root / "iv3_narrow.h5")
+    extract(info.images_dir, ExtractConfig(net="iv3", weights="random:0"), store, labels=info.labels_path,
+            test_list=info.test_list_path, val_fraction=0.25, extractor=extractors(net="iv3"))
+    run = api.train(store, head="single1fc", out=str(root / "run"), epochs=2, steps_per_epoch=2, lr=1e-3)
+    return {"root": root, "images": info.images_dir, "store": store, "run": run.run_dir}
+
+
+def test_store_and_images_agree(trained, extractors):
+    from_store = score_store(trained["run"], trained["store"], str(trained["root"] / "s.csv"))
+    assert list(from_store.columns) == ["id", "pred", "pred_std", "mos", "split"]
+    assert len(from_store) == 16 and np.isfinite(from_store["pred"]).all()
+    assert (from_store["pred_std"] > 0).all(), "8 different views give different predictions"
+    from_images, errors = score_images(trained["run"], trained["images"], extractor=extractors(net="iv3"))
+    assert errors == []
+    merged = from_store.merge(from_images, on="id", suffixes=("_store", "_images"))
+    assert len(merged) == 16
+    np.testing.assert_allclose(merged["pred_images"], merged["pred_store"], atol=1e-4)
+    np.testing.assert_allclose(merged["pred_std_images"], merged["pred_std_store"], atol=1e-4)
+    on_disk = pd.read_csv(trained["root"] / "s.csv", dtype={"id": str})
+    np.testing.assert_allclose(on_disk["pred"], from_store["pred"], rtol=1e-5)
+
+
+def test_bad_image_files_are_reported_and_skipped(trained, tmp_path, extractors):
+    folder = tmp_path / "mixed"
+    shutil.copytree(trained["images"], folder)
+    bad = make_bad_files(str(folder))
+    out = tmp_path / "scores.csv"
+    frame, errors = score_images(trained["run"], str(folder), str(out), extractor=extractors(net="iv3"))
+    assert len(frame) == 16
+    assert sorted(os.path.basename(e["path"]) for e in errors) == sorted(bad)
+    for e in errors:
+        assert bad[os.path.basename(e["path"])] in e["reason"]
+    written = pd.read_csv(out, dtype={"id": str})
+    assert written["error"].notna().sum() == len(bad)
+    assert written["pred"].notna().sum() == 16
+
+
+def test_exported_model_gives_the_same_numbers(trained, tmp_path):
+    from mlsp.export import export, load_exported
+
+    path = export(trained["run"], str(tmp_path / "m.keras"))
+    model = load_exported(path)
+    scores = score_store(trained["run"], trained["store"]).set_index("id")
+    names = sorted(os.listdir(trained["images"]))[:3]
+    for name in names:
+        img = decode_image(os.path.join(trained["images"], name), 1024)
+        pred = float(np.asarray(model.predict(img[None].astype("float32"), verbose=0))[0])
+        assert pred == pytest.approx(scores.loc[os.path.splitext(name)[0], "pred"], abs=2e-3)
+
+
+def test_store_of_another_configuration_is_refused(trained, tmp_path, extractors):
+    wide = str(tmp_path / "wide.h5")
+    extract(trained["images"], ExtractConfig(net="iv3", pooling="wide", weights="random:0"), wide,
+            extractor=extractors(net="iv3", pooling="wide"))
+    with pytest.raises(StoreConfigMismatch, match="pooling: store has 'wide', asked for 'narrow'"):
+        score_store(trained["run"], wide)
+    res = CliRunner().invoke(cli.main, ["score", trained["run"], "--store", wide])
+    assert res.exit_code != 0 and "pooling" in res.output
+
+
+def test_images_follow_the_runs_configuration(trained):
+    run = Run.open(trained["run"])
+    config = run.extract_config()
+    assert (config.net, config.pooling, config.augment, config.weights, config.precision, config.max_side) == (
+        "iv3", "narrow", True, "random:0", "float32", 1024)
+    assert run.extract_config(precision="bfloat16").precision == "bfloat16"
+
+
+def test_cli_score_and_api(trained):
+    res = CliRunner().invoke(cli.main, ["score", trained["run"], "--store", trained["store"]])
+    assert res.exit_code == 0, res.output
+    assert "pred_std" in res.output
+    frame = api.score(trained["run"], store=trained["store"])
+    assert len(frame) == 16
