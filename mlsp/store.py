@@ -540,10 +540,15 @@ def finalize_store(
             g = f["errors"]
             for i, q, r in zip(_decode(g["id"][:]), _decode(g["path"][:]), _decode(g["reason"][:])):
                 errors[q] = {"id": i, "path": q, "reason": r}
-    # the newest result for a path wins (a shard after a previous store)
-    latest = {}
+    # The newest result for a path wins (a shard after a previous store); so does the newest
+    # for an id, when a file was replaced by one of another name (x.png by x.jpg).
+    latest, by_id = {}, {}
     for src in sources:
-        latest[src[0]] = src
+        old = by_id.get(src[1])
+        if old is not None and old[0] != src[0]:
+            log.warning("%s replaces %s (same id %r)", src[0], old[0], src[1])
+            latest.pop(old[0], None)
+        latest[src[0]] = by_id[src[1]] = src
     rows = [latest[k] for k in sorted(latest)]
     for k in latest:
         errors.pop(k, None)
