@@ -409,15 +409,16 @@ class ShardRecord:
 class ShardWriter:
     """Crash-safe partial results of an extraction, in ``<store>.partial/``.
 
-    Features are buffered and written as a shard file every ``flush_images`` images or
-    ``flush_seconds`` seconds: written under a temporary name, fsync'ed, then renamed. A shard is
+    Features are buffered and written as a shard file every ``flush_images`` images,
+    ``flush_bytes`` bytes (which bounds memory with wide features) or ``flush_seconds``
+    seconds: written under a temporary name, fsync'ed, then renamed. A shard is
     therefore either complete or absent: Ctrl-C flushes the buffer, and a kill or power loss
     loses only the images not yet flushed. ``config.json`` in the folder holds the extraction's
     configuration, so a rerun with another configuration is refused, not mixed in.
     """
 
     def __init__(self, store_path: str, config: dict, layout: dict, flush_images: int = 64,
-                 flush_seconds: float = 30.0):
+                 flush_seconds: float = 30.0, flush_bytes: int = 256 << 20):
         import time
 
         self._time = time.monotonic
@@ -426,6 +427,7 @@ class ShardWriter:
         self.layout = dict(layout)  # views, pooling, channels
         self.flush_images = flush_images
         self.flush_seconds = flush_seconds
+        self.flush_bytes = flush_bytes
         os.makedirs(self.dir, exist_ok=True)
         cfg_path = os.path.join(self.dir, "config.json")
         if os.path.exists(cfg_path):
@@ -479,7 +481,9 @@ class ShardWriter:
 
     def _maybe_flush(self):
         pending = len(self._buffer) + len(self._errors)
-        if pending >= self.flush_images or (pending and self._time() - self._last_flush >= self.flush_seconds):
+        buffered = sum(b[3].nbytes for b in self._buffer)
+        if (pending >= self.flush_images or buffered >= self.flush_bytes
+                or (pending and self._time() - self._last_flush >= self.flush_seconds)):
             self.flush()
 
     def flush(self):
