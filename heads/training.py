@@ -239,26 +239,32 @@ class ViewMeanValidation(keras.callbacks.Callback):
 
 
 class Throughput(keras.callbacks.Callback):
-    """Training samples per second (the batches only: reading + the head's steps, not validation)."""
+    """Training samples per second: the batches only (reading and the head's steps), not validation.
 
-    def __init__(self):
+    Timed from the start of each epoch to its last batch, so reading that does not keep up
+    counts. ``samples_per_second`` leaves out the first epoch (tracing, warm-up) when there are
+    more.
+    """
+
+    def __init__(self, samples_per_epoch: int):
         super().__init__()
-        self.samples, self.seconds = 0, 0.0
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.epoch_seconds = []
         self._epoch_start = self._last_batch_end = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
 
-    def on_epoch_end(self, epoch, logs=None):
-        # from the start of the epoch to its last batch, so reading ahead between batches counts
-        self.seconds += self._last_batch_end - self._epoch_start
-
     def on_train_batch_end(self, batch, logs=None):
         self._last_batch_end = time.perf_counter()
 
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_seconds.append(self._last_batch_end - self._epoch_start)
+
     @property
     def samples_per_second(self):
-        return self.samples / self.seconds if self.seconds else None
+        timed = self.epoch_seconds[1:] or self.epoch_seconds
+        return self.samples_per_epoch * len(timed) / sum(timed) if timed and sum(timed) > 0 else None
 
 
 class HistoryCSV(keras.callbacks.Callback):
@@ -406,7 +412,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> TrainResult:
         lr_changes=schedule.events,
         timing={"seconds": round(time.time() - started, 2),
                 "train_samples_per_second": (round(throughput.samples_per_second, 1)
-                                             if throughput.samples_per_second else None)},
+                                             if throughput.samples_per_second else None),
+                "epoch_seconds": [round(t, 3) for t in throughput.epoch_seconds]},
         metrics=metrics,
     )
     _write_json(config_path, record)
@@ -438,7 +445,9 @@ def _fit(config, head, head_options, store, source, rows, mos, output_bias, redu
                     config.lr_epochs)
     schedule = StepOrPlateauSchedule(lr=config.lr, factor=config.lr_factor, min_lr=config.min_lr,
                                      stage_epochs=config.lr_epochs, patience=config.patience)
-    throughput = Throughput()
+    per_epoch = len(rows["train"]) if config.steps_per_epoch is None else \
+        config.steps_per_epoch * min(config.batch_size, len(rows["train"]))
+    throughput = Throughput(per_epoch)
     callbacks = [
         throughput,
         ViewMeanValidation(source, rows["val"], mos[rows["val"]]),
@@ -452,9 +461,6 @@ def _fit(config, head, head_options, store, source, rows, mos, output_bias, redu
              "validating on %d, for at most %d epochs", head, len(rows["train"]), len(batches),
              config.batch_size, source.n_views, source.mode, len(rows["val"]), config.max_epochs)
     history = model.fit(batches, epochs=config.max_epochs, verbose=0, callbacks=callbacks)
-    per_epoch = len(rows["train"]) if config.steps_per_epoch is None else \
-        config.steps_per_epoch * min(config.batch_size, len(rows["train"]))
-    throughput.samples = per_epoch * len(history.epoch)
     if schedule.best_weights is None:
         raise TrainingError(
             f"training did not produce a model: the validation loss was never finite (last logs: "

@@ -165,3 +165,40 @@ def test_parse_bytes():
     for bad in ("lots", "5XB", "-1", ""):
         with pytest.raises(ConfigError, match="memory size"):
             parse_bytes(bad)
+
+
+@pytest.mark.parametrize("pooling", ["narrow", "wide"])
+def test_direct_reads_equal_h5py_reads(tmp_path, pooling):
+    rng = np.random.default_rng(4)
+    shape = (30, 3, 7) if pooling == "narrow" else (30, 3, 5, 5, 7)
+    features = rng.normal(size=shape).astype(np.float16)
+    path = str(tmp_path / "d.h5")
+    write_store(path, features, [f"i{k}" for k in range(30)], net="test", pooling=pooling, block_names=["a"],
+                block_channels=[7])
+    rows, views = np.array([29, 0, 5, 5, 17]), np.array([2, 0, 1, 2, 0])
+    reductions = (False, True) if pooling == "wide" else (False,)
+    for reduce in reductions:
+        direct, through_h5py = StoreSource(path, reduce, direct=True), StoreSource(path, reduce, direct=False)
+        assert direct.direct and not through_h5py.direct
+        a, b = direct.take(rows, views), through_h5py.take(rows, views)
+        np.testing.assert_array_equal(a, b)
+        expected = features[rows, views].astype(np.float32)
+        np.testing.assert_allclose(a, expected.mean(axis=(1, 2)) if reduce else expected, rtol=1e-6)
+        direct.close()
+        through_h5py.close()
+
+
+def test_direct_reads_fall_back_on_another_layout(tmp_path):
+    import h5py
+
+    path = str(tmp_path / "c.h5")
+    coded_store(path)
+    with h5py.File(path, "r+") as f:  # the same data, compressed and chunked otherwise
+        data = f["features"][...]
+        del f["features"]
+        f.create_dataset("features", data=data, chunks=(4, V, 5), compression="gzip")
+    source = StoreSource(path)
+    assert not source.direct
+    image, view = decode(source.take([3, 9], [1, 7]))
+    assert list(image) == [3, 9] and list(view) == [1, 7]
+    source.close()
