@@ -8,8 +8,9 @@ imports them and loads the file.
 The model takes a batch of RGB images of one size, values 0..255 (any float or int dtype),
 makes the run's views (4 corner crops of 87.5% and their mirror images, or the whole image),
 and returns the mean prediction over the views, shape (batch,). It does no decoding and no
-resizing: give it images as ``mlsp.images.decode_image`` returns them (the run's ``max_side``
-is recorded in the model's name and in ``mlsp score``).
+resizing: give it images as ``mlsp.images.decode_image(path, max_side)`` returns them, with the
+``max_side`` of the run's store (``Run.open(run_dir).extract_config().max_side``, 1024 by
+default), which is what ``mlsp score --images`` does.
 """
 
 from __future__ import annotations

@@ -331,22 +331,17 @@ def extract(
         bar.close()
     writer.flush()
 
-    merge_bar = progress(total=None, desc="write store", unit="img")
     labelled = _with_report(label_fn, attrs, report)
-    try:
-        if writer.shard_paths() or previous is None:
-            n_rows, _ = store.finalize_store(out, writer.dir, attrs, labelled, previous=previous,
-                                             progress=merge_bar.update)
-        else:  # nothing new: only the labels may have changed
-            writer.remove()
-            label_attrs = ("labels_file", "test_list", "val_fraction", "seed", "labels_without_images")
-            n_rows = store.relabel_store(out, labelled, attrs, label_attrs)
-    finally:
-        merge_bar.close()
+    if writer.shard_paths() or previous is None:
+        n_rows, _ = store.finalize_store(out, writer.dir, attrs, labelled, previous=previous, progress=progress)
+    else:  # nothing new: only the labels may have changed
+        writer.remove()
+        label_attrs = ("labels_file", "test_list", "val_fraction", "seed", "labels_without_images")
+        n_rows = store.relabel_store(out, labelled, attrs, label_attrs)
     with store.FeatureStore(out) as s:
         errors = s.errors()
     result = ExtractResult(out, n_rows, new, errors, dict(report), time.monotonic() - started, skipped_existing)
-    log.info("%s: %d images (%d new), %d unusable inputs, in %.1f s", out, n_rows, new, len(errors), result.seconds)
+    log.debug("%s: %d images (%d new), %d unusable inputs, in %.1f s", out, n_rows, new, len(errors), result.seconds)
     return result
 
 

@@ -106,10 +106,12 @@ def check_store_matches(run: Run, store: FeatureStore):
                         store.path, key, a, b)
 
 
-def _frame(ids, preds, stds, mos=None, split=None):
+def _frame(ids, preds, stds, mos=None, split=None, paths=None):
     import pandas as pd
 
     data = {"id": list(ids), "pred": np.asarray(preds, np.float64), "pred_std": np.asarray(stds, np.float64)}
+    if paths is not None:
+        data["path"] = list(paths)
     if mos is not None:
         data["mos"] = np.asarray(mos, np.float64)
     if split is not None:
@@ -153,10 +155,10 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
                  progress: Callable = _noop_progress, extractor: FeatureExtractor | None = None):
     """Score image files with a trained run: backbone, pooling and head, streaming.
 
-    Memory stays bounded (a few decoded images ahead, one image's views in the model). Files
-    that cannot be used are skipped and returned as ``errors`` (path and reason); they are
-    also in the CSV with an empty ``pred`` and the reason in ``error``. Returns
-    ``(frame, errors)``.
+    Memory stays bounded (a few decoded images ahead, one image's views in the model). The
+    frame has ``id``, ``pred``, ``pred_std`` and ``path``. Files that cannot be used are skipped
+    and returned as ``errors`` (id, path, reason); they are also in the CSV with an empty
+    ``pred`` and the reason in ``error``. Returns ``(frame, errors)``.
     """
     run = Run.open(run_dir)
     config = run.extract_config(weights, precision)
@@ -176,11 +178,11 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
             else:
                 features = extractor(result[0]).astype(np.float16)  # as stored
                 p = view_predictions(model, features[None])[0]
-                rows.append((image_id, p.mean(), p.std()))
+                rows.append((image_id, p.mean(), p.std(), path))
             bar.update(1)
     finally:
         bar.close()
-    frame = _frame([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    frame = _frame([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], paths=[r[3] for r in rows])
     if out:
         import pandas as pd
 

@@ -524,7 +524,8 @@ def finalize_store(
 
     Rows are ordered by source path, so an interrupted and resumed run gives the same file as
     an uninterrupted one. ``label_fn(ids) -> (mos, votes, split)`` assigns labels. Features are
-    copied one image at a time: memory stays bounded whatever the store's size. The result is
+    copied one image at a time: memory stays bounded whatever the store's size. ``progress``
+    is a tqdm-like factory, called with the number of images to write. The result is
     written under a temporary name and renamed over ``path``; the shard folder is removed last.
     """
     sources = []  # (sort key path, id, size, file path, row)
@@ -558,6 +559,7 @@ def finalize_store(
         errors.pop(k, None)
     ids = [r[1] for r in rows]
     mos, votes, split = label_fn(ids)
+    bar = progress(total=len(rows), desc="write store", unit="img") if progress else None
     tmp = str(path) + ".tmp"
     with h5py.File(tmp, "w") as out:
         _create_layout(out, len(rows), attrs["views"], attrs["pooling"], int(sum(attrs["block_channels"])), attrs)
@@ -576,8 +578,10 @@ def finalize_store(
             with h5py.File(source, "r") as src:
                 for row, dest in pairs:
                     out["features"][dest] = src["features"][row]
-                    if progress is not None:
-                        progress(1)
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
     _fsync_path(tmp)
     os.replace(tmp, path)
     for shard in glob.glob(os.path.join(shard_dir, "*")):
