@@ -399,7 +399,8 @@ class TrainBatches(keras.utils.PyDataset):
         return x, self.mos[positions][:, None]
 
     def on_epoch_end(self):
-        # Keras starts the read-ahead of the next epoch before on_epoch_begin: plan it here
+        # Keras starts the read-ahead of an epoch before on_epoch_begin: plan it here. (Keras also
+        # calls this once before the first epoch, after reading two batches to learn their shapes.)
         self.epoch += 1
         self._plan = self.plan(self.epoch)
 

@@ -460,7 +460,8 @@ def _fit(config, head, head_options, store, source, rows, mos, output_bias, redu
     log.info("training %s on %d images (%d batches of <= %d per epoch, %d views each, data from %s), "
              "validating on %d, for at most %d epochs", head, len(rows["train"]), len(batches),
              config.batch_size, source.n_views, source.mode, len(rows["val"]), config.max_epochs)
-    history = model.fit(batches, epochs=config.max_epochs, verbose=0, callbacks=callbacks)
+    # the batches are already shuffled (heads.data.epoch_plan): Keras keeps their order
+    history = model.fit(batches, epochs=config.max_epochs, verbose=0, callbacks=callbacks, shuffle=False)
     if schedule.best_weights is None:
         raise TrainingError(
             f"training did not produce a model: the validation loss was never finite (last logs: "

@@ -202,3 +202,39 @@ def test_direct_reads_fall_back_on_another_layout(tmp_path):
     image, view = decode(source.take([3, 9], [1, 7]))
     assert list(image) == [3, 9] and list(view) == [1, 7]
     source.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_keras_fit_draws_new_views_every_epoch(tmp_path, workers):
+    """Through model.fit (read-ahead threads or not) every batch served is the planned one, and
+    each epoch is a full pass with its own views."""
+    import keras
+
+    path = coded_store(str(tmp_path / "s.h5"))
+    with FeatureStore(path) as store:
+        source = open_features(store, np.arange(N), memory_budget=0)
+    served = []
+
+    class Recording(TrainBatches):
+        def __getitem__(self, i):
+            epoch = self.epoch
+            x, y = super().__getitem__(i)
+            served.append((epoch, i, decode(x)))
+            return x, y
+
+    rows = np.arange(30)
+    batches = Recording(source, rows, np.linspace(1, 10, N)[rows], batch_size=10, seed=5, workers=workers)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    model.fit(batches, epochs=3, verbose=0, shuffle=False)
+    source.close()
+    by_epoch = {}
+    for epoch, i, (image, view) in served:
+        positions, views = batches.plan(epoch)[i]
+        assert np.array_equal(image, rows[positions]) and np.array_equal(view, views)
+        by_epoch.setdefault(epoch, {}).update(zip(image.tolist(), view.tolist()))
+    # Keras reads a couple of batches ahead of training to learn their shapes; the trained
+    # epochs are the three full passes
+    full = [views for views in by_epoch.values() if sorted(views) == list(rows)]
+    assert len(full) == 3
+    assert full[0] != full[1] != full[2]
