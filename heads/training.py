@@ -8,7 +8,7 @@ test and writes the run folder:
   ((C,) narrow, (5, 5, C) wide) and loads with ``safe_mode``;
 - ``config.json``: the store (path, fingerprint, layout), the head and its options, every
   hyper-parameter and the seed, how the data was fed, package versions, the LR changes;
-- ``history.csv``: per epoch ``loss``, ``lr``, ``val_loss``, ``val_srcc``;
+- ``history.csv``: per epoch ``loss``, ``val_loss``, ``lr``, ``val_srcc``;
 - ``metrics.json``, ``predictions.csv``, ``predictions.png`` (:mod:`heads.evaluation`) and
   ``loss.png``.
 """
@@ -388,7 +388,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> TrainResult:
         _write_json(config_path, record)
         try:
             with deterministic_ops(config.deterministic):
-                model, schedule, throughput, history = _fit(
+                model, schedule, throughput, interrupted = _fit(
                     config, spec.name, head_options, store, source, rows, mos, output_bias, reduce_grid,
                     run_dir, progress)
                 predictions = {split: (rows[split], predict_views(model, source, rows[split])) for split in EVAL_SPLITS}
@@ -405,7 +405,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> TrainResult:
 
     plot_history(os.path.join(run_dir, "loss.png"), history, schedule.events)
     record.update(
-        status="finished",
+        status="interrupted" if interrupted else "finished",
         epochs_run=len(history),
         best_epoch=None if schedule.best_epoch is None else schedule.best_epoch + 1,
         best_val_loss=float(schedule.best),
@@ -455,16 +455,26 @@ def _fit(config, head, head_options, store, source, rows, mos, output_bias, redu
         keras.callbacks.TerminateOnNaN(),
         HistoryCSV(os.path.join(run_dir, "history.csv")),
     ]
-    if progress:
-        callbacks.append(ProgressBar(len(batches), config.max_epochs))
+    bar = ProgressBar(len(batches), config.max_epochs) if progress else None
+    if bar is not None:
+        callbacks.append(bar)
     log.info("training %s on %d images (%d batches of <= %d per epoch, %d views each, data from %s), "
              "validating on %d, for at most %d epochs", head, len(rows["train"]), len(batches),
              config.batch_size, source.n_views, source.mode, len(rows["val"]), config.max_epochs)
     # the batches are already shuffled (heads.data.epoch_plan): Keras keeps their order
-    history = model.fit(batches, epochs=config.max_epochs, verbose=0, callbacks=callbacks, shuffle=False)
+    interrupted = False
+    try:
+        model.fit(batches, epochs=config.max_epochs, verbose=0, callbacks=callbacks, shuffle=False)
+    except KeyboardInterrupt:
+        if bar is not None and bar.bar is not None:
+            bar.bar.close()
+        if schedule.best_weights is None:
+            raise
+        interrupted = True
+        log.warning("interrupted: keeping the best weights so far (epoch %d) and evaluating them; "
+                    "Ctrl-C again to stop at once", schedule.best_epoch + 1)
+        model.set_weights(schedule.best_weights)
     if schedule.best_weights is None:
-        raise TrainingError(
-            f"training did not produce a model: the validation loss was never finite (last logs: "
-            f"{history.history and {k: v[-1] for k, v in history.history.items()}}); try a lower --lr"
-        )
-    return model, schedule, throughput, history
+        raise TrainingError("training did not produce a model: the validation loss was never finite "
+                            "(the loss diverged?); try a lower --lr")
+    return model, schedule, throughput, interrupted

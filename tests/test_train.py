@@ -221,3 +221,23 @@ def test_a_store_larger_than_the_memory_cap_trains_from_disk(tmp_path):
     assert report["epochs"] == 2
     assert report["metrics"]["test"]["n"] == n // 20
     assert report["peak_rss"] < size  # the features were never all in memory
+
+
+def test_ctrl_c_keeps_the_best_weights_so_far(narrow_store, tmp_path, monkeypatch):
+    from heads import training
+
+    original = training.HistoryCSV.on_epoch_end
+
+    def interrupt_at_third(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.HistoryCSV, "on_epoch_end", interrupt_at_third)
+    result = train(TrainConfig(head="single1fc", store=narrow_store, out=str(tmp_path / "run"), epochs=10, lr=1e-2))
+    assert result.config["status"] == "interrupted"
+    assert len(result.history) == 3
+    assert os.path.isfile(os.path.join(result.run_dir, "model.keras"))
+    val = [r for r in read_csv(os.path.join(result.run_dir, "predictions.csv")) if r["split"] == "val"]
+    mse = np.mean([(float(r["pred"]) - float(r["mos"])) ** 2 for r in val])
+    assert mse == pytest.approx(min(h["val_loss"] for h in result.history), rel=1e-4)
