@@ -392,6 +392,10 @@ def train(config: TrainConfig, *, progress: bool = False) -> TrainResult:
                     config, spec.name, head_options, store, source, rows, mos, output_bias, reduce_grid,
                     run_dir, progress)
                 predictions = {split: (rows[split], predict_views(model, source, rows[split])) for split in EVAL_SPLITS}
+        except Exception as exc:
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            _write_json(config_path, record)
+            raise
         finally:
             source.close()
         # the saved model takes what the store holds: a narrow head on a wide store gets its grid mean
@@ -401,11 +405,15 @@ def train(config: TrainConfig, *, progress: bool = False) -> TrainResult:
         export.save(os.path.join(run_dir, "model.keras"))
         metrics = write_outputs(run_dir, store, predictions)
     history = _read_history(os.path.join(run_dir, "history.csv"))
+    diverged = bool(history) and not np.isfinite(history[-1].get("loss", np.nan))
+    if diverged:
+        log.warning("training stopped at epoch %d: the loss was not finite (too high an LR, or features "
+                    "that are not finite); the best weights before it are kept", len(history))
     from .plots import plot_history
 
     plot_history(os.path.join(run_dir, "loss.png"), history, schedule.events)
     record.update(
-        status="interrupted" if interrupted else "finished",
+        status="interrupted" if interrupted else "diverged" if diverged else "finished",
         epochs_run=len(history),
         best_epoch=None if schedule.best_epoch is None else schedule.best_epoch + 1,
         best_val_loss=float(schedule.best),

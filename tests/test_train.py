@@ -241,3 +241,18 @@ def test_ctrl_c_keeps_the_best_weights_so_far(narrow_store, tmp_path, monkeypatc
     val = [r for r in read_csv(os.path.join(result.run_dir, "predictions.csv")) if r["split"] == "val"]
     mse = np.mean([(float(r["pred"]) - float(r["mos"])) ** 2 for r in val])
     assert mse == pytest.approx(min(h["val_loss"] for h in result.history), rel=1e-4)
+
+
+def test_a_loss_that_is_never_finite_is_a_clear_error(tmp_path):
+    from mlsp.errors import TrainingError
+
+    path = str(tmp_path / "inf.h5")
+    features = np.ones((60, 2, 4), np.float16)
+    features[3] = np.inf  # every view of one training image
+    split = np.array(["train"] * 40 + ["val"] * 10 + ["test"] * 10)
+    write_store(path, features, [f"i{k}" for k in range(60)], net="test", pooling="narrow", block_names=["a"],
+                block_channels=[4], mos=np.linspace(2, 9, 60), split=split)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="validation loss was never finite"):
+        train(TrainConfig(head="single1fc", store=path, out=str(out), epochs=3))
+    assert json.loads((out / "config.json").read_text())["status"] == "failed"
