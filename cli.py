@@ -421,7 +421,8 @@ def heads_command(as_json):
         features = "wide" if row["features"] == "wide" else "narrow"
         params = "".join(f"{row['params'][n]:>16,}" for n in nets)
         options = ", ".join(f"{k}={v}" for k, v in row["options"].items())
-        click.echo(f"{row['name']:<11}{features:<9}{params}  {row['description']}" + (f" [{options}]" if options else ""))
+        suffix = f" [{options}]" if options else ""
+        click.echo(f"{row['name']:<11}{features:<9}{params}  {row['description']}{suffix}")
     click.echo("Narrow heads also train on a wide store: each view's 5x5 grid is averaged, which equals the "
                "narrow feature.")
 

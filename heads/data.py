@@ -98,7 +98,8 @@ def available_memory() -> int:
             room.append(pages * os.sysconf("SC_PAGE_SIZE"))
     limit = _read_int("/sys/fs/cgroup/memory.max") or _read_int("/sys/fs/cgroup/memory/memory.limit_in_bytes")
     if limit and limit < 2**60:
-        used = _read_int("/sys/fs/cgroup/memory.current") or _read_int("/sys/fs/cgroup/memory/memory.usage_in_bytes") or 0
+        used = (_read_int("/sys/fs/cgroup/memory.current")
+                or _read_int("/sys/fs/cgroup/memory/memory.usage_in_bytes") or 0)
         room.append(limit - used)
     for which, key in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
         soft, _ = resource.getrlimit(which)

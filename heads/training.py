@@ -98,7 +98,8 @@ class TrainConfig:
                 return
             ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0
             if kind is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) and value > 0
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+                      and value > 0)
             if not ok:
                 raise ConfigError(f"{name} must be a positive {kind.__name__}, received {value!r}")
 
