@@ -125,11 +125,12 @@ def test_heads_lists_every_head_with_parameter_counts():
 
 
 @pytest.mark.slow
-def test_sample_dataset_trains_and_evaluates_with_every_head(tmp_path):
+def test_sample_dataset_trains_and_evaluates_with_every_head(tmp_path, monkeypatch):
     pytest.importorskip("mlsp.sample", reason="`mlsp sample` (the sample dataset) is not written yet")
+    monkeypatch.chdir(tmp_path)  # nothing lands in the checkout's features/ or runs/
     store = tmp_path / "sample.h5"
     res = invoke("sample", "--dir", tmp_path / "data", "--images", "24", "--wide", "--weights", "random:0",
-                 "--out", store)
+                 "--out", store, "--no-train")
     assert res.exit_code == 0, res.output
     for head in ("single1fc", "single3fc", "multi3fc", "pool3fc"):
         out = tmp_path / head
