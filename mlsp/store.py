@@ -207,7 +207,12 @@ class FeatureStore:
         sorted_idx = indices[order]
         unique, inverse = np.unique(sorted_idx, return_inverse=True)
         if views is None:
-            block = self.features[unique]
+            # h5py's list indexing is slow on chunked data: read runs of consecutive rows as slices
+            block = np.empty((len(unique),) + tuple(self.features.shape[1:]), dtype=self.features.dtype)
+            breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+            for run in np.split(np.arange(len(unique)), breaks):
+                first, last = unique[run[0]], unique[run[-1]]
+                self.features.read_direct(block, np.s_[first:last + 1], np.s_[run[0]:run[-1] + 1])
             out = block[inverse]
         else:
             views = np.asarray(views, dtype=np.int64)[order]

@@ -126,7 +126,6 @@ def test_heads_lists_every_head_with_parameter_counts():
 
 @pytest.mark.slow
 def test_sample_dataset_trains_and_evaluates_with_every_head(tmp_path, monkeypatch):
-    pytest.importorskip("mlsp.sample", reason="`mlsp sample` (the sample dataset) is not written yet")
     monkeypatch.chdir(tmp_path)  # nothing lands in the checkout's features/ or runs/
     store = tmp_path / "sample.h5"
     res = invoke("sample", "--dir", tmp_path / "data", "--images", "24", "--wide", "--weights", "random:0",
