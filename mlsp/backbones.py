@@ -207,3 +207,57 @@ def build_backbone(spec: BackboneSpec, weights: WeightsSource):
     if weights.kind == "file":
         record["path"] = path  # where it was; scoring looks there first (the hash decides)
     return model, record
+
+
+def fold_batch_norms(model):
+    """An inference copy of ``model`` with each BatchNormalization that is the only consumer of a
+    Conv2D folded into that convolution; returns ``(model, number folded)``.
+
+    With frozen statistics a batch norm is an affine map per channel, so the convolution's
+    kernel is scaled by gamma / sqrt(var + eps) and gets the bias beta - mean * scale. Both Inception backbones
+    put a batch norm after almost every convolution: folding removes a multiply and an add over
+    every activation map (and, under a mixed precision policy, two casts around each batch
+    norm) and lets oneDNN fuse convolution, bias and ReLU. The batch norm becomes a registered
+    :class:`mlsp.layers.FoldedBatchNorm` (the identity) keeping its name, so the taps are found
+    as before. Features agree with the unfolded model to float32 rounding.
+    """
+    import keras
+    import numpy as np
+
+    from .layers import FoldedBatchNorm
+
+    bn_of_conv, conv_of_bn = {}, {}
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization) or len(layer._inbound_nodes) != 1:
+            continue
+        producer = layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
+        if isinstance(producer, keras.layers.Conv2D) and len(producer._outbound_nodes) == 1:
+            bn_of_conv[producer.name] = layer
+            conv_of_bn[layer.name] = producer
+
+    def clone(layer):
+        if layer.name in conv_of_bn:
+            return FoldedBatchNorm(name=layer.name, dtype=layer.dtype_policy.name)
+        config = layer.get_config()
+        if layer.name in bn_of_conv:
+            config["use_bias"] = True
+        return layer.__class__.from_config(config)
+
+    folded = keras.models.clone_model(model, clone_function=clone)
+    as_array = keras.ops.convert_to_numpy
+    for layer in model.layers:
+        if layer.name in conv_of_bn or not layer.weights:
+            continue
+        target = folded.get_layer(layer.name)
+        bn = bn_of_conv.get(layer.name)
+        if bn is None:
+            target.set_weights(layer.get_weights())
+            continue
+        kernel = as_array(layer.kernel).astype(np.float64)
+        bias = as_array(layer.bias).astype(np.float64) if layer.use_bias else 0.0
+        mean = as_array(bn.moving_mean).astype(np.float64)
+        scale = (as_array(bn.gamma).astype(np.float64) if bn.scale else 1.0) / np.sqrt(
+            as_array(bn.moving_variance).astype(np.float64) + bn.epsilon)
+        beta = as_array(bn.beta).astype(np.float64) if bn.center else 0.0
+        target.set_weights([(kernel * scale).astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)])
+    return folded, len(bn_of_conv)

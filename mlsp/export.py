@@ -109,6 +109,6 @@ def load_exported(path: str):
     """Load an exported model with safe_mode, after registering the layers it uses."""
     import heads.models  # noqa: F401
 
-    from . import pooling  # noqa: F401
+    from . import layers, pooling  # noqa: F401
 
     return keras.saving.load_model(path, safe_mode=True, compile=False)

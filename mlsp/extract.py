@@ -96,9 +96,12 @@ class ExtractConfig:
 
 class FeatureExtractor:
     """Backbone + taps + pooling. ``extractor(views)`` maps a (V, h, w, 3) uint8 RGB batch of
-    one size to (V, C) (narrow) or (V, 5, 5, C) (wide) float32 features."""
+    one size to (V, C) (narrow) or (V, 5, 5, C) (wide) float32 features.
 
-    def __init__(self, config: ExtractConfig):
+    The backbone runs with its batch norms folded into the convolutions (inference only, the
+    same function; ``fold_batch_norms=False`` keeps Keras' graph as it is)."""
+
+    def __init__(self, config: ExtractConfig, fold_batch_norms: bool = True):
         import keras
         import tensorflow as tf
 
@@ -112,6 +115,9 @@ class FeatureExtractor:
         keras.config.set_dtype_policy(policy)
         try:
             backbone, self.weights_record = backbones.build_backbone(spec, source)
+            if fold_batch_norms:
+                backbone, folded = backbones.fold_batch_norms(backbone)
+                log.debug("%s: %d batch norms folded into their convolutions", spec.name, folded)
             names = {layer.name for layer in backbone.layers}
             missing = [t for t in spec.taps if t not in names]
             if missing:

@@ -57,10 +57,14 @@ class MultiLevelPooling(keras.layers.Layer):
         x = ops.cast(x, "float32")
         if self.grid == 1:
             return ops.mean(x, axis=(1, 2))
+        # two broadcast matrix products, columns then rows; an einsum would transpose each map
         shape = ops.shape(x)
-        rows = area_weights(shape[1], self.grid)
-        cols = area_weights(shape[2], self.grid)
-        return ops.einsum("ih,bhwc,jw->bijc", rows, x, cols)
+        rows = area_weights(shape[1], self.grid)  # (g, H)
+        cols = area_weights(shape[2], self.grid)  # (g, W)
+        y = ops.matmul(cols[None, None], x)  # (B, H, g, C)
+        y = ops.reshape(y, (shape[0], shape[1], self.grid * shape[3]))
+        z = ops.matmul(rows[None], y)  # (B, g, g*C)
+        return ops.reshape(z, (shape[0], self.grid, self.grid, shape[3]))
 
     def call(self, inputs):
         if not isinstance(inputs, (list, tuple)):

@@ -81,3 +81,30 @@ def test_imagenet_offline_names_file_and_place(monkeypatch, tmp_path):
     message = str(info.value)
     assert spec.weights_file in message
     assert str(tmp_path / "models") in message
+
+
+@pytest.mark.parametrize("net", sorted(backbones.BACKBONES))
+def test_folding_batch_norms_keeps_the_function(net):
+    """Every batch norm of both nets follows a convolution and is folded into it; the features
+    stay those of Keras' graph to float32 rounding."""
+    import keras
+
+    spec = backbones.get_backbone(net)
+    model, _ = backbones.build_backbone(spec, backbones.WeightsSource.parse("random:4"))
+    # random BN statistics, so that folding has something to do
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype("float32"))
+    n_bn = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    folded, n_folded = backbones.fold_batch_norms(model)
+    assert n_folded == n_bn > 90
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert [layer.name for layer in folded.layers[1:]] == [layer.name for layer in model.layers[1:]]
+    x = rng.uniform(-1, 1, (2, 97, 113, 3)).astype("float32")
+    taps = spec.taps[-1]
+    a = keras.ops.convert_to_numpy(keras.Model(model.input, model.get_layer(taps).output)(x))
+    b = keras.ops.convert_to_numpy(keras.Model(folded.input, folded.get_layer(taps).output)(x))
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
