@@ -152,12 +152,15 @@ def _echo_errors(errors, limit=10):
                    "Part of the store's configuration: a store is never extended at another precision.")
 @click.option("--workers", type=int, default=2, show_default=True,
               help="Threads decoding images ahead of the model (0: decode in the main thread).")
+@click.option("--threads", type=(int, int), default=(0, 0), show_default=True, metavar="INTRA INTER",
+              help="TensorFlow's threads inside one op and ops side by side; 0 keeps TensorFlow's "
+                   "default (the number of cores for both), the fastest setting measured (README).")
 @click.option("--checkpoint-every", type=int, default=64, show_default=True,
               help="Write finished images to disk every N images (and at least every 30 s); an "
                    "interruption loses at most the images since the last write.")
 @handle_errors
 def extract(files, images_dir, net, wide, augment, weights, labels, test_list, val_fraction, seed, out,
-            dataset, max_side, precision, workers, checkpoint_every):
+            dataset, max_side, precision, workers, threads, checkpoint_every):
     """Extract MLSP features of images into a feature store (stage 1, once per dataset).
 
     Give a folder with --images, or image files as arguments. Interrupted runs (Ctrl-C, kill,
@@ -168,8 +171,9 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
 
     if bool(files) == bool(images_dir):
         raise click.UsageError("give either --images DIR or image files, not both and not neither")
-    from mlsp.extract import resolve_precision
+    from mlsp.extract import configure_threads, resolve_precision
 
+    configure_threads(*threads)
     precision, why = resolve_precision(precision)
     if why != "as asked":
         log.info("precision %s: %s", precision, why)

@@ -28,6 +28,26 @@ POOLINGS = {"narrow": 1, "wide": 5}
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 
+def configure_threads(intra: int | None = None, inter: int | None = None):
+    """TensorFlow's thread pools: ``intra`` threads inside one op (a convolution), ``inter`` ops
+    run side by side. ``None`` keeps TensorFlow's default (both the number of cores). Measured on
+    2 cores (Inception-v3, 8 views of 434x550): default 0.46 s, intra 2 / inter 1 0.47 s,
+    2 / 2 0.47 s, 1 / 2 0.66 s: what counts is that one convolution uses every core; running
+    the branches of a block side by side gains nothing. Must be called before TensorFlow runs
+    its first op."""
+    import tensorflow as tf
+
+    try:
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(int(intra))
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(int(inter))
+    except RuntimeError as exc:
+        raise ConfigError(f"thread settings must come before TensorFlow starts: {exc}") from exc
+    return (tf.config.threading.get_intra_op_parallelism_threads(),
+            tf.config.threading.get_inter_op_parallelism_threads())
+
+
 def resolve_precision(precision: str) -> tuple[str, str]:
     """(precision, why) for a requested precision; ``auto`` picks bfloat16 where the hardware
     computes it natively (a GPU of compute capability 8.0 or newer, or a CPU with AVX-512 BF16
