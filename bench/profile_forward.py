@@ -123,28 +123,11 @@ class _Runner:
         return self.fn(views)
 
 
-def fixed_extractor(fx, precision):
-    """The extractor's model with batch norm folded and wide pooling as matmuls (see
-    exp_forward_fixes.py), traced now."""
-    import keras
+def unfolded_extractor(fx, precision):
+    """The same extractor with Keras' graph as it is: batch norms not folded."""
+    from mlsp.extract import FeatureExtractor
 
-    import exp_forward_fixes as fixes
-    from mlsp import pooling
-
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
-    try:
-        folded, _ = fixes.fold_batchnorm(fx.model)
-    finally:
-        keras.config.set_dtype_policy(policy)
-    original = pooling.MultiLevelPooling.pool_one
-    pooling.MultiLevelPooling.pool_one = fixes.matmul_pool_one
-    try:
-        fn = fixes.forward_fn(folded, fx.config.spec)
-        fn(np.zeros((1, 160, 160, 3), np.uint8))
-    finally:
-        pooling.MultiLevelPooling.pool_one = original
-    return _Runner(fn)
+    return FeatureExtractor(fx.config, fold_batch_norms=False)
 
 
 def main(argv=None):
@@ -154,8 +137,8 @@ def main(argv=None):
     p.add_argument("--size", default="420x420", help="HxW of each view")
     p.add_argument("--views", type=int, default=8)
     p.add_argument("--out", default=common.RESULTS_DIR)
-    p.add_argument("--fixed", action="store_true", help="also profile with the two changes of exp_forward_fixes.py "
-                   "(batch norm folded, wide pooling as matmuls)")
+    p.add_argument("--unfolded", action="store_true",
+                   help="also profile the graph without the batch norms folded into the convolutions")
     args = p.parse_args(argv)
     h, w = (int(v) for v in args.size.split("x"))
     from mlsp.extract import ExtractConfig, FeatureExtractor
@@ -170,8 +153,8 @@ def main(argv=None):
                 fx = FeatureExtractor(ExtractConfig(net=net, pooling=pooling, weights="random:0", precision=precision))
                 gflop = common.FlopCounter(fx.model)(h, w) * args.views / 1e9
                 variants = [("as is", fx)]
-                if args.fixed:
-                    variants.append(("fixed", fixed_extractor(fx, precision)))
+                if args.unfolded:
+                    variants.append(("unfolded", unfolded_extractor(fx, precision)))
                 for variant, runner in variants:
                     with common.Phase() as phase:
                         prof = profile(runner, batch, os.path.join(tmp, f"{net}{precision}{variant[:2]}"))
@@ -181,7 +164,7 @@ def main(argv=None):
                     prof["conv_gflops_op_time"] = gflop / conv if conv else None
                     prof["phase"] = phase.record()
                     prof["variant"] = variant
-                    name = f"{net}_{pooling}_{precision}" + ("" if variant == "as is" else "_fixed")
+                    name = f"{net}_{pooling}_{precision}" + ("" if variant == "as is" else "_unfolded")
                     record["figures"][name] = prof
                     log(f"{name} {args.views}x{h}x{w}: {prof['wall_s']:.3f} s, {prof['gflops']:.0f} GFLOP/s; "
                         f"other processes {phase.record()['other_cores']} cores")

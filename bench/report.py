@@ -212,8 +212,8 @@ def render_profile(record: dict, source: str = "") -> str:
            f"TensorFlow's profiler on mlsp's extractor graph, {a['views']} views of {a['size']}, random weights "
            f"(`bench/profile_forward.py`{', file `' + source + '`' if source else ''}). Op time summed per family; "
            "independent ops run in parallel on the 2 inter-op threads, so op time exceeds wall time. "
-           "*fixed*: batch norm folded into the convolutions and wide pooling as two matmuls "
-           "(`bench/exp_forward_fixes.py`).", ""]
+           "*fixed* (older runs, before mlsp folded its batch norms): batch norm folded into the convolutions and "
+           "wide pooling as two matmuls; *unfolded* (`--unfolded`): mlsp's graph without the folding.", ""]
     families = []
     for fig in record["figures"].values():
         fig["by_family"] = {("wide pooling (einsum or matmuls)" if k.startswith("pooling matmuls") else k): v
@@ -233,7 +233,8 @@ def render_profile(record: dict, source: str = "") -> str:
 def render_fixes(record: dict, source: str = "") -> str:
     a = record["args"]
     out = [f"## Two changes to mlsp's forward graph, measured ({record['started']})", "",
-           f"`bench/exp_forward_fixes.py`{' (file `' + source + '`)' if source else ''}: {a['views']} views of "
+           f"The experiment script that led to both changes (retired; in the history)"
+           f"{' (file `' + source + '`)' if source else ''}: {a['views']} views of "
            f"{a['size']}, median of {a['reps']} interleaved repetitions, each after waiting for a quiet machine. "
            "*pool*: wide pooling as two broadcast matmuls instead of `einsum`; *fold*: batch norm folded into the "
            "convolution before it. max_rel against the unchanged graph of the same precision, and against float32 "
