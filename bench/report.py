@@ -27,6 +27,8 @@ def fmt(value, digits=3):
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
+        if 0.999 < value < 1.0:  # correlations: the digits that matter
+            return f"{value:.6f}"
         if abs(value) >= 100:
             return f"{value:,.0f}"
         return f"{value:.{digits}g}"
@@ -269,8 +271,8 @@ def render(paths: list) -> str:
     if os.path.exists(FINDINGS):
         with open(FINDINGS) as handle:
             text = handle.read().strip()
-        # its title becomes a section of this file
-        parts += [text.replace("# ", "## ", 1) if text.startswith("# ") else text, ""]
+        # its headings go one level down: its title becomes a section of this file
+        parts += ["\n".join("#" + line if line.startswith("#") else line for line in text.splitlines()), ""]
     for path in paths:
         with open(path) as handle:
             record = json.load(handle)
