@@ -423,7 +423,7 @@ class ShardWriter:
     """
 
     def __init__(self, store_path: str, config: dict, layout: dict, flush_images: int = 64,
-                 flush_seconds: float = 30.0, flush_bytes: int = 256 << 20):
+                 flush_seconds: float = 30.0, flush_bytes: int = 64 << 20):
         import time
 
         self._time = time.monotonic
@@ -500,7 +500,8 @@ class ShardWriter:
         with h5py.File(tmp, "w") as f:
             _create_layout(f, n, self.layout["views"], self.layout["pooling"], self.layout["channels"], {})
             if n:
-                f["features"][...] = np.stack([b[3] for b in self._buffer])
+                for k, b in enumerate(self._buffer):  # row by row: no second copy of the buffer
+                    f["features"][k] = b[3]
                 f["ids"][...] = _as_str_array(b[0] for b in self._buffer)
                 f["paths"][...] = _as_str_array(b[1] for b in self._buffer)
                 f["sizes"][...] = np.array([b[2] for b in self._buffer], dtype=np.int32)
