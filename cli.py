@@ -116,7 +116,9 @@ def _echo_errors(errors, limit=10):
 @main.command()
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--images", "images_dir", type=click.Path(file_okay=False),
-              help="Folder of images, searched recursively (jpg, jpeg, png, webp, bmp, tif, tiff).")
+              help="Folder of images, searched recursively: JPEG, PNG, WebP, BMP, TIFF, HEIC/HEIF and AVIF "
+                   "(any case); other files, links to folders already searched and anything that is "
+                   "not a regular file are listed, not read.")
 @click.option("--net", type=click.Choice(sorted(BACKBONES)), default="irv2", show_default=True,
               help="Backbone: irv2 = InceptionResNet-v2 (43 blocks, 16,928 channels), "
                    "iv3 = Inception-v3 (11 blocks, 10,048 channels).")
@@ -142,7 +144,8 @@ def _echo_errors(errors, limit=10):
 @click.option("--dataset", help="Dataset name for the default --out. Default: the images folder's name.")
 @click.option("--max-side", type=int, default=1024, show_default=True,
               help="Images with a longer side are resized down to it (INTER_AREA) before cropping, "
-                   "which bounds memory on large photos; AVA (max 800 px) is untouched. 0: never.")
+                   "which bounds memory on large photos (a JPEG at least twice as large is decoded "
+                   "at 1/2, 1/4 or 1/8 of its size first); AVA (max 800 px) is untouched. 0: never.")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
               show_default=True,
               help="Compute precision of the backbone; pooling runs in float32 and storage is float16 "

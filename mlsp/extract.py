@@ -223,19 +223,25 @@ def _noop_progress(total=None, **kwargs):
 
 
 def collect_inputs(inputs: str | Sequence[str]) -> tuple[list[str], list[str], list[tuple[str, str]], str]:
-    """(paths, ids, skipped (path, reason), root) for a folder or a list of files."""
+    """(paths, ids, skipped (path, reason), root) for a folder or a list of files.
+
+    A folder, or files, without one usable image raise :class:`ConfigError` (one line), rather
+    than making an empty store."""
     if isinstance(inputs, (str, os.PathLike)) and os.path.isdir(inputs):
         root = os.path.abspath(inputs)
         paths, others = images.list_images(root)
+        if not paths:
+            raise ConfigError(images.no_images_message(str(inputs), others))
         return paths, images.image_ids(paths, root), others, root
+    if isinstance(inputs, (str, os.PathLike)) and not os.path.lexists(inputs):
+        raise ConfigError(f"{inputs}: no such file or folder")
     files = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(p) for p in inputs]
-    present, skipped = [], []
-    for p in files:
-        (present if os.path.isfile(p) else skipped).append(p)
-    skipped = [(p, "no such file") for p in skipped]
-    if not present and not skipped:
+    if not files:
         raise ConfigError("no input images given")
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in present]) if present else os.getcwd()
+    present, skipped = images.check_files(files)
+    if not present:
+        raise ConfigError(images.no_images_message(f"none of the {len(files)} files given can be read", skipped))
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in present])
     paths = sorted(os.path.abspath(p) for p in present)
     return paths, images.image_ids(paths, root), skipped, root
 

@@ -1,19 +1,32 @@
 """Finding, decoding and cropping images: everything between a file and a batch of views.
 
-Decoding is OpenCV's. Every image becomes 8-bit RGB: EXIF orientation applied, grayscale
-replicated to three channels, 16-bit and float images scaled to 8 bits, alpha composited over
-white (photos with transparency are rare; a white background is what a person sees in a
-viewer). An image whose longer side exceeds ``max_side`` is resized down to it with INTER_AREA
-before cropping, which bounds memory and time on large phone and camera photos; AVA's images
-(at most 800 px) are never resized by the default. Every problem raises
-:class:`~mlsp.errors.ImageDecodeError` with a short reason, which extraction records.
+Finding: a folder is searched recursively; only regular files are opened (a named pipe or a
+device is listed, never read), every real folder is searched once (a symlink loop such as
+``ln -s . loop`` adds nothing) and every real file is used once, under its path without links
+where it has one. Files that cannot be used are returned with their reason.
+
+Decoding: JPEG, PNG, WebP, BMP and TIFF with OpenCV; HEIC/HEIF (phone photos) with pillow-heif
+and AVIF with Pillow, recognised by their content rather than their name. Every image becomes
+8-bit RGB: orientation applied once (EXIF, or for HEIF the container's transform, which
+libheif applies and after which pillow-heif resets the EXIF tag), grayscale replicated to three
+channels, 10-, 12- and 16-bit and float images scaled to 8 bits, alpha composited over white
+(photos with transparency are rare; a white background is what a person sees in a viewer). An
+image whose longer side exceeds ``max_side`` is resized down to it with INTER_AREA before
+cropping; a JPEG at least twice that size is first decoded at 1/2, 1/4 or 1/8 of its size by
+libjpeg (never below ``max_side``), which bounds memory and time on 48 MP photos. Images that
+need no reduction decode exactly as before; AVA's images (at most 800 px) are never resized by
+the default. Every problem raises :class:`~mlsp.errors.ImageDecodeError` with a short reason,
+which extraction records.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import math
 import os
+import stat
 
 import cv2
 import numpy as np
@@ -22,11 +35,16 @@ from .errors import ConfigError, ImageDecodeError
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif")
 VIEW_NAMES = ("tl", "tl_flip", "tr", "tr_flip", "bl", "bl_flip", "br", "br_flip")
 FULL_VIEW = "full"
 CROP_FRACTION = 0.875
 _ALPHA_FORMATS = (".png", ".webp", ".tif", ".tiff")
+# ISO base media file brands (the 'ftyp' box) of the formats decoded through Pillow
+_AVIF_BRANDS = {b"avif", b"avis"}
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+# libjpeg decodes at 1/2, 1/4 and 1/8 of the size directly from the DCT coefficients
+_JPEG_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 try:  # OpenCV's own messages (libjpeg warnings and the like) would clutter the console
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
@@ -34,30 +52,135 @@ except AttributeError:  # pragma: no cover - very old OpenCV
     pass
 
 
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return what
+    return "not a plain file"
+
+
+def _identity(st: os.stat_result, path: str):
+    """What makes a file or folder the same one whatever the path (no inode numbers: the path)."""
+    return (st.st_dev, st.st_ino) if st.st_ino else path
+
+
+def file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be opened as an image file (missing, unreadable, not a regular file),
+    or None. Follows symlinks; never opens the file."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if not os.path.lexists(path):
+            return "no such file"
+        return f"unreadable: {exc.strerror or exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"not a regular file ({_file_kind(st.st_mode)})"
+    return None
+
+
 def list_images(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     """All image files under ``root`` (recursively, sorted), and the other files with a reason.
 
-    Hidden files and folders (starting with '.') are skipped silently; every other file with an
-    extension outside :data:`EXTENSIONS` is returned as ``(path, reason)`` so a run can list it.
+    Hidden files and folders (starting with '.') are skipped silently. Every other file is
+    returned as ``(path, reason)`` when it cannot be used: an extension outside
+    :data:`EXTENSIONS`, unreadable, not a regular file (a named pipe is never opened), or a
+    second path to a file already listed (a link). Symlinked folders are searched after every
+    real one, each real folder once: a link to a folder already searched (a loop such as
+    ``ln -s . loop``) is returned with its reason.
     """
     if not os.path.isdir(root):
-        raise ConfigError(f"--images {root!r}: not a folder")
-    images, others = [], []
-    for folder, subdirs, files in os.walk(root, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in files:
-            if name.startswith("."):
+        raise ConfigError(f"--images {root!r}: not a folder" if os.path.exists(root)
+                          else f"--images {root!r}: no such folder")
+
+    def rel(path):
+        return os.path.relpath(path, root).replace(os.sep, "/")
+
+    seen_dirs = {_identity(os.stat(root), root): root}
+    candidates: dict = {}  # identity -> [(through a link, path)]
+    others: list[tuple[str, str]] = []
+    folders, links = [(root, False)], []  # real folders first, then the symlinked ones
+    while folders or links:
+        if folders:
+            folder, via_link = folders.pop()
+        else:
+            links.sort()
+            link = links.pop(0)
+            try:
+                ident = _identity(os.stat(link), link)
+            except OSError as exc:
+                others.append((link, f"unreadable folder: {exc.strerror or exc}"))
                 continue
-            path = os.path.join(folder, name)
-            ext = os.path.splitext(name)[1].lower()
-            if ext in EXTENSIONS:
-                images.append(path)
-            else:
-                others.append((path, f"not an image file type ({ext or 'no extension'}); accepted: "
+            if ident in seen_dirs:
+                others.append((link, f"a link to a folder already searched ({rel(seen_dirs[ident]) or '.'}); "
+                                     "not searched again"))
+                continue
+            seen_dirs[ident] = link
+            folder, via_link = link, True
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            others.append((folder, f"unreadable folder: {exc.strerror or exc}"))
+            continue
+        for entry in reversed(entries):  # popped from the end: searched in name order
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # follows symlinks; False when a link points to nothing
+                if entry.is_symlink():
+                    links.append(entry.path)
+                    continue
+                ident = _identity(entry.stat(), entry.path)
+                if ident not in seen_dirs:
+                    seen_dirs[ident] = entry.path
+                    folders.append((entry.path, via_link))
+                continue
+            ext = os.path.splitext(entry.name)[1].lower()
+            if ext not in EXTENSIONS:
+                others.append((entry.path, f"not an image file type ({ext or 'no extension'}); accepted: "
                                + " ".join(EXTENSIONS)))
+                continue
+            problem = file_problem(entry.path)
+            if problem:
+                others.append((entry.path, problem))
+                continue
+            ident = _identity(os.stat(entry.path), entry.path)
+            candidates.setdefault(ident, []).append((via_link or entry.is_symlink(), entry.path))
+    images = []
+    for paths in candidates.values():
+        paths.sort()
+        images.append(paths[0][1])
+        others.extend((p, f"the same file as {rel(paths[0][1])} (a link to it); used once") for _, p in paths[1:])
     images.sort()
     others.sort()
     return images, others
+
+
+def check_files(paths) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files given one by one: (the usable ones, each once, in order; the others with a reason)."""
+    usable, skipped, seen = [], [], {}
+    for path in paths:
+        problem = file_problem(path)
+        if problem is None:
+            ident = _identity(os.stat(path), os.path.abspath(path))
+            if ident in seen:
+                problem = f"the same file as {seen[ident]}; used once"
+            else:
+                seen[ident] = path
+        if problem:
+            skipped.append((path, problem))
+        else:
+            usable.append(path)
+    return usable, skipped
+
+
+def no_images_message(where: str, others: list[tuple[str, str]]) -> str:
+    """The one-line error for a folder or a list of files without one usable image."""
+    if not others:
+        return f"{where}: no image files found (accepted: {' '.join(EXTENSIONS)})"
+    path, reason = others[0]
+    more = f" (and {len(others) - 1} other files)" if len(others) > 1 else ""
+    return f"{where}: no usable image files; {path}: {reason}{more}"
 
 
 def image_ids(paths: list[str], root: str | None = None) -> list[str]:
@@ -101,34 +224,171 @@ def _composite_alpha(img: np.ndarray) -> np.ndarray:
     return out
 
 
-def _jpeg_is_complete(data: np.ndarray) -> bool:
+def _jpeg_is_complete(raw: bytes) -> bool:
     """A JPEG whose last scan is not followed by an end-of-image marker was cut short.
 
     (OpenCV 4 decodes such files into a partly grey picture with only a warning.)
     """
-    raw = data.tobytes()
     last_scan = raw.rfind(b"\xff\xda")
     return last_scan >= 0 and raw.rfind(b"\xff\xd9") > last_scan
 
 
-def decode_image(path: str, max_side: int = 0) -> np.ndarray:
-    """Read one image file as (H, W, 3) uint8 RGB; raise ImageDecodeError with the reason."""
+def _read_file(path: str) -> bytes:
+    """The bytes of a regular file. Opened without blocking and checked before reading, so a
+    named pipe (or a device) under an image's name is reported instead of waited on forever."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        fd = os.open(path, flags)
     except OSError as exc:
         raise ImageDecodeError(path, f"unreadable: {exc.strerror or exc}") from exc
-    if data.size == 0:
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageDecodeError(path, f"not a regular file ({_file_kind(mode)})")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ImageDecodeError(path, f"unreadable: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
+def _container_format(raw: bytes) -> str | None:
+    """'AVIF' or 'HEIF' for an ISO base media file of those brands (whatever its name), else None."""
+    if raw[4:8] != b"ftyp":
+        return None
+    size = int.from_bytes(raw[:4], "big")
+    box = raw[8 : min(max(size, 16), 4096)]
+    brands = {box[i : i + 4] for i in range(0, len(box) - 3, 4)}  # major, minor version, compatible
+    if brands & _AVIF_BRANDS:
+        return "AVIF"
+    if brands & _HEIF_BRANDS:
+        return "HEIF"
+    return None
+
+
+class MissingDecoder(Exception):
+    """The decoder of a format is not installed; the message says which package to install."""
+
+
+@functools.lru_cache(maxsize=None)
+def _register_heif_opener(pillow_heif) -> None:
+    # thumbnails, depth maps and auxiliary images (HDR gain maps...) are never used here
+    pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+
+
+def _pillow_decoder(fmt: str) -> str:
+    """The Pillow format name to open ``fmt`` ('HEIF' or 'AVIF') with, registering the plugin
+    that provides it; :class:`MissingDecoder` naming the package to install when none does."""
+    from PIL import features
+
+    if fmt == "AVIF" and features.check("avif"):  # Pillow >= 11.3 reads AVIF itself
+        return "AVIF"
+    try:
+        import pillow_heif
+    except ImportError:
+        pillow_heif = None
+    if fmt == "HEIF":
+        if pillow_heif is None:
+            raise MissingDecoder("a HEIC/HEIF image, but its decoder is not installed: pip install pillow-heif")
+        _register_heif_opener(pillow_heif)
+        return "HEIF"
+    register_avif = getattr(pillow_heif, "register_avif_opener", None)  # pillow-heif < 0.22
+    if register_avif is not None and pillow_heif.libheif_info().get("AVIF"):
+        register_avif()
+        return "AVIF"
+    raise MissingDecoder("an AVIF image, but no AVIF decoder is installed: pip install -U pillow "
+                         "(Pillow 11.3 or newer reads AVIF)")
+
+
+def _decode_pillow(path: str, raw: bytes, fmt: str) -> np.ndarray:
+    """HEIF or AVIF through Pillow -> (H, W, 3) uint8 RGB, upright."""
+    from PIL import Image, ImageOps
+
+    try:
+        plugin = _pillow_decoder(fmt)
+    except MissingDecoder as exc:
+        raise ImageDecodeError(path, str(exc)) from None
+    try:
+        with Image.open(io.BytesIO(raw), formats=[plugin]) as im:
+            # Once: Pillow's AVIF reader turns the container's rotation and mirroring into the
+            # EXIF orientation it reports; for HEIF, libheif has applied them and pillow-heif
+            # has reset the EXIF orientation to 1, so this changes nothing.
+            ImageOps.exif_transpose(im, in_place=True)
+            if im.mode.startswith("I"):  # 16-bit or 32-bit integer gray (10/12-bit monochrome)
+                gray = np.asarray(im).astype(np.int64)
+                img = np.repeat(_to_uint8(np.clip(gray, 0, 65535).astype(np.uint16))[..., None], 3, axis=-1)
+            elif "A" in im.mode or "transparency" in im.info:
+                img = _composite_alpha(np.asarray(im.convert("RGBA")))
+            else:
+                img = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(path, f"too large to decode safely: {exc}") from exc
+    except (OSError, ValueError, SyntaxError, RuntimeError, EOFError) as exc:
+        raise ImageDecodeError(path, f"cannot decode {fmt}: {str(exc).strip() or type(exc).__name__}") from exc
+    return img
+
+
+def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's header, or None where Pillow cannot read it."""
+    from PIL import JpegImagePlugin
+
+    try:  # the header only; opening the class directly skips Pillow's pixel-count guard
+        with JpegImagePlugin.JpegImageFile(io.BytesIO(raw)) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return None  # OpenCV will say what is wrong with it
+
+
+def _jpeg_reduction(width: int, height: int, max_side: int) -> int:
+    """The largest libjpeg scale-down (1, 2, 4 or 8) that keeps the longer side >= ``max_side``."""
+    longest, factor = max(width, height), 8
+    while factor > 1 and -(-longest // factor) < max_side:
+        factor //= 2
+    return factor
+
+
+def _fit(img: np.ndarray, max_side: int, full_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Resize so that the longer side is ``max_side`` (INTER_AREA); ``full_size`` (h, w): the
+    size before a reduced decode, from which the exact target size is computed."""
+    h, w = full_size or img.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return img
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def decode_image(path: str, max_side: int = 0) -> np.ndarray:
+    """Read one image file as (H, W, 3) uint8 RGB; raise ImageDecodeError with the reason."""
+    raw = _read_file(path)
+    if not raw:
         raise ImageDecodeError(path, "empty file (0 bytes)")
+    fmt = _container_format(raw)
+    if fmt is not None:
+        return np.ascontiguousarray(_fit(_decode_pillow(path, raw, fmt), max_side))
+    data = np.frombuffer(raw, dtype=np.uint8)
     ext = os.path.splitext(path)[1].lower()
     is_jpeg = data.size > 3 and data[0] == 0xFF and data[1] == 0xD8
-    if is_jpeg and not _jpeg_is_complete(data):
+    if is_jpeg and not _jpeg_is_complete(raw):
         raise ImageDecodeError(path, "truncated JPEG (no end-of-image marker after the last scan)")
-    img = None
+    img, full_size = None, None
     try:
-        if ext in _ALPHA_FORMATS:
-            raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-            if raw is not None and raw.ndim == 3 and raw.shape[2] in (2, 4):
-                img = _composite_alpha(raw[..., [2, 1, 0, 3]] if raw.shape[2] == 4 else raw)
+        header = _jpeg_size(raw) if is_jpeg and max_side else None
+        factor = _jpeg_reduction(*header, max_side) if header else 1
+        if factor > 1:
+            bgr = cv2.imdecode(data, _JPEG_REDUCED[factor])
+            if bgr is not None:
+                img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                width, height = header
+                rh, rw = img.shape[:2]
+                # EXIF orientation may have swapped the sides: the full size in the same layout
+                full_size = (height, width) if (rh, rw) == (-(-height // factor), -(-width // factor)) \
+                    else (width, height)
+        if img is None and ext in _ALPHA_FORMATS:
+            raw_img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+            if raw_img is not None and raw_img.ndim == 3 and raw_img.shape[2] in (2, 4):
+                img = _composite_alpha(raw_img[..., [2, 1, 0, 3]] if raw_img.shape[2] == 4 else raw_img)
         if img is None:
             bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
             if bgr is not None:
@@ -137,12 +397,7 @@ def decode_image(path: str, max_side: int = 0) -> np.ndarray:
         raise ImageDecodeError(path, f"cannot decode: {str(exc).strip().splitlines()[-1]}") from exc
     if img is None:
         raise ImageDecodeError(path, "cannot decode: not an image, or a corrupt or unsupported file")
-    if max_side and max(img.shape[:2]) > max_side:
-        h, w = img.shape[:2]
-        scale = max_side / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(img)
+    return np.ascontiguousarray(_fit(img, max_side, full_size))
 
 
 def crop_size(height: int, width: int, fraction: float = CROP_FRACTION) -> tuple[int, int]:
