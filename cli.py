@@ -19,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from mlsp.backbones import BACKBONES  # noqa: E402
 from mlsp.errors import MLSPError  # noqa: E402
+from mlsp.progress import console_progress  # noqa: E402
 
 log = logging.getLogger("cli")
 
@@ -82,15 +83,6 @@ class _ConsoleFormatter(logging.Formatter):
 
 def echo_json(data):
     click.echo(json.dumps(data, indent=2, default=str))
-
-
-def tqdm_progress(**kwargs):
-    """Progress bars for library calls: a tqdm bar on stderr, with rate and ETA."""
-    from tqdm.auto import tqdm
-
-    kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("smoothing", 0.1)
-    return tqdm(**kwargs)
 
 
 def _sigterm_as_interrupt():
@@ -189,7 +181,7 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
     try:
         result = run_extract(images_dir or list(files), config, out, labels=labels, test_list=test_list,
                              val_fraction=val_fraction, seed=seed, dataset=dataset, workers=workers,
-                             flush_images=max(1, checkpoint_every), progress=tqdm_progress)
+                             flush_images=max(1, checkpoint_every), progress=console_progress)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: finished images are kept; run the same command again to resume.", err=True)
         sys.exit(130)
@@ -267,7 +259,7 @@ def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
     _sigterm_as_interrupt()
     try:
         result = run_extract(info.images_dir, config, out, labels=info.labels_path, test_list=info.test_list_path,
-                             val_fraction=0.2, seed=seed, dataset="sample", progress=tqdm_progress)
+                             val_fraction=0.2, seed=seed, dataset="sample", progress=console_progress)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: finished images are kept; run the same command again to resume.", err=True)
         sys.exit(130)
@@ -460,17 +452,15 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
     training), pred_std their spread. Files that cannot be used are listed, and kept in the CSV
     with their reason in the column `error`.
     """
-    from mlsp.score import score_images, score_store
+    from mlsp import api
 
     if sum(map(bool, (store_path, images_dir, files))) != 1:
         raise click.UsageError("give one of --store, --images or image files")
-    if store_path:
-        frame = score_store(run_dir, store_path, out, progress=tqdm_progress)
-        errors = []
-    else:
+    if not store_path:
         _sigterm_as_interrupt()
-        frame, errors = score_images(run_dir, images_dir or list(files), out, weights=weights, precision=precision,
-                                     workers=workers, progress=tqdm_progress)
+    frame = api.score(run_dir, store=store_path, images=None if store_path else images_dir or list(files), out=out,
+                      weights=weights, precision=precision, workers=workers, progress=console_progress)
+    errors = frame.attrs.get("errors", [])
     _echo_errors(errors)
     if out:
         click.echo(f"{out}: {len(frame)} images scored" + (f", {len(errors)} skipped" if errors else ""))
@@ -489,12 +479,12 @@ def export_command(run_dir, out, weights, precision):
     """Save views + backbone + pooling + head as one Keras model: image batch in, MOS out.
 
     The model takes RGB images of one size with values 0..255 and returns the mean prediction
-    over the run's views. Load it with `mlsp.export.load_exported(path)`, or with
-    keras.saving.load_model after `import mlsp.export, heads.models`.
+    over the run's views. Load it with keras.saving.load_model(path, safe_mode=True) after
+    `import mlsp, heads` (which register its layers), or with `heads.export.load_exported(path)`.
     """
-    from mlsp.export import export
+    from mlsp import api
 
-    click.echo(f"exported: {export(run_dir, out, weights=weights, precision=precision)}")
+    click.echo(f"exported: {api.export(run_dir, out, weights=weights, precision=precision)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,18 +7,31 @@ Public API::
     train(TrainConfig(head="pool3fc", store=...), progress=False) -> TrainResult
     evaluate(run_dir, store=None, *, out=None, memory_budget=None) -> {"val": {...}, "test": {...}}
 
-The modules: :mod:`heads.registry` (names -> HeadSpec), :mod:`heads.models` (the four heads),
-:mod:`heads.data` (feeding features from memory or the store), :mod:`heads.schedule` (the
-paper's LR schedule), :mod:`heads.training`, :mod:`heads.evaluation`, :mod:`heads.plots`. Everything
-but the registry imports Keras, so it is loaded on first use.
+The modules: :mod:`heads.registry` (names -> HeadSpec), :mod:`heads.models` (the four heads) and
+:mod:`heads.layers` (their registered layer), :mod:`heads.data` (feeding features from memory or
+the store), :mod:`heads.schedule` (the paper's LR schedule), :mod:`heads.training`,
+:mod:`heads.run` (a run folder), :mod:`heads.evaluation`, :mod:`heads.score` (a run applied to a
+store or to image files), :mod:`heads.export` (backbone + head as one model), :mod:`heads.plots`.
+Everything but the registry imports Keras, so it is loaded on first use.
 """
 
 import importlib
 import logging
 
+import wrapt
+
 from .registry import HEADS, HeadSpec, get_head, list_heads, register
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def _register_layers(keras_module):
+    from . import layers  # noqa: F401  (its classes register themselves)
+
+
+# like mlsp's: the heads' layers are registered as soon as Keras is imported, so every saved
+# model.keras loads with keras.saving.load_model(path, safe_mode=True) after `import heads`
+wrapt.register_post_import_hook(_register_layers, "keras")
 
 _LAZY = {
     "build_head": "heads.models",
@@ -27,6 +40,9 @@ _LAZY = {
     "TrainResult": "heads.training",
     "evaluate": "heads.evaluation",
     "compute_metrics": "heads.evaluation",
+    "Run": "heads.run",
+    "score_store": "heads.score",
+    "score_images": "heads.score",
 }
 
 __all__ = ["HEADS", "HeadSpec", "get_head", "list_heads", "register", *_LAZY]

@@ -12,7 +12,6 @@ A correlation that is undefined (fewer than 2 images, or a constant prediction) 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import warnings
@@ -21,10 +20,12 @@ from typing import Mapping
 import numpy as np
 from scipy import stats
 
+from mlsp.atomic import write_json
 from mlsp.errors import ConfigError, StoreError
 from mlsp.store import FeatureStore
 
 from .data import open_features, predict_views
+from .run import Run
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,7 @@ def write_outputs(out_dir: str, store: FeatureStore, predictions: Mapping[str, t
         metrics[split] = compute_metrics(mos, pred, threshold)
         results[split] = (mos, pred)
         rows_out += [(store.ids[r], split, m, p) for r, m, p in zip(rows, mos, pred)]
-    with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
-        json.dump(metrics, handle, indent=2)
-        handle.write("\n")
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
     with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "split", "mos", "pred"])
@@ -107,19 +106,10 @@ def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None,
     ``out``: by default the run folder for its own store, ``RUN_DIR/eval-<store>-<fingerprint>``
     for another store. Returns ``{split: metrics}``.
     """
-    import keras
-
-    from . import models  # noqa: F401  (registers the custom layers before loading)
-
-    config_path = os.path.join(run_dir, "config.json")
-    model_path = os.path.join(run_dir, "model.keras")
-    for path in (config_path, model_path):
-        if not os.path.isfile(path):
-            raise ConfigError(f"{run_dir} is not a finished run: {os.path.basename(path)} is missing")
-    with open(config_path) as handle:
-        config = json.load(handle)
+    run = Run.open(run_dir, finished=False)
+    config = run.config
     store_path = store or config["store"]["path"]
-    model = keras.saving.load_model(model_path, compile=False)
+    model = run.load_model()
     with FeatureStore(store_path) as s:
         want = tuple(model.input_shape[1:])
         if tuple(s.feature_shape) != want:

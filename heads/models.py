@@ -1,7 +1,7 @@
 """The four MLSP heads (PAPER.md, "Stage 2") as Keras functional models.
 
-Every layer is a stock Keras layer except :class:`BlockSplit`, which is registered so that a
-saved ``model.keras`` loads under ``safe_mode``; there are no ``Lambda`` layers.
+Every layer is a stock Keras layer except :class:`heads.layers.BlockSplit`, which ``import heads``
+registers, so that a saved ``model.keras`` loads under ``safe_mode``; there are no ``Lambda`` layers.
 
 The 3FC block follows the authors' released code (kutils ``fc_layers`` with ``batch_norm=2``):
 ``Dense(X, relu) -> BN -> Dropout(0.25) -> Dense(X/2, relu) -> BN -> Dropout(0.25) ->
@@ -20,35 +20,10 @@ from keras import layers
 
 from mlsp.errors import ConfigError
 
+from .layers import BlockSplit
 from .registry import get_head
 
 DROPOUTS = (0.25, 0.25, 0.5)
-
-
-@keras.saving.register_keras_serializable(package="mlsp_heads")
-class BlockSplit(keras.layers.Layer):
-    """Split concatenated narrow features (B, C) back into their blocks: a list of (B, C_k)."""
-
-    def __init__(self, channels: Sequence[int], **kwargs):
-        super().__init__(**kwargs)
-        self.channels = [int(c) for c in channels]
-        if not self.channels or min(self.channels) < 1:
-            raise ValueError(f"channels must be positive integers, received {channels!r}")
-
-    def call(self, inputs):
-        out, start = [], 0
-        for c in self.channels:
-            out.append(inputs[:, start : start + c])
-            start += c
-        return out
-
-    def compute_output_shape(self, input_shape):
-        return [(input_shape[0], c) for c in self.channels]
-
-    def get_config(self):
-        config = super().get_config()
-        config["channels"] = list(self.channels)
-        return config
 
 
 def fc_sizes(width: int) -> tuple:

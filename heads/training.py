@@ -31,6 +31,7 @@ import numpy as np
 
 from mlsp import __version__
 from mlsp.errors import ConfigError, StoreError, TrainingError
+from mlsp.progress import ProgressFactory, console_progress, null_progress, resolve as resolve_progress
 from mlsp.store import FeatureStore, find_latest_store
 
 from .data import TrainBatches, open_features, predict_views
@@ -289,17 +290,17 @@ class HistoryCSV(keras.callbacks.Callback):
 
 
 class ProgressBar(keras.callbacks.Callback):
-    """A tqdm bar per epoch showing the loss, then val loss, val SRCC and LR."""
+    """A progress bar per epoch (``progress``, a :mod:`mlsp.progress` factory) showing the loss,
+    then val loss, val SRCC and LR."""
 
-    def __init__(self, steps: int, epochs: int):
+    def __init__(self, steps: int, epochs: int, progress: ProgressFactory = console_progress):
         super().__init__()
         self.steps, self.epochs, self.bar = steps, epochs, None
+        self.progress = progress
 
     def on_epoch_begin(self, epoch, logs=None):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
-                        dynamic_ncols=True, leave=True)
+        self.bar = self.progress(total=self.steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
+                                 leave=True)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.bar is not None:
@@ -340,8 +341,10 @@ def _read_history(path: str) -> list:
     return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v != ""} for r in rows]
 
 
-def train(config: TrainConfig, *, progress: bool = False) -> TrainResult:
-    """Train ``config.head`` on ``config.store`` (the newest store under features/ if None)."""
+def train(config: TrainConfig, *, progress=False) -> TrainResult:
+    """Train ``config.head`` on ``config.store`` (the newest store under features/ if None).
+
+    ``progress``: ``True`` for a bar per epoch on the console, or a :mod:`mlsp.progress` factory."""
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"train() takes a TrainConfig, received {type(config).__name__}")
     config.validate()
@@ -464,7 +467,8 @@ def _fit(config, head, head_options, store, source, rows, mos, output_bias, redu
         keras.callbacks.TerminateOnNaN(),
         HistoryCSV(os.path.join(run_dir, "history.csv")),
     ]
-    bar = ProgressBar(len(batches), config.max_epochs) if progress else None
+    factory = resolve_progress(progress)
+    bar = None if factory is null_progress else ProgressBar(len(batches), config.max_epochs, factory)
     if bar is not None:
         callbacks.append(bar)
     log.info("training %s on %d images (%d batches of <= %d per epoch, %d views each, data from %s), "

@@ -6,23 +6,19 @@
 >>> api.evaluate(run)["test"]["srcc"]
 >>> api.score(run, images="new_photos/", out="scores.csv")
 
-Every function logs through :mod:`logging` and shows no progress bar unless ``progress=True``
-(then tqdm bars on stderr). Errors are :class:`mlsp.errors.MLSPError` subclasses.
+Every function logs through :mod:`logging` and shows no progress unless ``progress=True`` (a
+bar on stderr in a terminal, a log line every few seconds elsewhere) or a progress factory
+(:mod:`mlsp.progress`). Errors are :class:`mlsp.errors.MLSPError` subclasses.
+
+This facade is the top floor: the one module of :mod:`mlsp` that imports :mod:`heads` (stage 2
+is built on stage 1, never the other way round).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-
-def _bars(progress: bool):
-    if not progress:
-        from .extract import _noop_progress
-
-        return _noop_progress
-    from tqdm.auto import tqdm
-
-    return tqdm
+from .progress import resolve as resolve_progress
 
 
 def extract(images: str | Sequence[str], out: str | None = None, *, net: str = "irv2", wide: bool = False,
@@ -37,11 +33,11 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = "
     config = ExtractConfig(net=net, pooling="wide" if wide else "narrow", augment=augment, weights=weights,
                            max_side=max_side, precision=resolve_precision(precision)[0])
     return run(images, config, out, labels=labels, test_list=test_list, val_fraction=val_fraction, seed=seed,
-               dataset=dataset, workers=workers, flush_images=checkpoint_every, progress=_bars(progress))
+               dataset=dataset, workers=workers, flush_images=checkpoint_every, progress=resolve_progress(progress))
 
 
 def train(store: str | None = None, *, head: str, out: str | None = None, width: int | None = None,
-          kernels: int | None = None, progress: bool = False, **options):
+          kernels: int | None = None, progress=False, **options):
     """``mlsp train``: ``options`` are :class:`heads.training.TrainConfig` fields (epochs, lr,
     min_lr, lr_epochs, patience, batch_size, steps_per_epoch, seed, memory_budget, workers);
     an unknown one is an error. Returns :class:`heads.training.TrainResult`."""
@@ -50,7 +46,7 @@ def train(store: str | None = None, *, head: str, out: str | None = None, width:
     head_options = {k: v for k, v in (("width", width), ("kernels", kernels)) if v is not None}
     config = TrainConfig.from_dict({"head": head, "store": store, "out": out, "head_options": head_options,
                                     **options})
-    return run(config, progress=progress)
+    return run(config, progress=resolve_progress(progress))
 
 
 def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None) -> dict:
@@ -66,16 +62,16 @@ def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str]
     """``mlsp score``: a pandas DataFrame (id, pred, pred_std[, mos, split]) for every image of
     ``store``, or of the image files ``images`` (then files that could not be used are in
     ``frame.attrs["errors"]``)."""
-    from .score import score_images, score_store
+    from heads.score import score_images, score_store
 
     if (store is None) == (images is None):
         from .errors import ConfigError
 
         raise ConfigError("score() takes either store= or images=")
     if store is not None:
-        return score_store(run_dir, store, out, progress=_bars(progress))
+        return score_store(run_dir, store, out, progress=resolve_progress(progress))
     frame, errors = score_images(run_dir, images, out, weights=weights, precision=precision, workers=workers,
-                                 progress=_bars(progress))
+                                 progress=resolve_progress(progress))
     frame.attrs["errors"] = errors
     return frame
 
@@ -83,6 +79,6 @@ def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str]
 def export(run_dir: str, out: str | None = None, *, weights: str | None = None,
            precision: str | None = None) -> str:
     """``mlsp export``: one .keras model from image batch to MOS; returns its path."""
-    from .export import export as run
+    from heads.export import export as run
 
     return run(run_dir, out, weights=weights, precision=precision)

@@ -9,18 +9,18 @@ everything with the labels into one store (see ``features/README.md``).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import os
 import time
-from collections import deque
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from . import backbones, images, store
 from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch
+from .progress import ProgressFactory, null_progress
+from .readahead import decode_ahead
 
 log = logging.getLogger(__name__)
 
@@ -208,20 +208,6 @@ class ExtractResult:
     skipped_existing: int  # inputs already in the store or its partial results
 
 
-def _noop_progress(total=None, **kwargs):
-    class _Bar:
-        def update(self, n=1):
-            pass
-
-        def set_postfix(self, *a, **k):
-            pass
-
-        def close(self):
-            pass
-
-    return _Bar()
-
-
 def collect_inputs(inputs: str | Sequence[str]) -> tuple[list[str], list[str], list[tuple[str, str]], str]:
     """(paths, ids, skipped (path, reason), root) for a folder or a list of files.
 
@@ -274,7 +260,7 @@ def extract(
     prefetch: int = 4,
     flush_images: int = 64,
     flush_seconds: float = 30.0,
-    progress: Callable = _noop_progress,
+    progress: ProgressFactory = null_progress,
     extractor: FeatureExtractor | None = None,
 ) -> ExtractResult:
     """Extract features of every image in ``inputs`` (a folder, recursively, or a list of files)
@@ -284,8 +270,8 @@ def extract(
     running the same call again after an interruption only processes what is missing, and the
     finished store equals that of an uninterrupted run. A store or partial result made with
     another configuration raises :class:`StoreConfigMismatch`. Unusable inputs are recorded in
-    the store's ``/errors`` and never stop the run. ``progress`` is a tqdm-like factory:
-    ``progress(total=..., desc=..., unit=...)`` returning an object with ``update`` and ``close``.
+    the store's ``/errors`` and never stop the run. ``progress`` is a progress factory
+    (:mod:`mlsp.progress`).
     """
     started = time.monotonic()
     if not 0.0 <= val_fraction < 1.0:
@@ -343,7 +329,7 @@ def extract(
     n_errors = 0
     bar = progress(total=len(todo), desc="extract", unit="img")
     try:
-        for (path, image_id), result in _decode_ahead(extractor.load_views, todo, workers, prefetch):
+        for (path, image_id), result in decode_ahead(extractor.load_views, todo, workers, prefetch):
             if isinstance(result, ImageDecodeError):
                 writer.add_error(image_id, rel[path], result.reason)
                 n_errors += 1
@@ -400,34 +386,3 @@ def _stored_label_sources(path):
     if any(found):
         log.info("using the label sources recorded in %s: %s", path, ", ".join(v for v in found if v))
     return found[0], found[1]
-
-
-def _decode_ahead(load: Callable, items: list, workers: int, prefetch: int) -> Iterable:
-    """Yield ``(item, load(item[0]) or the ImageDecodeError)`` in input order, decoding up to
-    ``prefetch`` items ahead in ``workers`` threads (OpenCV releases the GIL while decoding).
-    Memory is bounded by ``prefetch`` decoded images; the order, and so every result, is the
-    same as a serial loop's."""
-
-    def safe_load(path):
-        try:
-            return load(path)
-        except ImageDecodeError as exc:
-            return exc
-
-    if workers <= 0:
-        for item in items:
-            yield item, safe_load(item[0])
-        return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlsp-decode") as pool:
-        pending: deque = deque()
-        it = iter(items)
-        for item in it:
-            pending.append((item, pool.submit(safe_load, item[0])))
-            if len(pending) >= max(1, prefetch):
-                break
-        while pending:
-            item, future = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(safe_load, nxt[0])))
-            yield item, future.result()

@@ -1,6 +1,16 @@
-"""Small registered Keras layers of the backbone graph (see also :mod:`mlsp.pooling`)."""
+"""Small registered Keras layers of stage 1 (see also :mod:`mlsp.pooling`).
+
+:class:`FoldedBatchNorm` stands in for a batch norm folded into its convolution;
+:class:`ViewCrops` and :class:`ViewMean` make an image's views inside a model and average the
+predictions over them (the exported end-to-end model, :mod:`heads.export`). ``import mlsp``
+registers every layer here as soon as Keras is imported, so saved models load with
+``keras.saving.load_model(path, safe_mode=True)``.
+"""
 
 import keras
+from keras import ops
+
+from .images import CROP_FRACTION
 
 
 @keras.saving.register_keras_serializable(package="mlsp")
@@ -15,3 +25,50 @@ class FoldedBatchNorm(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+
+@keras.saving.register_keras_serializable(package="mlsp")
+class ViewCrops(keras.layers.Layer):
+    """(B, H, W, 3) -> (B*V, h, w, 3): each image's views, image by image, in the store's order
+    (tl, tl_flip, tr, tr_flip, bl, bl_flip, br, br_flip), or the image itself (``augment=False``)."""
+
+    def __init__(self, augment: bool = True, fraction: float = CROP_FRACTION, **kwargs):
+        super().__init__(**kwargs)
+        self.augment = bool(augment)
+        self.fraction = float(fraction)
+
+    @property
+    def n_views(self) -> int:
+        return 8 if self.augment else 1
+
+    def call(self, images):
+        if not self.augment:
+            return images
+        shape = ops.shape(images)
+        h, w = shape[1], shape[2]
+        ch = ops.cast(ops.floor(self.fraction * ops.cast(h, "float32")), "int32")
+        cw = ops.cast(ops.floor(self.fraction * ops.cast(w, "float32")), "int32")
+        views = []
+        for y0, x0 in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)):
+            crop = ops.slice(images, [0, y0, x0, 0], [shape[0], ch, cw, shape[3]])
+            views += [crop, ops.flip(crop, axis=2)]
+        stacked = ops.stack(views, axis=1)  # (B, 8, ch, cw, 3)
+        return ops.reshape(stacked, (-1, ch, cw, shape[3]))
+
+    def get_config(self):
+        return {**super().get_config(), "augment": self.augment, "fraction": self.fraction}
+
+
+@keras.saving.register_keras_serializable(package="mlsp")
+class ViewMean(keras.layers.Layer):
+    """(B*V, 1) predictions -> (B,) mean over each image's V views."""
+
+    def __init__(self, n_views: int, **kwargs):
+        super().__init__(**kwargs)
+        self.n_views = int(n_views)
+
+    def call(self, predictions):
+        return ops.mean(ops.reshape(predictions, (-1, self.n_views)), axis=1)
+
+    def get_config(self):
+        return {**super().get_config(), "n_views": self.n_views}

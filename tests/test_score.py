@@ -14,7 +14,8 @@ from mlsp.errors import StoreConfigMismatch
 from mlsp.extract import ExtractConfig, extract
 from mlsp.images import decode_image
 from mlsp.sample import build_sample, make_bad_files
-from mlsp.score import Run, score_images, score_store
+from heads.run import Run
+from heads.score import score_images, score_store
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_bad_image_files_are_reported_and_skipped(trained, tmp_path, extractors)
 
 
 def test_exported_model_gives_the_same_numbers(trained, tmp_path):
-    from mlsp.export import export, load_exported
+    from heads.export import export, load_exported
 
     path = export(trained["run"], str(tmp_path / "m.keras"))
     model = load_exported(path)

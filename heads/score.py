@@ -9,84 +9,21 @@ float16 as the store does, so its numbers equal extracting and then scoring from
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch
-from .extract import ExtractConfig, FeatureExtractor, _decode_ahead, _noop_progress, collect_inputs
-from .store import FeatureStore
+from mlsp.errors import ImageDecodeError, StoreConfigMismatch
+from mlsp.extract import FeatureExtractor, collect_inputs
+from mlsp.progress import ProgressFactory, null_progress
+from mlsp.readahead import decode_ahead
+from mlsp.store import FeatureStore
+
+from .run import Run
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Run:
-    """A finished training run: its folder, config.json and model.keras."""
-
-    path: str
-    config: dict
-
-    @classmethod
-    def open(cls, run_dir: str) -> "Run":
-        config_path = os.path.join(run_dir, "config.json")
-        for need in (config_path, os.path.join(run_dir, "model.keras")):
-            if not os.path.isfile(need):
-                raise ConfigError(f"{run_dir} is not a finished training run: {os.path.basename(need)} is missing")
-        with open(config_path) as handle:
-            config = json.load(handle)
-        if config.get("status") != "finished":
-            raise ConfigError(f"{run_dir}: the run did not finish (status {config.get('status')!r})")
-        return cls(run_dir, config)
-
-    @property
-    def store_info(self) -> dict:
-        return self.config["store"]
-
-    def load_model(self):
-        import keras
-
-        import heads.models  # noqa: F401  (registers the heads' layers before loading)
-
-        return keras.saving.load_model(os.path.join(self.path, "model.keras"), compile=False)
-
-    def extract_config(self, weights: str | None = None, precision: str | None = None) -> ExtractConfig:
-        """The extraction that made the run's store, with the weights file found again."""
-        cfg = self.store_info["config"]
-        views = self.store_info.get("views") or cfg.get("views")
-        source = cfg["weights_source"]
-        if weights is None:
-            if source == "imagenet" or source.startswith("random"):
-                weights = source
-            else:
-                recorded = cfg.get("weights_path") or self._store_attr("weights_path") or ""
-                if not os.path.isfile(recorded):
-                    raise ConfigError(
-                        f"the run's features came from the weights file {source!r}"
-                        + (f" (was at {recorded})" if recorded else "")
-                        + ", which is not there now: pass it with --weights PATH"
-                    )
-                weights = recorded
-        return ExtractConfig(net=self.store_info["net"], pooling=self.store_info["pooling"],
-                             augment=list(views) != ["full"], weights=weights,
-                             max_side=int(cfg.get("max_side") or 0), precision=precision or cfg.get("precision") or "float32")
-
-    def _store_attr(self, key):
-        """An attribute of the run's original store, if that file is still there."""
-        path = self.store_info.get("path")
-        if not path or not os.path.isfile(path):
-            return None
-        with FeatureStore(path) as store:
-            return store.attrs.get(key)
-
-    def check_weights(self, record: dict):
-        want = self.store_info["config"]["weights_sha256"]
-        if record["sha256"] != want:
-            raise StoreConfigMismatch(self.path, {"weights_sha256": (want, record["sha256"])})
 
 
 def check_store_matches(run: Run, store: FeatureStore):
@@ -127,7 +64,7 @@ def view_predictions(model, features: np.ndarray) -> np.ndarray:
 
 
 def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_images: int = 256,
-                progress: Callable = _noop_progress):
+                progress: ProgressFactory = null_progress):
     """Score every image of a store with a trained run; returns a pandas DataFrame."""
     run = Run.open(run_dir)
     model = run.load_model()
@@ -152,7 +89,7 @@ def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_
 
 def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = None, *,
                  weights: str | None = None, precision: str | None = None, workers: int = 2,
-                 progress: Callable = _noop_progress, extractor: FeatureExtractor | None = None):
+                 progress: ProgressFactory = null_progress, extractor: FeatureExtractor | None = None):
     """Score image files with a trained run: backbone, pooling and head, streaming.
 
     Memory stays bounded (a few decoded images ahead, one image's views in the model). The
@@ -172,7 +109,7 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
     rows, errors = [], [{"id": os.path.splitext(os.path.basename(p))[0], "path": p, "reason": r} for p, r in skipped]
     bar = progress(total=len(paths), desc="score", unit="img")
     try:
-        for (path, image_id), result in _decode_ahead(extractor.load_views, list(zip(paths, ids)), workers, 4):
+        for (path, image_id), result in decode_ahead(extractor.load_views, list(zip(paths, ids)), workers, 4):
             if isinstance(result, ImageDecodeError):
                 errors.append({"id": image_id, "path": path, "reason": result.reason})
             else:

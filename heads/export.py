@@ -1,0 +1,65 @@
+"""One Keras model from image batch to MOS: views, backbone, pooling and a trained head.
+
+``export(run_dir, out)`` writes a ``.keras`` file that loads with
+``keras.saving.load_model(path, safe_mode=True)`` after ``import mlsp, heads`` (which register
+the layers it uses: :class:`mlsp.layers.ViewCrops`, :class:`mlsp.layers.ViewMean`,
+:class:`mlsp.pooling.MultiLevelPooling` and the heads' layers). ``load_exported(path)`` does
+exactly that.
+
+The model takes a batch of RGB images of one size, values 0..255 (any float or int dtype),
+makes the run's views (4 corner crops of 87.5% and their mirror images, or the whole image),
+and returns the mean prediction over the views, shape (batch,). It does no decoding and no
+resizing: give it images as ``mlsp.images.decode_image(path, max_side)`` returns them, with the
+``max_side`` of the run's store (``Run.open(run_dir).extract_config().max_side``, 1024 by
+default), which is what ``mlsp score --images`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import keras
+
+from mlsp.errors import ConfigError
+from mlsp.extract import FeatureExtractor
+from mlsp.layers import ViewCrops, ViewMean
+
+from .run import Run
+
+log = logging.getLogger(__name__)
+
+
+def build_scoring_model(run_dir: str, weights: str | None = None, precision: str | None = None):
+    """The end-to-end model of a run (see the module's docstring)."""
+    run = Run.open(run_dir)
+    config = run.extract_config(weights, precision)
+    extractor = FeatureExtractor(config)
+    run.check_weights(extractor.weights_record)
+    head = run.load_model()
+    crops = ViewCrops(augment=config.augment, name="views")
+    images = keras.Input((None, None, 3), name="images")
+    x = crops(images)
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(x)  # the nets' [-1, 1]
+    features = extractor.model(x)
+    pred = head(features)
+    mos = ViewMean(crops.n_views, name="mean_over_views")(pred)
+    name = f"mlsp_{config.net}_{config.pooling}_{run.config['head']}"
+    return keras.Model(images, mos, name=name)
+
+
+def export(run_dir: str, out: str | None = None, *, weights: str | None = None,
+           precision: str | None = None) -> str:
+    """Write the run's end-to-end model to ``out`` (default ``RUN_DIR/scoring_model.keras``)."""
+    out = out or os.path.join(run_dir, "scoring_model.keras")
+    if not out.endswith(".keras"):
+        raise ConfigError(f"{out}: the exported model is a .keras file (Keras' format); give a name ending in .keras")
+    model = build_scoring_model(run_dir, weights, precision)
+    model.save(out)
+    log.info("exported %s (%d parameters) to %s", model.name, model.count_params(), out)
+    return out
+
+
+def load_exported(path: str):
+    """Load an exported model with safe_mode (the layers it uses are registered by ``import mlsp, heads``)."""
+    return keras.saving.load_model(path, safe_mode=True, compile=False)

@@ -1,0 +1,139 @@
+"""A run folder: what ``mlsp train`` writes, and what evaluation, scoring and export read.
+
+:class:`Run` owns the folder's layout (``config.json``, ``model.keras``, ``history.csv``), its
+status (``running``, ``finished``, ``interrupted``, ``diverged``, ``failed``), loading the model
+and finding again the extraction that made the run's store. A ``config.json`` that is missing,
+is not valid JSON or is not a run's is a one-line :class:`mlsp.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from mlsp.atomic import write_json
+from mlsp.errors import ConfigError, StoreConfigMismatch
+from mlsp.extract import ExtractConfig
+from mlsp.store import FeatureStore
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.keras"
+HISTORY_FILE = "history.csv"
+STATUSES = ("running", "finished", "interrupted", "diverged", "failed")
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run's folder and its ``config.json``."""
+
+    path: str
+    config: dict
+
+    @classmethod
+    def open(cls, run_dir: str, *, finished: bool = True) -> "Run":
+        """The run in ``run_dir``; with ``finished`` (scoring, export) only a run whose training
+        finished, without (evaluation) any run that saved a model."""
+        what = "a finished training run" if finished else "a finished run"
+        for need in (CONFIG_FILE, MODEL_FILE):
+            if not os.path.isfile(os.path.join(run_dir, need)):
+                raise ConfigError(f"{run_dir} is not {what}: {need} is missing")
+        run = cls(run_dir, read_config(os.path.join(run_dir, CONFIG_FILE)))
+        if finished and run.status != "finished":
+            raise ConfigError(f"{run_dir}: the run did not finish (status {run.status!r})")
+        return run
+
+    @classmethod
+    def create(cls, run_dir: str, record: dict) -> "Run":
+        """A new run folder; one that already holds a run is an error."""
+        if os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+            raise ConfigError(f"{run_dir} already holds a run; choose another --out")
+        os.makedirs(run_dir, exist_ok=True)
+        run = cls(run_dir, record)
+        run.save_config()
+        return run
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def config_path(self) -> str:
+        return self.file(CONFIG_FILE)
+
+    @property
+    def model_path(self) -> str:
+        return self.file(MODEL_FILE)
+
+    @property
+    def history_path(self) -> str:
+        return self.file(HISTORY_FILE)
+
+    @property
+    def status(self):
+        return self.config.get("status")
+
+    def save_config(self, **updates):
+        """Apply ``updates`` to the config and write ``config.json`` atomically."""
+        self.config.update(updates)
+        write_json(self.config_path, self.config)
+
+    @property
+    def store_info(self) -> dict:
+        return self.config["store"]
+
+    def load_model(self):
+        """The head (``model.keras``), loaded with safe_mode."""
+        import keras
+
+        return keras.saving.load_model(self.model_path, compile=False, safe_mode=True)
+
+    def extract_config(self, weights: str | None = None, precision: str | None = None) -> ExtractConfig:
+        """The extraction that made the run's store, with the weights file found again."""
+        cfg = self.store_info["config"]
+        views = self.store_info.get("views") or cfg.get("views")
+        source = cfg["weights_source"]
+        if weights is None:
+            if source == "imagenet" or source.startswith("random"):
+                weights = source
+            else:
+                recorded = cfg.get("weights_path") or self.store_attr("weights_path") or ""
+                if not os.path.isfile(recorded):
+                    raise ConfigError(
+                        f"the run's features came from the weights file {source!r}"
+                        + (f" (was at {recorded})" if recorded else "")
+                        + ", which is not there now: pass it with --weights PATH"
+                    )
+                weights = recorded
+        return ExtractConfig(net=self.store_info["net"], pooling=self.store_info["pooling"],
+                             augment=list(views) != ["full"], weights=weights,
+                             max_side=int(cfg.get("max_side") or 0),
+                             precision=precision or cfg.get("precision") or ExtractConfig.precision)
+
+    def store_attr(self, key):
+        """An attribute of the run's original store, if that file is still there."""
+        path = self.store_info.get("path")
+        if not path or not os.path.isfile(path):
+            return None
+        with FeatureStore(path) as store:
+            return store.attrs.get(key)
+
+    def check_weights(self, record: dict):
+        """The backbone's weights (``record``, as the extractor reports them) are the run's."""
+        want = self.store_info["config"]["weights_sha256"]
+        if record["sha256"] != want:
+            raise StoreConfigMismatch(self.path, {"weights_sha256": (want, record["sha256"])})
+
+
+def read_config(path: str) -> dict:
+    """A run's ``config.json``; a file that is not valid JSON is a one-line error."""
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                          "the run folder is damaged") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc})") from None
+    if not isinstance(config, dict) or "store" not in config:
+        raise ConfigError(f"{path} is not a training run's config (no 'store' entry)")
+    return config

@@ -1,0 +1,139 @@
+"""The house's rules, checked on the source: floors, private names, progress, registered layers."""
+
+import ast
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlsp.progress import LogProgress, NullProgress, console_progress, null_progress, resolve
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("mlsp", "heads")
+
+
+def library_modules():
+    """(module name, path) of every library module and cli.py."""
+    found = [("cli", os.path.join(ROOT, "cli.py"))]
+    for package in PACKAGES:
+        for name in sorted(os.listdir(os.path.join(ROOT, package))):
+            if name.endswith(".py"):
+                module = package if name == "__init__.py" else f"{package}.{name[:-3]}"
+                found.append((module, os.path.join(ROOT, package, name)))
+    return found
+
+
+def imports(module, path):
+    """(imported module, [names]) for every import statement, relative ones resolved."""
+    with open(path) as handle:
+        tree = ast.parse(handle.read(), path)
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, []
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            yield base, [alias.name for alias in node.names]
+
+
+def test_the_ground_floor_never_imports_stage_2():
+    offenders = []
+    for module, path in library_modules():
+        if not module.startswith("mlsp") or module == "mlsp.api":
+            continue
+        for target, names in imports(module, path):
+            if target == "heads" or target.startswith("heads."):
+                offenders.append(f"{module} imports {target}")
+    assert offenders == [], "only mlsp.api may import heads"
+
+
+def test_the_graph_is_seen():
+    """The checker itself finds the imports it must (so an empty list above means something)."""
+    graph = {module: {f"{target}.{n}" for target, names in imports(module, path) for n in names}
+             | {target for target, _ in imports(module, path)} for module, path in library_modules()}
+    assert "heads.score" in graph["mlsp.api"] and "heads.run" in graph["heads.score"]
+    assert "mlsp.store" in graph["heads.evaluation"] and "mlsp.api" in graph["cli"]
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = []
+    for module, path in library_modules():
+        for target, names in imports(module, path):
+            if target == "__future__":
+                continue
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            offenders += [f"{module}: from {target} import {n}" for n in private]
+    assert offenders == []
+
+
+def test_null_progress_counts_and_shows_nothing():
+    bar = null_progress(total=3, desc="x", unit="img", leave=True)
+    assert isinstance(bar, NullProgress)
+    bar.update(2)
+    bar.set_postfix(errors=1, refresh=False)
+    bar.close()
+    assert bar.n == 2
+
+
+def test_resolve():
+    assert resolve(False) is null_progress and resolve(None) is null_progress
+    assert resolve(True) is console_progress
+    assert resolve(null_progress) is null_progress
+    with pytest.raises(TypeError):
+        resolve("yes")
+
+
+def test_log_progress_logs_every_few_percent_or_seconds_never_per_update(caplog):
+    now = [0]  # in 10 ms ticks
+    bar = LogProgress(total=1000, desc="extract", unit="img", percent=10, interval=30, min_interval=3,
+                      clock=lambda: now[0] / 100, dynamic_ncols=True, leave=True)
+    with caplog.at_level(logging.INFO, logger="mlsp.progress"):
+        for _ in range(1000):  # 1000 updates, 10 ms apart: 10 s in all
+            now[0] += 1
+            bar.update(1)
+        fast = len(caplog.records)
+        for _ in range(10):  # slow updates: one a minute, each logged
+            now[0] += 6000
+            bar.update(0)
+        bar.set_postfix(errors=2)
+        bar.close()
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert fast == 3, lines  # at 3 s, 6 s and 9 s: 10% had passed, but never sooner than 3 s apart
+    assert len(lines) == fast + 10 + 1
+    assert lines[0].startswith("extract: 300/1000 img (30%), 100 img/s, 00:03, 00:07 left")
+    assert lines[-1].startswith("extract: 1000/1000 img (100%)") and lines[-1].endswith("errors=2")
+
+
+def test_console_progress_logs_when_stderr_is_not_a_terminal(monkeypatch):
+    class Pipe:
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr(sys, "stderr", Pipe())
+    assert isinstance(console_progress(total=5, desc="x", unit="img"), LogProgress)
+
+
+def test_import_mlsp_and_heads_register_every_custom_layer():
+    """Whether Keras is imported before or after, every custom layer is registered."""
+    names = ["mlsp>FoldedBatchNorm", "mlsp>MultiLevelPooling", "mlsp>ViewCrops", "mlsp>ViewMean",
+             "mlsp_heads>BlockSplit"]
+    code = ("import sys\n"
+            "order = sys.argv[1]\n"
+            "if order == 'keras-first': import keras\n"
+            "import mlsp, heads\n"
+            "assert 'keras' in sys.modules or order == 'keras-last'\n"
+            "import keras\n"
+            f"missing = [n for n in {names!r} if keras.saving.get_registered_object(n) is None]\n"
+            "assert not missing, missing\n")
+    for order in ("keras-first", "keras-last"):
+        res = subprocess.run([sys.executable, "-c", code, order], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        assert res.returncode == 0, res.stderr[-2000:]
