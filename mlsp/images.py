@@ -329,6 +329,38 @@ def _decode_pillow(path: str, raw: bytes, fmt: str) -> np.ndarray:
     return img
 
 
+# EXIF orientation -> the array operation that shows the picture upright (Pillow's exif_transpose)
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _orient(img: np.ndarray, orientation: int) -> np.ndarray:
+    return _ORIENT[orientation](img) if orientation in _ORIENT else img
+
+
+def _header_orientation(raw: bytes) -> int:
+    """The EXIF orientation in a PNG's or WebP's header (1 where there is none)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            exif = im.info.get("exif")  # a PNG's eXIf chunk before the image data; a WebP's EXIF chunk
+        if not exif:
+            return 1
+        tags = Image.Exif()
+        tags.load(exif)
+        return int(tags.get(0x0112, 1))
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        return 1
+
+
 def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's header, or None where Pillow cannot read it."""
     from PIL import JpegImagePlugin
@@ -389,6 +421,8 @@ def decode_image(path: str, max_side: int = 0) -> np.ndarray:
             raw_img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
             if raw_img is not None and raw_img.ndim == 3 and raw_img.shape[2] in (2, 4):
                 img = _composite_alpha(raw_img[..., [2, 1, 0, 3]] if raw_img.shape[2] == 4 else raw_img)
+                if raw[:4] == b"\x89PNG" or raw[8:12] == b"WEBP":  # OpenCV orients these only without alpha
+                    img = _orient(img, _header_orientation(raw))
         if img is None:
             bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
             if bgr is not None:

@@ -78,6 +78,20 @@ def test_phone_photo_orientation_applied_exactly_once(tmp_path, fmt, ext, orient
             assert mean_error(out, wrong) > 20
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_alpha_images_oriented_like_opaque_ones(tmp_path, fmt, orientation):
+    """OpenCV reads alpha only without orientation: PNG and WebP with both are oriented here."""
+    img = picture()
+    rgba = np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])
+    rgba[:, 60:, 3] = 0
+    path = tmp_path / f"a.{fmt.lower()}"
+    path.write_bytes(save_pil(rgba, fmt, orientation, **({"lossless": True} if fmt == "WEBP" else {})))
+    flat = img.copy()
+    flat[:, 60:] = 255
+    np.testing.assert_array_equal(images.decode_image(str(path)), upright(flat, orientation))
+
+
 def test_ten_bit_heic_and_avif_to_8_bit(tmp_path):
     ramp = np.linspace(0, 1, 64 * 80, dtype=np.float64).reshape(64, 80)
     rgb = np.stack([ramp, ramp[:, ::-1], ramp[::-1]], -1)
