@@ -126,11 +126,16 @@ def list_images(root: str) -> tuple[list[str], list[tuple[str, str]]]:
         for entry in reversed(entries):  # popped from the end: searched in name order
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():  # follows symlinks; False when a link points to nothing
+            try:
+                is_dir = entry.is_dir()  # follows symlinks; False when a link points to nothing
+                ident = _identity(entry.stat(), entry.path) if is_dir else None
+            except OSError as exc:  # a link loop (a -> b -> a), a folder without permission
+                others.append((entry.path, f"unreadable: {exc.strerror or exc}"))
+                continue
+            if is_dir:
                 if entry.is_symlink():
                     links.append(entry.path)
                     continue
-                ident = _identity(entry.stat(), entry.path)
                 if ident not in seen_dirs:
                     seen_dirs[ident] = entry.path
                     folders.append((entry.path, via_link))

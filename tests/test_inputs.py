@@ -260,9 +260,14 @@ def test_each_real_folder_and_file_once(tmp_path):
     os.symlink(tmp_path / "5.jpg", root / "five.jpg")  # a file elsewhere: used, once
     os.symlink(root / "a" / "1.jpg", root / "b" / "one.jpg")  # a second name for a/1.jpg
     os.link(root / "b" / "2.jpg", root / "b" / "hard.jpg")
+    os.symlink("self.jpg", root / "self.jpg")  # links that lead nowhere but round
+    os.symlink("lb", root / "la")
+    os.symlink("la", root / "lb")
     paths, others = images.list_images(str(root))
     assert [os.path.relpath(p, root) for p in paths] == ["a/1.jpg", "b/2.jpg", "ext/4.jpg", "five.jpg", "z/3.jpg"]
     reasons = {os.path.relpath(p, root): r for p, r in others}
+    for name in ("self.jpg", "la", "lb"):
+        assert reasons.pop(name).startswith("unreadable: "), name
     assert reasons == {
         "loop": "a link to a folder already searched (.); not searched again",
         "b/up": "a link to a folder already searched (a); not searched again",
