@@ -226,6 +226,8 @@ def collect_inputs(inputs: str | Sequence[str]) -> tuple[list[str], list[str], l
         raise ConfigError("no input images given")
     present, skipped = images.check_files(files)
     if not present:
+        if len(skipped) == 1:
+            raise ConfigError(f"{skipped[0][0]}: {skipped[0][1]}")
         raise ConfigError(images.no_images_message(f"none of the {len(files)} files given can be read", skipped))
     root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in present])
     paths = sorted(os.path.abspath(p) for p in present)

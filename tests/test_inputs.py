@@ -307,8 +307,10 @@ def test_missing_or_empty_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "docs" / "readme.txt").write_text("x")
     with pytest.raises(ConfigError, match=r"readme.txt: not an image file type"):
         collect_inputs(str(tmp_path / "docs"))
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match="none of the 2 files given can be read.*a.jpg: no such file"):
         collect_inputs([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")])
+    with pytest.raises(ConfigError, match="docs: not a regular file"):
+        collect_inputs([str(tmp_path / "docs")])
 
 
 def test_cli_missing_and_empty_folder_exit_with_one_line(tmp_path):
