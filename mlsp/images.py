@@ -272,19 +272,15 @@ def _container_format(raw: bytes) -> str | None:
     return None
 
 
-class MissingDecoder(Exception):
-    """The decoder of a format is not installed; the message says which package to install."""
-
-
 @functools.lru_cache(maxsize=None)
 def _register_heif_opener(pillow_heif) -> None:
     # thumbnails, depth maps and auxiliary images (HDR gain maps...) are never used here
     pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
 
-def _pillow_decoder(fmt: str) -> str:
+def _pillow_decoder(path: str, fmt: str) -> str:
     """The Pillow format name to open ``fmt`` ('HEIF' or 'AVIF') with, registering the plugin
-    that provides it; :class:`MissingDecoder` naming the package to install when none does."""
+    that provides it; an ImageDecodeError naming the package to install when none does."""
     from PIL import features
 
     if fmt == "AVIF" and features.check("avif"):  # Pillow >= 11.3 reads AVIF itself
@@ -295,25 +291,22 @@ def _pillow_decoder(fmt: str) -> str:
         pillow_heif = None
     if fmt == "HEIF":
         if pillow_heif is None:
-            raise MissingDecoder("a HEIC/HEIF image, but its decoder is not installed: pip install pillow-heif")
+            raise ImageDecodeError(path, "a HEIC/HEIF image, but its decoder is not installed: pip install pillow-heif")
         _register_heif_opener(pillow_heif)
         return "HEIF"
     register_avif = getattr(pillow_heif, "register_avif_opener", None)  # pillow-heif < 0.22
     if register_avif is not None and pillow_heif.libheif_info().get("AVIF"):
         register_avif()
         return "AVIF"
-    raise MissingDecoder("an AVIF image, but no AVIF decoder is installed: pip install -U pillow "
-                         "(Pillow 11.3 or newer reads AVIF)")
+    raise ImageDecodeError(path, "an AVIF image, but no AVIF decoder is installed: pip install -U pillow "
+                                 "(Pillow 11.3 or newer reads AVIF)")
 
 
 def _decode_pillow(path: str, raw: bytes, fmt: str) -> np.ndarray:
     """HEIF or AVIF through Pillow -> (H, W, 3) uint8 RGB, upright."""
     from PIL import Image, ImageOps
 
-    try:
-        plugin = _pillow_decoder(fmt)
-    except MissingDecoder as exc:
-        raise ImageDecodeError(path, str(exc)) from None
+    plugin = _pillow_decoder(path, fmt)
     try:
         with Image.open(io.BytesIO(raw), formats=[plugin]) as im:
             # Once: Pillow's AVIF reader turns the container's rotation and mirroring into the
