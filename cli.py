@@ -17,6 +17,7 @@ import click
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from heads.schedule import FULL_EPOCH_STEPS, MIN_EPOCH_STEPS, PAPER  # noqa: E402
 from mlsp.backbones import BACKBONES  # noqa: E402
 from mlsp.errors import MLSPError  # noqa: E402
 from mlsp.progress import console_progress  # noqa: E402
@@ -241,9 +242,8 @@ def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
     The images are crops of public-domain photographs that ship with scikit-image, degraded
     in controlled ways (blur, noise, JPEG, contrast) and rated by synthetic voters, written as
     an AVA.txt with a test list, in every format the extractor reads. They are extracted into a
-    store exactly as AVA would be; then a head is trained and evaluated on it. A sample this
-    small gets a few batches per epoch from the paper's schedule, so the sample trains with
-    20 batches per epoch at LR 1e-3 (said in the log).
+    store exactly as AVA would be; then a head is trained and evaluated on it, with the same
+    defaults as `mlsp train` (which adapt the schedule to the store's size).
     """
     from heads.training import TrainConfig, train
     from mlsp.extract import ExtractConfig, extract as run_extract
@@ -268,9 +268,7 @@ def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
     click.echo(f"store: {result.store}: {result.images} images ({splits})")
     if not do_train:
         return
-    log.info("training %s with the small-data schedule: --steps-per-epoch 20 --lr 1e-3 --epochs 40", head)
-    trained = train(TrainConfig(head=head, store=result.store, steps_per_epoch=20, lr=1e-3, epochs=40, seed=seed),
-                    progress=True)
+    trained = train(TrainConfig(head=head, store=result.store, seed=seed), progress=True)
     _echo_metrics(trained.metrics)
     click.echo(f"run: {trained.run_dir} (plots: predictions.png, loss.png)")
     if weights.startswith("random"):
@@ -307,20 +305,24 @@ _MEMORY_HELP = ("Features up to this size (e.g. 8GB) are loaded into memory, lar
               help="Run folder. Default: runs/<store>-<head>-<timestamp>.")
 @click.option("--epochs", type=click.IntRange(min=1),
               help="At most this many epochs. Default: until the LR schedule ends "
-                   "(--lr-epochs per LR stage: 60 for 1e-4 down to 1e-6).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
-              help="Initial learning rate (Adam).")
-@click.option("--min-lr", type=click.FloatRange(min=0, min_open=True), default=1e-6, show_default=True,
-              help="Last learning rate; the LR is divided by 10 down to it.")
-@click.option("--lr-epochs", type=click.IntRange(min=1), default=20, show_default=True,
+                   "(--lr-epochs per LR stage, three stages).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True),
+              help="Initial learning rate (Adam). Default: chosen from the store's size: the paper's "
+                   f"{PAPER.lr:g} when an epoch has at least {FULL_EPOCH_STEPS:,} steps (AVA: 1,749), "
+                   f"else {PAPER.lr:g} x {FULL_EPOCH_STEPS:,}/steps per epoch (at most 10x).")
+@click.option("--min-lr", type=click.FloatRange(min=0, min_open=True),
+              help="Last learning rate; the LR is divided by 10 down to it. Default: LR/100 "
+                   f"(the paper's {PAPER.lr:g} -> {PAPER.min_lr:g}).")
+@click.option("--lr-epochs", type=click.IntRange(min=1), default=PAPER.lr_epochs, show_default=True,
               help="Epochs at one LR before it is divided by 10.")
-@click.option("--patience", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--patience", type=click.IntRange(min=1), default=PAPER.patience, show_default=True,
               help="Epochs without validation improvement before the LR is divided by 10 (or, at the "
                    "last LR, training stops).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--steps-per-epoch", type=click.IntRange(min=1),
-              help="Batches per epoch. Default: one pass over the training images (the paper's epoch). "
-                   "A larger number makes an epoch several passes, each with new random views.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=PAPER.batch_size, show_default=True)
+@click.option("--steps-per-epoch", type=click.IntRange(min=0),
+              help="Batches per epoch. Default: one pass over the training images (the paper's epoch), "
+                   f"but at least {MIN_EPOCH_STEPS}: a shorter pass is repeated, each time with new random "
+                   "views. 0: one pass, however short.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of weights, dropout, shuffling and view draws: the same seed gives the same model.")
 @click.option("--width", type=click.IntRange(min=1),
@@ -344,9 +346,10 @@ def train_command(store_path, head, out, epochs, lr, min_lr, lr_epochs, patience
     mean prediction over all stored views.
 
     \b
-    Small stores: the paper's values are sized for AVA (about 1,800 batches per epoch). A store
-    of a few thousand images or fewer gets a few batches per epoch, too few updates to learn
-    at LR 1e-4: pass e.g. --steps-per-epoch 50 --lr 1e-3.
+    The paper's values are sized for AVA (1,749 batches per epoch); on a smaller store the
+    defaults adapt: an epoch is at least 100 batches and the LR grows as epochs get shorter
+    (up to 1e-3). One log line says what was chosen and why; config.json records it; every
+    flag overrides its value.
 
     The run folder gets model.keras, config.json, history.csv, metrics.json, predictions.csv
     and plots (predictions.png, loss.png).

@@ -1,13 +1,13 @@
 """Training a head on a feature store (PAPER.md, "Training").
 
 :func:`train` takes a :class:`TrainConfig`, checks the store and the configuration before any
-training starts, trains with the paper's schedule (:mod:`heads.schedule`), evaluates on val and
-test and writes the run folder:
+training starts, trains with the schedule :mod:`heads.schedule` chooses for the store's size (the
+paper's on a store of AVA's size), evaluates on val and test and writes the run folder:
 
 - ``model.keras``: the best weights on validation loss; takes one view of the store's features
   ((C,) narrow, (5, 5, C) wide) and loads with ``safe_mode``;
 - ``config.json``: the store (path, fingerprint, layout), the head and its options, every
-  hyper-parameter and the seed, how the data was fed, package versions, the LR changes;
+  hyper-parameter as given (``train``) and as used (``schedule``, with why), the seed, how the data was fed, package versions, the LR changes;
 - ``history.csv``: per epoch ``loss``, ``val_loss``, ``lr``, ``val_srcc``;
 - ``metrics.json``, ``predictions.csv``, ``predictions.png`` (:mod:`heads.evaluation`) and
   ``loss.png``.
@@ -38,7 +38,8 @@ from .data import TrainBatches, open_features, predict_views
 from .evaluation import EVAL_SPLITS, compute_metrics, labelled_split, write_outputs
 from .models import build_head
 from .registry import get_head
-from .schedule import StepOrPlateauSchedule, lr_stages
+from .schedule import MAX_AUTO_LR, PAPER, describe, fmt_lr, resolve_schedule
+from .schedule_callback import StepOrPlateauSchedule
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,17 @@ RUNS_ROOT = "runs"
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything that defines a training run. Defaults are the paper's.
+    """Everything that defines a training run.
 
-    ``epochs`` caps the number of epochs; ``None`` runs until the schedule ends (at most
-    ``lr_epochs`` epochs per LR stage: 60 for 1e-4 down to 1e-6). ``steps_per_epoch=None`` makes
-    an epoch one pass over the training images; a number makes it that many batches (more than
-    one pass on a small store, each pass with new random views). ``memory_budget`` (bytes):
-    features up to this size are loaded into memory, larger ones are streamed from the store;
-    ``None`` is half the memory available to the process, 0 always streams. ``workers``: threads
-    reading batches ahead. Neither changes the result.
+    ``lr``, ``min_lr`` and ``steps_per_epoch`` left at ``None`` are chosen from the store's size
+    (:func:`heads.schedule.resolve_schedule`: the paper's values on a store of AVA's size, more
+    steps per epoch and a higher LR on small ones); the other defaults are the paper's
+    (:data:`heads.schedule.PAPER`). ``epochs`` caps the number of epochs; ``None`` runs until the
+    schedule ends (at most ``lr_epochs`` epochs per LR stage). ``steps_per_epoch=0`` makes an epoch
+    one pass over the training images, however short. ``memory_budget`` (bytes): features up to
+    this size are loaded into memory, larger ones are streamed from the store; ``None`` is half
+    the memory available to the process, 0 always streams. ``workers``: threads reading batches
+    ahead. Neither changes the result.
     """
 
     head: str
@@ -64,12 +67,12 @@ class TrainConfig:
     out: str | None = None
     head_options: dict = dataclasses.field(default_factory=dict)
     epochs: int | None = None
-    lr: float = 1e-4
-    lr_factor: float = 0.1
-    min_lr: float = 1e-6
-    lr_epochs: int = 20
-    patience: int = 5
-    batch_size: int = 128
+    lr: float | None = None
+    lr_factor: float = PAPER.lr_factor
+    min_lr: float | None = None
+    lr_epochs: int = PAPER.lr_epochs
+    patience: int = PAPER.patience
+    batch_size: int = PAPER.batch_size
     steps_per_epoch: int | None = None
     seed: int = 0
     deterministic: bool = True
@@ -107,14 +110,17 @@ class TrainConfig:
         get_head(self.head)
         for name in ("lr_epochs", "patience", "batch_size", "workers"):
             positive(name, getattr(self, name))
-        for name in ("epochs", "steps_per_epoch"):
-            positive(name, getattr(self, name), allow_none=True)
+        positive("epochs", self.epochs, allow_none=True)
+        if self.steps_per_epoch != 0:
+            positive("steps_per_epoch", self.steps_per_epoch, allow_none=True)
         for name in ("lr", "min_lr"):
-            positive(name, getattr(self, name), float)
+            positive(name, getattr(self, name), float, allow_none=True)
         if not (isinstance(self.lr_factor, (int, float)) and 0 < self.lr_factor < 1):
             raise ConfigError(f"lr_factor must be in (0, 1), received {self.lr_factor!r}")
-        if self.min_lr > self.lr:
-            raise ConfigError(f"min_lr ({self.min_lr}) is above lr ({self.lr})")
+        top = MAX_AUTO_LR if self.lr is None else self.lr
+        if self.min_lr is not None and self.min_lr > top:
+            given = f"{self.lr}" if self.lr is not None else f"at most {top:g}, chosen from the store's size"
+            raise ConfigError(f"min_lr ({self.min_lr}) is above lr ({given})")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, received {self.seed!r}")
         if self.memory_budget is not None and (not isinstance(self.memory_budget, int) or self.memory_budget < 0):
@@ -122,10 +128,11 @@ class TrainConfig:
         if not isinstance(self.head_options, dict):
             raise ConfigError(f"head_options must be a mapping, received {self.head_options!r}")
 
-    @property
-    def max_epochs(self) -> int:
-        stages = len(lr_stages(self.lr, self.lr_factor, self.min_lr))
-        return self.epochs if self.epochs is not None else stages * self.lr_epochs
+    def schedule(self, n_train: int) -> tuple:
+        """``(Schedule, why)`` for ``n_train`` training images: :func:`heads.schedule.resolve_schedule`."""
+        return resolve_schedule(n_train, lr=self.lr, min_lr=self.min_lr, steps_per_epoch=self.steps_per_epoch,
+                                lr_factor=self.lr_factor, lr_epochs=self.lr_epochs, patience=self.patience,
+                                batch_size=self.batch_size)
 
 
 @dataclasses.dataclass
@@ -356,6 +363,7 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
     started = time.time()
     with FeatureStore(store_path) as store:
         rows = check_store(store, spec.name)
+        plan, why = config.schedule(len(rows["train"]))
         run_dir = config.out or default_run_dir(store_path, spec.name)
         if os.path.exists(os.path.join(run_dir, "config.json")):
             raise ConfigError(f"{run_dir} already holds a run; choose another --out")
@@ -365,6 +373,7 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
                      "5x5 grid, which equals the narrow feature", spec.name)
         os.makedirs(run_dir, exist_ok=True)
         log.info("run folder: %s", run_dir)
+        log.info("schedule: %s; %s", describe(plan, len(rows["train"])), why)
         all_rows = np.concatenate([rows["train"], rows["val"], rows["test"]])
         source = open_features(store, all_rows, reduce_grid=reduce_grid, memory_budget=config.memory_budget)
         mos = store.mos.astype(np.float64)
@@ -379,11 +388,12 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
             "head": spec.name,
             "head_options": head_options,
             "train": config.to_dict(),
+            "schedule": {**plan.to_dict(), "max_epochs": plan.max_epochs(config.epochs), "why": why},
             "splits": {k: int(len(v)) for k, v in rows.items()},
             "data": {"mode": source.mode, "reduce_grid": reduce_grid,
                      "memory_budget": config.memory_budget, "workers": config.workers},
             "output_bias": output_bias,
-            "max_epochs": config.max_epochs,
+            "max_epochs": plan.max_epochs(config.epochs),
             "versions": versions(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "status": "running",
@@ -393,7 +403,7 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
         try:
             with deterministic_ops(config.deterministic):
                 model, schedule, throughput, interrupted = _fit(
-                    config, spec.name, head_options, store, source, rows, mos, output_bias, reduce_grid,
+                    config, plan, spec.name, head_options, store, source, rows, mos, output_bias, reduce_grid,
                     run_dir, progress)
                 predictions = {split: (rows[split], predict_views(model, source, rows[split])) for split in EVAL_SPLITS}
         except Exception as exc:
@@ -402,22 +412,25 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
             raise
         finally:
             source.close()
+        history = _read_history(os.path.join(run_dir, "history.csv"))
+        diverged = divergence(history, schedule.best, mos[rows["train"]], mos[rows["val"]], predictions)
         # the saved model takes what the store holds: a narrow head on a wide store gets its grid mean
         export = build_head(spec.name, store.block_channels, pooling=store.pooling, grid=_grid(store),
                             output_bias=output_bias, **head_options)
         export.set_weights(model.get_weights())
         export.save(os.path.join(run_dir, "model.keras"))
+        if diverged is not None:
+            record.update(status="diverged", error=diverged, epochs_run=len(history), best_val_loss=float(schedule.best),
+                          lr_changes=schedule.events)
+            _write_json(config_path, record)
+            raise TrainingError(f"training diverged: {diverged}; try a lower --lr (this run's: {fmt_lr(plan.lr)}); "
+                                f"{config_path} marks the run diverged")
         metrics = write_outputs(run_dir, store, predictions)
-    history = _read_history(os.path.join(run_dir, "history.csv"))
-    diverged = bool(history) and not np.isfinite(history[-1].get("loss", np.nan))
-    if diverged:
-        log.warning("training stopped at epoch %d: the loss was not finite (too high an LR, or features "
-                    "that are not finite); the best weights before it are kept", len(history))
     from .plots import plot_history
 
     plot_history(os.path.join(run_dir, "loss.png"), history, schedule.events)
     record.update(
-        status="interrupted" if interrupted else "diverged" if diverged else "finished",
+        status="interrupted" if interrupted else "finished",
         epochs_run=len(history),
         best_epoch=None if schedule.best_epoch is None else schedule.best_epoch + 1,
         best_val_loss=float(schedule.best),
@@ -434,6 +447,39 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
     return TrainResult(run_dir=run_dir, metrics=metrics, history=history, config=record)
 
 
+#: A run whose best validation loss is over this many times that of predicting the mean training
+#: MOS for every image has not learned: it blew up.
+EXPLODED_LOSS = 10.0
+#: Mean predictions may leave the training labels' range by this share of its span; further out,
+#: the run diverged (a sane head stays near the labels it learned from).
+RANGE_MARGIN = 0.5
+
+
+def divergence(history: list, best_val_loss: float, train_mos, val_mos, predictions: dict) -> str | None:
+    """Why a run diverged, in a few words, or ``None``: a training loss that was not finite, a best
+    validation loss over ``EXPLODED_LOSS`` times the constant prediction's, or mean predictions
+    (``predictions``: split -> (rows, predictions)) outside the training labels' range widened by
+    ``RANGE_MARGIN`` of its span on each side."""
+    for row in history:
+        if not np.isfinite(row.get("loss", np.nan)):
+            return f"the training loss was not finite at epoch {row['epoch']}"
+    train_mos, val_mos = np.asarray(train_mos, np.float64), np.asarray(val_mos, np.float64)
+    constant = float(np.mean((val_mos - train_mos.mean()) ** 2))
+    if not np.isfinite(best_val_loss) or best_val_loss > EXPLODED_LOSS * max(constant, 0.01):
+        return (f"the loss exploded (best validation MSE {best_val_loss:.4g}, over {EXPLODED_LOSS:g}x the "
+                f"{constant:.3g} of predicting the mean MOS)")
+    lo, hi = float(train_mos.min()), float(train_mos.max())
+    margin = RANGE_MARGIN * (hi - lo)
+    for split, (_, pred) in predictions.items():
+        pred = np.asarray(pred, np.float64)
+        outside = ~np.isfinite(pred) | (pred < lo - margin) | (pred > hi + margin)
+        if outside.any():
+            worst = pred[outside][np.argmax(np.abs(np.nan_to_num(pred[outside], nan=np.inf) - (lo + hi) / 2))]
+            return (f"{int(outside.sum())} of {len(pred)} {split} predictions leave the label range "
+                    f"{lo:.3g}-{hi:.3g} by more than {RANGE_MARGIN:g} of its span (e.g. {worst:.4g})")
+    return None
+
+
 def _fmt(value):
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -442,23 +488,19 @@ def _grid(store: FeatureStore) -> int:
     return int(store.feature_shape[0]) if store.pooling == "wide" else 5
 
 
-def _fit(config, head, head_options, store, source, rows, mos, output_bias, reduce_grid, run_dir, progress):
+def _fit(config, plan, head, head_options, store, source, rows, mos, output_bias, reduce_grid, run_dir, progress):
     keras.utils.set_random_seed(config.seed)
     model = build_head(head, store.block_channels, pooling="narrow" if reduce_grid else store.pooling,
                        grid=_grid(store), output_bias=output_bias, **head_options)
-    model.compile(optimizer=keras.optimizers.Adam(config.lr), loss="mse")
+    model.compile(optimizer=keras.optimizers.Adam(plan.lr), loss="mse")
     log.info("%s: %s parameters (%s trainable)", head, f"{model.count_params():,}",
              f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,}")
-    batches = TrainBatches(source, rows["train"], mos[rows["train"]], batch_size=config.batch_size,
-                           seed=config.seed, steps_per_epoch=config.steps_per_epoch, workers=config.workers)
-    if config.steps_per_epoch is None and len(batches) < 20:
-        log.warning("only %d training batches per epoch: the paper's schedule (LR stages of %d epochs) may stop "
-                    "before a head learns; on a small store pass e.g. --steps-per-epoch 50 --lr 1e-3", len(batches),
-                    config.lr_epochs)
-    schedule = StepOrPlateauSchedule(lr=config.lr, factor=config.lr_factor, min_lr=config.min_lr,
-                                     stage_epochs=config.lr_epochs, patience=config.patience)
-    per_epoch = len(rows["train"]) if config.steps_per_epoch is None else \
-        config.steps_per_epoch * min(config.batch_size, len(rows["train"]))
+    batches = TrainBatches(source, rows["train"], mos[rows["train"]], batch_size=plan.batch_size,
+                           seed=config.seed, steps_per_epoch=plan.steps_per_epoch, workers=config.workers)
+    schedule = StepOrPlateauSchedule(lr=plan.lr, factor=plan.lr_factor, min_lr=plan.min_lr,
+                                     stage_epochs=plan.lr_epochs, patience=plan.patience)
+    per_epoch = len(rows["train"]) if plan.steps_per_epoch is None else \
+        plan.steps_per_epoch * min(plan.batch_size, len(rows["train"]))
     throughput = Throughput(per_epoch)
     callbacks = [
         throughput,
@@ -467,17 +509,18 @@ def _fit(config, head, head_options, store, source, rows, mos, output_bias, redu
         keras.callbacks.TerminateOnNaN(),
         HistoryCSV(os.path.join(run_dir, "history.csv")),
     ]
+    max_epochs = plan.max_epochs(config.epochs)
     factory = resolve_progress(progress)
-    bar = None if factory is null_progress else ProgressBar(len(batches), config.max_epochs, factory)
+    bar = None if factory is null_progress else ProgressBar(len(batches), max_epochs, factory)
     if bar is not None:
         callbacks.append(bar)
     log.info("training %s on %d images (%d batches of <= %d per epoch, %d views each, data from %s), "
              "validating on %d, for at most %d epochs", head, len(rows["train"]), len(batches),
-             config.batch_size, source.n_views, source.mode, len(rows["val"]), config.max_epochs)
+             plan.batch_size, source.n_views, source.mode, len(rows["val"]), max_epochs)
     # the batches are already shuffled (heads.data.epoch_plan): Keras keeps their order
     interrupted = False
     try:
-        model.fit(batches, epochs=config.max_epochs, verbose=0, callbacks=callbacks, shuffle=False)
+        model.fit(batches, epochs=max_epochs, verbose=0, callbacks=callbacks, shuffle=False)
     except KeyboardInterrupt:
         if bar is not None and bar.bar is not None:
             bar.bar.close()

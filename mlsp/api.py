@@ -2,7 +2,7 @@
 
 >>> from mlsp import api
 >>> store = api.extract("photos/", net="irv2", wide=True, labels="AVA.txt").store
->>> run = api.train(store, head="pool3fc", steps_per_epoch=50, lr=1e-3).run_dir
+>>> run = api.train(store, head="pool3fc").run_dir
 >>> api.evaluate(run)["test"]["srcc"]
 >>> api.score(run, images="new_photos/", out="scores.csv")
 
@@ -40,7 +40,8 @@ def train(store: str | None = None, *, head: str, out: str | None = None, width:
           kernels: int | None = None, progress=False, **options):
     """``mlsp train``: ``options`` are :class:`heads.training.TrainConfig` fields (epochs, lr,
     min_lr, lr_epochs, patience, batch_size, steps_per_epoch, seed, memory_budget, workers);
-    an unknown one is an error. Returns :class:`heads.training.TrainResult`."""
+    an unknown one is an error; lr, min_lr and steps_per_epoch not given are chosen from the
+    store's size (:func:`heads.schedule.resolve_schedule`). Returns :class:`heads.training.TrainResult`."""
     from heads.training import TrainConfig, train as run
 
     head_options = {k: v for k, v in (("width", width), ("kernels", kernels)) if v is not None}

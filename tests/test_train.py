@@ -256,3 +256,37 @@ def test_a_loss_that_is_never_finite_is_a_clear_error(tmp_path):
     with pytest.raises(TrainingError, match="validation loss was never finite"):
         train(TrainConfig(head="single1fc", store=path, out=str(out), epochs=3))
     assert json.loads((out / "config.json").read_text())["status"] == "failed"
+
+
+def test_divergence_rule():
+    from heads.training import divergence
+
+    rng = np.random.default_rng(0)
+    train_mos, val_mos = rng.uniform(2, 8, 100), rng.uniform(2, 8, 20)
+    history = [{"epoch": 1, "loss": 3.0}, {"epoch": 2, "loss": 1.0}]
+    good = {"val": (None, val_mos + 0.3), "test": (None, rng.uniform(1.5, 9, 20))}
+    assert divergence(history, 0.1, train_mos, val_mos, good) is None
+    nan = history + [{"epoch": 3, "loss": float("nan")}]
+    assert divergence(nan, 0.1, train_mos, val_mos, good) == "the training loss was not finite at epoch 3"
+    constant = np.mean((val_mos - train_mos.mean()) ** 2)
+    assert divergence(history, 9 * constant, train_mos, val_mos, good) is None
+    assert "the loss exploded" in divergence(history, 11 * constant, train_mos, val_mos, good)
+    assert "the loss exploded" in divergence(history, float("inf"), train_mos, val_mos, good)
+    lo, hi = train_mos.min(), train_mos.max()
+    for value in (hi + 0.51 * (hi - lo), lo - 0.51 * (hi - lo), -4000.0, float("nan")):
+        test = rng.uniform(3, 7, 20)
+        test[5] = value
+        why = divergence(history, 0.1, train_mos, val_mos, {"val": (None, val_mos), "test": (None, test)})
+        assert why is not None and why.startswith("1 of 20 test predictions leave the label range"), why
+
+
+def test_a_run_that_blows_up_is_marked_diverged_never_done(narrow_store, tmp_path):
+    from mlsp.errors import TrainingError
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="training diverged: .*try a lower --lr") as caught:
+        train(TrainConfig(head="single1fc", store=narrow_store, out=str(out), lr=1e3, epochs=2, steps_per_epoch=5))
+    assert "\n" not in str(caught.value)
+    config = json.loads((out / "config.json").read_text())
+    assert config["status"] == "diverged" and config["error"] in str(caught.value)
+    assert "metrics" not in config and not (out / "metrics.json").exists()

@@ -142,3 +142,60 @@ def test_sample_dataset_trains_and_evaluates_with_every_head(tmp_path, monkeypat
         assert res.exit_code == 0, res.output
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["test"]["n"] > 0 and metrics["test"]["accuracy"] is not None
+
+
+def ridge_yardstick(info):
+    """Test SRCC and PLCC of a ridge regression on the images' mean features: fitted on train,
+    its penalty chosen on val (numpy's least squares, no extra dependency)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    x, y, split = info["mean_features"].astype(np.float64), info["mos"].astype(np.float64), info["split"]
+    train = split == "train"
+    mu, y0 = x[train].mean(0), y[train].mean()
+    centred = x[train] - mu
+
+    def fit(alpha):
+        w = np.linalg.solve(centred.T @ centred + alpha * np.eye(x.shape[1]), centred.T @ (y[train] - y0))
+        return lambda z: (z - mu) @ w + y0
+
+    best = min(10.0 ** np.arange(-3, 4), key=lambda a: np.mean((fit(a)(x[split == "val"]) - y[split == "val"]) ** 2))
+    pred, true = fit(best)(x[split == "test"]), y[split == "test"]
+    return spearmanr(pred, true)[0], pearsonr(pred, true)[0]
+
+
+def test_train_without_flags_learns_what_a_small_store_holds(tmp_path, monkeypatch):
+    """2,000 images (1,400 for training: 11 batches per pass, where the paper's schedule learns
+    next to nothing): `mlsp train --head single1fc` and nothing else gets within 0.015 SRCC and
+    PLCC of a ridge regression on the same features."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("features/planted")
+    info = write_synthetic_store("features/planted/narrow.h5", 2000, n_views=8, block_channels=(32, 64, 32),
+                                 noise=0.5, seed=0)
+    ridge_srcc, ridge_plcc = ridge_yardstick(info)
+    assert ridge_srcc > 0.9  # the yardstick itself learns the planted signal
+    res = invoke("train", "--head", "single1fc")
+    assert res.exit_code == 0, res.output
+    (run,) = os.listdir("runs")
+    config = json.loads(open(os.path.join("runs", run, "config.json")).read())
+    schedule = config["schedule"]
+    assert (schedule["steps_per_epoch"], schedule["lr"], schedule["min_lr"]) == (100, 1e-3, 1e-5)
+    assert "only 11 steps" in schedule["why"]
+    lines = [line for line in res.output.splitlines() if line.startswith("schedule:")]
+    assert len(lines) == 1 and schedule["why"] in lines[0]
+    test = config["metrics"]["test"]
+    assert test["srcc"] >= ridge_srcc - 0.015, (test, ridge_srcc)
+    assert test["plcc"] >= ridge_plcc - 0.015, (test, ridge_plcc)
+
+
+def test_a_diverged_run_exits_non_zero_with_one_line(tmp_path):
+    path = str(tmp_path / "s.h5")
+    write_synthetic_store(path, 200, n_views=2, block_channels=(8, 8))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli.main, ["train", "--store", path, "--head", "single1fc", "--out", str(out),
+                                        "--lr", "1e3", "--epochs", "2", "--steps-per-epoch", "5", "--no-progress"])
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0], res.output
+    assert "srcc" not in res.output.lower() and "run:" not in res.output and "done in" not in res.output
+    assert json.loads((out / "config.json").read_text())["status"] == "diverged"

@@ -8,7 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from heads.schedule import StepOrPlateauSchedule, lr_stages
+from heads.schedule import lr_stages
+from heads.schedule_callback import StepOrPlateauSchedule
 
 
 def drive(val_losses, **kwargs):
@@ -98,3 +99,67 @@ def test_nan_is_never_an_improvement():
     schedule, rows, final = drive([3.0, np.nan, np.nan, np.nan, np.nan, np.nan, 2.0], stage_epochs=100)
     assert schedule.events[0]["epoch"] == 6 and schedule.events[0]["best_epoch"] == 1
     assert rows[5][2] == 0
+
+
+# ---- the values a run uses: heads.schedule.resolve_schedule, a pure function of the store's size
+
+
+def test_a_store_of_avas_size_gets_exactly_the_papers_schedule():
+    from heads.schedule import PAPER, resolve_schedule
+    from heads.training import TrainConfig
+
+    assert (PAPER.lr, PAPER.min_lr, PAPER.lr_factor, PAPER.lr_epochs, PAPER.patience, PAPER.batch_size,
+            PAPER.steps_per_epoch) == (1e-4, 1e-6, 0.1, 20, 5, 128, None)  # PAPER.md, "Training"
+    # AVA: 235,574 non-test images, 95% of them for training (223,795: 1,749 batches of 128)
+    for n_train in (223_795, 235_574, 128_000):
+        schedule, why = resolve_schedule(n_train)
+        assert schedule == PAPER, n_train
+        assert why.startswith("the paper's schedule"), why
+        # what `mlsp train` without flags resolves to, through the training config's defaults
+        assert TrainConfig(head="single1fc").schedule(n_train)[0] == PAPER
+    assert PAPER.max_epochs() == 60 and PAPER.stages == [1e-4, 1e-5, 1e-6]
+
+
+def test_a_small_store_gets_longer_epochs_and_a_higher_lr():
+    from heads.schedule import resolve_schedule
+
+    small, why = resolve_schedule(1400)  # 11 batches per pass
+    assert (small.steps_per_epoch, small.lr, small.min_lr) == (100, 1e-3, 1e-5)
+    assert small.stages == [1e-3, 1e-4, 1e-5]  # three LR stages, as the paper's
+    assert "only 11 steps" in why and "1e-4 x 1,000/100" in why and "\n" not in why
+    middle, why = resolve_schedule(14_000)  # 110 batches per pass: one pass, LR 1e-4 x 1000/110
+    assert (middle.steps_per_epoch, middle.lr, middle.min_lr) == (None, 9.09e-4, 9.09e-6)
+    # no jump at the edges: the LR falls steadily with the length of an epoch
+    lrs = [resolve_schedule(n)[0].lr for n in range(1000, 140_000, 1000)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[0] == 1e-3 and lrs[-1] == 1e-4
+
+
+def test_every_value_is_overridable():
+    from heads.schedule import resolve_schedule
+    from mlsp.errors import ConfigError
+
+    schedule, why = resolve_schedule(1400, lr=3e-4, min_lr=1e-6, steps_per_epoch=7, lr_epochs=4, patience=2,
+                                     batch_size=32, lr_factor=0.5)
+    assert (schedule.lr, schedule.min_lr, schedule.steps_per_epoch, schedule.lr_epochs, schedule.patience,
+            schedule.batch_size, schedule.lr_factor) == (3e-4, 1e-6, 7, 4, 2, 32, 0.5)
+    assert "LR 3e-4 as asked" in why and "7 steps per epoch as asked" in why
+    # an LR given alone keeps the paper's ratio to min_lr; an epoch length given alone sets the LR
+    assert resolve_schedule(1400, lr=1e-2)[0].min_lr == 1e-4
+    assert resolve_schedule(1400, steps_per_epoch=500)[0].lr == 2e-4
+    # 0: one pass per epoch, however short; the LR follows that epoch's length
+    one_pass = resolve_schedule(1400, steps_per_epoch=0)[0]
+    assert one_pass.steps_per_epoch is None and one_pass.lr == 1e-3
+    # a store of AVA's size with an explicit LR keeps everything else
+    assert resolve_schedule(223_795, lr=1e-3)[0].steps_per_epoch is None
+    with pytest.raises(ConfigError, match="min_lr"):
+        resolve_schedule(1400, min_lr=1e-2)
+
+
+def test_the_rule_imports_no_keras():
+    import subprocess
+    import sys
+
+    code = ("import sys; import heads.schedule as s; s.resolve_schedule(100); "
+            "print(sorted(m for m in ('keras', 'tensorflow', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
