@@ -362,9 +362,14 @@ def train_command(store_path, head, out, epochs, lr, min_lr, lr_epochs, patience
         lr_epochs=lr_epochs, patience=patience, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
         seed=seed, memory_budget=_memory_budget(memory_budget), workers=workers,
     )
+    _sigterm_as_interrupt()
     result = train(config, progress=progress)
     _echo_metrics(result.metrics)
     click.echo(f"run: {result.run_dir}")
+    if result.config["status"] == "interrupted":
+        click.echo(f"interrupted: {result.run_dir} keeps the best weights so far (epoch {result.config['best_epoch']}); "
+                   "`mlsp score` and `mlsp export` use it with --allow-unfinished", err=True)
+        sys.exit(130)
 
 
 def _echo_metrics(metrics):
@@ -429,6 +434,10 @@ def heads_command(as_json):
                "narrow feature.")
 
 
+_UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (Ctrl-C, kill) or diverged; "
+                    "its model holds the best weights on validation loss up to then.")
+
+
 @main.command("score")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
@@ -442,8 +451,9 @@ def heads_command(as_json):
 @click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Backbone precision for --images. Default: the one the run's store was extracted at.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Threads decoding images ahead.")
+@click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @handle_errors
-def score_command(run_dir, files, store_path, images_dir, out, weights, precision, workers):
+def score_command(run_dir, files, store_path, images_dir, out, weights, precision, workers, allow_unfinished):
     """Score images with a trained run: a whole store, or new image files.
 
     \b
@@ -462,7 +472,8 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
     if not store_path:
         _sigterm_as_interrupt()
     frame = api.score(run_dir, store=store_path, images=None if store_path else images_dir or list(files), out=out,
-                      weights=weights, precision=precision, workers=workers, progress=console_progress)
+                      weights=weights, precision=precision, workers=workers, progress=console_progress,
+                      allow_unfinished=allow_unfinished)
     errors = frame.attrs.get("errors", [])
     _echo_errors(errors)
     if out:
@@ -477,8 +488,9 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Backbone precision. Default: the one the run's store was extracted at.")
+@click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @handle_errors
-def export_command(run_dir, out, weights, precision):
+def export_command(run_dir, out, weights, precision, allow_unfinished):
     """Save views + backbone + pooling + head as one Keras model: image batch in, MOS out.
 
     The model takes RGB images of one size with values 0..255 and returns the mean prediction
@@ -487,7 +499,8 @@ def export_command(run_dir, out, weights, precision):
     """
     from mlsp import api
 
-    click.echo(f"exported: {api.export(run_dir, out, weights=weights, precision=precision)}")
+    path = api.export(run_dir, out, weights=weights, precision=precision, allow_unfinished=allow_unfinished)
+    click.echo(f"exported: {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

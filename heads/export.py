@@ -30,9 +30,11 @@ from .run import Run
 log = logging.getLogger(__name__)
 
 
-def build_scoring_model(run_dir: str, weights: str | None = None, precision: str | None = None):
-    """The end-to-end model of a run (see the module's docstring)."""
-    run = Run.open(run_dir)
+def build_scoring_model(run_dir: str, weights: str | None = None, precision: str | None = None, *,
+                        allow_unfinished: bool = False):
+    """The end-to-end model of a run (see the module's docstring); ``allow_unfinished``: also an
+    interrupted or diverged run."""
+    run = Run.open(run_dir, allow_unfinished=allow_unfinished)
     config = run.extract_config(weights, precision)
     extractor = FeatureExtractor(config)
     run.check_weights(extractor.weights_record)
@@ -49,12 +51,12 @@ def build_scoring_model(run_dir: str, weights: str | None = None, precision: str
 
 
 def export(run_dir: str, out: str | None = None, *, weights: str | None = None,
-           precision: str | None = None) -> str:
+           precision: str | None = None, allow_unfinished: bool = False) -> str:
     """Write the run's end-to-end model to ``out`` (default ``RUN_DIR/scoring_model.keras``)."""
     out = out or os.path.join(run_dir, "scoring_model.keras")
     if not out.endswith(".keras"):
         raise ConfigError(f"{out}: the exported model is a .keras file (Keras' format); give a name ending in .keras")
-    model = build_scoring_model(run_dir, weights, precision)
+    model = build_scoring_model(run_dir, weights, precision, allow_unfinished=allow_unfinished)
     model.save(out)
     log.info("exported %s (%d parameters) to %s", model.name, model.count_params(), out)
     return out

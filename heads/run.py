@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 from mlsp.atomic import write_json
@@ -20,7 +21,15 @@ from mlsp.store import FeatureStore
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.csv"
+
+log = logging.getLogger(__name__)
 STATUSES = ("running", "finished", "interrupted", "diverged", "failed")
+#: Statuses whose saved model can still be used when the user says so (``allow_unfinished``).
+UNFINISHED_USABLE = {
+    "interrupted": "training was stopped (Ctrl-C or kill) and its model holds the best weights up to then",
+    "diverged": "training diverged and its model holds the best weights before it",
+}
+ALLOW_UNFINISHED_FLAG = "--allow-unfinished"
 
 
 @dataclasses.dataclass
@@ -31,16 +40,23 @@ class Run:
     config: dict
 
     @classmethod
-    def open(cls, run_dir: str, *, finished: bool = True) -> "Run":
+    def open(cls, run_dir: str, *, finished: bool = True, allow_unfinished: bool = False) -> "Run":
         """The run in ``run_dir``; with ``finished`` (scoring, export) only a run whose training
-        finished, without (evaluation) any run that saved a model."""
+        finished, without (evaluation) any run that saved a model. ``allow_unfinished`` also takes
+        an interrupted or diverged run (its saved model: the best weights so far), with a warning."""
         what = "a finished training run" if finished else "a finished run"
         for need in (CONFIG_FILE, MODEL_FILE):
             if not os.path.isfile(os.path.join(run_dir, need)):
                 raise ConfigError(f"{run_dir} is not {what}: {need} is missing")
         run = cls(run_dir, read_config(os.path.join(run_dir, CONFIG_FILE)))
         if finished and run.status != "finished":
-            raise ConfigError(f"{run_dir}: the run did not finish (status {run.status!r})")
+            why = UNFINISHED_USABLE.get(run.status)
+            if why is None:
+                raise ConfigError(f"{run_dir}: the run did not finish (status {run.status!r})")
+            if not allow_unfinished:
+                raise ConfigError(f"{run_dir}: the run did not finish ({run.status}: {why}); pass "
+                                  f"{ALLOW_UNFINISHED_FLAG} to use it anyway")
+            log.warning("%s: using an unfinished run (%s: %s)", run_dir, run.status, why)
         return run
 
     @classmethod

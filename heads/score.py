@@ -64,9 +64,10 @@ def view_predictions(model, features: np.ndarray) -> np.ndarray:
 
 
 def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_images: int = 256,
-                progress: ProgressFactory = null_progress):
-    """Score every image of a store with a trained run; returns a pandas DataFrame."""
-    run = Run.open(run_dir)
+                progress: ProgressFactory = null_progress, allow_unfinished: bool = False):
+    """Score every image of a store with a trained run; returns a pandas DataFrame.
+    ``allow_unfinished``: also an interrupted or diverged run (:meth:`heads.run.Run.open`)."""
+    run = Run.open(run_dir, allow_unfinished=allow_unfinished)
     model = run.load_model()
     with FeatureStore(store_path) as store:
         check_store_matches(run, store)
@@ -89,15 +90,17 @@ def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_
 
 def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = None, *,
                  weights: str | None = None, precision: str | None = None, workers: int = 2,
-                 progress: ProgressFactory = null_progress, extractor: FeatureExtractor | None = None):
+                 progress: ProgressFactory = null_progress, extractor: FeatureExtractor | None = None,
+                 allow_unfinished: bool = False):
     """Score image files with a trained run: backbone, pooling and head, streaming.
 
     Memory stays bounded (a few decoded images ahead, one image's views in the model). The
     frame has ``id``, ``pred``, ``pred_std`` and ``path``. Files that cannot be used are skipped
     and returned as ``errors`` (id, path, reason); they are also in the CSV with an empty
-    ``pred`` and the reason in ``error``. Returns ``(frame, errors)``.
+    ``pred`` and the reason in ``error``. Returns ``(frame, errors)``. ``allow_unfinished``: also
+    an interrupted or diverged run.
     """
-    run = Run.open(run_dir)
+    run = Run.open(run_dir, allow_unfinished=allow_unfinished)
     config = run.extract_config(weights, precision)
     if config.precision != run.store_info["config"].get("precision"):
         log.warning("scoring at %s, the run's store was extracted at %s", config.precision,

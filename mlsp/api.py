@@ -59,10 +59,10 @@ def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None) 
 
 def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str] | None = None,
           out: str | None = None, weights: str | None = None, precision: str | None = None,
-          workers: int = 2, progress: bool = False):
+          workers: int = 2, progress: bool = False, allow_unfinished: bool = False):
     """``mlsp score``: a pandas DataFrame (id, pred, pred_std[, mos, split]) for every image of
     ``store``, or of the image files ``images`` (then files that could not be used are in
-    ``frame.attrs["errors"]``)."""
+    ``frame.attrs["errors"]``). ``allow_unfinished``: also an interrupted or diverged run."""
     from heads.score import score_images, score_store
 
     if (store is None) == (images is None):
@@ -70,16 +70,18 @@ def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str]
 
         raise ConfigError("score() takes either store= or images=")
     if store is not None:
-        return score_store(run_dir, store, out, progress=resolve_progress(progress))
+        return score_store(run_dir, store, out, progress=resolve_progress(progress),
+                           allow_unfinished=allow_unfinished)
     frame, errors = score_images(run_dir, images, out, weights=weights, precision=precision, workers=workers,
-                                 progress=resolve_progress(progress))
+                                 progress=resolve_progress(progress), allow_unfinished=allow_unfinished)
     frame.attrs["errors"] = errors
     return frame
 
 
 def export(run_dir: str, out: str | None = None, *, weights: str | None = None,
-           precision: str | None = None) -> str:
-    """``mlsp export``: one .keras model from image batch to MOS; returns its path."""
+           precision: str | None = None, allow_unfinished: bool = False) -> str:
+    """``mlsp export``: one .keras model from image batch to MOS; returns its path.
+    ``allow_unfinished``: also an interrupted or diverged run."""
     from heads.export import export as run
 
-    return run(run_dir, out, weights=weights, precision=precision)
+    return run(run_dir, out, weights=weights, precision=precision, allow_unfinished=allow_unfinished)

@@ -199,3 +199,50 @@ def test_a_diverged_run_exits_non_zero_with_one_line(tmp_path):
     assert len(errors) == 1 and "training diverged" in errors[0], res.output
     assert "srcc" not in res.output.lower() and "run:" not in res.output and "done in" not in res.output
     assert json.loads((out / "config.json").read_text())["status"] == "diverged"
+
+
+def test_an_interrupted_run_keeps_its_weights_and_is_used_only_when_asked(tmp_path, monkeypatch):
+    from heads import training
+    from heads.run import Run
+    from mlsp import api
+    from mlsp.errors import ConfigError
+
+    original = training.HistoryCSV.on_epoch_end
+
+    def ctrl_c_after_the_second_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    path = str(tmp_path / "s.h5")
+    write_synthetic_store(path, 200, n_views=2, block_channels=(8, 8))
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(training.HistoryCSV, "on_epoch_end", ctrl_c_after_the_second_epoch)
+        res = CliRunner().invoke(cli.main, ["train", "--store", path, "--head", "single1fc", "--out", str(out),
+                                            "--epochs", "6", "--steps-per-epoch", "5", "--no-progress"])
+    assert res.exit_code == 130, res.output
+    assert "interrupted" in res.output and "--allow-unfinished" in res.output and "Traceback" not in res.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["status"] == "interrupted" and config["epochs_run"] == 2 and (out / "model.keras").is_file()
+    # refused by default, with the flag to use named; accepted with it
+    for command in (["score", out, "--store", path], ["export", out, "--out", tmp_path / "m.keras"]):
+        res = CliRunner().invoke(cli.main, [str(a) for a in command])
+        assert res.exit_code != 0 and "Traceback" not in res.output
+        assert "did not finish (interrupted" in res.output and "pass --allow-unfinished" in res.output, res.output
+    assert not (tmp_path / "m.keras").exists()
+    res = invoke("score", out, "--store", path, "--out", tmp_path / "scores.csv", "--allow-unfinished")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "scores.csv").read_text().count("\n") == 201
+    with pytest.raises(ConfigError, match="--allow-unfinished"):
+        Run.open(str(out))
+    assert Run.open(str(out), allow_unfinished=True).status == "interrupted"
+    seen = {}
+    monkeypatch.setattr(api, "export", lambda run_dir, out=None, **kw: seen.update(kw) or str(out))
+    res = invoke("export", out, "--allow-unfinished")
+    assert res.exit_code == 0 and seen["allow_unfinished"] is True
+    # a failed run stays refused whatever the flag
+    config["status"] = "failed"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="did not finish \\(status 'failed'\\)"):
+        Run.open(str(out), allow_unfinished=True)
