@@ -367,8 +367,9 @@ def train_command(store_path, head, out, epochs, lr, min_lr, lr_epochs, patience
     _echo_metrics(result.metrics)
     click.echo(f"run: {result.run_dir}")
     if result.config["status"] == "interrupted":
-        click.echo(f"interrupted: {result.run_dir} keeps the best weights so far (epoch {result.config['best_epoch']}); "
-                   "`mlsp score` and `mlsp export` use it with --allow-unfinished", err=True)
+        click.echo(f"interrupted: {result.run_dir} keeps the best weights so far (epoch "
+                   f"{result.config['best_epoch']}); `mlsp score` and `mlsp export` use it with --allow-unfinished",
+                   err=True)
         sys.exit(130)
 
 

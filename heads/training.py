@@ -7,7 +7,8 @@ paper's on a store of AVA's size), evaluates on val and test and writes the run 
 - ``model.keras``: the best weights on validation loss; takes one view of the store's features
   ((C,) narrow, (5, 5, C) wide) and loads with ``safe_mode``;
 - ``config.json``: the store (path, fingerprint, layout), the head and its options, every
-  hyper-parameter as given (``train``) and as used (``schedule``, with why), the seed, how the data was fed, package versions, the LR changes;
+  hyper-parameter as given (``train``) and as used (``schedule``, with why), the seed, how the
+  data was fed, package versions, the LR changes;
 - ``history.csv``: per epoch ``loss``, ``val_loss``, ``lr``, ``val_srcc``;
 - ``metrics.json``, ``predictions.csv``, ``predictions.png`` (:mod:`heads.evaluation`) and
   ``loss.png``.
@@ -420,8 +421,8 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
         export.set_weights(model.get_weights())
         export.save(os.path.join(run_dir, "model.keras"))
         if diverged is not None:
-            record.update(status="diverged", error=diverged, epochs_run=len(history), best_val_loss=float(schedule.best),
-                          lr_changes=schedule.events)
+            record.update(status="diverged", error=diverged, epochs_run=len(history),
+                          best_val_loss=float(schedule.best), lr_changes=schedule.events)
             _write_json(config_path, record)
             raise TrainingError(f"training diverged: {diverged}; try a lower --lr (this run's: {fmt_lr(plan.lr)}); "
                                 f"{config_path} marks the run diverged")
