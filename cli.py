@@ -1,8 +1,12 @@
 """The `mlsp` command line: a thin click layer over the library functions.
 
 Library code logs and raises :class:`mlsp.errors.MLSPError`; this module owns the console:
-it sets up logging, turns MLSP errors into one-line messages with exit code 2, and prints
-summaries.
+it sets up logging, turns errors into one-line messages, and prints summaries.
+
+Exit codes: 0 done; 1 an error with a one-line message (a bad or damaged file, a store of
+another configuration, a full disk or read-only target, ...; README, Troubleshooting);
+2 a usage error (an unknown option, a missing argument; click's own); 130 interrupted (Ctrl-C
+or SIGTERM; finished work is kept).
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ from mlsp.progress import console_progress  # noqa: E402
 log = logging.getLogger("cli")
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
 def handle_errors(func):
-    """Run a command, turning MLSP errors into a clear message and exit code 2."""
+    """Run a command, turning MLSP errors, and any OSError the library did not name (a full disk,
+    a read-only folder), into one line and exit code 1."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -34,6 +42,11 @@ def handle_errors(func):
             return func(*args, **kwargs)
         except MLSPError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            from mlsp.files import describe_os_error
+
+            where = exc.filename or "a file"
+            raise click.ClickException(f"{where}: {describe_os_error(exc)}") from exc
 
     return wrapper
 
@@ -94,6 +107,24 @@ def _sigterm_as_interrupt():
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def _interrupted(message: str):
+    """End an interrupted command at once with exit code 130, after saying what was kept.
+
+    A decoding thread may still be stuck in a read that never returns (a stalled network
+    share); Python would wait for it at exit, so the process then ends without that wait (what
+    matters is on disk already: the library completed its files before raising)."""
+    import threading
+
+    click.echo(f"\ninterrupted: {message}", err=True)
+    stuck = [t for t in threading.enumerate() if t.name.startswith("mlsp-decode") and t.is_alive()]
+    if stuck:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _echo_errors(errors, limit=10):
@@ -184,8 +215,7 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
                              val_fraction=val_fraction, seed=seed, dataset=dataset, workers=workers,
                              flush_images=max(1, checkpoint_every), progress=console_progress)
     except KeyboardInterrupt:
-        click.echo("\ninterrupted: finished images are kept; run the same command again to resume.", err=True)
-        sys.exit(130)
+        _interrupted("finished images are kept; run the same command again to resume.")
     _echo_errors(result.errors)
     rep = result.labels_report
     splits = ", ".join(f"{k} {v}" for k, v in rep.get("counts", {}).items())
@@ -261,8 +291,7 @@ def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
         result = run_extract(info.images_dir, config, out, labels=info.labels_path, test_list=info.test_list_path,
                              val_fraction=0.2, seed=seed, dataset="sample", progress=console_progress)
     except KeyboardInterrupt:
-        click.echo("\ninterrupted: finished images are kept; run the same command again to resume.", err=True)
-        sys.exit(130)
+        _interrupted("finished images are kept; run the same command again to resume.")
     _echo_errors(result.errors)
     splits = ", ".join(f"{k} {v}" for k, v in result.labels_report.get("counts", {}).items())
     click.echo(f"store: {result.store}: {result.images} images ({splits})")

@@ -36,16 +36,51 @@ class StoreError(MLSPError):
 
 
 class StoreConfigMismatch(StoreError):
-    """A store (or an unfinished extraction) was made with another configuration."""
+    """A store (or an unfinished extraction) was made with another configuration.
 
-    def __init__(self, path, differences):
+    ``advice`` says what to do; the default suits extraction (another --out, or start over).
+    Long values (a net's 43 block names) are summarised, so the message stays one line.
+    """
+
+    EXTRACT_ADVICE = "Use another --out, or delete the store to start over."
+
+    def __init__(self, path, differences, advice: str | None = None):
         self.path = str(path)
         self.differences = dict(differences)
-        diff = "; ".join(f"{k}: store has {a!r}, asked for {b!r}" for k, (a, b) in self.differences.items())
+        diff = "; ".join(f"{k}: store has {_summary(a)}, asked for {_summary(b)}"
+                         for k, (a, b) in self.differences.items())
+        super().__init__(f"{path} was made with another configuration ({diff}). "
+                         f"{advice or self.EXTRACT_ADVICE}")
+
+
+def _summary(value, limit: int = 4) -> str:
+    """``repr`` of a value, lists longer than ``limit`` as their length, first and last items."""
+    if isinstance(value, (list, tuple)) and len(value) > limit:
+        return f"{len(value)} items [{value[0]!r}, ..., {value[-1]!r}]"
+    return repr(value)
+
+
+class StoreLocked(StoreError):
+    """Another process is writing the store (see :class:`mlsp.files.StoreLock`)."""
+
+    def __init__(self, path, holder: str):
+        self.path = str(path)
+        self.holder = holder
         super().__init__(
-            f"{path} was made with another configuration ({diff}). "
-            "Use another --out, or delete the store to start over."
-        )
+            f"{path} is being written by another mlsp process ({holder or 'pid unknown'}): one writer per "
+            "store; wait for it to finish, or write to another --out")
+
+
+class WriteError(MLSPError):
+    """A file could not be written (no space left, read-only file system, missing folder, ...).
+
+    The message names the file, the reason and what was kept."""
+
+    def __init__(self, path, reason: str, kept: str):
+        self.path = str(path)
+        self.reason = reason
+        self.kept = kept
+        super().__init__(f"{path}: cannot write: {reason}; {kept}")
 
 
 class TrainingError(MLSPError):

@@ -18,7 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from . import backbones, images, store
-from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch
+from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch, WriteError
+from .files import NoSpace, StoreLock, describe_os_error, is_write_failure, remove_stale_temporaries
 from .progress import ProgressFactory, null_progress
 from .readahead import decode_ahead
 
@@ -271,7 +272,10 @@ def extract(
     Resumable: images already in ``out`` or in its unfinished partial results are skipped, so
     running the same call again after an interruption only processes what is missing, and the
     finished store equals that of an uninterrupted run. A store or partial result made with
-    another configuration raises :class:`StoreConfigMismatch`. Unusable inputs are recorded in
+    another configuration raises :class:`StoreConfigMismatch`. One writer per store: while this
+    runs, ``<out>.lock`` holds its pid and a second extraction into ``out`` raises
+    :class:`~mlsp.errors.StoreLocked` at once. A full disk or a read-only target raises
+    :class:`~mlsp.errors.WriteError` (finished images kept). Unusable inputs are recorded in
     the store's ``/errors`` and never stop the run. ``progress`` is a progress factory
     (:mod:`mlsp.progress`).
     """
@@ -281,22 +285,36 @@ def extract(
     paths, ids, skipped, root = collect_inputs(inputs)
     dataset = dataset or os.path.basename(root.rstrip(os.sep)) or "dataset"
     out = out or os.path.join("features", dataset, config.default_store_name())
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if os.path.exists(out) and labels is None and test_list is None:
-        labels, test_list = _stored_label_sources(out)
-    report: dict = {}
-    # Labels are read before any image, so a malformed file fails at once.
-    label_fn = _label_function(labels, test_list, val_fraction, seed, report)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    except OSError as exc:
+        raise WriteError(os.path.dirname(os.path.abspath(out)), describe_os_error(exc), "nothing was written") from exc
+    lock = StoreLock(out).acquire()  # before anything slow: a second writer is refused at once
+    try:
+        if os.path.exists(out) and labels is None and test_list is None:
+            labels, test_list = _stored_label_sources(out)
+        report: dict = {}
+        # Labels are read before any image, so a malformed file fails at once.
+        label_fn = _label_function(labels, test_list, val_fraction, seed, report)
 
-    extractor = extractor or FeatureExtractor(config)
-    attrs = extractor.store_attrs()
-    attrs.update(
-        dataset=dataset,
-        labels_file=os.path.abspath(labels) if labels else "",
-        test_list=os.path.abspath(test_list) if test_list else "",
-        val_fraction=float(val_fraction),
-        seed=int(seed),
-    )
+        extractor = extractor or FeatureExtractor(config)
+        attrs = extractor.store_attrs()
+        attrs.update(
+            dataset=dataset,
+            labels_file=os.path.abspath(labels) if labels else "",
+            test_list=os.path.abspath(test_list) if test_list else "",
+            val_fraction=float(val_fraction),
+            seed=int(seed),
+        )
+        return _extract_locked(paths, ids, skipped, root, out, attrs, config, extractor, label_fn, report,
+                               workers, prefetch, flush_images, flush_seconds, progress, started, lock)
+    finally:
+        lock.release()
+
+
+def _extract_locked(paths, ids, skipped, root, out, attrs, config, extractor, label_fn, report, workers,
+                    prefetch, flush_images, flush_seconds, progress, started, lock) -> ExtractResult:
+    """The part of :func:`extract` that holds the store's lock."""
     previous = None
     if os.path.exists(out):
         with store.FeatureStore(out) as existing:
@@ -308,18 +326,18 @@ def extract(
         previous = out
     else:
         done_paths = set()
+    if not lock.read_only:
+        remove_stale_temporaries(out)
 
     rel = {p: os.path.relpath(p, root).replace(os.sep, "/") for p in paths}
     layout = {"views": attrs["views"], "pooling": config.pooling, "channels": int(sum(attrs["block_channels"]))}
     writer = store.ShardWriter(out, {k: attrs[k] for k in store.CONFIG_KEYS}, layout,
                                flush_images=flush_images, flush_seconds=flush_seconds)
+    kept = (f"finished images are kept in {writer.dir}" + (f" and {out}" if previous else "")
+            + "; free space (or fix the folder) and run the same command again")
     for record in writer.read_shards():
         done_paths.update(record.paths)
         done_paths.update(e["path"] for e in record.errors)
-    for path, reason in skipped:
-        key = os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
-        if key not in done_paths:
-            writer.add_error(os.path.splitext(os.path.basename(path))[0], key, reason)
     todo = [(p, i) for p, i in zip(paths, ids) if rel[p] not in done_paths]
     skipped_existing = len(paths) - len(todo)
     if skipped_existing:
@@ -331,6 +349,10 @@ def extract(
     n_errors = 0
     bar = progress(total=len(todo), desc="extract", unit="img")
     try:
+        for path, reason in skipped:
+            key = os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
+            if key not in done_paths:
+                writer.add_error(os.path.splitext(os.path.basename(path))[0], key, reason)
         for (path, image_id), result in decode_ahead(extractor.load_views, todo, workers, prefetch):
             if isinstance(result, ImageDecodeError):
                 writer.add_error(image_id, rel[path], result.reason)
@@ -343,21 +365,45 @@ def extract(
             bar.update(1)
             if n_errors:
                 bar.set_postfix(errors=n_errors, refresh=False)
+        writer.flush()
+    except NoSpace as exc:
+        # checked before HDF5 wrote anything: the open shard is intact and its completion fits
+        # in the margin kept free
+        try:
+            writer.flush()
+        except WriteError:
+            pass  # the open shard was dropped; the earlier ones are kept
+        raise WriteError(exc.filename or writer.dir, describe_os_error(exc), kept) from exc
+    except WriteError as exc:
+        writer.discard()  # the disk is full or gone: completing the open shard would fail too
+        raise WriteError(exc.path, exc.reason, kept) from exc
+    except Exception as exc:
+        if not is_write_failure(exc):
+            writer.flush()
+            raise
+        writer.discard()
+        raise WriteError(getattr(exc, "filename", None) or writer.dir, describe_os_error(exc), kept) from exc
     except BaseException:
-        # Ctrl-C or any failure: keep what is finished; the next run resumes from here.
+        # Ctrl-C, SIGTERM or any failure: keep what is finished; the next run resumes from here.
         writer.flush()
         raise
     finally:
         bar.close()
-    writer.flush()
 
     labelled = _with_report(label_fn, attrs, report)
-    if writer.shard_paths() or previous is None:
-        n_rows, _ = store.finalize_store(out, writer.dir, attrs, labelled, previous=previous, progress=progress)
-    else:  # nothing new: only the labels may have changed
-        writer.remove()
-        label_attrs = ("labels_file", "test_list", "val_fraction", "seed", "labels_without_images")
-        n_rows = store.relabel_store(out, labelled, attrs, label_attrs)
+    try:
+        if writer.shard_paths() or previous is None:
+            n_rows, _ = store.finalize_store(out, writer.dir, attrs, labelled, previous=previous, progress=progress)
+        else:  # nothing new: only the labels may have changed
+            writer.remove()
+            label_attrs = ("labels_file", "test_list", "val_fraction", "seed", "labels_without_images")
+            n_rows = store.relabel_store(out, labelled, attrs, label_attrs)
+    except WriteError:
+        raise
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        raise WriteError(getattr(exc, "filename", None) or out, describe_os_error(exc), kept) from exc
     with store.FeatureStore(out) as s:
         errors = s.errors()
     result = ExtractResult(out, n_rows, new, errors, dict(report), time.monotonic() - started, skipped_existing)

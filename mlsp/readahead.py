@@ -29,7 +29,8 @@ def decode_ahead(load: Callable, items: Iterable, workers: int, prefetch: int = 
         for item in items:
             yield item, safe_load(item[0])
         return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlsp-decode") as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlsp-decode")
+    try:
         pending: deque = deque()
         it = iter(items)
         for item in it:
@@ -42,3 +43,8 @@ def decode_ahead(load: Callable, items: Iterable, workers: int, prefetch: int = 
             if nxt is not None:
                 pending.append((nxt, pool.submit(safe_load, nxt[0])))
             yield item, future.result()
+    finally:
+        # never wait for a decode that does not return (a stalled network share): an interrupted
+        # run must end promptly; what is queued is cancelled, a running decode is abandoned (its
+        # thread is named mlsp-decode, so the CLI can tell and exit without waiting for it)
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -8,6 +8,7 @@ everything downstream reads through :class:`FeatureStore`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import glob
@@ -21,6 +22,7 @@ import numpy as np
 
 from . import __version__
 from .errors import StoreConfigMismatch, StoreError
+from .files import AtomicPath, ensure_space, is_write_failure, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -107,22 +109,32 @@ class FeatureStore:
         self.path = str(path)
         if not os.path.isfile(self.path):
             raise StoreError(f"{self.path}: no such feature store")
+        self._file = _open_h5(self.path)
         try:
-            self._file = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise StoreError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
+            self._open()
+        except StoreError:
+            self._file.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError, UnicodeDecodeError) as exc:
+            # h5py's answers to flipped bytes in the file's metadata
+            self._file.close()
+            raise StoreError(f"{self.path}: damaged HDF5 file ({_first_line(exc)}); extract it again") from exc
+
+    def _open(self):
         f = self._file
         missing = [k for k in REQUIRED_DATASETS if k not in f] + [k for k in REQUIRED_ATTRS if k not in f.attrs]
         if missing:
-            self._file.close()
             raise StoreError(f"{self.path}: not an mlsp feature store, missing {', '.join(missing)}")
         version = int(f.attrs["format_version"])
         if version > FORMAT_VERSION:
-            self._file.close()
             raise StoreError(
                 f"{self.path}: store format version {version} is newer than this mlsp "
                 f"({__version__}) reads (up to {FORMAT_VERSION}); upgrade mlsp"
             )
+        lengths = {k: f[k].shape[0] for k in ("features", "ids", "paths", "sizes", "mos", "votes", "split") if k in f}
+        if len(set(lengths.values())) > 1:
+            raise StoreError(f"{self.path}: datasets of unequal length ("
+                             + ", ".join(f"{k} {v}" for k, v in lengths.items()) + "); the store is damaged")
         self.attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
         self.features = f["features"]
         self.ids = np.array(_decode(f["ids"][:]), dtype=object)
@@ -138,6 +150,56 @@ class FeatureStore:
                 f"{self.path}: block_channels sum to {sum(self.block_channels)} but features have "
                 f"{self.channels} channels"
             )
+        if len(self.views) != self.n_views:
+            raise StoreError(f"{self.path}: {len(self.views)} view names for {self.n_views} stored views")
+        self._check_labels()
+
+    def _check_labels(self):
+        """MOS is NaN (no label) or in 1..10, vote counts finite and >= 0 where present."""
+        bad = ~np.isnan(self.mos) & ~((self.mos >= 1) & (self.mos <= 10))
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise StoreError(f"{self.path}: image {self.ids[k]} has MOS {self.mos[k]:g}, outside 1..10"
+                             + (f" (and {int(bad.sum()) - 1} more)" if bad.sum() > 1 else "")
+                             + "; the store is damaged: extract it again, or rewrite its labels with "
+                             "`mlsp extract` and --labels")
+        present = ~np.isnan(self.votes).all(axis=1)
+        bad = present & ~(np.isfinite(self.votes) & (self.votes >= 0)).all(axis=1)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise StoreError(f"{self.path}: image {self.ids[k]} has invalid vote counts {self.votes[k].tolist()}"
+                             "; the store is damaged")
+
+    def check_features(self, rows: Sequence[int] | None = None, progress=None, block_bytes: int = 64 << 20):
+        """Raise :class:`StoreError` naming the first image whose features are not finite.
+
+        Cost: one sequential read of the features of ``rows`` (all images by default), in blocks
+        of consecutive images of at most ``block_bytes`` (memory: one block), plus one
+        ``np.isfinite`` pass over them: about the time of reading the store once (the disk, or
+        the page cache, is the limit). Training and scoring check each batch as they read it
+        instead (:func:`check_finite`); ``mlsp inspect`` runs this over the whole store.
+        ``progress`` is a tqdm-like factory.
+        """
+        rows = np.arange(self.n_images) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+        per_image = max(1, int(np.prod(self.features.shape[1:])) * self.features.dtype.itemsize)
+        step = max(1, block_bytes // per_image)
+        bar = progress(total=len(rows), desc="check", unit="img") if progress else None
+        try:
+            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+            for run in np.split(rows, breaks) if len(rows) else []:
+                for start in range(0, len(run), step):
+                    part = run[start:start + step]
+                    try:
+                        block = self.features[int(part[0]):int(part[-1]) + 1]
+                    except (OSError, ValueError, RuntimeError) as exc:
+                        raise StoreError(f"{self.path}: cannot read the features of images {self.ids[part[0]]} to "
+                                         f"{self.ids[part[-1]]} ({_first_line(exc)}); the store is damaged") from exc
+                    check_finite(self.path, block, part, self.ids)
+                    if bar is not None:
+                        bar.update(len(part))
+        finally:
+            if bar is not None:
+                bar.close()
 
     # -- description -------------------------------------------------------------------------
     @property
@@ -221,11 +283,14 @@ class FeatureStore:
                 out[k] = self.features[i, v]
         result = np.empty_like(out)
         result[order] = out
+        check_finite(self.path, result, indices, self.ids)
         return result
 
     def load(self) -> np.ndarray:
-        """All features in memory (only when they fit; see :attr:`nbytes`)."""
-        return self.features[...]
+        """All features in memory (only when they fit; see :attr:`nbytes`), checked to be finite."""
+        out = self.features[...]
+        check_finite(self.path, out, np.arange(len(out)), self.ids)
+        return out
 
     def close(self):
         self._file.close()
@@ -241,6 +306,39 @@ class FeatureStore:
             f"FeatureStore({self.path!r}, net={self.net}, pooling={self.pooling}, "
             f"images={self.n_images}, views={self.n_views}, channels={self.channels})"
         )
+
+
+def check_finite(path: str, features: np.ndarray, rows: Sequence[int], ids=None):
+    """Raise :class:`StoreError` naming the first image among ``rows`` whose ``features`` (one
+    entry per row, any views) hold a NaN or an infinity: what flipped bits in a float16 store
+    look like. One ``np.isfinite`` pass over what was read (a fraction of reading it); ``ids``
+    (a sequence, or a callable ``row -> id``) names the image."""
+    features = np.asarray(features)
+    if features.size == 0 or np.isfinite(features).all():
+        return
+    flat = np.isfinite(features.reshape(len(features), -1)).all(axis=1)
+    k = int(np.flatnonzero(~flat)[0])
+    row = int(np.asarray(rows)[k])
+    if callable(ids):
+        name = ids(row)
+    else:
+        name = ids[row] if ids is not None else None
+    image = f"image {name} (row {row})" if name is not None else f"the image at row {row}"
+    raise StoreError(f"{path}: {image} has features that are not finite (NaN or infinity) ({int((~flat).sum())} "
+                     "such images in this read): the store is damaged; extract it again")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _open_h5(path: str, mode: str = "r", **kwargs) -> h5py.File:
+    """h5py.File, with a file that is not HDF5 (or whose header is damaged) as a StoreError."""
+    try:
+        return h5py.File(path, mode, **kwargs)
+    except OSError as exc:
+        raise StoreError(f"{path}: not a readable HDF5 file ({_first_line(exc)})") from exc
 
 
 def _attr_value(v):
@@ -317,14 +415,6 @@ def write_attrs(f: h5py.File, attrs: dict):
             f.attrs[key] = value
 
 
-def _fsync_path(path: str):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_store(
     path: str,
     features: np.ndarray,
@@ -359,9 +449,7 @@ def write_store(
     base = dict(attrs or {})
     base.update(net=net, pooling=pooling, block_names=list(block_names),
                 block_channels=[int(c) for c in block_channels])
-    tmp = str(path) + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with h5py.File(tmp, "w") as f:
+    with AtomicPath(path) as tmp, h5py.File(tmp, "w") as f:
         _create_layout(f, n, list(views), pooling, features.shape[-1], base)
         f["features"][...] = features.astype(np.float16)
         f["ids"][...] = _as_str_array(ids)
@@ -371,15 +459,15 @@ def write_store(
         f["votes"][...] = votes
         f["split"][...] = _as_str_array(split)
         _write_errors(f, errors)
-    os.replace(tmp, path)
 
 
 def _create_layout(f: h5py.File, n: int, views: list, pooling: str, channels: int, attrs: dict):
     shape = feature_shape(pooling, len(views), channels)
-    f.create_dataset(
-        "features", shape=(n,) + shape, maxshape=(None,) + shape, dtype=np.float16,
-        chunks=feature_chunks(pooling, len(views), channels),
-    )
+    if "features" not in f:  # a shard creates it first, to fill it image by image
+        f.create_dataset(
+            "features", shape=(n,) + shape, maxshape=(None,) + shape, dtype=np.float16,
+            chunks=feature_chunks(pooling, len(views), channels),
+        )
     f.create_dataset("ids", shape=(n,), dtype=_STR)
     f.create_dataset("paths", shape=(n,), dtype=_STR)
     f.create_dataset("sizes", shape=(n, 2), dtype=np.int32)
@@ -414,16 +502,22 @@ class ShardRecord:
 class ShardWriter:
     """Crash-safe partial results of an extraction, in ``<store>.partial/``.
 
-    Features are buffered and written as a shard file every ``flush_images`` images,
-    ``flush_bytes`` bytes (which bounds memory with wide features) or ``flush_seconds``
-    seconds: written under a temporary name, fsync'ed, then renamed. A shard is
-    therefore either complete or absent: Ctrl-C flushes the buffer, and a kill or power loss
-    loses only the images not yet flushed. ``config.json`` in the folder holds the extraction's
-    configuration, so a rerun with another configuration is refused, not mixed in.
+    Each image's features are written into the open shard file as they arrive (memory stays
+    flat: one image at a time, whatever the number of images or the size of wide features).
+    The open shard lives under a temporary name (:class:`mlsp.files.AtomicPath`); every
+    ``flush_images`` images, ``flush_bytes`` bytes or ``flush_seconds`` seconds it is completed
+    (ids, paths, sizes, errors), fsync'ed and renamed to ``shard-NNNNNN.h5``. A shard is
+    therefore either complete or absent: Ctrl-C or SIGTERM completes the open one, and a kill or
+    power loss loses only the images since the last shard (their temporary is removed by the
+    next run). ``config.json`` in the folder holds the extraction's configuration, so a rerun with
+    another configuration is refused, not mixed in. Nothing is created on disk before the first
+    image or error arrives (a rerun with nothing to do works on read-only media).
+
+    One writer per folder: hold the store's :class:`mlsp.files.StoreLock` while writing.
     """
 
     def __init__(self, store_path: str, config: dict, layout: dict, flush_images: int = 64,
-                 flush_seconds: float = 30.0, flush_bytes: int = 64 << 20):
+                 flush_seconds: float = 30.0, flush_bytes: int = 1 << 30):
         import time
 
         self._time = time.monotonic
@@ -433,30 +527,28 @@ class ShardWriter:
         self.flush_images = flush_images
         self.flush_seconds = flush_seconds
         self.flush_bytes = flush_bytes
-        os.makedirs(self.dir, exist_ok=True)
-        cfg_path = os.path.join(self.dir, "config.json")
-        if os.path.exists(cfg_path):
-            with open(cfg_path) as handle:
-                have = json.load(handle)
+        self._config_path = os.path.join(self.dir, "config.json")
+        if os.path.exists(self._config_path):
+            with open(self._config_path) as handle:
+                try:
+                    have = json.load(handle)
+                except ValueError as exc:
+                    raise StoreError(f"{self._config_path}: not valid JSON ({exc}); delete the folder "
+                                     f"{self.dir} to start the extraction over") from exc
             diff = config_differences(have, self.config)
             if diff:
                 raise StoreConfigMismatch(self.dir, diff)
-        else:
-            tmp = cfg_path + ".tmp"
-            with open(tmp, "w") as handle:
-                json.dump({**self.config, **self.layout}, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, cfg_path)
-        for stale in glob.glob(os.path.join(self.dir, "*.tmp")):
-            os.remove(stale)
-        self._buffer = []
+        self._shard = None  # (AtomicPath, h5py.File) of the open shard
+        self._records = []  # (id, path, size) of the images in the open shard
         self._errors = []
-        self._last_flush = self._time()
+        self._bytes = 0
+        self._opened = self._time()
         self._next_index = 1 + max([_shard_number(p) for p in self.shard_paths()] or [0])
 
     def remove(self):
         """Delete the (shard-less) partial folder once nothing in it is needed."""
+        if not os.path.isdir(self.dir):
+            return
         for name in os.listdir(self.dir):
             os.remove(os.path.join(self.dir, name))
         os.rmdir(self.dir)
@@ -467,7 +559,7 @@ class ShardWriter:
     def read_shards(self) -> list[ShardRecord]:
         records = []
         for p in self.shard_paths():
-            with h5py.File(p, "r") as f:
+            with _open_h5(p) as f:
                 g = f["errors"]
                 errors = [
                     {"id": i, "path": q, "reason": r}
@@ -476,42 +568,105 @@ class ShardWriter:
                 records.append(ShardRecord(p, _decode(f["ids"][:]), _decode(f["paths"][:]), errors))
         return records
 
+    @property
+    def pending(self) -> int:
+        """Images and errors in the open shard, not yet on disk under a real name."""
+        return len(self._records) + len(self._errors)
+
     def add(self, image_id: str, path: str, size: tuple, features: np.ndarray):
-        self._buffer.append((image_id, path, size, np.asarray(features, dtype=np.float16)))
+        """Write one image's features into the open shard (raises :class:`mlsp.files.NoSpace`,
+        with the open shard intact, when the disk cannot take them)."""
+        features = np.asarray(features, dtype=np.float16)
+        ensure_space(self.dir, features.nbytes)
+        f = self._open()
+        ds = f["features"]
+        n = ds.shape[0]
+        ds.resize(n + 1, axis=0)
+        ds[n] = features
+        self._records.append((image_id, path, tuple(int(v) for v in size)))
+        self._bytes += features.nbytes
         self._maybe_flush()
 
     def add_error(self, image_id: str, path: str, reason: str):
+        self._open()
         self._errors.append({"id": image_id, "path": path, "reason": reason})
         self._maybe_flush()
 
+    def _open(self) -> h5py.File:
+        if self._shard is not None:
+            return self._shard[1]
+        ensure_space(self.dir, 0)
+        if not os.path.isdir(self.dir):
+            os.makedirs(self.dir, exist_ok=True)
+        if not os.path.exists(self._config_path):
+            with AtomicPath(self._config_path) as tmp, open(tmp, "w") as handle:
+                json.dump({**self.config, **self.layout}, handle, indent=1, sort_keys=True)
+        # what a killed writer left (this one holds the store's lock)
+        for stale in glob.glob(os.path.join(self.dir, "*.tmp")) + glob.glob(os.path.join(self.dir, ".*.tmp-*")):
+            os.remove(stale)
+        name = os.path.join(self.dir, f"shard-{self._next_index:06d}.h5")
+        target = AtomicPath(name, kept="the images of earlier shards are kept")
+        f = h5py.File(target.tmp, "w")
+        shape = feature_shape(self.layout["pooling"], len(self.layout["views"]), self.layout["channels"])
+        f.create_dataset("features", shape=(0,) + shape, maxshape=(None,) + shape, dtype=np.float16,
+                         chunks=feature_chunks(self.layout["pooling"], len(self.layout["views"]),
+                                               self.layout["channels"]))
+        self._shard = (target, f)
+        self._opened = self._time()
+        return f
+
     def _maybe_flush(self):
-        pending = len(self._buffer) + len(self._errors)
-        buffered = sum(b[3].nbytes for b in self._buffer)
-        if (pending >= self.flush_images or buffered >= self.flush_bytes
-                or (pending and self._time() - self._last_flush >= self.flush_seconds)):
+        if (self.pending >= self.flush_images or self._bytes >= self.flush_bytes
+                or self._time() - self._opened >= self.flush_seconds):
             self.flush()
 
     def flush(self):
-        if not self._buffer and not self._errors:
+        """Complete the open shard and rename it to its real name (nothing to do if none is open)."""
+        if self._shard is None:
             return
-        name = os.path.join(self.dir, f"shard-{self._next_index:06d}.h5")
-        tmp = name + ".tmp"
-        n = len(self._buffer)
-        with h5py.File(tmp, "w") as f:
-            _create_layout(f, n, self.layout["views"], self.layout["pooling"], self.layout["channels"], {})
-            if n:
-                for k, b in enumerate(self._buffer):  # row by row: no second copy of the buffer
-                    f["features"][k] = b[3]
-                f["ids"][...] = _as_str_array(b[0] for b in self._buffer)
-                f["paths"][...] = _as_str_array(b[1] for b in self._buffer)
-                f["sizes"][...] = np.array([b[2] for b in self._buffer], dtype=np.int32)
-            _write_errors(f, self._errors)
-        _fsync_path(tmp)
-        os.replace(tmp, name)
-        log.debug("flushed %d images and %d errors to %s", n, len(self._errors), name)
+        target, f = self._shard
+        n = len(self._records)
+        try:
+            with f:
+                f["features"].resize(n, axis=0)  # an image interrupted half-way is not in the shard
+                _create_layout(f, n, self.layout["views"], self.layout["pooling"], self.layout["channels"], {})
+                if n:
+                    f["ids"][...] = _as_str_array(r[0] for r in self._records)
+                    f["paths"][...] = _as_str_array(r[1] for r in self._records)
+                    f["sizes"][...] = np.array([r[2] for r in self._records], dtype=np.int32)
+                _write_errors(f, self._errors)
+        except BaseException as exc:
+            _UNCLOSABLE.append(f)  # its close may have failed: see discard()
+            target.discard()
+            self._shard, self._records, self._errors, self._bytes = None, [], [], 0
+            if is_write_failure(exc):
+                raise target.error(exc) from exc
+            raise
+        target.commit()
+        log.debug("wrote %d images and %d errors to %s", n, len(self._errors), target.path)
         self._next_index += 1
-        self._buffer, self._errors = [], []
-        self._last_flush = self._time()
+        self._shard, self._records, self._errors, self._bytes = None, [], [], 0
+
+    def discard(self):
+        """Drop the open shard (its images will be extracted again by the next run)."""
+        if self._shard is None:
+            return
+        target, f = self._shard
+        try:
+            f.close()
+        except Exception:  # noqa: BLE001 (any failure of HDF5 here is the one handled below)
+            # HDF5 met a failed write (a full disk): the file cannot be closed, and freeing h5py's
+            # objects of it would crash the interpreter. Keep them until the process ends.
+            _UNCLOSABLE.append(f)
+        target.discard()
+        self._shard, self._records, self._errors, self._bytes = None, [], [], 0
+
+    def close(self):
+        """Complete the open shard; the same as :meth:`flush`."""
+        self.flush()
+
+
+_UNCLOSABLE: list = []  # h5py files whose close failed (see ShardWriter.discard)
 
 
 def _shard_number(path: str) -> int:
@@ -565,9 +720,13 @@ def finalize_store(
         errors.pop(k, None)
     ids = [r[1] for r in rows]
     mos, votes, split = label_fn(ids)
+    per_image = int(np.prod(feature_shape(attrs["pooling"], len(attrs["views"]), int(sum(attrs["block_channels"])))))
+    ensure_space(path, len(rows) * (per_image * 2 + 512), margin=4 << 20)
     bar = progress(total=len(rows), desc="write store", unit="img") if progress else None
-    tmp = str(path) + ".tmp"
-    with h5py.File(tmp, "w") as out:
+    target = AtomicPath(path, kept=f"the extracted images are kept in {shard_dir}"
+                        + (f" and {previous} is unchanged" if previous else "")
+                        + "; free space and run the same command again")
+    with target as tmp, h5py.File(tmp, "w") as out:
         _create_layout(out, len(rows), attrs["views"], attrs["pooling"], int(sum(attrs["block_channels"])), attrs)
         out["ids"][...] = _as_str_array(ids)
         out["paths"][...] = _as_str_array(r[0] for r in rows)
@@ -588,8 +747,6 @@ def finalize_store(
                         bar.update(1)
         if bar is not None:
             bar.close()
-    _fsync_path(tmp)
-    os.replace(tmp, path)
     for shard in glob.glob(os.path.join(shard_dir, "*")):
         os.remove(shard)
     os.rmdir(shard_dir)
@@ -600,10 +757,20 @@ def relabel_store(path: str, label_fn, attrs: dict, keys: Sequence[str]) -> int:
     """Rewrite labels and splits of a finished store in place (features untouched).
 
     ``label_fn`` runs first, so it may still add to ``attrs``; then ``keys`` of ``attrs`` are
-    written. Returns the number of images."""
-    with h5py.File(path, "r+") as f:
+    written. Nothing is written when nothing changed (so this works on read-only media).
+    Returns the number of images."""
+    with _open_h5(path) as f:
         ids = _decode(f["ids"][:])
         mos, votes, split = label_fn(ids)
+        have = {k: _attr_value(f.attrs[k]) for k in keys if k in f.attrs}
+        unchanged = (np.array_equal(f["mos"][:], np.asarray(mos, np.float32), equal_nan=True)
+                     and np.array_equal(f["votes"][:], np.asarray(votes, np.float32), equal_nan=True)
+                     and _decode(f["split"][:]) == [str(v) for v in split]
+                     and all(have.get(k) == attrs[k] for k in keys if k in attrs))
+    if unchanged:
+        log.debug("%s: labels unchanged", path)
+        return len(ids)
+    with h5py.File(path, "r+") as f:
         f["mos"][...] = mos
         f["votes"][...] = votes
         f["split"][...] = _as_str_array(split)
