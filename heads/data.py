@@ -362,7 +362,10 @@ def epoch_plan(n_images: int, n_views: int, batch_size: int, seed: int, epoch: i
 
 
 class TrainBatches(keras.utils.PyDataset):
-    """The training batches: (features of one random view per image, MOS), reshuffled every epoch.
+    """The training batches: (features of one random view per image, label), reshuffled every epoch.
+
+    ``mos``: the label of each image, (n,) MOS or (n, K) for a target of K outputs (the vote
+    histograms of :mod:`heads.targets`).
 
     ``workers > 1`` reads batches ahead in that many threads (Keras' ordered enqueuer: the batch
     order, and so the result, does not depend on it).
@@ -397,7 +400,8 @@ class TrainBatches(keras.utils.PyDataset):
     def __getitem__(self, i):
         positions, views = self._plan[i]
         x = self.source.take(self.indices[positions], views)
-        return x, self.mos[positions][:, None]
+        y = self.mos[positions]
+        return x, (y[:, None] if y.ndim == 1 else y)
 
     def on_epoch_end(self):
         # Keras starts the read-ahead of an epoch before on_epoch_begin: plan it here. (Keras also
@@ -443,12 +447,17 @@ def prefetch(items: Iterable, size: int = 2) -> Iterator:
 
 
 def predict_views(model, source: FeatureSource, indices: Sequence[int], batch_views: int = 2048) -> np.ndarray:
-    """The model's prediction for each image: the mean over all its stored views. Shape (n,)."""
+    """The model's prediction for each image: the mean over all its stored views.
+
+    Shape (n,) for a model of one output (MOS), (n, K) for K outputs (a histogram: the mean
+    histogram over the views).
+    """
     indices = np.asarray(indices, dtype=np.int64)
     n_views = source.n_views
     per_chunk = max(1, min(batch_views // n_views, SLAB_BYTES // max(1, n_views * source.view_nbytes)))
     chunks = [indices[i:i + per_chunk] for i in range(0, len(indices), per_chunk)]
-    out = np.empty(len(indices), dtype=np.float64)
+    outputs = int(np.prod(model.output_shape[1:]))
+    out = np.empty((len(indices), outputs), dtype=np.float64)
     pos = 0
     rows = min(per_chunk, len(indices)) * n_views  # one input shape: the last chunk is padded
     for chunk, x in zip(chunks, prefetch(source.take(c) for c in chunks)):
@@ -456,7 +465,7 @@ def predict_views(model, source: FeatureSource, indices: Sequence[int], batch_vi
         if len(flat) < rows:
             flat = np.concatenate([flat, np.zeros((rows - len(flat),) + flat.shape[1:], flat.dtype)])
         pred = np.asarray(model.predict_on_batch(flat), dtype=np.float64)[: len(chunk) * n_views]
-        pred = pred.reshape(len(chunk), n_views)
+        pred = pred.reshape(len(chunk), n_views, outputs)
         out[pos:pos + len(chunk)] = pred.mean(axis=1)
         pos += len(chunk)
-    return out
+    return out[:, 0] if outputs == 1 else out

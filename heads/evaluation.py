@@ -4,7 +4,12 @@
 - accuracy of the binary decision at MOS 5 (high quality is MOS > 5, for truth and prediction);
 - balanced accuracy: the mean of the recalls of the two classes (of the classes present), since
   plain accuracy rewards predicting the majority (about 70% of AVA's test set is high quality);
-- n, the number of images.
+- n, the number of images;
+- for a run of the ``distribution`` target (:mod:`heads.targets`), on the images with votes
+  (``n_votes``): the mean EMD between predicted and true vote histograms, r = 1 (``emd1``) and
+  r = 2 (``emd2``, the training loss), and SRCC/PLCC between the predicted and the true opinion
+  standard deviation (``std_srcc``, ``std_plcc``). The MOS metrics use the predicted histogram's
+  mean, so they compare with the paper's.
 
 A correlation that is undefined (fewer than 2 images, or a constant prediction) is ``None``.
 """
@@ -26,6 +31,7 @@ from mlsp.store import FeatureStore
 
 from .data import open_features, predict_views
 from .run import Run
+from .targets import emd, moments, mos_of, prediction_columns, vote_histograms
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,24 @@ def compute_metrics(mos, pred, threshold: float = THRESHOLD) -> dict:
     }
 
 
+def distribution_metrics(votes, pred) -> dict:
+    """``{"emd1", "emd2", "std_srcc", "std_plcc", "n_votes"}`` of (n, 10) predicted histograms
+    against the (n, 10) vote counts, on the images with votes; ``None`` where undefined."""
+    truth = vote_histograms(votes)
+    ok = np.all(np.isfinite(truth), axis=-1)
+    truth, pred = truth[ok], np.asarray(pred, np.float64)[ok]
+    if not len(truth):
+        return {"emd1": None, "emd2": None, "std_srcc": None, "std_plcc": None, "n_votes": 0}
+    std_true, std_pred = moments(truth)[1], moments(pred)[1]
+    return {
+        "emd1": float(np.mean(emd(truth, pred, 1))),
+        "emd2": float(np.mean(emd(truth, pred, 2))),
+        "std_srcc": _correlation(stats.spearmanr, std_true, std_pred),
+        "std_plcc": _correlation(stats.pearsonr, std_true, std_pred),
+        "n_votes": int(len(truth)),
+    }
+
+
 def labelled_split(store: FeatureStore, split: str) -> np.ndarray:
     """Rows of ``split`` with a known MOS."""
     idx = store.split_indices(split)
@@ -72,22 +96,30 @@ def write_outputs(out_dir: str, store: FeatureStore, predictions: Mapping[str, t
                   threshold: float = THRESHOLD) -> dict:
     """Write ``metrics.json``, ``predictions.csv`` and ``predictions.png`` for {split: (rows, pred)}.
 
-    Returns the metrics, ``{split: {...}}``.
+    ``pred``: (n,) MOS, or (n, 10) histograms (the ``distribution`` target), which add the
+    distribution's metrics and the columns ``opinion_std`` (true, from the votes; empty without),
+    ``pred_opinion_std`` and ``p1``..``p10``. Returns the metrics, ``{split: {...}}``.
     """
     os.makedirs(out_dir, exist_ok=True)
     metrics, results = {}, {}
-    rows_out = []
+    header, rows_out = ["id", "split", "mos", "pred"], []
     for split, (rows, pred) in predictions.items():
         mos = store.mos[rows].astype(np.float64)
-        metrics[split] = compute_metrics(mos, pred, threshold)
-        results[split] = (mos, pred)
-        rows_out += [(store.ids[r], split, m, p) for r, m, p in zip(rows, mos, pred)]
+        metrics[split] = compute_metrics(mos, mos_of(pred), threshold)
+        columns = prediction_columns(pred)
+        if np.ndim(pred) == 2:
+            votes = store.votes[rows]
+            metrics[split].update(distribution_metrics(votes, pred))
+            columns = {"pred": columns.pop("pred"), "opinion_std": moments(vote_histograms(votes))[1], **columns}
+        results[split] = (mos, columns["pred"])
+        header = ["id", "split", "mos", *columns]
+        rows_out += [[store.ids[r], split, m, *values] for r, m, *values in zip(rows, mos, *columns.values())]
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["id", "split", "mos", "pred"])
-        for image_id, split, m, p in rows_out:
-            writer.writerow([image_id, split, f"{m:.6g}", f"{p:.6g}"])
+        writer.writerow(header)
+        for image_id, split, *values in rows_out:
+            writer.writerow([image_id, split, *("" if not np.isfinite(v) else f"{v:.6g}" for v in values)])
     from .plots import plot_predictions
 
     plot_predictions(os.path.join(out_dir, "predictions.png"), results, metrics, threshold)

@@ -9,6 +9,10 @@ Dense(X/8, relu) -> BN -> Dropout(0.5) -> Dense(1)``, He-normal kernels. The ReL
 each Dense, before its batch normalisation, as in their code. The reduced Inception module of
 Pool-3FC is their ``inception_block``: conv (no bias) + BN (no scale) + ReLU units, as in
 Keras' Inception-v3.
+
+Every head takes every target (:mod:`heads.targets`): its last layer has the target's number of
+``outputs`` (1 for MOS, 10 for the vote distribution) and :func:`build_head` appends the
+target's activation (the softmax of the distribution) as one named layer, ``target``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from mlsp.errors import ConfigError
 
 from .layers import BlockSplit
 from .registry import get_head
+from .targets import DEFAULT_TARGET, get_target
 
 DROPOUTS = (0.25, 0.25, 0.5)
 
@@ -31,42 +36,54 @@ def fc_sizes(width: int) -> tuple:
     return (int(width), max(1, int(width) // 2), max(1, int(width) // 8))
 
 
-def three_fc(x, width: int, prefix: str = "", output_bias: float = 0.0):
-    """The 3FC block on a (B, D) tensor; returns the (B, 1) prediction."""
+def bias_initializer(output_bias):
+    """A Constant initializer for the last layer's bias: one value, or one per output."""
+    if isinstance(output_bias, (list, tuple)):
+        output_bias = [float(v) for v in output_bias]
+    return keras.initializers.Constant(output_bias)
+
+
+def three_fc(x, width: int, prefix: str = "", output_bias=0.0, outputs: int = 1):
+    """The 3FC block on a (B, D) tensor; returns the (B, outputs) prediction."""
     for i, (units, rate) in enumerate(zip(fc_sizes(width), DROPOUTS)):
         x = layers.Dense(units, activation="relu", kernel_initializer="he_normal", name=f"{prefix}fc{i}")(x)
         x = layers.BatchNormalization(name=f"{prefix}bn{i}")(x)
         x = layers.Dropout(rate, name=f"{prefix}dropout{i}")(x)
     return layers.Dense(
-        1, kernel_initializer="he_normal", bias_initializer=keras.initializers.Constant(output_bias),
+        outputs, kernel_initializer="he_normal", bias_initializer=bias_initializer(output_bias),
         name=f"{prefix}out",
     )(x)
 
 
-def single_1fc(x, block_channels, output_bias: float = 0.0):
-    return layers.Dense(1, bias_initializer=keras.initializers.Constant(output_bias), name="out")(x)
+def single_1fc(x, block_channels, output_bias=0.0, outputs: int = 1):
+    return layers.Dense(outputs, bias_initializer=bias_initializer(output_bias), name="out")(x)
 
 
-def single_3fc(x, block_channels, output_bias: float = 0.0, width: int = 2048):
-    return three_fc(x, width, output_bias=output_bias)
+def single_3fc(x, block_channels, output_bias=0.0, outputs: int = 1, width: int = 2048):
+    return three_fc(x, width, output_bias=output_bias, outputs=outputs)
 
 
-def multi_3fc(x, block_channels, output_bias: float = 0.0):
+def multi_3fc(x, block_channels, output_bias=0.0, outputs: int = 1):
     """One 3FC per block (X = the block's channels); the prediction is their weighted sum.
 
-    The weights start at 1/B (the mean of the blocks' predictions) and are learned.
+    The weights start at 1/B (the mean of the blocks' predictions) and are learned; with several
+    outputs, each output is the same weighted sum of the blocks' values for it.
     """
     block_channels = [int(c) for c in block_channels]
     parts = BlockSplit(block_channels, name="split_blocks")(x) if len(block_channels) > 1 else [x]
-    preds = [three_fc(part, c, prefix=f"b{k:02d}_", output_bias=output_bias)
+    preds = [three_fc(part, c, prefix=f"b{k:02d}_", output_bias=output_bias, outputs=outputs)
              for k, (part, c) in enumerate(zip(parts, block_channels))]
     if len(preds) == 1:
         return preds[0]
-    stacked = layers.Concatenate(name="block_predictions")(preds)
-    return layers.Dense(
+    stacked = layers.Concatenate(name="block_predictions")(preds)  # (B, blocks * outputs), block-major
+    if outputs > 1:  # (B, outputs, blocks): the weighted sum runs over the blocks of each output
+        stacked = layers.Reshape((len(preds), outputs), name="blocks_by_output")(stacked)
+        stacked = layers.Permute((2, 1), name="outputs_by_block")(stacked)
+    summed = layers.Dense(
         1, use_bias=False, kernel_initializer=keras.initializers.Constant(1.0 / len(preds)),
         name="weighted_sum",
     )(stacked)
+    return layers.Reshape((outputs,), name="outputs")(summed) if outputs > 1 else summed
 
 
 def conv_bn(x, filters: int, rows: int, cols: int, name: str):
@@ -89,10 +106,10 @@ def reduced_inception(x, kernels: int = 1024):
     return layers.Concatenate(name="inception")([branch1x1, branch3x3, branch_pool])
 
 
-def pool_3fc(x, block_channels, output_bias: float = 0.0, width: int = 2048, kernels: int = 1024):
+def pool_3fc(x, block_channels, output_bias=0.0, outputs: int = 1, width: int = 2048, kernels: int = 1024):
     x = reduced_inception(x, kernels)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
-    return three_fc(x, width, output_bias=output_bias)
+    return three_fc(x, width, output_bias=output_bias, outputs=outputs)
 
 
 def build_head(
@@ -101,17 +118,21 @@ def build_head(
     *,
     pooling: str = "narrow",
     grid: int = 5,
-    output_bias: float = 0.0,
+    output_bias=0.0,
+    target: str = DEFAULT_TARGET,
     **options,
 ) -> keras.Model:
     """Build the registered head ``name`` for features with the given channel layout.
 
     ``pooling`` is the store's: a narrow head on ``"wide"`` features starts with a global
     average over the grid (the mean of the 5x5 grid equals the narrow feature), so the model
-    takes what the store holds. ``output_bias`` initialises the output bias (training sets it
-    to the mean training MOS). ``options`` are the head's own (e.g. ``width``).
+    takes what the store holds. ``target`` (:data:`heads.targets.TARGETS`): what the head
+    predicts, (B, 1) MOS or (B, 10) a histogram over the scores. ``output_bias`` initialises the
+    output bias, one value or one per output (training sets it from the training labels:
+    :func:`heads.targets.initial_bias`). ``options`` are the head's own (e.g. ``width``).
     """
     spec = get_head(name)
+    goal = get_target(target)
     opts = spec.resolve_options(options)
     block_channels = [int(c) for c in block_channels]
     if not block_channels or min(block_channels) < 1:
@@ -130,5 +151,12 @@ def build_head(
     else:
         inputs = keras.Input((channels,), name="features")
         x = inputs
-    outputs = spec.resolve_builder()(x, block_channels, output_bias=float(output_bias), **opts)
+    bias = [float(v) for v in output_bias] if isinstance(output_bias, (list, tuple)) else float(output_bias)
+    if isinstance(bias, list) and len(bias) == 1:
+        bias = bias[0]
+    if isinstance(bias, list) and len(bias) != goal.outputs:
+        raise ConfigError(f"output_bias has {len(bias)} values; target {goal.name!r} has {goal.outputs} outputs")
+    outputs = spec.resolve_builder()(x, block_channels, output_bias=bias, outputs=goal.outputs, **opts)
+    if goal.activation:
+        outputs = layers.Activation(goal.activation, name="target")(outputs)
     return keras.Model(inputs, outputs, name=name)

@@ -4,9 +4,12 @@ Adding a head is one :func:`register` call with a :class:`HeadSpec`. The builder
 ``"module:function"`` (or given as a callable), so listing heads (``mlsp heads``, the CLI's
 help) does not import Keras.
 
-A builder is called as ``builder(x, block_channels, output_bias=..., **options)`` with ``x`` the
-Keras input tensor: ``(B, C)`` narrow features for a narrow head, ``(B, 5, 5, C)`` wide features
-for a head with ``needs_wide``. It returns the output tensor ``(B, 1)``, the predicted MOS.
+A builder is called as ``builder(x, block_channels, output_bias=..., outputs=..., **options)``
+with ``x`` the Keras input tensor: ``(B, C)`` narrow features for a narrow head, ``(B, 5, 5, C)``
+wide features for a head with ``needs_wide``. It returns the output tensor ``(B, outputs)``
+from a linear last layer whose bias starts at ``output_bias`` (one value, or one per output):
+the predicted MOS for ``outputs=1``; for the ``distribution`` target (:mod:`heads.targets`)
+10 values that :func:`heads.models.build_head` passes through a softmax.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ adds zero-mean spatial noise over its 5x5 grid, so the mean of the grid is the n
 The MOS is ``5.5 + 2 tanh(s) + 0.3 s``, a monotone nonlinear function of a fixed linear
 projection ``s`` of the mean of the views (standardised), plus Gaussian noise, clipped to
 [1, 10]. Monotone, so that a linear head (Single-1FC) can rank the images as well as any.
+
+With ``votes=N`` each image also gets a histogram of N votes over the scores 1..10, drawn from a
+discretised normal centred on that (noisy) MOS whose spread is another fixed function of the
+features: ``1.3 + 0.5 tanh(t)`` for a second, independent projection ``t``
+(:func:`planted_spread`). The stored MOS is then the mean of the votes, as in AVA.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mlsp.labels import SCORES, mos_from_votes
 from mlsp.store import write_store
 
 
@@ -24,6 +30,22 @@ def planted_mos(mean_features: np.ndarray, seed: int = 0) -> np.ndarray:
     s = (mean_features - 0.5) @ w
     s = s / (0.5 / np.sqrt(3) * np.linalg.norm(w))  # unit variance for U(0, 1) bases
     return 5.5 + 2.0 * np.tanh(s) + 0.3 * s
+
+
+def planted_spread(mean_features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The noise-free spread (std of the normal the votes are drawn from) of images with these features."""
+    rng = np.random.default_rng([seed, 2])
+    w = rng.normal(size=mean_features.shape[1])
+    t = (mean_features - 0.5) @ w / (0.5 / np.sqrt(3) * np.linalg.norm(w))
+    return 1.3 + 0.5 * np.tanh(t)
+
+
+def draw_votes(rng: np.random.Generator, centre: np.ndarray, spread: np.ndarray, n_votes: int) -> np.ndarray:
+    """(n, 10) vote counts: ``n_votes`` draws from a normal discretised over the scores 1..10."""
+    logits = -((SCORES[None, :] - np.asarray(centre)[:, None]) ** 2) / (2 * np.asarray(spread)[:, None] ** 2)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return np.stack([rng.multinomial(n_votes, row) for row in p]).astype(np.float32)
 
 
 def write_synthetic_store(
@@ -38,11 +60,13 @@ def write_synthetic_store(
     splits: Sequence[float] = (0.7, 0.1, 0.2),
     seed: int = 0,
     net: str = "synthetic",
+    votes: int = 0,
 ) -> dict:
     """Write a store of ``n_images`` images with a planted signal; returns its arrays.
 
-    ``splits``: fractions of train, val and test (in that order, at random). Returns
-    ``{"mos", "clean_mos", "split", "mean_features"}``.
+    ``splits``: fractions of train, val and test (in that order, at random). ``votes``: votes per
+    image (0: the store has MOS only). Returns ``{"mos", "clean_mos", "split", "mean_features"}``
+    and, with votes, ``"votes"`` and ``"clean_spread"``.
     """
     rng = np.random.default_rng(seed)
     channels = int(sum(block_channels))
@@ -61,9 +85,16 @@ def write_synthetic_store(
     edges = np.cumsum(splits) / np.sum(splits)
     u = rng.permutation(n_images) / n_images
     split = np.where(u < edges[0], "train", np.where(u < edges[1], "val", "test"))
+    out = {"mos": mos, "clean_mos": clean, "split": split, "mean_features": mean_features}
+    counts = None
+    if votes:
+        spread = planted_spread(mean_features, seed)
+        counts = draw_votes(np.random.default_rng([seed, 3]), mos, spread, int(votes))
+        mos = out["mos"] = mos_from_votes(counts).astype(np.float32)
+        out.update(votes=counts, clean_spread=spread)
     write_store(
         path, features, [f"img{i:06d}" for i in range(n_images)], net=net, pooling=pooling,
         block_names=[f"block{k}" for k in range(len(block_channels))], block_channels=block_channels,
-        mos=mos, split=split, attrs={"dataset": "synthetic", "seed": seed},
+        mos=mos, votes=counts, split=split, attrs={"dataset": "synthetic", "seed": seed},
     )
-    return {"mos": mos, "clean_mos": clean, "split": split, "mean_features": mean_features}
+    return out

@@ -4,11 +4,12 @@
 training starts, trains with the schedule :mod:`heads.schedule` chooses for the store's size (the
 paper's on a store of AVA's size), evaluates on val and test and writes the run folder:
 
-- ``model.keras``: the best weights on validation loss; takes one view of the store's features
-  ((C,) narrow, (5, 5, C) wide) and loads with ``safe_mode``;
-- ``config.json``: the store (path, fingerprint, layout), the head and its options, every
-  hyper-parameter as given (``train``) and as used (``schedule``, with why), the seed, how the
-  data was fed, package versions, the LR changes;
+- ``model.keras``: the best weights on validation loss (MSE of MOS, or for ``--target
+  distribution`` the EMD of the vote histograms: :mod:`heads.targets`); takes one view of the
+  store's features ((C,) narrow, (5, 5, C) wide) and loads with ``safe_mode``;
+- ``config.json``: the store (path, fingerprint, layout), the head and its options, the target,
+  every hyper-parameter as given (``train``) and as used (``schedule``, with why), the seed, how
+  the data was fed, package versions, the LR changes;
 - ``history.csv``: per epoch ``loss``, ``val_loss``, ``lr``, ``val_srcc``;
 - ``metrics.json``, ``predictions.csv``, ``predictions.png`` (:mod:`heads.evaluation`) and
   ``loss.png``.
@@ -41,6 +42,8 @@ from .models import build_head
 from .registry import get_head
 from .schedule import MAX_AUTO_LR, PAPER, describe, fmt_lr, resolve_schedule
 from .schedule_callback import StepOrPlateauSchedule
+from .targets import (DEFAULT_TARGET, TargetSpec, get_target, has_votes, initial_bias, mos_of, training_labels,
+                      validation_loss)
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +63,16 @@ class TrainConfig:
     one pass over the training images, however short. ``memory_budget`` (bytes): features up to
     this size are loaded into memory, larger ones are streamed from the store; ``None`` is half
     the memory available to the process, 0 always streams. ``workers``: threads reading batches
-    ahead. Neither changes the result.
+    ahead. Neither changes the result. ``target``
+    (:data:`heads.targets.TARGETS`): ``"mos"`` (the paper's) or ``"distribution"`` (the vote
+    histogram, EMD loss).
     """
 
     head: str
     store: str | None = None
     out: str | None = None
     head_options: dict = dataclasses.field(default_factory=dict)
+    target: str = DEFAULT_TARGET
     epochs: int | None = None
     lr: float | None = None
     lr_factor: float = PAPER.lr_factor
@@ -109,6 +115,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive {kind.__name__}, received {value!r}")
 
         get_head(self.head)
+        get_target(self.target)
         for name in ("lr_epochs", "patience", "batch_size", "workers"):
             positive(name, getattr(self, name))
         positive("epochs", self.epochs, allow_none=True)
@@ -181,6 +188,31 @@ def check_store(store: FeatureStore, head: str) -> dict:
     return rows
 
 
+def check_target(store: FeatureStore, target: TargetSpec, rows: dict) -> dict:
+    """The rows of each split that have the target's label: for ``distribution``, a vote histogram.
+
+    A store whose labels are MOS only is an error; images without votes are left out, with a count.
+    """
+    if target.outputs == 1:
+        return rows
+    voted = has_votes(store.votes)
+    if not voted.any():
+        raise ConfigError(
+            f"{store.path}: the labels are MOS only (no vote counts), but --target {target.name} learns the "
+            "histogram of votes: extract with labels that give the 10 vote counts (AVA.txt, or a CSV with "
+            "votes_1..votes_10), or train with --target mos"
+        )
+    out = {}
+    for split, r in rows.items():
+        out[split] = r[voted[r]]
+        if len(out[split]) < len(r):
+            log.warning("%d of %d labelled %s images have no votes and are left out (--target %s)",
+                        len(r) - len(out[split]), len(r), split, target.name)
+        if not len(out[split]):
+            raise StoreError(f"{store.path}: no {split} image has votes; --target {target.name} needs them")
+    return out
+
+
 def default_run_dir(store_path: str, head: str, root: str = RUNS_ROOT) -> str:
     parent = os.path.basename(os.path.dirname(os.path.abspath(store_path)))
     stem = os.path.splitext(os.path.basename(store_path))[0]
@@ -233,18 +265,23 @@ def deterministic_ops(enabled: bool = True):
 
 
 class ViewMeanValidation(keras.callbacks.Callback):
-    """``val_loss`` (MSE) and ``val_srcc`` of the mean prediction over all stored views, per epoch."""
+    """``val_loss`` and ``val_srcc`` of the mean prediction over all stored views, per epoch.
 
-    def __init__(self, source, rows, mos):
+    ``val_loss`` is the target's (:func:`heads.targets.validation_loss`): the MSE of MOS, or
+    the mean EMD (r = 2) of the histograms; ``val_srcc`` that of the (predicted) MOS.
+    """
+
+    def __init__(self, source, rows, mos, labels=None):
         super().__init__()
         self.source, self.rows = source, np.asarray(rows)
         self.mos = np.asarray(mos, dtype=np.float64)
+        self.labels = self.mos if labels is None else np.asarray(labels, dtype=np.float64)
 
     def on_epoch_end(self, epoch, logs=None):
         pred = predict_views(self.model, self.source, self.rows)
         if logs is not None:
-            logs["val_loss"] = float(np.mean((pred - self.mos) ** 2))
-            srcc = compute_metrics(self.mos, pred)["srcc"]
+            logs["val_loss"] = validation_loss(self.labels, pred)
+            srcc = compute_metrics(self.mos, mos_of(pred))["srcc"]
             logs["val_srcc"] = float("nan") if srcc is None else srcc
 
 
@@ -357,13 +394,14 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
         raise ConfigError(f"train() takes a TrainConfig, received {type(config).__name__}")
     config.validate()
     spec = get_head(config.head)
+    goal = get_target(config.target)
     head_options = spec.resolve_options(config.head_options)
     store_path = config.store or find_latest_store(FEATURES_ROOT)
     if config.store is None:
         log.info("no store given: using the newest one, %s", store_path)
     started = time.time()
     with FeatureStore(store_path) as store:
-        rows = check_store(store, spec.name)
+        rows = check_target(store, goal, check_store(store, spec.name))
         plan, why = config.schedule(len(rows["train"]))
         run_dir = config.out or default_run_dir(store_path, spec.name)
         if os.path.exists(os.path.join(run_dir, "config.json")):
@@ -378,7 +416,9 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
         all_rows = np.concatenate([rows["train"], rows["val"], rows["test"]])
         source = open_features(store, all_rows, reduce_grid=reduce_grid, memory_budget=config.memory_budget)
         mos = store.mos.astype(np.float64)
-        output_bias = float(np.mean(mos[rows["train"]]))
+        labels = training_labels(goal, mos, store.votes)
+        output_bias = initial_bias(goal, labels[rows["train"]])
+        output_bias = output_bias[0] if len(output_bias) == 1 else output_bias
         record = {
             "store": {
                 "path": os.path.abspath(store_path), "fingerprint": store.fingerprint(), "net": store.net,
@@ -388,6 +428,7 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
             },
             "head": spec.name,
             "head_options": head_options,
+            "target": goal.name,
             "train": config.to_dict(),
             "schedule": {**plan.to_dict(), "max_epochs": plan.max_epochs(config.epochs), "why": why},
             "splits": {k: int(len(v)) for k, v in rows.items()},
@@ -404,8 +445,8 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
         try:
             with deterministic_ops(config.deterministic):
                 model, schedule, throughput, interrupted = _fit(
-                    config, plan, spec.name, head_options, store, source, rows, mos, output_bias, reduce_grid,
-                    run_dir, progress)
+                    config, plan, spec.name, head_options, store, source, rows, mos, labels, output_bias,
+                    reduce_grid, run_dir, progress)
                 predictions = {split: (rows[split], predict_views(model, source, rows[split])) for split in EVAL_SPLITS}
         except Exception as exc:
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -414,10 +455,13 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
         finally:
             source.close()
         history = _read_history(os.path.join(run_dir, "history.csv"))
-        diverged = divergence(history, schedule.best, mos[rows["train"]], mos[rows["val"]], predictions)
+        constant = None if goal.outputs == 1 else validation_loss(  # the mean training histogram's EMD
+            labels[rows["val"]], np.broadcast_to(labels[rows["train"]].mean(axis=0), labels[rows["val"]].shape))
+        diverged = divergence(history, schedule.best, mos[rows["train"]], mos[rows["val"]],
+                              {k: (r, mos_of(p)) for k, (r, p) in predictions.items()}, constant_loss=constant)
         # the saved model takes what the store holds: a narrow head on a wide store gets its grid mean
         export = build_head(spec.name, store.block_channels, pooling=store.pooling, grid=_grid(store),
-                            output_bias=output_bias, **head_options)
+                            output_bias=output_bias, target=goal.name, **head_options)
         export.set_weights(model.get_weights())
         export.save(os.path.join(run_dir, "model.keras"))
         if diverged is not None:
@@ -443,8 +487,10 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
         metrics=metrics,
     )
     _write_json(config_path, record)
-    log.info("done in %.0f s: test SRCC %s, PLCC %s; run folder %s", time.time() - started,
-             _fmt(metrics["test"]["srcc"]), _fmt(metrics["test"]["plcc"]), run_dir)
+    extra = "" if "emd2" not in metrics["test"] else \
+        f", EMD (r=2) {_fmt(metrics['test']['emd2'])}, opinion std SRCC {_fmt(metrics['test']['std_srcc'])}"
+    log.info("done in %.0f s: test SRCC %s, PLCC %s%s; run folder %s", time.time() - started,
+             _fmt(metrics["test"]["srcc"]), _fmt(metrics["test"]["plcc"]), extra, run_dir)
     return TrainResult(run_dir=run_dir, metrics=metrics, history=history, config=record)
 
 
@@ -456,19 +502,22 @@ EXPLODED_LOSS = 10.0
 RANGE_MARGIN = 0.5
 
 
-def divergence(history: list, best_val_loss: float, train_mos, val_mos, predictions: dict) -> str | None:
+def divergence(history: list, best_val_loss: float, train_mos, val_mos, predictions: dict,
+               constant_loss: float | None = None) -> str | None:
     """Why a run diverged, in a few words, or ``None``: a training loss that was not finite, a best
     validation loss over ``EXPLODED_LOSS`` times the constant prediction's, or mean predictions
-    (``predictions``: split -> (rows, predictions)) outside the training labels' range widened by
-    ``RANGE_MARGIN`` of its span on each side."""
+    (``predictions``: split -> (rows, predicted MOS)) outside the training labels' range widened by
+    ``RANGE_MARGIN`` of its span on each side. ``constant_loss``: the constant prediction's
+    validation loss for a target other than MOS (default: the MSE of predicting the mean MOS)."""
     for row in history:
         if not np.isfinite(row.get("loss", np.nan)):
             return f"the training loss was not finite at epoch {row['epoch']}"
     train_mos, val_mos = np.asarray(train_mos, np.float64), np.asarray(val_mos, np.float64)
-    constant = float(np.mean((val_mos - train_mos.mean()) ** 2))
+    constant = float(np.mean((val_mos - train_mos.mean()) ** 2)) if constant_loss is None else float(constant_loss)
     if not np.isfinite(best_val_loss) or best_val_loss > EXPLODED_LOSS * max(constant, 0.01):
-        return (f"the loss exploded (best validation MSE {best_val_loss:.4g}, over {EXPLODED_LOSS:g}x the "
-                f"{constant:.3g} of predicting the mean MOS)")
+        what = "MSE" if constant_loss is None else "loss"
+        return (f"the loss exploded (best validation {what} {best_val_loss:.4g}, over {EXPLODED_LOSS:g}x the "
+                f"{constant:.3g} of predicting the mean {'MOS' if constant_loss is None else 'training histogram'})")
     lo, hi = float(train_mos.min()), float(train_mos.max())
     margin = RANGE_MARGIN * (hi - lo)
     for split, (_, pred) in predictions.items():
@@ -489,14 +538,25 @@ def _grid(store: FeatureStore) -> int:
     return int(store.feature_shape[0]) if store.pooling == "wide" else 5
 
 
-def _fit(config, plan, head, head_options, store, source, rows, mos, output_bias, reduce_grid, run_dir, progress):
+def _loss(target: TargetSpec):
+    if ":" not in target.loss:
+        return target.loss
+    import importlib
+
+    module, _, function = target.loss.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _fit(config, plan, head, head_options, store, source, rows, mos, labels, output_bias, reduce_grid, run_dir,
+         progress):
     keras.utils.set_random_seed(config.seed)
+    target = get_target(config.target)
     model = build_head(head, store.block_channels, pooling="narrow" if reduce_grid else store.pooling,
-                       grid=_grid(store), output_bias=output_bias, **head_options)
-    model.compile(optimizer=keras.optimizers.Adam(plan.lr), loss="mse")
+                       grid=_grid(store), output_bias=output_bias, target=target.name, **head_options)
+    model.compile(optimizer=keras.optimizers.Adam(plan.lr), loss=_loss(target))
     log.info("%s: %s parameters (%s trainable)", head, f"{model.count_params():,}",
              f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,}")
-    batches = TrainBatches(source, rows["train"], mos[rows["train"]], batch_size=plan.batch_size,
+    batches = TrainBatches(source, rows["train"], labels[rows["train"]], batch_size=plan.batch_size,
                            seed=config.seed, steps_per_epoch=plan.steps_per_epoch, workers=config.workers)
     schedule = StepOrPlateauSchedule(lr=plan.lr, factor=plan.lr_factor, min_lr=plan.min_lr,
                                      stage_epochs=plan.lr_epochs, patience=plan.patience)
@@ -505,7 +565,7 @@ def _fit(config, plan, head, head_options, store, source, rows, mos, output_bias
     throughput = Throughput(per_epoch)
     callbacks = [
         throughput,
-        ViewMeanValidation(source, rows["val"], mos[rows["val"]]),
+        ViewMeanValidation(source, rows["val"], mos[rows["val"]], labels[rows["val"]]),
         schedule,
         keras.callbacks.TerminateOnNaN(),
         HistoryCSV(os.path.join(run_dir, "history.csv")),
@@ -515,6 +575,7 @@ def _fit(config, plan, head, head_options, store, source, rows, mos, output_bias
     bar = None if factory is null_progress else ProgressBar(len(batches), max_epochs, factory)
     if bar is not None:
         callbacks.append(bar)
+    log.info("target %s: %s", target.name, target.description)
     log.info("training %s on %d images (%d batches of <= %d per epoch, %d views each, data from %s), "
              "validating on %d, for at most %d epochs", head, len(rows["train"]), len(batches),
              plan.batch_size, source.n_views, source.mode, len(rows["val"]), max_epochs)

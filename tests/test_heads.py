@@ -138,10 +138,10 @@ def test_adding_a_head_is_one_entry():
     from heads.models import build_head
     from heads.registry import HEADS, HeadSpec, register
 
-    def mean_head(x, block_channels, output_bias=0.0):
+    def mean_head(x, block_channels, output_bias=0.0, outputs=1):
         import keras
 
-        return keras.layers.Dense(1, bias_initializer=keras.initializers.Constant(output_bias))(x)
+        return keras.layers.Dense(outputs, bias_initializer=keras.initializers.Constant(output_bias))(x)
 
     register(HeadSpec("test_linear", mean_head, needs_wide=False, description="a test head"))
     try:

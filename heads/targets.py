@@ -1,0 +1,144 @@
+"""What a head learns to predict: the target registry (no Keras import, so the CLI can list it).
+
+- ``mos`` (the paper's): the head ends in ``Dense(1)``, trained with MSE on the MOS.
+- ``distribution`` (NIMA's, beyond the paper): the head ends in ``Dense(10)`` and a softmax,
+  a probability for each score 1..10, trained with the EMD (r = 2) against the image's
+  normalised vote histogram (the store's ``/votes``). Its predicted MOS is the histogram's mean,
+  its predicted opinion standard deviation the histogram's spread: how much people disagree.
+
+Every head takes every target: :func:`heads.models.build_head` gives the head's last layer the
+target's ``outputs`` units and appends its activation.
+
+EMD between two histograms ``p``, ``q`` over the ordered scores 1..10 (NIMA, Talebi & Milanfar
+2018)::
+
+    EMD_r(p, q) = ( mean_k |CDF_p(k) - CDF_q(k)|^r ) ^ (1/r)
+
+r = 2 is the training loss (:func:`heads.distribution.emd_loss`) and what early stopping and the
+LR schedule watch on validation (``val_loss``); r = 1 and r = 2 are both in ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from mlsp.errors import ConfigError
+from mlsp.labels import N_BINS, SCORES
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """One training target: the head's last layer and its loss."""
+
+    name: str
+    outputs: int  # units of the head's last layer
+    activation: str | None  # applied after it (a stock Keras activation), None: linear
+    loss: str  # a Keras loss name, or "module:function"
+    description: str
+
+
+TARGETS: dict[str, TargetSpec] = {
+    spec.name: spec
+    for spec in (
+        TargetSpec("mos", 1, None, "mse", "the mean opinion score; MSE (the paper's)"),
+        TargetSpec("distribution", N_BINS, "softmax", "heads.distribution:emd_loss",
+                   "the histogram of votes over the scores 1..10; EMD r = 2 (NIMA); MOS = its mean, "
+                   "opinion std = its spread"),
+    )
+}
+DEFAULT_TARGET = "mos"
+
+
+def get_target(name: str) -> TargetSpec:
+    try:
+        return TARGETS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Histograms
+# --------------------------------------------------------------------------------------------
+
+
+def vote_histograms(votes) -> np.ndarray:
+    """(n, 10) vote counts -> (n, 10) histograms summing to 1; rows of NaN where there are no votes."""
+    votes = np.asarray(votes, dtype=np.float64)
+    total = votes.sum(axis=-1, keepdims=True)
+    ok = np.isfinite(total) & (total > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, votes / np.where(ok, total, 1.0), np.nan)
+
+
+def has_votes(votes) -> np.ndarray:
+    """(n,) True where an image has a vote histogram."""
+    return np.all(np.isfinite(vote_histograms(votes)), axis=-1)
+
+
+def moments(p) -> tuple:
+    """Mean and standard deviation of (..., 10) histograms over the scores 1..10."""
+    p = np.asarray(p, dtype=np.float64)
+    p = p / p.sum(axis=-1, keepdims=True)
+    mean = p @ SCORES
+    var = p @ SCORES**2 - mean**2
+    return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+def emd(p, q, r: int = 2) -> np.ndarray:
+    """Per-row EMD_r between (..., 10) histograms ``p`` and ``q`` (see the module's docstring)."""
+    cdf = np.cumsum(np.asarray(p, np.float64), axis=-1) - np.cumsum(np.asarray(q, np.float64), axis=-1)
+    return np.mean(np.abs(cdf) ** r, axis=-1) ** (1.0 / r)
+
+
+# --------------------------------------------------------------------------------------------
+# What training and evaluation need of a target
+# --------------------------------------------------------------------------------------------
+
+
+def training_labels(spec: TargetSpec, mos, votes) -> np.ndarray:
+    """The target of each image: MOS (n,) or vote histograms (n, 10); NaN where unknown."""
+    if spec.outputs == 1:
+        return np.asarray(mos, dtype=np.float64)
+    return vote_histograms(votes)
+
+
+def initial_bias(spec: TargetSpec, train_labels) -> list:
+    """The last layer's bias, so that an untrained head predicts the training mean.
+
+    MOS: the mean training MOS. Distribution: the log of the mean training histogram (less
+    its mean), so the softmax starts at that histogram.
+    """
+    mean = np.mean(np.asarray(train_labels, np.float64), axis=0)
+    if spec.outputs == 1:
+        return [float(mean)]
+    logp = np.log(np.maximum(mean, 1e-4))
+    return [float(v) for v in logp - logp.mean()]
+
+
+def mos_of(pred) -> np.ndarray:
+    """The predicted MOS of a head's output: (n,) as is, (n, 10) histograms their mean."""
+    pred = np.asarray(pred, dtype=np.float64)
+    return pred if pred.ndim == 1 else moments(pred)[0]
+
+
+def validation_loss(labels, pred) -> float:
+    """What the schedule watches: MSE of MOS, or the mean EMD (r = 2) of histograms."""
+    labels, pred = np.asarray(labels, np.float64), np.asarray(pred, np.float64)
+    if pred.ndim == 1:
+        return float(np.mean((pred - labels) ** 2))
+    return float(np.mean(emd(labels, pred, 2)))
+
+
+def prediction_columns(pred) -> dict:
+    """Columns of predictions.csv and of scores: ``pred``, and for a histogram ``pred_opinion_std``
+    and ``p1``..``p10``."""
+    pred = np.asarray(pred, dtype=np.float64)
+    if pred.ndim == 1:
+        return {"pred": pred}
+    mean, std = moments(pred)
+    return {"pred": mean, "pred_opinion_std": std, **{f"p{k + 1}": pred[:, k] for k in range(pred.shape[1])}}
