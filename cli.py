@@ -22,6 +22,7 @@ import click
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from heads.schedule import FULL_EPOCH_STEPS, MIN_EPOCH_STEPS, PAPER  # noqa: E402
+from heads.targets import DEFAULT_TARGET, TARGETS  # noqa: E402
 from mlsp.backbones import BACKBONES  # noqa: E402
 from mlsp.errors import MLSPError  # noqa: E402
 from mlsp.progress import console_progress  # noqa: E402
@@ -332,6 +333,10 @@ _MEMORY_HELP = ("Features up to this size (e.g. 8GB) are loaded into memory, lar
 @click.option("--head", required=True, help="The head: single1fc, single3fc, multi3fc or pool3fc (`mlsp heads`).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Run folder. Default: runs/<store>-<head>-<timestamp>.")
+@click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
+              help="What the head predicts: mos (the paper's: MSE on the MOS) or distribution (a softmax over "
+                   "the scores 1..10 trained with the EMD, r = 2, on each image's vote histogram; needs labels "
+                   "with vote counts; adds the predicted opinion std, p1..p10 and EMD metrics).")
 @click.option("--epochs", type=click.IntRange(min=1),
               help="At most this many epochs. Default: until the LR schedule ends "
                    "(--lr-epochs per LR stage, three stages).")
@@ -364,8 +369,8 @@ _MEMORY_HELP = ("Features up to this size (e.g. 8GB) are loaded into memory, lar
               help="Threads reading batches ahead.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar per epoch.")
 @handle_errors
-def train_command(store_path, head, out, epochs, lr, min_lr, lr_epochs, patience, batch_size, steps_per_epoch,
-                  seed, width, kernels, memory_budget, workers, progress):
+def train_command(store_path, head, out, target, epochs, lr, min_lr, lr_epochs, patience, batch_size,
+                  steps_per_epoch, seed, width, kernels, memory_budget, workers, progress):
     """Train a head on a feature store; evaluate it on val and test.
 
     Stage 2 reads only the store. The schedule is the paper's: MSE, Adam, batch 128, LR 1e-4
@@ -373,6 +378,11 @@ def train_command(store_path, head, out, epochs, lr, min_lr, lr_epochs, patience
     1e-6, reloading the best weights at each change; the best weights on validation loss are
     the result. Each epoch draws one random stored view per image; validation and test use the
     mean prediction over all stored views.
+
+    With --target distribution the head predicts each image's histogram of votes (EMD loss,
+    validation EMD for the schedule); its MOS is the histogram's mean, so the MOS metrics stay
+    comparable, and metrics.json adds EMD (r = 1, 2) and the correlation of the predicted
+    opinion std with the true one. Images without votes are left out.
 
     \b
     The paper's values are sized for AVA (1,749 batches per epoch); on a smaller store the
@@ -387,8 +397,8 @@ def train_command(store_path, head, out, epochs, lr, min_lr, lr_epochs, patience
 
     head_options = {k: v for k, v in (("width", width), ("kernels", kernels)) if v is not None}
     config = TrainConfig(
-        head=head, store=store_path, out=out, head_options=head_options, epochs=epochs, lr=lr, min_lr=min_lr,
-        lr_epochs=lr_epochs, patience=patience, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+        head=head, store=store_path, out=out, head_options=head_options, target=target, epochs=epochs, lr=lr,
+        min_lr=min_lr, lr_epochs=lr_epochs, patience=patience, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
         seed=seed, memory_budget=_memory_budget(memory_budget), workers=workers,
     )
     _sigterm_as_interrupt()
@@ -407,6 +417,7 @@ def _echo_metrics(metrics):
         return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
     keys = ("srcc", "plcc", "accuracy", "balanced_accuracy", "n")
+    keys += tuple(k for k in ("emd1", "emd2", "std_srcc", "std_plcc") if any(k in m for m in metrics.values()))
     click.echo(f"{'':6}" + "".join(f"{k:>19}" for k in keys))
     for split, m in metrics.items():
         click.echo(f"{split:6}" + "".join(f"{fmt(m.get(k)):>19}" for k in keys))

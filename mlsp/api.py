@@ -38,8 +38,8 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = "
 
 def train(store: str | None = None, *, head: str, out: str | None = None, width: int | None = None,
           kernels: int | None = None, progress=False, **options):
-    """``mlsp train``: ``options`` are :class:`heads.training.TrainConfig` fields (epochs, lr,
-    min_lr, lr_epochs, patience, batch_size, steps_per_epoch, seed, memory_budget, workers);
+    """``mlsp train``: ``options`` are :class:`heads.training.TrainConfig` fields (target, epochs,
+    lr, min_lr, lr_epochs, patience, batch_size, steps_per_epoch, seed, memory_budget, workers);
     an unknown one is an error; lr, min_lr and steps_per_epoch not given are chosen from the
     store's size (:func:`heads.schedule.resolve_schedule`). Returns :class:`heads.training.TrainResult`."""
     from heads.training import TrainConfig, train as run
