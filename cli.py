@@ -503,8 +503,9 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
     mlsp score RUN_DIR a.jpg b.png                          a few files
 
     pred is the mean prediction over the views (4 corner crops and their mirror images, as in
-    training), pred_std their spread. Files that cannot be used are listed, and kept in the CSV
-    with their reason in the column `error`.
+    training), pred_std their spread. A run of --target distribution adds pred_opinion_std (how
+    much people would disagree) and p1..p10 (the predicted share of each score). Files that
+    cannot be used are listed, and kept in the CSV with their reason in the column `error`.
     """
     from mlsp import api
 
@@ -535,7 +536,8 @@ def export_command(run_dir, out, weights, precision, allow_unfinished):
     """Save views + backbone + pooling + head as one Keras model: image batch in, MOS out.
 
     The model takes RGB images of one size with values 0..255 and returns the mean prediction
-    over the run's views. Load it with keras.saving.load_model(path, safe_mode=True) after
+    over the run's views; for a run of --target distribution, a dict of mos, opinion_std and
+    distribution (the 10 probabilities). Load it with keras.saving.load_model(path, safe_mode=True) after
     `import mlsp, heads` (which register its layers), or with `heads.export.load_exported(path)`.
     """
     from mlsp import api

@@ -27,7 +27,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def _register_layers(keras_module):
-    from . import layers  # noqa: F401  (its classes register themselves)
+    from . import distribution, layers  # noqa: F401  (their layers and loss register themselves)
 
 
 # like mlsp's: the heads' layers are registered as soon as Keras is imported, so every saved

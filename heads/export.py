@@ -8,8 +8,10 @@ exactly that.
 
 The model takes a batch of RGB images of one size, values 0..255 (any float or int dtype),
 makes the run's views (4 corner crops of 87.5% and their mirror images, or the whole image),
-and returns the mean prediction over the views, shape (batch,). It does no decoding and no
-resizing: give it images as ``mlsp.images.decode_image(path, max_side)`` returns them, with the
+and returns the mean prediction over the views, shape (batch,). A run of the ``distribution``
+target returns a dict: ``mos`` and ``opinion_std`` (batch,) and ``distribution`` (batch, 10),
+the mean histogram over the views (:class:`heads.layers.HistogramMoments` makes the first two).
+It does no decoding and no resizing: give it images as ``mlsp.images.decode_image(path, max_side)`` returns them, with the
 ``max_side`` of the run's store (``Run.open(run_dir).extract_config().max_side``, 1024 by
 default), which is what ``mlsp score --images`` does.
 """
@@ -25,6 +27,7 @@ from mlsp.errors import ConfigError
 from mlsp.extract import FeatureExtractor
 from mlsp.layers import ViewCrops, ViewMean
 
+from .layers import HistogramMoments
 from .run import Run
 
 log = logging.getLogger(__name__)
@@ -45,9 +48,12 @@ def build_scoring_model(run_dir: str, weights: str | None = None, precision: str
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(x)  # the nets' [-1, 1]
     features = extractor.model(x)
     pred = head(features)
-    mos = ViewMean(crops.n_views, name="mean_over_views")(pred)
+    mean = ViewMean(crops.n_views, name="mean_over_views")(pred)
     name = f"mlsp_{config.net}_{config.pooling}_{run.config['head']}"
-    return keras.Model(images, mos, name=name)
+    if len(mean.shape) == 1:
+        return keras.Model(images, mean, name=name)
+    mos, std = HistogramMoments(name="moments")(mean)
+    return keras.Model(images, {"mos": mos, "opinion_std": std, "distribution": mean}, name=name)
 
 
 def export(run_dir: str, out: str | None = None, *, weights: str | None = None,

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import keras
+from keras import ops
+
+from mlsp.labels import N_BINS
 
 
 @keras.saving.register_keras_serializable(package="mlsp_heads")
@@ -31,3 +34,18 @@ class BlockSplit(keras.layers.Layer):
         config = super().get_config()
         config["channels"] = list(self.channels)
         return config
+
+
+@keras.saving.register_keras_serializable(package="mlsp_heads")
+class HistogramMoments(keras.layers.Layer):
+    """(B, 10) histograms over the scores 1..10 -> their mean (MOS) and standard deviation, (B,) each."""
+
+    def call(self, p):
+        scores = ops.cast(ops.arange(1, N_BINS + 1), p.dtype)
+        p = p / ops.sum(p, axis=-1, keepdims=True)
+        mean = ops.sum(p * scores, axis=-1)
+        var = ops.sum(p * ops.square(scores), axis=-1) - ops.square(mean)
+        return [mean, ops.sqrt(ops.maximum(var, 0.0))]
+
+    def compute_output_shape(self, input_shape):
+        return [(input_shape[0],), (input_shape[0],)]

@@ -1,7 +1,9 @@
 """Scoring: a trained run applied to a whole store, or to new image files.
 
 Both give one row per image: ``id``, ``pred`` (the mean prediction over the image's views, as
-in evaluation), ``pred_std`` (their spread) and, where known, ``mos`` and ``split``. Scoring
+in evaluation), ``pred_std`` (their spread) and, where known, ``mos`` and ``split``. A run of the
+``distribution`` target (:mod:`heads.targets`) adds ``pred_opinion_std`` and ``p1``..``p10``, the
+mean histogram over the views; ``pred`` is its mean. Scoring
 images runs the backbone recorded with the run -- the same net, pooling, views, weights (by
 hash), ``max_side`` and precision as the store it was trained on -- and rounds the features to
 float16 as the store does, so its numbers equal extracting and then scoring from a store.
@@ -22,6 +24,7 @@ from mlsp.readahead import decode_ahead
 from mlsp.store import FeatureStore
 
 from .run import Run
+from .targets import moments, prediction_columns
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,10 @@ def check_store_matches(run: Run, store: FeatureStore):
                         store.path, key, a, b)
 
 
-def _frame(ids, preds, stds, mos=None, split=None, paths=None):
+def _frame(ids, columns: dict, mos=None, split=None, paths=None):
     import pandas as pd
 
-    data = {"id": list(ids), "pred": np.asarray(preds, np.float64), "pred_std": np.asarray(stds, np.float64)}
+    data = {"id": list(ids), **{k: np.asarray(v, np.float64) for k, v in columns.items()}}
     if paths is not None:
         data["path"] = list(paths)
     if mos is not None:
@@ -57,10 +60,27 @@ def _frame(ids, preds, stds, mos=None, split=None, paths=None):
 
 
 def view_predictions(model, features: np.ndarray) -> np.ndarray:
-    """(n, V, ...) features -> (n, V) predictions in one call."""
+    """(n, V, ...) features -> (n, V) predictions in one call; (n, V, K) for a head of K outputs."""
     n, v = features.shape[:2]
     flat = features.reshape((n * v,) + features.shape[2:])
-    return np.asarray(model.predict_on_batch(flat), np.float64).reshape(n, v)
+    pred = np.asarray(model.predict_on_batch(flat), np.float64).reshape(n, v, -1)
+    return pred[..., 0] if pred.shape[-1] == 1 else pred
+
+
+def score_columns(p: np.ndarray) -> dict:
+    """(n, V) or (n, V, K) view predictions -> the score columns: ``pred`` and ``pred_std`` (the
+    mean and spread over the views of the MOS), and a histogram's ``pred_opinion_std``, ``p1``..."""
+    if p.ndim == 2:
+        return {"pred": p.mean(1), "pred_std": p.std(1)}
+    columns = prediction_columns(p.mean(1))  # the mean histogram over the views
+    return {"pred": columns.pop("pred"), "pred_std": moments(p)[0].std(1), **columns}
+
+
+def _stack(parts: list) -> dict:
+    """Score columns of several batches, one after the other."""
+    if not parts:
+        return {"pred": [], "pred_std": []}
+    return {k: np.concatenate([c[k] for c in parts]) for k in parts[0]}
 
 
 def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_images: int = 256,
@@ -72,17 +92,16 @@ def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_
     with FeatureStore(store_path) as store:
         check_store_matches(run, store)
         n = store.n_images
-        preds, stds = np.empty(n), np.empty(n)
+        parts = []
         bar = progress(total=n, desc="score", unit="img")
         try:
             for start in range(0, n, batch_images):
                 rows = np.arange(start, min(n, start + batch_images))
-                p = view_predictions(model, store.read(rows))
-                preds[rows], stds[rows] = p.mean(1), p.std(1)
+                parts.append(score_columns(view_predictions(model, store.read(rows))))
                 bar.update(len(rows))
         finally:
             bar.close()
-        frame = _frame(store.ids, preds, stds, store.mos, store.split)
+        frame = _frame(store.ids, _stack(parts), store.mos, store.split)
     if out:
         _write_csv(frame, out)
     return frame
@@ -95,10 +114,10 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
     """Score image files with a trained run: backbone, pooling and head, streaming.
 
     Memory stays bounded (a few decoded images ahead, one image's views in the model). The
-    frame has ``id``, ``pred``, ``pred_std`` and ``path``. Files that cannot be used are skipped
-    and returned as ``errors`` (id, path, reason); they are also in the CSV with an empty
-    ``pred`` and the reason in ``error``. Returns ``(frame, errors)``. ``allow_unfinished``: also
-    an interrupted or diverged run.
+    frame has ``id``, ``pred``, ``pred_std`` (and a distribution run's columns) and ``path``.
+    Files that cannot be used are skipped and returned as ``errors`` (id, path, reason); they are
+    also in the CSV with an empty ``pred`` and the reason in ``error``. Returns ``(frame, errors)``.
+    ``allow_unfinished``: also an interrupted or diverged run.
     """
     run = Run.open(run_dir, allow_unfinished=allow_unfinished)
     config = run.extract_config(weights, precision)
@@ -117,12 +136,11 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
                 errors.append({"id": image_id, "path": path, "reason": result.reason})
             else:
                 features = extractor(result[0]).astype(np.float16)  # as stored
-                p = view_predictions(model, features[None])[0]
-                rows.append((image_id, p.mean(), p.std(), path))
+                rows.append((image_id, score_columns(view_predictions(model, features[None])), path))
             bar.update(1)
     finally:
         bar.close()
-    frame = _frame([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], paths=[r[3] for r in rows])
+    frame = _frame([r[0] for r in rows], _stack([r[1] for r in rows]), paths=[r[2] for r in rows])
     if out:
         import pandas as pd
 

@@ -61,14 +61,20 @@ class ViewCrops(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="mlsp")
 class ViewMean(keras.layers.Layer):
-    """(B*V, 1) predictions -> (B,) mean over each image's V views."""
+    """(B*V, 1) predictions -> (B,) mean over each image's V views; (B*V, K) -> (B, K)."""
 
     def __init__(self, n_views: int, **kwargs):
         super().__init__(**kwargs)
         self.n_views = int(n_views)
 
     def call(self, predictions):
-        return ops.mean(ops.reshape(predictions, (-1, self.n_views)), axis=1)
+        k = predictions.shape[-1] or 1
+        mean = ops.mean(ops.reshape(predictions, (-1, self.n_views, k)), axis=1)
+        return mean[:, 0] if k == 1 else mean
+
+    def compute_output_shape(self, input_shape):
+        k = input_shape[-1] or 1
+        return (None,) if k == 1 else (None, k)
 
     def get_config(self):
         return {**super().get_config(), "n_views": self.n_views}

@@ -154,3 +154,55 @@ def test_evaluate_recomputes_the_distribution_metrics(planted):
     for split in ("val", "test"):
         for key in ("srcc", "emd1", "emd2", "std_srcc", "std_plcc", "n_votes"):
             assert again[split][key] == pytest.approx(before[split][key], abs=1e-4), (split, key)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, extractors):
+    """A small sample (its labels give votes), its iv3 store and a distribution run on it."""
+    from mlsp import api
+    from mlsp.extract import ExtractConfig, extract
+    from mlsp.sample import build_sample
+
+    root = tmp_path_factory.mktemp("score_distribution")
+    info = build_sample(str(root / "sample"), n_images=10, seed=2)
+    store = str(root / "iv3_narrow.h5")
+    extract(info.images_dir, ExtractConfig(net="iv3", weights="random:0"), store, labels=info.labels_path,
+            test_list=info.test_list_path, val_fraction=0.25, extractor=extractors(net="iv3"))
+    run = api.train(store, head="single1fc", target="distribution", out=str(root / "run"), epochs=2,
+                    steps_per_epoch=2, lr=1e-3)
+    return {"root": root, "images": info.images_dir, "store": store, "run": run.run_dir}
+
+
+def test_scores_and_the_exported_model_carry_the_distribution(scored, extractors):
+    from heads.export import export, load_exported
+    from heads.score import score_images, score_store
+    from mlsp.images import decode_image
+
+    from_store = score_store(scored["run"], scored["store"])
+    assert list(from_store.columns) == ["id", "pred", "pred_std", "pred_opinion_std", *P_COLUMNS, "mos", "split"]
+    np.testing.assert_allclose(from_store[P_COLUMNS].sum(axis=1), 1.0, atol=1e-5)
+    mean, std = moments(from_store[P_COLUMNS].to_numpy())
+    np.testing.assert_allclose(from_store["pred"], mean, rtol=1e-6)
+    np.testing.assert_allclose(from_store["pred_opinion_std"], std, rtol=1e-6)
+    assert (from_store["pred_std"] > 0).all(), "8 different views give different histograms"
+    names = sorted(os.listdir(scored["images"]))[:3]
+    from_images, errors = score_images(scored["run"], [os.path.join(scored["images"], n) for n in names],
+                                       extractor=extractors(net="iv3"))
+    assert errors == [] and list(from_images.columns) == [*from_store.columns[:-2], "path"]
+    merged = from_store.merge(from_images, on="id", suffixes=("_store", "_images"))
+    assert len(merged) == 3
+    for column in ("pred", "pred_std", "pred_opinion_std", *P_COLUMNS):
+        np.testing.assert_allclose(merged[f"{column}_images"], merged[f"{column}_store"], atol=1e-4)
+    # the exported model: image batch in, MOS, opinion std and histogram out
+    model = load_exported(export(scored["run"], str(scored["root"] / "m.keras")))
+    name = names[0]
+    out = model.predict(decode_image(os.path.join(scored["images"], name), 1024)[None].astype("float32"), verbose=0)
+    assert set(out) == {"mos", "opinion_std", "distribution"} and np.shape(out["distribution"]) == (1, 10)
+    row = from_store.set_index("id").loc[os.path.splitext(name)[0]]
+    np.testing.assert_allclose(np.asarray(out["distribution"])[0], row[P_COLUMNS].to_numpy(float), atol=2e-4)
+    assert float(np.asarray(out["mos"])[0]) == pytest.approx(row["pred"], abs=2e-3)
+    assert float(np.asarray(out["opinion_std"])[0]) == pytest.approx(row["pred_opinion_std"], abs=2e-3)
+    # and the command line prints them
+    res = invoke("score", scored["run"], "--store", scored["store"])
+    assert res.exit_code == 0, res.output
+    assert "pred_opinion_std" in res.output and "p10" in res.output
