@@ -486,7 +486,8 @@ _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (
               help="Score every image of this store (same net, pooling and channel layout as the run's).")
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
               help="Score the images in this folder (recursively), running the run's backbone on them.")
-@click.option("--out", type=click.Path(dir_okay=False), help="CSV to write (id, pred, pred_std[, mos, split]). "
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="CSV to write (id, pred, pred_std[, pred_opinion_std, p1..p10][, mos, split]). "
               "Default: print the scores.")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]),

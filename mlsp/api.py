@@ -60,9 +60,9 @@ def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None) 
 def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str] | None = None,
           out: str | None = None, weights: str | None = None, precision: str | None = None,
           workers: int = 2, progress: bool = False, allow_unfinished: bool = False):
-    """``mlsp score``: a pandas DataFrame (id, pred, pred_std[, mos, split]) for every image of
-    ``store``, or of the image files ``images`` (then files that could not be used are in
-    ``frame.attrs["errors"]``). ``allow_unfinished``: also an interrupted or diverged run."""
+    """``mlsp score``: a pandas DataFrame (id, pred, pred_std[, pred_opinion_std, p1..p10 for a
+    run of the distribution target][, mos, split]) for every image of ``store``, or of the image
+    files ``images`` (then files that could not be used are in ``frame.attrs["errors"]``). ``allow_unfinished``: also an interrupted or diverged run."""
     from heads.score import score_images, score_store
 
     if (store is None) == (images is None):
