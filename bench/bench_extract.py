@@ -501,7 +501,7 @@ def progress(total=None, desc="", unit="", **kwargs):
 
     return Bar()
 
-cli.tqdm_progress = progress
+cli.tqdm_progress = cli.console_progress = progress  # (console_progress: the current name)
 try:
     cli.main(sys.argv[2:], standalone_mode=False)
 finally:
