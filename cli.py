@@ -44,7 +44,7 @@ def handle_errors(func):
         except MLSPError as exc:
             raise click.ClickException(str(exc)) from exc
         except OSError as exc:
-            from mlsp.files import describe_os_error
+            from mlsp.atomic import describe_os_error
 
             where = exc.filename or "a file"
             raise click.ClickException(f"{where}: {describe_os_error(exc)}") from exc
@@ -232,12 +232,18 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
 @click.argument("store_path", metavar="STORE.h5", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @click.option("--errors", "show_errors", is_flag=True, help="List every input that could not be used.")
+@click.option("--quick", is_flag=True, help="Skip reading every feature value to check it (one read of the "
+              "whole store); labels and the file's structure are checked anyway.")
 @handle_errors
-def inspect(store_path, as_json, show_errors):
-    """Show what a feature store holds: configuration, sizes, labels, splits, errors."""
+def inspect(store_path, as_json, show_errors, quick):
+    """Show what a feature store holds: configuration, sizes, labels, splits, errors.
+
+    Also checks the store: labels (MOS in 1..10), dataset lengths and the HDF5 structure, and,
+    unless --quick, every feature value (finite; one read of the whole store). A damaged store
+    ends with a one-line error naming the image and exit code 1."""
     from mlsp.store import FeatureStore, describe
 
-    info = describe(store_path)
+    info = describe(store_path, check_features=not quick, progress=None if as_json else console_progress)
     if as_json:
         echo_json(info)
     else:
@@ -248,6 +254,8 @@ def inspect(store_path, as_json, show_errors):
         with FeatureStore(store_path) as s:
             for e in s.errors():
                 click.echo(f"{e['path']}\t{e['reason']}")
+    if info.get("features_check", "ok") != "ok":
+        raise click.ClickException(info["features_check"])
 
 
 @main.command()

@@ -36,7 +36,7 @@ import keras
 import numpy as np
 
 from mlsp.errors import ConfigError, StoreError
-from mlsp.store import FeatureStore
+from mlsp.store import FeatureStore, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class FeatureSource:
     """Features of the store's images by store row; see the module docstring."""
 
     mode = "?"
+    failure: StoreError | None = None  # a damaged store met while reading (see StoreSource._checked)
     n_views: int
     view_shape: tuple  # one view's features as handed out
     dtype: np.dtype
@@ -241,7 +242,8 @@ class StoreSource(FeatureSource):
                        and sorted_idx[stop] - sorted_idx[stop - 1] in (0, 1)):
                     stop += 1
                 lo, hi = int(sorted_idx[start]), int(sorted_idx[stop - 1]) + 1
-                slab = self._finish(self._ds[lo:hi])
+                raw = self._checked(self._ds[lo:hi], np.arange(lo, hi))
+                slab = self._finish(raw)
                 out[order[start:stop]] = slab[sorted_idx[start:stop] - lo]
                 start = stop
             return out
@@ -251,7 +253,7 @@ class StoreSource(FeatureSource):
         if self._offsets is None:
             for k in order:
                 out[k] = self._finish(self._ds[int(indices[k]), int(views[k])])
-            return out
+            return self._checked(out, indices)
         if self._offsets.ndim == 1:  # narrow: one chunk per image, its views one after the other
             starts = self._offsets[indices] + views * self._view_bytes
         else:  # wide: one chunk per view
@@ -262,7 +264,24 @@ class StoreSource(FeatureSource):
             got = os.preadv(self._fd, [memoryview(target[k]).cast("B")], int(starts[k]))
             if got != self._view_bytes:
                 raise StoreError(f"{self.path}: short read of image {int(indices[k])} (file truncated?)")
+        self._checked(target, indices)
         return self._finish(target) if self.reduce_grid else out
+
+    def _checked(self, x: np.ndarray, rows) -> np.ndarray:
+        """``x`` after checking it is finite (one ``np.isfinite`` pass; see mlsp.store.check_finite).
+        A failure is also kept in :attr:`failure`: raised in a thread of Keras' data pipeline,
+        it reaches the trainer wrapped in TensorFlow's error."""
+        try:
+            check_finite(self.path, x, rows, self._image_id)
+        except StoreError as exc:
+            self.failure = exc
+            raise
+        return x
+
+    def _image_id(self, row: int) -> str:
+        """The id of the image at ``row`` (read only to name it in an error)."""
+        value = self._file["ids"][row]
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
     def close(self):
         if self._fd is not None:

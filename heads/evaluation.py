@@ -25,8 +25,8 @@ from typing import Mapping
 import numpy as np
 from scipy import stats
 
-from mlsp.atomic import write_json
-from mlsp.errors import ConfigError, StoreError
+from mlsp.atomic import atomic_path, describe_os_error, write_json
+from mlsp.errors import ConfigError, StoreError, WriteError
 from mlsp.store import FeatureStore
 
 from .data import open_features, predict_views
@@ -100,7 +100,10 @@ def write_outputs(out_dir: str, store: FeatureStore, predictions: Mapping[str, t
     distribution's metrics and the columns ``opinion_std`` (true, from the votes; empty without),
     ``pred_opinion_std`` and ``p1``..``p10``. Returns the metrics, ``{split: {...}}``.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(out_dir, describe_os_error(exc), "nothing was written") from exc
     metrics, results = {}, {}
     header, rows_out = ["id", "split", "mos", "pred"], []
     for split, (rows, pred) in predictions.items():
@@ -115,7 +118,7 @@ def write_outputs(out_dir: str, store: FeatureStore, predictions: Mapping[str, t
         header = ["id", "split", "mos", *columns]
         rows_out += [[store.ids[r], split, m, *values] for r, m, *values in zip(rows, mos, *columns.values())]
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as handle:
+    with atomic_path(os.path.join(out_dir, "predictions.csv")) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for image_id, split, *values in rows_out:

@@ -23,6 +23,7 @@ import os
 
 import keras
 
+from mlsp.atomic import atomic_path
 from mlsp.errors import ConfigError
 from mlsp.extract import FeatureExtractor
 from mlsp.layers import ViewCrops, ViewMean
@@ -63,7 +64,8 @@ def export(run_dir: str, out: str | None = None, *, weights: str | None = None,
     if not out.endswith(".keras"):
         raise ConfigError(f"{out}: the exported model is a .keras file (Keras' format); give a name ending in .keras")
     model = build_scoring_model(run_dir, weights, precision, allow_unfinished=allow_unfinished)
-    model.save(out)
+    with atomic_path(out, keep_extension=True) as tmp:  # Keras insists on the .keras extension
+        model.save(tmp)
     log.info("exported %s (%d parameters) to %s", model.name, model.count_params(), out)
     return out
 

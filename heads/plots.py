@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mlsp.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 
@@ -46,9 +48,7 @@ def plot_predictions(path: str, results: Mapping[str, tuple], metrics: Mapping[s
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_history(path: str, history: Sequence[Mapping], events: Sequence[Mapping] = ()):
@@ -71,6 +71,15 @@ def plot_history(path: str, history: Sequence[Mapping], events: Sequence[Mapping
         ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _save(fig, path: str):
+    """PNG under a temporary name, renamed when complete (:mod:`mlsp.atomic`)."""
+    plt = _pyplot()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

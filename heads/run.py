@@ -137,7 +137,8 @@ class Run:
         """The backbone's weights (``record``, as the extractor reports them) are the run's."""
         want = self.store_info["config"]["weights_sha256"]
         if record["sha256"] != want:
-            raise StoreConfigMismatch(self.path, {"weights_sha256": (want, record["sha256"])})
+            raise StoreConfigMismatch(self.path, {"weights_sha256": (want, record["sha256"])},
+                                      advice="Pass the backbone's weights file the run was trained with: --weights PATH.")
 
 
 def read_config(path: str) -> dict:

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mlsp.atomic import atomic_path
 from mlsp.errors import ImageDecodeError, StoreConfigMismatch
 from mlsp.extract import FeatureExtractor, collect_inputs
 from mlsp.progress import ProgressFactory, null_progress
@@ -37,8 +38,13 @@ def check_store_matches(run: Run, store: FeatureStore):
                       ("block_names", store.block_names)):
         if list(np.atleast_1d(info[key])) != list(np.atleast_1d(have)):
             diff[key] = (info[key], have)
+    if "net" in diff:  # another net's blocks differ too: the net says it all
+        diff = {k: v for k, v in diff.items() if k in ("net", "pooling")}
     if diff:  # "store has X, asked for Y": Y is what the run was trained on
-        raise StoreConfigMismatch(store.path, {k: (b, a) for k, (a, b) in diff.items()})
+        raise StoreConfigMismatch(
+            store.path, {k: (b, a) for k, (a, b) in diff.items()},
+            advice=f"The run {run.path} takes features of its own net and layout: score a store extracted "
+                   "that way, or the images themselves (mlsp score RUN --images DIR).")
     for key in ("weights_sha256", "preprocessing", "crop_fraction", "precision", "max_side"):
         a, b = info["config"].get(key), store.attrs.get(key)
         if a != b:
@@ -151,10 +157,8 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
 
 
 def _write_csv(frame, out: str):
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    frame.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, out)
+    with atomic_path(out, keep_extension=True) as tmp:  # the extension last: pandas infers compression from it
+        frame.to_csv(tmp, index=False, float_format="%.6g")
     log.info("wrote %d rows to %s", len(frame), out)
 
 

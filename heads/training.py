@@ -21,7 +21,6 @@ import contextlib
 import csv
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import platform
@@ -32,6 +31,7 @@ import keras
 import numpy as np
 
 from mlsp import __version__
+from mlsp.atomic import atomic_path, write_json
 from mlsp.errors import ConfigError, StoreError, TrainingError
 from mlsp.progress import ProgressFactory, console_progress, null_progress, resolve as resolve_progress
 from mlsp.store import FeatureStore, find_latest_store
@@ -324,14 +324,17 @@ class HistoryCSV(keras.callbacks.Callback):
         self.path = path
 
     def on_train_begin(self, logs=None):
-        with open(self.path, "w", newline="") as handle:
-            csv.writer(handle).writerow(self.COLUMNS)
+        self.rows = [list(self.COLUMNS)]
+        self._write()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        with open(self.path, "a", newline="") as handle:
-            csv.writer(handle).writerow(
-                [epoch + 1] + ["" if logs.get(k) is None else repr(float(logs[k])) for k in self.COLUMNS[1:]])
+        self.rows.append([epoch + 1] + ["" if logs.get(k) is None else repr(float(logs[k])) for k in self.COLUMNS[1:]])
+        self._write()
+
+    def _write(self):  # the whole file each epoch (a few KB), complete or not at all
+        with atomic_path(self.path, sync=False) as tmp, open(tmp, "w", newline="") as handle:
+            csv.writer(handle).writerows(self.rows)
 
 
 class ProgressBar(keras.callbacks.Callback):
@@ -368,14 +371,6 @@ class ProgressBar(keras.callbacks.Callback):
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
-
-
-def _write_json(path: str, data: dict):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 def _read_history(path: str) -> list:
@@ -441,7 +436,7 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
             "status": "running",
         }
         config_path = os.path.join(run_dir, "config.json")
-        _write_json(config_path, record)
+        write_json(config_path, record)
         try:
             with deterministic_ops(config.deterministic):
                 model, schedule, throughput, interrupted = _fit(
@@ -449,8 +444,12 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
                     reduce_grid, run_dir, progress)
                 predictions = {split: (rows[split], predict_views(model, source, rows[split])) for split in EVAL_SPLITS}
         except Exception as exc:
-            record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-            _write_json(config_path, record)
+            # a damaged store met in a reading thread reaches here wrapped in TensorFlow's error
+            failure = source.failure or exc
+            record.update(status="failed", error=f"{type(failure).__name__}: {failure}")
+            write_json(config_path, record)
+            if source.failure is not None:
+                raise source.failure from None
             raise
         finally:
             source.close()
@@ -463,11 +462,13 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
         export = build_head(spec.name, store.block_channels, pooling=store.pooling, grid=_grid(store),
                             output_bias=output_bias, target=goal.name, **head_options)
         export.set_weights(model.get_weights())
-        export.save(os.path.join(run_dir, "model.keras"))
+        with atomic_path(os.path.join(run_dir, "model.keras"), keep_extension=True,
+                         kept=f"{run_dir} holds the run's config.json and history.csv, not its model") as tmp:
+            export.save(tmp)
         if diverged is not None:
             record.update(status="diverged", error=diverged, epochs_run=len(history),
                           best_val_loss=float(schedule.best), lr_changes=schedule.events)
-            _write_json(config_path, record)
+            write_json(config_path, record)
             raise TrainingError(f"training diverged: {diverged}; try a lower --lr (this run's: {fmt_lr(plan.lr)}); "
                                 f"{config_path} marks the run diverged")
         metrics = write_outputs(run_dir, store, predictions)
@@ -486,7 +487,7 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
                 "epoch_seconds": [round(t, 3) for t in throughput.epoch_seconds]},
         metrics=metrics,
     )
-    _write_json(config_path, record)
+    write_json(config_path, record)
     extra = "" if "emd2" not in metrics["test"] else \
         f", EMD (r=2) {_fmt(metrics['test']['emd2'])}, opinion std SRCC {_fmt(metrics['test']['std_srcc'])}"
     log.info("done in %.0f s: test SRCC %s, PLCC %s%s; run folder %s", time.time() - started,

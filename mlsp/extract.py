@@ -18,8 +18,9 @@ from typing import Sequence
 import numpy as np
 
 from . import backbones, images, store
+from .atomic import describe_os_error, is_write_failure, remove_stale_temporaries
 from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch, WriteError
-from .files import NoSpace, StoreLock, describe_os_error, is_write_failure, remove_stale_temporaries
+from .files import NoSpace, StoreLock
 from .progress import ProgressFactory, null_progress
 from .readahead import decode_ahead
 

@@ -21,8 +21,9 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .atomic import AtomicPath, is_write_failure, remove_stale_temporaries
 from .errors import StoreConfigMismatch, StoreError
-from .files import AtomicPath, ensure_space, is_write_failure, remove_stale_temporaries
+from .files import ensure_space
 
 log = logging.getLogger(__name__)
 
@@ -366,8 +367,12 @@ def find_latest_store(root: str = "features") -> str:
     return max(candidates, key=os.path.getmtime)
 
 
-def describe(path: str) -> dict:
-    """What a store holds, as plain data (used by ``mlsp inspect``)."""
+def describe(path: str, check_features: bool = False, progress=None) -> dict:
+    """What a store holds, as plain data (used by ``mlsp inspect``).
+
+    Labels and dataset lengths are always checked (opening the store does). ``check_features``
+    also reads every feature once (:meth:`FeatureStore.check_features`: the time of one
+    sequential read of the store) and sets ``features_check`` to ``"ok"`` or the problem."""
     with FeatureStore(path) as s:
         counts = {k: int((s.split == k).sum()) for k in SPLITS}
         labelled = np.isfinite(s.mos)
@@ -390,6 +395,12 @@ def describe(path: str) -> dict:
             "mos_std": float(np.nanstd(s.mos)) if labelled.any() else None,
             "errors": len(s.errors()),
         }
+        if check_features:
+            try:
+                s.check_features(progress=progress)
+                info["features_check"] = "ok"
+            except StoreError as exc:
+                info["features_check"] = str(exc)
         for key in ("weights_source", "weights_sha256", "preprocessing", "crop_fraction", "max_side",
                     "precision", "dataset", "labels_file", "test_list", "val_fraction", "seed",
                     "labels_without_images", "mlsp_version", "created"):

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import cli
 from conftest import write_image
-from mlsp import files
+from mlsp import atomic, files
 from mlsp.errors import LabelsError, StoreLocked, WriteError
 from mlsp.extract import ExtractConfig, extract
 from mlsp.store import FeatureStore
@@ -104,7 +104,7 @@ cli.main()
 
 def test_atomic_path_renames_when_complete_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "sub" / "metrics.json"
-    with files.AtomicPath(target) as tmp:
+    with atomic.AtomicPath(target) as tmp:
         assert os.path.basename(tmp).startswith(".") and os.path.dirname(tmp) == str(target.parent)
         with open(tmp, "w") as handle:
             handle.write("{}")
@@ -112,20 +112,20 @@ def test_atomic_path_renames_when_complete_and_leaves_nothing_on_failure(tmp_pat
     assert target.read_text() == "{}" and visible(tmp_path) == ["sub/metrics.json"]
     # any failure while writing: the previous file stays, the temporary goes
     with pytest.raises(RuntimeError):
-        with files.AtomicPath(target) as tmp:
+        with atomic.AtomicPath(target) as tmp:
             open(tmp, "w").write("half")
             raise RuntimeError("crash")
     assert target.read_text() == "{}" and visible(tmp_path) == ["sub/metrics.json"]
     # a full disk while writing: one line naming the file and what was kept
     with pytest.raises(WriteError, match=r"metrics\.json: cannot write: no space left on the device; the previous "
                                          r"file is unchanged"):
-        with files.AtomicPath(target) as tmp:
+        with atomic.AtomicPath(target) as tmp:
             raise OSError(errno.ENOSPC, "No space left on device", tmp)
     # h5py's kind of OSError carries the errno in its message only
-    assert files.describe_os_error(OSError("Unable to create file (errno = 30, error message = 'x')")) == \
+    assert atomic.describe_os_error(OSError("Unable to create file (errno = 30, error message = 'x')")) == \
         "read-only file system"
     # Keras needs its extension last
-    assert files.temporary_name("r/model.keras", keep_extension=True).endswith(".keras")
+    assert atomic.temporary_name("r/model.keras", keep_extension=True).endswith(".keras")
 
 
 @pytest.fixture

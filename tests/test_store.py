@@ -59,3 +59,98 @@ def test_describe_and_latest(store, tmp_path):
     assert find_latest_store(str(tmp_path)) == str(newer)
     with pytest.raises(StoreError, match="mlsp extract"):
         find_latest_store(str(tmp_path / "empty"))
+
+
+# --------------------------------------------------------------------------------------------
+# Validated reads: a damaged store is named, with its image, never read as numbers
+# --------------------------------------------------------------------------------------------
+
+
+def damage(path, **edits):
+    with h5py.File(path, "r+") as f:
+        for key, fn in edits.items():
+            fn(f)
+
+
+def test_non_finite_features_are_named_with_the_image(store):
+    path, features = store
+    damage(path, features=lambda f: f["features"].__setitem__((17, 3, 2, 2, 1), np.nan))
+    with FeatureStore(str(path)) as s:  # opening is cheap and does not read features
+        s.read([0, 5, 16])
+        with pytest.raises(StoreError, match=r"s\.h5: image im17 \(row 17\) has features that are not finite"):
+            s.read([2, 17])
+        with pytest.raises(StoreError, match="image im17"):
+            s.read([17], views=[3])
+        with pytest.raises(StoreError, match="image im17"):
+            s.check_features(block_bytes=3 * features[0].nbytes)  # several blocks
+        s.check_features(rows=[0, 1, 16, 18, 29])
+        with pytest.raises(StoreError, match="image im17"):
+            s.load()
+    info = describe(str(path), check_features=True)
+    assert "image im17" in info["features_check"]
+
+
+def test_bad_labels_unequal_lengths_and_flipped_metadata_are_one_line_errors(store, tmp_path):
+    path, _ = store
+    damage(path, mos=lambda f: f["mos"].__setitem__(4, -1.5e22))
+    with pytest.raises(StoreError, match=r"s\.h5: image im04 has MOS -1\.5e\+22, outside 1\.\.10"):
+        FeatureStore(str(path))
+    damage(path, mos=lambda f: f["mos"].__setitem__(4, np.inf))
+    with pytest.raises(StoreError, match="image im04 has MOS inf"):
+        FeatureStore(str(path))
+    damage(path, mos=lambda f: f["mos"].__setitem__(4, np.nan))  # NaN: no label, fine
+    FeatureStore(str(path)).close()
+
+    def shorter(f):
+        mos = f["mos"][:-1]
+        del f["mos"]
+        f["mos"] = mos
+
+    damage(path, mos=shorter)
+    with pytest.raises(StoreError, match=r"datasets of unequal length \(features 30, ids 30, paths 30, sizes 30, "
+                                         r"mos 29, votes 30, split 30\)"):
+        FeatureStore(str(path))
+    # bytes flipped in the file's metadata (the superblock and the root group's header)
+    for offset in (0, 48, 96, 176):
+        broken = tmp_path / f"flipped{offset}.h5"
+        data = bytearray(path.read_bytes())
+        data[offset:offset + 8] = bytes(b ^ 0xFF for b in data[offset:offset + 8])
+        broken.write_bytes(bytes(data))
+        with pytest.raises(StoreError, match=rf"flipped{offset}\.h5: "):
+            with FeatureStore(str(broken)) as s:
+                s.check_features()
+
+
+def test_inspect_train_and_score_refuse_a_damaged_store(tmp_path):
+    """NaN features: inspect names the image; train and score stop with one line instead of
+    writing NaN predictions."""
+    from click.testing import CliRunner
+
+    import cli
+    from heads.synthetic import write_synthetic_store
+
+    path = tmp_path / "s.h5"
+    write_synthetic_store(str(path), 300, n_views=2, block_channels=(8, 8), pooling="narrow", seed=0)
+    runner = CliRunner()
+    run = tmp_path / "run"
+    res = runner.invoke(cli.main, ["train", "--store", str(path), "--head", "single1fc", "--out", str(run),
+                                   "--epochs", "1", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    with h5py.File(path, "r+") as f:
+        bad_id = f["ids"][123].decode()
+        f["features"][123, 1, 5] = np.inf
+    res = runner.invoke(cli.main, ["inspect", str(path)])
+    assert res.exit_code == 1 and f"image {bad_id} (row 123)" in res.output.splitlines()[-1]
+    assert runner.invoke(cli.main, ["inspect", "--quick", str(path)]).exit_code == 0
+    for memory in ("0", "1GB"):  # streamed from the store, or loaded into memory
+        res = runner.invoke(cli.main, ["train", "--store", str(path), "--head", "single1fc", "--out",
+                                       str(tmp_path / f"run{memory}"), "--epochs", "1", "--no-progress",
+                                       "--memory-budget", memory])
+        assert res.exit_code == 1, res.output
+        errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
+        assert errors == [line for line in errors if line.startswith(f"Error: {path}: image {bad_id} (row 123)")]
+        assert len(errors) == 1 and "Traceback" not in res.output
+        assert not (tmp_path / f"run{memory}" / "predictions.csv").exists()
+    res = runner.invoke(cli.main, ["score", str(run), "--store", str(path), "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code == 1 and f"image {bad_id}" in res.output and not (tmp_path / "p.csv").exists()
+    assert "Traceback" not in res.output
