@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from heads.schedule import FULL_EPOCH_STEPS, MIN_EPOCH_STEPS, PAPER  # noqa: E402
 from heads.targets import DEFAULT_TARGET, TARGETS  # noqa: E402
-from mlsp.backbones import BACKBONES  # noqa: E402
+from mlsp.backbones import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
 from mlsp.errors import MLSPError  # noqa: E402
 from mlsp.progress import console_progress  # noqa: E402
 
@@ -368,10 +368,12 @@ _MEMORY_HELP = ("Features up to this size (e.g. 8GB) are loaded into memory, lar
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of weights, dropout, shuffling and view draws: the same seed gives the same model.")
 @click.option("--width", type=click.IntRange(min=1),
-              help="X of the 3FC block (single3fc, pool3fc). Default 2048, as in the authors' released "
-                   "model; the paper's figure shows 3072 for pool3fc.")
+              help="X of the 3FC block (single3fc, pool3fc). Default: follows the features' width, "
+                   "2048 on iv3 and irv2 as in the authors' released model (`mlsp heads --net NAME` "
+                   "shows it per backbone); the paper's figure shows 3072 for pool3fc.")
 @click.option("--kernels", type=click.IntRange(min=1),
-              help="pool3fc: kernels per column of the reduced Inception module. Default 1024.")
+              help="pool3fc: kernels per column of the reduced Inception module. Default: half the "
+                   "default width, 1024 on iv3 and irv2.")
 @click.option("--memory-budget", help=_MEMORY_HELP)
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Threads reading batches ahead.")
@@ -452,33 +454,71 @@ def evaluate_command(run_dir, store_path, out, memory_budget, as_json):
         _echo_metrics(metrics)
 
 
+@main.command("backbones")
+@click.argument("names", nargs=-1, type=click.Choice(sorted(BACKBONES)))
+@click.option("--flops-at", type=(int, int), default=FLOPS_SIZE, show_default=True, metavar="HEIGHT WIDTH",
+              help="Image size at which to count each forward pass's FLOPs (every net is built once, "
+                   "with random weights: about a minute for all).")
+@click.option("--no-flops", is_flag=True, help="Do not build the nets; list without FLOPs.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@handle_errors
+def backbones_command(names, flops_at, no_flops, as_json):
+    """List the registered backbones (all, or NAMES): blocks tapped, channels in all, the least
+    input side, GFLOPs of one forward pass up to the last tap, and the ImageNet weights file
+    `--weights imagenet` loads (Keras' download and cache in ~/.keras/models)."""
+    from mlsp import api
+
+    rows = api.backbones(list(names) or None, flops_at=False if no_flops else tuple(flops_at))
+    if as_json:
+        echo_json(rows)
+        return
+    flops_head = f"GFLOP {flops_at[1]}x{flops_at[0]}"
+    click.echo(f"{'net':<18}{'blocks':>6}{'channels':>9}{'min side':>9}{flops_head:>16}  weights file")
+    for row in rows:
+        gflops = f"{row['gflops']:.1f}" if "gflops" in row else "-"
+        paper = "  (the paper's)" if row["paper"] else ""
+        click.echo(f"{row['name']:<18}{row['blocks']:>6}{row['channels']:>9,}{row['min_side']:>9}{gflops:>16}  "
+                   f"{row['weights_file']}{paper}")
+    click.echo("Taps: every block's output; `mlsp backbones --json` says why for each net. FLOPs: "
+               "convolutions and dense layers, 2 per multiply-add, at one view of WIDTHxHEIGHT.")
+
+
 @main.command("heads")
+@click.option("--net", "nets", multiple=True, type=click.Choice(sorted(BACKBONES)),
+              help="Show the parameter counts on this backbone's features (repeatable). "
+                   f"Default: the paper's, {' and '.join(PAPER_BACKBONES)}.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @handle_errors
-def heads_command(as_json):
-    """List the registered heads with their parameter counts on each backbone's features."""
+def heads_command(nets, as_json):
+    """List the registered heads with their default options and parameter counts on each
+    backbone's features (the defaults follow the feature width; see `mlsp train --width`)."""
     from heads.models import build_head
     from heads.registry import list_heads
 
+    nets = list(nets or PAPER_BACKBONES)
     rows = []
     for spec in list_heads():
         row = {"name": spec.name, "features": "wide" if spec.needs_wide else "narrow (or wide: grid mean)",
-               "options": dict(spec.options), "description": spec.description, "params": {}}
-        for net, backbone in sorted(BACKBONES.items()):
+               "description": spec.description, "options": {}, "params": {}}
+        for net in nets:
+            backbone = BACKBONES[net]
+            row["options"][net] = spec.default_options(backbone.total_channels)
             model = build_head(spec.name, backbone.channels, pooling="wide" if spec.needs_wide else "narrow")
             row["params"][net] = model.count_params()
         rows.append(row)
     if as_json:
         echo_json(rows)
         return
-    nets = sorted(BACKBONES)
-    click.echo(f"{'head':<11}{'features':<9}" + "".join(f"{'params ' + n:>16}" for n in nets) + "  description")
+    click.echo(f"{'head':<11}{'features':<9}" + "".join(f"{'params ' + n:>{max(16, len(n) + 9)}}" for n in nets)
+               + "  description")
     for row in rows:
         features = "wide" if row["features"] == "wide" else "narrow"
-        params = "".join(f"{row['params'][n]:>16,}" for n in nets)
-        options = ", ".join(f"{k}={v}" for k, v in row["options"].items())
-        suffix = f" [{options}]" if options else ""
-        click.echo(f"{row['name']:<11}{features:<9}{params}  {row['description']}{suffix}")
+        params = "".join(f"{row['params'][n]:>{max(16, len(n) + 9)},}" for n in nets)
+        click.echo(f"{row['name']:<11}{features:<9}{params}  {row['description']}")
+        for n in nets:
+            if row["options"][n]:
+                options = ", ".join(f"{k}={v}" for k, v in row["options"][n].items())
+                click.echo(f"{'':<20}defaults on {n}: {options}")
     click.echo("Narrow heads also train on a wide store: each view's 5x5 grid is averaged, which equals the "
                "narrow feature.")
 

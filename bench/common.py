@@ -352,59 +352,8 @@ def matmul_rate(dtype: str = "float32", n: int = 4096, reps: int = 7, warmup: in
 # ------------------------------------------------------------------------------------------
 
 
-class FlopCounter:
-    """FLOPs of one forward pass of a functional Keras model at any input size, counted from the
-    model: 2 * H_out * W_out * K_h * K_w * C_in / groups * C_out for every Conv2D (and 2 * in * out
-    per position for Dense). Batch norm, activations, additions and pooling are not counted (they
-    are memory-bound, a few % of the arithmetic). Shapes are propagated through the layer graph
-    with each layer's ``compute_output_shape`` (layers without one keep their first input's
-    shape), which takes milliseconds, so every distinct image size can be counted."""
-
-    def __init__(self, model):
-        import keras
-
-        self.model = model
-        self._keras = keras
-        self._cache: dict = {}
-
-    def __call__(self, height: int, width: int) -> int:
-        key = (int(height), int(width))
-        if key not in self._cache:
-            self._cache[key] = self._count(*key)
-        return self._cache[key]
-
-    def _count(self, height, width) -> int:
-        keras = self._keras
-        model = self.model
-        shapes = {id(model.inputs[0]): (1, height, width, int(model.inputs[0].shape[-1]))}
-        total = 0
-        for layer in model.operations:
-            for node in layer._inbound_nodes:
-                inputs = node.input_tensors
-                if not inputs:
-                    continue
-                in_shapes = [shapes[id(t)] for t in inputs]
-                arg = in_shapes[0] if len(in_shapes) == 1 else in_shapes
-                try:
-                    out = layer.compute_output_shape(arg)
-                except Exception:  # e.g. irv2's CustomScaleLayer: shape-preserving
-                    out = in_shapes[0]
-                outputs = node.output_tensors
-                out_list = [out] if len(outputs) == 1 else list(out)
-                for tensor, shape in zip(outputs, out_list):
-                    shapes[id(tensor)] = tuple(shape)
-                if isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.DepthwiseConv2D):
-                    kh, kw = layer.kernel_size
-                    c_in = in_shapes[0][-1]
-                    o = out_list[0]
-                    total += 2 * o[1] * o[2] * kh * kw * (c_in // getattr(layer, "groups", 1)) * layer.filters
-                elif isinstance(layer, keras.layers.Dense):
-                    o = out_list[0]
-                    positions = 1
-                    for d in o[1:-1]:
-                        positions *= d
-                    total += 2 * positions * in_shapes[0][-1] * layer.units
-        return int(total)
+# one count for the benchmarks and `mlsp backbones`: the library's (Conv2D, DepthwiseConv2D, Dense)
+from mlsp.backbones import FlopCounter  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def build_scoring_model(run_dir: str, weights: str | None = None, precision: str
     crops = ViewCrops(augment=config.augment, name="views")
     images = keras.Input((None, None, 3), name="images")
     x = crops(images)
-    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(x)  # the nets' [-1, 1]
+    x = config.spec.preprocessing.layer(name="preprocess")(x)  # the net's own, from the registry
     features = extractor.model(x)
     pred = head(features)
     mean = ViewMean(crops.n_views, name="mean_over_views")(pred)

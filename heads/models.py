@@ -25,7 +25,7 @@ from keras import layers
 from mlsp.errors import ConfigError
 
 from .layers import BlockSplit
-from .registry import get_head
+from .registry import PAPER_WIDTH, get_head
 from .targets import DEFAULT_TARGET, get_target
 
 DROPOUTS = (0.25, 0.25, 0.5)
@@ -59,7 +59,7 @@ def single_1fc(x, block_channels, output_bias=0.0, outputs: int = 1):
     return layers.Dense(outputs, bias_initializer=bias_initializer(output_bias), name="out")(x)
 
 
-def single_3fc(x, block_channels, output_bias=0.0, outputs: int = 1, width: int = 2048):
+def single_3fc(x, block_channels, output_bias=0.0, outputs: int = 1, width: int = PAPER_WIDTH):
     return three_fc(x, width, output_bias=output_bias, outputs=outputs)
 
 
@@ -106,7 +106,8 @@ def reduced_inception(x, kernels: int = 1024):
     return layers.Concatenate(name="inception")([branch1x1, branch3x3, branch_pool])
 
 
-def pool_3fc(x, block_channels, output_bias=0.0, outputs: int = 1, width: int = 2048, kernels: int = 1024):
+def pool_3fc(x, block_channels, output_bias=0.0, outputs: int = 1, width: int = PAPER_WIDTH,
+             kernels: int = PAPER_WIDTH // 2):
     x = reduced_inception(x, kernels)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     return three_fc(x, width, output_bias=output_bias, outputs=outputs)
@@ -133,8 +134,8 @@ def build_head(
     """
     spec = get_head(name)
     goal = get_target(target)
-    opts = spec.resolve_options(options)
     block_channels = [int(c) for c in block_channels]
+    opts = spec.resolve_options(options, channels=sum(block_channels))
     if not block_channels or min(block_channels) < 1:
         raise ConfigError(f"block_channels must be positive integers, received {block_channels!r}")
     channels = sum(block_channels)

@@ -16,9 +16,31 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from typing import Callable, Mapping
 
 from mlsp.errors import ConfigError
+
+
+PAPER_WIDTH = 2048  # the 3FC's X of Single-3FC and (the authors' code) Pool-3FC, on iv3 and irv2
+
+
+def feature_width(channels: int | None = None) -> int:
+    """The default 3FC width X for features of ``channels`` channels in all.
+
+    The paper uses X = 2048 on both its backbones (iv3: 10,048 channels, irv2: 16,928), about a
+    fifth of iv3's features. Narrower features keep that ratio: C / 5 rounded to a power of two,
+    at least 64 and never more than the paper's 2048. So iv3 and irv2 keep exactly the paper's
+    values, as do effnetv2s/m and convnext_base; mobilenetv3_large (2,168) gets 512 and
+    convnext_tiny (6,624) 1024. ``None`` (no features known): the paper's 2048."""
+    if channels is None:
+        return PAPER_WIDTH
+    return int(min(PAPER_WIDTH, max(64, 2 ** round(math.log2(max(1, int(channels)) / 5)))))
+
+
+def inception_kernels(channels: int | None = None) -> int:
+    """Pool-3FC's kernels per column: the paper's 1024 on iv3 and irv2, half the 3FC width."""
+    return feature_width(channels) // 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +51,8 @@ class HeadSpec:
     builder: str | Callable  # "module:function" or the function itself
     needs_wide: bool  # True: takes (5, 5, C) wide features; False: (C,) narrow features
     description: str
-    options: Mapping[str, int] = dataclasses.field(default_factory=dict)  # name -> default
+    # name -> default: an int, or a function of the features' total channels (``None``: the paper's value)
+    options: Mapping[str, int | Callable] = dataclasses.field(default_factory=dict)
 
     def resolve_builder(self) -> Callable:
         if callable(self.builder):
@@ -37,14 +60,19 @@ class HeadSpec:
         module, _, function = self.builder.partition(":")
         return getattr(importlib.import_module(module), function)
 
-    def resolve_options(self, options: Mapping | None = None) -> dict:
-        """The head's options with ``options`` applied; an option the head does not take is an error."""
+    def default_options(self, channels: int | None = None) -> dict:
+        """The head's default options for features of ``channels`` channels in all (``None``: the paper's)."""
+        return {k: (v(channels) if callable(v) else v) for k, v in self.options.items()}
+
+    def resolve_options(self, options: Mapping | None = None, channels: int | None = None) -> dict:
+        """The head's options with ``options`` applied, the others at their defaults for
+        ``channels`` (see :func:`feature_width`); an option the head does not take is an error."""
         options = dict(options or {})
         unknown = sorted(set(options) - set(self.options))
         if unknown:
-            takes = ", ".join(f"{k} (default {v})" for k, v in self.options.items()) or "no options"
+            takes = ", ".join(f"{k} (default {v})" for k, v in self.default_options(channels).items()) or "no options"
             raise ConfigError(f"head {self.name!r} does not take {', '.join(unknown)}; it takes {takes}")
-        resolved = dict(self.options)
+        resolved = self.default_options(channels)
         for key, value in options.items():
             if value is None:
                 continue
@@ -86,8 +114,9 @@ register(
         name="single3fc",
         builder="heads.models:single_3fc",
         needs_wide=False,
-        description="narrow features -> 3FC (X, X/2, X/8, 1)",
-        options={"width": 2048},
+        description="narrow features -> 3FC (X, X/2, X/8, 1); X = width, the paper's 2048 on iv3/irv2, "
+        "by default C/5 as a power of two up to 2048 on other features",
+        options={"width": feature_width},
     )
 )
 register(
@@ -105,7 +134,8 @@ register(
         builder="heads.models:pool_3fc",
         needs_wide=True,
         description="wide 5x5 features -> reduced Inception module (3 columns of `kernels`) -> "
-        "global average pool -> 3FC (X = width; the paper's figure uses 3072)",
-        options={"width": 2048, "kernels": 1024},
+        "global average pool -> 3FC (X = width; the paper's figure uses 3072, its code 2048); defaults "
+        "follow the features as single3fc's (kernels = width / 2: 1024 on iv3/irv2)",
+        options={"width": feature_width, "kernels": inception_kernels},
     )
 )

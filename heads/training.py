@@ -390,7 +390,7 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
     config.validate()
     spec = get_head(config.head)
     goal = get_target(config.target)
-    head_options = spec.resolve_options(config.head_options)
+    spec.resolve_options(config.head_options)  # an unknown option fails before the store is opened
     store_path = config.store or find_latest_store(FEATURES_ROOT)
     if config.store is None:
         log.info("no store given: using the newest one, %s", store_path)
@@ -398,6 +398,7 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
     with FeatureStore(store_path) as store:
         rows = check_target(store, goal, check_store(store, spec.name))
         plan, why = config.schedule(len(rows["train"]))
+        head_options = spec.resolve_options(config.head_options, channels=sum(store.block_channels))
         run_dir = config.out or default_run_dir(store_path, spec.name)
         if os.path.exists(os.path.join(run_dir, "config.json")):
             raise ConfigError(f"{run_dir} already holds a run; choose another --out")

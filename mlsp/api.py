@@ -21,6 +21,18 @@ from typing import Sequence
 from .progress import resolve as resolve_progress
 
 
+def backbones(names: Sequence[str] | None = None, *, flops_at: tuple | None = None) -> list[dict]:
+    """``mlsp backbones``: one dict per registered backbone (or per name in ``names``): blocks,
+    channels, minimum input side, preprocessing, weights file, and the forward pass's GFLOPs at
+    ``flops_at`` = (height, width) (default :data:`mlsp.backbones.FLOPS_SIZE`; ``False``: not counted)."""
+    from . import backbones as registry
+
+    if flops_at is None:
+        flops_at = registry.FLOPS_SIZE
+    specs = [registry.get_backbone(n) for n in names] if names else list(registry.BACKBONES.values())
+    return [registry.describe(spec, flops_at or None) for spec in specs]
+
+
 def extract(images: str | Sequence[str], out: str | None = None, *, net: str = "irv2", wide: bool = False,
             augment: bool = True, weights: str = "imagenet", labels: str | None = None,
             test_list: str | None = None, val_fraction: float = 0.05, seed: int = 0, max_side: int = 1024,

@@ -140,11 +140,7 @@ class FeatureExtractor:
             if fold_batch_norms:
                 backbone, folded = backbones.fold_batch_norms(backbone)
                 log.debug("%s: %d batch norms folded into their convolutions", spec.name, folded)
-            names = {layer.name for layer in backbone.layers}
-            missing = [t for t in spec.taps if t not in names]
-            if missing:
-                raise ConfigError(f"{spec.name}: layers {missing} not found in Keras' {spec.constructor}")
-            taps = [backbone.get_layer(t).output for t in spec.taps]
+            taps = backbones.tap_outputs(spec, backbone)
             channels = [int(t.shape[-1]) for t in taps]
             if tuple(channels) != tuple(spec.channels):
                 raise ConfigError(f"{spec.name}: tap channels {channels} differ from the registry's {spec.channels}")
@@ -183,7 +179,7 @@ class FeatureExtractor:
             "weights_source": self.weights_record["source"],
             "weights_sha256": self.weights_record["sha256"],
             "weights_path": self.weights_record.get("path", ""),
-            "preprocessing": spec.preprocessing,
+            "preprocessing": spec.preprocessing.name,
             "max_side": int(cfg.max_side),
             "precision": cfg.precision,
         }

@@ -79,9 +79,14 @@ def test_parameter_count_on_backbone_layouts(head, layout):
 def test_pool3fc_width_and_kernels(options):
     from heads.models import build_head
 
+    from heads.registry import feature_width, inception_kernels
+
     model = build_head("pool3fc", SMALL, pooling="wide", **options)
-    assert counts(model) == expected_params("pool3fc", SMALL, **options)
-    assert model.get_layer("inception").output.shape[-1] == 3 * options.get("kernels", 1024)
+    # options not given follow the features' width (32 channels: width 64, kernels 32)
+    defaults = {"width": feature_width(sum(SMALL)), "kernels": inception_kernels(sum(SMALL))}
+    assert defaults == {"width": 64, "kernels": 32}
+    assert counts(model) == expected_params("pool3fc", SMALL, **{**defaults, **options})
+    assert model.get_layer("inception").output.shape[-1] == 3 * options.get("kernels", defaults["kernels"])
 
 
 def test_multi3fc_has_one_3fc_per_block_and_a_weighted_sum():
