@@ -4,7 +4,8 @@ dense matmul rate measured in the same run, in float32 and bfloat16.
 For each backbone and precision one ``FeatureExtractor`` (random weights: the same FLOPs as
 ImageNet's, nothing downloaded; narrow pooling; batch norms folded as ``mlsp extract`` runs it)
 runs the 8 augmented views of one image of ``--size`` (default 384x512: crops of 336x448) as
-one batch, ``--reps`` times after one untimed warm-up (the trace). Each repetition records
+one batch (``--no-augment``: the whole image as one view, a shorter run), ``--reps`` times
+after one untimed warm-up (the trace). Each repetition records
 the CPU cores other processes used meanwhile (``bench/common.py``); the figure kept is the
 least disturbed repetition's, and the record says how disturbed it was. FLOPs are counted
 from the Keras model (:class:`mlsp.backbones.FlopCounter`).
@@ -34,19 +35,20 @@ import common  # noqa: E402
 from common import log  # noqa: E402
 
 
-def measure(net: str, precision: str, height: int, width: int, reps: int, max_wait: float) -> dict:
+def measure(net: str, precision: str, height: int, width: int, reps: int, max_wait: float,
+            augment: bool = True) -> dict:
     from mlsp import images
     from mlsp.backbones import FlopCounter, get_backbone
     from mlsp.extract import ExtractConfig, FeatureExtractor
 
     spec = get_backbone(net)
     t0 = time.perf_counter()
-    fx = FeatureExtractor(ExtractConfig(net=net, pooling="narrow", augment=True, weights="random:0",
+    fx = FeatureExtractor(ExtractConfig(net=net, pooling="narrow", augment=augment, weights="random:0",
                                         precision=precision))
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    views = images.make_views(img, True)
+    views = images.make_views(img, augment)
     vh, vw = views.shape[1:3]
     gflop = FlopCounter(fx.model)(vh, vw) * len(views) / 1e9
     t0 = time.perf_counter()
@@ -73,7 +75,7 @@ def measure(net: str, precision: str, height: int, width: int, reps: int, max_wa
 
 
 def markdown(rows: list, matmul: dict) -> str:
-    lines = ["| backbone | precision | blocks | channels | GFLOP/image (8 views) | images/s | GFLOP/s | "
+    lines = ["| backbone | precision | blocks | channels | GFLOP/image | images/s | GFLOP/s | "
              "of matmul | other cores busy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ref = matmul[r["precision"]]["gflops_median"]
@@ -94,6 +96,8 @@ def main(argv=None):
                         choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--size", nargs=2, type=int, default=[384, 512], metavar=("HEIGHT", "WIDTH"),
                         help="The image whose 8 views are run (default 384 512).")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="One view, the whole image, instead of the 8 crops (a shorter run).")
     parser.add_argument("--reps", type=int, default=3, help="Timed repetitions per backbone and precision.")
     parser.add_argument("--max-wait", type=float, default=20.0,
                         help="Seconds to wait for a quiet machine before each repetition.")
@@ -112,14 +116,15 @@ def main(argv=None):
     rows = []
     for net in args.nets:
         for precision in args.precisions:
-            row = measure(net, precision, *args.size, args.reps, args.max_wait)
+            row = measure(net, precision, *args.size, args.reps, args.max_wait, args.augment)
             row["of_matmul"] = round(row["gflops"] / matmul[precision]["gflops_median"], 3)
             rows.append(row)
             log(f"{net} {precision}: {row['images_per_s']} images/s, {row['gflops']} GFLOP/s "
                 f"({row['of_matmul']:.0%} of matmul), other cores {row['other_cores']}")
     record["figures"] = {"backbones": rows}
-    record["notes"].append("random weights (same FLOPs as ImageNet's); narrow pooling; 8 views of one image per "
-                           "call; the least disturbed of --reps repetitions")
+    record["notes"].append("random weights (same FLOPs as ImageNet's); narrow pooling; the views of one image "
+                           f"({'8 crops' if args.augment else 'one: the whole image'}) per call; the least "
+                           "disturbed of --reps repetitions")
     record["seconds"] = round(time.perf_counter() - started, 1)
     path = common.write_record(record, args.out_dir)
     print(markdown(rows, matmul))

@@ -86,3 +86,27 @@ def test_heads_net_shows_that_backbones_counts():
     hidden = [2168, 512, 256, 64]
     expected = sum(i * o + o + 4 * o for i, o in zip(hidden, hidden[1:])) + 64 + 1
     assert rows["single3fc"]["params"] == {"mobilenetv3_large": expected}
+
+
+@pytest.mark.parametrize("net", ["mobilenetv3_large", "convnext_tiny"])
+def test_weights_file_of_keras_own_model(tmp_path, net):
+    """--weights PATH with a file saved from Keras' own application, which preprocesses inside
+    the model as the ImageNet files' models did: it loads into mlsp's backbone (built without that
+    layer; mlsp applies the registry's preprocessing) and the features are Keras' own on raw RGB."""
+    import keras
+
+    from mlsp.extract import ExtractConfig, FeatureExtractor
+    from mlsp.pooling import MultiLevelPooling
+
+    spec = backbones.get_backbone(net)
+    keras.utils.set_random_seed(5)
+    ref = getattr(keras.applications, spec.constructor)(include_top=False, weights=None, input_shape=(None, None, 3))
+    path = tmp_path / f"{net}.h5"
+    ref.save(str(path))  # HDF5, the format of Keras' application weight files
+    ex = FeatureExtractor(ExtractConfig(net=net, augment=False, weights=str(path)))
+    assert ex.weights_record["source"] == path.name
+    img = np.random.default_rng(0).integers(0, 256, (1, 61, 83, 3), dtype=np.uint8)
+    expected = keras.Model(ref.input, MultiLevelPooling(grid=1)(backbones.tap_outputs(spec, ref)))(
+        img.astype("float32"))
+    expected = keras.ops.convert_to_numpy(expected)
+    np.testing.assert_allclose(ex(img), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
