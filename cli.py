@@ -562,9 +562,12 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
         raise click.UsageError("give one of --store, --images or image files")
     if not store_path:
         _sigterm_as_interrupt()
-    frame = api.score(run_dir, store=store_path, images=None if store_path else images_dir or list(files), out=out,
-                      weights=weights, precision=precision, workers=workers, progress=console_progress,
-                      allow_unfinished=allow_unfinished)
+    try:
+        frame = api.score(run_dir, store=store_path, images=None if store_path else images_dir or list(files),
+                          out=out, weights=weights, precision=precision, workers=workers, progress=console_progress,
+                          allow_unfinished=allow_unfinished)
+    except KeyboardInterrupt:
+        _interrupted("nothing was written; run the same command again.")
     errors = frame.attrs.get("errors", [])
     _echo_errors(errors)
     if out:

@@ -2,6 +2,7 @@
 nothing here needs ImageNet weights, AVA or a GPU."""
 
 import os
+import subprocess
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -50,3 +51,29 @@ def image_dir(tmp_path):
         sub = "sub/" if k >= 4 else ""
         write_image(root / f"{sub}img{k}.png", h, w, seed=k)
     return root
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs of the given size (needs root and the right to mount)."""
+    mounts = []
+
+    def mount(size, name="disk"):
+        folder = tmp_path / name
+        folder.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+        if res.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}); "
+                        "the simulated tests cover the same paths without one")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def remount(folder, options):
+    """Change a mounted tmpfs: ``size=2m``, ``ro``, ``rw``."""
+    subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], check=True)

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from conftest import write_image
+from conftest import remount, write_image
 from mlsp import atomic, files
 from mlsp.errors import LabelsError, StoreLocked, WriteError
 from mlsp.extract import ExtractConfig, extract
@@ -126,31 +126,6 @@ def test_atomic_path_renames_when_complete_and_leaves_nothing_on_failure(tmp_pat
         "read-only file system"
     # Keras needs its extension last
     assert atomic.temporary_name("r/model.keras", keep_extension=True).endswith(".keras")
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real tmpfs of the given size (needs root and the right to mount)."""
-    mounts = []
-
-    def mount(size, name="disk"):
-        folder = tmp_path / name
-        folder.mkdir()
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-        if res.returncode:
-            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}); "
-                        "test_full_disk_simulated covers the same paths without one")
-        mounts.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounts:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-def remount(folder, options):
-    subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], check=True)
 
 
 def test_full_disk_and_read_only_media_on_a_real_tmpfs(small_disk, tmp_path, image_dir, extractors):

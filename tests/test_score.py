@@ -97,3 +97,49 @@ def test_cli_score_and_api(trained):
     assert "pred_std" in res.output
     frame = api.score(trained["run"], store=trained["store"])
     assert len(frame) == 16
+
+
+def test_read_only_and_full_disk_targets_are_one_line_with_nothing_half_written(trained, small_disk, monkeypatch):
+    """train, score, evaluate and export --out onto read-only media (a real tmpfs mounted
+    read-only), and export and train meeting a full disk while saving their model (simulated:
+    Keras' save writes part of the file, then ENOSPC)."""
+    import errno
+
+    import keras
+
+    from conftest import remount
+
+    disk = small_disk("4m")
+    remount(disk, "ro")
+    runner = CliRunner()
+    commands = {
+        "train": ["train", "--store", trained["store"], "--head", "single1fc", "--out", str(disk / "run"),
+                  "--epochs", "1", "--no-progress"],
+        "score": ["score", trained["run"], "--store", trained["store"], "--out", str(disk / "p.csv")],
+        "evaluate": ["evaluate", trained["run"], "--out", str(disk / "eval")],
+        "export": ["export", trained["run"], "--out", str(disk / "m.keras")],
+    }
+    for name, args in commands.items():
+        res = runner.invoke(cli.main, args)
+        assert res.exit_code == 1, (name, res.output)
+        errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and str(disk) in errors[0] and "read-only file system" in errors[0], (name, res.output)
+        assert "Traceback" not in res.output
+    assert os.listdir(disk) == []
+
+    def full(self, path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a model")
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(keras.Model, "save", full)
+    out = trained["root"] / "exported"
+    res = runner.invoke(cli.main, ["export", trained["run"], "--out", str(out / "m.keras")])
+    assert res.exit_code == 1 and "m.keras: cannot write: no space left on the device" in res.output, res.output
+    assert os.listdir(out) == []  # neither m.keras nor its temporary
+    run = trained["root"] / "run_full"
+    res = runner.invoke(cli.main, commands["train"][:5] + [str(run), "--epochs", "1", "--no-progress"])
+    assert res.exit_code == 1 and "model.keras: cannot write: no space left on the device" in res.output, res.output
+    assert not (run / "model.keras").exists() and not [n for n in os.listdir(run) if ".tmp" in n]
+    res = runner.invoke(cli.main, ["evaluate", str(run)])
+    assert res.exit_code == 1 and "model.keras" in res.output and "Traceback" not in res.output
