@@ -64,6 +64,9 @@ def main(verbose):
       mlsp train --head pool3fc                     many times: feature store -> trained head
     Then `mlsp evaluate`, `mlsp score`, `mlsp inspect`. `mlsp sample` builds a small dataset
     from photographs shipped with scikit-image, to try everything end to end.
+
+    Exit codes: 0 done, 1 an error (one line; README, Troubleshooting), 2 a usage error,
+    130 interrupted (finished work is kept).
     """
     handler = logging.StreamHandler()
     handler.setFormatter(_ConsoleFormatter(verbose))

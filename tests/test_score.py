@@ -138,7 +138,7 @@ def test_read_only_and_full_disk_targets_are_one_line_with_nothing_half_written(
     assert res.exit_code == 1 and "m.keras: cannot write: no space left on the device" in res.output, res.output
     assert os.listdir(out) == []  # neither m.keras nor its temporary
     run = trained["root"] / "run_full"
-    res = runner.invoke(cli.main, commands["train"][:5] + [str(run), "--epochs", "1", "--no-progress"])
+    res = runner.invoke(cli.main, commands["train"][:6] + [str(run), "--epochs", "1", "--no-progress"])
     assert res.exit_code == 1 and "model.keras: cannot write: no space left on the device" in res.output, res.output
     assert not (run / "model.keras").exists() and not [n for n in os.listdir(run) if ".tmp" in n]
     res = runner.invoke(cli.main, ["evaluate", str(run)])
