@@ -131,7 +131,7 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
         log.warning("scoring at %s, the run's store was extracted at %s", config.precision,
                     run.store_info["config"].get("precision"))
     paths, ids, skipped, root = collect_inputs(inputs)
-    extractor = extractor or FeatureExtractor(config)
+    extractor = extractor or FeatureExtractor(config, cache=True)
     run.check_weights(extractor.weights_record)
     model = run.load_model()
     rows, errors = [], [{"id": os.path.splitext(os.path.basename(p))[0], "path": p, "reason": r} for p, r in skipped]

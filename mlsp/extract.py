@@ -121,23 +121,50 @@ class FeatureExtractor:
     one size to (V, C) (narrow) or (V, 5, 5, C) (wide) float32 features.
 
     The backbone runs with its batch norms folded into the convolutions (inference only, the
-    same function; ``fold_batch_norms=False`` keeps Keras' graph as it is)."""
+    same function; ``fold_batch_norms=False`` keeps Keras' graph as it is). ``cache=True`` loads
+    the traced forward pass from :mod:`mlsp.forward_cache` when it was built before (and saves it
+    when not): the same features, without building the backbone; ``model`` is then built only if
+    asked for."""
 
-    def __init__(self, config: ExtractConfig, fold_batch_norms: bool = True):
+    def __init__(self, config: ExtractConfig, fold_batch_norms: bool = True, cache: bool = False):
+        self.config = config
+        self.fold_batch_norms = fold_batch_norms
+        self._model = None
+        key = None
+        if cache and fold_batch_norms:
+            from . import forward_cache
+
+            if forward_cache.enabled():
+                key = forward_cache.cache_key(config, forward_cache.weights_identity(config))
+                loaded = forward_cache.load(key)
+                if loaded is not None:
+                    self._restored, self.weights_record = loaded  # owns the variables
+                    self._forward = self._restored.forward
+                    return
+        self._forward = self._trace_forward()
+        if key is not None:
+            forward_cache.save(key, self._forward, self.model.variables, self.weights_record)
+
+    @property
+    def model(self):
+        """The Keras model: preprocessed views -> pooled features."""
+        if self._model is None:
+            self._model, self.weights_record = self._build_model()
+        return self._model
+
+    def _build_model(self):
         import keras
-        import tensorflow as tf
 
         from .pooling import MultiLevelPooling
 
-        self.config = config
-        spec = config.spec
+        config, spec = self.config, self.config.spec
         source = backbones.WeightsSource.parse(config.weights)
         previous_policy = keras.config.dtype_policy()
         policy = "float32" if config.precision == "float32" else f"mixed_{config.precision}"
         keras.config.set_dtype_policy(policy)
         try:
-            backbone, self.weights_record = backbones.build_backbone(spec, source)
-            if fold_batch_norms:
+            backbone, weights_record = backbones.build_backbone(spec, source)
+            if self.fold_batch_norms:
                 backbone, folded = backbones.fold_batch_norms(backbone)
                 log.debug("%s: %d batch norms folded into their convolutions", spec.name, folded)
             taps = backbones.tap_outputs(spec, backbone)
@@ -145,21 +172,29 @@ class FeatureExtractor:
             if tuple(channels) != tuple(spec.channels):
                 raise ConfigError(f"{spec.name}: tap channels {channels} differ from the registry's {spec.channels}")
             pooled = MultiLevelPooling(grid=POOLINGS[config.pooling], name="mlsp_pooling")(taps)
-            self.model = keras.Model(backbone.input, pooled, name=f"mlsp_{spec.name}_{config.pooling}")
+            model = keras.Model(backbone.input, pooled, name=f"mlsp_{spec.name}_{config.pooling}")
         finally:
             keras.config.set_dtype_policy(previous_policy)
-        model = self.model
+        return model, weights_record
+
+    def _trace_forward(self):
+        import tensorflow as tf
+
+        model, spec = self.model, self.config.spec
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)], reduce_retracing=True)
         def forward(batch):
             x = spec.preprocess(tf.cast(batch, tf.float32))
             return tf.cast(model(x, training=False), tf.float32)
 
-        self._forward = forward
+        return forward
 
     @property
     def tracing_count(self) -> int:
-        """How many graphs were traced (stays 1 whatever the input sizes)."""
+        """How many graphs were traced (stays 1 whatever the input sizes; a forward pass loaded
+        from the cache is one graph, never traced again)."""
+        if getattr(self, "_restored", None) is not None:
+            return 1
         return int(self._forward.experimental_get_tracing_count())
 
     def __call__(self, views: np.ndarray) -> np.ndarray:
@@ -294,7 +329,7 @@ def extract(
         # Labels are read before any image, so a malformed file fails at once.
         label_fn = _label_function(labels, test_list, val_fraction, seed, report)
 
-        extractor = extractor or FeatureExtractor(config)
+        extractor = extractor or FeatureExtractor(config, cache=True)
         attrs = extractor.store_attrs()
         attrs.update(
             dataset=dataset,

@@ -1,0 +1,88 @@
+"""Start-up: commands that need no model never import TensorFlow; the extractor cache
+(mlsp.forward_cache) gives the same features as building, and an altered entry is refused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from heads.synthetic import write_synthetic_store
+
+HEAVY = ("tensorflow", "keras", "torch", "jax")
+
+RUN_CLI = """
+import json, sys
+import cli
+for args in json.loads(sys.argv[1]):
+    try:
+        cli.main(args)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(sys.argv[2])))))
+"""
+
+
+def test_help_and_inspect_never_import_tensorflow_or_keras(tmp_path):
+    store = str(tmp_path / "s.h5")
+    write_synthetic_store(store, 20, n_views=2, block_channels=(4,))
+    commands = [["--help"], ["inspect", store], ["inspect", "--json", store]]
+    commands += [[name, "--help"] for name in ("extract", "train", "evaluate", "score", "export", "sample", "heads")]
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", RUN_CLI, json.dumps(commands), json.dumps(HEAVY)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "synthetic" in proc.stdout  # inspect described the store
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.fixture
+def keras_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.delenv("MLSP_FORWARD_CACHE", raising=False)
+    return tmp_path / "keras"
+
+
+def test_cached_extractor_gives_the_same_features_and_an_altered_entry_is_refused(keras_home, extractors, caplog,
+                                                                                  monkeypatch):
+    from mlsp import forward_cache
+    from mlsp.extract import ExtractConfig, FeatureExtractor
+
+    config = ExtractConfig(net="iv3", weights="random:0")
+    built = extractors(net="iv3")
+    views = np.random.default_rng(0).integers(0, 256, (8, 80, 96, 3), dtype=np.uint8)
+    expected = built(views)
+    key = forward_cache.cache_key(config, forward_cache.weights_identity(config))
+    folder = forward_cache.save(key, built._forward, built.model.variables, built.weights_record)
+    assert folder == forward_cache.entry_path(key) and folder.startswith(str(keras_home))
+    assert [name for name in os.listdir(os.path.dirname(folder)) if ".tmp-" in name] == []
+
+    with caplog.at_level("INFO", logger="mlsp"):
+        cached = FeatureExtractor(config, cache=True)
+    assert "loaded the built iv3 extractor from the cache" in caplog.text
+    assert cached._model is None  # nothing was built
+    assert cached.weights_record == built.weights_record and cached.tracing_count == 1
+    np.testing.assert_array_equal(cached(views), expected)
+
+    # one flipped byte in the weights: the entry is refused, removed and written again
+    variables = os.path.join(folder, "variables")
+    data = max((os.path.join(variables, n) for n in os.listdir(variables)), key=os.path.getsize)
+    with open(data, "r+b") as handle:
+        handle.seek(os.path.getsize(data) // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mlsp"):
+        assert forward_cache.load(key) is None  # the caller builds the extractor again and writes a new entry
+    assert "cannot be used" in caplog.text and "differ from the SHA-256 recorded" in caplog.text
+    assert not os.path.exists(folder)
+
+    # each (net, pooling, weights, precision) has its own entry; the switch turns it off
+    other = forward_cache.cache_key(ExtractConfig(net="iv3", weights="random:1", precision="bfloat16"), "random:1")
+    assert forward_cache.entry_path(other) != folder
+    monkeypatch.setenv("MLSP_FORWARD_CACHE", "0")
+    assert not forward_cache.enabled()
