@@ -4,7 +4,9 @@
 
 Every command runs in a fresh process (as a user runs it), with ``KERAS_HOME`` in a temporary
 folder so no earlier cache helps; each is timed by wall clock and by the CPU seconds of the
-process (user + system, from ``getrusage``), which a busy machine disturbs much less. Then:
+process (user + system, from ``getrusage``), which a busy machine disturbs much less, the more
+so with TensorFlow on one thread (``--threads 1``, the default here: idle pool threads spin and
+bill CPU seconds when they fight for cores). Then:
 
 - ``mlsp --help`` and ``mlsp inspect STORE``: no TensorFlow at all;
 - per net, ``mlsp extract ONE.jpg`` (random weights, as ImageNet weights cost the same):
@@ -44,6 +46,10 @@ import numpy as np
 import tensorflow as tf
 import keras
 mark("import tensorflow + keras")
+threads = int(sys.argv[2])
+if threads:
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
 from mlsp import backbones
 from mlsp.extract import ExtractConfig, FeatureExtractor
 mark("import mlsp.extract")
@@ -87,6 +93,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", default="iv3,irv2")
     parser.add_argument("--repeats", type=int, default=2, help="Runs of each cached command after the first.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="TensorFlow's intra- and inter-op threads (mlsp extract --threads N N); 1 keeps a "
+                             "busy machine's contention out of the CPU seconds, 0 is TensorFlow's default.")
     args = parser.parse_args()
     record = common.new_record("startup", vars(args))
     record["machine"]["load_average_at_start"] = os.getloadavg()
@@ -105,7 +114,8 @@ def main():
         common.log(f"mlsp --help: {figures['help']}")
         for net in args.nets.split(","):
             store = os.path.join(tmp, f"{net}.h5")
-            base = mlsp + ["extract", photo, "--net", net, "--weights", "random:0"]
+            base = mlsp + ["extract", photo, "--net", net, "--weights", "random:0", "--threads", str(args.threads),
+                           str(args.threads)]
             rows = {}
             off = dict(env, MLSP_FORWARD_CACHE="0")
             rows["no cache (built)"], _ = timed(base + ["--out", store + ".off.h5"], off, tmp)
@@ -119,7 +129,7 @@ def main():
             if "inspect" not in figures:
                 figures["inspect"], _ = timed(mlsp + ["inspect", store + ".off.h5"], env, tmp)
             phases_env = dict(env, KERAS_HOME=os.path.join(tmp, "keras-phases"))
-            _, proc = timed([sys.executable, "-c", PHASES, net], phases_env, tmp)
+            _, proc = timed([sys.executable, "-c", PHASES, net, str(args.threads)], phases_env, tmp)
             figures[f"phases, {net} [wall s, cpu s]"] = json.loads(proc.stdout.strip().splitlines()[-1])
             common.log(f"{net} phases: {figures[f'phases, {net} [wall s, cpu s]']}")
         importtime = subprocess.run([sys.executable, "-X", "importtime", "-c", "import tensorflow, keras"], env=env,

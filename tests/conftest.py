@@ -8,6 +8,9 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keras writes its config and weights cache under KERAS_HOME: keep tests away from the user's.
 os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="mlsp-keras-home-"))
+# The extractor cache (mlsp.forward_cache) would write an entry for each net and seed the tests
+# use: tests/test_startup.py turns it on where it is tested.
+os.environ.setdefault("MLSP_FORWARD_CACHE", "0")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
