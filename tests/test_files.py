@@ -192,6 +192,16 @@ def test_full_disk_simulated(tmp_path, image_dir, extractors, monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
+def test_a_mismatch_message_summarises_long_values():
+    from mlsp.backbones import BACKBONES
+    from mlsp.errors import StoreConfigMismatch
+
+    irv2, iv3 = list(BACKBONES["irv2"].taps), list(BACKBONES["iv3"].taps)
+    message = str(StoreConfigMismatch("s.h5", {"block_names": (irv2, iv3)}, advice="Do this."))
+    assert f"store has {len(irv2)} items [{irv2[0]!r}, ..., {irv2[-1]!r}]" in message
+    assert irv2[1] not in message and message.endswith("Do this.") and len(message) < 300
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_ends_extraction_promptly_and_keeps_finished_images(tmp_path, sig):
     """A decode that never returns (a FIFO named like a photo, read by a custom loader that

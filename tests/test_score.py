@@ -80,7 +80,9 @@ def test_store_of_another_configuration_is_refused(trained, tmp_path, extractors
     with pytest.raises(StoreConfigMismatch, match="pooling: store has 'wide', asked for 'narrow'"):
         score_store(trained["run"], wide)
     res = CliRunner().invoke(cli.main, ["score", trained["run"], "--store", wide])
-    assert res.exit_code != 0 and "pooling" in res.output
+    assert res.exit_code == 1 and "pooling" in res.output
+    # advice for scoring, not extraction's "delete the store"
+    assert "delete" not in res.output and "mlsp score RUN --images DIR" in res.output
 
 
 def test_images_follow_the_runs_configuration(trained):
