@@ -131,6 +131,23 @@ def _interrupted(message: str):
     sys.exit(EXIT_INTERRUPTED)
 
 
+def ray_options(func):
+    """--ray and the workers' resources, shared by extract and score."""
+    func = click.option("--ray-gpus-per-worker", type=click.FloatRange(min=0),
+                        help="GPUs each Ray worker reserves. Default: 1 where the cluster has GPUs "
+                             "(one worker per GPU), else 0.")(func)
+    func = click.option("--ray-cpus-per-worker", type=click.FloatRange(min=0, min_open=True),
+                        help="CPUs each Ray worker reserves (and TensorFlow's threads on a CPU worker). "
+                             "Default: local:N, the cores / N; with GPUs, a machine's CPUs per GPU; "
+                             "else all CPUs of a machine (one worker per machine).")(func)
+    return click.option("--ray", "ray_address", metavar="ADDRESS",
+                        help="Spread the images over a Ray cluster (needs the extra: "
+                             'pip install -e ".[ray]"; README, Many machines). ADDRESS: auto (the cluster '
+                             "`ray start` made on this machine, or RAY_ADDRESS), ray://HOST:PORT, HOST:PORT, "
+                             "or local:N (Ray on this machine with N workers). Image paths must be readable "
+                             "by every worker.")(func)
+
+
 def _echo_errors(errors, limit=10):
     if not errors:
         return
@@ -189,9 +206,11 @@ def _echo_errors(errors, limit=10):
 @click.option("--checkpoint-every", type=int, default=64, show_default=True,
               help="Write finished images to disk every N images (and at least every 30 s); an "
                    "interruption loses at most the images since the last write.")
+@ray_options
 @handle_errors
 def extract(files, images_dir, net, wide, augment, weights, labels, test_list, val_fraction, seed, out,
-            dataset, max_side, precision, workers, threads, checkpoint_every):
+            dataset, max_side, precision, workers, threads, checkpoint_every, ray_address, ray_cpus_per_worker,
+            ray_gpus_per_worker):
     """Extract MLSP features of images into a feature store (stage 1, once per dataset).
 
     Give a folder with --images, or image files as arguments. Interrupted runs (Ctrl-C, kill,
@@ -202,9 +221,11 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
 
     if bool(files) == bool(images_dir):
         raise click.UsageError("give either --images DIR or image files, not both and not neither")
+    from mlsp.api import ray_cluster
     from mlsp.extract import configure_threads, resolve_precision
 
-    configure_threads(*threads)
+    if not ray_address:
+        configure_threads(*threads)
     precision, why = resolve_precision(precision)
     if why != "as asked":
         log.info("precision %s: %s", precision, why)
@@ -215,9 +236,11 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
                     "fine for tests and benchmarks, meaningless for aesthetics", config.weights)
     _sigterm_as_interrupt()
     try:
-        result = run_extract(images_dir or list(files), config, out, labels=labels, test_list=test_list,
-                             val_fraction=val_fraction, seed=seed, dataset=dataset, workers=workers,
-                             flush_images=max(1, checkpoint_every), progress=console_progress)
+        with ray_cluster(ray_address, ray_cpus_per_worker, ray_gpus_per_worker) as cluster:
+            result = run_extract(images_dir or list(files), config, out, labels=labels, test_list=test_list,
+                                 val_fraction=val_fraction, seed=seed, dataset=dataset, workers=workers,
+                                 flush_images=max(1, checkpoint_every), progress=console_progress,
+                                 runner=cluster.runner(config) if cluster else None)
     except KeyboardInterrupt:
         _interrupted("finished images are kept; run the same command again to resume.")
     _echo_errors(result.errors)

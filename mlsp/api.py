@@ -33,19 +33,38 @@ def backbones(names: Sequence[str] | None = None, *, flops_at: tuple | None = No
     return [registry.describe(spec, flops_at or None) for spec in specs]
 
 
+def ray_cluster(address: str | None = None, cpus_per_worker: float | None = None,
+                gpus_per_worker: float | None = None):
+    """A :class:`mlsp.cluster.Cluster` for ``--ray ADDRESS`` (a context manager), or, without an
+    address, a context giving ``None``: Ray is imported only when asked for."""
+    if not address:
+        import contextlib
+
+        return contextlib.nullcontext(None)
+    from .cluster import Cluster
+
+    return Cluster(address, cpus_per_worker, gpus_per_worker)
+
+
 def extract(images: str | Sequence[str], out: str | None = None, *, net: str = "irv2", wide: bool = False,
             augment: bool = True, weights: str = "imagenet", labels: str | None = None,
             test_list: str | None = None, val_fraction: float = 0.05, seed: int = 0, max_side: int = 1024,
             precision: str = "float32", dataset: str | None = None, workers: int = 2,
-            checkpoint_every: int = 64, progress: bool = False):
+            checkpoint_every: int = 64, progress: bool = False, ray: str | None = None,
+            ray_cpus_per_worker: float | None = None, ray_gpus_per_worker: float | None = None):
     """``mlsp extract``: features of a folder (recursively) or a list of files into a store.
-    Returns :class:`mlsp.extract.ExtractResult` (``.store``, ``.images``, ``.errors``, ...)."""
+    ``ray``: an address as for ``--ray`` (``auto``, ``ray://HOST:PORT``, ``local:N``) spreads the
+    images over a Ray cluster. Returns :class:`mlsp.extract.ExtractResult` (``.store``,
+    ``.images``, ``.errors``, ...)."""
     from .extract import ExtractConfig, extract as run, resolve_precision
 
     config = ExtractConfig(net=net, pooling="wide" if wide else "narrow", augment=augment, weights=weights,
                            max_side=max_side, precision=resolve_precision(precision)[0])
-    return run(images, config, out, labels=labels, test_list=test_list, val_fraction=val_fraction, seed=seed,
-               dataset=dataset, workers=workers, flush_images=checkpoint_every, progress=resolve_progress(progress))
+    with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker) as cluster:
+        return run(images, config, out, labels=labels, test_list=test_list, val_fraction=val_fraction, seed=seed,
+                   dataset=dataset, workers=workers, flush_images=checkpoint_every,
+                   progress=resolve_progress(progress),
+                   runner=cluster.runner(config) if cluster else None)
 
 
 def train(store: str | None = None, *, head: str, out: str | None = None, width: int | None = None,

@@ -85,3 +85,8 @@ class WriteError(MLSPError):
 
 class TrainingError(MLSPError):
     """Training a head cannot start or did not produce a model (e.g. the loss diverged)."""
+
+
+class ClusterError(MLSPError):
+    """A job spread over Ray cannot start or go on (no cluster, workers that cannot build the model
+    or keep dying). Finished images are kept; a rerun resumes."""

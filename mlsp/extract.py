@@ -22,7 +22,7 @@ from .atomic import describe_os_error, is_write_failure, remove_stale_temporarie
 from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch, WriteError
 from .files import NoSpace, StoreLock
 from .progress import ProgressFactory, null_progress
-from .readahead import decode_ahead
+from .readahead import LocalRunner
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,10 @@ class ExtractConfig:
     @property
     def views(self) -> list[str]:
         return images.view_names(self.augment)
+
+    def build(self) -> "FeatureExtractor":
+        """The model of this configuration (a recipe for :mod:`mlsp.cluster`'s workers)."""
+        return FeatureExtractor(self)
 
     def default_store_name(self) -> str:
         name = f"{self.net}_{self.pooling}" + ("" if self.augment else "_noaug")
@@ -219,6 +223,14 @@ class FeatureExtractor:
             "precision": cfg.precision,
         }
 
+    def info(self) -> dict:
+        """What a runner checks is the same on every worker: the store's attributes."""
+        return self.store_attrs()
+
+    def process(self, views: np.ndarray) -> np.ndarray:
+        """One image's features as stored (float16)."""
+        return self(views).astype(np.float16)
+
     def load_views(self, path: str) -> tuple[np.ndarray, tuple]:
         """Decode one file into its views (runs in a worker thread)."""
         img = images.decode_image(path, self.config.max_side)
@@ -297,6 +309,7 @@ def extract(
     flush_seconds: float = 30.0,
     progress: ProgressFactory = null_progress,
     extractor: FeatureExtractor | None = None,
+    runner=None,
 ) -> ExtractResult:
     """Extract features of every image in ``inputs`` (a folder, recursively, or a list of files)
     into the store ``out`` (default ``features/<dataset>/<config.default_store_name()>``).
@@ -310,6 +323,8 @@ def extract(
     :class:`~mlsp.errors.WriteError` (finished images kept). Unusable inputs are recorded in
     the store's ``/errors`` and never stop the run. ``progress`` is a progress factory
     (:mod:`mlsp.progress`).
+    ``runner`` runs the model (default: a :class:`mlsp.readahead.LocalRunner` in this process; a
+    :class:`mlsp.cluster.ClusterRunner` spreads the images over a Ray cluster, the rest is the same).
     """
     started = time.monotonic()
     if not 0.0 <= val_fraction < 1.0:
@@ -329,8 +344,8 @@ def extract(
         # Labels are read before any image, so a malformed file fails at once.
         label_fn = _label_function(labels, test_list, val_fraction, seed, report)
 
-        extractor = extractor or FeatureExtractor(config, cache=True)
-        attrs = extractor.store_attrs()
+        runner = runner or LocalRunner(extractor or FeatureExtractor(config, cache=True), workers, prefetch)
+        attrs = dict(runner.info())
         attrs.update(
             dataset=dataset,
             labels_file=os.path.abspath(labels) if labels else "",
@@ -338,14 +353,14 @@ def extract(
             val_fraction=float(val_fraction),
             seed=int(seed),
         )
-        return _extract_locked(paths, ids, skipped, root, out, attrs, config, extractor, label_fn, report,
-                               workers, prefetch, flush_images, flush_seconds, progress, started, lock)
+        return _extract_locked(paths, ids, skipped, root, out, attrs, config, runner, label_fn, report,
+                               flush_images, flush_seconds, progress, started, lock)
     finally:
         lock.release()
 
 
-def _extract_locked(paths, ids, skipped, root, out, attrs, config, extractor, label_fn, report, workers,
-                    prefetch, flush_images, flush_seconds, progress, started, lock) -> ExtractResult:
+def _extract_locked(paths, ids, skipped, root, out, attrs, config, runner, label_fn, report, flush_images,
+                    flush_seconds, progress, started, lock) -> ExtractResult:
     """The part of :func:`extract` that holds the store's lock."""
     previous = None
     if os.path.exists(out):
@@ -385,18 +400,19 @@ def _extract_locked(paths, ids, skipped, root, out, attrs, config, extractor, la
             key = os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
             if key not in done_paths:
                 writer.add_error(os.path.splitext(os.path.basename(path))[0], key, reason)
-        for (path, image_id), result in decode_ahead(extractor.load_views, todo, workers, prefetch):
+        for (path, image_id), result in runner.map(todo):
             if isinstance(result, ImageDecodeError):
                 writer.add_error(image_id, rel[path], result.reason)
                 n_errors += 1
                 log.debug("skipped %s: %s", path, result.reason)
             else:
-                views, size = result
-                writer.add(image_id, rel[path], size, extractor(views))
+                size, features = result
+                writer.add(image_id, rel[path], size, features)
                 new += 1
             bar.update(1)
-            if n_errors:
-                bar.set_postfix(errors=n_errors, refresh=False)
+            postfix = {**runner.postfix(), **({"errors": n_errors} if n_errors else {})}
+            if postfix:
+                bar.set_postfix(postfix, refresh=False)
         writer.flush()
     except NoSpace as exc:
         # checked before HDF5 wrote anything: the open shard is intact and its completion fits

@@ -1,0 +1,193 @@
+"""Extraction over a Ray cluster (`--ray`): one real local Ray instance with 2 workers for the
+module (each start costs seconds), stores equal to the one-process store, a worker killed
+mid-run, the second run, and `--ray auto` against a cluster made with `ray start --head`."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cli
+from conftest import write_image
+from mlsp.extract import ExtractConfig, extract
+
+ray = pytest.importorskip("ray", reason='the Ray extra is not installed (pip install -e ".[ray]")')
+psutil = pytest.importorskip("psutil", reason="psutil (a dependency of Ray) finds the workers' processes")
+
+from mlsp.cluster import Cluster  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = ExtractConfig(net="iv3", weights="random:0")
+
+
+def store_content(path):
+    with h5py.File(path, "r") as f:
+        content = {k: f[k][...] for k in ("features", "ids", "paths", "sizes", "mos", "votes", "split", "views")}
+        content.update({f"errors/{k}": f["errors"][k][...] for k in ("id", "path", "reason")})
+    return content
+
+
+def assert_same_store(a, b):
+    x, y = store_content(a), store_content(b)
+    for key in x:
+        if x[key].dtype.kind == "f":
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)  # NaN equals NaN here
+        else:
+            assert x[key].tolist() == y[key].tolist(), key
+
+
+def ray_processes():
+    """Ray's processes under this one (the instance ray.init started, and its workers)."""
+    return [p for p in psutil.Process().children(recursive=True) if _is_ray(p)]
+
+
+def _is_ray(p):
+    try:
+        name = p.name() + " " + " ".join(p.cmdline()[:2])
+    except psutil.Error:
+        return False
+    return any(k in name for k in ("raylet", "gcs_server", "ray::", "default_worker", "ray/_private"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Ray on this machine with 2 workers of 1 CPU, as `--ray local:2` starts it."""
+    if ray.is_initialized():
+        pytest.fail("a Ray instance is already running in this test process")
+    c = Cluster("local:2")
+    yield c
+    c.close()
+    deadline = time.monotonic() + 30
+    while ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_processes(), "Ray left processes behind"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, extractors):
+    """Twelve small images of several sizes, one broken file, and their one-process store."""
+    root = tmp_path_factory.mktemp("cluster")
+    images = root / "imgs"
+    for k in range(12):
+        write_image(images / ("sub" if k % 3 == 0 else "") / f"img{k:02d}.png", 96 + 8 * (k % 4), 128 - 6 * (k % 3),
+                    seed=k)
+    (images / "broken.jpg").write_text("not an image")
+    one = root / "one.h5"
+    extract(str(images), CONFIG, str(one), extractor=extractors(net="iv3"))
+    return {"root": root, "images": str(images), "one": str(one)}
+
+
+def test_two_workers_give_the_one_process_store_and_a_second_run_does_nothing(cluster, folder, tmp_path):
+    out = str(tmp_path / "ray.h5")
+    runner = cluster.runner(CONFIG, chunk_images=2)
+    result = extract(folder["images"], CONFIG, out, runner=runner)
+    assert (result.images, result.new, len(result.errors)) == (12, 12, 1)
+    assert len(runner.workers) == 2 and len({pid for _, pid in runner.workers.values()}) == 2
+    assert runner.retried_chunks == 0
+    assert_same_store(out, folder["one"])
+    with h5py.File(out, "r") as f:
+        assert f.attrs["weights_sha256"] == h5py.File(folder["one"], "r").attrs["weights_sha256"]
+
+    again = cluster.runner(CONFIG, chunk_images=2)
+    second = extract(folder["images"], CONFIG, out, runner=again)
+    assert (second.new, second.skipped_existing, second.images) == (0, 13, 12)
+    assert not os.path.exists(out + ".partial")
+    assert_same_store(out, folder["one"])
+
+
+def test_a_killed_worker_loses_nothing_and_doubles_nothing(cluster, folder, tmp_path, caplog):
+    out = str(tmp_path / "killed.h5")
+    runner = cluster.runner(CONFIG, chunk_images=1)
+    killed = []
+
+    class KillOnce:
+        """A progress bar that SIGKILLs one worker's process once the first image is back."""
+
+        def __init__(self, **kwargs):
+            pass
+
+        def update(self, n=1):
+            if not killed:
+                host, pid = runner.workers[max(runner.workers)]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+        def set_postfix(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    result = extract(folder["images"], CONFIG, out, runner=runner, progress=KillOnce)
+    assert killed and runner.retried_chunks >= 1, "the killed worker had chunks in hand"
+    assert "died" in caplog.text
+    assert (result.images, result.new, len(result.errors)) == (12, 12, 1)
+    assert_same_store(out, folder["one"])
+
+
+def test_ray_without_the_extra_says_how_to_install_it(monkeypatch, folder, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed
+    res = CliRunner().invoke(cli.main, ["extract", "--images", folder["images"], "--net", "iv3", "--weights",
+                                        "random:0", "--out", str(tmp_path / "x.h5"), "--ray", "local:2"])
+    assert res.exit_code != 0
+    assert res.output.strip().splitlines()[-1] == 'Error: --ray needs Ray, which is not installed: pip install -e ".[ray]"'
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_joins_a_cluster_started_with_ray_start(folder, tmp_path):
+    """As a user would: `ray start --head` on this machine, then `mlsp extract --ray auto`."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT, RAY_ADDRESS=f"127.0.0.1:{port}", RAY_AUTH_MODE="token")
+    bin_dir = os.path.dirname(sys.executable)
+    # --block: the cluster lives as long as this one process, so the test ends it (and only it)
+    # by its id; `ray stop` would stop every Ray instance on the machine, this module's too
+    # its own --temp-dir (short: Ray puts sockets there): the address file it leaves behind must
+    # not send later `ray.init()`s on this machine to a cluster that is gone
+    temp_dir = tempfile.mkdtemp(prefix="mlsp-ray-", dir="/tmp")
+    head = subprocess.Popen([os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--port", str(port),
+                             "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
+                             "--temp-dir", temp_dir],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in head.stdout:
+            if "Ray runtime started" in line:
+                break
+        else:
+            pytest.fail(f"ray start --head failed (exit code {head.wait()})")
+        out = str(tmp_path / "auto.h5")
+        res = subprocess.run([sys.executable, "-c", "import cli; cli.main()", "extract", "--images", folder["images"],
+                              "--net", "iv3", "--weights", "random:0", "--out", out, "--ray", "auto",
+                              "--ray-cpus-per-worker", "2"],
+                             env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "12 images (12 new" in res.stdout
+        assert "1 Ray workers on 1 machines" in res.stderr
+        assert_same_store(out, folder["one"])
+    finally:
+        tree = [head] + [p for p in _children(head.pid)]
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=60)
+        _, alive = psutil.wait_procs([p for p in tree[1:]], timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not alive, f"ray start left {alive} behind"
+
+
+def _children(pid):
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
