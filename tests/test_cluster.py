@@ -139,7 +139,8 @@ def test_ray_without_the_extra_says_how_to_install_it(monkeypatch, folder, tmp_p
     res = CliRunner().invoke(cli.main, ["extract", "--images", folder["images"], "--net", "iv3", "--weights",
                                         "random:0", "--out", str(tmp_path / "x.h5"), "--ray", "local:2"])
     assert res.exit_code != 0
-    assert res.output.strip().splitlines()[-1] == 'Error: --ray needs Ray, which is not installed: pip install -e ".[ray]"'
+    last = res.output.strip().splitlines()[-1]
+    assert last == 'Error: --ray needs Ray, which is not installed: pip install -e ".[ray]"'
 
 
 def _free_port():
