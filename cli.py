@@ -568,8 +568,10 @@ _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (
               help="Backbone precision for --images. Default: the one the run's store was extracted at.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Threads decoding images ahead.")
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
+@ray_options
 @handle_errors
-def score_command(run_dir, files, store_path, images_dir, out, weights, precision, workers, allow_unfinished):
+def score_command(run_dir, files, store_path, images_dir, out, weights, precision, workers, allow_unfinished,
+                  ray_address, ray_cpus_per_worker, ray_gpus_per_worker):
     """Score images with a trained run: a whole store, or new image files.
 
     \b
@@ -581,6 +583,8 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
     training), pred_std their spread. A run of --target distribution adds pred_opinion_std (how
     much people would disagree) and p1..p10 (the predicted share of each score). Files that
     cannot be used are listed, and kept in the CSV with their reason in the column `error`.
+    With --out, images are scored into OUT.partial as they come: an interrupted run resumes
+    when run again.
     """
     from mlsp import api
 
@@ -591,9 +595,11 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
     try:
         frame = api.score(run_dir, store=store_path, images=None if store_path else images_dir or list(files),
                           out=out, weights=weights, precision=precision, workers=workers, progress=console_progress,
-                          allow_unfinished=allow_unfinished)
+                          allow_unfinished=allow_unfinished, ray=ray_address, ray_cpus_per_worker=ray_cpus_per_worker,
+                          ray_gpus_per_worker=ray_gpus_per_worker)
     except KeyboardInterrupt:
-        _interrupted("nothing was written; run the same command again.")
+        kept = f"scored images are kept in {out}.partial; run the same command again to resume."
+        _interrupted(kept if out and not store_path else "nothing was written; run the same command again.")
     errors = frame.attrs.get("errors", [])
     _echo_errors(errors)
     if out:

@@ -11,17 +11,19 @@ float16 as the store does, so its numbers equal extracting and then scoring from
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from typing import Sequence
 
 import numpy as np
 
-from mlsp.atomic import atomic_path
+from mlsp.atomic import atomic_path, write_json
 from mlsp.errors import ImageDecodeError, StoreConfigMismatch
-from mlsp.extract import FeatureExtractor, collect_inputs
+from mlsp.extract import ExtractConfig, FeatureExtractor, collect_inputs
 from mlsp.progress import ProgressFactory, null_progress
-from mlsp.readahead import decode_ahead
+from mlsp.readahead import LocalRunner
 from mlsp.store import FeatureStore
 
 from .run import Run
@@ -113,10 +115,47 @@ def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_
     return frame
 
 
+class ImageScorer:
+    """Backbone, pooling and a run's head: one image's views -> its score columns (``pred``,
+    ``pred_std``, ...). A processor for :class:`mlsp.readahead.LocalRunner` and
+    :mod:`mlsp.cluster` (``info``, ``load_views``, ``process``). Features are rounded to float16
+    as the store does."""
+
+    def __init__(self, run_dir: str, config: ExtractConfig, extractor: FeatureExtractor | None = None,
+                 allow_unfinished: bool = False):
+        self.run = Run.open(run_dir, allow_unfinished=allow_unfinished)
+        self.extractor = extractor or FeatureExtractor(config, cache=True)
+        self.run.check_weights(self.extractor.weights_record)
+        self.model = self.run.load_model()
+
+    def info(self) -> dict:
+        return {"run": os.path.abspath(self.run.path), "weights": self.extractor.weights_record,
+                "precision": self.extractor.config.precision}
+
+    def load_views(self, path: str):
+        return self.extractor.load_views(path)
+
+    def process(self, views: np.ndarray) -> dict:
+        columns = score_columns(view_predictions(self.model, self.extractor.process(views)[None]))
+        return {k: float(v[0]) for k, v in columns.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreRecipe:
+    """How a Ray worker builds an :class:`ImageScorer` (the run folder must be readable there)."""
+
+    run_dir: str
+    config: ExtractConfig
+    allow_unfinished: bool = False
+
+    def build(self) -> ImageScorer:
+        return ImageScorer(self.run_dir, self.config, allow_unfinished=self.allow_unfinished)
+
+
 def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = None, *,
                  weights: str | None = None, precision: str | None = None, workers: int = 2,
                  progress: ProgressFactory = null_progress, extractor: FeatureExtractor | None = None,
-                 allow_unfinished: bool = False):
+                 allow_unfinished: bool = False, cluster=None):
     """Score image files with a trained run: backbone, pooling and head, streaming.
 
     Memory stays bounded (a few decoded images ahead, one image's views in the model). The
@@ -124,6 +163,10 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
     Files that cannot be used are skipped and returned as ``errors`` (id, path, reason); they are
     also in the CSV with an empty ``pred`` and the reason in ``error``. Returns ``(frame, errors)``.
     ``allow_unfinished``: also an interrupted or diverged run.
+
+    With ``out``, every scored image is appended to ``<out>.partial`` as it comes, so a run that
+    is killed resumes with the images not yet scored; the finished CSV (in input order) replaces
+    it. ``cluster`` (a :class:`mlsp.cluster.Cluster`) scores on its Ray workers instead of here.
     """
     run = Run.open(run_dir, allow_unfinished=allow_unfinished)
     config = run.extract_config(weights, precision)
@@ -131,29 +174,100 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
         log.warning("scoring at %s, the run's store was extracted at %s", config.precision,
                     run.store_info["config"].get("precision"))
     paths, ids, skipped, root = collect_inputs(inputs)
-    extractor = extractor or FeatureExtractor(config, cache=True)
-    run.check_weights(extractor.weights_record)
-    model = run.load_model()
-    rows, errors = [], [{"id": os.path.splitext(os.path.basename(p))[0], "path": p, "reason": r} for p, r in skipped]
-    bar = progress(total=len(paths), desc="score", unit="img")
+    if cluster is not None:
+        runner = cluster.runner(ScoreRecipe(os.path.abspath(run_dir), config, allow_unfinished))
+    else:
+        runner = LocalRunner(ImageScorer(run_dir, config, extractor, allow_unfinished), workers)
+    partial = _PartialScores(out + ".partial", runner.info()) if out else None
+    done = partial.read() if partial else {}  # path -> {"id", "path", "columns" or "error"}
+    todo = [(p, i) for p, i in zip(paths, ids) if p not in done]
+    if done:
+        log.info("%s: %d of %d images already scored; %d to go", partial.path, len(paths) - len(todo), len(paths),
+                 len(todo))
+    bar = progress(total=len(todo), desc="score", unit="img")
     try:
-        for (path, image_id), result in decode_ahead(extractor.load_views, list(zip(paths, ids)), workers, 4):
+        for (path, image_id), result in runner.map(todo):
             if isinstance(result, ImageDecodeError):
-                errors.append({"id": image_id, "path": path, "reason": result.reason})
+                row = {"id": image_id, "path": path, "error": result.reason}
             else:
-                features = extractor(result[0]).astype(np.float16)  # as stored
-                rows.append((image_id, score_columns(view_predictions(model, features[None])), path))
+                row = {"id": image_id, "path": path, "columns": result[1]}
+            done[path] = row
+            if partial:
+                partial.append(row)
             bar.update(1)
+            if runner.postfix():
+                bar.set_postfix(runner.postfix(), refresh=False)
     finally:
         bar.close()
-    frame = _frame([r[0] for r in rows], _stack([r[1] for r in rows]), paths=[r[2] for r in rows])
+        if partial:
+            partial.close()
+    ordered = [done[p] for p in paths]
+    rows = [r for r in ordered if "columns" in r]
+    errors = [{"id": os.path.splitext(os.path.basename(p))[0], "path": p, "reason": r} for p, r in skipped]
+    errors += [{"id": r["id"], "path": r["path"], "reason": r["error"]} for r in ordered if "error" in r]
+    names = list(rows[0]["columns"]) if rows else ["pred", "pred_std"]
+    frame = _frame([r["id"] for r in rows], {k: [r["columns"][k] for r in rows] for k in names},
+                   paths=[r["path"] for r in rows])
     if out:
         import pandas as pd
 
         bad = pd.DataFrame({"id": [e["id"] for e in errors], "path": [e["path"] for e in errors],
                             "error": [e["reason"] for e in errors]})
         _write_csv(pd.concat([frame, bad], ignore_index=True) if errors else frame, out)
+        partial.remove()
     return frame, errors
+
+
+class _PartialScores:
+    """``<out>.partial``: one JSON line per scored image, appended and flushed as it comes (a line
+    cut by a kill is dropped on reading, and its image scored again), and
+    ``<out>.partial.json``: what scored them. A rerun with another run, weights or precision is
+    refused, not mixed in."""
+
+    def __init__(self, path: str, info: dict):
+        self.path, self.meta = path, path + ".json"
+        self.info = json.loads(json.dumps(info, default=str))
+        if os.path.exists(self.meta):
+            with open(self.meta) as handle:
+                have = json.load(handle)
+            diff = {k: (have.get(k), self.info.get(k)) for k in sorted(set(have) | set(self.info))
+                    if have.get(k) != self.info.get(k)}
+            if diff:
+                raise StoreConfigMismatch(self.path, diff)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            write_json(self.meta, self.info)
+        self.handle = None
+
+    def read(self) -> dict:
+        """{path: row} of the lines complete on disk."""
+        if not os.path.exists(self.path):
+            return {}
+        with open(self.path) as handle:
+            text = handle.read()
+        if not text.endswith("\n"):  # a line cut by a kill
+            text = text[: text.rfind("\n") + 1]
+            with open(self.path, "w") as handle:
+                handle.write(text)
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return {r["path"]: r for r in rows}
+
+    def append(self, row: dict):
+        if self.handle is None:
+            self.handle = open(self.path, "a")
+        self.handle.write(json.dumps(row) + "\n")  # floats as repr: read back exactly
+        self.handle.flush()
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def remove(self):
+        self.close()
+        for name in (self.path, self.meta):
+            if os.path.exists(name):
+                os.remove(name)
 
 
 def _write_csv(frame, out: str):

@@ -90,21 +90,28 @@ def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None) 
 
 def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str] | None = None,
           out: str | None = None, weights: str | None = None, precision: str | None = None,
-          workers: int = 2, progress: bool = False, allow_unfinished: bool = False):
+          workers: int = 2, progress: bool = False, allow_unfinished: bool = False, ray: str | None = None,
+          ray_cpus_per_worker: float | None = None, ray_gpus_per_worker: float | None = None):
     """``mlsp score``: a pandas DataFrame (id, pred, pred_std[, pred_opinion_std, p1..p10 for a
     run of the distribution target][, mos, split]) for every image of ``store``, or of the image
-    files ``images`` (then files that could not be used are in ``frame.attrs["errors"]``). ``allow_unfinished``: also an interrupted or diverged run."""
+    files ``images`` (then files that could not be used are in ``frame.attrs["errors"]``).
+    ``allow_unfinished``: also an interrupted or diverged run. ``ray`` (with ``images``): score
+    on a Ray cluster, as for :func:`extract`."""
     from heads.score import score_images, score_store
 
-    if (store is None) == (images is None):
-        from .errors import ConfigError
+    from .errors import ConfigError
 
+    if (store is None) == (images is None):
         raise ConfigError("score() takes either store= or images=")
+    if ray and store is not None:
+        raise ConfigError("--ray scores image files (--images); a store is scored on this machine")
     if store is not None:
         return score_store(run_dir, store, out, progress=resolve_progress(progress),
                            allow_unfinished=allow_unfinished)
-    frame, errors = score_images(run_dir, images, out, weights=weights, precision=precision, workers=workers,
-                                 progress=resolve_progress(progress), allow_unfinished=allow_unfinished)
+    with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker) as cluster:
+        frame, errors = score_images(run_dir, images, out, weights=weights, precision=precision, workers=workers,
+                                     progress=resolve_progress(progress), allow_unfinished=allow_unfinished,
+                                     cluster=cluster)
     frame.attrs["errors"] = errors
     return frame
 
