@@ -234,6 +234,7 @@ class ClusterRunner:
         self.ready = set()  # indices of actors whose model is built and checked
         self.workers = {}  # index -> (host, pid) of the actors that built the model
         self.retried_chunks = 0
+        self.deaths_in_a_row = 0  # workers lost since the last chunk that came back
 
     # -- building and checking the model on every worker --------------------------------------
     def _check(self, index: int, reply: dict):
@@ -332,6 +333,7 @@ class ClusterRunner:
                 continue
             except self.ray.exceptions.RayTaskError as exc:
                 self._raise_task_error(exc, f"extracting {chunk[0][0]} ...")
+            self.deaths_in_a_row = 0
             if identity != self.identity:
                 raise ClusterError(f"a Ray worker's model changed during the job ({identity}, expected "
                                    f"{self.identity})")
@@ -339,7 +341,11 @@ class ClusterRunner:
                 yield item, (ImageDecodeError(item[0], value) if status == "error" else value)
 
     def _lose(self, index, running, starting, queue, load):
-        """Replace a dead actor; its other chunks fail on their own and come back through ray.wait."""
+        """Replace a dead actor and requeue the chunks it had."""
+        self.deaths_in_a_row += 1
+        if self.deaths_in_a_row > MAX_CHUNK_ATTEMPTS * self.cluster.n_workers:
+            raise ClusterError(f"{self.deaths_in_a_row} Ray workers died without a chunk coming back in between; "
+                               "finished images are kept, rerun to resume once the cluster is healthy")
         self.ready.discard(index)
         self.cluster.replace(index)
         starting[self.cluster.actors[index].info.remote(self.recipe_ref)] = index
