@@ -445,7 +445,7 @@ def train_command(store_path, head, out, target, epochs, lr, min_lr, lr_epochs, 
         click.echo(f"interrupted: {result.run_dir} keeps the best weights so far (epoch "
                    f"{result.config['best_epoch']}); `mlsp score` and `mlsp export` use it with --allow-unfinished",
                    err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _echo_metrics(metrics):
