@@ -438,7 +438,10 @@ def train_command(store_path, head, out, target, epochs, lr, min_lr, lr_epochs, 
         seed=seed, memory_budget=_memory_budget(memory_budget), workers=workers,
     )
     _sigterm_as_interrupt()
-    result = train(config, progress=progress)
+    try:
+        result = train(config, progress=progress)
+    except KeyboardInterrupt:
+        _interrupted("training stopped before its first epoch ended: there are no weights to keep.")
     _echo_metrics(result.metrics)
     click.echo(f"run: {result.run_dir}")
     if result.config["status"] == "interrupted":

@@ -452,6 +452,10 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
             if source.failure is not None:
                 raise source.failure from None
             raise
+        except KeyboardInterrupt:  # before the first epoch ended: no weights to keep (after it, _fit keeps them)
+            record.update(status="interrupted", error="stopped before the first epoch ended: no weights to keep")
+            write_json(config_path, record)
+            raise
         finally:
             source.close()
         history = _read_history(os.path.join(run_dir, "history.csv"))

@@ -246,3 +246,21 @@ def test_an_interrupted_run_keeps_its_weights_and_is_used_only_when_asked(tmp_pa
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="did not finish \\(status 'failed'\\)"):
         Run.open(str(out), allow_unfinished=True)
+
+
+def test_ctrl_c_before_the_first_epoch_ends_is_one_line_and_marks_the_run(tmp_path, monkeypatch):
+    from heads import training
+
+    def ctrl_c(self, logs=None):
+        raise KeyboardInterrupt
+
+    path = str(tmp_path / "s.h5")
+    write_synthetic_store(path, 60, n_views=2, block_channels=(4, 4))
+    out = tmp_path / "run"
+    monkeypatch.setattr(training.HistoryCSV, "on_train_begin", ctrl_c)
+    res = CliRunner().invoke(cli.main, ["train", "--store", path, "--head", "single1fc", "--out", str(out),
+                                        "--epochs", "2", "--no-progress"])
+    assert res.exit_code == 130, res.output
+    assert "no weights to keep" in res.output and "Traceback" not in res.output
+    assert json.loads((out / "config.json").read_text())["status"] == "interrupted"
+    assert not (out / "model.keras").exists()
