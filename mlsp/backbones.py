@@ -472,8 +472,11 @@ def fold_batch_norms(model):
     :class:`mlsp.layers.FoldedBatchNorm` (the identity) keeping its name, so the taps are found
     as before. Only that pattern is folded: a batch norm after anything else stays, and layer
     norms (ConvNeXt) normalise over each position's channels at run time, which no kernel can
-    absorb; a net with nothing to fold is returned as it is. Features agree with the unfolded
-    model to float32 rounding.
+    absorb. The same copy runs Conv2D layers that are depthwise convolutions written as grouped
+    ones (ConvNeXt's, one channel per group) as DepthwiseConv2D, the same function TensorFlow
+    computes about 10x faster on CPU (see :func:`_grouped_depthwise`). A net with nothing to
+    fold or rewrite is returned as it is. Features agree with the unfolded model to float32
+    rounding.
     """
     import keras
     import numpy as np
@@ -491,7 +494,8 @@ def fold_batch_norms(model):
         if isinstance(producer, convolutions) and len(producer._outbound_nodes) == 1:
             bn_of_conv[producer.name] = layer
             conv_of_bn[layer.name] = producer
-    if not bn_of_conv:
+    depthwise = {layer.name for layer in model.layers if _grouped_depthwise(layer)}
+    if not bn_of_conv and not depthwise:
         return model, 0
 
     def clone(layer):
@@ -500,6 +504,11 @@ def fold_batch_norms(model):
         config = layer.get_config()
         if layer.name in bn_of_conv:
             config["use_bias"] = True
+        if layer.name in depthwise:
+            return keras.layers.DepthwiseConv2D(
+                layer.kernel_size, strides=layer.strides, padding=layer.padding, depth_multiplier=1,
+                data_format=layer.data_format, dilation_rate=layer.dilation_rate, activation=layer.activation,
+                use_bias=config["use_bias"], name=layer.name, dtype=layer.dtype_policy.name)
         return layer.__class__.from_config(config)
 
     folded = keras.models.clone_model(model, clone_function=clone)
@@ -510,7 +519,10 @@ def fold_batch_norms(model):
         target = folded.get_layer(layer.name)
         bn = bn_of_conv.get(layer.name)
         if bn is None:
-            target.set_weights(layer.get_weights())
+            weights = layer.get_weights()
+            if layer.name in depthwise:  # (h, w, 1, C) -> (h, w, C, 1)
+                weights[0] = np.transpose(weights[0], (0, 1, 3, 2))
+            target.set_weights(weights)
             continue
         kernel = as_array(layer.kernel).astype(np.float64)
         bias = as_array(layer.bias).astype(np.float64) if layer.use_bias else 0.0
@@ -519,9 +531,22 @@ def fold_batch_norms(model):
             as_array(bn.moving_variance).astype(np.float64) + bn.epsilon)
         beta = as_array(bn.beta).astype(np.float64) if bn.center else 0.0
         per_kernel = scale.reshape(kernel.shape[2:]) if isinstance(layer, keras.layers.DepthwiseConv2D) else scale
-        target.set_weights([(kernel * per_kernel).astype(np.float32),
-                            ((bias - mean) * scale + beta).astype(np.float32)])
+        kernel = kernel * per_kernel
+        if layer.name in depthwise:
+            kernel = np.transpose(kernel, (0, 1, 3, 2))
+        target.set_weights([kernel.astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)])
     return folded, len(bn_of_conv)
+
+
+def _grouped_depthwise(layer) -> bool:
+    """A Conv2D with one input channel per group and one filter per group: a depthwise
+    convolution in disguise (ConvNeXt's 7x7), which TensorFlow runs about 10x slower on CPU
+    than the same DepthwiseConv2D (measured: 1.43 s against 0.12 s on 84x112x96, 2 cores)."""
+    import keras
+
+    if type(layer) is not keras.layers.Conv2D or getattr(layer, "groups", 1) <= 1:
+        return False
+    return layer.groups == layer.filters == int(layer.input.shape[-1]) and layer.data_format == "channels_last"
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,8 +24,10 @@ needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bflo
 
 
 @needs_bf16
-@pytest.mark.parametrize("net", ["iv3", "irv2"])
+@pytest.mark.parametrize("net", ["iv3", "irv2", "convnext_tiny", "mobilenetv3_large"])
 def test_bfloat16_fidelity(extractors, net):
+    """The paper's nets, a net of layer norms (ConvNeXt) and one of depthwise convolutions and
+    hard-swish (MobileNetV3): bfloat16 features stay within 3% of float32's."""
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
     import cv2
