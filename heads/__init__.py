@@ -8,12 +8,14 @@ Public API::
     evaluate(run_dir, store=None, *, out=None, memory_budget=None) -> {"val": {...}, "test": {...}}
 
 The modules: :mod:`heads.registry` (names -> HeadSpec), :mod:`heads.models` (the four heads) and
-:mod:`heads.layers` (their registered layer), :mod:`heads.data` (feeding features from memory or
-the store), :mod:`heads.schedule` (the schedule's values for a store's
-size), :mod:`heads.schedule_callback` (the paper's LR schedule), :mod:`heads.training`,
-:mod:`heads.run` (a run folder), :mod:`heads.evaluation`, :mod:`heads.score` (a run applied to a
-store or to image files), :mod:`heads.export` (backbone + head as one model), :mod:`heads.plots`.
-Everything but the registry imports Keras, so it is loaded on first use.
+:mod:`heads.layers` (their registered layers), :mod:`heads.targets` (what a head predicts: the
+MOS or the vote distribution) and :mod:`heads.distribution` (the distribution's EMD loss),
+:mod:`heads.data` (feeding features from memory or the store), :mod:`heads.schedule` (the
+schedule's values for a store's size), :mod:`heads.schedule_callback` (the paper's LR schedule),
+:mod:`heads.training`, :mod:`heads.run` (a run folder), :mod:`heads.evaluation`,
+:mod:`heads.score` (a run applied to a store or to image files), :mod:`heads.export` (backbone +
+head as one model), :mod:`heads.plots`. Everything but the registry and the targets imports
+Keras, so it is loaded on first use.
 """
 
 import importlib

@@ -21,14 +21,12 @@ LR schedule watch on validation (``val_loss``); r = 1 and r = 2 are both in ``me
 from __future__ import annotations
 
 import dataclasses
-import logging
+import importlib
 
 import numpy as np
 
 from mlsp.errors import ConfigError
-from mlsp.labels import N_BINS, SCORES
-
-log = logging.getLogger(__name__)
+from mlsp.labels import N_BINS, SCORES, mos_from_votes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +36,15 @@ class TargetSpec:
     name: str
     outputs: int  # units of the head's last layer
     activation: str | None  # applied after it (a stock Keras activation), None: linear
-    loss: str  # a Keras loss name, or "module:function"
+    loss: str  # a Keras loss name, or "module:function" (imported when training starts)
     description: str
+
+    def resolve_loss(self):
+        """What ``model.compile(loss=...)`` takes: the name, or the function it names."""
+        if ":" not in self.loss:
+            return self.loss
+        module, _, function = self.loss.partition(":")
+        return getattr(importlib.import_module(module), function)
 
 
 TARGETS: dict[str, TargetSpec] = {
@@ -83,9 +88,8 @@ def has_votes(votes) -> np.ndarray:
 def moments(p) -> tuple:
     """Mean and standard deviation of (..., 10) histograms over the scores 1..10."""
     p = np.asarray(p, dtype=np.float64)
-    p = p / p.sum(axis=-1, keepdims=True)
-    mean = p @ SCORES
-    var = p @ SCORES**2 - mean**2
+    mean = mos_from_votes(p)
+    var = (p @ SCORES**2) / p.sum(axis=-1) - mean**2
     return mean, np.sqrt(np.maximum(var, 0.0))
 
 

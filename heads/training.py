@@ -544,22 +544,13 @@ def _grid(store: FeatureStore) -> int:
     return int(store.feature_shape[0]) if store.pooling == "wide" else 5
 
 
-def _loss(target: TargetSpec):
-    if ":" not in target.loss:
-        return target.loss
-    import importlib
-
-    module, _, function = target.loss.partition(":")
-    return getattr(importlib.import_module(module), function)
-
-
 def _fit(config, plan, head, head_options, store, source, rows, mos, labels, output_bias, reduce_grid, run_dir,
          progress):
     keras.utils.set_random_seed(config.seed)
     target = get_target(config.target)
     model = build_head(head, store.block_channels, pooling="narrow" if reduce_grid else store.pooling,
                        grid=_grid(store), output_bias=output_bias, target=target.name, **head_options)
-    model.compile(optimizer=keras.optimizers.Adam(plan.lr), loss=_loss(target))
+    model.compile(optimizer=keras.optimizers.Adam(plan.lr), loss=target.resolve_loss())
     log.info("%s: %s parameters (%s trainable)", head, f"{model.count_params():,}",
              f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,}")
     batches = TrainBatches(source, rows["train"], labels[rows["train"]], batch_size=plan.batch_size,
