@@ -24,10 +24,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from heads.schedule import FULL_EPOCH_STEPS, MIN_EPOCH_STEPS, PAPER  # noqa: E402
 from heads.targets import DEFAULT_TARGET, TARGETS  # noqa: E402
 from mlsp.backbones import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
+from mlsp.backend import BACKENDS  # noqa: E402
+from mlsp.extract import PRECISIONS  # noqa: E402
 from mlsp.errors import MLSPError  # noqa: E402
 from mlsp.progress import console_progress  # noqa: E402
 
 log = logging.getLogger("cli")
+PRECISION_CHOICES = [*PRECISIONS, "auto"]
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
@@ -52,8 +55,24 @@ def handle_errors(func):
     return wrapper
 
 
+def _select_backend(ctx, param, value):
+    """--backend sets KERAS_BACKEND before anything imports Keras (an eager option)."""
+    if value:
+        from mlsp.backend import select
+
+        try:
+            select(value)
+        except MLSPError as exc:
+            raise click.BadParameter(str(exc)) from exc
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="More log output (-v: info from every module, -vv: debug).")
+@click.option("--backend", type=click.Choice(BACKENDS), is_eager=True, expose_value=False, callback=_select_backend,
+              help="Keras backend for this command (sets KERAS_BACKEND). Default: $KERAS_BACKEND, else "
+                   "~/.keras/keras.json, else tensorflow. torch runs without TensorFlow in the process; "
+                   "features agree to float32 rounding, so a store may be extended from either (README).")
 @click.version_option(package_name="mlsp")
 def main(verbose):
     """mlsp: aesthetic quality (MOS 1-10) of photographs with MLSP features.
@@ -191,7 +210,7 @@ def _echo_errors(errors, limit=10):
               help="Images with a longer side are resized down to it (INTER_AREA) before cropping, "
                    "which bounds memory on large photos (a JPEG at least twice as large is decoded "
                    "at 1/2, 1/4 or 1/8 of its size first); AVA (max 800 px) is untouched. 0: never.")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="float32",
               show_default=True,
               help="Compute precision of the backbone; pooling runs in float32 and storage is float16 "
                    "anyway. float32 keeps features comparable with the paper's; bfloat16 is about 2x "
@@ -201,15 +220,22 @@ def _echo_errors(errors, limit=10):
 @click.option("--workers", type=int, default=2, show_default=True,
               help="Threads decoding images ahead of the model (0: decode in the main thread).")
 @click.option("--threads", type=(int, int), default=(0, 0), show_default=True, metavar="INTRA INTER",
-              help="TensorFlow's threads inside one op and ops side by side; 0 keeps TensorFlow's "
-                   "default (the number of cores for both), the fastest setting measured (README).")
+              help="The backend's CPU threads inside one op and ops side by side; 0 keeps the "
+                   "backend's default (the number of cores for both), the fastest setting measured (README).")
+@click.option("--batch-views", type=click.IntRange(min=0),
+              help="Views per model call: the views of several images of the same size are run together "
+                   "up to this many (a GPU is underfed by one photo's 8 views). The store is the same. "
+                   "Default: 64 on a GPU, one image per call on a CPU.")
+@click.option("--batch-window", type=click.IntRange(min=1), default=64, show_default=True,
+              help="With --batch-views: decoded images held at most while waiting for images of the same size.")
 @click.option("--checkpoint-every", type=int, default=64, show_default=True,
               help="Write finished images to disk every N images (and at least every 30 s); an "
                    "interruption loses at most the images since the last write.")
 @ray_options
 @handle_errors
 def extract(files, images_dir, net, wide, augment, weights, labels, test_list, val_fraction, seed, out,
-            dataset, max_side, precision, workers, threads, checkpoint_every, ray_address, ray_cpus_per_worker,
+            dataset, max_side, precision, workers, threads, batch_views, batch_window,
+            checkpoint_every, ray_address, ray_cpus_per_worker,
             ray_gpus_per_worker):
     """Extract MLSP features of images into a feature store (stage 1, once per dataset).
 
@@ -222,7 +248,8 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
     if bool(files) == bool(images_dir):
         raise click.UsageError("give either --images DIR or image files, not both and not neither")
     from mlsp.api import ray_cluster
-    from mlsp.extract import configure_threads, resolve_precision
+    from mlsp.backend import configure_threads
+    from mlsp.extract import resolve_precision
 
     if not ray_address:
         configure_threads(*threads)
@@ -239,7 +266,8 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
         with ray_cluster(ray_address, ray_cpus_per_worker, ray_gpus_per_worker) as cluster:
             result = run_extract(images_dir or list(files), config, out, labels=labels, test_list=test_list,
                                  val_fraction=val_fraction, seed=seed, dataset=dataset, workers=workers,
-                                 flush_images=max(1, checkpoint_every), progress=console_progress,
+                                 flush_images=max(1, checkpoint_every), batch_views=batch_views,
+                                 batch_window=batch_window, progress=console_progress,
                                  runner=cluster.runner(config) if cluster else None)
     except KeyboardInterrupt:
         _interrupted("finished images are kept; run the same command again to resume.")
@@ -252,6 +280,26 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
         click.echo(f"splits: {splits}")
     if rep.get("labels_without_images"):
         click.echo(f"{rep['labels_without_images']} labelled ids have no image")
+
+
+@main.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@handle_errors
+def info_command(as_json):
+    """What mlsp runs on here: Keras backend, devices, what --precision auto would choose and why,
+    and where ImageNet weights are cached."""
+    from mlsp import api
+
+    found = api.info()
+    if as_json:
+        echo_json(found)
+        return
+    click.echo(f"backend: {found['backend']} {found['backend_version']} (Keras {found['keras']}); "
+               "choose with --backend or KERAS_BACKEND")
+    click.echo(f"devices: {', '.join(found['devices'])}")
+    click.echo(f"precision auto: {found['precision_auto']} ({found['precision_auto_why']})")
+    cached = ", ".join(f"{net} {'cached' if ok else 'not downloaded yet'}" for net, ok in found["weights_cached"].items())
+    click.echo(f"ImageNet weights: {found['weights_cache']} ({cached})")
 
 
 @main.command()
@@ -403,10 +451,15 @@ _MEMORY_HELP = ("Features up to this size (e.g. 8GB) are loaded into memory, lar
 @click.option("--memory-budget", help=_MEMORY_HELP)
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Threads reading batches ahead.")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="float32", show_default=True,
+              help="Compute precision of the head while training (Keras mixed precision: float32 weights, "
+                   "bfloat16/float16 arithmetic); the saved model and predictions are float32. auto: "
+                   "bfloat16 where the hardware has it (`mlsp info`). Measured effect: README.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar per epoch.")
 @handle_errors
 def train_command(store_path, head, out, target, epochs, lr, min_lr, lr_epochs, patience, batch_size,
-                  steps_per_epoch, seed, width, kernels, memory_budget, workers, progress):
+                  steps_per_epoch, seed, width, kernels, memory_budget, workers, precision,
+                  progress):
     """Train a head on a feature store; evaluate it on val and test.
 
     Stage 2 reads only the store. The schedule is the paper's: MSE, Adam, batch 128, LR 1e-4
@@ -435,7 +488,7 @@ def train_command(store_path, head, out, target, epochs, lr, min_lr, lr_epochs, 
     config = TrainConfig(
         head=head, store=store_path, out=out, head_options=head_options, target=target, epochs=epochs, lr=lr,
         min_lr=min_lr, lr_epochs=lr_epochs, patience=patience, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
-        seed=seed, memory_budget=_memory_budget(memory_budget), workers=workers,
+        seed=seed, memory_budget=_memory_budget(memory_budget), workers=workers, precision=precision,
     )
     _sigterm_as_interrupt()
     try:
@@ -567,7 +620,7 @@ _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (
               help="CSV to write (id, pred, pred_std[, pred_opinion_std, p1..p10][, mos, split]). "
               "Default: print the scores.")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]),
+@click.option("--precision", type=click.Choice(PRECISIONS),
               help="Backbone precision for --images. Default: the one the run's store was extracted at.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Threads decoding images ahead.")
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
@@ -615,7 +668,7 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="Default: RUN_DIR/scoring_model.keras")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]),
+@click.option("--precision", type=click.Choice(PRECISIONS),
               help="Backbone precision. Default: the one the run's store was extracted at.")
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @handle_errors

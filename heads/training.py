@@ -17,7 +17,6 @@ paper's on a store of AVA's size), evaluates on val and test and writes the run 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import datetime
@@ -30,9 +29,10 @@ from typing import Any, Mapping
 import keras
 import numpy as np
 
-from mlsp import __version__
+from mlsp import __version__, backend
 from mlsp.atomic import atomic_path, write_json
 from mlsp.errors import ConfigError, StoreError, TrainingError
+from mlsp.extract import PRECISIONS, resolve_precision
 from mlsp.progress import ProgressFactory, console_progress, null_progress, resolve as resolve_progress
 from mlsp.store import FeatureStore, find_latest_store
 
@@ -65,7 +65,9 @@ class TrainConfig:
     the memory available to the process, 0 always streams. ``workers``: threads reading batches
     ahead. Neither changes the result. ``target``
     (:data:`heads.targets.TARGETS`): ``"mos"`` (the paper's) or ``"distribution"`` (the vote
-    histogram, EMD loss).
+    histogram, EMD loss). ``precision``: the head's compute precision during training (Keras
+    mixed precision: float32 weights, bfloat16 or float16 arithmetic; ``auto`` as for extraction);
+    the saved model and every prediction are float32.
     """
 
     head: str
@@ -85,6 +87,7 @@ class TrainConfig:
     deterministic: bool = True
     memory_budget: int | None = None
     workers: int = 2
+    precision: str = "float32"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
@@ -133,6 +136,8 @@ class TrainConfig:
             raise ConfigError(f"seed must be a non-negative integer, received {self.seed!r}")
         if self.memory_budget is not None and (not isinstance(self.memory_budget, int) or self.memory_budget < 0):
             raise ConfigError(f"memory_budget must be a number of bytes >= 0, received {self.memory_budget!r}")
+        if self.precision != "auto" and self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be auto or one of {', '.join(PRECISIONS)}, received {self.precision!r}")
         if not isinstance(self.head_options, dict):
             raise ConfigError(f"head_options must be a mapping, received {self.head_options!r}")
 
@@ -233,30 +238,11 @@ def versions() -> dict:
     out = {"mlsp": __version__, "python": platform.python_version(), "keras": keras.__version__,
            "numpy": np.__version__, "h5py": h5py.__version__, "scipy": scipy.__version__,
            "keras_backend": keras.backend.backend(), "platform": platform.platform()}
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        out["tensorflow"] = tf.__version__
-        out["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
+    info = backend.describe()
+    out[info["backend"]] = info["backend_version"]
+    out["device"] = info["device"]
+    out["devices"] = backend.devices()
     return out
-
-
-@contextlib.contextmanager
-def deterministic_ops(enabled: bool = True):
-    """TensorFlow's op determinism for the duration (restored afterwards)."""
-    if not enabled or keras.backend.backend() != "tensorflow":
-        yield
-        return
-    import tensorflow as tf
-    from tensorflow.python.framework import config as tf_config
-
-    was = tf_config.is_op_determinism_enabled()
-    tf.config.experimental.enable_op_determinism()
-    try:
-        yield
-    finally:
-        if not was:
-            tf_config.disable_op_determinism()
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,6 +381,9 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
     if config.store is None:
         log.info("no store given: using the newest one, %s", store_path)
     started = time.time()
+    precision, why = resolve_precision(config.precision)
+    if why != "as asked":
+        log.info("training precision %s: %s", precision, why)
     with FeatureStore(store_path) as store:
         rows = check_target(store, goal, check_store(store, spec.name))
         plan, why = config.schedule(len(rows["train"]))
@@ -432,6 +421,7 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
                      "memory_budget": config.memory_budget, "workers": config.workers},
             "output_bias": output_bias,
             "max_epochs": plan.max_epochs(config.epochs),
+            "precision": precision,
             "versions": versions(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "status": "running",
@@ -439,10 +429,10 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
         config_path = os.path.join(run_dir, "config.json")
         write_json(config_path, record)
         try:
-            with deterministic_ops(config.deterministic):
+            with backend.deterministic_ops(config.deterministic):
                 model, schedule, throughput, interrupted = _fit(
                     config, plan, spec.name, head_options, store, source, rows, mos, labels, output_bias,
-                    reduce_grid, run_dir, progress)
+                    reduce_grid, run_dir, progress, precision)
                 predictions = {split: (rows[split], predict_views(model, source, rows[split])) for split in EVAL_SPLITS}
         except Exception as exc:
             # a damaged store met in a reading thread reaches here wrapped in TensorFlow's error
@@ -544,12 +534,22 @@ def _grid(store: FeatureStore) -> int:
     return int(store.feature_shape[0]) if store.pooling == "wide" else 5
 
 
+def _build(head, head_options, store, output_bias, reduce_grid, target, precision="float32"):
+    """The head as trained (narrow input where the grid is reduced), under a Keras dtype policy."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
+    try:
+        return build_head(head, store.block_channels, pooling="narrow" if reduce_grid else store.pooling,
+                          grid=_grid(store), output_bias=output_bias, target=target, **head_options)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def _fit(config, plan, head, head_options, store, source, rows, mos, labels, output_bias, reduce_grid, run_dir,
-         progress):
-    keras.utils.set_random_seed(config.seed)
+         progress, precision="float32"):
+    backend.set_random_seed(config.seed)
     target = get_target(config.target)
-    model = build_head(head, store.block_channels, pooling="narrow" if reduce_grid else store.pooling,
-                       grid=_grid(store), output_bias=output_bias, target=target.name, **head_options)
+    model = _build(head, head_options, store, output_bias, reduce_grid, target.name, precision)
     model.compile(optimizer=keras.optimizers.Adam(plan.lr), loss=target.resolve_loss())
     log.info("%s: %s parameters (%s trainable)", head, f"{model.count_params():,}",
              f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,}")
@@ -592,4 +592,9 @@ def _fit(config, plan, head, head_options, store, source, rows, mos, labels, out
     if schedule.best_weights is None:
         raise TrainingError("training did not produce a model: the validation loss was never finite "
                             "(the loss diverged?); try a lower --lr")
+    if precision != "float32":
+        # mixed precision keeps float32 weights: predict with a float32 copy (no rounded outputs)
+        twin = _build(head, head_options, store, output_bias, reduce_grid, target.name)
+        twin.set_weights(model.get_weights())
+        model = twin
     return model, schedule, throughput, interrupted

@@ -10,6 +10,7 @@ already is, without importing it otherwise), so that every model mlsp saves load
 """
 
 import logging
+import os
 
 import wrapt
 
@@ -23,3 +24,9 @@ def _register_layers(keras_module):
 
 
 wrapt.register_post_import_hook(_register_layers, "keras")
+
+if os.environ.get("KERAS_BACKEND") == "torch":
+    # before Keras loads: Keras on PyTorch must never import TensorFlow (mlsp.backend)
+    from .backend import keep_tensorflow_out
+
+    keep_tensorflow_out()

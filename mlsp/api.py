@@ -46,11 +46,40 @@ def ray_cluster(address: str | None = None, cpus_per_worker: float | None = None
     return Cluster(address, cpus_per_worker, gpus_per_worker)
 
 
+def info() -> dict:
+    """``mlsp info``: the Keras backend and its version, the devices it sees, the precision
+    ``--precision auto`` would choose and why, and where ImageNet weights are cached (and which
+    of the registered backbones' weights are already there)."""
+    import os
+
+    import keras
+
+    from . import backend
+    from .backbones import BACKBONES, keras_cache_dir
+    from .extract import resolve_precision
+
+    described = backend.describe()
+    precision, why = resolve_precision("auto")
+    cache = keras_cache_dir()
+    return {
+        "backend": described["backend"],
+        "backend_version": described["backend_version"],
+        "keras": keras.__version__,
+        "devices": backend.devices(),
+        "precision_auto": precision,
+        "precision_auto_why": why,
+        "weights_cache": cache,
+        "weights_cached": {name: os.path.isfile(os.path.join(cache, spec.weights_file))
+                           for name, spec in sorted(BACKBONES.items())},
+    }
+
+
 def extract(images: str | Sequence[str], out: str | None = None, *, net: str = "irv2", wide: bool = False,
             augment: bool = True, weights: str = "imagenet", labels: str | None = None,
             test_list: str | None = None, val_fraction: float = 0.05, seed: int = 0, max_side: int = 1024,
             precision: str = "float32", dataset: str | None = None, workers: int = 2,
-            checkpoint_every: int = 64, progress: bool = False, ray: str | None = None,
+            checkpoint_every: int = 64, batch_views: int | None = None, batch_window: int = 64,
+            progress: bool = False, ray: str | None = None,
             ray_cpus_per_worker: float | None = None, ray_gpus_per_worker: float | None = None):
     """``mlsp extract``: features of a folder (recursively) or a list of files into a store.
     ``ray``: an address as for ``--ray`` (``auto``, ``ray://HOST:PORT``, ``local:N``) spreads the
@@ -62,7 +91,8 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = "
                            max_side=max_side, precision=resolve_precision(precision)[0])
     with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker) as cluster:
         return run(images, config, out, labels=labels, test_list=test_list, val_fraction=val_fraction, seed=seed,
-                   dataset=dataset, workers=workers, flush_images=checkpoint_every,
+                   dataset=dataset, workers=workers, flush_images=checkpoint_every, batch_views=batch_views,
+                   batch_window=batch_window,
                    progress=resolve_progress(progress),
                    runner=cluster.runner(config) if cluster else None)
 

@@ -22,6 +22,7 @@ import logging
 import os
 from typing import Callable
 
+from . import backend
 from .errors import ConfigError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -435,7 +436,7 @@ def build_backbone(spec: BackboneSpec, weights: WeightsSource):
     import numpy as np
 
     if weights.kind == "random":
-        keras.utils.set_random_seed(weights.seed)
+        backend.set_random_seed(weights.seed)
         model = spec.build()
         digest = hashlib.sha256()
         for w in model.weights:

@@ -80,7 +80,7 @@ class Worker:
 
     def __init__(self, threads: int, decode_threads: int):
         if threads:
-            from .extract import configure_threads
+            from .backend import configure_threads
 
             configure_threads(threads, threads)
         self.decode_threads = decode_threads

@@ -1,10 +1,11 @@
 """Stage 1: images -> MLSP features in a feature store.
 
-:class:`FeatureExtractor` is the model: backbone, taps and pooling, run as one TensorFlow graph
-traced once with a fully dynamic input shape, so thousands of distinct image sizes cost one
-trace. :func:`extract` is the job: find the images, decode them ahead of the model in worker
-threads, run the views of each image as one batch, write crash-safe shards, and finally merge
-everything with the labels into one store (see ``features/README.md``).
+:class:`FeatureExtractor` is the model: backbone, taps and pooling, compiled once for inputs of
+every size on TensorFlow or PyTorch (:mod:`mlsp.backend`), so thousands of distinct image sizes
+cost one compile. :func:`extract` is the job: find the images, decode them ahead of the model in
+worker threads, run the views of one image, or of several images of one size, as one batch
+(:func:`run_batched`), write crash-safe shards, and finally merge everything with the labels
+into one store (see ``features/README.md``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import backbones, images, store
+from . import backbones, backend, images, store
 from .atomic import describe_os_error, is_write_failure, remove_stale_temporaries
 from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch, WriteError
 from .files import NoSpace, StoreLock
@@ -30,26 +31,6 @@ POOLINGS = {"narrow": 1, "wide": 5}
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 
-def configure_threads(intra: int | None = None, inter: int | None = None):
-    """TensorFlow's thread pools: ``intra`` threads inside one op (a convolution), ``inter`` ops
-    run side by side. ``None`` keeps TensorFlow's default (both the number of cores). Measured on
-    2 cores (Inception-v3, 8 views of 434x550): default 0.46 s, intra 2 / inter 1 0.47 s,
-    2 / 2 0.47 s, 1 / 2 0.66 s: what counts is that one convolution uses every core; running
-    the branches of a block side by side gains nothing. Must be called before TensorFlow runs
-    its first op."""
-    import tensorflow as tf
-
-    try:
-        if intra:
-            tf.config.threading.set_intra_op_parallelism_threads(int(intra))
-        if inter:
-            tf.config.threading.set_inter_op_parallelism_threads(int(inter))
-    except RuntimeError as exc:
-        raise ConfigError(f"thread settings must come before TensorFlow starts: {exc}") from exc
-    return (tf.config.threading.get_intra_op_parallelism_threads(),
-            tf.config.threading.get_inter_op_parallelism_threads())
-
-
 def resolve_precision(precision: str) -> tuple[str, str]:
     """(precision, why) for a requested precision; ``auto`` picks bfloat16 where the hardware
     computes it natively (a GPU of compute capability 8.0 or newer, or a CPU with AVX-512 BF16
@@ -58,14 +39,9 @@ def resolve_precision(precision: str) -> tuple[str, str]:
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be auto or one of {', '.join(PRECISIONS)}, received {precision!r}")
         return precision, "as asked"
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        details = tf.config.experimental.get_device_details(gpu)
-        capability = details.get("compute_capability") or (0, 0)
-        if tuple(capability) >= (8, 0):
-            return "bfloat16", f"GPU {details.get('device_name', gpu.name)} (compute capability {capability}) computes bfloat16 natively"
-        return "float32", f"GPU {details.get('device_name', gpu.name)} (compute capability {capability}) has no native bfloat16"
+    gpu = backend.gpu_bfloat16()
+    if gpu is not None:
+        return ("bfloat16" if gpu[0] else "float32"), gpu[1]
     flags = set()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -134,6 +110,7 @@ class FeatureExtractor:
         self.config = config
         self.fold_batch_norms = fold_batch_norms
         self._model = None
+        self.provenance = backend.describe()
         key = None
         if cache and fold_batch_norms:
             from . import forward_cache
@@ -143,11 +120,11 @@ class FeatureExtractor:
                 loaded = forward_cache.load(key)
                 if loaded is not None:
                     self._restored, self.weights_record = loaded  # owns the variables
-                    self._forward = self._restored.forward
+                    self._forward = backend.Forward(lambda batch: self._restored.forward(batch).numpy(), lambda: 1)
                     return
         self._forward = self._trace_forward()
         if key is not None:
-            forward_cache.save(key, self._forward, self.model.variables, self.weights_record)
+            forward_cache.save(key, self._forward.compiled, self.model.variables, self.weights_record)
 
     @property
     def model(self):
@@ -181,28 +158,17 @@ class FeatureExtractor:
             keras.config.set_dtype_policy(previous_policy)
         return model, weights_record
 
-    def _trace_forward(self):
-        import tensorflow as tf
-
-        model, spec = self.model, self.config.spec
-
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)], reduce_retracing=True)
-        def forward(batch):
-            x = spec.preprocess(tf.cast(batch, tf.float32))
-            return tf.cast(model(x, training=False), tf.float32)
-
-        return forward
+    def _trace_forward(self) -> backend.Forward:
+        return backend.compile_forward(self.model, self.config.spec.preprocess)
 
     @property
     def tracing_count(self) -> int:
-        """How many graphs were traced (stays 1 whatever the input sizes; a forward pass loaded
-        from the cache is one graph, never traced again)."""
-        if getattr(self, "_restored", None) is not None:
-            return 1
-        return int(self._forward.experimental_get_tracing_count())
+        """How many graphs were traced (TensorFlow: stays 1 whatever the input sizes, and a forward
+        pass loaded from the cache is one graph, never traced again; PyTorch runs eagerly: 0)."""
+        return self._forward.tracing_count
 
     def __call__(self, views: np.ndarray) -> np.ndarray:
-        return self._forward(np.ascontiguousarray(views, dtype=np.uint8)).numpy()
+        return self._forward(views)
 
     def store_attrs(self) -> dict:
         spec, cfg = self.config.spec, self.config
@@ -221,6 +187,7 @@ class FeatureExtractor:
             "preprocessing": spec.preprocessing.name,
             "max_side": int(cfg.max_side),
             "precision": cfg.precision,
+            **self.provenance,  # backend, backend_version, device: provenance, not configuration
         }
 
     def info(self) -> dict:
@@ -307,6 +274,8 @@ def extract(
     prefetch: int = 4,
     flush_images: int = 64,
     flush_seconds: float = 30.0,
+    batch_views: int | None = None,
+    batch_window: int = 64,
     progress: ProgressFactory = null_progress,
     extractor: FeatureExtractor | None = None,
     runner=None,
@@ -325,6 +294,10 @@ def extract(
     (:mod:`mlsp.progress`).
     ``runner`` runs the model (default: a :class:`mlsp.readahead.LocalRunner` in this process; a
     :class:`mlsp.cluster.ClusterRunner` spreads the images over a Ray cluster, the rest is the same).
+    ``batch_views``: views per model call; the views of several images of the same size are
+    grouped up to this many (looking at most ``batch_window`` decoded images ahead). ``None``:
+    :func:`default_batch_views` (one image per call on a CPU, 64 views on a GPU). The store is
+    the same whatever the batching.
     """
     started = time.monotonic()
     if not 0.0 <= val_fraction < 1.0:
@@ -344,7 +317,10 @@ def extract(
         # Labels are read before any image, so a malformed file fails at once.
         label_fn = _label_function(labels, test_list, val_fraction, seed, report)
 
-        runner = runner or LocalRunner(extractor or FeatureExtractor(config, cache=True), workers, prefetch)
+        if batch_views is None:
+            batch_views = default_batch_views()
+        runner = runner or LocalRunner(extractor or FeatureExtractor(config, cache=True), workers, prefetch,
+                                       batch_views, batch_window)
         attrs = dict(runner.info())
         attrs.update(
             dataset=dataset,
@@ -482,3 +458,9 @@ def _stored_label_sources(path):
     if any(found):
         log.info("using the label sources recorded in %s: %s", path, ", ".join(v for v in found if v))
     return found[0], found[1]
+
+
+def default_batch_views() -> int:
+    """Views per model call when not asked: 64 on a GPU (the 8 views of one photo underfeed it),
+    0 on a CPU, i.e. one image per call (measured no faster in bigger batches on 2 cores)."""
+    return 64 if backend.devices()[0] != "cpu" else 0

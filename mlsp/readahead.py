@@ -2,7 +2,8 @@
 
 :func:`decode_ahead` is the one place where stage 1 (extraction) and scoring files with a
 trained run overlap decoding with computing; :class:`LocalRunner` adds the model to it, for a
-job on this machine (:mod:`mlsp.cluster` runs the same on a Ray cluster).
+job on this machine (:mod:`mlsp.cluster` runs the same on a Ray cluster), and
+:func:`run_batched` groups the decoded views of images of one size into one model call.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 from collections import deque
 from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
 
 from .errors import ImageDecodeError
 
@@ -54,11 +57,15 @@ def decode_ahead(load: Callable, items: Iterable, workers: int, prefetch: int = 
 class LocalRunner:
     """Runs a processor (``load_views(path)``, ``process(views)``, ``info()``; e.g. a
     :class:`mlsp.extract.FeatureExtractor`) over images in this process: decoding ``prefetch``
-    images ahead in ``workers`` threads, the model in the caller's thread.
+    images ahead in ``workers`` threads, the model in the caller's thread, on the views of one
+    image at a time or, with ``batch_views``, of several images of one size grouped into one call
+    (:func:`run_batched`, holding at most ``batch_window`` decoded images).
     :class:`mlsp.cluster.ClusterRunner` is the same interface over a Ray cluster."""
 
-    def __init__(self, processor, workers: int = 2, prefetch: int = 4):
+    def __init__(self, processor, workers: int = 2, prefetch: int = 4, batch_views: int = 0,
+                 batch_window: int = 64):
         self.processor, self.workers, self.prefetch = processor, workers, prefetch
+        self.batch_views, self.batch_window = batch_views, batch_window
 
     def info(self) -> dict:
         return self.processor.info()
@@ -68,9 +75,61 @@ class LocalRunner:
 
     def map(self, items: Sequence[tuple[str, str]]) -> Iterable:
         """Yield ``((path, id), ((height, width), result) or ImageDecodeError)`` in input order."""
-        for item, loaded in decode_ahead(self.processor.load_views, items, self.workers, self.prefetch):
-            if isinstance(loaded, ImageDecodeError):
-                yield item, loaded
+        ahead = max(self.prefetch, self.batch_window) if self.batch_views > 0 else self.prefetch
+        decoded = decode_ahead(self.processor.load_views, items, self.workers, ahead)
+        for item, result in run_batched(self.processor.process, decoded, self.batch_views, self.batch_window):
+            if isinstance(result, ImageDecodeError):
+                yield item, result
             else:
-                views, size = loaded
-                yield item, (size, self.processor.process(views))
+                features, size = result
+                yield item, (size, features)
+
+
+def run_batched(extractor: Callable, decoded: Iterable, batch_views: int, window: int) -> Iterable:
+    """Features for a stream of decoded images, grouping the views of images of the same size.
+
+    ``decoded`` yields ``(item, (views, size))`` or ``(item, ImageDecodeError)`` in input order;
+    this yields ``(item, (features, size))`` or ``(item, ImageDecodeError)`` in the same order.
+    Images of one view shape wait (at most ``window`` images held) until their group has
+    ``batch_views`` views, then run as one ``extractor(views)`` call; when the window is full,
+    the oldest image's group runs as it is. ``batch_views`` at or below one image's views runs
+    each image alone. Each view's features depend only on that view, so the result equals an
+    image-by-image run.
+    """
+    pending: deque = deque()  # [item, result, done] in input order
+    groups: dict = {}  # view shape -> entries waiting, in input order
+
+    def run(shape):
+        entries = groups.pop(shape)
+        per_call = max(1, batch_views // entries[0][1][0].shape[0])
+        for start in range(0, len(entries), per_call):
+            chunk = entries[start:start + per_call]
+            features = extractor(np.concatenate([e[1][0] for e in chunk]) if len(chunk) > 1 else chunk[0][1][0])
+            offset = 0
+            for entry in chunk:
+                n = entry[1][0].shape[0]
+                entry[1] = (features[offset:offset + n], entry[1][1])
+                entry[2] = True
+                offset += n
+
+    def ready():
+        while pending and pending[0][2]:
+            item, result, _ = pending.popleft()
+            yield item, result
+
+    for item, result in decoded:
+        failed = isinstance(result, ImageDecodeError)
+        entry = [item, result, failed]
+        pending.append(entry)
+        if not failed:
+            shape = result[0].shape
+            group = groups.setdefault(shape, [])
+            group.append(entry)
+            if len(group) * shape[0] >= batch_views:
+                run(shape)
+        if len(pending) >= max(1, window) and not pending[0][2]:
+            run(pending[0][1][0].shape)
+        yield from ready()
+    while groups:
+        run(next(iter(groups)))
+    yield from ready()
