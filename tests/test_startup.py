@@ -56,7 +56,7 @@ def test_cached_extractor_gives_the_same_features_and_an_altered_entry_is_refuse
     views = np.random.default_rng(0).integers(0, 256, (8, 80, 96, 3), dtype=np.uint8)
     expected = built(views)
     key = forward_cache.cache_key(config, forward_cache.weights_identity(config))
-    folder = forward_cache.save(key, built._forward, built.model.variables, built.weights_record)
+    folder = forward_cache.save(key, built._forward.compiled, built.model.variables, built.weights_record)
     assert folder == forward_cache.entry_path(key) and folder.startswith(str(keras_home))
     assert [name for name in os.listdir(os.path.dirname(folder)) if ".tmp-" in name] == []
 
