@@ -93,8 +93,9 @@ def run_batched(extractor: Callable, decoded: Iterable, batch_views: int, window
     Images of one view shape wait (at most ``window`` images held) until their group has
     ``batch_views`` views, then run as one ``extractor(views)`` call; when the window is full,
     the oldest image's group runs as it is. ``batch_views`` at or below one image's views runs
-    each image alone. Each view's features depend only on that view, so the result equals an
-    image-by-image run.
+    each image alone (then ``extractor`` may return any object; grouped, an array with one row per
+    view). Each view's features depend only on that view, so the result equals an image-by-image
+    run.
     """
     pending: deque = deque()  # [item, result, done] in input order
     groups: dict = {}  # view shape -> entries waiting, in input order
@@ -104,7 +105,11 @@ def run_batched(extractor: Callable, decoded: Iterable, batch_views: int, window
         per_call = max(1, batch_views // entries[0][1][0].shape[0])
         for start in range(0, len(entries), per_call):
             chunk = entries[start:start + per_call]
-            features = extractor(np.concatenate([e[1][0] for e in chunk]) if len(chunk) > 1 else chunk[0][1][0])
+            if len(chunk) == 1:  # one image: its result as it is (a processor may return any object)
+                entry = chunk[0]
+                entry[1], entry[2] = (extractor(entry[1][0]), entry[1][1]), True
+                continue
+            features = extractor(np.concatenate([e[1][0] for e in chunk]))
             offset = 0
             for entry in chunk:
                 n = entry[1][0].shape[0]

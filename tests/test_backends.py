@@ -180,11 +180,14 @@ def test_grouped_batching_gives_the_image_by_image_store(tmp_path, extractors):
     config = ExtractConfig(net="iv3", weights="random:0")
     sizes = []
 
-    def counted(views):
-        sizes.append(len(views))
-        return fx(views)
+    class Counted:  # the extractor, counting the views of each model call
+        load_views, info, store_attrs = fx.load_views, fx.info, fx.store_attrs
 
-    counted.load_views, counted.store_attrs = fx.load_views, fx.store_attrs
+        def process(self, views):
+            sizes.append(len(views))
+            return fx.process(views)
+
+    counted = Counted()
     one = extract(str(images), config, str(tmp_path / "one.h5"), extractor=fx, batch_views=0)
     grouped = extract(str(images), config, str(tmp_path / "grouped.h5"), extractor=counted, batch_views=24,
                       batch_window=8)
