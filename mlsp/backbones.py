@@ -46,9 +46,11 @@ class Preprocessing:
 
     def __call__(self, batch):
         """Apply to a (B, H, W, 3) float tensor of any Keras backend (keras.ops only)."""
+        import keras
         from keras import ops
 
-        return batch * ops.convert_to_tensor(self.scale, batch.dtype) + ops.convert_to_tensor(self.offset, batch.dtype)
+        dtype = keras.backend.standardize_dtype(batch.dtype)
+        return batch * ops.convert_to_tensor(self.scale, dtype) + ops.convert_to_tensor(self.offset, dtype)
 
     def layer(self, name: str = "preprocess"):
         """The same map as a stock, serializable Keras layer (for exported models)."""
