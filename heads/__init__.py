@@ -39,7 +39,7 @@ wrapt.register_post_import_hook(_register_layers, "keras")
 _LAZY = {
     "build_head": "heads.models",
     "train": "heads.training",
-    "TrainConfig": "heads.training",
+    "TrainConfig": "heads.config",
     "TrainResult": "heads.training",
     "evaluate": "heads.evaluation",
     "compute_metrics": "heads.evaluation",

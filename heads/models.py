@@ -23,9 +23,10 @@ import keras
 from keras import layers
 
 from mlsp.errors import ConfigError
+from mlsp.store_format import POOLINGS, WIDE_GRID
 
 from .layers import BlockSplit
-from .registry import PAPER_WIDTH, get_head
+from .registry import get_head
 from .targets import DEFAULT_TARGET, get_target
 
 DROPOUTS = (0.25, 0.25, 0.5)
@@ -59,7 +60,7 @@ def single_1fc(x, block_channels, output_bias=0.0, outputs: int = 1):
     return layers.Dense(outputs, bias_initializer=bias_initializer(output_bias), name="out")(x)
 
 
-def single_3fc(x, block_channels, output_bias=0.0, outputs: int = 1, width: int = PAPER_WIDTH):
+def single_3fc(x, block_channels, output_bias=0.0, outputs: int = 1, *, width: int):
     return three_fc(x, width, output_bias=output_bias, outputs=outputs)
 
 
@@ -106,8 +107,7 @@ def reduced_inception(x, kernels: int = 1024):
     return layers.Concatenate(name="inception")([branch1x1, branch3x3, branch_pool])
 
 
-def pool_3fc(x, block_channels, output_bias=0.0, outputs: int = 1, width: int = PAPER_WIDTH,
-             kernels: int = PAPER_WIDTH // 2):
+def pool_3fc(x, block_channels, output_bias=0.0, outputs: int = 1, *, width: int, kernels: int):
     x = reduced_inception(x, kernels)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     return three_fc(x, width, output_bias=output_bias, outputs=outputs)
@@ -118,7 +118,7 @@ def build_head(
     block_channels: Sequence[int],
     *,
     pooling: str = "narrow",
-    grid: int = 5,
+    grid: int = WIDE_GRID,
     output_bias=0.0,
     target: str = DEFAULT_TARGET,
     **options,
@@ -139,8 +139,8 @@ def build_head(
     if not block_channels or min(block_channels) < 1:
         raise ConfigError(f"block_channels must be positive integers, received {block_channels!r}")
     channels = sum(block_channels)
-    if pooling not in ("narrow", "wide"):
-        raise ConfigError(f"unknown pooling {pooling!r}; expected 'narrow' or 'wide'")
+    if pooling not in POOLINGS:
+        raise ConfigError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
     if spec.needs_wide and pooling != "wide":
         raise ConfigError(
             f"head {name!r} needs wide (5x5) features, but the store is {pooling}; "

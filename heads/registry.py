@@ -86,6 +86,9 @@ HEADS: dict[str, HeadSpec] = {}
 
 
 def register(spec: HeadSpec) -> HeadSpec:
+    """Add a head; a name already taken is an error (a head is never replaced in silence)."""
+    if spec.name in HEADS:
+        raise ConfigError(f"head {spec.name} is already registered; choose another name")
     HEADS[spec.name] = spec
     return spec
 

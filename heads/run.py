@@ -8,7 +8,9 @@ is not valid JSON or is not a run's is a one-line :class:`mlsp.errors.ConfigErro
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -16,7 +18,7 @@ import os
 from mlsp.atomic import write_json
 from mlsp.errors import ConfigError, StoreConfigMismatch
 from mlsp.extract import ExtractConfig
-from mlsp.store import FeatureStore
+from mlsp.store import FEATURES_ROOT, FeatureStore
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
@@ -30,6 +32,7 @@ UNFINISHED_USABLE = {
     "diverged": "training diverged and its model holds the best weights before it",
 }
 ALLOW_UNFINISHED_FLAG = "--allow-unfinished"
+RUNS_ROOT = "runs"
 
 
 @dataclasses.dataclass
@@ -59,11 +62,16 @@ class Run:
             log.warning("%s: using an unfinished run (%s: %s)", run_dir, run.status, why)
         return run
 
-    @classmethod
-    def create(cls, run_dir: str, record: dict) -> "Run":
-        """A new run folder; one that already holds a run is an error."""
+    @staticmethod
+    def refuse_existing(run_dir: str):
+        """A folder that already holds a run is never trained into again."""
         if os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
             raise ConfigError(f"{run_dir} already holds a run; choose another --out")
+
+    @classmethod
+    def create(cls, run_dir: str, record: dict) -> "Run":
+        """A new run folder with ``record`` as its ``config.json``."""
+        cls.refuse_existing(run_dir)
         os.makedirs(run_dir, exist_ok=True)
         run = cls(run_dir, record)
         run.save_config()
@@ -87,6 +95,14 @@ class Run:
     @property
     def status(self):
         return self.config.get("status")
+
+    def history(self) -> list:
+        """``history.csv`` as one dict per epoch (``[]`` before the first epoch ends)."""
+        if not os.path.isfile(self.history_path):
+            return []
+        with open(self.history_path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v != ""} for r in rows]
 
     def save_config(self, **updates):
         """Apply ``updates`` to the config and write ``config.json`` atomically."""
@@ -137,8 +153,23 @@ class Run:
         """The backbone's weights (``record``, as the extractor reports them) are the run's."""
         want = self.store_info["config"]["weights_sha256"]
         if record["sha256"] != want:
-            raise StoreConfigMismatch(self.path, {"weights_sha256": (want, record["sha256"])},
-                                      advice="Pass the backbone's weights file the run was trained with: --weights PATH.")
+            raise StoreConfigMismatch(
+                self.path, {"weights_sha256": (want, record["sha256"])},
+                advice="Pass the backbone's weights file the run was trained with: --weights PATH.")
+
+
+def default_run_dir(store_path: str, head: str, root: str = RUNS_ROOT) -> str:
+    """``runs/<dataset>-<store>-<head>-<timestamp>``, numbered on when taken."""
+    parent = os.path.basename(os.path.dirname(os.path.abspath(store_path)))
+    stem = os.path.splitext(os.path.basename(store_path))[0]
+    name = f"{stem}" if parent in ("", FEATURES_ROOT) else f"{parent}-{stem}"
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(root, f"{name}-{head}-{stamp}")
+    k = 1
+    while os.path.exists(path):
+        k += 1
+        path = os.path.join(root, f"{name}-{head}-{stamp}-{k}")
+    return path
 
 
 def read_config(path: str) -> dict:

@@ -24,10 +24,10 @@ from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch, WriteErr
 from .files import NoSpace, StoreLock
 from .progress import ProgressFactory, null_progress
 from .readahead import LocalRunner
+from .store_format import POOLINGS
 
 log = logging.getLogger(__name__)
 
-POOLINGS = {"narrow": 1, "wide": 5}
 PRECISIONS = ("float32", "bfloat16", "float16")
 
 
@@ -304,7 +304,7 @@ def extract(
         raise ConfigError(f"val_fraction must be in [0, 1), received {val_fraction!r}")
     paths, ids, skipped, root = collect_inputs(inputs)
     dataset = dataset or os.path.basename(root.rstrip(os.sep)) or "dataset"
-    out = out or os.path.join("features", dataset, config.default_store_name())
+    out = out or os.path.join(store.FEATURES_ROOT, dataset, config.default_store_name())
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     except OSError as exc:

@@ -32,12 +32,13 @@ import cv2
 import numpy as np
 
 from .errors import ConfigError, ImageDecodeError
+from .store_format import AUGMENTED_VIEWS, FULL_VIEW as FULL_VIEWS
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif")
-VIEW_NAMES = ("tl", "tl_flip", "tr", "tr_flip", "bl", "bl_flip", "br", "br_flip")
-FULL_VIEW = "full"
+VIEW_NAMES = AUGMENTED_VIEWS  # the store's names of an image's 8 views
+FULL_VIEW = FULL_VIEWS[0]  # the one view without augmentation
 CROP_FRACTION = 0.875
 _ALPHA_FORMATS = (".png", ".webp", ".tif", ".tiff")
 # ISO base media file brands (the 'ftyp' box) of the formats decoded through Pillow

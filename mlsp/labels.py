@@ -23,12 +23,12 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .errors import ConfigError, LabelsError
+from .store_format import SPLITS
 
 log = logging.getLogger(__name__)
 
 N_BINS = 10
 SCORES = np.arange(1, N_BINS + 1, dtype=np.float64)
-SPLITS = ("train", "val", "test", "unlabeled")
 
 # Column names accepted in a CSV, matched case-insensitively, in order of preference.
 ID_COLUMNS = ("id", "image_id", "image", "filename", "file")

@@ -1,101 +1,38 @@
 """The feature store: one HDF5 file, the contract between extraction and training.
 
-The format is documented in ``features/README.md``; :data:`FORMAT_VERSION` is bumped whenever
-it changes. This module owns reading and writing it. Extraction writes through
-:class:`ShardWriter` (crash-safe partial results) and :func:`finalize_store` (one sorted file);
-everything downstream reads through :class:`FeatureStore`.
+The format is documented in ``features/README.md``. The store is four rooms:
+
+- :mod:`mlsp.store_format`: names, shapes and configuration keys (:data:`FORMAT_VERSION`);
+- this module: reading, through :class:`FeatureStore` (everything downstream reads this way);
+- :mod:`mlsp.store_write`: writing a whole store, merging an extraction (:func:`finalize_store`);
+- :mod:`mlsp.shards`: an extraction's crash-safe partial results (:class:`ShardWriter`).
+
+Every public name of the four stays importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import datetime
 import glob
 import json
 import logging
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import h5py
 import numpy as np
 
 from . import __version__
-from .atomic import AtomicPath, is_write_failure, remove_stale_temporaries
-from .errors import StoreConfigMismatch, StoreError
-from .files import ensure_space
+from .errors import StoreError
+from .shards import (  # noqa: F401  (importable from here)
+    PARTIAL_SUFFIX, ShardRecord, ShardWriter, partial_dir, remove_store, shard_number)
+from .store_format import (  # noqa: F401  (importable from here)
+    AUGMENTED_VIEWS, CONFIG_KEYS, FEATURES_ROOT, FORMAT_VERSION, FULL_VIEW, LABELLED_SPLITS, POOLINGS,
+    REQUIRED_ATTRS, REQUIRED_DATASETS, SPLITS, STR_DTYPE, WIDE_GRID, as_str_array, attr_value,
+    config_differences, decode_strings, feature_chunks, feature_shape, first_line, open_h5, read_errors,
+    read_sources)
+from .store_write import (  # noqa: F401  (importable from here)
+    create_layout, finalize_store, relabel_store, write_attrs, write_errors, write_store)
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test", "unlabeled")
-AUGMENTED_VIEWS = ("tl", "tl_flip", "tr", "tr_flip", "bl", "bl_flip", "br", "br_flip")
-FULL_VIEW = ("full",)
-REQUIRED_DATASETS = ("features", "ids", "views", "mos", "votes", "split")
-REQUIRED_ATTRS = ("format_version", "net", "pooling", "block_names", "block_channels")
-# The attributes that make two extractions produce comparable features. A store is only ever
-# extended, or scored against, under the same values.
-CONFIG_KEYS = (
-    "net",
-    "pooling",
-    "views",
-    "weights_source",
-    "weights_sha256",
-    "preprocessing",
-    "crop_fraction",
-    "max_side",
-    "precision",
-)
-
-_STR = h5py.string_dtype("utf-8")
-
-
-def _as_str_array(values: Iterable[str]) -> np.ndarray:
-    return np.array([str(v) for v in values], dtype=object)
-
-
-def _decode(values) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
-
-
-def feature_shape(pooling: str, n_views: int, channels: int) -> tuple:
-    """Shape of one image's features: (V, C) narrow, (V, 5, 5, C) wide."""
-    if pooling == "narrow":
-        return (n_views, channels)
-    if pooling == "wide":
-        return (n_views, 5, 5, channels)
-    raise StoreError(f"unknown pooling {pooling!r}; expected 'narrow' or 'wide'")
-
-
-def feature_chunks(pooling: str, n_views: int, channels: int) -> tuple:
-    """HDF5 chunk of /features: one image's views (narrow) or one view (wide) per read."""
-    shape = feature_shape(pooling, n_views, channels)
-    if pooling == "narrow":
-        return (1,) + shape
-    return (1, 1) + shape[1:]
-
-
-def config_differences(have: dict, want: dict) -> dict:
-    """{key: (have, want)} for every configuration key whose values differ."""
-    diff = {}
-    for key in CONFIG_KEYS:
-        a, b = have.get(key), want.get(key)
-        if isinstance(a, np.ndarray):
-            a = a.tolist()
-        if isinstance(b, np.ndarray):
-            b = b.tolist()
-        if isinstance(a, (list, tuple)):
-            a = list(a)
-        if isinstance(b, (list, tuple)):
-            b = list(b)
-        if a != b:
-            diff[key] = (a, b)
-    return diff
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------
 
 
 class FeatureStore:
@@ -110,7 +47,7 @@ class FeatureStore:
         self.path = str(path)
         if not os.path.isfile(self.path):
             raise StoreError(f"{self.path}: no such feature store")
-        self._file = _open_h5(self.path)
+        self._file = open_h5(self.path)
         try:
             self._open()
         except StoreError:
@@ -119,7 +56,7 @@ class FeatureStore:
         except (OSError, KeyError, ValueError, TypeError, RuntimeError, UnicodeDecodeError) as exc:
             # h5py's answers to flipped bytes in the file's metadata
             self._file.close()
-            raise StoreError(f"{self.path}: damaged HDF5 file ({_first_line(exc)}); extract it again") from exc
+            raise StoreError(f"{self.path}: damaged HDF5 file ({first_line(exc)}); extract it again") from exc
 
     def _open(self):
         f = self._file
@@ -136,14 +73,14 @@ class FeatureStore:
         if len(set(lengths.values())) > 1:
             raise StoreError(f"{self.path}: datasets of unequal length ("
                              + ", ".join(f"{k} {v}" for k, v in lengths.items()) + "); the store is damaged")
-        self.attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
+        self.attrs = {k: attr_value(v) for k, v in f.attrs.items()}
         self.features = f["features"]
-        self.ids = np.array(_decode(f["ids"][:]), dtype=object)
-        self.views = _decode(f["views"][:])
+        self.ids = np.array(decode_strings(f["ids"][:]), dtype=object)
+        self.views = decode_strings(f["views"][:])
         self.mos = f["mos"][:].astype(np.float32)
         self.votes = f["votes"][:].astype(np.float32)
-        self.split = np.array(_decode(f["split"][:]), dtype=object)
-        self.paths = np.array(_decode(f["paths"][:]), dtype=object) if "paths" in f else None
+        self.split = np.array(decode_strings(f["split"][:]), dtype=object)
+        self.paths = np.array(decode_strings(f["paths"][:]), dtype=object) if "paths" in f else None
         self.block_names = list(self.attrs["block_names"])
         self.block_channels = [int(c) for c in self.attrs["block_channels"]]
         if sum(self.block_channels) != self.channels:
@@ -194,7 +131,7 @@ class FeatureStore:
                         block = self.features[int(part[0]):int(part[-1]) + 1]
                     except (OSError, ValueError, RuntimeError) as exc:
                         raise StoreError(f"{self.path}: cannot read the features of images {self.ids[part[0]]} to "
-                                         f"{self.ids[part[-1]]} ({_first_line(exc)}); the store is damaged") from exc
+                                         f"{self.ids[part[-1]]} ({first_line(exc)}); the store is damaged") from exc
                     check_finite(self.path, block, part, self.ids)
                     if bar is not None:
                         bar.update(len(part))
@@ -248,13 +185,7 @@ class FeatureStore:
         return np.flatnonzero(self.split == split)
 
     def errors(self) -> list[dict]:
-        g = self._file.get("errors")
-        if g is None or "id" not in g:
-            return []
-        return [
-            {"id": i, "path": p, "reason": r}
-            for i, p, r in zip(_decode(g["id"][:]), _decode(g["path"][:]), _decode(g["reason"][:]))
-        ]
+        return read_errors(self._file)
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, indices: Sequence[int], views: Sequence[int] | None = None) -> np.ndarray:
@@ -329,39 +260,14 @@ def check_finite(path: str, features: np.ndarray, rows: Sequence[int], ids=None)
                      "such images in this read): the store is damaged; extract it again")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _open_h5(path: str, mode: str = "r", **kwargs) -> h5py.File:
-    """h5py.File, with a file that is not HDF5 (or whose header is damaged) as a StoreError."""
-    try:
-        return h5py.File(path, mode, **kwargs)
-    except OSError as exc:
-        raise StoreError(f"{path}: not a readable HDF5 file ({_first_line(exc)})") from exc
-
-
-def _attr_value(v):
-    if isinstance(v, bytes):
-        return v.decode("utf-8")
-    if isinstance(v, np.ndarray):
-        if v.dtype.kind in "OSU":
-            return _decode(v.tolist())
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
 def open_store(path: str) -> FeatureStore:
     return FeatureStore(path)
 
 
-def find_latest_store(root: str = "features") -> str:
+def find_latest_store(root: str = FEATURES_ROOT) -> str:
     """The most recently modified finished store (``*.h5``) under ``root``."""
     candidates = [p for p in glob.glob(os.path.join(root, "**", "*.h5"), recursive=True) if os.path.isfile(p)]
-    candidates = [p for p in candidates if ".partial" not in p]
+    candidates = [p for p in candidates if PARTIAL_SUFFIX not in p]
     if not candidates:
         raise StoreError(f"no feature store under {root}/; run `mlsp extract` first or pass --store")
     return max(candidates, key=os.path.getmtime)
@@ -407,383 +313,3 @@ def describe(path: str, check_features: bool = False, progress=None) -> dict:
             if key in s.attrs:
                 info[key] = s.attrs[key]
         return info
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-def write_attrs(f: h5py.File, attrs: dict):
-    for key, value in attrs.items():
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
-            f.attrs.create(key, _as_str_array(value), dtype=_STR)
-        elif isinstance(value, dict):
-            f.attrs[key] = json.dumps(value, sort_keys=True)
-        else:
-            f.attrs[key] = value
-
-
-def write_store(
-    path: str,
-    features: np.ndarray,
-    ids: Sequence[str],
-    *,
-    net: str,
-    pooling: str,
-    block_names: Sequence[str],
-    block_channels: Sequence[int],
-    views: Sequence[str] | None = None,
-    mos=None,
-    votes=None,
-    split=None,
-    paths=None,
-    errors: Sequence[dict] = (),
-    attrs: dict | None = None,
-):
-    """Write a complete store from in-memory arrays (tests, synthetic stores, small data).
-
-    Extraction does not use this: it streams through :class:`ShardWriter` and
-    :func:`finalize_store`, which write the same layout.
-    """
-    features = np.asarray(features)
-    n = features.shape[0]
-    n_views = features.shape[1]
-    if views is None:
-        views = AUGMENTED_VIEWS if n_views == 8 else FULL_VIEW if n_views == 1 else [f"v{i}" for i in range(n_views)]
-    mos = np.full(n, np.nan, np.float32) if mos is None else np.asarray(mos, np.float32)
-    votes = np.full((n, 10), np.nan, np.float32) if votes is None else np.asarray(votes, np.float32)
-    if split is None:
-        split = np.where(np.isfinite(mos), "train", "unlabeled")
-    base = dict(attrs or {})
-    base.update(net=net, pooling=pooling, block_names=list(block_names),
-                block_channels=[int(c) for c in block_channels])
-    with AtomicPath(path) as tmp, h5py.File(tmp, "w") as f:
-        _create_layout(f, n, list(views), pooling, features.shape[-1], base)
-        f["features"][...] = features.astype(np.float16)
-        f["ids"][...] = _as_str_array(ids)
-        f["paths"][...] = _as_str_array(paths if paths is not None else ids)
-        f["sizes"][...] = 0
-        f["mos"][...] = mos
-        f["votes"][...] = votes
-        f["split"][...] = _as_str_array(split)
-        _write_errors(f, errors)
-
-
-def _create_layout(f: h5py.File, n: int, views: list, pooling: str, channels: int, attrs: dict):
-    shape = feature_shape(pooling, len(views), channels)
-    if "features" not in f:  # a shard creates it first, to fill it image by image
-        f.create_dataset(
-            "features", shape=(n,) + shape, maxshape=(None,) + shape, dtype=np.float16,
-            chunks=feature_chunks(pooling, len(views), channels),
-        )
-    f.create_dataset("ids", shape=(n,), dtype=_STR)
-    f.create_dataset("paths", shape=(n,), dtype=_STR)
-    f.create_dataset("sizes", shape=(n, 2), dtype=np.int32)
-    f.create_dataset("views", data=_as_str_array(views), dtype=_STR)
-    f.create_dataset("mos", shape=(n,), dtype=np.float32)
-    f.create_dataset("votes", shape=(n, 10), dtype=np.float32)
-    f.create_dataset("split", shape=(n,), dtype=_STR)
-    full = {"format_version": FORMAT_VERSION, "mlsp_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    full.update(attrs)
-    write_attrs(f, full)
-
-
-def _write_errors(f: h5py.File, errors: Sequence[dict]):
-    if "errors" in f:
-        del f["errors"]
-    g = f.create_group("errors")
-    for key in ("id", "path", "reason"):
-        g.create_dataset(key, data=_as_str_array([e[key] for e in errors]), dtype=_STR)
-
-
-@dataclasses.dataclass
-class ShardRecord:
-    """What one shard of an unfinished extraction holds."""
-
-    path: str
-    ids: list
-    paths: list
-    errors: list
-
-
-class ShardWriter:
-    """Crash-safe partial results of an extraction, in ``<store>.partial/``.
-
-    Each image's features are written into the open shard file as they arrive (memory stays
-    flat: one image at a time, whatever the number of images or the size of wide features).
-    The open shard lives under a temporary name (:class:`mlsp.files.AtomicPath`); every
-    ``flush_images`` images, ``flush_bytes`` bytes or ``flush_seconds`` seconds it is completed
-    (ids, paths, sizes, errors), fsync'ed and renamed to ``shard-NNNNNN.h5``. A shard is
-    therefore either complete or absent: Ctrl-C or SIGTERM completes the open one, and a kill or
-    power loss loses only the images since the last shard (their temporary is removed by the
-    next run). ``config.json`` in the folder holds the extraction's configuration, so a rerun with
-    another configuration is refused, not mixed in. Nothing is created on disk before the first
-    image or error arrives (a rerun with nothing to do works on read-only media).
-
-    One writer per folder: hold the store's :class:`mlsp.files.StoreLock` while writing.
-    """
-
-    def __init__(self, store_path: str, config: dict, layout: dict, flush_images: int = 64,
-                 flush_seconds: float = 30.0, flush_bytes: int = 1 << 30):
-        import time
-
-        self._time = time.monotonic
-        self.dir = str(store_path) + ".partial"
-        self.config = dict(config)
-        self.layout = dict(layout)  # views, pooling, channels
-        self.flush_images = flush_images
-        self.flush_seconds = flush_seconds
-        self.flush_bytes = flush_bytes
-        self._config_path = os.path.join(self.dir, "config.json")
-        if os.path.exists(self._config_path):
-            with open(self._config_path) as handle:
-                try:
-                    have = json.load(handle)
-                except ValueError as exc:
-                    raise StoreError(f"{self._config_path}: not valid JSON ({exc}); delete the folder "
-                                     f"{self.dir} to start the extraction over") from exc
-            diff = config_differences(have, self.config)
-            if diff:
-                raise StoreConfigMismatch(self.dir, diff)
-        self._shard = None  # (AtomicPath, h5py.File) of the open shard
-        self._records = []  # (id, path, size) of the images in the open shard
-        self._errors = []
-        self._bytes = 0
-        self._opened = self._time()
-        self._next_index = 1 + max([_shard_number(p) for p in self.shard_paths()] or [0])
-
-    def remove(self):
-        """Delete the (shard-less) partial folder once nothing in it is needed."""
-        if not os.path.isdir(self.dir):
-            return
-        for name in os.listdir(self.dir):
-            os.remove(os.path.join(self.dir, name))
-        os.rmdir(self.dir)
-
-    def shard_paths(self) -> list:
-        return sorted(glob.glob(os.path.join(self.dir, "shard-*.h5")))
-
-    def read_shards(self) -> list[ShardRecord]:
-        records = []
-        for p in self.shard_paths():
-            with _open_h5(p) as f:
-                g = f["errors"]
-                errors = [
-                    {"id": i, "path": q, "reason": r}
-                    for i, q, r in zip(_decode(g["id"][:]), _decode(g["path"][:]), _decode(g["reason"][:]))
-                ]
-                records.append(ShardRecord(p, _decode(f["ids"][:]), _decode(f["paths"][:]), errors))
-        return records
-
-    @property
-    def pending(self) -> int:
-        """Images and errors in the open shard, not yet on disk under a real name."""
-        return len(self._records) + len(self._errors)
-
-    def add(self, image_id: str, path: str, size: tuple, features: np.ndarray):
-        """Write one image's features into the open shard (raises :class:`mlsp.files.NoSpace`,
-        with the open shard intact, when the disk cannot take them)."""
-        features = np.asarray(features, dtype=np.float16)
-        ensure_space(self.dir, features.nbytes)
-        f = self._open()
-        ds = f["features"]
-        n = ds.shape[0]
-        ds.resize(n + 1, axis=0)
-        ds[n] = features
-        self._records.append((image_id, path, tuple(int(v) for v in size)))
-        self._bytes += features.nbytes
-        self._maybe_flush()
-
-    def add_error(self, image_id: str, path: str, reason: str):
-        self._open()
-        self._errors.append({"id": image_id, "path": path, "reason": reason})
-        self._maybe_flush()
-
-    def _open(self) -> h5py.File:
-        if self._shard is not None:
-            return self._shard[1]
-        ensure_space(self.dir, 0)
-        if not os.path.isdir(self.dir):
-            os.makedirs(self.dir, exist_ok=True)
-        if not os.path.exists(self._config_path):
-            with AtomicPath(self._config_path) as tmp, open(tmp, "w") as handle:
-                json.dump({**self.config, **self.layout}, handle, indent=1, sort_keys=True)
-        # what a killed writer left (this one holds the store's lock)
-        for stale in glob.glob(os.path.join(self.dir, "*.tmp")) + glob.glob(os.path.join(self.dir, ".*.tmp-*")):
-            os.remove(stale)
-        name = os.path.join(self.dir, f"shard-{self._next_index:06d}.h5")
-        target = AtomicPath(name, kept="the images of earlier shards are kept")
-        f = h5py.File(target.tmp, "w")
-        shape = feature_shape(self.layout["pooling"], len(self.layout["views"]), self.layout["channels"])
-        f.create_dataset("features", shape=(0,) + shape, maxshape=(None,) + shape, dtype=np.float16,
-                         chunks=feature_chunks(self.layout["pooling"], len(self.layout["views"]),
-                                               self.layout["channels"]))
-        self._shard = (target, f)
-        self._opened = self._time()
-        return f
-
-    def _maybe_flush(self):
-        if (self.pending >= self.flush_images or self._bytes >= self.flush_bytes
-                or self._time() - self._opened >= self.flush_seconds):
-            self.flush()
-
-    def flush(self):
-        """Complete the open shard and rename it to its real name (nothing to do if none is open)."""
-        if self._shard is None:
-            return
-        target, f = self._shard
-        n = len(self._records)
-        try:
-            with f:
-                f["features"].resize(n, axis=0)  # an image interrupted half-way is not in the shard
-                _create_layout(f, n, self.layout["views"], self.layout["pooling"], self.layout["channels"], {})
-                if n:
-                    f["ids"][...] = _as_str_array(r[0] for r in self._records)
-                    f["paths"][...] = _as_str_array(r[1] for r in self._records)
-                    f["sizes"][...] = np.array([r[2] for r in self._records], dtype=np.int32)
-                _write_errors(f, self._errors)
-        except BaseException as exc:
-            _UNCLOSABLE.append(f)  # its close may have failed: see discard()
-            target.discard()
-            self._shard, self._records, self._errors, self._bytes = None, [], [], 0
-            if is_write_failure(exc):
-                raise target.error(exc) from exc
-            raise
-        target.commit()
-        log.debug("wrote %d images and %d errors to %s", n, len(self._errors), target.path)
-        self._next_index += 1
-        self._shard, self._records, self._errors, self._bytes = None, [], [], 0
-
-    def discard(self):
-        """Drop the open shard (its images will be extracted again by the next run)."""
-        if self._shard is None:
-            return
-        target, f = self._shard
-        try:
-            f.close()
-        except Exception:  # noqa: BLE001 (any failure of HDF5 here is the one handled below)
-            # HDF5 met a failed write (a full disk): the file cannot be closed, and freeing h5py's
-            # objects of it would crash the interpreter. Keep them until the process ends.
-            _UNCLOSABLE.append(f)
-        target.discard()
-        self._shard, self._records, self._errors, self._bytes = None, [], [], 0
-
-    def close(self):
-        """Complete the open shard; the same as :meth:`flush`."""
-        self.flush()
-
-
-_UNCLOSABLE: list = []  # h5py files whose close failed (see ShardWriter.discard)
-
-
-def _shard_number(path: str) -> int:
-    return int(os.path.basename(path).split("-")[1].split(".")[0])
-
-
-def finalize_store(
-    path: str,
-    shard_dir: str,
-    attrs: dict,
-    label_fn,
-    previous: str | None = None,
-    progress=None,
-):
-    """Merge an unfinished extraction (and a previous finished store) into one sorted store.
-
-    Rows are ordered by source path, so an interrupted and resumed run gives the same file as
-    an uninterrupted one. ``label_fn(ids) -> (mos, votes, split)`` assigns labels. Features are
-    copied one image at a time: memory stays bounded whatever the store's size. ``progress``
-    is a tqdm-like factory, called with the number of images to write. The result is
-    written under a temporary name and renamed over ``path``; the shard folder is removed last.
-    """
-    sources = []  # (sort key path, id, size, file path, row)
-    errors = {}
-    if previous:
-        with h5py.File(previous, "r") as f:
-            for row, (i, p, s) in enumerate(zip(_decode(f["ids"][:]), _decode(f["paths"][:]), f["sizes"][:])):
-                sources.append((p, i, tuple(s), previous, row))
-            if "errors" in f:
-                g = f["errors"]
-                for i, q, r in zip(_decode(g["id"][:]), _decode(g["path"][:]), _decode(g["reason"][:])):
-                    errors[q] = {"id": i, "path": q, "reason": r}
-    for shard in sorted(glob.glob(os.path.join(shard_dir, "shard-*.h5"))):
-        with h5py.File(shard, "r") as f:
-            for row, (i, p, s) in enumerate(zip(_decode(f["ids"][:]), _decode(f["paths"][:]), f["sizes"][:])):
-                sources.append((p, i, tuple(s), shard, row))
-            g = f["errors"]
-            for i, q, r in zip(_decode(g["id"][:]), _decode(g["path"][:]), _decode(g["reason"][:])):
-                errors[q] = {"id": i, "path": q, "reason": r}
-    # The newest result for a path wins (a shard after a previous store); so does the newest
-    # for an id, when a file was replaced by one of another name (x.png by x.jpg).
-    latest, by_id = {}, {}
-    for src in sources:
-        old = by_id.get(src[1])
-        if old is not None and old[0] != src[0]:
-            log.warning("%s replaces %s (same id %r)", src[0], old[0], src[1])
-            latest.pop(old[0], None)
-        latest[src[0]] = by_id[src[1]] = src
-    rows = [latest[k] for k in sorted(latest)]
-    for k in latest:
-        errors.pop(k, None)
-    ids = [r[1] for r in rows]
-    mos, votes, split = label_fn(ids)
-    per_image = int(np.prod(feature_shape(attrs["pooling"], len(attrs["views"]), int(sum(attrs["block_channels"])))))
-    ensure_space(path, len(rows) * (per_image * 2 + 512), margin=4 << 20)
-    bar = progress(total=len(rows), desc="write store", unit="img") if progress else None
-    target = AtomicPath(path, kept=f"the extracted images are kept in {shard_dir}"
-                        + (f" and {previous} is unchanged" if previous else "")
-                        + "; free space and run the same command again")
-    with target as tmp, h5py.File(tmp, "w") as out:
-        _create_layout(out, len(rows), attrs["views"], attrs["pooling"], int(sum(attrs["block_channels"])), attrs)
-        out["ids"][...] = _as_str_array(ids)
-        out["paths"][...] = _as_str_array(r[0] for r in rows)
-        out["sizes"][...] = np.array([r[2] for r in rows], dtype=np.int32).reshape(len(rows), 2)
-        out["mos"][...] = mos
-        out["votes"][...] = votes
-        out["split"][...] = _as_str_array(split)
-        _write_errors(out, [errors[k] for k in sorted(errors)])
-        # copy source file by source file (one open file at a time), each row to its place
-        by_source = {}
-        for dest, r in enumerate(rows):
-            by_source.setdefault(r[3], []).append((r[4], dest))
-        for source, pairs in by_source.items():
-            with h5py.File(source, "r") as src:
-                for row, dest in pairs:
-                    out["features"][dest] = src["features"][row]
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
-    for shard in glob.glob(os.path.join(shard_dir, "*")):
-        os.remove(shard)
-    os.rmdir(shard_dir)
-    return len(rows), len(errors)
-
-
-def relabel_store(path: str, label_fn, attrs: dict, keys: Sequence[str]) -> int:
-    """Rewrite labels and splits of a finished store in place (features untouched).
-
-    ``label_fn`` runs first, so it may still add to ``attrs``; then ``keys`` of ``attrs`` are
-    written. Nothing is written when nothing changed (so this works on read-only media).
-    Returns the number of images."""
-    with _open_h5(path) as f:
-        ids = _decode(f["ids"][:])
-        mos, votes, split = label_fn(ids)
-        have = {k: _attr_value(f.attrs[k]) for k in keys if k in f.attrs}
-        unchanged = (np.array_equal(f["mos"][:], np.asarray(mos, np.float32), equal_nan=True)
-                     and np.array_equal(f["votes"][:], np.asarray(votes, np.float32), equal_nan=True)
-                     and _decode(f["split"][:]) == [str(v) for v in split]
-                     and all(have.get(k) == attrs[k] for k in keys if k in attrs))
-    if unchanged:
-        log.debug("%s: labels unchanged", path)
-        return len(ids)
-    with h5py.File(path, "r+") as f:
-        f["mos"][...] = mos
-        f["votes"][...] = votes
-        f["split"][...] = _as_str_array(split)
-        write_attrs(f, {k: attrs[k] for k in keys if k in attrs})
-        return len(ids)

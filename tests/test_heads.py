@@ -118,7 +118,6 @@ def test_registry():
     from heads import get_head, list_heads
 
     assert [h.name for h in list_heads()] == HEAD_NAMES
-    assert [h.needs_wide for h in list_heads()] == [False, False, False, True]
     with pytest.raises(ConfigError, match="unknown head 'nope'.*single1fc, single3fc, multi3fc, pool3fc"):
         get_head("nope")
     with pytest.raises(ConfigError, match="does not take kernels"):
@@ -128,6 +127,39 @@ def test_registry():
     with pytest.raises(ConfigError, match="positive integer"):
         get_head("pool3fc").resolve_options({"width": 0})
     assert get_head("pool3fc").resolve_options({"width": 3072}) == {"width": 3072, "kernels": 1024}
+
+
+@pytest.mark.parametrize("head", HEAD_NAMES)
+def test_registry_entry_agrees_with_its_builder(head):
+    """The options a head declares are exactly its builder's keyword-only parameters (the
+    registry holds their defaults, the builder none), and ``needs_wide`` is what the built head
+    does: a wide head refuses narrow features, a narrow one takes them."""
+    import inspect
+
+    from heads.models import build_head
+    from heads.registry import get_head
+
+    spec = get_head(head)
+    params = inspect.signature(spec.resolve_builder()).parameters.values()
+    keyword_only = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    assert sorted(keyword_only) == sorted(spec.options)
+    assert all(default is inspect.Parameter.empty for default in keyword_only.values())
+    small = {k: 8 for k in spec.options}
+    if spec.needs_wide:
+        with pytest.raises(ConfigError, match="needs wide"):
+            build_head(head, SMALL, pooling="narrow", **small)
+    else:
+        assert build_head(head, SMALL, pooling="narrow", **small).input_shape == (None, sum(SMALL))
+    assert build_head(head, SMALL, pooling="wide", **small).input_shape == (None, 5, 5, sum(SMALL))
+
+
+def test_registry_refuses_a_name_twice():
+    from heads.registry import HeadSpec, get_head, register
+
+    before = get_head("single1fc")
+    with pytest.raises(ConfigError, match="single1fc is already registered"):
+        register(HeadSpec("single1fc", "heads.models:single_1fc", needs_wide=True, description="again"))
+    assert get_head("single1fc") is before
 
 
 def test_registry_does_not_import_keras():
