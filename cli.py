@@ -16,24 +16,40 @@ import json
 import logging
 import os
 import sys
+from inspect import signature
 
 import click
 
+# TensorFlow's and oneDNN's start-up messages stay off the console unless -v (or the variable is set)
+TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from heads.config import TrainConfig  # noqa: E402
 from heads.schedule import FULL_EPOCH_STEPS, MIN_EPOCH_STEPS, PAPER  # noqa: E402
-from heads.targets import DEFAULT_TARGET, TARGETS  # noqa: E402
+from heads.targets import TARGETS  # noqa: E402
+from mlsp import api  # noqa: E402
 from mlsp.backbones import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
 from mlsp.backend import BACKENDS  # noqa: E402
-from mlsp.extract import PRECISIONS  # noqa: E402
 from mlsp.errors import MLSPError  # noqa: E402
+from mlsp import extract as extraction  # noqa: E402
+from mlsp.extract import PRECISIONS, ExtractConfig  # noqa: E402
+from mlsp.images import CROP_FRACTION, VIEW_NAMES  # noqa: E402
 from mlsp.progress import console_progress  # noqa: E402
+from mlsp.store import WIDE_GRID  # noqa: E402
 
 log = logging.getLogger("cli")
-PRECISION_CHOICES = [*PRECISIONS, "auto"]
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
+def default_of(function, parameter):
+    """The default of a library function's parameter, so that the CLI never repeats it."""
+    return signature(function).parameters[parameter].default
+
+
+EXTRACT_DEFAULTS = ExtractConfig()
+PRECISION_CHOICES = (*PRECISIONS, "auto")
 
 
 def handle_errors(func):
@@ -87,6 +103,8 @@ def main(verbose):
     Exit codes: 0 done, 1 an error (one line; README, Troubleshooting), 2 a usage error,
     130 interrupted (finished work is kept).
     """
+    if verbose and not TF_LOG_LEVEL_GIVEN:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"  # read when TensorFlow is first imported, after this
     handler = logging.StreamHandler()
     handler.setFormatter(_ConsoleFormatter(verbose))
     root = logging.getLogger()
@@ -183,15 +201,16 @@ def _echo_errors(errors, limit=10):
               help="Folder of images, searched recursively: JPEG, PNG, WebP, BMP, TIFF, HEIC/HEIF and AVIF "
                    "(any case); other files, links to folders already searched and anything that is "
                    "not a regular file are listed, not read.")
-@click.option("--net", type=click.Choice(sorted(BACKBONES)), default="irv2", show_default=True,
+@click.option("--net", type=click.Choice(sorted(BACKBONES)), default=EXTRACT_DEFAULTS.net, show_default=True,
               help="Backbone: irv2 = InceptionResNet-v2 (43 blocks, 16,928 channels), "
                    "iv3 = Inception-v3 (11 blocks, 10,048 channels).")
-@click.option("--wide/--narrow", default=False, show_default=True,
-              help="Wide: each block pooled to 5x5 (area interpolation), for pool3fc. "
+@click.option("--wide/--narrow", default=EXTRACT_DEFAULTS.pooling == "wide", show_default=True,
+              help=f"Wide: each block pooled to {WIDE_GRID}x{WIDE_GRID} (area interpolation), for pool3fc. "
                    "Narrow: global average per block (1x1), for the single/multi heads.")
-@click.option("--augment/--no-augment", default=True, show_default=True,
-              help="Store 8 views (4 corner crops of 87.5% and their mirror images) or 1 (the whole image).")
-@click.option("--weights", default="imagenet", show_default=True,
+@click.option("--augment/--no-augment", default=EXTRACT_DEFAULTS.augment, show_default=True,
+              help=f"Store {len(VIEW_NAMES)} views (4 corner crops of {CROP_FRACTION:.1%} and their mirror images) "
+                   "or 1 (the whole image).")
+@click.option("--weights", default=EXTRACT_DEFAULTS.weights, show_default=True,
               help="'imagenet' (Keras' download and cache in ~/.keras/models), a path to a Keras "
                    "weights file (e.g. the notop .h5 copied by hand), or 'random[:SEED]' "
                    "(seeded random backbone: for tests and benchmarks, meaningless for aesthetics).")
@@ -200,24 +219,25 @@ def _echo_errors(errors, limit=10):
                    "(optionally 10 vote-count columns). Images without labels are still extracted.")
 @click.option("--test-list", type=click.Path(dir_okay=False, exists=True),
               help="Ids of the test split, one per line (AVA: generic_test.jpgl).")
-@click.option("--val-fraction", type=float, default=0.05, show_default=True,
+@click.option("--val-fraction", type=float, default=default_of(extraction.extract, "val_fraction"), show_default=True,
               help="Share of labelled non-test images drawn at random for validation.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--seed", type=int, default=default_of(extraction.extract, "seed"), show_default=True,
+              help="Seed of the train/val split.")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Store file. Default: features/<dataset>/<net>_<narrow|wide>[_noaug].h5")
 @click.option("--dataset", help="Dataset name for the default --out. Default: the images folder's name.")
-@click.option("--max-side", type=int, default=1024, show_default=True,
+@click.option("--max-side", type=int, default=EXTRACT_DEFAULTS.max_side, show_default=True,
               help="Images with a longer side are resized down to it (INTER_AREA) before cropping, "
                    "which bounds memory on large photos (a JPEG at least twice as large is decoded "
                    "at 1/2, 1/4 or 1/8 of its size first); AVA (max 800 px) is untouched. 0: never.")
-@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="float32",
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default=EXTRACT_DEFAULTS.precision,
               show_default=True,
               help="Compute precision of the backbone; pooling runs in float32 and storage is float16 "
                    "anyway. float32 keeps features comparable with the paper's; bfloat16 is about 2x "
                    "faster on CPUs with AVX-512 BF16/AMX and on recent GPUs, with features within a "
                    "few percent (README). auto: bfloat16 where the hardware has it, else float32. "
                    "Part of the store's configuration: a store is never extended at another precision.")
-@click.option("--workers", type=int, default=2, show_default=True,
+@click.option("--workers", type=int, default=default_of(extraction.extract, "workers"), show_default=True,
               help="Threads decoding images ahead of the model (0: decode in the main thread).")
 @click.option("--threads", type=(int, int), default=(0, 0), show_default=True, metavar="INTRA INTER",
               help="The backend's CPU threads inside one op and ops side by side; 0 keeps the "
@@ -226,10 +246,12 @@ def _echo_errors(errors, limit=10):
               help="Views per model call: the views of several images of the same size are run together "
                    "up to this many (a GPU is underfed by one photo's 8 views). The store is the same. "
                    "Default: 64 on a GPU, one image per call on a CPU.")
-@click.option("--batch-window", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--batch-window", type=click.IntRange(min=1), default=default_of(extraction.extract, "batch_window"),
+              show_default=True,
               help="With --batch-views: decoded images held at most while waiting for images of the same size.")
-@click.option("--checkpoint-every", type=int, default=64, show_default=True,
-              help="Write finished images to disk every N images (and at least every 30 s); an "
+@click.option("--checkpoint-every", type=int, default=default_of(extraction.extract, "flush_images"), show_default=True,
+              help=f"Write finished images to disk every N images (and at least every "
+                   f"{default_of(extraction.extract, 'flush_seconds'):g} s); an "
                    "interruption loses at most the images since the last write.")
 @ray_options
 @handle_errors
@@ -243,32 +265,16 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
     power loss) keep what was finished: run the same command again to resume. Files that cannot
     be used (broken, empty, too small, not images) are listed in the store and the summary.
     """
-    from mlsp.extract import ExtractConfig, extract as run_extract
-
     if bool(files) == bool(images_dir):
         raise click.UsageError("give either --images DIR or image files, not both and not neither")
-    from mlsp.api import ray_cluster
-    from mlsp.backend import configure_threads
-    from mlsp.extract import resolve_precision
-
-    if not ray_address:
-        configure_threads(*threads)
-    precision, why = resolve_precision(precision)
-    if why != "as asked":
-        log.info("precision %s: %s", precision, why)
-    config = ExtractConfig(net=net, pooling="wide" if wide else "narrow", augment=augment, weights=weights,
-                           max_side=max_side, precision=precision)
-    if config.weights.startswith("random"):
-        log.warning("using a RANDOM backbone (--weights %s): features carry no ImageNet knowledge; "
-                    "fine for tests and benchmarks, meaningless for aesthetics", config.weights)
     _sigterm_as_interrupt()
     try:
-        with ray_cluster(ray_address, ray_cpus_per_worker, ray_gpus_per_worker) as cluster:
-            result = run_extract(images_dir or list(files), config, out, labels=labels, test_list=test_list,
-                                 val_fraction=val_fraction, seed=seed, dataset=dataset, workers=workers,
-                                 flush_images=max(1, checkpoint_every), batch_views=batch_views,
-                                 batch_window=batch_window, progress=console_progress,
-                                 runner=cluster.runner(config) if cluster else None)
+        result = api.extract(images_dir or list(files), out, net=net, wide=wide, augment=augment, weights=weights,
+                             labels=labels, test_list=test_list, max_side=max_side, precision=precision,
+                             threads=threads, progress=console_progress, val_fraction=val_fraction, seed=seed,
+                             dataset=dataset, workers=workers, flush_images=max(1, checkpoint_every),
+                             batch_views=batch_views, batch_window=batch_window, ray=ray_address,
+                             ray_cpus_per_worker=ray_cpus_per_worker, ray_gpus_per_worker=ray_gpus_per_worker)
     except KeyboardInterrupt:
         _interrupted("finished images are kept; run the same command again to resume.")
     _echo_errors(result.errors)
@@ -315,9 +321,7 @@ def inspect(store_path, as_json, show_errors, quick):
     Also checks the store: labels (MOS in 1..10), dataset lengths and the HDF5 structure, and,
     unless --quick, every feature value (finite; one read of the whole store). A damaged store
     ends with a one-line error naming the image and exit code 1."""
-    from mlsp.store import FeatureStore, describe
-
-    info = describe(store_path, check_features=not quick, progress=None if as_json else console_progress)
+    info = api.inspect(store_path, check_features=not quick, progress=False if as_json else console_progress)
     if as_json:
         echo_json(info)
     else:
@@ -325,29 +329,31 @@ def inspect(store_path, as_json, show_errors, quick):
         for key, value in info.items():
             click.echo(f"{key:<{width}}  {value}")
     if show_errors:
-        with FeatureStore(store_path) as s:
-            for e in s.errors():
-                click.echo(f"{e['path']}\t{e['reason']}")
+        for e in api.unusable_inputs(store_path):
+            click.echo(f"{e['path']}\t{e['reason']}")
     if info.get("features_check", "ok") != "ok":
         raise click.ClickException(info["features_check"])
 
 
 @main.command()
-@click.option("--dir", "root", default="data/sample", show_default=True, type=click.Path(file_okay=False),
-              help="Where the sample images, AVA.txt and test list are written.")
-@click.option("--images", "n_images", type=int, default=64, show_default=True, help="How many images to make.")
-@click.option("--net", type=click.Choice(sorted(BACKBONES)), default="iv3", show_default=True,
+@click.option("--dir", "root", default=default_of(api.sample, "root"), show_default=True,
+              type=click.Path(file_okay=False), help="Where the sample images, AVA.txt and test list are written.")
+@click.option("--images", "n_images", type=int, default=default_of(api.sample, "n_images"), show_default=True,
+              help="How many images to make.")
+@click.option("--net", type=click.Choice(sorted(BACKBONES)), default=default_of(api.sample, "net"), show_default=True,
               help="Backbone for the sample's features.")
-@click.option("--wide/--narrow", default=False, show_default=True, help="Pooling of the sample's features.")
-@click.option("--weights", default="auto", show_default=True,
+@click.option("--wide/--narrow", default=default_of(api.sample, "wide"), show_default=True,
+              help="Pooling of the sample's features.")
+@click.option("--weights", default=default_of(api.sample, "weights"), show_default=True,
               help="auto: ImageNet weights when Keras can load them, else a random backbone, said "
                    "plainly; or imagenet, random[:SEED], or a weights file as for `mlsp extract`.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Store file. Default: features/sample/<net>_<pooling>.h5")
-@click.option("--head", default="single1fc", show_default=True,
+@click.option("--head", default=default_of(api.sample, "head"), show_default=True,
               help="Head trained on the sample's store (`mlsp heads`); pool3fc needs --wide.")
-@click.option("--train/--no-train", "do_train", default=True, show_default=True,
+@click.option("--train/--no-train", "do_train", default=default_of(api.sample, "train_head"), show_default=True,
               help="Also train and evaluate the head on the sample's store.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the images, votes, split and training.")
+@click.option("--seed", type=int, default=default_of(api.sample, "seed"), show_default=True,
+              help="Seed of the images, votes, split and training.")
 @handle_errors
 def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
     """Build the sample dataset and run the pipeline on it, end to end.
@@ -358,50 +364,23 @@ def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
     store exactly as AVA would be; then a head is trained and evaluated on it, with the same
     defaults as `mlsp train` (which adapt the schedule to the store's size).
     """
-    from heads.training import TrainConfig, train
-    from mlsp.extract import ExtractConfig, extract as run_extract
-    from mlsp.sample import build_sample, demo_weights
-
-    info = build_sample(root, n_images=n_images, seed=seed)
-    click.echo(f"sample: {info.n_images} images in {info.images_dir}, votes in {info.labels_path}")
-    weights, why = demo_weights(net, weights)
-    (log.warning if weights.startswith("random") else log.info)(why)
-    config = ExtractConfig(net=net, pooling="wide" if wide else "narrow", weights=weights)
-    out = out or os.path.join("features", "sample", config.default_store_name())
-    _remove_store(out)  # the images were just rebuilt: features of earlier ones must not be reused
     _sigterm_as_interrupt()
     try:
-        result = run_extract(info.images_dir, config, out, labels=info.labels_path, test_list=info.test_list_path,
-                             val_fraction=0.2, seed=seed, dataset="sample", progress=console_progress)
+        made = api.sample(root, n_images=n_images, net=net, wide=wide, weights=weights, out=out, head=head,
+                          train_head=do_train, seed=seed, progress=console_progress)
     except KeyboardInterrupt:
         _interrupted("finished images are kept; run the same command again to resume.")
+    info, result = made.info, made.extraction
+    click.echo(f"sample: {info.n_images} images in {info.images_dir}, votes in {info.labels_path}")
     _echo_errors(result.errors)
     splits = ", ".join(f"{k} {v}" for k, v in result.labels_report.get("counts", {}).items())
     click.echo(f"store: {result.store}: {result.images} images ({splits})")
-    if not do_train:
+    if made.training is None:
         return
-    trained = train(TrainConfig(head=head, store=result.store, seed=seed), progress=True)
-    _echo_metrics(trained.metrics)
-    click.echo(f"run: {trained.run_dir} (plots: predictions.png, loss.png)")
-    if weights.startswith("random"):
+    _echo_metrics(made.training.metrics)
+    click.echo(f"run: {made.training.run_dir} (plots: predictions.png, loss.png)")
+    if made.weights.startswith("random"):
         click.echo("note: features of a RANDOM backbone; these figures say nothing about aesthetics.")
-
-
-def _remove_store(path):
-    import shutil
-
-    if os.path.exists(path):
-        os.remove(path)
-    if os.path.isdir(path + ".partial"):
-        shutil.rmtree(path + ".partial")
-
-
-def _memory_budget(value):
-    if value is None:
-        return None
-    from heads.data import parse_bytes
-
-    return parse_bytes(value)
 
 
 _MEMORY_HELP = ("Features up to this size (e.g. 8GB) are loaded into memory, larger ones are read "
@@ -415,7 +394,7 @@ _MEMORY_HELP = ("Features up to this size (e.g. 8GB) are loaded into memory, lar
 @click.option("--head", required=True, help="The head: single1fc, single3fc, multi3fc or pool3fc (`mlsp heads`).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Run folder. Default: runs/<store>-<head>-<timestamp>.")
-@click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
+@click.option("--target", type=click.Choice(list(TARGETS)), default=TrainConfig.target, show_default=True,
               help="What the head predicts: mos (the paper's: MSE on the MOS) or distribution (a softmax over "
                    "the scores 1..10 trained with the EMD, r = 2, on each image's vote histogram; needs labels "
                    "with vote counts; adds the predicted opinion std, p1..p10 and EMD metrics).")
@@ -429,17 +408,18 @@ _MEMORY_HELP = ("Features up to this size (e.g. 8GB) are loaded into memory, lar
 @click.option("--min-lr", type=click.FloatRange(min=0, min_open=True),
               help="Last learning rate; the LR is divided by 10 down to it. Default: LR/100 "
                    f"(the paper's {PAPER.lr:g} -> {PAPER.min_lr:g}).")
-@click.option("--lr-epochs", type=click.IntRange(min=1), default=PAPER.lr_epochs, show_default=True,
+@click.option("--lr-epochs", type=click.IntRange(min=1), default=TrainConfig.lr_epochs, show_default=True,
               help="Epochs at one LR before it is divided by 10.")
-@click.option("--patience", type=click.IntRange(min=1), default=PAPER.patience, show_default=True,
+@click.option("--patience", type=click.IntRange(min=1), default=TrainConfig.patience, show_default=True,
               help="Epochs without validation improvement before the LR is divided by 10 (or, at the "
                    "last LR, training stops).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=PAPER.batch_size, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, show_default=True,
+              help="Images per training batch.")
 @click.option("--steps-per-epoch", type=click.IntRange(min=0),
               help="Batches per epoch. Default: one pass over the training images (the paper's epoch), "
                    f"but at least {MIN_EPOCH_STEPS}: a shorter pass is repeated, each time with new random "
                    "views. 0: one pass, however short.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=TrainConfig.seed, show_default=True,
               help="Seed of weights, dropout, shuffling and view draws: the same seed gives the same model.")
 @click.option("--width", type=click.IntRange(min=1),
               help="X of the 3FC block (single3fc, pool3fc). Default: follows the features' width, "
@@ -449,9 +429,9 @@ _MEMORY_HELP = ("Features up to this size (e.g. 8GB) are loaded into memory, lar
               help="pool3fc: kernels per column of the reduced Inception module. Default: half the "
                    "default width, 1024 on iv3 and irv2.")
 @click.option("--memory-budget", help=_MEMORY_HELP)
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1), default=TrainConfig.workers, show_default=True,
               help="Threads reading batches ahead.")
-@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="float32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default=TrainConfig.precision, show_default=True,
               help="Compute precision of the head while training (Keras mixed precision: float32 weights, "
                    "bfloat16/float16 arithmetic); the saved model and predictions are float32. auto: "
                    "bfloat16 where the hardware has it (`mlsp info`). Measured effect: README.")
@@ -482,17 +462,12 @@ def train_command(store_path, head, out, target, epochs, lr, min_lr, lr_epochs, 
     The run folder gets model.keras, config.json, history.csv, metrics.json, predictions.csv
     and plots (predictions.png, loss.png).
     """
-    from heads.training import TrainConfig, train
-
-    head_options = {k: v for k, v in (("width", width), ("kernels", kernels)) if v is not None}
-    config = TrainConfig(
-        head=head, store=store_path, out=out, head_options=head_options, target=target, epochs=epochs, lr=lr,
-        min_lr=min_lr, lr_epochs=lr_epochs, patience=patience, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
-        seed=seed, memory_budget=_memory_budget(memory_budget), workers=workers, precision=precision,
-    )
     _sigterm_as_interrupt()
     try:
-        result = train(config, progress=progress)
+        result = api.train(store_path, head=head, out=out, width=width, kernels=kernels, memory_budget=memory_budget,
+                           progress=console_progress if progress else False, target=target, epochs=epochs, lr=lr,
+                           min_lr=min_lr, lr_epochs=lr_epochs, patience=patience, batch_size=batch_size,
+                           steps_per_epoch=steps_per_epoch, seed=seed, workers=workers, precision=precision)
     except KeyboardInterrupt:
         _interrupted("training stopped before its first epoch ended: there are no weights to keep.")
     _echo_metrics(result.metrics)
@@ -527,9 +502,7 @@ def _echo_metrics(metrics):
 @handle_errors
 def evaluate_command(run_dir, store_path, out, memory_budget, as_json):
     """Recompute a run's metrics (SRCC, PLCC, accuracy at MOS 5, balanced accuracy) on val and test."""
-    from heads.evaluation import evaluate
-
-    metrics = evaluate(run_dir, store_path, out=out, memory_budget=_memory_budget(memory_budget))
+    metrics = api.evaluate(run_dir, store_path, out=out, memory_budget=memory_budget)
     if as_json:
         echo_json(metrics)
     else:
@@ -548,8 +521,6 @@ def backbones_command(names, flops_at, no_flops, as_json):
     """List the registered backbones (all, or NAMES): blocks tapped, channels in all, the least
     input side, GFLOPs of one forward pass up to the last tap, and the ImageNet weights file
     `--weights imagenet` loads (Keras' download and cache in ~/.keras/models)."""
-    from mlsp import api
-
     rows = api.backbones(list(names) or None, flops_at=False if no_flops else tuple(flops_at))
     if as_json:
         echo_json(rows)
@@ -574,20 +545,8 @@ def backbones_command(names, flops_at, no_flops, as_json):
 def heads_command(nets, as_json):
     """List the registered heads with their default options and parameter counts on each
     backbone's features (the defaults follow the feature width; see `mlsp train --width`)."""
-    from heads.models import build_head
-    from heads.registry import list_heads
-
     nets = list(nets or PAPER_BACKBONES)
-    rows = []
-    for spec in list_heads():
-        row = {"name": spec.name, "features": "wide" if spec.needs_wide else "narrow (or wide: grid mean)",
-               "description": spec.description, "options": {}, "params": {}}
-        for net in nets:
-            backbone = BACKBONES[net]
-            row["options"][net] = spec.default_options(backbone.total_channels)
-            model = build_head(spec.name, backbone.channels, pooling="wide" if spec.needs_wide else "narrow")
-            row["params"][net] = model.count_params()
-        rows.append(row)
+    rows = api.heads(nets)
     if as_json:
         echo_json(rows)
         return
@@ -642,8 +601,6 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
     With --out, images are scored into OUT.partial as they come: an interrupted run resumes
     when run again.
     """
-    from mlsp import api
-
     if sum(map(bool, (store_path, images_dir, files))) != 1:
         raise click.UsageError("give one of --store, --images or image files")
     if not store_path:
@@ -680,8 +637,6 @@ def export_command(run_dir, out, weights, precision, allow_unfinished):
     distribution (the 10 probabilities). Load it with keras.saving.load_model(path, safe_mode=True) after
     `import mlsp, heads` (which register its layers), or with `heads.export.load_exported(path)`.
     """
-    from mlsp import api
-
     path = api.export(run_dir, out, weights=weights, precision=precision, allow_unfinished=allow_unfinished)
     click.echo(f"exported: {path}")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import platform
 import resource
@@ -386,11 +385,9 @@ def write_record(record: dict, out_dir: str = RESULTS_DIR) -> str:
     device = record.get("device", {}).get("kind", "cpu")
     quick = "-quick" if record.get("args", {}).get("quick") else ""
     path = os.path.join(out_dir, f"{record['kind']}-{stamp}-{device}{quick}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(record, handle, indent=1, default=_json_default)
-        handle.write("\n")
-    os.replace(tmp, path)
+    from mlsp.atomic import write_json
+
+    write_json(path, record, indent=1, default=_json_default)
     return path
 
 

@@ -5,12 +5,14 @@ image (training) or all views (validation, test). Two kinds:
 
 - :class:`MemorySource`: the needed images' features loaded once (when they fit under the
   memory budget, see :func:`open_features`);
-- :class:`StoreSource`: every read goes to the file. A training batch reads one view per image,
-  each with one positional read at the view's byte offset (the store's chunks are uncompressed,
-  one image or one view each), which is several times faster than an h5py call per view and
-  runs in parallel threads; stores laid out otherwise are read through h5py with its chunk
-  cache off, so one view costs that view's bytes only. h5py's fancy (list) indexing is avoided:
-  it is two orders of magnitude slower than one read per image.
+- :class:`StoreSource`: every read goes to the file, through the store's own
+  :class:`mlsp.store.FeatureReader` (this module never opens the file). A training batch reads
+  one view per image, each with one positional read at the view's byte offset (the store's
+  chunks are uncompressed, one image or one view each), which is several times faster than an
+  h5py call per view and runs in parallel threads; stores laid out otherwise are read through
+  h5py with its chunk cache off, so one view costs that view's bytes only. All views are read
+  one slice per run of consecutive images: h5py's fancy (list) indexing is two orders of
+  magnitude slower.
 
 :class:`TrainBatches` draws each epoch's batches (one random stored view per image, a seeded
 shuffle) and :func:`predict_views` predicts the mean over all stored views of each image. Both
@@ -31,16 +33,13 @@ import resource
 import threading
 from typing import Iterable, Iterator, Sequence
 
-import h5py
 import keras
 import numpy as np
 
 from mlsp.errors import ConfigError, StoreError
-from mlsp.store import FeatureStore, check_finite
+from mlsp.store import SLAB_BYTES, FeatureReader, FeatureStore
 
 log = logging.getLogger(__name__)
-
-SLAB_BYTES = 64 * 2**20  # largest single read of consecutive images when reading all views
 
 # --------------------------------------------------------------------------------------------
 # Memory
@@ -144,150 +143,66 @@ class FeatureSource:
         pass
 
 
-def chunk_offsets(ds: h5py.Dataset) -> np.ndarray | None:
-    """Byte offsets of the store's chunks in its file: (N,) narrow, (N, V) wide; None if not usable.
-
-    The store's ``/features`` is chunked one image (narrow) or one view (wide) per chunk and never
-    compressed (features/README.md), so a view is a run of bytes at a known place in the file
-    and can be read with one positional read, without h5py's per-call cost and lock (several
-    times faster, and parallel). Anything else (filters, another chunking, a chunk never
-    written, byte order, no positional reads on this OS, an h5py without ``chunk_iter``) gives
-    None: the caller reads through h5py.
-    """
-    shape = ds.shape
-    wide = len(shape) == 5
-    want = (1, 1) + tuple(shape[2:]) if wide else (1,) + tuple(shape[1:])
-    if (not hasattr(os, "preadv") or ds.chunks != want or ds.dtype.byteorder == ">"
-            or ds.id.get_create_plist().get_nfilters()):
-        return None
-    grid = tuple(shape[:2]) if wide else tuple(shape[:1])
-    offsets = np.full(grid, -1, dtype=np.int64)
-    try:
-        if ds.id.get_num_chunks() != int(np.prod(grid)):
-            return None
-        if wide:
-            def visit(info):
-                offsets[info.chunk_offset[0], info.chunk_offset[1]] = info.byte_offset
-        else:
-            def visit(info):
-                offsets[info.chunk_offset[0]] = info.byte_offset
-        ds.id.chunk_iter(visit)
-    except (AttributeError, RuntimeError, TypeError, ValueError) as exc:
-        log.debug("%s: no direct reads (%s)", ds.file.filename, exc)
-        return None
-    return offsets if offsets.size and offsets.min() >= 0 else None
-
-
 class StoreSource(FeatureSource):
-    """Reads every batch from the HDF5 store.
+    """Reads every batch from the store, through :class:`mlsp.store.FeatureReader`.
 
     One view per image (training batches): one positional read per view at its byte offset when
-    the store's layout allows (:func:`chunk_offsets`), else one h5py read. All views (validation,
-    test, loading into memory): one h5py read per run of consecutive images.
+    the store's layout allows, else one h5py read. All views (validation, test, loading into
+    memory): one read per run of consecutive images.
     """
 
     mode = "stream"
 
     def __init__(self, path: str, reduce_grid: bool = False, direct: bool = True):
         self.path = str(path)
-        try:
-            # rdcc_nbytes=0: no chunk cache, a read of one view reads that view's bytes only
-            self._file = h5py.File(self.path, "r", rdcc_nbytes=0)
-        except OSError as exc:
-            raise StoreError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
-        if "features" not in self._file:
-            self._file.close()
-            raise StoreError(f"{self.path}: not an mlsp feature store, missing features")
-        self._ds = self._file["features"]
+        self.reader = FeatureReader(self.path, direct=direct)
         self.reduce_grid = bool(reduce_grid)
-        self.n_views = int(self._ds.shape[1])
-        stored = tuple(self._ds.shape[2:])
+        self.n_views = self.reader.n_views
+        stored = self.reader.view_shape
         if self.reduce_grid:
             if len(stored) != 3:
+                self.reader.close()
                 raise StoreError(f"{self.path}: grid reduction asked for, but features are not wide: {stored}")
             self.view_shape, self.dtype = stored[-1:], np.dtype(np.float32)
         else:
-            self.view_shape, self.dtype = stored, np.dtype(self._ds.dtype)
-        self._stored_view = stored
-        self._view_bytes = int(np.prod(stored)) * self._ds.dtype.itemsize
-        self._offsets = chunk_offsets(self._ds) if direct else None
-        self._fd = os.open(self.path, os.O_RDONLY) if self._offsets is not None else None
-        if self._offsets is None:
-            log.debug("%s: reading views through h5py", self.path)
+            self.view_shape, self.dtype = stored, self.reader.dtype
 
     @property
     def direct(self) -> bool:
-        """True when views are read straight from their byte offsets in the file (see :func:`chunk_offsets`)."""
-        return self._offsets is not None
+        """True when views are read straight from their byte offsets in the file (see
+        :func:`mlsp.store.chunk_offsets`)."""
+        return self.reader.direct
 
     @property
     def stored_image_nbytes(self) -> int:
         """Bytes of one image (all views) in the file."""
-        return int(np.prod(self._ds.shape[1:])) * self._ds.dtype.itemsize
+        return self.reader.image_nbytes
 
     def _finish(self, x: np.ndarray) -> np.ndarray:
         return grid_mean(x) if self.reduce_grid else x
 
     def take(self, indices, views=None):
-        indices = np.asarray(indices, dtype=np.int64)
         if views is None:
+            indices = np.asarray(indices, dtype=np.int64)
             out = np.empty((len(indices), self.n_views) + self.view_shape, self.dtype)
-            max_rows = max(1, SLAB_BYTES // self.stored_image_nbytes)
-            order = np.argsort(indices, kind="stable")
-            sorted_idx = indices[order]
-            start = 0
-            while start < len(sorted_idx):  # runs of consecutive rows, one read each
-                stop = start + 1
-                while (stop < len(sorted_idx) and stop - start < max_rows
-                       and sorted_idx[stop] - sorted_idx[stop - 1] in (0, 1)):
-                    stop += 1
-                lo, hi = int(sorted_idx[start]), int(sorted_idx[stop - 1]) + 1
-                raw = self._checked(self._ds[lo:hi], np.arange(lo, hi))
-                slab = self._finish(raw)
-                out[order[start:stop]] = slab[sorted_idx[start:stop] - lo]
-                start = stop
+            for positions, block in self._checked(self.reader.image_runs, indices, SLAB_BYTES):
+                out[positions] = self._finish(block)
             return out
-        views = np.asarray(views, dtype=np.int64)
-        out = np.empty((len(indices),) + self.view_shape, self.dtype)
-        order = np.argsort(indices, kind="stable")  # in file order
-        if self._offsets is None:
-            for k in order:
-                out[k] = self._finish(self._ds[int(indices[k]), int(views[k])])
-            return self._checked(out, indices)
-        if self._offsets.ndim == 1:  # narrow: one chunk per image, its views one after the other
-            starts = self._offsets[indices] + views * self._view_bytes
-        else:  # wide: one chunk per view
-            starts = self._offsets[indices, views]
-        target = out if not self.reduce_grid else np.empty((len(indices),) + self._stored_view, self._ds.dtype)
-        for k in order:
-            # positional reads, no lock held: threads reading ahead run in parallel
-            got = os.preadv(self._fd, [memoryview(target[k]).cast("B")], int(starts[k]))
-            if got != self._view_bytes:
-                raise StoreError(f"{self.path}: short read of image {int(indices[k])} (file truncated?)")
-        self._checked(target, indices)
-        return self._finish(target) if self.reduce_grid else out
+        return self._finish(self._checked(self.reader.read_views, indices, views))
 
-    def _checked(self, x: np.ndarray, rows) -> np.ndarray:
-        """``x`` after checking it is finite (one ``np.isfinite`` pass; see mlsp.store.check_finite).
-        A failure is also kept in :attr:`failure`: raised in a thread of Keras' data pipeline,
-        it reaches the trainer wrapped in TensorFlow's error."""
+    def _checked(self, read, *args):
+        """``read(*args)`` of the store's reader, which checks that features are finite
+        (:func:`mlsp.store.check_finite`). A failure is also kept in :attr:`failure`: raised in a
+        thread of Keras' data pipeline, it reaches the trainer wrapped in TensorFlow's error."""
         try:
-            check_finite(self.path, x, rows, self._image_id)
+            result = read(*args)
+            return list(result) if not isinstance(result, np.ndarray) else result
         except StoreError as exc:
             self.failure = exc
             raise
-        return x
-
-    def _image_id(self, row: int) -> str:
-        """The id of the image at ``row`` (read only to name it in an error)."""
-        value = self._file["ids"][row]
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
     def close(self):
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._file.close()
+        self.reader.close()
 
 
 class MemorySource(FeatureSource):
@@ -465,6 +380,17 @@ def prefetch(items: Iterable, size: int = 2) -> Iterator:
         thread.join(timeout=5)
 
 
+def view_predictions(model, features: np.ndarray, rows: int = 0) -> np.ndarray:
+    """``(n, V, ...)`` features of n images -> ``(n, V, outputs)``: the model's prediction for
+    every view, in one call. ``rows``: pad the call to this many views with zeros (one input shape
+    for every call of a loop, so Keras traces once)."""
+    n, v = features.shape[:2]
+    flat = features.reshape((n * v,) + features.shape[2:])
+    if len(flat) < rows:
+        flat = np.concatenate([flat, np.zeros((rows - len(flat),) + flat.shape[1:], flat.dtype)])
+    return np.asarray(model.predict_on_batch(flat), dtype=np.float64)[: n * v].reshape(n, v, -1)
+
+
 def predict_views(model, source: FeatureSource, indices: Sequence[int], batch_views: int = 2048) -> np.ndarray:
     """The model's prediction for each image: the mean over all its stored views.
 
@@ -480,11 +406,6 @@ def predict_views(model, source: FeatureSource, indices: Sequence[int], batch_vi
     pos = 0
     rows = min(per_chunk, len(indices)) * n_views  # one input shape: the last chunk is padded
     for chunk, x in zip(chunks, prefetch(source.take(c) for c in chunks)):
-        flat = x.reshape((len(chunk) * n_views,) + x.shape[2:])
-        if len(flat) < rows:
-            flat = np.concatenate([flat, np.zeros((rows - len(flat),) + flat.shape[1:], flat.dtype)])
-        pred = np.asarray(model.predict_on_batch(flat), dtype=np.float64)[: len(chunk) * n_views]
-        pred = pred.reshape(len(chunk), n_views, outputs)
-        out[pos:pos + len(chunk)] = pred.mean(axis=1)
+        out[pos:pos + len(chunk)] = view_predictions(model, x, rows).mean(axis=1)
         pos += len(chunk)
     return out[:, 0] if outputs == 1 else out

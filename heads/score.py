@@ -26,6 +26,7 @@ from mlsp.progress import ProgressFactory, null_progress
 from mlsp.readahead import LocalRunner
 from mlsp.store import FeatureStore
 
+from .data import view_predictions
 from .run import Run
 from .targets import moments, prediction_columns
 
@@ -67,11 +68,10 @@ def _frame(ids, columns: dict, mos=None, split=None, paths=None):
     return pd.DataFrame(data)
 
 
-def view_predictions(model, features: np.ndarray) -> np.ndarray:
-    """(n, V, ...) features -> (n, V) predictions in one call; (n, V, K) for a head of K outputs."""
-    n, v = features.shape[:2]
-    flat = features.reshape((n * v,) + features.shape[2:])
-    pred = np.asarray(model.predict_on_batch(flat), np.float64).reshape(n, v, -1)
+def view_scores(model, features: np.ndarray) -> np.ndarray:
+    """(n, V, ...) features -> (n, V) predictions per view (:func:`heads.data.view_predictions`);
+    (n, V, K) for a head of K outputs."""
+    pred = view_predictions(model, features)
     return pred[..., 0] if pred.shape[-1] == 1 else pred
 
 
@@ -105,7 +105,7 @@ def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_
         try:
             for start in range(0, n, batch_images):
                 rows = np.arange(start, min(n, start + batch_images))
-                parts.append(score_columns(view_predictions(model, store.read(rows))))
+                parts.append(score_columns(view_scores(model, store.read(rows))))
                 bar.update(len(rows))
         finally:
             bar.close()
@@ -136,7 +136,7 @@ class ImageScorer:
         return self.extractor.load_views(path)
 
     def process(self, views: np.ndarray) -> dict:
-        columns = score_columns(view_predictions(self.model, self.extractor.process(views)[None]))
+        columns = score_columns(view_scores(self.model, self.extractor.process(views)[None]))
         return {k: float(v[0]) for k, v in columns.items()}
 
 

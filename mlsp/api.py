@@ -5,6 +5,7 @@
 >>> run = api.train(store, head="pool3fc").run_dir
 >>> api.evaluate(run)["test"]["srcc"]
 >>> api.score(run, images="new_photos/", out="scores.csv")
+>>> api.sample("data/sample")            # the whole pipeline on the built-in sample dataset
 
 Every function logs through :mod:`logging` and shows no progress unless ``progress=True`` (a
 bar on stderr in a terminal, a log line every few seconds elsewhere) or a progress factory
@@ -16,9 +17,14 @@ is built on stage 1, never the other way round).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Sequence
 
+from .extract import ExtractConfig
 from .progress import resolve as resolve_progress
+
+log = logging.getLogger(__name__)
 
 
 def backbones(names: Sequence[str] | None = None, *, flops_at: tuple | None = None) -> list[dict]:
@@ -74,48 +80,72 @@ def info() -> dict:
     }
 
 
-def extract(images: str | Sequence[str], out: str | None = None, *, net: str = "irv2", wide: bool = False,
-            augment: bool = True, weights: str = "imagenet", labels: str | None = None,
-            test_list: str | None = None, val_fraction: float = 0.05, seed: int = 0, max_side: int = 1024,
-            precision: str = "float32", dataset: str | None = None, workers: int = 2,
-            checkpoint_every: int = 64, batch_views: int | None = None, batch_window: int = 64,
-            progress: bool = False, ray: str | None = None,
-            ray_cpus_per_worker: float | None = None, ray_gpus_per_worker: float | None = None):
+def extract(images: str | Sequence[str], out: str | None = None, *, net: str = ExtractConfig.net,
+            wide: bool = ExtractConfig.pooling == "wide", augment: bool = ExtractConfig.augment,
+            weights: str = ExtractConfig.weights, labels: str | None = None, test_list: str | None = None,
+            max_side: int = ExtractConfig.max_side, precision: str = ExtractConfig.precision,
+            threads: tuple | None = None, checkpoint_every: int | None = None, progress=False,
+            ray: str | None = None, ray_cpus_per_worker: float | None = None,
+            ray_gpus_per_worker: float | None = None, **options):
     """``mlsp extract``: features of a folder (recursively) or a list of files into a store.
     ``ray``: an address as for ``--ray`` (``auto``, ``ray://HOST:PORT``, ``local:N``) spreads the
-    images over a Ray cluster. Returns :class:`mlsp.extract.ExtractResult` (``.store``,
-    ``.images``, ``.errors``, ...)."""
-    from .extract import ExtractConfig, extract as run, resolve_precision
+    images over a Ray cluster.
 
+    ``precision`` may be ``auto`` (:func:`mlsp.extract.resolve_precision`); ``threads`` is
+    the backend's ``(intra, inter)`` (:func:`mlsp.backend.configure_threads`); ``options`` are
+    :func:`mlsp.extract.extract`'s (``val_fraction``, ``seed``, ``dataset``, ``workers``, ...);
+    ``checkpoint_every`` is its ``flush_images``. Returns :class:`mlsp.extract.ExtractResult`
+    (``.store``, ``.images``, ``.errors``, ...)."""
+    from .backend import configure_threads
+    from .extract import extract as run, resolve_precision
+
+    if threads and not ray:
+        configure_threads(*threads)
+    if checkpoint_every is not None:
+        options["flush_images"] = checkpoint_every
+    precision, why = resolve_precision(precision)
+    if why != "as asked":
+        log.info("precision %s: %s", precision, why)
     config = ExtractConfig(net=net, pooling="wide" if wide else "narrow", augment=augment, weights=weights,
-                           max_side=max_side, precision=resolve_precision(precision)[0])
+                           max_side=max_side, precision=precision)
+    if config.weights.startswith("random"):
+        log.warning("using a RANDOM backbone (weights %s): features carry no ImageNet knowledge; "
+                    "fine for tests and benchmarks, meaningless for aesthetics", config.weights)
     with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker) as cluster:
-        return run(images, config, out, labels=labels, test_list=test_list, val_fraction=val_fraction, seed=seed,
-                   dataset=dataset, workers=workers, flush_images=checkpoint_every, batch_views=batch_views,
-                   batch_window=batch_window,
-                   progress=resolve_progress(progress),
-                   runner=cluster.runner(config) if cluster else None)
+        return run(images, config, out, labels=labels, test_list=test_list, progress=resolve_progress(progress),
+                   runner=cluster.runner(config) if cluster else None, **options)
 
 
 def train(store: str | None = None, *, head: str, out: str | None = None, width: int | None = None,
-          kernels: int | None = None, progress=False, **options):
-    """``mlsp train``: ``options`` are :class:`heads.training.TrainConfig` fields (target, epochs,
-    lr, min_lr, lr_epochs, patience, batch_size, steps_per_epoch, seed, memory_budget, workers);
-    an unknown one is an error; lr, min_lr and steps_per_epoch not given are chosen from the
-    store's size (:func:`heads.schedule.resolve_schedule`). Returns :class:`heads.training.TrainResult`."""
-    from heads.training import TrainConfig, train as run
+          kernels: int | None = None, memory_budget: int | str | None = None, progress=False, **options):
+    """``mlsp train``: ``options`` are :class:`heads.config.TrainConfig` fields (target, epochs,
+    lr, min_lr, lr_epochs, patience, batch_size, steps_per_epoch, seed, workers); an unknown one
+    is an error; lr, min_lr and steps_per_epoch not given are chosen from the store's size
+    (:func:`heads.schedule.resolve_schedule`). ``memory_budget``: bytes, or a size like
+    ``"8GB"``. Returns :class:`heads.training.TrainResult`."""
+    from heads.config import TrainConfig
+    from heads.training import train as run
 
     head_options = {k: v for k, v in (("width", width), ("kernels", kernels)) if v is not None}
     config = TrainConfig.from_dict({"head": head, "store": store, "out": out, "head_options": head_options,
-                                    **options})
+                                    "memory_budget": _bytes(memory_budget), **options})
     return run(config, progress=resolve_progress(progress))
 
 
-def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None) -> dict:
+def _bytes(size):
+    if size is None:
+        return None
+    from heads.data import parse_bytes
+
+    return parse_bytes(size)
+
+
+def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None,
+             memory_budget: int | str | None = None) -> dict:
     """``mlsp evaluate``: SRCC, PLCC, accuracy, balanced accuracy and n on val and test."""
     from heads.evaluation import evaluate as run
 
-    return run(run_dir, store, out=out)
+    return run(run_dir, store, out=out, memory_budget=_bytes(memory_budget))
 
 
 def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str] | None = None,
@@ -153,3 +183,78 @@ def export(run_dir: str, out: str | None = None, *, weights: str | None = None,
     from heads.export import export as run
 
     return run(run_dir, out, weights=weights, precision=precision, allow_unfinished=allow_unfinished)
+
+
+def inspect(store: str, *, check_features: bool = True, progress=False) -> dict:
+    """``mlsp inspect``: what a store holds (configuration, sizes, labels, splits, errors), the
+    store checked on the way (:func:`mlsp.store.describe`; ``check_features=False`` skips
+    reading every feature value)."""
+    from .store import describe
+
+    return describe(store, check_features=check_features, progress=resolve_progress(progress))
+
+
+def unusable_inputs(store: str) -> list[dict]:
+    """Every input a store's extraction could not use: ``[{"id", "path", "reason"}]``."""
+    from .store import FeatureStore
+
+    with FeatureStore(store) as s:
+        return s.errors()
+
+
+def heads(nets: Sequence[str] | None = None) -> list[dict]:
+    """``mlsp heads``: every registered head with its default options and its parameter count on
+    the features of each backbone in ``nets`` (default: the paper's two)."""
+    from heads.models import build_head
+    from heads.registry import list_heads
+
+    from .backbones import BACKBONES, PAPER_BACKBONES
+
+    rows = []
+    for spec in list_heads():
+        row = {"name": spec.name, "features": "wide" if spec.needs_wide else "narrow (or wide: grid mean)",
+               "description": spec.description, "options": {}, "params": {}}
+        for net in nets or PAPER_BACKBONES:
+            backbone = BACKBONES[net]
+            row["options"][net] = spec.default_options(backbone.total_channels)
+            model = build_head(spec.name, backbone.channels, pooling="wide" if spec.needs_wide else "narrow")
+            row["params"][net] = model.count_params()
+        rows.append(row)
+    return rows
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """What :func:`sample` made: the dataset, the weights used (and why), the store and the run."""
+
+    info: object  # mlsp.sample.SampleInfo
+    weights: str
+    weights_note: str
+    extraction: object  # mlsp.extract.ExtractResult
+    training: object | None  # heads.training.TrainResult, or None with train_head=False
+
+
+def sample(root: str = "data/sample", *, n_images: int = 64, net: str = "iv3", wide: bool = False,
+           weights: str = "auto", out: str | None = None, head: str = "single1fc", train_head: bool = True,
+           seed: int = 0, progress=False) -> SampleResult:
+    """``mlsp sample``: build the sample dataset in ``root`` (:func:`mlsp.sample.build_sample`),
+    extract it into a fresh store (an earlier store of the sample is removed: its images were
+    just rebuilt) and, with ``train_head``, train and evaluate ``head`` on it with `mlsp train`'s
+    defaults. ``weights="auto"``: ImageNet when Keras can load them, else a random backbone,
+    said plainly in the log and in ``weights_note``."""
+    from .extract import default_store_path, extract as run_extract
+    from .sample import build_sample, demo_weights
+    from .shards import remove_store
+
+    info = build_sample(root, n_images=n_images, seed=seed)
+    log.info("sample: %d images in %s, votes in %s", info.n_images, info.images_dir, info.labels_path)
+    weights, why = demo_weights(net, weights)
+    (log.warning if weights.startswith("random") else log.info)(why)
+    config = ExtractConfig(net=net, pooling="wide" if wide else "narrow", weights=weights)
+    out = out or default_store_path(config, "sample")
+    remove_store(out)
+    extraction = run_extract(info.images_dir, config, out, labels=info.labels_path, test_list=info.test_list_path,
+                             val_fraction=0.2, seed=seed, dataset="sample", progress=resolve_progress(progress))
+    training = train(extraction.store, head=head, seed=seed, progress=progress) if train_head else None
+    return SampleResult(info, weights, why, extraction, training)
+

@@ -107,6 +107,9 @@ BACKBONES: dict[str, BackboneSpec] = {}
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone; a name already taken is an error (a backbone is never replaced in silence)."""
+    if spec.name in BACKBONES:
+        raise ConfigError(f"backbone {spec.name} is already registered; choose another name")
     if len(spec.taps) != len(spec.channels):
         raise ValueError(f"{spec.name}: {len(spec.taps)} taps but {len(spec.channels)} channel counts")
     if len(set(spec.taps)) != len(spec.taps):

@@ -220,6 +220,11 @@ class ExtractResult:
     skipped_existing: int  # inputs already in the store or its partial results
 
 
+def default_store_path(config: ExtractConfig, dataset: str) -> str:
+    """Where a store goes when no path is given: ``features/<dataset>/<config's name>.h5``."""
+    return os.path.join(store.FEATURES_ROOT, dataset, config.default_store_name())
+
+
 def collect_inputs(inputs: str | Sequence[str]) -> tuple[list[str], list[str], list[tuple[str, str]], str]:
     """(paths, ids, skipped (path, reason), root) for a folder or a list of files.
 
@@ -304,7 +309,7 @@ def extract(
         raise ConfigError(f"val_fraction must be in [0, 1), received {val_fraction!r}")
     paths, ids, skipped, root = collect_inputs(inputs)
     dataset = dataset or os.path.basename(root.rstrip(os.sep)) or "dataset"
-    out = out or os.path.join(store.FEATURES_ROOT, dataset, config.default_store_name())
+    out = out or default_store_path(config, dataset)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     except OSError as exc:

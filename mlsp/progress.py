@@ -35,7 +35,20 @@ class Progress(Protocol):
 ProgressFactory = Callable[..., Progress]
 
 
-class NullProgress:
+class Closing:
+    """``with factory(...) as bar:`` closes the bar at the end."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class NullProgress(Closing):
     """Shows nothing."""
 
     def __init__(self, total=None, **options):
@@ -48,22 +61,13 @@ class NullProgress:
     def set_postfix(self, ordered_dict=None, refresh: bool = True, **values) -> None:
         pass
 
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def null_progress(total=None, **options) -> NullProgress:
     """The progress factory that shows nothing."""
     return NullProgress(total, **options)
 
 
-class LogProgress:
+class LogProgress(Closing):
     """Progress as log lines, for a stream that is not a terminal.
 
     A line when the count has advanced ``percent`` percent since the last line (but at most one
@@ -122,12 +126,6 @@ class LogProgress:
         if self.postfix:
             text += ", " + ", ".join(f"{k}={v}" for k, v in self.postfix.items())
         return text
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _duration(seconds: float) -> str:

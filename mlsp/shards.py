@@ -16,7 +16,7 @@ import shutil
 import h5py
 import numpy as np
 
-from .atomic import AtomicPath, is_write_failure
+from .atomic import AtomicPath, is_write_failure, write_json
 from .errors import StoreConfigMismatch, StoreError
 from .files import ensure_space
 from .store_format import (as_str_array, config_differences, feature_chunks, feature_shape, open_h5, read_errors,
@@ -147,8 +147,7 @@ class ShardWriter:
         if not os.path.isdir(self.dir):
             os.makedirs(self.dir, exist_ok=True)
         if not os.path.exists(self._config_path):
-            with AtomicPath(self._config_path) as tmp, open(tmp, "w") as handle:
-                json.dump({**self.config, **self.layout}, handle, indent=1, sort_keys=True)
+            write_json(self._config_path, {**self.config, **self.layout}, indent=1, sort_keys=True)
         # what a killed writer left (this one holds the store's lock)
         for stale in glob.glob(os.path.join(self.dir, "*.tmp")) + glob.glob(os.path.join(self.dir, ".*.tmp-*")):
             os.remove(stale)

@@ -18,10 +18,12 @@ import logging
 import os
 from typing import Sequence
 
+import h5py
 import numpy as np
 
 from . import __version__
 from .errors import StoreError
+from .progress import ProgressFactory, null_progress
 from .shards import (  # noqa: F401  (importable from here)
     PARTIAL_SUFFIX, ShardRecord, ShardWriter, partial_dir, remove_store, shard_number)
 from .store_format import (  # noqa: F401  (importable from here)
@@ -33,6 +35,8 @@ from .store_write import (  # noqa: F401  (importable from here)
     create_layout, finalize_store, relabel_store, write_attrs, write_errors, write_store)
 
 log = logging.getLogger(__name__)
+
+SLAB_BYTES = 64 * 2**20  # largest single read of consecutive images
 
 
 class FeatureStore:
@@ -108,7 +112,8 @@ class FeatureStore:
             raise StoreError(f"{self.path}: image {self.ids[k]} has invalid vote counts {self.votes[k].tolist()}"
                              "; the store is damaged")
 
-    def check_features(self, rows: Sequence[int] | None = None, progress=None, block_bytes: int = 64 << 20):
+    def check_features(self, rows: Sequence[int] | None = None, progress: ProgressFactory = null_progress,
+                       block_bytes: int = SLAB_BYTES):
         """Raise :class:`StoreError` naming the first image whose features are not finite.
 
         Cost: one sequential read of the features of ``rows`` (all images by default), in blocks
@@ -116,28 +121,24 @@ class FeatureStore:
         ``np.isfinite`` pass over them: about the time of reading the store once (the disk, or
         the page cache, is the limit). Training and scoring check each batch as they read it
         instead (:func:`check_finite`); ``mlsp inspect`` runs this over the whole store.
-        ``progress`` is a tqdm-like factory.
+        ``progress`` is a progress factory (:mod:`mlsp.progress`).
         """
         rows = np.arange(self.n_images) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
         per_image = max(1, int(np.prod(self.features.shape[1:])) * self.features.dtype.itemsize)
         step = max(1, block_bytes // per_image)
-        bar = progress(total=len(rows), desc="check", unit="img") if progress else None
+        bar = progress(total=len(rows), desc="check", unit="img")
         try:
-            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-            for run in np.split(rows, breaks) if len(rows) else []:
-                for start in range(0, len(run), step):
-                    part = run[start:start + step]
-                    try:
-                        block = self.features[int(part[0]):int(part[-1]) + 1]
-                    except (OSError, ValueError, RuntimeError) as exc:
-                        raise StoreError(f"{self.path}: cannot read the features of images {self.ids[part[0]]} to "
-                                         f"{self.ids[part[-1]]} ({first_line(exc)}); the store is damaged") from exc
-                    check_finite(self.path, block, part, self.ids)
-                    if bar is not None:
-                        bar.update(len(part))
+            for lo, hi in consecutive_runs(rows, step):
+                part = rows[lo:hi]
+                try:
+                    block = self.features[int(part[0]):int(part[-1]) + 1]
+                except (OSError, ValueError, RuntimeError) as exc:
+                    raise StoreError(f"{self.path}: cannot read the features of images {self.ids[part[0]]} to "
+                                     f"{self.ids[part[-1]]} ({first_line(exc)}); the store is damaged") from exc
+                check_finite(self.path, block, part, self.ids)
+                bar.update(len(part))
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
 
     # -- description -------------------------------------------------------------------------
     @property
@@ -203,10 +204,8 @@ class FeatureStore:
         if views is None:
             # h5py's list indexing is slow on chunked data: read runs of consecutive rows as slices
             block = np.empty((len(unique),) + tuple(self.features.shape[1:]), dtype=self.features.dtype)
-            breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-            for run in np.split(np.arange(len(unique)), breaks):
-                first, last = unique[run[0]], unique[run[-1]]
-                self.features.read_direct(block, np.s_[first:last + 1], np.s_[run[0]:run[-1] + 1])
+            for lo, hi in consecutive_runs(unique):
+                self.features.read_direct(block, np.s_[unique[lo]:unique[hi - 1] + 1], np.s_[lo:hi])
             out = block[inverse]
         else:
             views = np.asarray(views, dtype=np.int64)[order]
@@ -260,6 +259,142 @@ def check_finite(path: str, features: np.ndarray, rows: Sequence[int], ids=None)
                      "such images in this read): the store is damaged; extract it again")
 
 
+def consecutive_runs(sorted_rows, max_rows: int | None = None) -> list[tuple[int, int]]:
+    """``[(lo, hi), ...]``: positions in ``sorted_rows`` (ascending, repeats allowed) whose rows
+    are consecutive (or repeated), each of at most ``max_rows`` positions. One slice read per run
+    is two orders of magnitude faster than h5py's list indexing on chunked data."""
+    rows = np.asarray(sorted_rows, dtype=np.int64)
+    if not len(rows):
+        return []
+    breaks = (np.flatnonzero(~np.isin(np.diff(rows), (0, 1))) + 1).tolist()
+    runs = []
+    for lo, hi in zip([0] + breaks, breaks + [len(rows)]):
+        step = max_rows or hi - lo
+        runs += [(start, min(hi, start + step)) for start in range(lo, hi, step)]
+    return runs
+
+
+def chunk_offsets(ds: h5py.Dataset) -> np.ndarray | None:
+    """Byte offsets of the store's chunks in its file: (N,) narrow, (N, V) wide; None if not usable.
+
+    The store's ``/features`` is chunked one image (narrow) or one view (wide) per chunk and never
+    compressed (features/README.md), so a view is a run of bytes at a known place in the file
+    and can be read with one positional read, without h5py's per-call cost and lock (several
+    times faster, and parallel). Anything else (filters, another chunking, a chunk never
+    written, byte order, no positional reads on this OS, an h5py without ``chunk_iter``) gives
+    None: the caller reads through h5py.
+    """
+    shape = ds.shape
+    wide = len(shape) == 5
+    want = (1, 1) + tuple(shape[2:]) if wide else (1,) + tuple(shape[1:])
+    if (not hasattr(os, "preadv") or ds.chunks != want or ds.dtype.byteorder == ">"
+            or ds.id.get_create_plist().get_nfilters()):
+        return None
+    grid = tuple(shape[:2]) if wide else tuple(shape[:1])
+    offsets = np.full(grid, -1, dtype=np.int64)
+    try:
+        if ds.id.get_num_chunks() != int(np.prod(grid)):
+            return None
+        if wide:
+            def visit(info):
+                offsets[info.chunk_offset[0], info.chunk_offset[1]] = info.byte_offset
+        else:
+            def visit(info):
+                offsets[info.chunk_offset[0]] = info.byte_offset
+        ds.id.chunk_iter(visit)
+    except (AttributeError, RuntimeError, TypeError, ValueError) as exc:
+        log.debug("%s: no direct reads (%s)", ds.file.filename, exc)
+        return None
+    return offsets if offsets.size and offsets.min() >= 0 else None
+
+
+class FeatureReader:
+    """The store's features read for training: the one other way into ``/features``.
+
+    :class:`FeatureStore` opens everything a store holds; this opens ``/features`` alone, with
+    h5py's chunk cache off (a read of one view reads that view's bytes only). Two reads:
+
+    - :meth:`image_runs`: all views of images, one h5py slice read per run of consecutive rows
+      (validation, test, loading into memory);
+    - :meth:`read_views`: one view per image (training batches), one positional read at the
+      view's byte offset where the layout allows (:func:`chunk_offsets`; no lock held, so
+      threads reading ahead run in parallel), else one h5py read per view.
+
+    Both check that what they read is finite (:func:`check_finite`), naming the image.
+    """
+
+    def __init__(self, path: str, direct: bool = True):
+        self.path = str(path)
+        self._file = open_h5(self.path, rdcc_nbytes=0)
+        if "features" not in self._file:
+            self._file.close()
+            raise StoreError(f"{self.path}: not an mlsp feature store, missing features")
+        self.features = self._file["features"]
+        self.n_views = int(self.features.shape[1])
+        self.view_shape = tuple(self.features.shape[2:])
+        self.dtype = np.dtype(self.features.dtype)
+        self.view_nbytes = int(np.prod(self.view_shape)) * self.dtype.itemsize
+        self.image_nbytes = self.n_views * self.view_nbytes
+        self._offsets = chunk_offsets(self.features) if direct else None
+        self._fd = os.open(self.path, os.O_RDONLY) if self._offsets is not None else None
+        if self._offsets is None:
+            log.debug("%s: reading views through h5py", self.path)
+
+    @property
+    def direct(self) -> bool:
+        """True when views are read straight from their byte offsets in the file."""
+        return self._offsets is not None
+
+    def image_runs(self, indices, max_bytes: int = SLAB_BYTES):
+        """Yield ``(positions, block)``: ``block`` the features (all views) of ``indices[positions]``,
+        read as one slice of consecutive rows of at most ``max_bytes``, in file order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        rows = indices[order]
+        for lo, hi in consecutive_runs(rows, max(1, max_bytes // self.image_nbytes)):
+            first = int(rows[lo])
+            block = self.features[first:int(rows[hi - 1]) + 1][rows[lo:hi] - first]
+            check_finite(self.path, block, rows[lo:hi], self.image_id)
+            yield order[lo:hi], block
+
+    def read_views(self, indices, views) -> np.ndarray:
+        """``(n, *view_shape)``: view ``views[k]`` of image ``indices[k]``, for every k."""
+        indices, views = np.asarray(indices, dtype=np.int64), np.asarray(views, dtype=np.int64)
+        out = np.empty((len(indices),) + self.view_shape, self.dtype)
+        order = np.argsort(indices, kind="stable")  # in file order
+        if self._offsets is None:
+            for k in order:
+                out[k] = self.features[int(indices[k]), int(views[k])]
+            return out
+        if self._offsets.ndim == 1:  # narrow: one chunk per image, its views one after the other
+            starts = self._offsets[indices] + views * self.view_nbytes
+        else:  # wide: one chunk per view
+            starts = self._offsets[indices, views]
+        for k in order:
+            got = os.preadv(self._fd, [memoryview(out[k]).cast("B")], int(starts[k]))
+            if got != self.view_nbytes:
+                raise StoreError(f"{self.path}: short read of image {int(indices[k])} (file truncated?)")
+        check_finite(self.path, out, indices, self.image_id)
+        return out
+
+    def image_id(self, row: int) -> str:
+        """The id of the image at ``row`` (read only to name it in an error)."""
+        value = self._file["ids"][row]
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def open_store(path: str) -> FeatureStore:
     return FeatureStore(path)
 
@@ -273,7 +408,7 @@ def find_latest_store(root: str = FEATURES_ROOT) -> str:
     return max(candidates, key=os.path.getmtime)
 
 
-def describe(path: str, check_features: bool = False, progress=None) -> dict:
+def describe(path: str, check_features: bool = False, progress: ProgressFactory = null_progress) -> dict:
     """What a store holds, as plain data (used by ``mlsp inspect``).
 
     Labels and dataset lengths are always checked (opening the store does). ``check_features``

@@ -18,6 +18,15 @@ def test_registry_matches_paper(net):
     assert len(set(spec.taps)) == len(spec.taps)
 
 
+def test_registry_refuses_a_name_twice():
+    import dataclasses
+
+    before = backbones.get_backbone("iv3")
+    with pytest.raises(ConfigError, match="iv3 is already registered"):
+        backbones.register(dataclasses.replace(before, description="another iv3"))
+    assert backbones.get_backbone("iv3") is before
+
+
 def test_iv3_taps_exclude_inner_concatenations():
     spec = backbones.get_backbone("iv3")
     assert spec.taps == tuple(f"mixed{i}" for i in range(11))

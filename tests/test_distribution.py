@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import cli
 from heads.registry import HEADS
-from heads.synthetic import write_synthetic_store
+from synthetic import write_synthetic_store
 from heads.targets import TARGETS, emd, moments, vote_histograms
 
 P_COLUMNS = [f"p{k}" for k in range(1, 11)]
@@ -105,7 +105,7 @@ def test_a_store_of_mos_only_refuses_the_distribution(tmp_path):
 
 # The planted signal: 1,500 images whose 200 votes each are drawn around a MOS that is a function
 # of the features, with a spread that is another, independent function of them
-# (heads.synthetic.planted_spread: 0.8 to 1.8). Single-1FC (linear logits, so a fixed capacity)
+# (tests/synthetic.py, planted_spread: 0.8 to 1.8). Single-1FC (linear logits, so a fixed capacity)
 # with a schedule for a store this small: 50 batches an epoch at LR 1e-2, as the other planted
 # tests shorten the paper's AVA-sized one.
 PLANTED_FLAGS = ["--head", "single1fc", "--lr", "1e-2", "--steps-per-epoch", "50", "--epochs", "30", "--no-progress"]

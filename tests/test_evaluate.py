@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from heads.synthetic import write_synthetic_store
+from synthetic import write_synthetic_store
 from mlsp.errors import ConfigError
 
 

@@ -121,10 +121,27 @@ def test_console_progress_logs_when_stderr_is_not_a_terminal(monkeypatch):
     assert isinstance(console_progress(total=5, desc="x", unit="img"), LogProgress)
 
 
+def registered_in_source():
+    """``package>name`` of every class or function the library decorates with
+    ``keras.saving.register_keras_serializable(package=...)``."""
+    found = []
+    for module, path in library_modules():
+        with open(path) as handle:
+            tree = ast.parse(handle.read(), path)
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+                continue
+            for deco in node.decorator_list:
+                if isinstance(deco, ast.Call) and ast.unparse(deco.func).endswith("register_keras_serializable"):
+                    package = next(k.value.value for k in deco.keywords if k.arg == "package")
+                    found.append(f"{package}>{node.name}")
+    return found
+
+
 def test_import_mlsp_and_heads_register_every_custom_layer():
-    """Whether Keras is imported before or after, every custom layer is registered."""
-    names = ["mlsp>FoldedBatchNorm", "mlsp>MultiLevelPooling", "mlsp>ViewCrops", "mlsp>ViewMean",
-             "mlsp_heads>BlockSplit"]
+    """Whether Keras is imported before or after, every custom layer (and loss) is registered."""
+    names = registered_in_source()
+    assert {"mlsp>MultiLevelPooling", "mlsp>ViewCrops", "mlsp_heads>BlockSplit"} <= set(names)
     code = ("import sys\n"
             "order = sys.argv[1]\n"
             "if order == 'keras-first': import keras\n"
@@ -137,3 +154,52 @@ def test_import_mlsp_and_heads_register_every_custom_layer():
         res = subprocess.run([sys.executable, "-c", code, order], capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"})
         assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_cli_defaults_and_choices_come_from_their_owners():
+    """`mlsp train --help` and `mlsp extract --help` show the dataclasses' (and the library's) values."""
+    import dataclasses
+    import inspect
+
+    from click.testing import CliRunner
+
+    import cli
+    from heads.config import TrainConfig
+    from mlsp.extract import PRECISIONS, ExtractConfig, extract
+
+    def flat(args):
+        return " ".join(CliRunner().invoke(cli.main, args).output.split())
+
+    def defaults(command, *args):
+        """What the command's function receives when only ``args`` are given."""
+        with command.make_context(command.name, list(args)) as context:
+            return dict(context.params)
+
+    train = defaults(cli.train_command, "--head", "single1fc")
+    checked = []
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in train and field.default is not dataclasses.MISSING:
+            assert train[field.name] == field.default, field.name
+            checked.append(field.name)
+    assert {"lr", "min_lr", "lr_epochs", "patience", "batch_size", "steps_per_epoch", "seed",
+            "workers"} <= set(checked)
+    shown = flat(["train", "--help"])
+    for name in ("lr_epochs", "patience", "batch_size", "seed", "workers"):
+        value = getattr(TrainConfig, name)
+        assert f"[default: {value};" in shown or f"[default: {value}]" in shown, name
+
+    ext = defaults(cli.extract, "photo.jpg")
+    config = ExtractConfig()
+    for name in ("net", "augment", "weights", "max_side", "precision"):
+        assert ext[name] == getattr(config, name), name
+    assert ext["wide"] == (config.pooling == "wide")
+    assert tuple(next(p for p in cli.extract.params if p.name == "precision").type.choices) == (*PRECISIONS, "auto")
+    signature = inspect.signature(extract).parameters
+    for option, parameter in (("val_fraction", "val_fraction"), ("seed", "seed"), ("workers", "workers"),
+                              ("checkpoint_every", "flush_images")):
+        assert ext[option] == signature[parameter].default, option
+    shown = flat(["extract", "--help"])
+    for value in (config.net, config.weights, config.max_side, config.precision, signature["val_fraction"].default):
+        assert f"[default: {value}]" in shown, value
+    for command in (cli.score_command, cli.export_command):
+        assert tuple(next(p for p in command.params if p.name == "precision").type.choices) == PRECISIONS

@@ -11,7 +11,8 @@ from scipy.stats import spearmanr
 
 from mlsp.errors import ConfigError
 from mlsp.labels import assign_splits, read_labels, read_test_list
-from mlsp.sample import SOURCES, build_sample, make_bad_files, skimage_data_dir
+from bad_files import make_bad_files
+from mlsp.sample import SOURCES, build_sample, skimage_data_dir
 
 
 @pytest.fixture(scope="module")

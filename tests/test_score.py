@@ -13,7 +13,8 @@ from mlsp import api
 from mlsp.errors import StoreConfigMismatch
 from mlsp.extract import ExtractConfig, extract
 from mlsp.images import decode_image
-from mlsp.sample import build_sample, make_bad_files
+from bad_files import make_bad_files
+from mlsp.sample import build_sample
 from heads.run import Run
 from heads.score import score_images, score_store
 
@@ -61,16 +62,28 @@ def test_bad_image_files_are_reported_and_skipped(trained, tmp_path, extractors)
 
 
 def test_exported_model_gives_the_same_numbers(trained, tmp_path):
-    from heads.export import export, load_exported
+    """`mlsp export` writes one model that plain keras.saving.load_model opens in safe mode."""
+    import keras
 
-    path = export(trained["run"], str(tmp_path / "m.keras"))
-    model = load_exported(path)
+    path = str(tmp_path / "m.keras")
+    res = CliRunner().invoke(cli.main, ["export", trained["run"], "--out", path])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().splitlines()[-1] == f"exported: {path}"
+    model = keras.saving.load_model(path, safe_mode=True)
     scores = score_store(trained["run"], trained["store"]).set_index("id")
     names = sorted(os.listdir(trained["images"]))[:3]
     for name in names:
         img = decode_image(os.path.join(trained["images"], name), 1024)
         pred = float(np.asarray(model.predict(img[None].astype("float32"), verbose=0))[0])
         assert pred == pytest.approx(scores.loc[os.path.splitext(name)[0], "pred"], abs=2e-3)
+
+
+def test_export_to_an_h5_name_is_a_one_line_error(trained, tmp_path):
+    res = CliRunner().invoke(cli.main, ["export", trained["run"], "--out", str(tmp_path / "x.h5")])
+    assert res.exit_code != 0
+    assert res.output.strip() == f"Error: {tmp_path / 'x.h5'}: the exported model is a .keras file (Keras' format); " \
+                                 "give a name ending in .keras"
+    assert not os.path.exists(tmp_path / "x.h5")
 
 
 def test_store_of_another_configuration_is_refused(trained, tmp_path, extractors):
@@ -94,11 +107,20 @@ def test_images_follow_the_runs_configuration(trained):
 
 
 def test_cli_score_and_api(trained):
+    """The CLI's table and the API's frame hold the scores score_store computes, image by image."""
+    expected = score_store(trained["run"], trained["store"])
     res = CliRunner().invoke(cli.main, ["score", trained["run"], "--store", trained["store"]])
     assert res.exit_code == 0, res.output
-    assert "pred_std" in res.output
+    lines = res.output.strip().splitlines()
+    header = next(k for k, line in enumerate(lines) if line.split()[:2] == ["id", "pred"])  # after any warning
+    assert lines[header].split() == ["id", "pred", "pred_std", "mos", "split"]
+    printed = pd.DataFrame([line.split() for line in lines[header + 1:]], columns=lines[header].split())
+    assert printed["id"].tolist() == expected["id"].tolist()
+    assert printed["split"].tolist() == expected["split"].tolist()
+    for column in ("pred", "pred_std", "mos"):  # printed with 4 decimals
+        np.testing.assert_allclose(printed[column].astype(float), expected[column], atol=5e-5)
     frame = api.score(trained["run"], store=trained["store"])
-    assert len(frame) == 16
+    pd.testing.assert_frame_equal(frame, expected)
 
 
 def test_read_only_and_full_disk_targets_are_one_line_with_nothing_half_written(trained, small_disk, monkeypatch):

@@ -154,3 +154,60 @@ def test_inspect_train_and_score_refuse_a_damaged_store(tmp_path):
     res = runner.invoke(cli.main, ["score", str(run), "--store", str(path), "--out", str(tmp_path / "p.csv")])
     assert res.exit_code == 1 and f"image {bad_id}" in res.output and not (tmp_path / "p.csv").exists()
     assert "Traceback" not in res.output
+
+
+def test_inspect_through_the_cli(store, tmp_path):
+    """`mlsp inspect` prints what describe() finds, as a table or JSON, and lists unusable inputs."""
+    import json
+
+    from click.testing import CliRunner
+
+    import cli
+
+    path, features = store
+    with h5py.File(path, "r+") as f:  # two inputs the extraction could not use
+        del f["errors"]
+        g = f.create_group("errors")
+        for key, values in (("id", ["bad1", "bad2"]), ("path", ["a/bad1.jpg", "bad2.png"]),
+                            ("reason", ["empty file", "too small: 40x30"])):
+            g.create_dataset(key, data=np.array(values, dtype=object), dtype=h5py.string_dtype("utf-8"))
+    res = CliRunner().invoke(cli.main, ["inspect", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info == json.loads(json.dumps(describe(str(path), check_features=True), default=str))
+    assert info["features_check"] == "ok"
+    assert (info["net"], info["pooling"], info["images"], info["channels"], info["errors"]) == ("toy", "wide", 30, 6, 2)
+    assert info["features_shape"] == list(features.shape) and info["splits"]["train"] == 30
+    res = CliRunner().invoke(cli.main, ["inspect", str(path), "--errors"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[-2:] == ["a/bad1.jpg\tempty file", "bad2.png\ttoo small: 40x30"]
+    table = dict(line.split(None, 1) for line in lines[:-2])
+    assert table["images"] == "30" and table["net"] == "toy" and table["errors"] == "2"
+    missing = CliRunner().invoke(cli.main, ["inspect", str(tmp_path / "none.h5")])
+    assert missing.exit_code != 0 and "does not exist" in missing.output
+
+
+def test_consecutive_runs():
+    from mlsp.store import consecutive_runs
+
+    rows = [0, 1, 2, 2, 3, 7, 9, 10, 11, 12, 13]
+    assert consecutive_runs(rows) == [(0, 5), (5, 6), (6, 11)]
+    assert consecutive_runs(rows, max_rows=2) == [(0, 2), (2, 4), (4, 5), (5, 6), (6, 8), (8, 10), (10, 11)]
+    assert consecutive_runs([]) == []
+
+
+def test_feature_reader_reads_what_the_store_holds(store):
+    from mlsp.store import FeatureReader
+
+    path, features = store
+    with FeatureReader(str(path)) as reader:
+        assert reader.direct, "the store's own layout allows positional reads"
+        rows = np.array([29, 3, 4, 4, 5, 0])
+        got = np.empty((len(rows),) + features.shape[1:], features.dtype)
+        for positions, block in reader.image_runs(rows, max_bytes=2 * reader.image_nbytes):
+            assert len(positions) <= 2
+            got[positions] = block
+        np.testing.assert_array_equal(got, features[rows])
+        views = np.array([7, 0, 3, 3, 1, 6])
+        np.testing.assert_array_equal(reader.read_views(rows, views), features[rows, views])

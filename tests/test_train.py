@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from heads.synthetic import write_synthetic_store
+from synthetic import write_synthetic_store
 from heads.training import TrainConfig, train
 from mlsp.errors import ConfigError, StoreError
 from mlsp.store import write_store
@@ -171,7 +171,6 @@ def test_a_run_folder_is_never_overwritten(narrow_store, tmp_path):
 
 MEMORY_CAPPED = textwrap.dedent("""
     import json, resource, sys
-    from heads.synthetic import write_synthetic_store
     from heads.training import TrainConfig, train
 
     store, small, out, headroom = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from heads.synthetic import write_synthetic_store
+from synthetic import write_synthetic_store
 
 # The paper's schedule is sized for AVA (~1,800 batches per epoch); on 1,400 training images
 # the documented small-store flags give the heads enough updates.
