@@ -6,7 +6,7 @@ Runs the real command, ``cli.py extract FILES --net irv2 --wide --weights random
 float32), in a fresh process per count, on generated JPEGs of one small size (features are the
 same size whatever the image's: 6.5 MiB of float16 per image, irv2 wide, 8 views), and records
 each process's VmHWM (its peak RSS since exec) and its RSS after every image
-(``bench_extract.run_cli_rss``). Target: the peak grows by less than 5% from the second-largest
+(``peak_rss.run_cli_rss``). Target: the peak grows by less than 5% from the second-largest
 count to the largest. RSS does not depend on how busy the machine is; the times do.
 
 Writes ``<out>/rss-<time>-cpu.json``.
@@ -24,7 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
-from bench_extract import run_cli_rss, write_set  # noqa: E402
+from peak_rss import run_cli_rss  # noqa: E402
+from pictures import write_set  # noqa: E402
 
 GROWTH_TARGET = 1.05
 
