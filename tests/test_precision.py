@@ -49,6 +49,39 @@ def test_auto_picks_bfloat16_on_this_cpu():
     assert precision == "bfloat16" and "bf16" in why
 
 
+@pytest.mark.parametrize("gpus,cpu_flags,expected,because", [
+    ([("H100", (9, 0))], "fpu avx2", "bfloat16", "compute capability (9, 0)) computes bfloat16 natively"),
+    ([("T4", (7, 5))], "avx512_bf16 amx_bf16", "float32", "compute capability (7, 5)) has no native bfloat16"),
+    ([], "fpu avx512f amx_bf16 avx512_bf16", "bfloat16", "in hardware (amx_bf16, avx512_bf16)"),
+    ([], "fpu avx2 avx512f", "float32", "has no bfloat16 instructions"),
+    ([], None, "float32", "has no bfloat16 instructions"),  # no /proc/cpuinfo
+])
+def test_auto_precision_on_every_kind_of_hardware(monkeypatch, gpus, cpu_flags, expected, because):
+    """Each branch of ``auto``: a recent GPU, an old GPU (whatever the CPU), a CPU with and
+    without bfloat16 instructions, a system without /proc/cpuinfo."""
+    import builtins
+    import io
+
+    import tensorflow as tf
+
+    devices = [tf.config.PhysicalDevice(name=f"/physical_device:GPU:{k}", device_type="GPU") for k in range(len(gpus))]
+    details = {d.name: {"device_name": n, "compute_capability": c} for d, (n, c) in zip(devices, gpus)}
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: devices if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda device: details[device.name])
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        if path != "/proc/cpuinfo":
+            return real_open(path, *args, **kwargs)
+        if cpu_flags is None:
+            raise FileNotFoundError(path)
+        return io.StringIO(f"processor\t: 0\nflags\t\t: {cpu_flags}\n")
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    precision, why = resolve_precision("auto")
+    assert precision == expected and because in why, why
+
+
 def test_explicit_precision_is_kept():
     assert resolve_precision("float32") == ("float32", "as asked")
 
