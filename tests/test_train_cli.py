@@ -133,7 +133,8 @@ def test_sample_dataset_trains_and_evaluates_with_every_head(tmp_path, monkeypat
     assert res.exit_code == 0, res.output
     for head in ("single1fc", "single3fc", "multi3fc", "pool3fc"):
         out = tmp_path / head
-        res = invoke("train", "--store", store, "--head", head, "--out", out, "--epochs", "2", "--no-progress")
+        res = invoke("train", "--store", store, "--head", head, "--out", out, "--epochs", "2", "--steps-per-epoch", "2",
+                     "--no-progress")
         assert res.exit_code == 0, res.output
         config = json.loads((out / "config.json").read_text())
         assert config["data"]["reduce_grid"] == (head != "pool3fc")
