@@ -141,8 +141,14 @@ def authors_way(config, paths: list) -> float:
     on Keras' model as it is (batch norms not folded)."""
     from mlsp.extract import FeatureExtractor
 
+    import keras
+
     fx = FeatureExtractor(config, fold_batch_norms=False)
-    model, preprocess = fx.model, fx.config.spec.preprocess
+    model, spec = fx.model, fx.config.spec
+
+    def preprocess(batch):
+        return keras.ops.convert_to_numpy(spec.preprocess(keras.ops.convert_to_tensor(batch)))
+
     model.predict(preprocess(np.zeros((1, 160, 160, 3), np.float32)), verbose=0)  # builds predict
     start = time.perf_counter()
     for path in paths:
