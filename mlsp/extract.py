@@ -186,6 +186,7 @@ class FeatureExtractor:
             "weights_path": self.weights_record.get("path", ""),
             "preprocessing": spec.preprocessing.name,
             "max_side": int(cfg.max_side),
+            "decoding": images.DECODING,
             "precision": cfg.precision,
             **self.provenance,  # backend, backend_version, device: provenance, not configuration
         }

@@ -40,6 +40,11 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic"
 VIEW_NAMES = AUGMENTED_VIEWS  # the store's names of an image's 8 views
 FULL_VIEW = FULL_VIEWS[0]  # the one view without augmentation
 CROP_FRACTION = 0.875
+# How files become pixels, recorded in every store (attribute `decoding`, part of its configuration):
+# version 2 decodes a JPEG of at least twice `max_side` at 1/2, 1/4 or 1/8 size in libjpeg before the
+# exact resize, orients PNG/WebP with alpha by their EXIF tag, and reads HEIC/HEIF/AVIF. Stores made
+# before (no attribute) are never extended with features decoded this way.
+DECODING = "mlsp-decode-2"
 _ALPHA_FORMATS = (".png", ".webp", ".tif", ".tiff")
 # ISO base media file brands (the 'ftyp' box) of the formats decoded through Pillow
 _AVIF_BRANDS = {b"avif", b"avis"}

@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import StoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FEATURES_ROOT = "features"  # where stores go by default: features/<dataset>/<name>.h5
 LABELLED_SPLITS = ("train", "val", "test")  # what training needs, each with labelled images
 SPLITS = LABELLED_SPLITS + ("unlabeled",)
@@ -36,6 +36,7 @@ CONFIG_KEYS = (
     "preprocessing",
     "crop_fraction",
     "max_side",
+    "decoding",
     "precision",
 )
 

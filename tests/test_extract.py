@@ -197,6 +197,23 @@ def test_other_configuration_is_refused(tmp_path, image_dir, extractors):
                 extractor=extractors(net="iv3"))
 
 
+def test_version_1_store_is_read_but_never_extended_with_the_new_decoding(tmp_path, image_dir, extractors):
+    import h5py
+
+    from mlsp.store import FeatureStore
+
+    out = tmp_path / "v1.h5"
+    config = ExtractConfig(net="iv3", weights="random:0")
+    extract(str(image_dir), config, str(out), extractor=extractors(net="iv3"))
+    with h5py.File(out, "a") as f:  # what a store written before the decoding was recorded looks like
+        del f.attrs["decoding"]
+        f.attrs["format_version"] = 1
+    with FeatureStore(str(out)) as s:
+        assert len(s.ids) == 6
+    with pytest.raises(StoreConfigMismatch, match="decoding: store has None, asked for 'mlsp-decode-2'"):
+        extract(str(image_dir), config, str(out), extractor=extractors(net="iv3"))
+
+
 def test_weights_file_equals_independent_computation(tmp_path):
     """Random backbone saved to a file, loaded with --weights PATH through the CLI: the stored
     wide features equal a computation with Keras, numpy crops and cv2 INTER_AREA."""
