@@ -1,6 +1,6 @@
 """What mixed precision gives a head: samples/s and test SRCC, float32 against bfloat16/float16.
 
-Writes a planted store with irv2's narrow channel layout (heads.synthetic: MOS a fixed function
+Writes a planted store with irv2's narrow channel layout (tests/synthetic.py: MOS a fixed function
 of the features, so SRCC measures how well the head learned), trains the same head with the
 same seed at each precision through `heads.training.train` (what `mlsp train --precision`
 runs), and reports the training rate (first epoch left out) and the test metrics.
@@ -38,7 +38,8 @@ def main(argv=None):
 
     import keras
 
-    from heads.synthetic import write_synthetic_store
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from synthetic import write_synthetic_store  # the planted store of the test suite
     from heads.training import TrainConfig, train
     from mlsp import backend
 

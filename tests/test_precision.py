@@ -116,7 +116,7 @@ def test_training_in_bfloat16_learns_and_saves_a_float32_model(tmp_path):
 
     import keras
 
-    from heads.synthetic import write_synthetic_store
+    from synthetic import write_synthetic_store
     from heads.training import TrainConfig, train
 
     store = str(tmp_path / "planted.h5")

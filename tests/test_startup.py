@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from heads.synthetic import write_synthetic_store
+from synthetic import write_synthetic_store
 
 HEAVY = ("tensorflow", "keras", "torch", "jax")
 

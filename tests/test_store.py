@@ -127,7 +127,7 @@ def test_inspect_train_and_score_refuse_a_damaged_store(tmp_path):
     from click.testing import CliRunner
 
     import cli
-    from heads.synthetic import write_synthetic_store
+    from synthetic import write_synthetic_store
 
     path = tmp_path / "s.h5"
     write_synthetic_store(str(path), 300, n_views=2, block_channels=(8, 8), pooling="narrow", seed=0)
