@@ -29,6 +29,7 @@ from heads.schedule import FULL_EPOCH_STEPS, MIN_EPOCH_STEPS, PAPER  # noqa: E40
 from heads.targets import TARGETS  # noqa: E402
 from mlsp import api  # noqa: E402
 from mlsp.backbones import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
+from mlsp import backend  # noqa: E402
 from mlsp.backend import BACKENDS  # noqa: E402
 from mlsp.errors import MLSPError  # noqa: E402
 from mlsp import extract as extraction  # noqa: E402
@@ -105,6 +106,8 @@ def main(verbose):
     """
     if verbose and not TF_LOG_LEVEL_GIVEN:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"  # read when TensorFlow is first imported, after this
+    elif not verbose:
+        backend.quiet_tensorflow_start()
     handler = logging.StreamHandler()
     handler.setFormatter(_ConsoleFormatter(verbose))
     root = logging.getLogger()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import logging
 import os
 import sys
@@ -92,6 +93,49 @@ def keep_tensorflow_out():
         return
     if not any(isinstance(finder, _TensorFlowKeptOut) for finder in sys.meta_path):
         sys.meta_path.insert(0, _TensorFlowKeptOut())
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` as usual, and runs its import with the process's stderr (file
+    descriptor 2) sent to /dev/null: TensorFlow's C++ start-up lines (absl's "All log messages
+    before absl::InitializeLog()" and oneDNN's notice) ignore ``TF_CPP_MIN_LOG_LEVEL``. Python
+    errors of the import still reach the caller as exceptions."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once: TensorFlow's own submodules import normally
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                with _stderr_fd_to_devnull():
+                    run(module)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+@contextlib.contextmanager
+def _stderr_fd_to_devnull():
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def quiet_tensorflow_start():
+    """Keep TensorFlow's start-up lines off the console (the CLI without -v): installed before
+    anything imports TensorFlow, it costs nothing where TensorFlow is never imported."""
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
 def name() -> str:

@@ -86,3 +86,18 @@ def test_cached_extractor_gives_the_same_features_and_an_altered_entry_is_refuse
     assert forward_cache.entry_path(other) != folder
     monkeypatch.setenv("MLSP_FORWARD_CACHE", "0")
     assert not forward_cache.enabled()
+
+
+def test_tensorflow_start_up_lines_stay_off_the_console_unless_verbose():
+    """TensorFlow prints absl's and oneDNN's start-up lines from C++ whatever TF_CPP_MIN_LOG_LEVEL
+    says; the CLI keeps them off stderr, and -v lets them through (so the check sees real lines)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")
+    run = [sys.executable, "-c", "import cli; cli.main()"]
+    quiet = subprocess.run(run + ["info"], capture_output=True, text=True, env=env, timeout=120)
+    loud = subprocess.run(run + ["-v", "info"], capture_output=True, text=True, env=env, timeout=120)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-2000:] + loud.stderr[-2000:]
+    assert "tensorflow" in quiet.stdout.lower()  # info imported TensorFlow and described it
+    chatter = ("InitializeLog", "oneDNN custom operations", "cpu_feature_guard")
+    assert not [c for c in chatter if c in quiet.stderr], quiet.stderr[-2000:]
+    assert [c for c in chatter if c in loud.stderr], loud.stderr[-2000:]
