@@ -584,7 +584,8 @@ _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="Backbone precision for --images. Default: the one the run's store was extracted at.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Threads decoding images ahead.")
+@click.option("--workers", type=int, default=default_of(api.score, "workers"), show_default=True,
+              help="Threads decoding images ahead.")
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @ray_options
 @handle_errors

@@ -23,7 +23,7 @@ from mlsp.atomic import atomic_path, write_json
 from mlsp.errors import ImageDecodeError, StoreConfigMismatch
 from mlsp.extract import ExtractConfig, FeatureExtractor, collect_inputs
 from mlsp.progress import ProgressFactory, null_progress
-from mlsp.readahead import LocalRunner
+from mlsp.readahead import DECODE_WORKERS, LocalRunner
 from mlsp.store import FeatureStore
 
 from .data import view_predictions
@@ -153,7 +153,7 @@ class ScoreRecipe:
 
 
 def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = None, *,
-                 weights: str | None = None, precision: str | None = None, workers: int = 2,
+                 weights: str | None = None, precision: str | None = None, workers: int = DECODE_WORKERS,
                  progress: ProgressFactory = null_progress, extractor: FeatureExtractor | None = None,
                  allow_unfinished: bool = False, cluster=None):
     """Score image files with a trained run: backbone, pooling and head, streaming.

@@ -23,6 +23,7 @@ from typing import Sequence
 
 from .extract import ExtractConfig
 from .progress import resolve as resolve_progress
+from .readahead import DECODE_WORKERS
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None,
 
 def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str] | None = None,
           out: str | None = None, weights: str | None = None, precision: str | None = None,
-          workers: int = 2, progress: bool = False, allow_unfinished: bool = False, ray: str | None = None,
+          workers: int = DECODE_WORKERS, progress: bool = False, allow_unfinished: bool = False, ray: str | None = None,
           ray_cpus_per_worker: float | None = None, ray_gpus_per_worker: float | None = None):
     """``mlsp score``: a pandas DataFrame (id, pred, pred_std[, pred_opinion_std, p1..p10 for a
     run of the distribution target][, mos, split]) for every image of ``store``, or of the image

@@ -23,7 +23,7 @@ from .atomic import describe_os_error, is_write_failure, remove_stale_temporarie
 from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch, WriteError
 from .files import NoSpace, StoreLock
 from .progress import ProgressFactory, null_progress
-from .readahead import LocalRunner
+from .readahead import DECODE_WORKERS, LocalRunner
 from .store_format import POOLINGS
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ def extract(
     val_fraction: float = 0.05,
     seed: int = 0,
     dataset: str | None = None,
-    workers: int = 2,
+    workers: int = DECODE_WORKERS,
     prefetch: int = 4,
     flush_images: int = 64,
     flush_seconds: float = 30.0,

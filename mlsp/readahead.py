@@ -16,6 +16,9 @@ import numpy as np
 
 from .errors import ImageDecodeError
 
+#: Threads decoding images ahead of the model: the default of ``mlsp extract`` and ``mlsp score``.
+DECODE_WORKERS = 2
+
 
 def decode_ahead(load: Callable, items: Iterable, workers: int, prefetch: int = 4) -> Iterator:
     """Yield ``(item, load(item[0]) or the ImageDecodeError)`` in input order, decoding up to
@@ -62,7 +65,7 @@ class LocalRunner:
     (:func:`run_batched`, holding at most ``batch_window`` decoded images).
     :class:`mlsp.cluster.ClusterRunner` is the same interface over a Ray cluster."""
 
-    def __init__(self, processor, workers: int = 2, prefetch: int = 4, batch_views: int = 0,
+    def __init__(self, processor, workers: int = DECODE_WORKERS, prefetch: int = 4, batch_views: int = 0,
                  batch_window: int = 64):
         self.processor, self.workers, self.prefetch = processor, workers, prefetch
         self.batch_views, self.batch_window = batch_views, batch_window

@@ -203,3 +203,6 @@ def test_cli_defaults_and_choices_come_from_their_owners():
         assert f"[default: {value}]" in shown, value
     for command in (cli.score_command, cli.export_command):
         assert tuple(next(p for p in command.params if p.name == "precision").type.choices) == PRECISIONS
+    from mlsp.readahead import DECODE_WORKERS
+
+    assert defaults(cli.score_command, ROOT)["workers"] == DECODE_WORKERS == signature["workers"].default
