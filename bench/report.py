@@ -71,25 +71,26 @@ def new_size_cost(cost):
     return cost["first_over_repeat"]
 
 
-def render_extract(record: dict, source: str = "") -> str:
-    f = record["figures"]
-    mm = record["reference"]["matmul"]
-    sets = f["sets"]
-    out = [f"## Extraction ({'quick' if record['args'].get('quick') else 'full'} run, {record['started']})", ""]
-    out.append(f"Machine: {machine_line(record)}. Run took {record.get('seconds', 0):.0f} s"
-               + (f"; file `{source}`." if source else "."))
-    out.append("")
-    out.append(f"Images: {sets['mixed']['images']} JPEGs (quality 90) of {sets['mixed']['distinct_sizes']} distinct "
-               f"sizes, sides {sets['mixed']['side_range'][0]}-{sets['mixed']['side_range'][1]} px, mean "
-               f"{sets['mixed']['mean_pixels'] / 1e3:.0f} kpx; one-resolution set {sets['uniform']['images']} x "
-               f"{sets['uniform']['size'][0]}x{sets['uniform']['size'][1]} (same mean pixel count). Random backbone "
-               "weights, 8 views per image, mlsp defaults (2 decode threads, prefetch 4).")
-    out.append("")
-    out.append("Dense matmul 4096x4096 in this run (the reference): " + ", ".join(
-        f"{p} {m['gflops_median']:.0f} GFLOP/s (max {m['gflops_max']:.0f})" for p, m in mm.items()) + ".")
-    out.append("")
+def extract_intro(record: dict, source: str = "") -> list:
+    """Title, machine, the image sets and the matmul reference."""
+    sets, mm = record["figures"]["sets"], record["reference"]["matmul"]
+    mixed, uniform = sets["mixed"], sets["uniform"]
+    return [f"## Extraction ({'quick' if record['args'].get('quick') else 'full'} run, {record['started']})", "",
+            f"Machine: {machine_line(record)}. Run took {record.get('seconds', 0):.0f} s"
+            + (f"; file `{source}`." if source else "."), "",
+            f"Images: {mixed['images']} JPEGs (quality 90) of {mixed['distinct_sizes']} distinct "
+            f"sizes, sides {mixed['side_range'][0]}-{mixed['side_range'][1]} px, mean "
+            f"{mixed['mean_pixels'] / 1e3:.0f} kpx; one-resolution set {uniform['images']} x "
+            f"{uniform['size'][0]}x{uniform['size'][1]} (same mean pixel count). Random backbone "
+            "weights, 8 views per image, mlsp defaults (2 decode threads, prefetch 4).", "",
+            "Dense matmul 4096x4096 in this run (the reference): " + ", ".join(
+                f"{p} {m['gflops_median']:.0f} GFLOP/s (max {m['gflops_max']:.0f})" for p, m in mm.items()) + ".", ""]
+
+
+def extract_overview(record: dict) -> list:
+    """One row per backbone and precision: mlsp on the mixed set, and how to read the columns."""
     rows = []
-    for key, res in f["extract"].items():
+    for key, res in record["figures"]["extract"].items():
         for precision, pr in res["precisions"].items():
             m = pr["mixed"]
             nv = pr.get("vs_naive")
@@ -102,24 +103,25 @@ def render_extract(record: dict, source: str = "") -> str:
                          new_size_cost(pr.get("new_shape_cost")),
                          nv["speedup"] if nv else None,
                          f"{m['correction']['clean_steps']}/{m['images']}, {fmt(m['phase']['other_cores'])}"])
-    out.append(table(["backbone", "precision", "images/s (as measured)", "s/image", "GFLOP/image", "forward GFLOP/s",
-                      "of matmul", "forward / decode wait / write+merge", "mixed cost", "new size cost", "x naive",
-                      "undisturbed images, other load (cores)"], rows))
-    out.append("")
-    out.append("*images/s*: the whole `extract()` call (find inputs, decode ahead, forward, shards, final merge into "
-               "one store), model built and traced once beforehand. *forward GFLOP/s*: FLOPs counted from the model "
-               "at each view's size, over the time inside the forward passes. *mixed cost*: s/image on the mixed set "
-               "over s/image on the one-resolution set. *new size cost*: forward time of images whose size was new to the "
-               "process over a second pass on the same images. *x naive*: the naive baseline's seconds over mlsp's on the same "
-               "first images. *undisturbed images, other load*: the images during whose forward pass other processes "
-               "used at most 0.15 CPU cores, and the cores other processes used over the whole measurement. Figures are "
-               "corrected image by image for other processes' load: a disturbed image's forward time is replaced by "
-               "its FLOPs at the rate of the undisturbed ones (the value as measured is in parentheses; "
-               "see bench/README.md).")
-    out.append("")
-    # naive decomposition
+    return [table(["backbone", "precision", "images/s (as measured)", "s/image", "GFLOP/image", "forward GFLOP/s",
+                   "of matmul", "forward / decode wait / write+merge", "mixed cost", "new size cost", "x naive",
+                   "undisturbed images, other load (cores)"], rows), "",
+            "*images/s*: the whole `extract()` call (find inputs, decode ahead, forward, shards, final merge into "
+            "one store), model built and traced once beforehand. *forward GFLOP/s*: FLOPs counted from the model "
+            "at each view's size, over the time inside the forward passes. *mixed cost*: s/image on the mixed set "
+            "over s/image on the one-resolution set. *new size cost*: forward time of images whose size was new to the "
+            "process over a second pass on the same images. *x naive*: the naive baseline's seconds over mlsp's on the same "
+            "first images. *undisturbed images, other load*: the images during whose forward pass other processes "
+            "used at most 0.15 CPU cores, and the cores other processes used over the whole measurement. Figures are "
+            "corrected image by image for other processes' load: a disturbed image's forward time is replaced by "
+            "its FLOPs at the rate of the undisturbed ones (the value as measured is in parentheses; "
+            "see bench/README.md).", ""]
+
+
+def extract_naive(record: dict) -> list:
+    """The naive baseline taken apart: mlsp's graph over predict, then batching and decode threads."""
     rows = []
-    for key, res in f["extract"].items():
+    for key, res in record["figures"]["extract"].items():
         for precision, pr in res["precisions"].items():
             if "naive" not in pr:
                 continue
@@ -129,16 +131,18 @@ def render_extract(record: dict, source: str = "") -> str:
                          b1["forward_gflops_corrected"],
                          nv["predict_traces_during_run"], vs["gain_graph_over_predict"], vs["gain_batch_and_threads"],
                          vs["speedup"]])
-    if rows:
-        out.append("Against the naive baseline (decode in the main thread, `model.predict` per view, batch 1):")
-        out.append("")
-        out.append(table(["backbone", "precision", "images", "naive s/image", "graph batch-1 s/image",
-                          "mlsp s/image", "naive GFLOP/s", "graph batch-1 GFLOP/s", "predict retraces",
-                          "mlsp graph vs predict", "batch 8 + threads", "total"], rows))
-        out.append("")
-    # precision
+    if not rows:
+        return []
+    return ["Against the naive baseline (decode in the main thread, `model.predict` per view, batch 1):", "",
+            table(["backbone", "precision", "images", "naive s/image", "graph batch-1 s/image",
+                   "mlsp s/image", "naive GFLOP/s", "graph batch-1 GFLOP/s", "predict retraces",
+                   "mlsp graph vs predict", "batch 8 + threads", "total"], rows), ""]
+
+
+def extract_precision(record: dict) -> list:
+    """bfloat16 against float32: speed and the fidelity of the stored features."""
     rows = []
-    for key, res in f["extract"].items():
+    for key, res in record["figures"]["extract"].items():
         if "precision_speedup" in res:
             name, s = next(iter(res["precision_speedup"].items()))
             fid = res["fidelity"]
@@ -146,16 +150,18 @@ def render_extract(record: dict, source: str = "") -> str:
                          fid["overall"]["mean_rel"], f"{fid['overall']['pearson']:.6f}",
                          f"{fid['worst_block_max_rel']['block']} {fmt(fid['worst_block_max_rel']['max_rel'])}",
                          f"{fid['worst_block_pearson']['block']} {fid['worst_block_pearson']['pearson']:.6f}"])
-    if rows:
-        out.append("Precision (same random weights, same images; features as stored, float16):")
-        out.append("")
-        out.append(table(["backbone", "speed-up", "images/s", "forward only", "max_rel", "mean_rel", "pearson",
-                          "worst block, max_rel", "worst block, pearson"], rows))
-        out.append("")
-        out.append("max_rel = max|a-b| / max|a| over all stored values (a float32, b bfloat16; per block over that "
-                   "block's channels); mean_rel = mean|a-b| / mean|a|; pearson over all values.")
-        out.append("")
-    # decode
+    if not rows:
+        return []
+    return ["Precision (same random weights, same images; features as stored, float16):", "",
+            table(["backbone", "speed-up", "images/s", "forward only", "max_rel", "mean_rel", "pearson",
+                   "worst block, max_rel", "worst block, pearson"], rows), "",
+            "max_rel = max|a-b| / max|a| over all stored values (a float32, b bfloat16; per block over that "
+            "block's channels); mean_rel = mean|a-b| / mean|a|; pearson over all values.", ""]
+
+
+def extract_decode(record: dict) -> list:
+    """Decode-ahead threads against decoding in the main thread (workers=0)."""
+    f = record["figures"]
     rows = []
     for key, res in f["extract"].items():
         for precision, pr in res["precisions"].items():
@@ -163,48 +169,60 @@ def render_extract(record: dict, source: str = "") -> str:
             if sd:
                 rows.append([key, precision, sd["images"], sd["wait_share_threaded"], sd["wait_share_serial"],
                              sd["threaded_over_serial_speed"]])
-    if rows:
-        out.append(f"Waiting on decode (decode + 8 crops alone: {1000 * f['decode']['s_per_image']:.1f} ms per image, "
-                   "one thread):")
-        out.append("")
-        out.append(table(["backbone", "precision", "images", "share waiting, 2 threads", "share decoding, workers=0",
-                          "speed-up of threads"], rows))
-        out.append("")
-    rss = f.get("rss")
-    if rss:
-        c = rss["config"]
-        out.append(f"Peak RSS of `cli.py extract` in fresh processes ({c['net']} {c['pooling']}, {c['precision']}, 8 views, "
-                   f"images of {c['image_size'][0]}x{c['image_size'][1]}; {rss['feature_mib_per_image']:.1f} MiB of "
-                   "float16 features per image):")
-        out.append("")
-        out.append(table(["images", "peak RSS MiB (whole process)", "RSS after the first image", "max RSS in the loop",
-                          "RSS at the loop's end", "max RSS in the final merge", "wall s", "CPU s"],
-                         [[r["images"], r["peak_rss_mib"], r.get("rss_first_image_mib"), r.get("rss_loop_max_mib"),
-                           r.get("rss_loop_end_mib"), r.get("rss_merge_max_mib"), r["wall_s"], r["cpu_s"]]
-                          for r in rss["runs"]]))
-        out.append("")
-    sc = f.get("scale")
-    if sc:
-        out.append(f"All of AVA on paper ({sc['ava_images']:,} images, mean {sc['ava_mean_size'][0]}x"
-                   f"{sc['ava_mean_size'][1]}):")
-        out.append("")
-        rows = []
-        for v in sc["variants"]:
-            rows.append([v["net"], v["pooling"], v["views"], v["gflop_per_image"], v["store_gb"],
-                         v.get("this_machine_float32_hours"), v.get("this_machine_bfloat16_hours"),
-                         v.get("h100_bfloat16_bound_min"), v.get("h100_bfloat16_estimate_min"),
-                         v.get("h100_tf32_estimate_min")])
-        out.append(table(["backbone", "pooling", "views", "GFLOP/image", "store GB", "here float32 h",
-                          "here bfloat16 h", "H100 bf16 bound min", "H100 bf16 est. min", "H100 TF32 est. min"], rows))
-        out.append("")
-        out.append("Assumptions: " + " ".join(f"({i + 1}) {a}." for i, a in enumerate(sc["assumptions"])))
-        out.append("")
-    out.append("Targets:")
-    out.append("")
-    out.append(render_targets(record))
-    out.append("")
-    for note in record.get("notes", []):
-        out.append(f"- {note}")
+    if not rows:
+        return []
+    return [f"Waiting on decode (decode + 8 crops alone: {1000 * f['decode']['s_per_image']:.1f} ms per image, "
+            "one thread):", "",
+            table(["backbone", "precision", "images", "share waiting, 2 threads", "share decoding, workers=0",
+                   "speed-up of threads"], rows), ""]
+
+
+def extract_rss(record: dict) -> list:
+    """Peak RSS of the real command in fresh processes, as the number of images grows."""
+    rss = record["figures"].get("rss")
+    if not rss:
+        return []
+    c = rss["config"]
+    return [f"Peak RSS of `cli.py extract` in fresh processes ({c['net']} {c['pooling']}, {c['precision']}, 8 views, "
+            f"images of {c['image_size'][0]}x{c['image_size'][1]}; {rss['feature_mib_per_image']:.1f} MiB of "
+            "float16 features per image):", "",
+            table(["images", "peak RSS MiB (whole process)", "RSS after the first image", "max RSS in the loop",
+                   "RSS at the loop's end", "max RSS in the final merge", "wall s", "CPU s"],
+                  [[r["images"], r["peak_rss_mib"], r.get("rss_first_image_mib"), r.get("rss_loop_max_mib"),
+                    r.get("rss_loop_end_mib"), r.get("rss_merge_max_mib"), r["wall_s"], r["cpu_s"]]
+                   for r in rss["runs"]]), ""]
+
+
+def extract_scale(record: dict) -> list:
+    """All of AVA on paper: this machine and one H100, and the store size of every variant."""
+    sc = record["figures"].get("scale")
+    if not sc:
+        return []
+    rows = [[v["net"], v["pooling"], v["views"], v["gflop_per_image"], v["store_gb"],
+             v.get("this_machine_float32_hours"), v.get("this_machine_bfloat16_hours"),
+             v.get("h100_bfloat16_bound_min"), v.get("h100_bfloat16_estimate_min"), v.get("h100_tf32_estimate_min")]
+            for v in sc["variants"]]
+    return [f"All of AVA on paper ({sc['ava_images']:,} images, mean {sc['ava_mean_size'][0]}x"
+            f"{sc['ava_mean_size'][1]}):", "",
+            table(["backbone", "pooling", "views", "GFLOP/image", "store GB", "here float32 h",
+                   "here bfloat16 h", "H100 bf16 bound min", "H100 bf16 est. min", "H100 TF32 est. min"], rows), "",
+            "Assumptions: " + " ".join(f"({i + 1}) {a}." for i, a in enumerate(sc["assumptions"])), ""]
+
+
+def targets_and_notes(record: dict) -> list:
+    """The targets table, then the run's notes."""
+    return ["Targets:", "", render_targets(record), ""] + [f"- {note}" for note in record.get("notes", [])]
+
+
+# the sections of an extraction run, in the order they appear
+EXTRACT_SECTIONS = (extract_overview, extract_naive, extract_precision, extract_decode, extract_rss, extract_scale,
+                    targets_and_notes)
+
+
+def render_extract(record: dict, source: str = "") -> str:
+    out = extract_intro(record, source)
+    for section in EXTRACT_SECTIONS:
+        out += section(record)
     return "\n".join(out)
 
 
