@@ -45,6 +45,31 @@ def extractors():
     return get
 
 
+@pytest.fixture(scope="session")
+def sample_store(tmp_path_factory, extractors):
+    """A small sample (16 images, its votes, a test list) and its iv3 narrow store, made once
+    per session. Read it; write elsewhere (a test's own tmp_path)."""
+    from mlsp.extract import ExtractConfig, extract
+    from mlsp.sample import build_sample
+
+    root = tmp_path_factory.mktemp("sample_store")
+    info = build_sample(str(root / "sample"), n_images=16, seed=1)
+    store = str(root / "iv3_narrow.h5")
+    extract(info.images_dir, ExtractConfig(net="iv3", weights="random:0"), store, labels=info.labels_path,
+            test_list=info.test_list_path, val_fraction=0.25, extractor=extractors(net="iv3"))
+    return {"images": info.images_dir, "store": store}
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory, sample_store):
+    """A single1fc run (two short epochs) on :func:`sample_store`, made once per session."""
+    from mlsp import api
+
+    out = str(tmp_path_factory.mktemp("sample_run") / "run")
+    return api.train(sample_store["store"], head="single1fc", out=out, epochs=2, steps_per_epoch=2,
+                     lr=1e-3).run_dir
+
+
 @pytest.fixture
 def image_dir(tmp_path):
     """Six small images of five sizes, two of them in a sub-folder."""

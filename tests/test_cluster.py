@@ -22,7 +22,6 @@ from conftest import write_image
 from heads.score import score_images
 from mlsp import api
 from mlsp.extract import ExtractConfig, extract
-from mlsp.sample import build_sample
 
 ray = pytest.importorskip("ray", reason='the Ray extra is not installed (pip install -e ".[ray]")')
 psutil = pytest.importorskip("psutil", reason="psutil (a dependency of Ray) finds the workers' processes")
@@ -138,21 +137,10 @@ def test_a_killed_worker_loses_nothing_and_doubles_nothing(cluster, folder, tmp_
     assert_same_store(out, folder["one"])
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, extractors):
-    """A single1fc run on a small sample's iv3 store (the configuration of CONFIG)."""
-    root = tmp_path_factory.mktemp("run")
-    info = build_sample(str(root / "sample"), n_images=16, seed=1)
-    store = str(root / "sample.h5")
-    extract(info.images_dir, CONFIG, store, labels=info.labels_path, test_list=info.test_list_path,
-            val_fraction=0.25, extractor=extractors(net="iv3"))
-    return api.train(store, head="single1fc", out=str(root / "run"), epochs=1, steps_per_epoch=2, lr=1e-3).run_dir
-
-
-def test_scoring_on_the_cluster_resumes_a_killed_job_and_equals_local_scoring(cluster, folder, trained_run,
+def test_scoring_on_the_cluster_resumes_a_killed_job_and_equals_local_scoring(cluster, folder, sample_run,
                                                                               tmp_path, extractors, caplog):
     local_csv = str(tmp_path / "local.csv")
-    local, local_errors = score_images(trained_run, folder["images"], local_csv, extractor=extractors(net="iv3"))
+    local, local_errors = score_images(sample_run, folder["images"], local_csv, extractor=extractors(net="iv3"))
     assert len(local) == 12 and len(local_errors) == 1
 
     class StopAfterFour:
@@ -174,12 +162,12 @@ def test_scoring_on_the_cluster_resumes_a_killed_job_and_equals_local_scoring(cl
 
     out = str(tmp_path / "ray.csv")
     with pytest.raises(KeyboardInterrupt):
-        score_images(trained_run, folder["images"], out, extractor=extractors(net="iv3"), progress=StopAfterFour)
+        score_images(sample_run, folder["images"], out, extractor=extractors(net="iv3"), progress=StopAfterFour)
     assert not os.path.exists(out)
     with open(out + ".partial") as handle:
         assert len(handle.read().splitlines()) == 4, "one line per scored image"
     with caplog.at_level("INFO"):
-        frame, errors = score_images(trained_run, folder["images"], out, cluster=cluster)
+        frame, errors = score_images(sample_run, folder["images"], out, cluster=cluster)
     assert "4 of 13 images already scored; 9 to go" in caplog.text
     assert not os.path.exists(out + ".partial")
     assert errors == local_errors

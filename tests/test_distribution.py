@@ -157,20 +157,14 @@ def test_evaluate_recomputes_the_distribution_metrics(planted):
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, extractors):
-    """A small sample (its labels give votes), its iv3 store and a distribution run on it."""
+def scored(tmp_path_factory, sample_store):
+    """A distribution run on the session's small sample store (its labels give votes)."""
     from mlsp import api
-    from mlsp.extract import ExtractConfig, extract
-    from mlsp.sample import build_sample
 
     root = tmp_path_factory.mktemp("score_distribution")
-    info = build_sample(str(root / "sample"), n_images=10, seed=2)
-    store = str(root / "iv3_narrow.h5")
-    extract(info.images_dir, ExtractConfig(net="iv3", weights="random:0"), store, labels=info.labels_path,
-            test_list=info.test_list_path, val_fraction=0.25, extractor=extractors(net="iv3"))
-    run = api.train(store, head="single1fc", target="distribution", out=str(root / "run"), epochs=2,
+    run = api.train(sample_store["store"], head="single1fc", target="distribution", out=str(root / "run"), epochs=2,
                     steps_per_epoch=2, lr=1e-3)
-    return {"root": root, "images": info.images_dir, "store": store, "run": run.run_dir}
+    return {"root": root, **sample_store, "run": run.run_dir}
 
 
 def test_scores_and_the_exported_model_carry_the_distribution(scored, extractors):

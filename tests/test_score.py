@@ -14,21 +14,15 @@ from mlsp.errors import StoreConfigMismatch
 from mlsp.extract import ExtractConfig, extract
 from mlsp.images import decode_image
 from bad_files import make_bad_files
-from mlsp.sample import build_sample
 from heads.run import Run
 from heads.score import score_images, score_store
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, extractors):
-    """A small sample, its iv3 narrow store and a single1fc run trained on it."""
-    root = tmp_path_factory.mktemp("score")
-    info = build_sample(str(root / "sample"), n_images=16, seed=1)
-    store = str(root / "iv3_narrow.h5")
-    extract(info.images_dir, ExtractConfig(net="iv3", weights="random:0"), store, labels=info.labels_path,
-            test_list=info.test_list_path, val_fraction=0.25, extractor=extractors(net="iv3"))
-    run = api.train(store, head="single1fc", out=str(root / "run"), epochs=2, steps_per_epoch=2, lr=1e-3)
-    return {"root": root, "images": info.images_dir, "store": store, "run": run.run_dir}
+def trained(tmp_path_factory, sample_store, sample_run):
+    """The session's small sample, its iv3 narrow store and a single1fc run on it; ``root`` is
+    this module's own folder to write in."""
+    return {"root": tmp_path_factory.mktemp("score"), **sample_store, "run": sample_run}
 
 
 def test_store_and_images_agree(trained, extractors):
