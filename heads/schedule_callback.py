@@ -18,7 +18,7 @@ import numpy as np
 
 from mlsp.errors import TrainingError
 
-from .schedule import lr_stages
+from .schedule import PAPER, lr_stages
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ class StepOrPlateauSchedule(keras.callbacks.Callback):
     ``{"epoch", "from", "to", "reason", "best_epoch"}`` with reason ``"stage"`` or ``"plateau"``.
     """
 
-    def __init__(self, lr: float = 1e-4, factor: float = 0.1, min_lr: float = 1e-6,
-                 stage_epochs: int = 20, patience: int = 5, monitor: str = "val_loss",
+    def __init__(self, lr: float = PAPER.lr, factor: float = PAPER.lr_factor, min_lr: float = PAPER.min_lr,
+                 stage_epochs: int = PAPER.lr_epochs, patience: int = PAPER.patience, monitor: str = "val_loss",
                  min_delta: float = 0.0, reset_optimizer: bool = True):
         super().__init__()
         if not 0 < factor < 1:
@@ -95,14 +95,21 @@ class StepOrPlateauSchedule(keras.callbacks.Callback):
         if self.best_weights is not None:
             self.model.set_weights(self.best_weights)
         if self.reset_optimizer:
-            for variable in self.model.optimizer.variables:
-                variable.assign(keras.ops.zeros(variable.shape, variable.dtype))
+            self._reset_optimizer()
         self._set_lr(self.lr)
         best = "none" if self.best_epoch is None else self.best_epoch + 1
         self.events.append({"epoch": epoch + 1, "from": old, "to": self.lr, "reason": reason, "best_epoch": best})
         log.info("epoch %d: LR %.0e -> %.0e (%s), reloaded the best weights (epoch %s)",
                  epoch + 1, old, self.lr, "after %d epochs" % self.stage_epochs if reason == "stage"
                  else "no improvement for %d epochs" % self.patience, best)
+
+    def _reset_optimizer(self):
+        """Zero the optimizer's step count and slots (Adam's moments). Under float16 Keras wraps
+        the optimizer in a LossScaleOptimizer, whose own variables (the loss scale) must stay:
+        a loss scale of 0 would turn every later loss into NaN."""
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        for variable in optimizer.variables:
+            variable.assign(keras.ops.zeros(variable.shape, variable.dtype))
 
     def on_train_end(self, logs=None):
         if self.best_weights is not None:

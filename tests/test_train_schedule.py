@@ -95,6 +95,29 @@ def test_optimizer_state_is_reset_at_each_change():
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-5)
 
 
+def test_a_loss_scaled_optimizer_keeps_its_loss_scale_at_a_change():
+    """float16 training wraps Adam in a LossScaleOptimizer: the reset zeroes Adam's state, not
+    the loss scale, and training goes on with finite losses after the change."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-4)), "mse")
+    x, y = np.ones((8, 2)), np.ones((8, 1))
+    model.fit(x, y, epochs=2, verbose=0)
+    scale = float(model.optimizer.dynamic_scale.numpy())
+    assert scale > 0
+    inner = model.optimizer.inner_optimizer
+    assert int(inner.iterations.numpy()) == 2
+    schedule = StepOrPlateauSchedule(stage_epochs=1)
+    schedule.set_model(model)
+    schedule.on_train_begin()
+    schedule.on_epoch_end(0, {"val_loss": 1.0})
+    assert int(inner.iterations.numpy()) == 0
+    assert all(np.abs(v.numpy()).sum() == 0 for v in inner.variables if "momentum" in v.path or "velocity" in v.path)
+    assert float(model.optimizer.dynamic_scale.numpy()) == scale
+    history = model.fit(x, y, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
 def test_nan_is_never_an_improvement():
     schedule, rows, final = drive([3.0, np.nan, np.nan, np.nan, np.nan, np.nan, 2.0], stage_epochs=100)
     assert schedule.events[0]["epoch"] == 6 and schedule.events[0]["best_epoch"] == 1
