@@ -109,6 +109,41 @@ class Worker:
         return identity, out
 
 
+def plan(nodes: list[dict], address: Address, cpus: float | None, gpus: float | None) -> tuple[float, float, int]:
+    """``(CPUs, GPUs, count)`` of the workers, for the alive machines' resources ``nodes`` (Ray's
+    ``{"CPU": ..., "GPU": ...}``) and what was asked (``None``: :class:`Cluster`'s defaults). A
+    :class:`ClusterError` where no worker fits: its actors would wait for resources forever."""
+    total_gpus = sum(n.get("GPU", 0) for n in nodes)
+    if gpus is None:
+        gpus = 1 if total_gpus else 0
+    if gpus:
+        # a worker's GPUs are on one machine; ones asked for that none has would never come
+        most = max((n.get("GPU", 0) for n in nodes), default=0)
+        if most < gpus:
+            raise ClusterError(f"no machine of the Ray cluster has {gpus:g} GPUs for a worker (the most on one "
+                               f"machine: {most:g}); lower --ray-gpus-per-worker (0: workers on CPUs)")
+        if address.kind == "local" and total_gpus // gpus < address.workers:
+            raise ClusterError(f"--ray local:{address.workers} with {gpus:g} GPUs per worker needs "
+                               f"{address.workers * gpus:g} GPUs, this machine has {total_gpus:g}; lower N or "
+                               "--ray-gpus-per-worker")
+    if cpus is None:
+        if address.kind == "local":
+            cpus = max(1, int(sum(n.get("CPU", 0) for n in nodes)) // address.workers)
+        elif gpus:
+            cpus = max(1, min(int(n.get("CPU", 0) // n["GPU"]) for n in nodes if n.get("GPU", 0) >= gpus))
+        else:
+            cpus = max(1, min((int(n.get("CPU", 0)) for n in nodes if n.get("CPU")), default=1))
+    if address.kind == "local":
+        count = address.workers
+    else:
+        count = sum(min(int(n.get("CPU", 0) // cpus), int(n.get("GPU", 0) // gpus) if gpus else 1 << 30)
+                    for n in nodes)
+    if count < 1:
+        raise ClusterError(f"no machine of the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs for a worker; "
+                           "lower --ray-cpus-per-worker / --ray-gpus-per-worker")
+    return float(cpus), float(gpus), count
+
+
 class Cluster:
     """A connection to Ray and a pool of :class:`Worker` actors, reused by every job given to it.
 
@@ -150,34 +185,13 @@ class Cluster:
                 raise ClusterError(f"--ray {self.address.target}: cannot join the Ray cluster ({why}); start one "
                                    "with `ray start --head` (README, Many machines)") from exc
             self.started = True
-        self.cpus, self.gpus, self.n_workers = self._plan(cpus_per_worker, gpus_per_worker)
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        self.cpus, self.gpus, self.n_workers = plan(nodes, self.address, cpus_per_worker, gpus_per_worker)
         log.info("Ray: %d workers of %g CPUs and %g GPUs each", self.n_workers, self.cpus, self.gpus)
         self.decode_threads = decode_threads
         self.actor_class = ray.remote(Worker)
         self.actors = [self._new_actor() for _ in range(self.n_workers)]
         self.replaced = 0
-
-    def _plan(self, cpus, gpus) -> tuple[float, float, int]:
-        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
-        total_gpus = sum(n.get("GPU", 0) for n in nodes)
-        if gpus is None:
-            gpus = 1 if total_gpus else 0
-        if cpus is None:
-            if self.address.kind == "local":
-                cpus = max(1, int(sum(n.get("CPU", 0) for n in nodes)) // self.address.workers)
-            elif gpus:
-                cpus = max(1, min(int(n.get("CPU", 0) // max(1, n.get("GPU", 0))) for n in nodes if n.get("GPU")))
-            else:
-                cpus = max(1, min(int(n.get("CPU", 0)) for n in nodes if n.get("CPU")))
-        if self.address.kind == "local":
-            count = self.address.workers
-        else:
-            count = sum(min(int(n.get("CPU", 0) // cpus), int(n.get("GPU", 0) // gpus) if gpus else 1 << 30)
-                        for n in nodes)
-        if count < 1:
-            raise ClusterError(f"no machine of the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs for a worker; "
-                               "lower --ray-cpus-per-worker / --ray-gpus-per-worker")
-        return float(cpus), float(gpus), count
 
     def _new_actor(self):
         threads = int(self.cpus) if not self.gpus else 0

@@ -26,7 +26,8 @@ from mlsp.extract import ExtractConfig, extract
 ray = pytest.importorskip("ray", reason='the Ray extra is not installed (pip install -e ".[ray]")')
 psutil = pytest.importorskip("psutil", reason="psutil (a dependency of Ray) finds the workers' processes")
 
-from mlsp.cluster import Cluster  # noqa: E402
+from mlsp.cluster import Address, Cluster, plan  # noqa: E402
+from mlsp.errors import ClusterError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ExtractConfig(net="iv3", weights="random:0")
@@ -87,6 +88,21 @@ def folder(tmp_path_factory, extractors):
     one = root / "one.h5"
     extract(str(images), CONFIG, str(one), extractor=extractors(net="iv3"))
     return {"root": root, "images": str(images), "one": str(one)}
+
+
+CPU_MACHINES = [{"CPU": 8.0}, {"CPU": 4.0}]
+
+
+def test_plan_gives_each_machine_its_workers_and_refuses_gpus_no_machine_has():
+    assert plan(CPU_MACHINES, Address.parse("auto"), None, None) == (4.0, 0.0, 3)
+    assert plan([{"CPU": 16.0, "GPU": 4.0}, {"CPU": 8.0}], Address.parse("auto"), None, None) == (4.0, 1.0, 4)
+    for address in ("auto", "local:2"):
+        with pytest.raises(ClusterError) as caught:
+            plan(CPU_MACHINES, Address.parse(address), None, 1)
+        assert str(caught.value) == ("no machine of the Ray cluster has 1 GPUs for a worker (the most on one "
+                                     "machine: 0); lower --ray-gpus-per-worker (0: workers on CPUs)")
+    with pytest.raises(ClusterError, match="local:4 with 1 GPUs per worker needs 4 GPUs, this machine has 2"):
+        plan([{"CPU": 8.0, "GPU": 2.0}], Address.parse("local:4"), None, None)  # 2 workers would wait forever
 
 
 def test_two_workers_give_the_one_process_store_and_a_second_run_does_nothing(cluster, folder, tmp_path):
