@@ -161,6 +161,9 @@ class Cluster:
         self.address = Address.parse(address)
         self.ray = ray
         self.started = False
+        self.actors = []
+        self.replaced = 0
+        self.decode_threads = decode_threads
         if cpus_per_worker is not None and cpus_per_worker <= 0:
             raise ConfigError(f"--ray-cpus-per-worker must be > 0, received {cpus_per_worker!r}")
         if gpus_per_worker is not None and gpus_per_worker < 0:
@@ -185,13 +188,17 @@ class Cluster:
                 raise ClusterError(f"--ray {self.address.target}: cannot join the Ray cluster ({why}); start one "
                                    "with `ray start --head` (README, Many machines)") from exc
             self.started = True
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-        self.cpus, self.gpus, self.n_workers = plan(nodes, self.address, cpus_per_worker, gpus_per_worker)
-        log.info("Ray: %d workers of %g CPUs and %g GPUs each", self.n_workers, self.cpus, self.gpus)
-        self.decode_threads = decode_threads
-        self.actor_class = ray.remote(Worker)
-        self.actors = [self._new_actor() for _ in range(self.n_workers)]
-        self.replaced = 0
+        # from here on a failure stops what was started: the caller gets no Cluster to close
+        try:
+            nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+            self.cpus, self.gpus, self.n_workers = plan(nodes, self.address, cpus_per_worker, gpus_per_worker)
+            log.info("Ray: %d workers of %g CPUs and %g GPUs each", self.n_workers, self.cpus, self.gpus)
+            self.actor_class = ray.remote(Worker)
+            for _ in range(self.n_workers):
+                self.actors.append(self._new_actor())
+        except BaseException:
+            self.close()
+            raise
 
     def _new_actor(self):
         threads = int(self.cpus) if not self.gpus else 0

@@ -105,6 +105,18 @@ def test_plan_gives_each_machine_its_workers_and_refuses_gpus_no_machine_has():
         plan([{"CPU": 8.0, "GPU": 2.0}], Address.parse("local:4"), None, None)  # 2 workers would wait forever
 
 
+def test_a_cluster_that_fails_after_starting_ray_stops_it():
+    """Before the module's cluster starts: Ray is started, then planning refuses the GPUs."""
+    assert not ray.is_initialized(), "this test runs before the module's Ray instance starts"
+    with pytest.raises(ClusterError, match="no machine of the Ray cluster has 64 GPUs"):
+        Cluster("local:1", gpus_per_worker=64)
+    assert not ray.is_initialized()
+    deadline = time.monotonic() + 30
+    while ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_processes(), "Ray left processes behind"
+
+
 def test_two_workers_give_the_one_process_store_and_a_second_run_does_nothing(cluster, folder, tmp_path):
     out = str(tmp_path / "ray.h5")
     runner = cluster.runner(CONFIG, chunk_images=2)
