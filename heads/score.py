@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from mlsp.atomic import atomic_path, write_json
+from mlsp.backbones import file_sha256
 from mlsp.errors import ImageDecodeError, StoreConfigMismatch
 from mlsp.extract import ExtractConfig, FeatureExtractor, collect_inputs
 from mlsp.progress import ProgressFactory, null_progress
@@ -131,6 +132,11 @@ class ImageScorer:
     def info(self) -> dict:
         return {"run": os.path.abspath(self.run.path), "weights": self.extractor.weights_record,
                 "precision": self.extractor.config.precision}
+
+    def configuration(self) -> dict:
+        """What must be the same on every Ray worker (:mod:`mlsp.cluster`): the head (by its
+        file's hash) and the backbone's configuration."""
+        return {"head_sha256": file_sha256(self.run.model_path), **self.extractor.configuration()}
 
     def load_views(self, path: str):
         return self.extractor.load_views(path)

@@ -4,7 +4,8 @@ Imported only when ``--ray`` is given; Ray is an extra (``pip install -e ".[ray]
 driver (the process running ``mlsp extract`` or ``mlsp score``) keeps everything that must
 happen once: the list of images, the configuration check, the crash-safe shards and the CSV.
 Workers are Ray actors; each builds its model once (a *recipe*: a small frozen dataclass with
-``build()``, e.g. :class:`mlsp.extract.ExtractConfig`) and turns chunks of image paths into
+``build()``, e.g. :class:`mlsp.extract.ExtractConfig`, giving a processor with ``info()``,
+``configuration()``, ``load_views()`` and ``process()``) and turns chunks of image paths into
 results. Results come back to the driver in whatever order chunks finish; the store and the
 CSV are ordered by path when they are finished, so the order does not show.
 
@@ -12,7 +13,10 @@ Failures: a worker that dies (killed, out of memory, its node lost) is replaced 
 actor and its unfinished chunks go back to the queue for any live worker; a chunk that kills
 workers :data:`MAX_CHUNK_ATTEMPTS` times stops the job with a :class:`ClusterError` (finished
 images are kept; a rerun resumes). Every chunk's result carries the identity of the model
-that made it (the hash of its weights and configuration), checked against the job's.
+that made it (the hash of its configuration -- for extraction the store's configuration keys,
+blocks and weights' hash -- and the mlsp version), checked against the job's. Provenance (the
+backend, its version, the device) is left out: workers on other GPUs or TensorFlow patch
+versions make the same features; the store records the first worker's.
 """
 
 from __future__ import annotations
@@ -70,9 +74,9 @@ class Address:
         raise ConfigError(f"--ray {text!r}: expected {ADDRESS_HELP}")
 
 
-def _identity(info: dict) -> str:
-    """A short hash of what a worker's model is (weights hash, configuration, versions)."""
-    return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def model_identity(configuration: dict) -> str:
+    """A short hash of what a worker's model is: its ``configuration`` (with the mlsp version)."""
+    return hashlib.sha256(json.dumps(configuration, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Worker:
@@ -89,20 +93,21 @@ class Worker:
     def _get(self, recipe):
         if recipe not in self.built:
             processor = recipe.build()
-            info = processor.info()
-            self.built[recipe] = (processor, info, _identity(info))
+            # the identity: configuration only; provenance (backend, its version, device) may differ
+            configuration = {**processor.configuration(), "mlsp": __version__}
+            self.built[recipe] = (processor, processor.info(), configuration, model_identity(configuration))
         return self.built[recipe]
 
     def info(self, recipe) -> dict:
-        _, info, identity = self._get(recipe)
-        return {"info": info, "identity": identity, "mlsp": __version__, "host": socket.gethostname(),
-                "pid": os.getpid()}
+        _, info, configuration, identity = self._get(recipe)
+        return {"info": info, "configuration": configuration, "identity": identity, "mlsp": __version__,
+                "host": socket.gethostname(), "pid": os.getpid()}
 
     def run(self, recipe, items: list) -> tuple[str, list]:
         """``items`` are (path, id); returns (identity, [("ok", result) or ("error", reason)])."""
         from .readahead import LocalRunner
 
-        processor, _, identity = self._get(recipe)
+        processor, _, _, identity = self._get(recipe)
         out = []
         for _, result in LocalRunner(processor, workers=self.decode_threads).map(items):
             out.append(("error", result.reason) if isinstance(result, ImageDecodeError) else ("ok", result))
@@ -262,8 +267,8 @@ class ClusterRunner:
         if reply["identity"] != self.identity:
             raise ClusterError(
                 f"worker {reply['host']} (pid {reply['pid']}, mlsp {reply['mlsp']}) built another model than "
-                f"the job's: {_differences(self._info, reply['info'])}; install the same mlsp and weights on "
-                "every machine")
+                f"the job's: {_differences(self._configuration, reply['configuration'])}; install the same mlsp "
+                "and weights on every machine")
         self.ready.add(index)
         self.workers[index] = (reply["host"], reply["pid"])
 
@@ -294,7 +299,7 @@ class ClusterRunner:
             except self.ray.exceptions.RayTaskError as exc:
                 self._raise_task_error(exc, "building the model")
         first = replies[min(replies)]
-        self._info, self.identity = first["info"], first["identity"]
+        self._info, self._configuration, self.identity = first["info"], first["configuration"], first["identity"]
         for index, reply in replies.items():
             self._check(index, reply)
         hosts = sorted({r["host"] for r in replies.values()})

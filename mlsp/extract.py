@@ -24,7 +24,7 @@ from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch, WriteErr
 from .files import NoSpace, StoreLock
 from .progress import ProgressFactory, null_progress
 from .readahead import DECODE_WORKERS, LocalRunner
-from .store_format import POOLINGS
+from .store_format import POOLINGS, config_attrs
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,13 @@ class FeatureExtractor:
         }
 
     def info(self) -> dict:
-        """What a runner checks is the same on every worker: the store's attributes."""
+        """What a runner reports of its model: the store's attributes."""
         return self.store_attrs()
+
+    def configuration(self) -> dict:
+        """What must be the same on every Ray worker (:mod:`mlsp.cluster`): the store's
+        configuration, not its provenance (backend, version, device)."""
+        return config_attrs(self.store_attrs())
 
     def process(self, views: np.ndarray) -> np.ndarray:
         """One image's features as stored (float16)."""

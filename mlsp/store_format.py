@@ -39,6 +39,14 @@ CONFIG_KEYS = (
     "decoding",
     "precision",
 )
+# The rest of a store's attributes beside these and its layout (block_names, block_channels) is
+# description or provenance: backend, backend_version and device say where it ran, not what it is.
+
+
+def config_attrs(attrs: dict) -> dict:
+    """The configuration among a store's attributes (or an extractor's ``store_attrs()``):
+    :data:`CONFIG_KEYS` and the blocks' names and channels, without provenance."""
+    return {key: attrs.get(key) for key in CONFIG_KEYS + ("block_names", "block_channels")}
 
 STR_DTYPE = h5py.string_dtype("utf-8")
 

@@ -2,6 +2,7 @@
 module (each start costs seconds), stores equal to the one-process store, a worker killed
 mid-run, the second run, and `--ray auto` against a cluster made with `ray start --head`."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ import cli
 from conftest import write_image
 from heads.score import score_images
 from mlsp import api
-from mlsp.extract import ExtractConfig, extract
+from mlsp.extract import ExtractConfig, FeatureExtractor, extract
 
 ray = pytest.importorskip("ray", reason='the Ray extra is not installed (pip install -e ".[ray]")')
 psutil = pytest.importorskip("psutil", reason="psutil (a dependency of Ray) finds the workers' processes")
@@ -133,6 +134,39 @@ def test_two_workers_give_the_one_process_store_and_a_second_run_does_nothing(cl
     assert (second.new, second.skipped_existing, second.images) == (0, 13, 12)
     assert not os.path.exists(out + ".partial")
     assert_same_store(out, folder["one"])
+
+
+def test_workers_may_differ_in_provenance_but_not_in_configuration(cluster):
+    """Each worker's extractor reports its own device (its pid): accepted, the store records the
+    first's; a weights hash of its own (another weights file on that machine): refused."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Skewed:
+        """A recipe whose extractor differs per worker process in one store attribute; the
+        backbone is not built (store_attrs needs the configuration and the weights' record)."""
+
+        what: str
+
+        def build(self):
+            extractor = FeatureExtractor.__new__(FeatureExtractor)
+            extractor.config, extractor.provenance = CONFIG, {"backend": "tensorflow", "backend_version": "2.x",
+                                                              "device": "cpu"}
+            extractor.weights_record = {"source": CONFIG.weights, "sha256": "0" * 64}
+            if self.what == "device":
+                extractor.provenance["device"] = f"GPU of process {os.getpid()}"
+            else:
+                extractor.weights_record["sha256"] = f"{os.getpid():064d}"
+            return extractor
+
+    runner = cluster.runner(Skewed("device"))
+    info = runner.info()
+    assert len(runner.workers) == 2
+    replies = ray.get([actor.info.remote(Skewed("device")) for actor in cluster.actors])
+    assert len({r["info"]["device"] for r in replies}) == 2 and len({r["identity"] for r in replies}) == 1
+    assert info["device"].startswith("GPU of process") and info["weights_sha256"] == "0" * 64
+
+    with pytest.raises(ClusterError, match=r"built another model than the job's: weights_sha256: '0+\d+' here"):
+        cluster.runner(Skewed("weights")).info()
 
 
 def test_a_killed_worker_loses_nothing_and_doubles_nothing(cluster, folder, tmp_path, caplog):
