@@ -365,7 +365,13 @@ class FeatureReader:
         if self._offsets is None:
             for k in order:
                 out[k] = self.features[int(indices[k]), int(views[k])]
-            return out
+        else:
+            self._pread_views(out, indices, views, order)
+        check_finite(self.path, out, indices, self.image_id)
+        return out
+
+    def _pread_views(self, out, indices, views, order):
+        """Fill ``out`` straight from the views' byte offsets in the file, in file order."""
         if self._offsets.ndim == 1:  # narrow: one chunk per image, its views one after the other
             starts = self._offsets[indices] + views * self.view_nbytes
         else:  # wide: one chunk per view
@@ -374,8 +380,6 @@ class FeatureReader:
             got = os.preadv(self._fd, [memoryview(out[k]).cast("B")], int(starts[k]))
             if got != self.view_nbytes:
                 raise StoreError(f"{self.path}: short read of image {int(indices[k])} (file truncated?)")
-        check_finite(self.path, out, indices, self.image_id)
-        return out
 
     def image_id(self, row: int) -> str:
         """The id of the image at ``row`` (read only to name it in an error)."""
@@ -442,7 +446,7 @@ def describe(path: str, check_features: bool = False, progress: ProgressFactory 
                 info["features_check"] = "ok"
             except StoreError as exc:
                 info["features_check"] = str(exc)
-        for key in ("weights_source", "weights_sha256", "preprocessing", "crop_fraction", "max_side",
+        for key in ("weights_source", "weights_sha256", "preprocessing", "crop_fraction", "max_side", "decoding",
                     "precision", "dataset", "labels_file", "test_list", "val_fraction", "seed",
                     "labels_without_images", "backend", "backend_version", "device", "mlsp_version", "created"):
             if key in s.attrs:

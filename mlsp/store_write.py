@@ -12,6 +12,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 from typing import Sequence
 
 import h5py
@@ -175,9 +176,7 @@ def finalize_store(
                     out["features"][dest] = src["features"][row]
                     bar.update(1)
         bar.close()
-    for shard in glob.glob(os.path.join(shard_dir, "*")):
-        os.remove(shard)
-    os.rmdir(shard_dir)
+    shutil.rmtree(shard_dir)  # shards, config.json and any killed writer's hidden temporary
     return len(rows), len(errors)
 
 

@@ -146,6 +146,37 @@ def test_interrupt_keeps_finished_images_and_resume_equals_uninterrupted(tmp_pat
         assert s.ids.tolist()[:5] == ["img0", "img1", "img2", "img25", "img3"]
 
 
+def test_a_killed_runs_temporary_does_not_stop_the_merge(tmp_path, image_dir, extractors):
+    """Every image was kept before the stop, so the rerun only merges: a half-written shard's
+    hidden temporary left by a killed writer is removed with the partial folder."""
+    config = ExtractConfig(net="iv3", weights="random:0")
+
+    class StopAtTheEnd:
+        def __init__(self, total=None, **kwargs):
+            self.n, self.total = 0, total
+
+        def update(self, n=1):
+            self.n += n
+            if self.n == self.total:
+                raise KeyboardInterrupt
+
+        def set_postfix(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    out = tmp_path / "s.h5"
+    with pytest.raises(KeyboardInterrupt):
+        extract(str(image_dir), config, str(out), extractor=extractors(net="iv3"), progress=StopAtTheEnd)
+    partial = str(out) + ".partial"
+    with open(os.path.join(partial, ".shard-9.h5.tmp-4242"), "wb") as f:
+        f.write(b"half a shard")
+    result = extract(str(image_dir), config, str(out), extractor=extractors(net="iv3"))
+    assert (result.new, result.images) == (0, 6)
+    assert out.exists() and not os.path.exists(partial)
+
+
 def test_kill_minus_9_then_resume(tmp_path):
     """A real kill -9 of the CLI mid-run, then the same command: the store equals an
     uninterrupted run's."""

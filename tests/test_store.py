@@ -52,6 +52,12 @@ def test_describe_and_latest(store, tmp_path):
     info = describe(str(path))
     assert info["images"] == 30 and info["channels"] == 6 and info["pooling"] == "wide"
     assert info["splits"]["train"] == 30 and info["labelled"] == 30
+    assert "decoding" not in info  # a store written before the format had it
+    from mlsp.images import DECODING
+
+    with h5py.File(path, "r+") as f:
+        f.attrs["decoding"] = DECODING
+    assert describe(str(path))["decoding"] == DECODING  # part of the configuration: inspect shows it
     newer = tmp_path / "sub" / "newer.h5"
     write_store(newer, np.zeros((1, 1, 6), np.float16), ["x"], net="toy", pooling="narrow",
                 block_names=["a"], block_channels=[6])
@@ -88,6 +94,14 @@ def test_non_finite_features_are_named_with_the_image(store):
             s.load()
     info = describe(str(path), check_features=True)
     assert "image im17" in info["features_check"]
+    from mlsp.store import FeatureReader
+
+    for direct in (True, False):  # positional reads, and h5py's where the layout does not allow them
+        with FeatureReader(str(path), direct=direct) as reader:
+            assert reader.direct == direct
+            reader.read_views([16, 18], [3, 3])
+            with pytest.raises(StoreError, match=r"image im17 \(row 17\) has features that are not finite"):
+                reader.read_views([16, 17], [0, 3])
 
 
 def test_bad_labels_unequal_lengths_and_flipped_metadata_are_one_line_errors(store, tmp_path):
