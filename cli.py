@@ -171,6 +171,10 @@ def _interrupted(message: str):
     sys.exit(EXIT_INTERRUPTED)
 
 
+_WORKERS_HELP = ("Threads decoding images ahead of the model (0: decode in the main thread); with --ray, each "
+                 "Ray worker's.")
+
+
 def ray_options(func):
     """--ray and the workers' resources, shared by extract and score."""
     func = click.option("--ray-gpus-per-worker", type=click.FloatRange(min=0),
@@ -241,7 +245,7 @@ def _echo_errors(errors, limit=10):
                    "few percent (README). auto: bfloat16 where the hardware has it, else float32. "
                    "Part of the store's configuration: a store is never extended at another precision.")
 @click.option("--workers", type=int, default=default_of(extraction.extract, "workers"), show_default=True,
-              help="Threads decoding images ahead of the model (0: decode in the main thread).")
+              help=_WORKERS_HELP)
 @click.option("--threads", type=(int, int), default=(0, 0), show_default=True, metavar="INTRA INTER",
               help="The backend's CPU threads inside one op and ops side by side; 0 keeps the "
                    "backend's default (the number of cores for both), the fastest setting measured (README).")
@@ -585,7 +589,7 @@ _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="Backbone precision for --images. Default: the one the run's store was extracted at.")
 @click.option("--workers", type=int, default=default_of(api.score, "workers"), show_default=True,
-              help="Threads decoding images ahead.")
+              help=_WORKERS_HELP)
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @ray_options
 @handle_errors

@@ -41,16 +41,17 @@ def backbones(names: Sequence[str] | None = None, *, flops_at: tuple | None = No
 
 
 def ray_cluster(address: str | None = None, cpus_per_worker: float | None = None,
-                gpus_per_worker: float | None = None):
+                gpus_per_worker: float | None = None, decode_threads: int = DECODE_WORKERS):
     """A :class:`mlsp.cluster.Cluster` for ``--ray ADDRESS`` (a context manager), or, without an
-    address, a context giving ``None``: Ray is imported only when asked for."""
+    address, a context giving ``None``: Ray is imported only when asked for. ``decode_threads``:
+    each worker's threads decoding images ahead (``--workers``, as on one machine)."""
     if not address:
         import contextlib
 
         return contextlib.nullcontext(None)
     from .cluster import Cluster
 
-    return Cluster(address, cpus_per_worker, gpus_per_worker)
+    return Cluster(address, cpus_per_worker, gpus_per_worker, decode_threads)
 
 
 def info() -> dict:
@@ -85,16 +86,17 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = E
             wide: bool = ExtractConfig.pooling == "wide", augment: bool = ExtractConfig.augment,
             weights: str = ExtractConfig.weights, labels: str | None = None, test_list: str | None = None,
             max_side: int = ExtractConfig.max_side, precision: str = ExtractConfig.precision,
-            threads: tuple | None = None, checkpoint_every: int | None = None, progress=False,
-            ray: str | None = None, ray_cpus_per_worker: float | None = None,
+            threads: tuple | None = None, checkpoint_every: int | None = None, workers: int = DECODE_WORKERS,
+            progress=False, ray: str | None = None, ray_cpus_per_worker: float | None = None,
             ray_gpus_per_worker: float | None = None, **options):
     """``mlsp extract``: features of a folder (recursively) or a list of files into a store.
     ``ray``: an address as for ``--ray`` (``auto``, ``ray://HOST:PORT``, ``local:N``) spreads the
     images over a Ray cluster.
 
     ``precision`` may be ``auto`` (:func:`mlsp.extract.resolve_precision`); ``threads`` is
-    the backend's ``(intra, inter)`` (:func:`mlsp.backend.configure_threads`); ``options`` are
-    :func:`mlsp.extract.extract`'s (``val_fraction``, ``seed``, ``dataset``, ``workers``, ...);
+    the backend's ``(intra, inter)`` (:func:`mlsp.backend.configure_threads`); ``workers``: the
+    threads decoding images ahead of the model (each Ray worker's, with ``ray``); ``options`` are
+    :func:`mlsp.extract.extract`'s (``val_fraction``, ``seed``, ``dataset``, ...);
     ``checkpoint_every`` is its ``flush_images``. Returns :class:`mlsp.extract.ExtractResult`
     (``.store``, ``.images``, ``.errors``, ...)."""
     from .backend import configure_threads
@@ -112,9 +114,9 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = E
     if config.weights.startswith("random"):
         log.warning("using a RANDOM backbone (weights %s): features carry no ImageNet knowledge; "
                     "fine for tests and benchmarks, meaningless for aesthetics", config.weights)
-    with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker) as cluster:
-        return run(images, config, out, labels=labels, test_list=test_list, progress=resolve_progress(progress),
-                   runner=cluster.runner(config) if cluster else None, **options)
+    with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker, workers) as cluster:
+        return run(images, config, out, labels=labels, test_list=test_list, workers=workers,
+                   progress=resolve_progress(progress), runner=cluster.runner(config) if cluster else None, **options)
 
 
 def train(store: str | None = None, *, head: str, out: str | None = None, width: int | None = None,
@@ -169,7 +171,7 @@ def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str]
     if store is not None:
         return score_store(run_dir, store, out, progress=resolve_progress(progress),
                            allow_unfinished=allow_unfinished)
-    with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker) as cluster:
+    with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker, workers) as cluster:
         frame, errors = score_images(run_dir, images, out, weights=weights, precision=precision, workers=workers,
                                      progress=resolve_progress(progress), allow_unfinished=allow_unfinished,
                                      cluster=cluster)

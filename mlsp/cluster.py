@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 
 from . import __version__
 from .errors import ClusterError, ConfigError, ImageDecodeError
+from .readahead import DECODE_WORKERS
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +158,12 @@ class Cluster:
     CPUs and ``gpus_per_worker`` GPUs. Defaults: with GPUs in the cluster one worker per GPU,
     with the CPUs of its share of the machine; without, one worker per machine with all its
     CPUs (one TensorFlow process uses every core best); ``local:N``: N workers sharing this
-    machine's cores.
+    machine's cores. ``decode_threads``: each worker's threads decoding images ahead of its
+    model (``--workers``, as on one machine).
     """
 
     def __init__(self, address: str, cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
-                 decode_threads: int = 2):
+                 decode_threads: int = DECODE_WORKERS):
         ray = import_ray()
         self.address = Address.parse(address)
         self.ray = ray

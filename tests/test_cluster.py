@@ -23,6 +23,7 @@ from conftest import write_image
 from heads.score import score_images
 from mlsp import api
 from mlsp.extract import ExtractConfig, FeatureExtractor, extract
+from mlsp.readahead import DECODE_WORKERS
 
 ray = pytest.importorskip("ray", reason='the Ray extra is not installed (pip install -e ".[ray]")')
 psutil = pytest.importorskip("psutil", reason="psutil (a dependency of Ray) finds the workers' processes")
@@ -248,6 +249,27 @@ def test_ray_without_the_extra_says_how_to_install_it(monkeypatch, folder, tmp_p
     assert res.exit_code != 0
     last = res.output.strip().splitlines()[-1]
     assert last == 'Error: --ray needs Ray, which is not installed: pip install -e ".[ray]"'
+
+
+def test_workers_are_the_ray_workers_decode_threads_in_extract_and_score(monkeypatch, folder, sample_run, tmp_path):
+    """`--workers` means the same with and without --ray: the threads decoding ahead of each model."""
+    made = []
+
+    class Recording:
+        def __init__(self, address, cpus_per_worker=None, gpus_per_worker=None, decode_threads=None):
+            made.append(decode_threads)
+            raise ClusterError("stopped before starting Ray")
+
+    import mlsp.cluster
+
+    monkeypatch.setattr(mlsp.cluster, "Cluster", Recording)
+    common = ["--images", folder["images"], "--ray", "local:2"]
+    for args in (["extract", "--net", "iv3", "--weights", "random:0", "--out", str(tmp_path / "x.h5")],
+                 ["score", sample_run]):
+        for workers in ([], ["--workers", "5"]):
+            res = CliRunner().invoke(cli.main, args + common + workers)
+            assert res.output.strip().splitlines()[-1] == "Error: stopped before starting Ray"
+    assert made == [DECODE_WORKERS, 5, DECODE_WORKERS, 5]
 
 
 def _free_port():
