@@ -1,6 +1,8 @@
 """Extraction over a Ray cluster (`--ray`): one real local Ray instance with 2 workers for the
 module (each start costs seconds), stores equal to the one-process store, a worker killed
-mid-run, the second run, and `--ray auto` against a cluster made with `ray start --head`."""
+mid-run, the second run, workers that differ in provenance (accepted) or configuration (refused),
+and `--ray auto` against a cluster made with `ray start --head`; also planning the workers from the
+machines' resources, a start that fails after Ray started, and `--workers` reaching the workers."""
 
 import dataclasses
 import os
