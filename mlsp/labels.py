@@ -224,11 +224,46 @@ def _number(text: str) -> float:
 
 
 def _read_csv(path: str) -> Labels:
+    """Labels from a CSV with a header (see :func:`read_labels`): the frame, its columns, then
+    each row's id and scores, checked line by line."""
+    df = _read_frame(path)
+    columns = _CsvColumns.find(path, [str(c) for c in df.columns])
+    ids: list[str] = []
+    mos_values: list[float] = []
+    vote_rows: list[list[float]] = []
+    first_line: dict[str, int] = {}
+    used = columns.used
+    blank = df.apply(lambda column: column.str.strip() == "").all(axis=1).to_numpy()
+    for row, record in enumerate(df[used].itertuples(index=False, name=None)):
+        if blank[row]:
+            continue  # a blank line
+        lineno = row + 2
+        cells = dict(zip(used, (str(v) for v in record)))
+        where = f"{path}, line {lineno}"
+        image_id = cells[columns.id].strip()
+        if not image_id:
+            raise LabelsError(f"{where}: missing image id in column {columns.id!r}")
+        image_id = strip_image_extension(image_id)
+        if image_id in first_line:
+            raise LabelsError(
+                f"{where}: image id {image_id} appears again (first on line {first_line[image_id]})"
+            )
+        counts = columns.votes_of(cells, where=where, image_id=image_id)
+        mos = columns.mos_of(cells, counts, where=where)
+        first_line[image_id] = lineno
+        ids.append(image_id)
+        mos_values.append(mos)
+        vote_rows.append(counts)
+    votes = np.asarray(vote_rows, dtype=np.float64).reshape(-1, N_BINS)
+    return Labels(ids, np.asarray(mos_values), votes, source=path)
+
+
+def _read_frame(path: str):
+    """The CSV as a pandas frame of strings, blank lines kept: row k is line k + 2 of the file."""
     import pandas as pd
 
     try:
-        # Strings throughout, blank lines kept: row k of the frame is line k + 2 of the file.
-        df = pd.read_csv(
+        return pd.read_csv(
             path, dtype=str, keep_default_na=False, skip_blank_lines=False,
             skipinitialspace=True, encoding="utf-8-sig",
         )
@@ -237,71 +272,74 @@ def _read_csv(path: str) -> Labels:
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise LabelsError(f"{path}: not a readable CSV file ({exc})") from None
 
-    columns = [str(c) for c in df.columns]
-    id_col = _find_column(columns, ID_COLUMNS)
-    mos_col = _find_column(columns, MOS_COLUMNS)
-    vote_cols = None
-    for names in VOTE_COLUMN_SETS:
-        found = [_find_column(columns, (n,)) for n in names]
-        if all(found):
-            vote_cols = found
-            break
-        if any(found):
-            missing = [n for n, c in zip(names, found) if c is None]
-            raise LabelsError(
-                f"{path}, line 1: vote columns {', '.join(missing)} are missing "
-                f"(give all ten of {names[0]}..{names[-1]}, or none)"
-            )
-    if id_col is None or (mos_col is None and vote_cols is None):
-        what = "an id column" if id_col is None else "a MOS column (or 10 vote columns)"
-        raise LabelsError(
-            f"{path}, line 1: no {what}. Columns found: {columns}. Accepted (any case): "
-            f"id: {list(ID_COLUMNS)}; MOS: {list(MOS_COLUMNS)}; votes: "
-            f"votes_1..votes_10 or 1..10"
-        )
 
-    ids: list[str] = []
-    mos_values: list[float] = []
-    vote_rows: list[list[float]] = []
-    first_line: dict[str, int] = {}
-    used = [id_col] + ([mos_col] if mos_col else []) + (vote_cols or [])
-    blank = df.apply(lambda column: column.str.strip() == "").all(axis=1).to_numpy()
-    for row, record in enumerate(df[used].itertuples(index=False, name=None)):
-        if blank[row]:
-            continue  # a blank line
-        lineno = row + 2
-        cells = dict(zip(used, (str(v) for v in record)))
-        where = f"{path}, line {lineno}"
-        image_id = cells[id_col].strip()
-        if not image_id:
-            raise LabelsError(f"{where}: missing image id in column {id_col!r}")
-        image_id = strip_image_extension(image_id)
-        if image_id in first_line:
-            raise LabelsError(
-                f"{where}: image id {image_id} appears again (first on line {first_line[image_id]})"
-            )
+@dataclasses.dataclass(frozen=True)
+class _CsvColumns:
+    """The columns of a label CSV that hold the id, the MOS (or None) and the 10 vote counts
+    (or None), and the reading of one row's scores from them."""
 
+    id: str
+    mos: str | None
+    votes: list | None
+
+    @classmethod
+    def find(cls, path: str, columns: list[str]) -> "_CsvColumns":
+        """The columns among ``columns`` (the header); a header without an id, or without a MOS
+        or all 10 vote columns, is a LabelsError on line 1."""
+        id_col = _find_column(columns, ID_COLUMNS)
+        mos_col = _find_column(columns, MOS_COLUMNS)
+        vote_cols = None
+        for names in VOTE_COLUMN_SETS:
+            found = [_find_column(columns, (n,)) for n in names]
+            if all(found):
+                vote_cols = found
+                break
+            if any(found):
+                missing = [n for n, c in zip(names, found) if c is None]
+                raise LabelsError(
+                    f"{path}, line 1: vote columns {', '.join(missing)} are missing "
+                    f"(give all ten of {names[0]}..{names[-1]}, or none)"
+                )
+        if id_col is None or (mos_col is None and vote_cols is None):
+            what = "an id column" if id_col is None else "a MOS column (or 10 vote columns)"
+            raise LabelsError(
+                f"{path}, line 1: no {what}. Columns found: {columns}. Accepted (any case): "
+                f"id: {list(ID_COLUMNS)}; MOS: {list(MOS_COLUMNS)}; votes: "
+                f"votes_1..votes_10 or 1..10"
+            )
+        return cls(id_col, mos_col, vote_cols)
+
+    @property
+    def used(self) -> list[str]:
+        return [self.id] + ([self.mos] if self.mos else []) + (self.votes or [])
+
+    def votes_of(self, cells: dict, *, where: str, image_id: str) -> list[float]:
+        """The row's 10 vote counts, NaN where the file gives none (or all 10 are 0 next to a MOS)."""
         counts = [float("nan")] * N_BINS
-        if vote_cols:
-            try:
-                counts = [_number(cells[c]) for c in vote_cols]
-            except ValueError:
-                bad = next(cells[c] for c in vote_cols if not _is_number_or_empty(cells[c]))
-                raise LabelsError(f"{where}: vote count {bad!r} is not a number") from None
-            given = [np.isfinite(c) for c in counts]
-            if any(given) and not all(given):
-                raise LabelsError(f"{where}: some of the 10 vote counts are empty")
-            if all(given) and min(counts) < 0:
-                raise LabelsError(f"{where}: negative vote count in {counts}")
-            if all(given) and sum(counts) == 0:
-                if not mos_col:
-                    raise LabelsError(f"{where}: image {image_id} has no votes (all 10 counts are 0)")
-                counts = [float("nan")] * N_BINS  # no votes; the given MOS stands alone
+        if not self.votes:
+            return counts
+        try:
+            counts = [_number(cells[c]) for c in self.votes]
+        except ValueError:
+            bad = next(cells[c] for c in self.votes if not _is_number_or_empty(cells[c]))
+            raise LabelsError(f"{where}: vote count {bad!r} is not a number") from None
+        given = [np.isfinite(c) for c in counts]
+        if any(given) and not all(given):
+            raise LabelsError(f"{where}: some of the 10 vote counts are empty")
+        if all(given) and min(counts) < 0:
+            raise LabelsError(f"{where}: negative vote count in {counts}")
+        if all(given) and sum(counts) == 0:
+            if not self.mos:
+                raise LabelsError(f"{where}: image {image_id} has no votes (all 10 counts are 0)")
+            counts = [float("nan")] * N_BINS  # no votes; the given MOS stands alone
+        return counts
 
-        if mos_col:
-            text = cells[mos_col].strip()
+    def mos_of(self, cells: dict, counts: list[float], *, where: str) -> float:
+        """The row's MOS: given, or else the mean of its votes (``counts``); in 1..10."""
+        if self.mos:
+            text = cells[self.mos].strip()
             if not text:
-                raise LabelsError(f"{where}: missing MOS in column {mos_col!r}")
+                raise LabelsError(f"{where}: missing MOS in column {self.mos!r}")
             try:
                 mos = _number(text)
             except ValueError:
@@ -312,13 +350,7 @@ def _read_csv(path: str) -> Labels:
             mos = float(mos_from_votes(counts))
         if not 1.0 <= mos <= 10.0:
             raise LabelsError(f"{where}: MOS {mos:g} is outside 1..10")
-
-        first_line[image_id] = lineno
-        ids.append(image_id)
-        mos_values.append(mos)
-        vote_rows.append(counts)
-    votes = np.asarray(vote_rows, dtype=np.float64).reshape(-1, N_BINS)
-    return Labels(ids, np.asarray(mos_values), votes, source=path)
+        return mos
 
 
 def _is_number_or_empty(text: str) -> bool:
@@ -430,65 +462,97 @@ def assign_splits(
         dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise ConfigError(f"store ids must be unique; {dup!r} appears more than once")
 
+    matches = _Matches.find(ids, labels, test_ids)
     mos = np.full(n, np.nan, dtype=np.float32)
     votes = np.full((n, N_BINS), np.nan, dtype=np.float32)
-    label_keys = match_ids(ids, labels._index) if labels is not None else [None] * n
     if labels is not None:
-        rows = [k for k, key in enumerate(label_keys) if key is not None]
-        mos[rows], votes[rows] = labels.lookup([label_keys[k] for k in rows])
-    test_set = set(test_ids) if test_ids is not None else set()
-    test_keys = match_ids(ids, test_set) if test_set else [None] * n
-
+        rows = [k for k, key in enumerate(matches.label_keys) if key is not None]
+        mos[rows], votes[rows] = labels.lookup([matches.label_keys[k] for k in rows])
     labelled = ~np.isnan(mos)
-    is_test = np.array([k is not None for k in test_keys], dtype=bool)
-    split = np.full(n, "unlabeled", dtype="<U9")
-    split[labelled & is_test] = "test"
+    split = _draw_splits(ids, labelled=labelled, is_test=matches.is_test, val_fraction=val_fraction, seed=seed)
+    report = matches.report(split, labelled)
+    _log_report(report)
+    return mos, votes, split, report
 
+
+@dataclasses.dataclass
+class _Matches:
+    """The label id and the test id each store id matched (:func:`match_ids`; None where none)."""
+
+    ids: list[str]  # the store's
+    label_ids: list[str]  # every id of the labels
+    test_set: set  # every test id
+    label_keys: list
+    test_keys: list
+
+    @classmethod
+    def find(cls, ids: list[str], labels: Labels | None, test_ids: Iterable[str] | None) -> "_Matches":
+        n = len(ids)
+        test_set = set(test_ids) if test_ids is not None else set()
+        return cls(ids=ids, label_ids=labels.ids if labels is not None else [], test_set=test_set,
+                   label_keys=match_ids(ids, labels._index) if labels is not None else [None] * n,
+                   test_keys=match_ids(ids, test_set) if test_set else [None] * n)
+
+    @property
+    def is_test(self) -> np.ndarray:
+        return np.array([k is not None for k in self.test_keys], dtype=bool)
+
+    def report(self, split: np.ndarray, labelled: np.ndarray) -> dict:
+        """:func:`assign_splits`' report: images per split and the ids that matched nothing."""
+        ids = self.ids
+        without_images = sorted(set(self.label_ids) - {key for key in self.label_keys if key is not None})
+        tests_without_images = sorted(self.test_set - {key for key in self.test_keys if key is not None})
+        tests_without_labels = sorted(ids[k] for k in np.flatnonzero(self.is_test & ~labelled))
+        basenames = Counter(_basename(s) for s in ids)
+        wanted = set(self.label_ids) | self.test_set
+        ambiguous = sorted(
+            s for s, lk, tk in zip(ids, self.label_keys, self.test_keys)
+            if lk is None and tk is None and _basename(s) in wanted and basenames[_basename(s)] > 1
+        )
+        return {
+            "counts": {name: int(np.sum(split == name)) for name in SPLITS},
+            "labels_without_images": len(without_images),
+            "test_ids_without_images": len(tests_without_images),
+            "test_ids_without_labels": len(tests_without_labels),
+            "ambiguous_names": len(ambiguous),
+            "examples": {
+                "labels_without_images": without_images[:10],
+                "test_ids_without_images": tests_without_images[:10],
+                "test_ids_without_labels": tests_without_labels[:10],
+                "ambiguous_names": ambiguous[:10],
+            },
+        }
+
+
+def _draw_splits(ids: list[str], *, labelled: np.ndarray, is_test: np.ndarray, val_fraction: float,
+                 seed: int) -> np.ndarray:
+    """``test`` for labelled test images, ``unlabeled`` for images without MOS, the other labelled
+    images drawn into ``train`` and ``val`` over their sorted ids (:func:`assign_splits`)."""
+    split = np.full(len(ids), "unlabeled", dtype="<U9")
+    split[labelled & is_test] = "test"
     pool = sorted(ids[k] for k in np.flatnonzero(labelled & ~is_test))
     n_val = _n_val(len(pool), val_fraction)
     val_ids = {pool[k] for k in np.random.default_rng(seed).permutation(len(pool))[:n_val]}
     for k in np.flatnonzero(labelled & ~is_test):
         split[k] = "val" if ids[k] in val_ids else "train"
+    return split
 
-    matched_labels = {key for key in label_keys if key is not None}
-    matched_tests = {key for key in test_keys if key is not None}
-    without_images = sorted(set(labels.ids) - matched_labels) if labels is not None else []
-    tests_without_images = sorted(test_set - matched_tests)
-    tests_without_labels = sorted(ids[k] for k in np.flatnonzero(is_test & ~labelled))
-    basenames = Counter(_basename(s) for s in ids)
-    wanted = set(labels.ids if labels is not None else ()) | test_set
-    ambiguous = sorted(
-        s for s, lk, tk in zip(ids, label_keys, test_keys)
-        if lk is None and tk is None and _basename(s) in wanted and basenames[_basename(s)] > 1
-    )
 
-    counts = {name: int(np.sum(split == name)) for name in SPLITS}
-    report = {
-        "counts": counts,
-        "labels_without_images": len(without_images),
-        "test_ids_without_images": len(tests_without_images),
-        "test_ids_without_labels": len(tests_without_labels),
-        "ambiguous_names": len(ambiguous),
-        "examples": {
-            "labels_without_images": without_images[:10],
-            "test_ids_without_images": tests_without_images[:10],
-            "test_ids_without_labels": tests_without_labels[:10],
-            "ambiguous_names": ambiguous[:10],
-        },
-    }
-    if tests_without_labels:
+def _log_report(report: dict):
+    """Warnings for test images without label and for ambiguous names; the splits' sizes."""
+    examples = report["examples"]
+    if report["test_ids_without_labels"]:
         log.warning(
             "%d test images have no label and are counted as unlabeled, e.g. %s",
-            len(tests_without_labels), ", ".join(tests_without_labels[:5]),
+            report["test_ids_without_labels"], ", ".join(examples["test_ids_without_labels"][:5]),
         )
-    if ambiguous:
+    if report["ambiguous_names"]:
         log.warning(
             "%d images match no label because another image in another folder has the same "
-            "name, e.g. %s", len(ambiguous), ", ".join(ambiguous[:5]),
+            "name, e.g. %s", report["ambiguous_names"], ", ".join(examples["ambiguous_names"][:5]),
         )
     log.info(
         "splits: %s; %d labels without images, %d test ids without images",
-        ", ".join(f"{k} {v}" for k, v in counts.items()),
-        len(without_images), len(tests_without_images),
+        ", ".join(f"{k} {v}" for k, v in report["counts"].items()),
+        report["labels_without_images"], report["test_ids_without_images"],
     )
-    return mos, votes, split, report
