@@ -275,82 +275,112 @@ def build_sample(out_dir, n_images: int = 48, seed: int = 0, max_side: int | Non
     seeds = np.random.SeedSequence(seed)
     plan_seed, *image_seeds = seeds.spawn(n_images + 1)
     rng = np.random.default_rng(plan_seed)
-
-    # Ids: n_images + N_MISSING consecutive numbers; N_MISSING of them get no image.
-    all_ids = [str(FIRST_ID + k) for k in range(n_images + N_MISSING)]
-    missing_pos = set(rng.choice(len(all_ids), size=N_MISSING, replace=False).tolist())
-    image_ids = [i for k, i in enumerate(all_ids) if k not in missing_pos]
-    missing_ids = [i for k, i in enumerate(all_ids) if k in missing_pos]
-
-    names = [n for n, _, _ in SOURCES]
-    offsets = dict(zip(names, rng.uniform(-0.6, 0.6, size=len(names)).round(3)))
-    # Balanced assignments, in a seeded order: each source and each degradation in turn.
-    sources = [names[k % len(names)] for k in rng.permutation(n_images)]
-    degradations = [DEGRADATIONS[k % len(DEGRADATIONS)] for k in rng.permutation(n_images)]
-    kinds = ["jpeg"] * n_images
-    special = SPECIAL_FORMATS[:n_images]
-    for pos, kind in zip(rng.choice(n_images, size=len(special), replace=False), special):
-        kinds[int(pos)] = kind
-    n_test = max(1, int(round(TEST_FRACTION * n_images))) if n_images > 1 else 0
-    test_ids = sorted(rng.choice(image_ids, size=n_test, replace=False).tolist())
-    test_ids = sorted(test_ids + missing_ids[:1])  # a test id without image, as in real AVA
-    challenges = dict(zip(names, (1000 + 7 * k for k in range(len(names)))))
-
+    plan = _Plan.draw(rng, n_images)
     cache: dict[str, np.ndarray] = {}
-    images, files, kind_of, sizes, votes = [], {}, {}, {}, {}
-    for k, image_id in enumerate(image_ids):
-        r = np.random.default_rng(image_seeds[k])
-        source, degradation, kind = sources[k], degradations[k], kinds[k]
-        if source not in cache:
-            cache[source] = load_source(source)
-        src = cache[source]
-        (y, x, ch, cw), (oh, ow) = _plan_size(r, *src.shape[:2], max_side)
-        crop = src[y:y + ch, x:x + cw]
-        img = cv2.resize(crop, (ow, oh), interpolation=cv2.INTER_AREA) if (oh, ow) != (ch, cw) else crop
-        level = 0.0 if degradation == "none" else round(float(r.uniform(0.1, 1.0)), 3)
-        jpeg_q = 92
-        if degradation == "jpeg" and _EXTENSION[kind] in (".jpg", ".jpeg"):
-            jpeg_q = jpeg_quality(level)  # compress once, in the file itself
-        else:
-            img = degrade(np.ascontiguousarray(img), degradation, level, r)
-        quality = round(true_quality(level, float(offsets[source])), 3)
-        file_name = image_id + _EXTENSION[kind]
-        sizes[image_id] = _write_image(os.path.join(images_dir, file_name), img, kind, jpeg_q)
-        votes[image_id] = draw_votes(r, quality)
-        images.append(SampleImage(image_id, source, degradation, level, quality))
-        files[image_id] = file_name
-        kind_of[image_id] = kind
-
-    for image_id in missing_ids:  # labels without images: votes around a typical photo
+    images, files, sizes, votes = [], {}, {}, {}
+    for k, image_id in enumerate(plan.image_ids):
+        if plan.sources[k] not in cache:
+            cache[plan.sources[k]] = load_source(plan.sources[k])
+        image, files[image_id], sizes[image_id], votes[image_id] = _make_image(
+            plan, k, rng=np.random.default_rng(image_seeds[k]), source=cache[plan.sources[k]],
+            images_dir=images_dir, max_side=max_side)
+        images.append(image)
+    for image_id in plan.missing_ids:  # labels without images: votes around a typical photo
         votes[image_id] = draw_votes(rng, round(float(rng.uniform(4.0, 7.0)), 3))
-    source_of = {im.id: im.source for im in images}
+
+    info = SampleInfo(
+        images_dir=images_dir, labels_path=os.path.join(out_dir, "AVA.txt"),
+        test_list_path=os.path.join(out_dir, "generic_test.jpgl"), truth_path=os.path.join(out_dir, "truth.csv"),
+        n_images=n_images, images=images, files=files, kinds=dict(zip(plan.image_ids, plan.kinds)),
+        sizes=sizes, test_ids=plan.test_ids, labels_without_images=plan.missing_ids,
+        sources=sorted(set(plan.sources)),
+    )
+    _write_label_files(info, plan, votes)
+    log.info("%s: %d sample images, %d labels without images, %d test ids",
+             out_dir, n_images, len(plan.missing_ids), len(plan.test_ids))
+    return info
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What a sample build draws before any image: the ids (some without image), each image's
+    source, degradation and file kind, the sources' quality offsets and challenge ids, the test list."""
+
+    all_ids: list[str]  # n_images + N_MISSING consecutive numbers
+    image_ids: list[str]
+    missing_ids: list[str]  # labels without images
+    offsets: dict  # source -> true-quality offset
+    sources: list[str]  # per image
+    degradations: list[str]  # per image
+    kinds: list[str]  # per image: "jpeg", or one of SPECIAL_FORMATS
+    test_ids: list[str]
+    challenges: dict  # source -> AVA challenge id
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, n_images: int) -> "_Plan":
+        # Ids: n_images + N_MISSING consecutive numbers; N_MISSING of them get no image.
+        all_ids = [str(FIRST_ID + k) for k in range(n_images + N_MISSING)]
+        missing_pos = set(rng.choice(len(all_ids), size=N_MISSING, replace=False).tolist())
+        image_ids = [i for k, i in enumerate(all_ids) if k not in missing_pos]
+        missing_ids = [i for k, i in enumerate(all_ids) if k in missing_pos]
+
+        names = [n for n, _, _ in SOURCES]
+        offsets = dict(zip(names, rng.uniform(-0.6, 0.6, size=len(names)).round(3)))
+        # Balanced assignments, in a seeded order: each source and each degradation in turn.
+        sources = [names[k % len(names)] for k in rng.permutation(n_images)]
+        degradations = [DEGRADATIONS[k % len(DEGRADATIONS)] for k in rng.permutation(n_images)]
+        kinds = ["jpeg"] * n_images
+        special = SPECIAL_FORMATS[:n_images]
+        for pos, kind in zip(rng.choice(n_images, size=len(special), replace=False), special):
+            kinds[int(pos)] = kind
+        n_test = max(1, int(round(TEST_FRACTION * n_images))) if n_images > 1 else 0
+        test_ids = sorted(rng.choice(image_ids, size=n_test, replace=False).tolist())
+        test_ids = sorted(test_ids + missing_ids[:1])  # a test id without image, as in real AVA
+        challenges = dict(zip(names, (1000 + 7 * k for k in range(len(names)))))
+        return cls(all_ids=all_ids, image_ids=image_ids, missing_ids=missing_ids, offsets=offsets,
+                   sources=sources, degradations=degradations, kinds=kinds, test_ids=test_ids,
+                   challenges=challenges)
+
+
+def _make_image(plan: _Plan, k: int, *, rng: np.random.Generator, source: np.ndarray, images_dir: str,
+                max_side: int | None) -> tuple[SampleImage, str, tuple[int, int], np.ndarray]:
+    """Crop, resize, degrade and write image ``k`` of ``plan`` from its ``source`` photo:
+    (its truth, its file name, its displayed size, its votes)."""
+    image_id, degradation, kind = plan.image_ids[k], plan.degradations[k], plan.kinds[k]
+    (y, x, ch, cw), (oh, ow) = _plan_size(rng, *source.shape[:2], max_side)
+    crop = source[y:y + ch, x:x + cw]
+    img = cv2.resize(crop, (ow, oh), interpolation=cv2.INTER_AREA) if (oh, ow) != (ch, cw) else crop
+    level = 0.0 if degradation == "none" else round(float(rng.uniform(0.1, 1.0)), 3)
+    jpeg_q = 92
+    if degradation == "jpeg" and _EXTENSION[kind] in (".jpg", ".jpeg"):
+        jpeg_q = jpeg_quality(level)  # compress once, in the file itself
+    else:
+        img = degrade(np.ascontiguousarray(img), degradation, level, rng)
+    quality = round(true_quality(level, float(plan.offsets[plan.sources[k]])), 3)
+    file_name = image_id + _EXTENSION[kind]
+    size = _write_image(os.path.join(images_dir, file_name), img, kind, jpeg_q)
+    return (SampleImage(image_id, plan.sources[k], degradation, level, quality), file_name, size,
+            draw_votes(rng, quality))
+
+
+def _write_label_files(info: SampleInfo, plan: _Plan, votes: dict):
+    """``AVA.txt`` (the ``votes`` of every id), ``generic_test.jpgl`` and ``truth.csv``."""
+    source_of = {im.id: im.source for im in info.images}
     lines = []
-    for index, image_id in enumerate(all_ids, start=1):
-        challenge = challenges.get(source_of.get(image_id), 999)
+    for index, image_id in enumerate(plan.all_ids, start=1):
+        challenge = plan.challenges.get(source_of.get(image_id), 999)
         counts = " ".join(str(int(c)) for c in votes[image_id])
         lines.append(f"{index} {image_id} {counts} 0 0 {challenge}\n")
-
-    labels_path = os.path.join(out_dir, "AVA.txt")
-    test_list_path = os.path.join(out_dir, "generic_test.jpgl")
-    truth_path = os.path.join(out_dir, "truth.csv")
-    with open(labels_path, "w", encoding="ascii", newline="\n") as f:
+    with open(info.labels_path, "w", encoding="ascii", newline="\n") as f:
         f.writelines(lines)
-    with open(test_list_path, "w", encoding="ascii", newline="\n") as f:
-        f.writelines(f"{i}\n" for i in test_ids)
-    with open(truth_path, "w", encoding="ascii", newline="\n") as f:
+    with open(info.test_list_path, "w", encoding="ascii", newline="\n") as f:
+        f.writelines(f"{i}\n" for i in info.test_ids)
+    with open(info.truth_path, "w", encoding="ascii", newline="\n") as f:
         f.write("id,file,kind,height,width,source,degradation,level,true_quality\n")
-        for im in images:
-            h, w = sizes[im.id]
-            f.write(f"{im.id},{files[im.id]},{kind_of[im.id]},{h},{w},{im.source},"
+        for im in info.images:
+            h, w = info.sizes[im.id]
+            f.write(f"{im.id},{info.files[im.id]},{info.kinds[im.id]},{h},{w},{im.source},"
                     f"{im.degradation},{im.level:g},{im.true_quality:g}\n")
-    log.info("%s: %d sample images, %d labels without images, %d test ids",
-             out_dir, n_images, len(missing_ids), len(test_ids))
-    return SampleInfo(
-        images_dir=images_dir, labels_path=labels_path, test_list_path=test_list_path,
-        truth_path=truth_path, n_images=n_images, images=images, files=files, kinds=kind_of,
-        sizes=sizes, test_ids=test_ids, labels_without_images=missing_ids,
-        sources=sorted(set(sources)),
-    )
 
 
 def demo_weights(net: str, weights: str = "auto") -> tuple[str, str]:
