@@ -98,37 +98,56 @@ def list_images(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     if not os.path.isdir(root):
         raise ConfigError(f"--images {root!r}: not a folder" if os.path.exists(root)
                           else f"--images {root!r}: no such folder")
+    search = _FolderSearch(root)
+    while (found := search.next_folder()) is not None:
+        search.search(*found)
+    return search.result()
 
-    def rel(path):
-        return os.path.relpath(path, root).replace(os.sep, "/")
 
-    seen_dirs = {_identity(os.stat(root), root): root}
-    candidates: dict = {}  # identity -> [(through a link, path)]
-    others: list[tuple[str, str]] = []
-    folders, links = [(root, False)], []  # real folders first, then the symlinked ones
-    while folders or links:
-        if folders:
-            folder, via_link = folders.pop()
-        else:
-            links.sort()
-            link = links.pop(0)
+class _FolderSearch:
+    """:func:`list_images`' walk: the folders still to search (real ones first, then the
+    symlinked ones), every folder searched (by identity), the image files found (by identity,
+    with every path to each) and the other files with their reason."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.seen_dirs = {_identity(os.stat(root), root): root}
+        self.candidates: dict = {}  # identity -> [(through a link, path)]
+        self.others: list[tuple[str, str]] = []
+        self.folders, self.links = [(root, False)], []  # real folders first, then the symlinked ones
+
+    def rel(self, path: str) -> str:
+        return os.path.relpath(path, self.root).replace(os.sep, "/")
+
+    def next_folder(self) -> tuple[str, bool] | None:
+        """The next folder to search and whether a link led to it; None when every one is searched.
+        A symlinked folder that cannot be read, or that was searched already, joins the others."""
+        while self.folders or self.links:
+            if self.folders:
+                return self.folders.pop()
+            self.links.sort()
+            link = self.links.pop(0)
             try:
                 ident = _identity(os.stat(link), link)
             except OSError as exc:
-                others.append((link, f"unreadable folder: {exc.strerror or exc}"))
+                self.others.append((link, f"unreadable folder: {exc.strerror or exc}"))
                 continue
-            if ident in seen_dirs:
-                others.append((link, f"a link to a folder already searched ({rel(seen_dirs[ident]) or '.'}); "
-                                     "not searched again"))
+            if ident in self.seen_dirs:
+                self.others.append((link, f"a link to a folder already searched "
+                                          f"({self.rel(self.seen_dirs[ident]) or '.'}); not searched again"))
                 continue
-            seen_dirs[ident] = link
-            folder, via_link = link, True
+            self.seen_dirs[ident] = link
+            return link, True
+        return None
+
+    def search(self, folder: str, via_link: bool):
+        """Sort the entries of ``folder``: folders to search, image files, and the others."""
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            others.append((folder, f"unreadable folder: {exc.strerror or exc}"))
-            continue
+            self.others.append((folder, f"unreadable folder: {exc.strerror or exc}"))
+            return
         for entry in reversed(entries):  # popped from the end: searched in name order
             if entry.name.startswith("."):
                 continue
@@ -136,35 +155,41 @@ def list_images(root: str) -> tuple[list[str], list[tuple[str, str]]]:
                 is_dir = entry.is_dir()  # follows symlinks; False when a link points to nothing
                 ident = _identity(entry.stat(), entry.path) if is_dir else None
             except OSError as exc:  # a link loop (a -> b -> a), a folder without permission
-                others.append((entry.path, f"unreadable: {exc.strerror or exc}"))
+                self.others.append((entry.path, f"unreadable: {exc.strerror or exc}"))
                 continue
             if is_dir:
                 if entry.is_symlink():
-                    links.append(entry.path)
-                    continue
-                if ident not in seen_dirs:
-                    seen_dirs[ident] = entry.path
-                    folders.append((entry.path, via_link))
-                continue
-            ext = os.path.splitext(entry.name)[1].lower()
-            if ext not in EXTENSIONS:
-                others.append((entry.path, f"not an image file type ({ext or 'no extension'}); accepted: "
-                               + " ".join(EXTENSIONS)))
-                continue
-            problem = file_problem(entry.path)
-            if problem:
-                others.append((entry.path, problem))
-                continue
-            ident = _identity(os.stat(entry.path), entry.path)
-            candidates.setdefault(ident, []).append((via_link or entry.is_symlink(), entry.path))
-    images = []
-    for paths in candidates.values():
-        paths.sort()
-        images.append(paths[0][1])
-        others.extend((p, f"the same file as {rel(paths[0][1])} (a link to it); used once") for _, p in paths[1:])
-    images.sort()
-    others.sort()
-    return images, others
+                    self.links.append(entry.path)
+                elif ident not in self.seen_dirs:
+                    self.seen_dirs[ident] = entry.path
+                    self.folders.append((entry.path, via_link))
+            else:
+                self.add_file(entry, via_link)
+
+    def add_file(self, entry: os.DirEntry, via_link: bool):
+        """An image file joins the candidates under its identity; any other file the others."""
+        ext = os.path.splitext(entry.name)[1].lower()
+        if ext not in EXTENSIONS:
+            self.others.append((entry.path, f"not an image file type ({ext or 'no extension'}); accepted: "
+                                + " ".join(EXTENSIONS)))
+            return
+        problem = file_problem(entry.path)
+        if problem:
+            self.others.append((entry.path, problem))
+            return
+        ident = _identity(os.stat(entry.path), entry.path)
+        self.candidates.setdefault(ident, []).append((via_link or entry.is_symlink(), entry.path))
+
+    def result(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """(the images, each file once under its path without links where it has one; the others), sorted."""
+        images = []
+        others = list(self.others)
+        for paths in self.candidates.values():
+            paths.sort()
+            images.append(paths[0][1])
+            others.extend((p, f"the same file as {self.rel(paths[0][1])} (a link to it); used once")
+                          for _, p in paths[1:])
+        return sorted(images), sorted(others)
 
 
 def check_files(paths) -> tuple[list[str], list[tuple[str, str]]]:
