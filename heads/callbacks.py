@@ -66,6 +66,12 @@ class Throughput(keras.callbacks.Callback):
         timed = self.epoch_seconds[1:] or self.epoch_seconds
         return self.samples_per_epoch * len(timed) / sum(timed) if timed and sum(timed) > 0 else None
 
+    def timing(self) -> dict:
+        """What the run's ``config.json`` records: samples per second and each epoch's seconds."""
+        return {"train_samples_per_second": (round(self.samples_per_second, 1)
+                                             if self.samples_per_second else None),
+                "epoch_seconds": [round(t, 3) for t in self.epoch_seconds]}
+
 
 class HistoryCSV(keras.callbacks.Callback):
     """``history.csv``: one row per epoch (numbered from 1), written as the epoch ends."""

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 
-from mlsp.atomic import write_json
+from mlsp.atomic import atomic_path, write_json
 from mlsp.errors import ConfigError, StoreConfigMismatch
 from mlsp.extract import ExtractConfig
 from mlsp.store import FEATURES_ROOT, FeatureStore
@@ -108,6 +108,12 @@ class Run:
         """Apply ``updates`` to the config and write ``config.json`` atomically."""
         self.config.update(updates)
         write_json(self.config_path, self.config)
+
+    def save_model(self, model):
+        """Write ``model`` (a Keras model) to ``model.keras`` atomically: complete or not at all."""
+        with atomic_path(self.model_path, keep_extension=True,
+                         kept=f"{self.path} holds the run's config.json and history.csv, not its model") as tmp:
+            model.save(tmp)
 
     @property
     def store_info(self) -> dict:

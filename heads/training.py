@@ -29,7 +29,6 @@ import keras
 import numpy as np
 
 from mlsp import __version__, backend
-from mlsp.atomic import atomic_path
 from mlsp.errors import ConfigError, StoreError, TrainingError
 from mlsp.extract import resolve_precision
 from mlsp.progress import null_progress, resolve as resolve_progress
@@ -40,7 +39,7 @@ from .config import TrainConfig
 from .data import FeatureSource, TrainBatches, open_features, predict_views
 from .evaluation import EVAL_SPLITS, labelled_split, write_outputs
 from .models import build_head
-from .registry import get_head
+from .registry import HeadSpec, get_head
 from .run import Run, default_run_dir
 from .schedule import Schedule, describe, fmt_lr
 from .schedule_callback import StepOrPlateauSchedule
@@ -50,7 +49,7 @@ from .targets import (TargetSpec, get_target, has_votes, initial_bias, mos_of, t
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingData", "train", "fit", "check_store", "check_target",
+__all__ = ["TrainConfig", "TrainResult", "TrainingData", "Fitted", "train", "fit", "check_store", "check_target",
            "HistoryCSV", "ProgressBar", "Throughput", "ViewMeanValidation"]  # the last four: heads.callbacks
 
 
@@ -146,13 +145,13 @@ def versions() -> dict:
 def train(config: TrainConfig, *, progress=False) -> TrainResult:
     """Train ``config.head`` on ``config.store`` (the newest store under features/ if None).
 
-    ``progress``: ``True`` for a bar per epoch on the console, or a :mod:`mlsp.progress` factory."""
-    if not isinstance(config, TrainConfig):
-        raise ConfigError(f"train() takes a TrainConfig, received {type(config).__name__}")
-    config.validate()
-    spec = get_head(config.head)
-    goal = get_target(config.target)
-    spec.resolve_options(config.head_options)  # an unknown option fails before the store is opened
+    ``progress``: ``True`` for a bar per epoch on the console, or a :mod:`mlsp.progress` factory.
+
+    The steps: check the configuration (:func:`_check_config`); open the store, check it and plan
+    the run (:func:`_prepare`); create the run folder with its record (:func:`_record`); fit and
+    predict val and test (:func:`_fit_and_predict`); save the model, stopping a diverged run
+    (:func:`_save_model`); write the evaluation and close the record (:func:`_finish`)."""
+    spec, goal = _check_config(config)
     store_path = config.store or find_latest_store(FEATURES_ROOT)
     if config.store is None:
         log.info("no store given: using the newest one, %s", store_path)
@@ -161,104 +160,156 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
     if why != "as asked":
         log.info("training precision %s: %s", precision, why)
     with FeatureStore(store_path) as store:
-        rows = check_target(store, goal, check_store(store, spec.name))
-        plan, why = config.schedule(len(rows["train"]))
-        head_options = spec.resolve_options(config.head_options, channels=sum(store.block_channels))
-        run_dir = config.out or default_run_dir(store_path, spec.name)
-        Run.refuse_existing(run_dir)
-        reduce_grid = store.pooling == "wide" and not spec.needs_wide
-        if reduce_grid:
-            log.info("%s takes narrow features: each view of this wide store is reduced to the mean of its "
-                     "5x5 grid, which equals the narrow feature", spec.name)
-        log.info("schedule: %s; %s", describe(plan, len(rows["train"])), why)
-        all_rows = np.concatenate([rows["train"], rows["val"], rows["test"]])
-        source = open_features(store, all_rows, reduce_grid=reduce_grid, memory_budget=config.memory_budget)
-        mos = store.mos.astype(np.float64)
-        labels = training_labels(goal, mos, store.votes)
-        output_bias = initial_bias(goal, labels[rows["train"]])
-        output_bias = output_bias[0] if len(output_bias) == 1 else output_bias
-        record = {
-            "store": {
-                "path": os.path.abspath(store_path), "fingerprint": store.fingerprint(), "net": store.net,
-                "pooling": store.pooling, "block_names": store.block_names,
-                "block_channels": store.block_channels, "views": store.views, "n_images": store.n_images,
-                "config": store.config(),
-            },
-            "head": spec.name,
-            "head_options": head_options,
-            "target": goal.name,
-            "train": config.to_dict(),
-            "schedule": {**plan.to_dict(), "max_epochs": plan.max_epochs(config.epochs), "why": why},
-            "splits": {k: int(len(v)) for k, v in rows.items()},
-            "data": {"mode": source.mode, "reduce_grid": reduce_grid,
-                     "memory_budget": config.memory_budget, "workers": config.workers},
-            "output_bias": output_bias,
-            "max_epochs": plan.max_epochs(config.epochs),
-            "precision": precision,
-            "versions": versions(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "status": "running",
-        }
-        run = Run.create(run_dir, record)
-        log.info("run folder: %s", run_dir)
-        data = TrainingData(store=store, source=source, rows=rows, mos=mos, labels=labels, output_bias=output_bias,
-                            reduce_grid=reduce_grid)
-        try:
-            with backend.deterministic_ops(config.deterministic):
-                model, schedule, throughput, interrupted = fit(config, plan, data, head_options=head_options,
-                                                               history_path=run.history_path, progress=progress,
-                                                               precision=precision)
-                predictions = {split: (rows[split], predict_views(model, source, rows[split])) for split in EVAL_SPLITS}
-        except Exception as exc:
-            # a damaged store met in a reading thread reaches here wrapped in TensorFlow's error
-            failure = source.failure or exc
-            run.save_config(status="failed", error=f"{type(failure).__name__}: {failure}")
-            if source.failure is not None:
-                raise source.failure from None
-            raise
-        except KeyboardInterrupt:  # before the first epoch ended: no weights to keep (after it, _fit keeps them)
-            run.save_config(status="interrupted", error="stopped before the first epoch ended: no weights to keep")
-            raise
-        finally:
-            source.close()
+        job = _prepare(config, store, store_path=store_path, spec=spec, goal=goal, precision=precision)
+        run = Run.create(job.run_dir, _record(job))
+        log.info("run folder: %s", job.run_dir)
+        fitted, predictions = _fit_and_predict(job, run, progress=progress)
         history = run.history()
-        constant = None if goal.outputs == 1 else validation_loss(  # the mean training histogram's EMD
-            labels[rows["val"]], np.broadcast_to(labels[rows["train"]].mean(axis=0), labels[rows["val"]].shape))
-        diverged = divergence(history, schedule.best, mos[rows["train"]], mos[rows["val"]],
-                              {k: (r, mos_of(p)) for k, (r, p) in predictions.items()}, constant_loss=constant)
-        # the saved model takes what the store holds: a narrow head on a wide store gets its grid mean
-        export = build_head(spec.name, store.block_channels, pooling=store.pooling, grid=_grid(store),
-                            output_bias=output_bias, target=goal.name, **head_options)
-        export.set_weights(model.get_weights())
-        with atomic_path(run.model_path, keep_extension=True,
-                         kept=f"{run_dir} holds the run's config.json and history.csv, not its model") as tmp:
-            export.save(tmp)
-        if diverged is not None:
-            run.save_config(status="diverged", error=diverged, epochs_run=len(history),
-                            best_val_loss=float(schedule.best), lr_changes=schedule.events)
-            raise TrainingError(f"training diverged: {diverged}; try a lower --lr (this run's: {fmt_lr(plan.lr)}); "
-                                f"{run.config_path} marks the run diverged")
-        metrics = write_outputs(run_dir, store, predictions)
+        _save_model(job, run, fitted, predictions=predictions, history=history)
+        metrics = write_outputs(job.run_dir, store, predictions)
+    _finish(run, fitted, history=history, metrics=metrics, started=started)
+    return TrainResult(run_dir=job.run_dir, metrics=metrics, history=history, config=run.config)
+
+
+@dataclasses.dataclass
+class _Job:
+    """One training's resolved inputs, handed from step to step of :func:`train`."""
+
+    config: TrainConfig
+    spec: HeadSpec
+    goal: TargetSpec
+    store_path: str
+    precision: str  # as resolved for this machine
+    plan: Schedule  # the schedule for the store's training split
+    plan_why: str  # why that schedule
+    head_options: dict  # resolved for the store's channels
+    run_dir: str
+    data: TrainingData
+
+
+def _check_config(config) -> tuple[HeadSpec, TargetSpec]:
+    """The head's and the target's specs; a wrong configuration fails before the store is opened."""
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"train() takes a TrainConfig, received {type(config).__name__}")
+    config.validate()
+    spec = get_head(config.head)
+    goal = get_target(config.target)
+    spec.resolve_options(config.head_options)  # an unknown option fails before the store is opened
+    return spec, goal
+
+
+def _prepare(config: TrainConfig, store: FeatureStore, *, store_path: str, spec: HeadSpec, goal: TargetSpec,
+             precision: str) -> _Job:
+    """Check ``store`` for the head and the target, plan the schedule for its training split,
+    choose the run folder (refusing one that holds a run) and open the features."""
+    rows = check_target(store, goal, check_store(store, spec.name))
+    plan, why = config.schedule(len(rows["train"]))
+    head_options = spec.resolve_options(config.head_options, channels=sum(store.block_channels))
+    run_dir = config.out or default_run_dir(store_path, spec.name)
+    Run.refuse_existing(run_dir)
+    reduce_grid = store.pooling == "wide" and not spec.needs_wide
+    if reduce_grid:
+        log.info("%s takes narrow features: each view of this wide store is reduced to the mean of its "
+                 "5x5 grid, which equals the narrow feature", spec.name)
+    log.info("schedule: %s; %s", describe(plan, len(rows["train"])), why)
+    data = TrainingData.open(store, rows, goal, reduce_grid=reduce_grid, memory_budget=config.memory_budget)
+    return _Job(config=config, spec=spec, goal=goal, store_path=store_path, precision=precision, plan=plan,
+                plan_why=why, head_options=head_options, run_dir=run_dir, data=data)
+
+
+def _record(job: _Job) -> dict:
+    """The run's ``config.json`` as training starts (status ``running``)."""
+    config, plan, store = job.config, job.plan, job.data.store
+    return {
+        "store": {
+            "path": os.path.abspath(job.store_path), "fingerprint": store.fingerprint(), "net": store.net,
+            "pooling": store.pooling, "block_names": store.block_names,
+            "block_channels": store.block_channels, "views": store.views, "n_images": store.n_images,
+            "config": store.config(),
+        },
+        "head": job.spec.name,
+        "head_options": job.head_options,
+        "target": job.goal.name,
+        "train": config.to_dict(),
+        "schedule": {**plan.to_dict(), "max_epochs": plan.max_epochs(config.epochs), "why": job.plan_why},
+        "splits": {k: int(len(v)) for k, v in job.data.rows.items()},
+        "data": {"mode": job.data.source.mode, "reduce_grid": job.data.reduce_grid,
+                 "memory_budget": config.memory_budget, "workers": config.workers},
+        "output_bias": job.data.output_bias,
+        "max_epochs": plan.max_epochs(config.epochs),
+        "precision": job.precision,
+        "versions": versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "status": "running",
+    }
+
+
+def _fit_and_predict(job: _Job, run: Run, *, progress) -> tuple[Fitted, dict]:
+    """:func:`fit`, then the predictions (split -> (rows, predictions)) on val and test; a failure
+    marks the run ``failed``, a Ctrl-C before the first epoch ended ``interrupted``."""
+    source, rows = job.data.source, job.data.rows
+    try:
+        with backend.deterministic_ops(job.config.deterministic):
+            fitted = fit(job.config, job.plan, job.data, head_options=job.head_options,
+                         history_path=run.history_path, progress=progress, precision=job.precision)
+            predictions = {split: (rows[split], predict_views(fitted.model, source, rows[split]))
+                           for split in EVAL_SPLITS}
+    except Exception as exc:
+        # a damaged store met in a reading thread reaches here wrapped in TensorFlow's error
+        failure = source.failure or exc
+        run.save_config(status="failed", error=f"{type(failure).__name__}: {failure}")
+        if source.failure is not None:
+            raise source.failure from None
+        raise
+    except KeyboardInterrupt:  # before the first epoch ended: no weights to keep (after it, fit keeps them)
+        run.save_config(status="interrupted", error="stopped before the first epoch ended: no weights to keep")
+        raise
+    finally:
+        source.close()
+    return fitted, predictions
+
+
+def _save_model(job: _Job, run: Run, fitted: Fitted, *, predictions: dict, history: list):
+    """Save the model, taking what the store holds (a narrow head on a wide store gets its grid
+    mean); a run that diverged keeps its model, is marked ``diverged`` and is a TrainingError."""
+    data, rows = job.data, job.data.rows
+    constant = None if job.goal.outputs == 1 else validation_loss(  # the mean training histogram's EMD
+        data.labels[rows["val"]],
+        np.broadcast_to(data.labels[rows["train"]].mean(axis=0), data.labels[rows["val"]].shape))
+    diverged = divergence(history, fitted.schedule.best, data.mos[rows["train"]], data.mos[rows["val"]],
+                          {k: (r, mos_of(p)) for k, (r, p) in predictions.items()}, constant_loss=constant)
+    store = data.store
+    export = build_head(job.spec.name, store.block_channels, pooling=store.pooling, grid=_grid(store),
+                        output_bias=data.output_bias, target=job.goal.name, **job.head_options)
+    export.set_weights(fitted.model.get_weights())
+    run.save_model(export)
+    if diverged is not None:
+        run.save_config(status="diverged", error=diverged, epochs_run=len(history),
+                        best_val_loss=float(fitted.schedule.best), lr_changes=fitted.schedule.events)
+        raise TrainingError(f"training diverged: {diverged}; try a lower --lr (this run's: {fmt_lr(job.plan.lr)}); "
+                            f"{run.config_path} marks the run diverged")
+
+
+def _finish(run: Run, fitted: Fitted, *, history: list, metrics: dict, started: float):
+    """``loss.png``, the run's record closed (``finished``, or ``interrupted`` when Ctrl-C stopped
+    training after an epoch) and the test figures logged."""
     from .plots import plot_history
 
+    schedule = fitted.schedule
     plot_history(run.file("loss.png"), history, schedule.events)
     run.save_config(
-        status="interrupted" if interrupted else "finished",
+        status="interrupted" if fitted.interrupted else "finished",
         epochs_run=len(history),
         best_epoch=None if schedule.best_epoch is None else schedule.best_epoch + 1,
         best_val_loss=float(schedule.best),
         lr_changes=schedule.events,
-        timing={"seconds": round(time.time() - started, 2),
-                "train_samples_per_second": (round(throughput.samples_per_second, 1)
-                                             if throughput.samples_per_second else None),
-                "epoch_seconds": [round(t, 3) for t in throughput.epoch_seconds]},
+        timing={"seconds": round(time.time() - started, 2), **fitted.throughput.timing()},
         metrics=metrics,
     )
     extra = "" if "emd2" not in metrics["test"] else \
         f", EMD (r=2) {_fmt(metrics['test']['emd2'])}, opinion std SRCC {_fmt(metrics['test']['std_srcc'])}"
     log.info("done in %.0f s: test SRCC %s, PLCC %s%s; run folder %s", time.time() - started,
-             _fmt(metrics["test"]["srcc"]), _fmt(metrics["test"]["plcc"]), extra, run_dir)
-    return TrainResult(run_dir=run_dir, metrics=metrics, history=history, config=run.config)
+             _fmt(metrics["test"]["srcc"]), _fmt(metrics["test"]["plcc"]), extra, run.path)
 
 
 #: A run whose best validation loss is over this many times that of predicting the mean training
@@ -330,12 +381,35 @@ class TrainingData:
     output_bias: object  # the head's starting prediction (a float, or one per output)
     reduce_grid: bool  # a narrow head on a wide store: each view's grid mean
 
+    @classmethod
+    def open(cls, store: FeatureStore, rows: dict, goal: TargetSpec, *, reduce_grid: bool,
+             memory_budget) -> "TrainingData":
+        """The features of ``rows`` (train, val, test) from ``store``, and the labels ``goal`` trains on."""
+        all_rows = np.concatenate([rows["train"], rows["val"], rows["test"]])
+        source = open_features(store, all_rows, reduce_grid=reduce_grid, memory_budget=memory_budget)
+        mos = store.mos.astype(np.float64)
+        labels = training_labels(goal, mos, store.votes)
+        output_bias = initial_bias(goal, labels[rows["train"]])
+        output_bias = output_bias[0] if len(output_bias) == 1 else output_bias
+        return cls(store=store, source=source, rows=rows, mos=mos, labels=labels, output_bias=output_bias,
+                   reduce_grid=reduce_grid)
+
+
+@dataclasses.dataclass
+class Fitted:
+    """What :func:`fit` returns: the model with the best weights on validation loss, the LR
+    schedule (best epoch and loss, LR changes), the throughput, and whether Ctrl-C stopped it."""
+
+    model: keras.Model
+    schedule: StepOrPlateauSchedule
+    throughput: Throughput
+    interrupted: bool
+
 
 def fit(config: TrainConfig, plan: Schedule, data: TrainingData, *, head_options: dict, history_path: str,
         progress=False, precision: str = "float32"):
-    """Build the head and train it with ``plan`` (the resolved schedule) at ``precision``;
-    ``(model, schedule, throughput, interrupted)`` with the best weights on validation loss in
-    ``model``."""
+    """Build the head and train it with ``plan`` (the resolved schedule) at ``precision``; the
+    :class:`Fitted` model holds the best weights on validation loss."""
     store, source, rows, mos, labels = data.store, data.source, data.rows, data.mos, data.labels
     head = config.head
     backend.set_random_seed(config.seed)
@@ -388,4 +462,4 @@ def fit(config: TrainConfig, plan: Schedule, data: TrainingData, *, head_options
         twin = _build(head, head_options, store, data.output_bias, data.reduce_grid, target.name)
         twin.set_weights(model.get_weights())
         model = twin
-    return model, schedule, throughput, interrupted
+    return Fitted(model=model, schedule=schedule, throughput=throughput, interrupted=interrupted)
