@@ -10,6 +10,7 @@ into one store (see ``features/README.md``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -327,80 +328,130 @@ def extract(
         report: dict = {}
         # Labels are read before any image, so a malformed file fails at once.
         label_fn = _label_function(labels, test_list, val_fraction, seed, report)
-
-        if batch_views is None:
-            batch_views = default_batch_views()
         runner = runner or LocalRunner(extractor or FeatureExtractor(config, cache=True), workers, prefetch,
-                                       batch_views, batch_window)
-        attrs = dict(runner.info())
-        attrs.update(
-            dataset=dataset,
-            labels_file=os.path.abspath(labels) if labels else "",
-            test_list=os.path.abspath(test_list) if test_list else "",
-            val_fraction=float(val_fraction),
-            seed=int(seed),
-        )
-        return _extract_locked(paths, ids, skipped, root, out, attrs, config, runner, label_fn, report,
-                               flush_images, flush_seconds, progress, started, lock)
+                                       default_batch_views() if batch_views is None else batch_views, batch_window)
+        attrs = {**runner.info(), "dataset": dataset,
+                 "labels_file": os.path.abspath(labels) if labels else "",
+                 "test_list": os.path.abspath(test_list) if test_list else "",
+                 "val_fraction": float(val_fraction), "seed": int(seed)}
+        return _extract_locked(_Extraction(
+            paths=paths, ids=ids, skipped=skipped, root=root, out=out, attrs=attrs, config=config, runner=runner,
+            label_fn=label_fn, report=report, flush_images=flush_images, flush_seconds=flush_seconds,
+            progress=progress, started=started, lock=lock))
     finally:
         lock.release()
 
 
-def _extract_locked(paths, ids, skipped, root, out, attrs, config, runner, label_fn, report, flush_images,
-                    flush_seconds, progress, started, lock) -> ExtractResult:
-    """The part of :func:`extract` that holds the store's lock."""
-    previous = None
-    if os.path.exists(out):
-        with store.FeatureStore(out) as existing:
-            diff = store.config_differences(existing.attrs, attrs)
-            if diff:
-                raise StoreConfigMismatch(out, diff)
-            done_paths = set(existing.paths.tolist())
-            done_paths.update(e["path"] for e in existing.errors())
-        previous = out
-    else:
-        done_paths = set()
-    if not lock.read_only:
-        remove_stale_temporaries(out)
+@dataclasses.dataclass
+class _Extraction:
+    """One :func:`extract` call once its inputs are found and the store's lock is held."""
 
-    rel = {p: os.path.relpath(p, root).replace(os.sep, "/") for p in paths}
-    layout = {"views": attrs["views"], "pooling": config.pooling, "channels": int(sum(attrs["block_channels"]))}
-    writer = store.ShardWriter(out, {k: attrs[k] for k in store.CONFIG_KEYS}, layout,
-                               flush_images=flush_images, flush_seconds=flush_seconds)
+    paths: list  # the images, absolute
+    ids: list  # their ids
+    skipped: list  # (path, reason) of the inputs that are not usable images
+    root: str  # the folder the stored paths are relative to
+    out: str  # the store
+    attrs: dict  # the store's attributes: the extractor's, the dataset's and the label sources
+    config: ExtractConfig
+    runner: object  # runs the model: map((path, id)) -> ((path, id), result), info(), postfix()
+    label_fn: object  # ids -> (mos, votes, split)
+    report: dict  # filled by label_fn: what the labels said
+    flush_images: int
+    flush_seconds: float
+    progress: ProgressFactory
+    started: float  # time.monotonic() when the call began
+    lock: StoreLock
+
+    def key(self, path: str) -> str:
+        """The path the store records for ``path``: relative to ``root``, with ``/``."""
+        return os.path.relpath(path, self.root).replace(os.sep, "/")
+
+
+def _extract_locked(job: _Extraction) -> ExtractResult:
+    """The part of :func:`extract` that holds the store's lock: skip what is done, extract the
+    rest into shards, merge them with the labels into the store."""
+    out = job.out
+    previous, done_paths = _done_in_store(job)
+    writer = store.ShardWriter(out, {k: job.attrs[k] for k in store.CONFIG_KEYS},
+                               {"views": job.attrs["views"], "pooling": job.config.pooling,
+                                "channels": int(sum(job.attrs["block_channels"]))},
+                               flush_images=job.flush_images, flush_seconds=job.flush_seconds)
     kept = (f"finished images are kept in {writer.dir}" + (f" and {out}" if previous else "")
             + "; free space (or fix the folder) and run the same command again")
     for record in writer.read_shards():
         done_paths.update(record.paths)
         done_paths.update(e["path"] for e in record.errors)
-    todo = [(p, i) for p, i in zip(paths, ids) if rel[p] not in done_paths]
-    skipped_existing = len(paths) - len(todo)
+    todo = [(p, i) for p, i in zip(job.paths, job.ids) if job.key(p) not in done_paths]
+    skipped_existing = len(job.paths) - len(todo)
     if skipped_existing:
-        log.info("%d of %d images are already extracted; %d to go", skipped_existing, len(paths), len(todo))
-    log.info("extracting %d images with %s (%s, %d views, weights %s) into %s", len(todo), config.net,
-             config.pooling, len(config.views), attrs["weights_source"], out)
-
-    new = 0
-    n_errors = 0
-    bar = progress(total=len(todo), desc="extract", unit="img")
+        log.info("%d of %d images are already extracted; %d to go", skipped_existing, len(job.paths), len(todo))
+    log.info("extracting %d images with %s (%s, %d views, weights %s) into %s", len(todo), job.config.net,
+             job.config.pooling, len(job.config.views), job.attrs["weights_source"], out)
+    bar = job.progress(total=len(todo), desc="extract", unit="img")
     try:
-        for path, reason in skipped:
-            key = os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
-            if key not in done_paths:
-                writer.add_error(os.path.splitext(os.path.basename(path))[0], key, reason)
-        for (path, image_id), result in runner.map(todo):
-            if isinstance(result, ImageDecodeError):
-                writer.add_error(image_id, rel[path], result.reason)
-                n_errors += 1
-                log.debug("skipped %s: %s", path, result.reason)
-            else:
-                size, features = result
-                writer.add(image_id, rel[path], size, features)
-                new += 1
-            bar.update(1)
-            postfix = {**runner.postfix(), **({"errors": n_errors} if n_errors else {})}
-            if postfix:
-                bar.set_postfix(postfix, refresh=False)
-        writer.flush()
+        with _keeping_finished(writer, kept):
+            new = _write_shards(job, writer, todo, done_paths=done_paths, bar=bar)
+    finally:
+        bar.close()
+    n_rows = _merge(job, writer, previous=previous, kept=kept)
+    with store.FeatureStore(out) as s:
+        errors = s.errors()
+    result = ExtractResult(out, n_rows, new, errors, dict(job.report), time.monotonic() - job.started,
+                           skipped_existing)
+    log.debug("%s: %d images (%d new), %d unusable inputs, in %.1f s", out, n_rows, new, len(errors), result.seconds)
+    return result
+
+
+def _done_in_store(job: _Extraction) -> tuple[str | None, set]:
+    """(the existing store, or None; the paths it holds, images and errors); a store made with
+    another configuration is a StoreConfigMismatch. Clears the temporaries a crash left."""
+    previous = None
+    if os.path.exists(job.out):
+        with store.FeatureStore(job.out) as existing:
+            diff = store.config_differences(existing.attrs, job.attrs)
+            if diff:
+                raise StoreConfigMismatch(job.out, diff)
+            done_paths = set(existing.paths.tolist())
+            done_paths.update(e["path"] for e in existing.errors())
+        previous = job.out
+    else:
+        done_paths = set()
+    if not job.lock.read_only:
+        remove_stale_temporaries(job.out)
+    return previous, done_paths
+
+
+def _write_shards(job: _Extraction, writer: store.ShardWriter, todo: list, *, done_paths: set, bar) -> int:
+    """Record the unusable inputs not yet recorded, then extract ``todo`` through the runner into
+    ``writer``'s shards; the number of images extracted."""
+    for path, reason in job.skipped:
+        key = job.key(path)
+        if key not in done_paths:
+            writer.add_error(os.path.splitext(os.path.basename(path))[0], key, reason)
+    new = n_errors = 0
+    for (path, image_id), result in job.runner.map(todo):
+        if isinstance(result, ImageDecodeError):
+            writer.add_error(image_id, job.key(path), result.reason)
+            n_errors += 1
+            log.debug("skipped %s: %s", path, result.reason)
+        else:
+            size, features = result
+            writer.add(image_id, job.key(path), size, features)
+            new += 1
+        bar.update(1)
+        postfix = {**job.runner.postfix(), **({"errors": n_errors} if n_errors else {})}
+        if postfix:
+            bar.set_postfix(postfix, refresh=False)
+    writer.flush()
+    return new
+
+
+@contextlib.contextmanager
+def _keeping_finished(writer: store.ShardWriter, kept: str):
+    """Whatever stops the extraction, the finished shards stay for the next run to resume from; a
+    full disk or a folder that cannot be written is a WriteError saying so (``kept``)."""
+    try:
+        yield
     except NoSpace as exc:
         # checked before HDF5 wrote anything: the open shard is intact and its completion fits
         # in the margin kept free
@@ -422,28 +473,27 @@ def _extract_locked(paths, ids, skipped, root, out, attrs, config, runner, label
         # Ctrl-C, SIGTERM or any failure: keep what is finished; the next run resumes from here.
         writer.flush()
         raise
-    finally:
-        bar.close()
 
-    labelled = _with_report(label_fn, attrs, report)
+
+def _merge(job: _Extraction, writer: store.ShardWriter, *, previous: str | None, kept: str) -> int:
+    """Merge the shards and ``previous`` with the labels into the store (only relabel it when
+    nothing is new); its number of rows."""
+    labelled = _with_report(job.label_fn, job.attrs, job.report)
     try:
         if writer.shard_paths() or previous is None:
-            n_rows, _ = store.finalize_store(out, writer.dir, attrs, labelled, previous=previous, progress=progress)
+            n_rows, _ = store.finalize_store(job.out, writer.dir, job.attrs, labelled, previous=previous,
+                                             progress=job.progress)
         else:  # nothing new: only the labels may have changed
             writer.remove()
             label_attrs = ("labels_file", "test_list", "val_fraction", "seed", "labels_without_images")
-            n_rows = store.relabel_store(out, labelled, attrs, label_attrs)
+            n_rows = store.relabel_store(job.out, labelled, job.attrs, label_attrs)
     except WriteError:
         raise
     except Exception as exc:
         if not is_write_failure(exc):
             raise
-        raise WriteError(getattr(exc, "filename", None) or out, describe_os_error(exc), kept) from exc
-    with store.FeatureStore(out) as s:
-        errors = s.errors()
-    result = ExtractResult(out, n_rows, new, errors, dict(report), time.monotonic() - started, skipped_existing)
-    log.debug("%s: %d images (%d new), %d unusable inputs, in %.1f s", out, n_rows, new, len(errors), result.seconds)
-    return result
+        raise WriteError(getattr(exc, "filename", None) or job.out, describe_os_error(exc), kept) from exc
+    return n_rows
 
 
 def _with_report(label_fn, attrs, report):
