@@ -17,6 +17,7 @@ process) the tap is written ``after:NAME``: the output of the one operation that
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -483,11 +484,31 @@ def fold_batch_norms(model):
     computes about 10x faster on CPU (see :func:`_grouped_depthwise`). A net with nothing to
     fold or rewrite is returned as it is. Features agree with the unfolded model to float32
     rounding.
+
+    The steps: find the pairs (:func:`_conv_batch_norm_pairs`), clone the model with the
+    layers changed (:func:`_folding_clone`), then give the copy its weights
+    (:func:`_folded_weights`).
     """
     import keras
-    import numpy as np
 
-    from .layers import FoldedBatchNorm
+    bn_of_conv, conv_of_bn = _conv_batch_norm_pairs(model)
+    depthwise = {layer.name for layer in model.layers if _grouped_depthwise(layer)}
+    if not bn_of_conv and not depthwise:
+        return model, 0
+    folded = keras.models.clone_model(model, clone_function=functools.partial(
+        _folding_clone, bn_of_conv=bn_of_conv, conv_of_bn=conv_of_bn, depthwise=depthwise))
+    for layer in model.layers:
+        if layer.name in conv_of_bn or not layer.weights:
+            continue
+        folded.get_layer(layer.name).set_weights(
+            _folded_weights(layer, bn_of_conv.get(layer.name), depthwise=layer.name in depthwise))
+    return folded, len(bn_of_conv)
+
+
+def _conv_batch_norm_pairs(model) -> tuple[dict, dict]:
+    """(convolution name -> its batch norm, batch norm name -> its convolution) for every
+    channels-last BatchNormalization that is the only consumer of a Conv2D or DepthwiseConv2D."""
+    import keras
 
     convolutions = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
     bn_of_conv, conv_of_bn = {}, {}
@@ -500,48 +521,53 @@ def fold_batch_norms(model):
         if isinstance(producer, convolutions) and len(producer._outbound_nodes) == 1:
             bn_of_conv[producer.name] = layer
             conv_of_bn[layer.name] = producer
-    depthwise = {layer.name for layer in model.layers if _grouped_depthwise(layer)}
-    if not bn_of_conv and not depthwise:
-        return model, 0
+    return bn_of_conv, conv_of_bn
 
-    def clone(layer):
-        if layer.name in conv_of_bn:
-            return FoldedBatchNorm(name=layer.name, dtype=layer.dtype_policy.name)
-        config = layer.get_config()
-        if layer.name in bn_of_conv:
-            config["use_bias"] = True
-        if layer.name in depthwise:
-            return keras.layers.DepthwiseConv2D(
-                layer.kernel_size, strides=layer.strides, padding=layer.padding, depth_multiplier=1,
-                data_format=layer.data_format, dilation_rate=layer.dilation_rate, activation=layer.activation,
-                use_bias=config["use_bias"], name=layer.name, dtype=layer.dtype_policy.name)
-        return layer.__class__.from_config(config)
 
-    folded = keras.models.clone_model(model, clone_function=clone)
+def _folding_clone(layer, *, bn_of_conv: dict, conv_of_bn: dict, depthwise: set):
+    """``layer`` as the folded copy has it (the ``clone_function`` of ``keras.models.clone_model``):
+    a folded batch norm becomes the identity, its convolution gets a bias, a grouped depthwise
+    convolution becomes a DepthwiseConv2D."""
+    import keras
+
+    from .layers import FoldedBatchNorm
+
+    if layer.name in conv_of_bn:
+        return FoldedBatchNorm(name=layer.name, dtype=layer.dtype_policy.name)
+    config = layer.get_config()
+    if layer.name in bn_of_conv:
+        config["use_bias"] = True
+    if layer.name in depthwise:
+        return keras.layers.DepthwiseConv2D(
+            layer.kernel_size, strides=layer.strides, padding=layer.padding, depth_multiplier=1,
+            data_format=layer.data_format, dilation_rate=layer.dilation_rate, activation=layer.activation,
+            use_bias=config["use_bias"], name=layer.name, dtype=layer.dtype_policy.name)
+    return layer.__class__.from_config(config)
+
+
+def _folded_weights(layer, bn, *, depthwise: bool) -> list:
+    """The weights of ``layer``'s folded copy: its own, with the batch norm ``bn`` (or None)
+    folded into kernel and bias, and a grouped depthwise kernel (h, w, 1, C) turned (h, w, C, 1)."""
+    import keras
+    import numpy as np
+
+    if bn is None:
+        weights = layer.get_weights()
+        if depthwise:  # (h, w, 1, C) -> (h, w, C, 1)
+            weights[0] = np.transpose(weights[0], (0, 1, 3, 2))
+        return weights
     as_array = keras.ops.convert_to_numpy
-    for layer in model.layers:
-        if layer.name in conv_of_bn or not layer.weights:
-            continue
-        target = folded.get_layer(layer.name)
-        bn = bn_of_conv.get(layer.name)
-        if bn is None:
-            weights = layer.get_weights()
-            if layer.name in depthwise:  # (h, w, 1, C) -> (h, w, C, 1)
-                weights[0] = np.transpose(weights[0], (0, 1, 3, 2))
-            target.set_weights(weights)
-            continue
-        kernel = as_array(layer.kernel).astype(np.float64)
-        bias = as_array(layer.bias).astype(np.float64) if layer.use_bias else 0.0
-        mean = as_array(bn.moving_mean).astype(np.float64)
-        scale = (as_array(bn.gamma).astype(np.float64) if bn.scale else 1.0) / np.sqrt(
-            as_array(bn.moving_variance).astype(np.float64) + bn.epsilon)
-        beta = as_array(bn.beta).astype(np.float64) if bn.center else 0.0
-        per_kernel = scale.reshape(kernel.shape[2:]) if isinstance(layer, keras.layers.DepthwiseConv2D) else scale
-        kernel = kernel * per_kernel
-        if layer.name in depthwise:
-            kernel = np.transpose(kernel, (0, 1, 3, 2))
-        target.set_weights([kernel.astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)])
-    return folded, len(bn_of_conv)
+    kernel = as_array(layer.kernel).astype(np.float64)
+    bias = as_array(layer.bias).astype(np.float64) if layer.use_bias else 0.0
+    mean = as_array(bn.moving_mean).astype(np.float64)
+    scale = (as_array(bn.gamma).astype(np.float64) if bn.scale else 1.0) / np.sqrt(
+        as_array(bn.moving_variance).astype(np.float64) + bn.epsilon)
+    beta = as_array(bn.beta).astype(np.float64) if bn.center else 0.0
+    per_kernel = scale.reshape(kernel.shape[2:]) if isinstance(layer, keras.layers.DepthwiseConv2D) else scale
+    kernel = kernel * per_kernel
+    if depthwise:
+        kernel = np.transpose(kernel, (0, 1, 3, 2))
+    return [kernel.astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)]
 
 
 def _grouped_depthwise(layer) -> bool:
