@@ -447,7 +447,7 @@ def build_backbone(spec: BackboneSpec, weights: WeightsSource):
         digest = hashlib.sha256()
         for w in model.weights:
             digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
-        return model, {"source": str(weights), "sha256": digest.hexdigest()}
+        return model, weights_record(weights, digest.hexdigest())
 
     path = fetch_imagenet_weights(spec) if weights.kind == "imagenet" else weights.path
     model = spec.build()
@@ -458,11 +458,16 @@ def build_backbone(spec: BackboneSpec, weights: WeightsSource):
             f"{path}: not a weights file of Keras' {spec.constructor}(include_top=False): "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    source = "imagenet" if weights.kind == "imagenet" else os.path.basename(path)
-    record = {"source": source, "sha256": file_sha256(path)}
+    return model, weights_record(weights, file_sha256(path))
+
+
+def weights_record(weights: WeightsSource, sha256: str) -> dict:
+    """What stores record of ``weights`` whose values hash to ``sha256``: ``source`` (``imagenet``,
+    ``random:SEED`` or the file's name), ``sha256`` and, for a file, ``path`` (where it was;
+    scoring looks there first, and the hash decides)."""
     if weights.kind == "file":
-        record["path"] = path  # where it was; scoring looks there first (the hash decides)
-    return model, record
+        return {"source": os.path.basename(weights.path), "sha256": sha256, "path": weights.path}
+    return {"source": str(weights), "sha256": sha256}
 
 
 def fold_batch_norms(model):

@@ -120,7 +120,10 @@ class FeatureExtractor:
                 key = forward_cache.cache_key(config, forward_cache.weights_identity(config))
                 loaded = forward_cache.load(key)
                 if loaded is not None:
-                    self._restored, self.weights_record = loaded  # owns the variables
+                    self._restored, cached = loaded  # owns the variables
+                    # the hash is the entry's (the key holds it); the name and place are this run's
+                    self.weights_record = backbones.weights_record(backbones.WeightsSource.parse(config.weights),
+                                                                   cached["sha256"])
                     self._forward = backend.Forward(lambda batch: self._restored.forward(batch).numpy(), lambda: 1)
                     return
         self._forward = self._trace_forward()

@@ -47,7 +47,7 @@ def keras_home(tmp_path, monkeypatch):
 
 
 def test_cached_extractor_gives_the_same_features_and_an_altered_entry_is_refused(keras_home, extractors, caplog,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, tmp_path):
     from mlsp import forward_cache
     from mlsp.extract import ExtractConfig, FeatureExtractor
 
@@ -66,6 +66,20 @@ def test_cached_extractor_gives_the_same_features_and_an_altered_entry_is_refuse
     assert cached._model is None  # nothing was built
     assert cached.weights_record == built.weights_record and cached.tracing_count == 1
     np.testing.assert_array_equal(cached(views), expected)
+
+    # an entry is found by the weights' hash: the file's name and place recorded are this run's,
+    # not those of the run that wrote the entry (the file's content is never read from the cache)
+    from mlsp.backbones import file_sha256
+
+    renamed = tmp_path / "renamed.weights.h5"
+    renamed.write_bytes(b"the same weights as another file, under another name")
+    by_file = ExtractConfig(net="iv3", weights=str(renamed))
+    sha256 = file_sha256(str(renamed))
+    forward_cache.save(forward_cache.cache_key(by_file, forward_cache.weights_identity(by_file)),
+                       built._forward.compiled, built.model.variables,
+                       {"source": "first.weights.h5", "sha256": sha256, "path": "/elsewhere/first.weights.h5"})
+    assert FeatureExtractor(by_file, cache=True).weights_record == {
+        "source": "renamed.weights.h5", "sha256": sha256, "path": str(renamed)}
 
     # one flipped byte in the weights: the entry is refused, removed and written again
     variables = os.path.join(folder, "variables")
