@@ -209,8 +209,8 @@ def _echo_errors(errors, limit=10):
                    "(any case); other files, links to folders already searched and anything that is "
                    "not a regular file are listed, not read.")
 @click.option("--net", type=click.Choice(sorted(BACKBONES)), default=EXTRACT_DEFAULTS.net, show_default=True,
-              help="Backbone: irv2 = InceptionResNet-v2 (43 blocks, 16,928 channels), "
-                   "iv3 = Inception-v3 (11 blocks, 10,048 channels).")
+              help="Backbone (`mlsp backbones` describes each). The paper's: irv2 = InceptionResNet-v2 "
+                   "(43 blocks, 16,928 channels) and iv3 = Inception-v3 (11 blocks, 10,048 channels).")
 @click.option("--wide/--narrow", default=EXTRACT_DEFAULTS.pooling == "wide", show_default=True,
               help=f"Wide: each block pooled to {WIDE_GRID}x{WIDE_GRID} (area interpolation), for pool3fc. "
                    "Narrow: global average per block (1x1), for the single/multi heads.")

@@ -134,7 +134,7 @@ class Run:
             if source == "imagenet" or source.startswith("random"):
                 weights = source
             else:
-                recorded = cfg.get("weights_path") or self.store_attr("weights_path") or ""
+                recorded = self.store_attr("weights_path") or ""
                 if not os.path.isfile(recorded):
                     raise ConfigError(
                         f"the run's features came from the weights file {source!r}"

@@ -56,7 +56,7 @@ class ShardWriter:
 
     Each image's features are written into the open shard file as they arrive (memory stays
     flat: one image at a time, whatever the number of images or the size of wide features).
-    The open shard lives under a temporary name (:class:`mlsp.files.AtomicPath`); every
+    The open shard lives under a temporary name (:class:`mlsp.atomic.AtomicPath`); every
     ``flush_images`` images, ``flush_bytes`` bytes or ``flush_seconds`` seconds it is completed
     (ids, paths, sizes, errors), fsync'ed and renamed to ``shard-NNNNNN.h5``. A shard is
     therefore either complete or absent: Ctrl-C or SIGTERM completes the open one, and a kill or
