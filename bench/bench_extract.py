@@ -26,7 +26,12 @@ Writes ``<out>/extract-<time>-<cpu|gpu>[-quick].json``; ``python bench/report.py
 newest results into ``bench/RESULTS.md``. Runs unchanged on a GPU machine (the device is
 detected and recorded).
 
-This file is the run (its arguments, its steps, the targets); its parts are modules:
+This file is the run: its arguments, its steps and the targets. Each step is one function that
+returns its part of the results (``write_sets``, ``measure_decode``, then per backbone
+``measure_config``: per precision ``measure_precision`` with ``measure_mixed``,
+``measure_new_shape``, ``measure_workers``, ``measure_one_size``, ``measure_naive``, then
+``compare_precisions``; then ``measure_rss`` and ``measure_scale``); ``main`` assembles the
+record from them. Its parts are modules:
 ``pictures.py`` (the generated JPEGs), ``quiet.py`` (measuring on a shared machine),
 ``instrumented.py`` (mlsp's extraction with a timeline per image), ``baselines.py`` (the naive
 way, and mlsp's graph at batch 1), ``fidelity.py`` (bfloat16 against float32 features),
@@ -44,6 +49,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -155,6 +161,264 @@ def parse_args(argv=None):
     return args
 
 
+@dataclass
+class Run:
+    """What the steps of one run share: its arguments, the record they fill, the working folder,
+    the generated images and one FLOP counter per backbone (for every precision and the scale)."""
+
+    args: argparse.Namespace
+    record: dict
+    work: str
+    mixed: list = field(default_factory=list)
+    uniform: list = field(default_factory=list)
+    rss_set: list = field(default_factory=list)
+    flop_counters: dict = field(default_factory=dict)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.work, name)
+
+
+def select_device(record: dict) -> dict:
+    """The device TensorFlow runs on, recorded; GPU memory taken as needed, so that the fresh
+    `cli.py extract` processes of the RSS runs get some."""
+    import keras  # noqa: F401
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+    device = common.device_info()
+    record["device"] = device
+    log(f"device: {device['kind']} {device['name']}")
+    return device
+
+
+def write_sets(run: Run) -> dict:
+    """The images: a mixed set, a set of one resolution with the same mean pixel count, a set for
+    the RSS runs. Returns their description (``figures.sets``)."""
+    args = run.args
+    sizes = mixed_sizes(args.images, args.min_side, args.max_side, args.seed)
+    run.mixed = write_set(run.path("mixed"), sizes, args.seed)
+    mean_px = float(np.mean([h * w for h, w in sizes]))
+    side = int(round(math.sqrt(mean_px)))
+    run.uniform = write_set(run.path("uniform"), [(side, side)] * args.images, args.seed + 1)
+    rss_n = max(args.rss_counts) if not args.no_rss else 0
+    run.rss_set = write_set(run.path("rss"), [(args.min_side, args.min_side + 60)] * rss_n, args.seed + 2)
+    sets = {
+        "mixed": {"images": len(run.mixed), "distinct_sizes": len(set(sizes)), "side_range": [min(min(s) for s in sizes),
+                  max(max(s) for s in sizes)], "mean_pixels": mean_px,
+                  "mean_jpeg_kib": float(np.mean([os.path.getsize(p) for p in run.mixed]) / 1024)},
+        "uniform": {"images": len(run.uniform), "size": [side, side], "mean_pixels": side * side},
+        "rss": {"images": len(run.rss_set), "size": [args.min_side, args.min_side + 60]},
+    }
+    log(f"images: {len(run.mixed)} mixed ({len(set(sizes))} sizes, {sets['mixed']['side_range']} px), "
+        f"{len(run.uniform)} of {side}x{side}, {len(run.rss_set)} for RSS, in {run.work}")
+    return sets
+
+
+def measure_decode(paths: list) -> dict:
+    """Decoding alone, in the main thread: the host-side cost per image."""
+    from mlsp import images
+
+    with Phase() as ph:
+        for p in paths:
+            images.make_views(images.decode_image(p, 1024), True)
+    log(f"decode + views: {1000 * ph.wall / len(paths):.1f} ms per image")
+    return {"s_per_image": ph.wall / len(paths), "what": "decode_image + make_views (8 views), serial, main thread, "
+            "mixed set", "phase": ph.record()}
+
+
+def measure_config(run: Run, net: str, pooling: str) -> dict:
+    """One backbone and pooling: every precision, then the precisions against each other; the
+    matmul reference again while a precision has no clean measurement."""
+    key = f"{net}_{pooling}"
+    res = {"net": net, "pooling": pooling, "precisions": {}}
+    stores = {}
+    for precision in run.args.precisions:
+        res["precisions"][precision], stores[precision] = measure_precision(run, key, net, pooling, precision)
+    if len(run.args.precisions) > 1:
+        res.update(compare_precisions(run.args.precisions, key, net, stores, res["precisions"]))
+    for s in stores.values():
+        os.remove(s)
+    measure_reference(run.record, run.args.precisions, only_if_unclean=True)
+    return res
+
+
+def measure_precision(run: Run, key: str, net: str, pooling: str, precision: str) -> tuple[dict, str]:
+    """One extractor, built and traced once (timed apart), and every measurement of it: the mixed
+    set, sizes new against seen, decode threads against none and, at the first precision, one
+    resolution and the naive baseline. Returns its figures and the mixed set's store."""
+    from mlsp.extract import ExtractConfig, FeatureExtractor
+
+    label = f"{key} {precision}"
+    cfg = ExtractConfig(net=net, pooling=pooling, weights="random:0", precision=precision)
+    with Phase() as ph_build:
+        fx = FeatureExtractor(cfg)
+    with Phase() as ph_trace:
+        fx(np.zeros((8, 160, 160, 3), np.uint8))
+    flops_of = run.flop_counters.setdefault(net, common.FlopCounter(fx.model))
+    pr: dict = {"build_s": ph_build.wall, "first_trace_s": ph_trace.wall, "gflop_299": flops_of(299, 299) / 1e9}
+    store = run.path(f"{key}_{precision}.h5")
+    fig, rows = measure_mixed(run, label, fx, store, flops_of, precision)
+    pr["mixed"] = fig
+    pr["mixed_per_image"] = rows
+    pr["new_shape_cost"] = measure_new_shape(run, label, fx, rows)
+    pr["serial_decode"] = measure_workers(run, label, fx, fig, rows, flops_of)
+    if precision == run.args.precisions[0]:
+        pr["uniform"], pr["mixed_cost"] = measure_one_size(run, label, fx, fig, flops_of)
+        if not run.args.no_naive:
+            pr["naive"], pr["graph_batch1"], pr["vs_naive"] = measure_naive(run, label, cfg, fx, fig, rows, flops_of)
+    del fx
+    gc.collect()
+    return pr, store
+
+
+def measure_mixed(run: Run, label: str, fx, store: str, flops_of, precision: str) -> tuple[dict, list]:
+    """The measurement that counts: one ``extract()`` call with mlsp's defaults on the mixed set.
+    Returns its figures and the timeline of every image."""
+    mm = run.record["reference"]["matmul"][precision]["gflops_median"]
+    fig, rows = cleanest(f"{label} mixed", run_mlsp, fx, run.mixed, store, flops_of)
+    fig["end_to_end_gflops_corrected"] = fig["gflop"] / fig["wall_s_corrected"]
+    share = fig["time_share"]
+    log(f"{label} mixed: {fig['images_per_s_corrected']:.3f} img/s ({fig['images_per_s']:.3f} as measured), forward "
+        f"{fig['forward_gflops_corrected']:.0f} GFLOP/s = {100 * fig['forward_gflops_corrected'] / mm:.0f}% of matmul "
+        f"so far; wait {share['wait_decode']:.1%}, write {share['write']:.1%}, merge {share['merge']:.1%}; other "
+        f"processes {fig['phase']['other_cores']} cores, {fig['correction']['clean_steps']}/{fig['images']} images "
+        "undisturbed")
+    return fig, rows
+
+
+def measure_new_shape(run: Run, label: str, fx, rows: list) -> dict:
+    """The forward passes of the first images, whose sizes were new, against a second pass on the
+    same images (sizes seen)."""
+    k = run.args.serial_images
+    rep = cleanest(f"{label} repeat", repeat_forward, fx, run.mixed[:k], rows)
+    log(f"{label} forward of {k} sizes first seen / seen before: {rep['first_over_repeat']:.3f}")
+    return rep
+
+
+def measure_workers(run: Run, label: str, fx, fig: dict, rows: list, flops_of) -> dict:
+    """Decode-ahead threads against the serial path (``workers=0``), on the first images."""
+    k = run.args.serial_images
+    store = run.path("serial.h5")
+    fig0, _ = cleanest(f"{label} workers=0", run_mlsp, fx, run.mixed[:k], store, flops_of, workers=0)
+    os.remove(store)
+    threaded_s = subset_seconds(fig, rows, k)
+    sd = {
+        "images": k, "workers0": fig0, "workers0_s": fig0["wall_s_corrected"],
+        "threaded_s_same_images": threaded_s,
+        "threaded_over_serial_speed": fig0["wall_s_corrected"] / threaded_s,
+        "wait_share_threaded": sum(r["wait_s"] for r in rows[:k]) / threaded_s,
+        "wait_share_serial": fig0["time_share"]["wait_decode"],
+    }
+    log(f"{label} workers=0 on {k} images: {fig0['wall_s_corrected']:.1f} s vs {threaded_s:.1f} s with decode-ahead; "
+        f"waits on decode {sd['wait_share_serial']:.1%} vs {sd['wait_share_threaded']:.1%}")
+    return sd
+
+
+def measure_one_size(run: Run, label: str, fx, fig: dict, flops_of) -> tuple[dict, dict]:
+    """The set of one resolution with the same mean pixel count: what mixed sizes cost. Returns its
+    figures and the mixed set's cost against it."""
+    store = run.path("uniform.h5")
+    figu, _ = cleanest(f"{label} one resolution", run_mlsp, fx, run.uniform, store, flops_of)
+    os.remove(store)
+    cost = {
+        "per_image": fig["s_per_image_corrected"] / figu["s_per_image_corrected"],
+        "per_gflop": (fig["wall_s_corrected"] / fig["gflop"]) / (figu["wall_s_corrected"] / figu["gflop"]),
+        "forward_per_gflop": figu["forward_gflops_corrected"] / fig["forward_gflops_corrected"],
+        "per_image_as_measured": fig["s_per_image"] / figu["s_per_image"],
+    }
+    log(f"{label} one resolution: {figu['images_per_s_corrected']:.3f} img/s; mixed cost {cost['per_image']:.2f} per "
+        f"image, {cost['per_gflop']:.2f} per GFLOP")
+    return figu, cost
+
+
+def measure_naive(run: Run, label: str, cfg, fx, fig: dict, rows: list, flops_of) -> tuple[dict, dict, dict]:
+    """The naive baseline (the authors' way) and mlsp's graph at batch 1 on the first images,
+    against mlsp on the same images. Returns naive, graph_batch1 and vs_naive."""
+    from mlsp.extract import FeatureExtractor
+
+    k = run.args.naive_images
+    # the authors' model: Keras' graph as built, batch norms not folded
+    if "fold_batch_norms" in inspect.signature(FeatureExtractor).parameters:
+        naive_fx = FeatureExtractor(cfg, fold_batch_norms=False)
+        naive_model = "Keras model as built (batch norms not folded), same pooling layer"
+    else:
+        naive_fx = fx
+        naive_model = "mlsp's Keras model (this mlsp does not fold batch norms)"
+    store = run.path("naive.h5")
+    nv = cleanest(f"{label} naive", run_naive, naive_fx, run.mixed[:k], store, flops_of)
+    nv["model"] = naive_model
+    os.remove(store)
+    del naive_fx
+    b1 = cleanest(f"{label} graph batch 1", run_graph_batch1, fx, run.mixed[:k], flops_of)
+    mlsp_s = subset_seconds(fig, rows, k)
+    vs = {
+        "images": k,
+        "naive_s": nv["wall_s_corrected"],
+        "mlsp_s_same_images": mlsp_s,
+        "speedup": nv["wall_s_corrected"] / mlsp_s,
+        "speedup_as_measured": nv["wall_s"] / subset_seconds(fig, rows, k, corrected=False),
+        "graph_batch1_s": b1["wall_s_corrected"],
+        "gain_graph_over_predict": nv["wall_s_corrected"] / b1["wall_s_corrected"],
+        "gain_batch_and_threads": b1["wall_s_corrected"] / mlsp_s,
+    }
+    log(f"{label} naive on {k} images: {nv['images_per_s_corrected']:.3f} img/s ({nv['predict_traces_during_run']} "
+        f"retraces); mlsp is {vs['speedup']:.2f}x (graph at batch 1: {vs['gain_graph_over_predict']:.2f}x over predict)")
+    return nv, b1, vs
+
+
+def compare_precisions(precisions: list, key: str, net: str, stores: dict, figures: dict) -> dict:
+    """The second precision against the first on the mixed set: speed, and the fidelity of the
+    stored features (same images, same random weights)."""
+    from mlsp.backbones import get_backbone
+
+    base, other = precisions[0], precisions[1]
+    a, b = figures[base]["mixed"], figures[other]["mixed"]
+    speedup = {f"{other}_over_{base}": a["wall_s_corrected"] / b["wall_s_corrected"],
+               "forward_only": b["forward_gflops_corrected"] / a["forward_gflops_corrected"],
+               "as_measured": a["wall_s"] / b["wall_s"]}
+    spec = get_backbone(net)
+    fid = fidelity(stores[base], stores[other], spec.taps, spec.channels)
+    ov = fid["overall"]
+    log(f"{key} {other} over {base}: {speedup[f'{other}_over_{base}']:.2f}x; max_rel {ov['max_rel']:.4f}, "
+        f"pearson {ov['pearson']:.6f}")
+    return {"precision_speedup": speedup, "fidelity": fid}
+
+
+def measure_rss(run: Run, image_size: list) -> dict:
+    """Peak RSS of the real command (``cli.py extract``) in a fresh process for each image count."""
+    from mlsp.backbones import get_backbone
+
+    net, pooling = run.args.rss_config.split(":")
+    precision = run.args.precisions[-1]
+    runs = []
+    for count in run.args.rss_counts:
+        store = run.path(f"rss_{count}.h5")
+        r = run_cli_rss(run.rss_set[:count], net, pooling, precision, store)
+        os.remove(store)
+        runs.append(r)
+        log(f"cli.py extract {net} {pooling} {precision} on {count} images: peak RSS {r['peak_rss_mib']} MiB, "
+            f"during the loop {r.get('rss_first_image_mib')} -> max {r.get('rss_loop_max_mib')} MiB ({r['wall_s']} s)")
+    first, last = runs[0], runs[-1]
+    return {
+        "config": {"net": net, "pooling": pooling, "precision": precision, "views": 8, "image_size": image_size,
+                   "checkpoint_every": 64, "flush_seconds": 30},
+        "runs": runs,
+        "growth": last["peak_rss_mib"] / first["peak_rss_mib"],
+        "loop_growth": (last["rss_loop_max_mib"] / first["rss_loop_max_mib"]
+                        if "rss_loop_max_mib" in first and "rss_loop_max_mib" in last else None),
+        "feature_mib_per_image": 8 * (25 if pooling == "wide" else 1) * sum(get_backbone(net).channels) * 2 / 2**20,
+    }
+
+
+def measure_scale(run: Run, device: dict) -> dict:
+    """All of AVA on paper, at the end-to-end GFLOP/s measured on the mixed set."""
+    measured = {(res["net"], precision): pr["mixed"]["end_to_end_gflops_corrected"]
+                for res in run.record["figures"]["extract"].values() for precision, pr in res["precisions"].items()}
+    return scale_on_paper(measured, run.flop_counters, run.record["figures"]["decode"]["s_per_image"], device,
+                          run.args.gpu_util)
+
+
 def main(argv=None) -> str:
     global T0
     T0 = time.perf_counter()
@@ -164,218 +428,28 @@ def main(argv=None) -> str:
     record = common.new_record("extract", {k: v for k, v in vars(args).items()})
     log(f"mlsp extraction benchmark ({'quick' if args.quick else 'full'}): {record['machine']['cpu_model']}, "
         f"{record['machine']['usable_cpus']} CPUs")
-
-    import keras  # noqa: F401
-    import tensorflow as tf  # noqa: F401
-
-    from mlsp import images
-    from mlsp.extract import ExtractConfig, FeatureExtractor
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        # take GPU memory as needed, so that the fresh `cli.py extract` processes of the RSS runs get some
-        tf.config.experimental.set_memory_growth(gpu, True)
-    device = common.device_info()
-    record["device"] = device
-    log(f"device: {device['kind']} {device['name']}")
-
-    # 1. the reference: dense matmul of each precision, in this process, default threads
+    device = select_device(record)
     record["reference"] = {"matmul": {}}
-    measure_reference(record, args.precisions)
+    measure_reference(record, args.precisions)  # dense matmul of each precision, in this process, default threads
 
-    work = args.workdir or tempfile.mkdtemp(prefix="mlsp-bench-")
-    os.makedirs(work, exist_ok=True)
+    run = Run(args, record, args.workdir or tempfile.mkdtemp(prefix="mlsp-bench-"))
+    os.makedirs(run.work, exist_ok=True)
+    figures = record["figures"]
     try:
-        # 2. images: a mixed set, a set of one resolution with the same pixel count, a set for RSS
-        sizes = mixed_sizes(args.images, args.min_side, args.max_side, args.seed)
-        mixed = write_set(os.path.join(work, "mixed"), sizes, args.seed)
-        mean_px = float(np.mean([h * w for h, w in sizes]))
-        side = int(round(math.sqrt(mean_px)))
-        uniform = write_set(os.path.join(work, "uniform"), [(side, side)] * args.images, args.seed + 1)
-        rss_n = max(args.rss_counts) if not args.no_rss else 0
-        rss_set = write_set(os.path.join(work, "rss"), [(args.min_side, args.min_side + 60)] * rss_n, args.seed + 2)
-        sets = {
-            "mixed": {"images": len(mixed), "distinct_sizes": len(set(sizes)), "side_range": [min(min(s) for s in sizes),
-                      max(max(s) for s in sizes)], "mean_pixels": mean_px,
-                      "mean_jpeg_kib": float(np.mean([os.path.getsize(p) for p in mixed]) / 1024)},
-            "uniform": {"images": len(uniform), "size": [side, side], "mean_pixels": side * side},
-            "rss": {"images": len(rss_set), "size": [args.min_side, args.min_side + 60]},
-        }
-        record["figures"]["sets"] = sets
-        log(f"images: {len(mixed)} mixed ({len(set(sizes))} sizes, {sets['mixed']['side_range']} px), "
-            f"{len(uniform)} of {side}x{side}, {len(rss_set)} for RSS, in {work}")
-
-        # 3. decoding alone (main thread): the host-side cost per image
-        with Phase() as ph:
-            for p in mixed:
-                images.make_views(images.decode_image(p, 1024), True)
-        record["figures"]["decode"] = {"s_per_image": ph.wall / len(mixed), "what": "decode_image + make_views "
-                                       "(8 views), serial, main thread, mixed set", "phase": ph.record()}
-        log(f"decode + views: {1000 * ph.wall / len(mixed):.1f} ms per image")
-
-        results: dict = {}
-        fidelity_out: dict = {}
-        flop_counters: dict = {}
-        for net, pooling in args.configs:
-            key = f"{net}_{pooling}"
-            res = results[key] = {"net": net, "pooling": pooling, "precisions": {}}
-            stores = {}
-            for precision in args.precisions:
-                cfg = ExtractConfig(net=net, pooling=pooling, weights="random:0", precision=precision)
-                with Phase() as ph_build:
-                    fx = FeatureExtractor(cfg)
-                with Phase() as ph_trace:
-                    fx(np.zeros((8, 160, 160, 3), np.uint8))
-                counter = flop_counters.setdefault(net, common.FlopCounter(fx.model))
-                flops_of = counter
-                pr: dict = {"build_s": ph_build.wall, "first_trace_s": ph_trace.wall,
-                            "gflop_299": counter(299, 299) / 1e9}
-                res["precisions"][precision] = pr
-                mm = record["reference"]["matmul"][precision]["gflops_median"]
-
-                # mixed set, default settings (the measurement that counts)
-                store = os.path.join(work, f"{key}_{precision}.h5")
-                fig, rows = cleanest(f"{key} {precision} mixed", run_mlsp, fx, mixed, store, flops_of)
-                fig["end_to_end_gflops_corrected"] = fig["gflop"] / fig["wall_s_corrected"]
-                pr["mixed"] = fig
-                pr["mixed_per_image"] = rows
-                stores[precision] = store
-                log(f"{key} {precision} mixed: {fig['images_per_s_corrected']:.3f} img/s ({fig['images_per_s']:.3f} "
-                    f"as measured), forward {fig['forward_gflops_corrected']:.0f} GFLOP/s = "
-                    f"{100 * fig['forward_gflops_corrected'] / mm:.0f}% of matmul so far; wait {fig['time_share']['wait_decode']:.1%}, write {fig['time_share']['write']:.1%}, "
-                    f"merge {fig['time_share']['merge']:.1%}; other processes {fig['phase']['other_cores']} cores, "
-                    f"{fig['correction']['clean_steps']}/{fig['images']} images undisturbed")
-
-                # a new size against a size seen before, same images
-                k = args.serial_images
-                rep = cleanest(f"{key} {precision} repeat", repeat_forward, fx, mixed[:k], rows)
-                pr["new_shape_cost"] = rep
-                log(f"{key} {precision} forward of {k} sizes first seen / seen before: {rep['first_over_repeat']:.3f}")
-
-                # decode-ahead threads against the serial path, on the first images
-                k = args.serial_images
-                fig0, _ = cleanest(f"{key} {precision} workers=0", run_mlsp, fx, mixed[:k],
-                                   os.path.join(work, "serial.h5"), flops_of, workers=0)
-                threaded_s = subset_seconds(fig, rows, k)
-                pr["serial_decode"] = {
-                    "images": k, "workers0": fig0, "workers0_s": fig0["wall_s_corrected"],
-                    "threaded_s_same_images": threaded_s,
-                    "threaded_over_serial_speed": fig0["wall_s_corrected"] / threaded_s,
-                    "wait_share_threaded": sum(r["wait_s"] for r in rows[:k]) / threaded_s,
-                    "wait_share_serial": fig0["time_share"]["wait_decode"],
-                }
-                os.remove(os.path.join(work, "serial.h5"))
-                log(f"{key} {precision} workers=0 on {k} images: {fig0['wall_s_corrected']:.1f} s vs {threaded_s:.1f} s with "
-                    f"decode-ahead; waits on decode {pr['serial_decode']['wait_share_serial']:.1%} vs "
-                    f"{pr['serial_decode']['wait_share_threaded']:.1%}")
-
-                if precision == args.precisions[0]:
-                    # one resolution, same pixel count
-                    figu, _ = cleanest(f"{key} {precision} one resolution", run_mlsp, fx, uniform,
-                                       os.path.join(work, "uniform.h5"), flops_of)
-                    os.remove(os.path.join(work, "uniform.h5"))
-                    pr["uniform"] = figu
-                    pr["mixed_cost"] = {
-                        "per_image": fig["s_per_image_corrected"] / figu["s_per_image_corrected"],
-                        "per_gflop": (fig["wall_s_corrected"] / fig["gflop"]) / (figu["wall_s_corrected"] / figu["gflop"]),
-                        "forward_per_gflop": figu["forward_gflops_corrected"] / fig["forward_gflops_corrected"],
-                        "per_image_as_measured": fig["s_per_image"] / figu["s_per_image"],
-                    }
-                    log(f"{key} {precision} one resolution: {figu['images_per_s_corrected']:.3f} img/s; mixed cost "
-                        f"{pr['mixed_cost']['per_image']:.2f} per image, {pr['mixed_cost']['per_gflop']:.2f} per GFLOP")
-
-                    if not args.no_naive:
-                        k = args.naive_images
-                        # the authors' model: Keras' graph as built, batch norms not folded
-                        if "fold_batch_norms" in inspect.signature(FeatureExtractor).parameters:
-                            naive_fx = FeatureExtractor(cfg, fold_batch_norms=False)
-                            naive_model = "Keras model as built (batch norms not folded), same pooling layer"
-                        else:
-                            naive_fx = fx
-                            naive_model = "mlsp's Keras model (this mlsp does not fold batch norms)"
-                        nv = cleanest(f"{key} {precision} naive", run_naive, naive_fx, mixed[:k],
-                                      os.path.join(work, "naive.h5"), flops_of)
-                        nv["model"] = naive_model
-                        os.remove(os.path.join(work, "naive.h5"))
-                        del naive_fx
-                        b1 = cleanest(f"{key} {precision} graph batch 1", run_graph_batch1, fx, mixed[:k], flops_of)
-                        mlsp_s = subset_seconds(fig, rows, k)
-                        pr["naive"] = nv
-                        pr["graph_batch1"] = b1
-                        pr["vs_naive"] = {
-                            "images": k,
-                            "naive_s": nv["wall_s_corrected"],
-                            "mlsp_s_same_images": mlsp_s,
-                            "speedup": nv["wall_s_corrected"] / mlsp_s,
-                            "speedup_as_measured": nv["wall_s"] / subset_seconds(fig, rows, k, corrected=False),
-                            "graph_batch1_s": b1["wall_s_corrected"],
-                            "gain_graph_over_predict": nv["wall_s_corrected"] / b1["wall_s_corrected"],
-                            "gain_batch_and_threads": b1["wall_s_corrected"] / mlsp_s,
-                        }
-                        log(f"{key} {precision} naive on {k} images: {nv['images_per_s_corrected']:.3f} img/s "
-                            f"({nv['predict_traces_during_run']} retraces); mlsp is {pr['vs_naive']['speedup']:.2f}x "
-                            f"(graph at batch 1: {pr['vs_naive']['gain_graph_over_predict']:.2f}x over predict)")
-                del fx
-                gc.collect()
-
-            # precision comparison
-            if len(args.precisions) > 1:
-                base, other = args.precisions[0], args.precisions[1]
-                a, b = res["precisions"][base]["mixed"], res["precisions"][other]["mixed"]
-                res["precision_speedup"] = {f"{other}_over_{base}": a["wall_s_corrected"] / b["wall_s_corrected"],
-                                            "forward_only": b["forward_gflops_corrected"] / a["forward_gflops_corrected"],
-                                            "as_measured": a["wall_s"] / b["wall_s"]}
-                from mlsp.backbones import get_backbone
-
-                spec = get_backbone(net)
-                fidelity_out[key] = fidelity(stores[base], stores[other], spec.taps, spec.channels)
-                res["fidelity"] = fidelity_out[key]
-                ov = fidelity_out[key]["overall"]
-                log(f"{key} {other} over {base}: {res['precision_speedup'][f'{other}_over_{base}']:.2f}x; "
-                    f"max_rel {ov['max_rel']:.4f}, pearson {ov['pearson']:.6f}")
-            for s in stores.values():
-                os.remove(s)
-            measure_reference(record, args.precisions, only_if_unclean=True)
-        record["figures"]["extract"] = results
-
-        # 4. peak RSS of the command in fresh processes
+        figures["sets"] = write_sets(run)
+        figures["decode"] = measure_decode(run.mixed)
+        figures["extract"] = {f"{net}_{pooling}": measure_config(run, net, pooling) for net, pooling in args.configs}
         if not args.no_rss:
-            net, pooling = args.rss_config.split(":")
-            precision = args.precisions[-1]
-            rss_runs = []
-            for count in args.rss_counts:
-                store = os.path.join(work, f"rss_{count}.h5")
-                r = run_cli_rss(rss_set[:count], net, pooling, precision, store)
-                os.remove(store)
-                rss_runs.append(r)
-                log(f"cli.py extract {net} {pooling} {precision} on {count} images: peak RSS {r['peak_rss_mib']} MiB, "
-                    f"during the loop {r.get('rss_first_image_mib')} -> max {r.get('rss_loop_max_mib')} MiB "
-                    f"({r['wall_s']} s)")
-            record["figures"]["rss"] = {
-                "config": {"net": net, "pooling": pooling, "precision": precision, "views": 8,
-                           "image_size": sets["rss"]["size"], "checkpoint_every": 64, "flush_seconds": 30},
-                "runs": rss_runs,
-                "growth": rss_runs[-1]["peak_rss_mib"] / rss_runs[0]["peak_rss_mib"],
-                "loop_growth": (rss_runs[-1]["rss_loop_max_mib"] / rss_runs[0]["rss_loop_max_mib"]
-                                if "rss_loop_max_mib" in rss_runs[0] and "rss_loop_max_mib" in rss_runs[-1] else None),
-                "feature_mib_per_image": 8 * (25 if pooling == "wide" else 1)
-                * sum(__import__("mlsp.backbones", fromlist=["x"]).get_backbone(net).channels) * 2 / 2**20,
-            }
-
-        # 5. scale on paper
-        measured = {}
-        for key, res in results.items():
-            for precision, pr in res["precisions"].items():
-                measured[(res["net"], precision)] = pr["mixed"]["end_to_end_gflops_corrected"]
-        record["figures"]["scale"] = scale_on_paper(measured, flop_counters, record["figures"]["decode"]["s_per_image"],
-                                                    device, args.gpu_util)
+            figures["rss"] = measure_rss(run, figures["sets"]["rss"]["size"])
+        figures["scale"] = measure_scale(run, device)
         measure_reference(record, args.precisions, only_if_unclean=True)
         add_efficiency(record)
         record["targets"] = evaluate_targets(record)
     finally:
         if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(run.work, ignore_errors=True)
     record["seconds"] = time.perf_counter() - started
-    record["figures"]["waited_for_quiet_s"] = CLEAN["waited_s"]
+    figures["waited_for_quiet_s"] = CLEAN["waited_s"]
     path = common.write_record(record, args.out)
     log(f"done in {record['seconds']:.0f} s: {path}")
     if not args.no_report:
