@@ -36,6 +36,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import numpy as np  # noqa: E402
 
+from pictures import mixed_sizes, write_set  # noqa: E402
+
 AVA_TRAIN = 235_574  # AVA training images (the paper's split)
 TARGETS = {
     "irv2_wide_bfloat16_images_per_s": 40.0,  # all of AVA (255,530) in under 2 hours
@@ -187,6 +189,83 @@ def train_pool3fc(samples: int, precision: str, epochs: int = 3) -> dict:
             "samples": samples, "from": "memory"}
 
 
+def make_sets(work: str, n_images: int, lo: int, hi: int) -> tuple[list, dict]:
+    """JPEGs of ``n_images`` distinct sizes (``work/mixed``) and as many of one size with the same
+    mean pixel count (``work/one``). Returns the mixed set's paths and the sets' description."""
+    sizes = mixed_sizes(n_images, lo, hi, seed=0)
+    mixed = write_set(os.path.join(work, "mixed"), sizes, seed=0)
+    side = int(round(np.sqrt(np.mean([h * w for h, w in sizes]))))
+    write_set(os.path.join(work, "one"), [(side, side)] * n_images, seed=1)
+    return mixed, {"mixed_sizes": len(set(sizes)), "sides": [lo, hi], "one_size": [side, side], "images": n_images}
+
+
+def measure_extract(args, work: str, mixed: list, config, matmul: float, authors_paths: list,
+                    warmup_side: int) -> tuple[dict, float | None]:
+    """One net, pooling and precision: the decode threads' rate, extract on the mixed set (every
+    size first seen, then again), on the set of one size, the model alone on the decoded views
+    and, on ``authors_paths`` if any, the authors' way. Returns the row and the authors' seconds
+    per image (None when not run)."""
+    from mlsp.extract import FeatureExtractor
+
+    n_images, net, pooling, precision = len(mixed), config.net, config.pooling, config.precision
+    fx = FeatureExtractor(config)
+    fx(np.zeros((1, warmup_side, warmup_side, 3), np.uint8))  # first call: allocations, lazy setup
+    start = time.perf_counter()
+    decoded = decode_all(fx, mixed, args.workers)
+    decode_s = time.perf_counter() - start
+    gflop = views_gflop(fx, decoded)
+    row = {"net": net, "pooling": pooling, "precision": precision, "batch_views": args.batch_views,
+           "gflop_per_image": round(gflop / n_images, 1), "decode_images_per_s": round(n_images / decode_s, 2)}
+
+    def timed(folder, name):
+        store = os.path.join(work, f"{net}:{pooling}-{precision}-{name}.h5")
+        return run_extract(fx, config, os.path.join(work, folder), store, args.batch_views, args.workers)
+
+    first = row["mixed_first_seen"] = timed("mixed", "a")  # every size new to the model
+    row["mixed"] = timed("mixed", "b")
+    row["one_size"] = timed("one", "c")
+    row["mixed_cost"] = round(row["one_size"]["images_per_s"] / first["images_per_s"], 3)
+    model_s = model_alone(fx, decoded, args.batch_views)
+    row["model_images_per_s"] = round(n_images / model_s, 2)
+    row["model_tflops"] = round(gflop / model_s / 1e3, 2)
+    row["share_of_matmul"] = round(row["model_tflops"] / matmul, 3)
+    authors_s = None
+    if authors_paths:
+        authors_s = authors_way(config, authors_paths)
+        row["authors_way_images_per_s"] = round(1 / authors_s, 3)
+    return row, authors_s
+
+
+def views_gflop(fx, decoded: list) -> float:
+    """GFLOP of the convolutions over every decoded image's views (counted once per shape)."""
+    per_shape = {}
+    for _, (views, _) in decoded:
+        if views.shape not in per_shape:
+            per_shape[views.shape] = conv_gflop(fx.model, *views.shape[1:3]) * len(views)
+    return sum(per_shape[views.shape] for _, (views, _) in decoded)
+
+
+def measure_config(args, work: str, mixed: list, pair: str, precisions: list, matmul: dict, n_base: int,
+                   warmup_side: int) -> list:
+    """Every precision of one net:pooling; the authors' way runs at float32 and every row from
+    there on is compared with it."""
+    import common
+    from mlsp.extract import ExtractConfig
+
+    net, pooling = pair.split(":")
+    rows, baseline = [], None
+    for precision in precisions:
+        config = ExtractConfig(net=net, pooling=pooling, weights="random:0", precision=precision)
+        row, authors_s = measure_extract(args, work, mixed, config, matmul[precision],
+                                         mixed[:n_base] if precision == "float32" else [], warmup_side)
+        baseline = authors_s or baseline
+        if baseline:
+            row["x_authors_way"] = round(row["mixed_first_seen"]["images_per_s"] * baseline, 2)
+        rows.append(row)
+        common.log(json.dumps(row))
+    return rows
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     from mlsp import backend
@@ -194,9 +273,7 @@ def main(argv=None) -> str:
     backend.select(args.backend)
     import keras
 
-    import bench_extract
     import common
-    from mlsp.extract import ExtractConfig, FeatureExtractor
 
     smoke = args.smoke
     n_images = args.images or (4 if smoke else 48)
@@ -213,52 +290,10 @@ def main(argv=None) -> str:
     common.log(f"{record['device']['device']}: matmul TFLOP/s {figures['matmul_tflops']}")
 
     work = tempfile.mkdtemp(prefix="mlsp-bench-gpu-")
-    sizes = bench_extract.mixed_sizes(n_images, lo, hi, seed=0)
-    mixed = bench_extract.write_set(os.path.join(work, "mixed"), sizes, seed=0)
-    side = int(round(np.sqrt(np.mean([h * w for h, w in sizes]))))
-    one = bench_extract.write_set(os.path.join(work, "one"), [(side, side)] * n_images, seed=1)
-    figures["sets"] = {"mixed_sizes": len(set(sizes)), "sides": [lo, hi], "one_size": [side, side],
-                       "images": n_images}
+    mixed, figures["sets"] = make_sets(work, n_images, lo, hi)
     runs = figures["extract"] = []
     for pair in args.configs.split(","):
-        net, pooling = pair.split(":")
-        baseline = None
-        for precision in precisions:
-            config = ExtractConfig(net=net, pooling=pooling, weights="random:0", precision=precision)
-            fx = FeatureExtractor(config)
-            fx(np.zeros((1, lo, lo, 3), np.uint8))  # first call: allocations, lazy setup
-            start = time.perf_counter()
-            decoded = decode_all(fx, mixed, args.workers)
-            decode_s = time.perf_counter() - start
-            per_shape = {}
-            for _, (views, _) in decoded:
-                if views.shape not in per_shape:
-                    per_shape[views.shape] = conv_gflop(fx.model, *views.shape[1:3]) * len(views)
-            gflop = sum(per_shape[views.shape] for _, (views, _) in decoded)
-            row = {"net": net, "pooling": pooling, "precision": precision, "batch_views": args.batch_views,
-                   "gflop_per_image": round(gflop / n_images, 1),
-                   "decode_images_per_s": round(n_images / decode_s, 2)}
-            first = run_extract(fx, config, os.path.join(work, "mixed"), os.path.join(work, f"{pair}-{precision}-a.h5"),
-                                args.batch_views, args.workers)
-            row["mixed_first_seen"] = first  # every size new to the model
-            row["mixed"] = run_extract(fx, config, os.path.join(work, "mixed"),
-                                       os.path.join(work, f"{pair}-{precision}-b.h5"), args.batch_views, args.workers)
-            row["one_size"] = run_extract(fx, config, os.path.join(work, "one"),
-                                          os.path.join(work, f"{pair}-{precision}-c.h5"), args.batch_views,
-                                          args.workers)
-            row["mixed_cost"] = round(row["one_size"]["images_per_s"] / first["images_per_s"], 3)
-            model_s = model_alone(fx, decoded, args.batch_views)
-            row["model_images_per_s"] = round(n_images / model_s, 2)
-            row["model_tflops"] = round(gflop / model_s / 1e3, 2)
-            row["share_of_matmul"] = round(row["model_tflops"] / figures["matmul_tflops"][precision], 3)
-            if precision == "float32":
-                baseline = authors_way(config, mixed[:n_base])
-                row["authors_way_images_per_s"] = round(1 / baseline, 3)
-            if baseline:
-                row["x_authors_way"] = round(first["images_per_s"] * baseline, 2)
-            runs.append(row)
-            common.log(json.dumps(row))
-            del fx, decoded
+        runs += measure_config(args, work, mixed, pair, precisions, figures["matmul_tflops"], n_base, lo)
     if not args.no_train:
         samples = args.train_samples or (32 if smoke else 1024)
         figures["pool3fc"] = {p: train_pool3fc(samples, p) for p in precisions}
