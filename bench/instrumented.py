@@ -8,6 +8,7 @@ import statistics
 import threading
 import time
 
+import numpy as np
 
 import common
 from common import Phase
@@ -16,8 +17,10 @@ from quiet import CLEAN
 
 
 class TimedExtractor:
-    """Wraps a FeatureExtractor for ``extract(..., extractor=)``: records when each forward pass
-    starts and ends and how long each decode takes (in whichever thread it runs)."""
+    """Wraps a FeatureExtractor for ``extract(..., extractor=)`` (the processor interface of
+    ``mlsp.readahead.LocalRunner``: ``info``, ``load_views``, ``process``): records when each
+    forward pass starts and ends and how long each decode takes (in whichever thread it runs).
+    The cast to float16 of ``process`` falls after the forward pass, into the write."""
 
     def __init__(self, fx):
         self.fx = fx
@@ -26,8 +29,8 @@ class TimedExtractor:
         self.decodes: list = []
         self._lock = threading.Lock()
 
-    def store_attrs(self):
-        return self.fx.store_attrs()
+    def info(self):
+        return self.fx.info()
 
     def load_views(self, path):
         t = time.perf_counter()
@@ -43,6 +46,9 @@ class TimedExtractor:
         t1 = time.perf_counter()
         self.forwards.append((t, t1, tuple(views.shape), probe.stop()[1]))
         return out
+
+    def process(self, views):
+        return self(views).astype(np.float16)
 
 
 class Marks:
