@@ -31,7 +31,7 @@ from mlsp import api  # noqa: E402
 from mlsp.backbones import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
 from mlsp import backend  # noqa: E402
 from mlsp.backend import BACKENDS  # noqa: E402
-from mlsp.errors import MLSPError  # noqa: E402
+from mlsp.errors import MLSPError, RunInterrupted  # noqa: E402
 from mlsp import extract as extraction  # noqa: E402
 from mlsp.extract import PRECISIONS, ExtractConfig  # noqa: E402
 from mlsp.images import CROP_FRACTION, VIEW_NAMES  # noqa: E402
@@ -475,8 +475,10 @@ def train_command(store_path, head, out, target, epochs, lr, min_lr, lr_epochs, 
                            progress=console_progress if progress else False, target=target, epochs=epochs, lr=lr,
                            min_lr=min_lr, lr_epochs=lr_epochs, patience=patience, batch_size=batch_size,
                            steps_per_epoch=steps_per_epoch, seed=seed, workers=workers, precision=precision)
-    except KeyboardInterrupt:
-        _interrupted("training stopped before its first epoch ended: there are no weights to keep.")
+    except RunInterrupted as stopped:
+        _interrupted(f"{stopped.run_dir}: {stopped.kept}.")
+    except KeyboardInterrupt:  # before the run folder was made
+        _interrupted("training stopped before it started: nothing was written.")
     _echo_metrics(result.metrics)
     click.echo(f"run: {result.run_dir}")
     if result.config["status"] == "interrupted":

@@ -18,6 +18,7 @@ evaluates on val and test and writes the run folder (:class:`heads.run.Run`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -29,7 +30,7 @@ import keras
 import numpy as np
 
 from mlsp import __version__, backend
-from mlsp.errors import ConfigError, StoreError, TrainingError
+from mlsp.errors import ConfigError, RunInterrupted, StoreError, TrainingError
 from mlsp.extract import resolve_precision
 from mlsp.progress import null_progress, resolve as resolve_progress
 from mlsp.store import FEATURES_ROOT, LABELLED_SPLITS, POOLINGS, SPLITS, WIDE_GRID, FeatureStore, find_latest_store
@@ -165,10 +166,32 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
         log.info("run folder: %s", job.run_dir)
         fitted, predictions = _fit_and_predict(job, run, progress=progress)
         history = run.history()
-        _save_model(job, run, fitted, predictions=predictions, history=history)
-        metrics = write_outputs(job.run_dir, store, predictions)
-    _finish(run, fitted, history=history, metrics=metrics, started=started)
+        with _stop_marks(run, NOT_SAVED):
+            _save_model(job, run, fitted, predictions=predictions, history=history)
+        with _stop_marks(run, SAVED_NOT_EVALUATED):
+            metrics = write_outputs(job.run_dir, store, predictions)
+            _finish(run, fitted, history=history, metrics=metrics, started=started)
     return TrainResult(run_dir=job.run_dir, metrics=metrics, history=history, config=run.config)
+
+
+#: What a run keeps when Ctrl-C stops it at each step (in its config.json as ``error``).
+NO_WEIGHTS = "stopped before the first epoch ended: no weights to keep"
+NOT_SAVED = "stopped after training, before its model was saved: no model to keep; train again"
+SAVED_NOT_EVALUATED = ("stopped after its model was saved (the best weights), before its evaluation was written: "
+                       "`mlsp evaluate RUN` writes it")
+
+
+@contextlib.contextmanager
+def _stop_marks(run: Run, kept: str):
+    """A Ctrl-C in this step marks the run ``interrupted`` with what it keeps, and stops training
+    (:class:`mlsp.errors.RunInterrupted`: a KeyboardInterrupt that says so)."""
+    try:
+        yield
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        run.save_config(status="interrupted", error=kept)
+        raise RunInterrupted(run.path, kept) from None
 
 
 @dataclasses.dataclass
@@ -246,23 +269,23 @@ def _record(job: _Job) -> dict:
 
 def _fit_and_predict(job: _Job, run: Run, *, progress) -> tuple[Fitted, dict]:
     """:func:`fit`, then the predictions (split -> (rows, predictions)) on val and test; a failure
-    marks the run ``failed``, a Ctrl-C before the first epoch ended ``interrupted``."""
+    marks the run ``failed``, a Ctrl-C ``interrupted`` (:func:`fit` itself keeps the best weights
+    when one comes after the first epoch)."""
     source, rows = job.data.source, job.data.rows
     try:
         with backend.deterministic_ops(job.config.deterministic):
-            fitted = fit(job.config, job.plan, job.data, head_options=job.head_options,
-                         history_path=run.history_path, progress=progress, precision=job.precision)
-            predictions = {split: (rows[split], predict_views(fitted.model, source, rows[split]))
-                           for split in EVAL_SPLITS}
+            with _stop_marks(run, NO_WEIGHTS):
+                fitted = fit(job.config, job.plan, job.data, head_options=job.head_options,
+                             history_path=run.history_path, progress=progress, precision=job.precision)
+            with _stop_marks(run, NOT_SAVED):
+                predictions = {split: (rows[split], predict_views(fitted.model, source, rows[split]))
+                               for split in EVAL_SPLITS}
     except Exception as exc:
         # a damaged store met in a reading thread reaches here wrapped in TensorFlow's error
         failure = source.failure or exc
         run.save_config(status="failed", error=f"{type(failure).__name__}: {failure}")
         if source.failure is not None:
             raise source.failure from None
-        raise
-    except KeyboardInterrupt:  # before the first epoch ended: no weights to keep (after it, fit keeps them)
-        run.save_config(status="interrupted", error="stopped before the first epoch ended: no weights to keep")
         raise
     finally:
         source.close()

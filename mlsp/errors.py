@@ -87,6 +87,16 @@ class TrainingError(MLSPError):
     """Training a head cannot start or did not produce a model (e.g. the loss diverged)."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped training a head at a point where the run is not finished;
+    ``kept`` says what its folder holds then (its ``config.json`` says the same)."""
+
+    def __init__(self, run_dir: str, kept: str):
+        self.run_dir = str(run_dir)
+        self.kept = kept
+        super().__init__(f"{run_dir}: {kept}")
+
+
 class ClusterError(MLSPError):
     """A job spread over Ray cannot start or go on (no cluster, workers that cannot build the model
     or keep dying). Finished images are kept; a rerun resumes."""

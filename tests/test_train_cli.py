@@ -265,3 +265,32 @@ def test_ctrl_c_before_the_first_epoch_ends_is_one_line_and_marks_the_run(tmp_pa
     assert "no weights to keep" in res.output and "Traceback" not in res.output
     assert json.loads((out / "config.json").read_text())["status"] == "interrupted"
     assert not (out / "model.keras").exists()
+
+
+@pytest.mark.parametrize("stop_in,kept", [
+    ("predict_views", "before its model was saved: no model to keep"),
+    ("write_outputs", "after its model was saved (the best weights), before its evaluation was written"),
+])
+def test_ctrl_c_after_training_says_what_the_run_keeps(tmp_path, monkeypatch, stop_in, kept):
+    """A second Ctrl-C while the trained head predicts val and test, or while its evaluation is
+    written: the run is marked interrupted with what it holds, and the console says the same."""
+    from heads import training
+    from heads.run import Run
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    path = str(tmp_path / "s.h5")
+    write_synthetic_store(path, 60, n_views=2, block_channels=(4, 4))
+    out = tmp_path / "run"
+    monkeypatch.setattr(training, stop_in, ctrl_c)
+    res = CliRunner().invoke(cli.main, ["train", "--store", path, "--head", "single1fc", "--out", str(out),
+                                        "--epochs", "2", "--steps-per-epoch", "2", "--no-progress"])
+    assert res.exit_code == 130, res.output
+    assert kept in res.output and "no weights to keep" not in res.output and "Traceback" not in res.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["status"] == "interrupted" and kept in config["error"]
+    assert (out / "model.keras").is_file() == (stop_in == "write_outputs")
+    if stop_in == "write_outputs":
+        assert Run.open(str(out), allow_unfinished=True).status == "interrupted"
+
