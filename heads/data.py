@@ -306,7 +306,7 @@ class TrainBatches(keras.utils.PyDataset):
     """
 
     def __init__(self, source: FeatureSource, indices, mos, *, batch_size: int, seed: int,
-                 steps_per_epoch: int | None = None, workers: int = 2, max_queue_size: int = 8):
+                 steps_per_epoch: int | None = None, workers: int, max_queue_size: int = 8):
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max_queue_size)
         self.source = source
         self.indices = np.asarray(indices, dtype=np.int64)

@@ -24,6 +24,7 @@ from typing import Sequence
 from .extract import ExtractConfig
 from .progress import resolve as resolve_progress
 from .readahead import DECODE_WORKERS
+from .sample import SAMPLE_IMAGES
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ class SampleResult:
     training: object | None  # heads.training.TrainResult, or None with train_head=False
 
 
-def sample(root: str = "data/sample", *, n_images: int = 64, net: str = "iv3", wide: bool = False,
+def sample(root: str = "data/sample", *, n_images: int = SAMPLE_IMAGES, net: str = "iv3", wide: bool = False,
            weights: str = "auto", out: str | None = None, head: str = "single1fc", train_head: bool = True,
            seed: int = 0, progress=False) -> SampleResult:
     """``mlsp sample``: build the sample dataset in ``root`` (:func:`mlsp.sample.build_sample`),

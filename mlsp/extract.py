@@ -24,7 +24,8 @@ from .atomic import describe_os_error, is_write_failure, remove_stale_temporarie
 from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch, WriteError
 from .files import NoSpace, StoreLock
 from .progress import ProgressFactory, null_progress
-from .readahead import DECODE_WORKERS, LocalRunner
+from .readahead import BATCH_WINDOW, DECODE_WORKERS, PREFETCH, LocalRunner
+from .shards import FLUSH_IMAGES, FLUSH_SECONDS
 from .store_format import POOLINGS, config_attrs
 
 log = logging.getLogger(__name__)
@@ -286,11 +287,11 @@ def extract(
     seed: int = 0,
     dataset: str | None = None,
     workers: int = DECODE_WORKERS,
-    prefetch: int = 4,
-    flush_images: int = 64,
-    flush_seconds: float = 30.0,
+    prefetch: int = PREFETCH,
+    flush_images: int = FLUSH_IMAGES,
+    flush_seconds: float = FLUSH_SECONDS,
     batch_views: int | None = None,
-    batch_window: int = 64,
+    batch_window: int = BATCH_WINDOW,
     progress: ProgressFactory = null_progress,
     extractor: FeatureExtractor | None = None,
     runner=None,

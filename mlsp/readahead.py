@@ -18,9 +18,13 @@ from .errors import ImageDecodeError
 
 #: Threads decoding images ahead of the model: the default of ``mlsp extract`` and ``mlsp score``.
 DECODE_WORKERS = 2
+#: Decoded images held ahead of the model, image by image.
+PREFETCH = 4
+#: Decoded images at most held while views of one size are grouped into one model call.
+BATCH_WINDOW = 64
 
 
-def decode_ahead(load: Callable, items: Iterable, workers: int, prefetch: int = 4) -> Iterator:
+def decode_ahead(load: Callable, items: Iterable, workers: int, prefetch: int = PREFETCH) -> Iterator:
     """Yield ``(item, load(item[0]) or the ImageDecodeError)`` in input order, decoding up to
     ``prefetch`` items ahead in ``workers`` threads (OpenCV releases the GIL while decoding).
     Memory is bounded by ``prefetch`` decoded images; the order, and so every result, is the
@@ -65,8 +69,8 @@ class LocalRunner:
     (:func:`run_batched`, holding at most ``batch_window`` decoded images).
     :class:`mlsp.cluster.ClusterRunner` is the same interface over a Ray cluster."""
 
-    def __init__(self, processor, workers: int = DECODE_WORKERS, prefetch: int = 4, batch_views: int = 0,
-                 batch_window: int = 64):
+    def __init__(self, processor, workers: int = DECODE_WORKERS, prefetch: int = PREFETCH, batch_views: int = 0,
+                 batch_window: int = BATCH_WINDOW):
         self.processor, self.workers, self.prefetch = processor, workers, prefetch
         self.batch_views, self.batch_window = batch_views, batch_window
 

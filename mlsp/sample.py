@@ -59,6 +59,8 @@ FIRST_ID = 100001
 MIN_SIDE, MAX_SIDE = 200, 700
 TEST_FRACTION = 0.2
 N_MISSING = 3  # labels whose images do not exist
+#: Images in the sample dataset (`mlsp sample --images`).
+SAMPLE_IMAGES = 64
 EXIF_ORIENTATION = 0x0112
 
 # One file of each special kind, placed at seeded positions; the rest are RGB JPEG.
@@ -252,7 +254,7 @@ def _clear_old_images(images_dir: str):
         log.info("%s: removed %d images of an earlier build", images_dir, removed)
 
 
-def build_sample(out_dir, n_images: int = 48, seed: int = 0, max_side: int | None = None) -> SampleInfo:
+def build_sample(out_dir, n_images: int = SAMPLE_IMAGES, seed: int = 0, max_side: int | None = None) -> SampleInfo:
     """Write the sample dataset into ``out_dir`` (see the module docstring); return what it holds.
 
     Args:

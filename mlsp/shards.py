@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 PARTIAL_SUFFIX = ".partial"  # <store>.partial/: the shards of an unfinished extraction
 
 
+#: An open shard is completed (and so kept through a crash) after this many images, seconds or bytes.
+FLUSH_IMAGES = 64
+FLUSH_SECONDS = 30.0
+FLUSH_BYTES = 1 << 30
+
+
 def partial_dir(store_path: str) -> str:
     """The folder of a store's unfinished extraction."""
     return str(store_path) + PARTIAL_SUFFIX
@@ -68,8 +74,8 @@ class ShardWriter:
     One writer per folder: hold the store's :class:`mlsp.files.StoreLock` while writing.
     """
 
-    def __init__(self, store_path: str, config: dict, layout: dict, flush_images: int = 64,
-                 flush_seconds: float = 30.0, flush_bytes: int = 1 << 30):
+    def __init__(self, store_path: str, config: dict, layout: dict, flush_images: int = FLUSH_IMAGES,
+                 flush_seconds: float = FLUSH_SECONDS, flush_bytes: int = FLUSH_BYTES):
         import time
 
         self._time = time.monotonic
