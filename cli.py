@@ -25,6 +25,7 @@ TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from heads.config import TrainConfig  # noqa: E402
+from heads.registry import HEADS  # noqa: E402
 from heads.schedule import FULL_EPOCH_STEPS, MIN_EPOCH_STEPS, PAPER  # noqa: E402
 from heads.targets import TARGETS  # noqa: E402
 from mlsp import api  # noqa: E402
@@ -398,7 +399,7 @@ _MEMORY_HELP = ("Features up to this size (e.g. 8GB) are loaded into memory, lar
 @main.command("train")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False),
               help="Feature store (.h5). Default: the newest store under features/.")
-@click.option("--head", required=True, help="The head: single1fc, single3fc, multi3fc or pool3fc (`mlsp heads`).")
+@click.option("--head", required=True, help=f"The head: {', '.join(HEADS)} (`mlsp heads` describes each).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Run folder. Default: runs/<store>-<head>-<timestamp>.")
 @click.option("--target", type=click.Choice(list(TARGETS)), default=TrainConfig.target, show_default=True,

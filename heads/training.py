@@ -40,7 +40,7 @@ from .config import TrainConfig
 from .data import FeatureSource, TrainBatches, open_features, predict_views
 from .evaluation import EVAL_SPLITS, labelled_split, write_outputs
 from .models import build_head
-from .registry import HeadSpec, get_head
+from .registry import HeadSpec, get_head, list_heads
 from .run import Run, default_run_dir
 from .schedule import Schedule, describe, fmt_lr
 from .schedule_callback import StepOrPlateauSchedule
@@ -77,7 +77,8 @@ def check_store(store: FeatureStore, head: str) -> dict:
     if spec.needs_wide and store.pooling != "wide":
         raise ConfigError(
             f"head {head!r} needs wide (5x5) features, but {store.path} holds narrow ones; "
-            "extract with `mlsp extract --wide`, or choose a narrow head (single1fc, single3fc, multi3fc)"
+            "extract with `mlsp extract --wide`, or choose a narrow head "
+            f"({', '.join(h.name for h in list_heads() if not h.needs_wide)})"
         )
     if store.n_images == 0:
         raise StoreError(f"{store.path}: the store holds no images")
