@@ -158,6 +158,10 @@ def build_head(
     if isinstance(bias, list) and len(bias) != goal.outputs:
         raise ConfigError(f"output_bias has {len(bias)} values; target {goal.name!r} has {goal.outputs} outputs")
     outputs = spec.resolve_builder()(x, block_channels, output_bias=bias, outputs=goal.outputs, **opts)
-    if goal.activation:
-        outputs = layers.Activation(goal.activation, name="target")(outputs)
+    mixed = keras.config.dtype_policy().compute_dtype != "float32"
+    if goal.activation or mixed:
+        # under a mixed-precision policy the output (a softmax above all) and so the loss are
+        # computed in float32, as Keras advises; a float32 head is unchanged
+        outputs = layers.Activation(goal.activation or "linear", dtype="float32" if mixed else None,
+                                    name="target")(outputs)
     return keras.Model(inputs, outputs, name=name)

@@ -124,8 +124,7 @@ class FeatureStore:
         ``progress`` is a progress factory (:mod:`mlsp.progress`).
         """
         rows = np.arange(self.n_images) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
-        per_image = max(1, int(np.prod(self.features.shape[1:])) * self.features.dtype.itemsize)
-        step = max(1, block_bytes // per_image)
+        step = max(1, block_bytes // self.image_nbytes)
         bar = progress(total=len(rows), desc="check", unit="img")
         try:
             for lo, hi in consecutive_runs(rows, step):
@@ -169,6 +168,11 @@ class FeatureStore:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.features.shape)) * self.features.dtype.itemsize
+
+    @property
+    def image_nbytes(self) -> int:
+        """Bytes of one image's stored features (all its views)."""
+        return max(1, int(np.prod(self.features.shape[1:])) * self.features.dtype.itemsize)
 
     def config(self) -> dict:
         return {k: self.attrs.get(k) for k in CONFIG_KEYS}

@@ -131,3 +131,27 @@ def test_training_in_bfloat16_learns_and_saves_a_float32_model(tmp_path):
     assert all(w.dtype == "float32" for w in model.weights)
     with pytest.raises(Exception, match="precision"):
         TrainConfig(head="single3fc", precision="float8").validate()
+
+
+@pytest.mark.parametrize("target", ["mos", "distribution"])
+def test_a_mixed_precision_head_gives_float32_outputs(target):
+    """Under mixed_bfloat16 the head's hidden layers compute in bfloat16 and its output (the
+    softmax of the distribution target) in float32, so the loss is a float32 one."""
+    import keras
+
+    from heads.models import build_head
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = build_head("single3fc", [16, 16], target=target, width=64)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert model.get_layer("fc1").compute_dtype == "bfloat16"
+    x = np.random.default_rng(0).normal(size=(4, 32)).astype("float32")
+    out = model(x)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    if target == "distribution":
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.sum(out, axis=-1)), 1.0, atol=1e-6)
+    float32 = build_head("single3fc", [16, 16], target=target, width=64)
+    assert [layer.name for layer in float32.layers][-1] == ("target" if target == "distribution" else "out")

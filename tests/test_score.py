@@ -40,6 +40,25 @@ def test_store_and_images_agree(trained, extractors):
     np.testing.assert_allclose(on_disk["pred"], from_store["pred"], rtol=1e-5)
 
 
+def test_store_is_scored_in_reads_of_bounded_size(trained, monkeypatch):
+    """score_store reads as many images at a time as fit in SLAB_BYTES (a wide store of irv2
+    would otherwise hold gigabytes at once); the scores do not depend on it."""
+    from heads import score
+    from mlsp.store import FeatureStore
+
+    expected = score_store(trained["run"], trained["store"])
+    with FeatureStore(trained["store"]) as s:
+        per_image = s.image_nbytes
+        assert per_image == s.features[0].nbytes
+    reads = []
+    real_read = FeatureStore.read
+    monkeypatch.setattr(FeatureStore, "read", lambda self, rows, *a, **k: reads.append(len(rows)) or real_read(
+        self, rows, *a, **k))
+    monkeypatch.setattr(score, "SLAB_BYTES", 5 * per_image + 1)
+    pd.testing.assert_frame_equal(score_store(trained["run"], trained["store"]), expected)
+    assert reads == [5, 5, 5, 1]
+
+
 def test_bad_image_files_are_reported_and_skipped(trained, tmp_path, extractors):
     folder = tmp_path / "mixed"
     shutil.copytree(trained["images"], folder)
