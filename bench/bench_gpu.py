@@ -228,7 +228,7 @@ def measure_extract(args, work: str, mixed: list, config, matmul: float, authors
     model_s = model_alone(fx, decoded, args.batch_views)
     row["model_images_per_s"] = round(n_images / model_s, 2)
     row["model_tflops"] = round(gflop / model_s / 1e3, 2)
-    row["share_of_matmul"] = round(row["model_tflops"] / matmul, 3)
+    row["share_of_matmul"] = round(gflop / model_s / 1e3 / matmul, 3)  # unrounded: a CPU's smoke run is 0.0x TFLOP/s
     authors_s = None
     if authors_paths:
         authors_s = authors_way(config, authors_paths)
@@ -286,14 +286,15 @@ def main(argv=None) -> str:
     figures = record["figures"]
     n_mm, reps = (256, 2) if smoke else (8192, 20)
     precisions = args.precisions.split(",")
-    figures["matmul_tflops"] = {p: round(matmul_tflops(p, n_mm, reps), 2) for p in precisions}
+    matmul = {p: matmul_tflops(p, n_mm, reps) for p in precisions}
+    figures["matmul_tflops"] = {p: round(rate, 2) for p, rate in matmul.items()}
     common.log(f"{record['device']['device']}: matmul TFLOP/s {figures['matmul_tflops']}")
 
     work = tempfile.mkdtemp(prefix="mlsp-bench-gpu-")
     mixed, figures["sets"] = make_sets(work, n_images, lo, hi)
     runs = figures["extract"] = []
     for pair in args.configs.split(","):
-        runs += measure_config(args, work, mixed, pair, precisions, figures["matmul_tflops"], n_base, lo)
+        runs += measure_config(args, work, mixed, pair, precisions, matmul, n_base, lo)
     if not args.no_train:
         samples = args.train_samples or (32 if smoke else 1024)
         figures["pool3fc"] = {p: train_pool3fc(samples, p) for p in precisions}
