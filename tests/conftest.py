@@ -45,6 +45,20 @@ def extractors():
     return get
 
 
+def ctrl_c_after(count=None):
+    """A progress factory (:mod:`mlsp.progress`) that presses Ctrl-C once ``count`` items are done
+    (``None``: all of them)."""
+    from mlsp.progress import NullProgress
+
+    class CtrlC(NullProgress):
+        def update(self, n=1):
+            super().update(n)
+            if self.n == (self.total if count is None else count):
+                raise KeyboardInterrupt
+
+    return CtrlC
+
+
 @pytest.fixture(scope="session")
 def sample_store(tmp_path_factory, extractors):
     """A small sample (16 images, its votes, a test list) and its iv3 narrow store, made once

@@ -50,13 +50,16 @@ def test_convnext_tiny_wide_extracts_trains_and_scores(tmp_path):
     np.testing.assert_allclose(merged["pred_images"], merged["pred_store"], rtol=1e-2, atol=1e-2)
 
 
-NEW_NETS = ("effnetv2s", "effnetv2m", "convnext_base", "mobilenetv3_large")  # convnext_tiny: above
+# One net of each new family through the CLI besides convnext_tiny (above): effnetv2m and
+# convnext_base differ from effnetv2s and convnext_tiny only in their registry data (taps,
+# channels), which tests/test_backbones.py checks against Keras' model for every entry.
+NEW_FAMILIES = ("effnetv2s", "mobilenetv3_large")
 
 
-@pytest.mark.parametrize("net", NEW_NETS)
-def test_every_new_backbone_extracts_trains_and_scores(tmp_path, net):
-    """Each new registry entry through the CLI on random weights: a narrow store with the entry's
-    own layout, a head trained on it, and every stored image scored."""
+@pytest.mark.parametrize("net", NEW_FAMILIES)
+def test_every_new_backbone_family_extracts_trains_and_scores(tmp_path, net):
+    """A new registry entry of each family through the CLI on random weights: a narrow store with
+    the entry's own layout, a head trained on it, and every stored image scored."""
     info = build_sample(str(tmp_path / "sample"), n_images=10, seed=5, max_side=64)
     store, run, scores = tmp_path / f"{net}.h5", tmp_path / "run", tmp_path / "scores.csv"
     res = invoke("extract", "--images", info.images_dir, "--net", net, "--no-augment", "--weights", "random:0",

@@ -43,12 +43,8 @@ def both(tmp_path_factory):
     views = np.stack([crop, crop[:, ::-1]])
     np.save(tmp / "views.npy", views)
     weights = {net: str(tmp / f"{net}.weights.h5") for net in backend_worker.NETS}
-    tf_side = {}
     for net in backend_worker.NETS:
         backend_worker.save_random_backbone(net, 0, weights[net])
-        fx, tf_side[net] = backend_worker.features(net, weights[net], views)
-        if net == "iv3":
-            tf_fx = fx
     images = tmp / "imgs"
     for k, (h, w) in enumerate([(96, 128), (110, 90)]):
         write_image(images / f"img{k}.png", h, w, seed=k)
@@ -71,9 +67,23 @@ def both(tmp_path_factory):
     # one thread: PyTorch's OpenMP threads spin while they wait, which on a busy 2-core machine
     # made the same work 10x slower (6 s of CPU instead of 0.6 s for one irv2 forward)
     env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "backend_worker.py"), str(tmp / "job.json")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # PyTorch's side runs while TensorFlow computes its own features here
+    # (its output goes to a file: a full pipe would stop it while nobody reads)
+    with open(tmp / "worker.log", "w") as log:
+        worker = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "backend_worker.py"),
+                                   str(tmp / "job.json")], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            tf_side = {}
+            for net in backend_worker.NETS:
+                fx, tf_side[net] = backend_worker.features(net, weights[net], views)
+                if net == "iv3":
+                    tf_fx = fx
+            worker.wait(timeout=600)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    assert worker.returncode == 0, (tmp / "worker.log").read_text()[-3000:]
     torch_side = {net: dict(np.load(tmp / f"torch-{net}.npz")) for net in backend_worker.NETS}
     found = json.loads((tmp / "torch.json").read_text())
     return {"tmp": tmp, "tf": tf_side, "torch": torch_side, "found": found, "heads": heads, "images": images,

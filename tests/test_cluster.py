@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from conftest import write_image
+from conftest import ctrl_c_after, write_image
 from heads.score import score_images
 from mlsp import api
 from mlsp.extract import ExtractConfig, FeatureExtractor, extract
@@ -177,23 +177,14 @@ def test_a_killed_worker_loses_nothing_and_doubles_nothing(cluster, folder, tmp_
     runner = cluster.runner(CONFIG, chunk_images=1)
     killed = []
 
-    class KillOnce:
+    class KillOnce(NullProgress):
         """A progress bar that SIGKILLs one worker's process once the first image is back."""
-
-        def __init__(self, **kwargs):
-            pass
 
         def update(self, n=1):
             if not killed:
                 host, pid = runner.workers[max(runner.workers)]
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
-
-        def set_postfix(self, *args, **kwargs):
-            pass
-
-        def close(self):
-            pass
 
     result = extract(folder["images"], CONFIG, out, runner=runner, progress=KillOnce)
     assert killed and runner.retried_chunks >= 1, "the killed worker had chunks in hand"
@@ -208,26 +199,9 @@ def test_scoring_on_the_cluster_resumes_a_killed_job_and_equals_local_scoring(cl
     local, local_errors = score_images(sample_run, folder["images"], local_csv, extractor=extractors(net="iv3"))
     assert len(local) == 12 and len(local_errors) == 1
 
-    class StopAfterFour:
-        """Ctrl-C after four images."""
-
-        def __init__(self, **kwargs):
-            self.n = 0
-
-        def update(self, n=1):
-            self.n += n
-            if self.n == 4:
-                raise KeyboardInterrupt
-
-        def set_postfix(self, *args, **kwargs):
-            pass
-
-        def close(self):
-            pass
-
     out = str(tmp_path / "ray.csv")
     with pytest.raises(KeyboardInterrupt):
-        score_images(sample_run, folder["images"], out, extractor=extractors(net="iv3"), progress=StopAfterFour)
+        score_images(sample_run, folder["images"], out, extractor=extractors(net="iv3"), progress=ctrl_c_after(4))
     assert not os.path.exists(out)
     with open(out + ".partial") as handle:
         assert len(handle.read().splitlines()) == 4, "one line per scored image"

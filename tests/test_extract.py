@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from conftest import write_image
+from conftest import ctrl_c_after, write_image
 from mlsp import extract as ex_mod
 from mlsp.errors import StoreConfigMismatch
 from mlsp.extract import ExtractConfig, extract
@@ -113,26 +113,9 @@ def test_interrupt_keeps_finished_images_and_resume_equals_uninterrupted(tmp_pat
     full = tmp_path / "full.h5"
     extract(str(image_dir), config, str(full), extractor=ex)
 
-    class Stop:
-        """A progress bar that presses Ctrl-C after three images."""
-
-        def __init__(self, **kwargs):
-            self.n = 0
-
-        def update(self, n=1):
-            self.n += n
-            if self.n == 3:
-                raise KeyboardInterrupt
-
-        def set_postfix(self, *a, **k):
-            pass
-
-        def close(self):
-            pass
-
     part = tmp_path / "part.h5"
     with pytest.raises(KeyboardInterrupt):
-        extract(str(image_dir), config, str(part), extractor=ex, progress=Stop, flush_images=100)
+        extract(str(image_dir), config, str(part), extractor=ex, progress=ctrl_c_after(3), flush_images=100)
     assert not part.exists() and len(os.listdir(str(part) + ".partial")) == 2  # config.json + one shard
     result = extract(str(image_dir), config, str(part), extractor=ex)
     assert result.new == 3 and result.skipped_existing == 3
@@ -151,24 +134,9 @@ def test_a_killed_runs_temporary_does_not_stop_the_merge(tmp_path, image_dir, ex
     hidden temporary left by a killed writer is removed with the partial folder."""
     config = ExtractConfig(net="iv3", weights="random:0")
 
-    class StopAtTheEnd:
-        def __init__(self, total=None, **kwargs):
-            self.n, self.total = 0, total
-
-        def update(self, n=1):
-            self.n += n
-            if self.n == self.total:
-                raise KeyboardInterrupt
-
-        def set_postfix(self, *a, **k):
-            pass
-
-        def close(self):
-            pass
-
     out = tmp_path / "s.h5"
     with pytest.raises(KeyboardInterrupt):
-        extract(str(image_dir), config, str(out), extractor=extractors(net="iv3"), progress=StopAtTheEnd)
+        extract(str(image_dir), config, str(out), extractor=extractors(net="iv3"), progress=ctrl_c_after())
     partial = str(out) + ".partial"
     with open(os.path.join(partial, ".shard-9.h5.tmp-4242"), "wb") as f:
         f.write(b"half a shard")

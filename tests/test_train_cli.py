@@ -128,7 +128,7 @@ def test_heads_lists_every_head_with_parameter_counts():
 def test_sample_dataset_trains_and_evaluates_with_every_head(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing lands in the checkout's features/ or runs/
     store = tmp_path / "sample.h5"
-    res = invoke("sample", "--dir", tmp_path / "data", "--images", "24", "--wide", "--weights", "random:0",
+    res = invoke("sample", "--dir", tmp_path / "data", "--images", "16", "--wide", "--weights", "random:0",
                  "--out", store, "--no-train")
     assert res.exit_code == 0, res.output
     # small batches and heads: what is tested is that every head goes through on the sample's
