@@ -25,6 +25,7 @@ from conftest import ctrl_c_after, write_image
 from heads.score import score_images
 from mlsp import api
 from mlsp.extract import ExtractConfig, FeatureExtractor, extract
+from mlsp.progress import NullProgress
 from mlsp.readahead import DECODE_WORKERS
 
 ray = pytest.importorskip("ray", reason='the Ray extra is not installed (pip install -e ".[ray]")')
