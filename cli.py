@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from heads.config import TrainConfig  # noqa: E402
 from heads.registry import HEADS  # noqa: E402
-from heads.schedule import FULL_EPOCH_STEPS, MIN_EPOCH_STEPS, PAPER  # noqa: E402
+from heads.schedule import FULL_EPOCH_STEPS, MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr  # noqa: E402
 from heads.targets import TARGETS  # noqa: E402
 from mlsp import api  # noqa: E402
 from mlsp.backbones import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
@@ -396,7 +396,31 @@ _MEMORY_HELP = ("Features up to this size (e.g. 8GB) are loaded into memory, lar
                 "(RAM, cgroup limit, ulimit -v). 0 always streams.")
 
 
-@main.command("train")
+_TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
+
+    Stage 2 reads only the store. The schedule is the paper's: MSE, Adam, batch {PAPER.batch_size}, LR
+    {fmt_lr(PAPER.lr)} divided by {1 / PAPER.lr_factor:g} every {PAPER.lr_epochs} epochs or after {PAPER.patience} epochs without
+    validation improvement, down to {fmt_lr(PAPER.min_lr)}, reloading the best weights at each change; the
+    best weights on validation loss are the result. Each epoch draws one random stored view per
+    image; validation and test use the mean prediction over all stored views.
+
+    With --target distribution the head predicts each image's histogram of votes (EMD loss,
+    validation EMD for the schedule); its MOS is the histogram's mean, so the MOS metrics stay
+    comparable, and metrics.json adds EMD (r = 1, 2) and the correlation of the predicted
+    opinion std with the true one. Images without votes are left out.
+
+    \b
+    The paper's values are sized for AVA (1,749 batches per epoch); on a smaller store the
+    defaults adapt: an epoch is at least {MIN_EPOCH_STEPS} batches and the LR grows as epochs get
+    shorter (up to {fmt_lr(MAX_AUTO_LR)}). One log line says what was chosen and why; config.json
+    records it; every flag overrides its value.
+
+    The run folder gets model.keras, config.json, history.csv, metrics.json, predictions.csv
+    and plots (predictions.png, loss.png).
+    """
+
+
+@main.command("train", help=_TRAIN_HELP)
 @click.option("--store", "store_path", type=click.Path(dir_okay=False),
               help="Feature store (.h5). Default: the newest store under features/.")
 @click.option("--head", required=True, help=f"The head: {', '.join(HEADS)} (`mlsp heads` describes each).")
@@ -448,28 +472,7 @@ _MEMORY_HELP = ("Features up to this size (e.g. 8GB) are loaded into memory, lar
 def train_command(store_path, head, out, target, epochs, lr, min_lr, lr_epochs, patience, batch_size,
                   steps_per_epoch, seed, width, kernels, memory_budget, workers, precision,
                   progress):
-    """Train a head on a feature store; evaluate it on val and test.
-
-    Stage 2 reads only the store. The schedule is the paper's: MSE, Adam, batch 128, LR 1e-4
-    divided by 10 every 20 epochs or after 5 epochs without validation improvement, down to
-    1e-6, reloading the best weights at each change; the best weights on validation loss are
-    the result. Each epoch draws one random stored view per image; validation and test use the
-    mean prediction over all stored views.
-
-    With --target distribution the head predicts each image's histogram of votes (EMD loss,
-    validation EMD for the schedule); its MOS is the histogram's mean, so the MOS metrics stay
-    comparable, and metrics.json adds EMD (r = 1, 2) and the correlation of the predicted
-    opinion std with the true one. Images without votes are left out.
-
-    \b
-    The paper's values are sized for AVA (1,749 batches per epoch); on a smaller store the
-    defaults adapt: an epoch is at least 100 batches and the LR grows as epochs get shorter
-    (up to 1e-3). One log line says what was chosen and why; config.json records it; every
-    flag overrides its value.
-
-    The run folder gets model.keras, config.json, history.csv, metrics.json, predictions.csv
-    and plots (predictions.png, loss.png).
-    """
+    """Train a head on a feature store; evaluate it on val and test (help: _TRAIN_HELP)."""
     _sigterm_as_interrupt()
     try:
         result = api.train(store_path, head=head, out=out, width=width, kernels=kernels, memory_budget=memory_budget,

@@ -203,6 +203,10 @@ def test_cli_defaults_and_choices_come_from_their_owners():
     assert {"lr", "min_lr", "lr_epochs", "patience", "batch_size", "steps_per_epoch", "seed",
             "workers"} <= set(checked)
     shown = flat(["train", "--help"])
+    from heads.schedule import MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr
+
+    assert f"batch {PAPER.batch_size}, LR {fmt_lr(PAPER.lr)} divided by 10 every {PAPER.lr_epochs} epochs" in shown
+    assert f"at least {MIN_EPOCH_STEPS} batches" in shown and f"(up to {fmt_lr(MAX_AUTO_LR)})" in shown
     for name in ("lr_epochs", "patience", "batch_size", "seed", "workers"):
         value = getattr(TrainConfig, name)
         assert f"[default: {value};" in shown or f"[default: {value}]" in shown, name
