@@ -425,6 +425,11 @@ def _done_in_store(job: _Extraction) -> tuple[str | None, set]:
     return previous, done_paths
 
 
+#: Why an image whose features do not fit the store's float16 is listed instead of stored.
+OVERFLOW_REASON = ("its features exceed float16's range (65504), the store's type: are the backbone's "
+                   "weights an ImageNet network's?")
+
+
 def _write_shards(job: _Extraction, writer: store.ShardWriter, todo: list, *, done_paths: set, bar) -> int:
     """Record the unusable inputs not yet recorded, then extract ``todo`` through the runner into
     ``writer``'s shards; the number of images extracted."""
@@ -438,6 +443,10 @@ def _write_shards(job: _Extraction, writer: store.ShardWriter, todo: list, *, do
             writer.add_error(image_id, job.key(path), result.reason)
             n_errors += 1
             log.debug("skipped %s: %s", path, result.reason)
+        elif not np.isfinite(result[1]).all():  # the store would refuse to read it back
+            writer.add_error(image_id, job.key(path), OVERFLOW_REASON)
+            n_errors += 1
+            log.warning("skipped %s: %s", path, OVERFLOW_REASON)
         else:
             size, features = result
             writer.add(image_id, job.key(path), size, features)

@@ -145,6 +145,28 @@ def test_a_killed_runs_temporary_does_not_stop_the_merge(tmp_path, image_dir, ex
     assert out.exists() and not os.path.exists(partial)
 
 
+def test_features_beyond_float16_are_listed_not_stored(tmp_path, image_dir, extractors):
+    """An image whose features overflow the store's float16 (a backbone with unsuitable weights)
+    is listed with the reason; the store holds only readable features."""
+    from mlsp.extract import OVERFLOW_REASON
+
+    fx = extractors(net="iv3")
+
+    class Overflowing:  # the extractor, with one image size's features past 65504 (inf in float16)
+        load_views, info, store_attrs = fx.load_views, fx.info, fx.store_attrs
+
+        def process(self, views):
+            features = fx.process(views)
+            return np.full_like(features, np.inf) if views.shape[1:3] == (105, 87) else features
+
+    out = tmp_path / "s.h5"
+    result = extract(str(image_dir), ExtractConfig(net="iv3", weights="random:0"), str(out), extractor=Overflowing())
+    assert result.new == 5 and [(e["id"], e["reason"]) for e in result.errors] == [("img1", OVERFLOW_REASON)]
+    with FeatureStore(str(out)) as s:
+        s.check_features()
+        assert "img1" not in s.ids.tolist()
+
+
 def test_kill_minus_9_then_resume(tmp_path):
     """A real kill -9 of the CLI mid-run, then the same command: the store equals an
     uninterrupted run's."""

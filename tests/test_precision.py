@@ -88,16 +88,15 @@ def test_explicit_precision_is_kept():
 
 def test_precision_recorded_and_never_mixed(tmp_path, image_dir, extractors):
     out = tmp_path / "s.h5"
-    # wide: the extractors the fidelity test above builds
-    bf16 = ExtractConfig(net="iv3", pooling="wide", weights="random:0", precision="bfloat16")
-    assert bf16.default_store_name() == "iv3_wide_bfloat16.h5"
-    extract(str(image_dir), bf16, str(out), extractor=extractors(net="iv3", pooling="wide", precision="bfloat16"))
+    bf16 = ExtractConfig(net="iv3", weights="random:0", precision="bfloat16")
+    assert bf16.default_store_name() == "iv3_narrow_bfloat16.h5"
+    result = extract(str(image_dir), bf16, str(out), extractor=extractors(net="iv3", precision="bfloat16"))
+    assert result.new == 6 and result.errors == []
     with FeatureStore(str(out)) as s:
         assert s.attrs["precision"] == "bfloat16"
     write_image(image_dir / "late.png", 100, 100, seed=9)
     with pytest.raises(StoreConfigMismatch, match="precision: store has 'bfloat16', asked for 'float32'"):
-        extract(str(image_dir), ExtractConfig(net="iv3", pooling="wide", weights="random:0"), str(out),
-                extractor=extractors(net="iv3", pooling="wide"))
+        extract(str(image_dir), ExtractConfig(net="iv3", weights="random:0"), str(out), extractor=extractors(net="iv3"))
 
 
 def test_decode_ahead_equals_serial(tmp_path, image_dir, extractors):
