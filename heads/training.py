@@ -166,8 +166,8 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
         run = Run.create(job.run_dir, _record(job))
         log.info("run folder: %s", job.run_dir)
         fitted, predictions = _fit_and_predict(job, run, progress=progress)
-        history = run.history()
         with _stop_marks(run, NOT_SAVED):
+            history = run.history()
             _save_model(job, run, fitted, predictions=predictions, history=history)
         with _stop_marks(run, SAVED_NOT_EVALUATED):
             metrics = write_outputs(job.run_dir, store, predictions)

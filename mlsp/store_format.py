@@ -48,6 +48,7 @@ def config_attrs(attrs: dict) -> dict:
     :data:`CONFIG_KEYS` and the blocks' names and channels, without provenance."""
     return {key: attrs.get(key) for key in CONFIG_KEYS + ("block_names", "block_channels")}
 
+
 STR_DTYPE = h5py.string_dtype("utf-8")
 
 
