@@ -145,7 +145,8 @@ class PretrainedModel:
     """A released model, ready to score: ``spec`` (its catalogue entry), ``path`` (its verified
     file), ``head`` (the converted Keras head) and ``procedure`` (its test-time views)."""
 
-    def __init__(self, spec, path: str, precision: str = ExtractConfig.precision):
+    def __init__(self, spec, path: str, precision: str = ExtractConfig.precision,
+                 extractor: FeatureExtractor | None = None):
         self.spec, self.path = spec, path
         self.procedure = get_procedure(spec.views)
         self.config = ExtractConfig(net=spec.net, pooling=spec.pooling, augment=False,
@@ -153,8 +154,10 @@ class PretrainedModel:
         if self.config.weights.startswith("random"):
             log.warning("%s: a RANDOM backbone (weights %s): its scores say nothing about aesthetics",
                         spec.name, self.config.weights)
+        if extractor is not None and extractor.config != self.config:
+            raise ConfigError(f"{spec.name}: the extractor given is not this model's ({extractor.config})")
         self.head, self.head_path = convert(spec, path)
-        self._extractor = None
+        self._extractor = extractor
 
     @property
     def extractor(self) -> FeatureExtractor:
@@ -225,8 +228,10 @@ class PretrainedModel:
         return save(self.scoring_model(), out)
 
 
-def open_model(model: str, precision: str = ExtractConfig.precision) -> PretrainedModel:
+def open_model(model: str, precision: str = ExtractConfig.precision,
+               extractor: FeatureExtractor | None = None) -> PretrainedModel:
     """The catalogue model ``model`` (a name, or the path of its file), fetched and verified by
-    :func:`heads.pretrained.resolve_model`, converted once."""
+    :func:`heads.pretrained.resolve_model`, converted once; ``extractor``: its backbone, when
+    already built."""
     spec, path = resolve(model)
-    return PretrainedModel(spec, path, precision)
+    return PretrainedModel(spec, path, precision, extractor)

@@ -7,6 +7,8 @@ numpy, written from their definitions, to check an imported head against.
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 
@@ -60,6 +62,7 @@ def authors_layers(head: str, channels: int, width: int, kernels: int | None = N
 
 def write_keras2(path, layers: list, *, dtype=np.float32):
     """Write ``layers`` ((name, {tensor: array}) in model order) as Keras 2.2.4's save_weights does."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with h5py.File(path, "w") as f:
         f.attrs["layer_names"] = np.array([name.encode() for name, _ in layers])
         f.attrs["backend"] = b"tensorflow"
