@@ -86,6 +86,7 @@ def convert(spec, path: str):
     head_path = converted_path(path, spec.sha256)
     if _kept(head_path, spec.sha256):
         return keras.saving.load_model(head_path, compile=False, safe_mode=True), head_path
+    log.info("%s: converting %s's Keras 2 head into %s (once)", path, spec.name, head_path)
     backbone = get_backbone(spec.net)
     model, options = import_head(path, spec.head, backbone.channels, spec.pooling, options=spec.head_options)
     try:
@@ -99,7 +100,6 @@ def convert(spec, path: str):
     except (OSError, WriteError) as exc:
         log.warning("%s: cannot keep the converted head (%s); it is converted again on every run", head_path, exc)
         return model, None
-    log.info("%s: converted once into %s", path, head_path)
     return model, head_path
 
 
