@@ -111,8 +111,12 @@ def released(tmp_path_factory, extractors):
 
 
 def _error_lines(output):
-    """What the command printed besides warnings (a random backbone's, here)."""
-    return [line for line in output.strip().splitlines() if not line.startswith("warning:")]
+    """The error the command ended with (besides it, log lines: a random backbone's warning,
+    the catalogue's check of the file), which must be one line, the last."""
+    lines = output.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert errors and lines[-1] == errors[-1], output
+    return errors
 
 
 def _authors_scores(extractor, procedure, paths, layers):
