@@ -701,7 +701,7 @@ def export_command(run_dir, model, out, weights, precision, allow_unfinished):
     """
     run_dir, _ = _run_or_model(run_dir, model)
     path = api.export(run_dir, out, model=model, weights=weights, precision=precision,
-                      allow_unfinished=allow_unfinished)
+                      allow_unfinished=allow_unfinished, progress=console_progress)
     click.echo(f"exported: {path}")
 
 

@@ -37,11 +37,12 @@ log = logging.getLogger(__name__)
 RECORD_SUFFIX = ".json"
 
 
-def resolve(model: str):
-    """``(spec, path)`` of a catalogue name or a file; a file the catalogue does not know is refused."""
+def resolve(model: str, progress=None):
+    """``(spec, path)`` of a catalogue name (fetched once, with ``progress``) or a file; a file the
+    catalogue does not know is refused."""
     from . import pretrained as catalogue
 
-    spec, path = catalogue.resolve_model(model)
+    spec, path = catalogue.resolve_model(model, progress=progress)
     if spec is None:
         raise ConfigError(
             f"{path}: not one of the catalogue's models (its sha256 {file_sha256(path)} matches none; "
@@ -229,9 +230,9 @@ class PretrainedModel:
 
 
 def open_model(model: str, precision: str = ExtractConfig.precision,
-               extractor: FeatureExtractor | None = None) -> PretrainedModel:
-    """The catalogue model ``model`` (a name, or the path of its file), fetched and verified by
-    :func:`heads.pretrained.resolve_model`, converted once; ``extractor``: its backbone, when
-    already built."""
-    spec, path = resolve(model)
+               extractor: FeatureExtractor | None = None, progress=None) -> PretrainedModel:
+    """The catalogue model ``model`` (a name, or the path of its file), fetched (with a
+    ``progress`` bar) and verified by :func:`heads.pretrained.resolve_model`, converted once;
+    ``extractor``: its backbone, when already built."""
+    spec, path = resolve(model, progress)
     return PretrainedModel(spec, path, precision, extractor)

@@ -175,7 +175,7 @@ def score(run_dir: str | None = None, *, model: str | None = None, store: str | 
         raise ConfigError("--ray scores image files (--images); a store is scored on this machine")
     if model is not None and weights is not None:
         raise ConfigError("a released model names its own backbone weights; --weights is for a run")
-    scorer = pretrained(model, precision=precision) if model is not None else None
+    scorer = pretrained(model, precision=precision, progress=progress) if model is not None else None
     if store is not None:
         if scorer is not None:
             return scorer.score_store(store, out, progress=resolve_progress(progress))
@@ -191,14 +191,15 @@ def score(run_dir: str | None = None, *, model: str | None = None, store: str | 
     return frame
 
 
-def pretrained(model: str, *, precision: str | None = None):
+def pretrained(model: str, *, precision: str | None = None, progress=False):
     """A released model, ready to score (as pyiqa's ``create_metric``): ``model`` is a catalogue
-    name (``mlsp models``; fetched and verified once) or the path of its file. Returns a
-    :class:`heads.pretrained_scoring.PretrainedModel`: ``.score(paths_or_folder)`` (a DataFrame:
-    id, pred (the MOS, 1-10), pred_std, path), ``.score_store(store)``, ``.export(out)``."""
+    name (``mlsp models``; fetched and verified once, with a bar if ``progress``) or the path of
+    its file. Returns a :class:`heads.pretrained_scoring.PretrainedModel`:
+    ``.score(paths_or_folder)`` (a DataFrame: id, pred (the MOS, 1-10), pred_std, path),
+    ``.score_store(store)``, ``.export(out)``."""
     from heads.pretrained_scoring import open_model
 
-    return open_model(model, precision or ExtractConfig.precision)
+    return open_model(model, precision or ExtractConfig.precision, progress=resolve_progress(progress))
 
 
 def import_weights(path: str, *, head: str, store: str, out: str | None = None) -> str:
@@ -211,10 +212,12 @@ def import_weights(path: str, *, head: str, store: str, out: str | None = None) 
 
 
 def export(run_dir: str | None = None, out: str | None = None, *, model: str | None = None,
-           weights: str | None = None, precision: str | None = None, allow_unfinished: bool = False) -> str:
+           weights: str | None = None, precision: str | None = None, allow_unfinished: bool = False,
+           progress=False) -> str:
     """``mlsp export``: one .keras model from image batch to MOS; returns its path. ``model``: a
-    released model (:func:`pretrained`) in place of a run (default ``out``: ``<name>.keras``).
-    ``allow_unfinished``: also an interrupted or diverged run."""
+    released model (:func:`pretrained`) in place of a run (default ``out``: ``<name>.keras``;
+    ``progress``: a bar while its file is fetched). ``allow_unfinished``: also an interrupted or
+    diverged run."""
     from heads.export import export as run
 
     from .errors import ConfigError
@@ -224,7 +227,7 @@ def export(run_dir: str | None = None, out: str | None = None, *, model: str | N
     if model is not None:
         if weights is not None:
             raise ConfigError("a released model names its own backbone weights; --weights is for a run")
-        return pretrained(model, precision=precision).export(out)
+        return pretrained(model, precision=precision, progress=progress).export(out)
     return run(run_dir, out, weights=weights, precision=precision, allow_unfinished=allow_unfinished)
 
 

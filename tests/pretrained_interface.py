@@ -40,7 +40,7 @@ def get_pretrained(name):
     return PRETRAINED.get(name)
 
 
-def resolve_model(name_or_path):
+def resolve_model(name_or_path, *, progress=None):
     if os.path.isfile(name_or_path):
         sha = file_sha256(name_or_path)
         return next((s for s in PRETRAINED.specs() if s.sha256 == sha), None), name_or_path
