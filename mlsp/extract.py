@@ -375,7 +375,7 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
     """The part of :func:`extract` that holds the store's lock: skip what is done, extract the
     rest into shards, merge them with the labels into the store."""
     out = job.out
-    previous, done_paths = _done_in_store(job)
+    previous, done_paths, stored_ids = _done_in_store(job)
     writer = store.ShardWriter(out, {k: job.attrs[k] for k in store.CONFIG_KEYS},
                                {"views": job.attrs["views"], "pooling": job.config.pooling,
                                 "channels": int(sum(job.attrs["block_channels"]))},
@@ -385,6 +385,9 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
     for record in writer.read_shards():
         done_paths.update(record.paths)
         done_paths.update(e["path"] for e in record.errors)
+        stored_ids.update(zip(record.ids, record.paths))
+    # ids unique by construction, also against the images stored before (images.image_ids)
+    job.ids = images.image_ids(job.paths, job.root, taken=stored_ids)
     todo = [(p, i) for p, i in zip(job.paths, job.ids) if job.key(p) not in done_paths]
     skipped_existing = len(job.paths) - len(todo)
     if skipped_existing:
@@ -406,10 +409,12 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
     return result
 
 
-def _done_in_store(job: _Extraction) -> tuple[str | None, set]:
-    """(the existing store, or None; the paths it holds, images and errors); a store made with
-    another configuration is a StoreConfigMismatch. Clears the temporaries a crash left."""
+def _done_in_store(job: _Extraction) -> tuple[str | None, set, dict]:
+    """(the existing store, or None; the paths it holds, images and errors; its ids, each with
+    its path); a store made with another configuration is a StoreConfigMismatch. Clears the
+    temporaries a crash left."""
     previous = None
+    done_paths, stored_ids = set(), {}
     if os.path.exists(job.out):
         with store.FeatureStore(job.out) as existing:
             diff = store.config_differences(existing.attrs, job.attrs)
@@ -417,12 +422,11 @@ def _done_in_store(job: _Extraction) -> tuple[str | None, set]:
                 raise StoreConfigMismatch(job.out, diff)
             done_paths = set(existing.paths.tolist())
             done_paths.update(e["path"] for e in existing.errors())
+            stored_ids = dict(zip(existing.ids.tolist(), existing.paths.tolist()))
         previous = job.out
-    else:
-        done_paths = set()
     if not job.lock.read_only:
         remove_stale_temporaries(job.out)
-    return previous, done_paths
+    return previous, done_paths, stored_ids
 
 
 #: Why an image whose features do not fit the store's float16 is listed instead of stored.

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import AtomicPath
+from .errors import StoreError
 from .files import ensure_space
 from .progress import ProgressFactory, null_progress
 from .store_format import (AUGMENTED_VIEWS, FORMAT_VERSION, FULL_VIEW, STR_DTYPE, as_str_array, attr_value,
@@ -137,14 +138,14 @@ def finalize_store(
         with h5py.File(source, "r") as f:
             sources += [(p, i, s, source, row) for row, (i, p, s) in enumerate(read_sources(f))]
             errors.update((e["path"], e) for e in read_errors(f))
-    # The newest result for a path wins (a shard after a previous store); so does the newest
-    # for an id, when a file was replaced by one of another name (x.png by x.jpg).
+    # The newest result for a path wins (a shard after a previous store). Ids are unique by
+    # construction (mlsp.images.image_ids): two paths under one id are refused, never replaced.
     latest, by_id = {}, {}
     for src in sources:
         old = by_id.get(src[1])
         if old is not None and old[0] != src[0]:
-            log.warning("%s replaces %s (same id %r)", src[0], old[0], src[1])
-            latest.pop(old[0], None)
+            raise StoreError(f"{src[3]}: image id {src[1]!r} is held by both {old[0]} and {src[0]}; "
+                             f"nothing was written to {path}")
         latest[src[0]] = by_id[src[1]] = src
     rows = [latest[k] for k in sorted(latest)]
     for k in latest:

@@ -1,0 +1,70 @@
+"""What makes an image itself in a store: unique ids by construction, the file's content, names
+that are not UTF-8, and a folder without one usable image."""
+
+import os
+
+import h5py
+import pytest
+
+from conftest import write_image
+from mlsp import images
+from mlsp.errors import ConfigError
+from mlsp.extract import ExtractConfig, extract
+from mlsp.store import FeatureStore
+
+CONFIG = ExtractConfig(net="iv3", weights="random:0")
+
+
+def run(src, out, extractors, **kw):
+    return extract(str(src), CONFIG, str(out), extractor=extractors(net="iv3"), **kw)
+
+
+def rows(out):
+    with FeatureStore(str(out)) as s:
+        return dict(zip(s.paths.tolist(), s.ids.tolist()))
+
+
+def test_ids_that_would_collide_keep_their_extensions():
+    paths = ["/d/a.jpg", "/d/a.png", "/d/a.jpg.png", "/d/b.jpg"]
+    # a.jpg and a.png share "a"; then a.jpg.png's "a.jpg" is a.jpg's path: it keeps its extension too
+    assert images.image_ids(paths, "/d") == ["a.jpg", "a.png", "a.jpg.png", "b"]
+    # against ids already stored for other files
+    assert images.image_ids(["/d/a.jpg"], "/d", taken={"a": "a.png"}) == ["a.jpg"]
+    assert images.image_ids(["/d/a.jpg"], "/d", taken={"a": "a.jpg"}) == ["a"]
+    with pytest.raises(ConfigError, match=r"a\.jpg.*already that of a\.jpg\.png"):
+        images.image_ids(["/d/a.jpg"], "/d", taken={"a": "x.png", "a.jpg": "a.jpg.png"})
+
+
+def test_colliding_names_lose_no_photo_and_reruns_keep_them(tmp_path, extractors):
+    src = tmp_path / "imgs"
+    for k, name in enumerate(["a.jpg", "a.png", "a.jpg.png", "b.jpg"]):
+        write_image(src / name, 96, 100 + 4 * k, seed=k)
+    out = tmp_path / "s.h5"
+    result = run(src, out, extractors)
+    assert result.images == 4 and result.new == 4
+    first = rows(out)
+    assert first == {"a.jpg": "a.jpg", "a.jpg.png": "a.jpg.png", "a.png": "a.png", "b.jpg": "b"}
+    with FeatureStore(str(out)) as s:  # each row holds its own file's features
+        sizes = dict(zip(s.paths.tolist(), (tuple(v) for v in h5py.File(str(out))["sizes"][:])))
+    assert sizes["a.jpg.png"] == (96, 108) and sizes["a.jpg"] == (96, 100)
+    assert run(src, out, extractors).new == 0
+    assert rows(out) == first
+
+
+def test_a_new_file_never_takes_a_stored_id(tmp_path, extractors):
+    src = tmp_path / "imgs"
+    write_image(src / "a.jpg.png", 96, 100, seed=0)
+    out = tmp_path / "s.h5"
+    run(src, out, extractors)
+    assert rows(out) == {"a.jpg.png": "a.jpg"}
+    write_image(src / "a.png", 96, 108, seed=2)  # "a": free
+    write_image(src / "b.png", 96, 104, seed=1)
+    write_image(src / "b.jpg", 96, 104, seed=3)  # b.jpg, b.png share "b"
+    assert run(src, out, extractors).new == 3
+    assert rows(out) == {"a.jpg.png": "a.jpg", "a.png": "a", "b.jpg": "b.jpg", "b.png": "b.png"}
+    # a.jpg: "a" is a.png's, and its path "a.jpg" is a.jpg.png's id: refused, naming both, nothing written
+    write_image(src / "a.jpg", 96, 112, seed=4)
+    before = os.path.getmtime(out)
+    with pytest.raises(ConfigError, match=r"imgs/a\.jpg: its id 'a\.jpg' is already that of a\.jpg\.png"):
+        run(src, out, extractors)
+    assert os.path.getmtime(out) == before and len(rows(out)) == 4
