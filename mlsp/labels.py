@@ -44,6 +44,12 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 AVA_FIELDS = 15  # index, image id, 10 vote counts, 2 semantic tags, challenge id
+# The store keeps MOS and vote counts as float32 (features/README.md): labels are checked in it.
+STORED_DTYPE = np.float32
+MAX_STORED = float(np.finfo(STORED_DTYPE).max)
+# A CSV that gives both a MOS and vote counts: the MOS may differ from the votes' mean by rounding
+# (a MOS given to whole points), not by more.
+MOS_VOTES_TOLERANCE = 0.5
 
 
 @dataclasses.dataclass
@@ -182,6 +188,7 @@ def _read_ava(path: str, lines: Sequence[str]) -> Labels:
         counts = values[2:2 + N_BINS]
         if min(counts) < 0:
             raise LabelsError(f"{where}: negative vote count in {counts}")
+        check_storable(counts, where)
         if sum(counts) == 0:
             raise LabelsError(f"{where}: image {fields[1]} has no votes (all 10 counts are 0)")
         image_id = fields[1]
@@ -194,6 +201,17 @@ def _read_ava(path: str, lines: Sequence[str]) -> Labels:
         votes.append(counts)
     votes_arr = np.asarray(votes, dtype=np.float64).reshape(-1, N_BINS)
     return Labels(ids, mos_from_votes(votes_arr), votes_arr, source=path)
+
+
+def check_storable(counts: Sequence[float], where: str):
+    """Vote counts that the store's float32 holds: each one and their sum finite there (a count
+    of 1e39 is finite in float64 but infinite once stored). A LabelsError naming ``where``."""
+    with np.errstate(over="ignore"):
+        too_large = any(c > MAX_STORED for c in counts) or not np.isfinite(
+            np.asarray(counts, dtype=np.float64).astype(STORED_DTYPE).sum(dtype=STORED_DTYPE))
+    if too_large:
+        raise LabelsError(f"{where}: vote counts {list(counts)} are too large for the store (float32: "
+                          f"at most {MAX_STORED:.3g} in all)")
 
 
 def _is_int(text: str) -> bool:
@@ -328,6 +346,8 @@ class _CsvColumns:
             raise LabelsError(f"{where}: some of the 10 vote counts are empty")
         if all(given) and min(counts) < 0:
             raise LabelsError(f"{where}: negative vote count in {counts}")
+        if all(given):
+            check_storable(counts, where)
         if all(given) and sum(counts) == 0:
             if not self.mos:
                 raise LabelsError(f"{where}: image {image_id} has no votes (all 10 counts are 0)")
@@ -350,6 +370,11 @@ class _CsvColumns:
             mos = float(mos_from_votes(counts))
         if not 1.0 <= mos <= 10.0:
             raise LabelsError(f"{where}: MOS {mos:g} is outside 1..10")
+        if self.mos and np.isfinite(counts[0]):
+            mean = float(mos_from_votes(counts))
+            if abs(mos - mean) > MOS_VOTES_TOLERANCE:
+                raise LabelsError(f"{where}: MOS {mos:g} disagrees with its votes, whose mean is {mean:.2f} "
+                                  f"(more than {MOS_VOTES_TOLERANCE:g} apart): is a column shifted?")
         return mos
 
 
