@@ -182,11 +182,14 @@ def finalize_store(
 
 
 def relabel_store(path: str, label_fn, attrs: dict, keys: Sequence[str]) -> int:
-    """Rewrite labels and splits of a finished store in place (features untouched).
+    """Rewrite labels and splits of a finished store (features untouched), crash-safe.
 
     ``label_fn`` runs first, so it may still add to ``attrs``; then ``keys`` of ``attrs`` are
-    written. Nothing is written when nothing changed (so this works on read-only media).
-    Returns the number of images."""
+    written. HDF5 cannot change a file safely in place (a kill amid its metadata writes leaves
+    it unreadable), so the store is copied under a temporary name, the copy relabelled, synced
+    and renamed over the store: a kill at any point leaves the old labels or the new ones.
+    This costs one copy of the file, as extending a store does. Nothing is written when nothing
+    changed (so this works on read-only media). Returns the number of images."""
     with open_h5(path) as f:
         ids = decode_strings(f["ids"][:])
         mos, votes, split = label_fn(ids)
@@ -198,9 +201,12 @@ def relabel_store(path: str, label_fn, attrs: dict, keys: Sequence[str]) -> int:
     if unchanged:
         log.debug("%s: labels unchanged", path)
         return len(ids)
-    with h5py.File(path, "r+") as f:
-        f["mos"][...] = mos
-        f["votes"][...] = votes
-        f["split"][...] = as_str_array(split)
-        write_attrs(f, {k: attrs[k] for k in keys if k in attrs})
-        return len(ids)
+    ensure_space(path, os.path.getsize(path), margin=4 << 20)
+    with AtomicPath(path, kept=f"{path} is unchanged") as tmp:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            f["mos"][...] = mos
+            f["votes"][...] = votes
+            f["split"][...] = as_str_array(split)
+            write_attrs(f, {k: attrs[k] for k in keys if k in attrs})
+    return len(ids)
