@@ -263,10 +263,12 @@ def collect_inputs(inputs: str | Sequence[str]) -> tuple[list[str], list[str], l
 
 
 def _label_function(labels_file, test_list, val_fraction, seed, report):
+    """``ids -> (mos, votes, split)``; ``labels_file`` and ``test_list`` are files, or what a
+    store kept of them (:class:`mlsp.labels.Labels`, a list of test ids; see :func:`_LabelSources`)."""
     from . import labels as labels_mod
 
-    labels = labels_mod.read_labels(labels_file) if labels_file else None
-    test_ids = labels_mod.read_test_list(test_list) if test_list else []
+    labels = labels_mod.read_labels(labels_file) if isinstance(labels_file, (str, os.PathLike)) else labels_file
+    test_ids = labels_mod.read_test_list(test_list) if isinstance(test_list, (str, os.PathLike)) else test_list
 
     def label_fn(ids):
         mos, votes, split, rep = labels_mod.assign_splits(list(ids), labels, test_ids, val_fraction, seed)
@@ -327,17 +329,14 @@ def extract(
         raise WriteError(os.path.dirname(os.path.abspath(out)), describe_os_error(exc), "nothing was written") from exc
     lock = StoreLock(out).acquire()  # before anything slow: a second writer is refused at once
     try:
-        if os.path.exists(out) and labels is None and test_list is None:
-            labels, test_list = _stored_label_sources(out)
+        sources = _LabelSources.of(out, labels, test_list)
         report: dict = {}
         # Labels are read before any image, so a malformed file fails at once.
-        label_fn = _label_function(labels, test_list, val_fraction, seed, report)
+        label_fn = _label_function(sources.labels, sources.test_list, val_fraction, seed, report)
         runner = runner or LocalRunner(extractor or FeatureExtractor(config, cache=True), workers, prefetch,
                                        default_batch_views() if batch_views is None else batch_views, batch_window)
-        attrs = {**runner.info(), "dataset": dataset,
-                 "labels_file": os.path.abspath(labels) if labels else "",
-                 "test_list": os.path.abspath(test_list) if test_list else "",
-                 "val_fraction": float(val_fraction), "seed": int(seed)}
+        attrs = {**runner.info(), "dataset": dataset, "labels_file": sources.labels_file,
+                 "test_list": sources.test_list_file, "val_fraction": float(val_fraction), "seed": int(seed)}
         return _extract_locked(_Extraction(
             paths=paths, ids=ids, skipped=skipped, root=root, out=out, attrs=attrs, config=config, runner=runner,
             label_fn=label_fn, report=report, flush_images=flush_images, flush_seconds=flush_seconds,
@@ -416,7 +415,7 @@ def _done_in_store(job: _Extraction) -> tuple[str | None, set, dict]:
     previous = None
     done_paths, stored_ids = set(), {}
     if os.path.exists(job.out):
-        with store.FeatureStore(job.out) as existing:
+        with store.FeatureStore(job.out, check_labels=False) as existing:  # --labels may repair them
             diff = store.config_differences(existing.attrs, job.attrs)
             if diff:
                 raise StoreConfigMismatch(job.out, diff)
@@ -522,20 +521,51 @@ def _with_report(label_fn, attrs, report):
     return fn
 
 
-def _stored_label_sources(path):
-    """The label files a store was made with, so that rerunning without --labels keeps them."""
-    with store.FeatureStore(path) as s:
-        found = []
-        for key in ("labels_file", "test_list"):
-            value = s.attrs.get(key) or None
-            if value and not os.path.isfile(value):
-                log.warning("%s was made with %s %s, which no longer exists; its labels are dropped",
-                            path, key, value)
-                value = None
-            found.append(value)
-    if any(found):
-        log.info("using the label sources recorded in %s: %s", path, ", ".join(v for v in found if v))
-    return found[0], found[1]
+@dataclasses.dataclass
+class _LabelSources:
+    """Where an extraction's labels and test split come from: the files given, else the ones the
+    store records. Labels already in the store stay unless new ones are given: a recorded file
+    that no longer exists is replaced by what the store holds (its labelled rows, its test split)."""
+
+    labels: object  # a labels file, a mlsp.labels.Labels (the store's own), or None
+    test_list: object  # a test list file, a list of test ids (the store's own), or None
+    labels_file: str  # what the store records as its sources ("" for none)
+    test_list_file: str
+
+    @classmethod
+    def of(cls, out: str, labels: str | None, test_list: str | None) -> "_LabelSources":
+        given = cls(labels, test_list, os.path.abspath(labels) if labels else "",
+                    os.path.abspath(test_list) if test_list else "")
+        if not os.path.exists(out) or (labels is not None and test_list is not None):
+            return given
+        with store.FeatureStore(out, check_labels=False) as s:  # new labels may be what repairs them
+            if labels is None and s.attrs.get("labels_file"):
+                given.labels = given.labels_file = s.attrs["labels_file"]
+                if not os.path.isfile(given.labels):
+                    given.labels = _kept_labels(s)
+            if test_list is None and s.attrs.get("test_list"):
+                given.test_list = given.test_list_file = s.attrs["test_list"]
+                if not os.path.isfile(given.test_list):
+                    given.test_list = s.ids[s.split == "test"].tolist()
+        for what, value, recorded, asked in (("labels file", given.labels, given.labels_file, labels),
+                                             ("test list", given.test_list, given.test_list_file, test_list)):
+            if asked is not None or not recorded:
+                continue
+            if isinstance(value, str):
+                log.info("using the %s recorded in %s: %s", what, out, value)
+            else:
+                log.warning("%s was made with the %s %s, which no longer exists: the store keeps its labels and "
+                            "test split (images added now stay unlabeled; give --labels to label them)",
+                            out, what, recorded)
+        return given
+
+
+def _kept_labels(s: store.FeatureStore):
+    """The labels a store holds, as :class:`mlsp.labels.Labels` (its labelled rows)."""
+    from .labels import Labels
+
+    rows = np.flatnonzero(np.isfinite(s.mos))
+    return Labels(s.ids[rows].tolist(), s.mos[rows], s.votes[rows], source=s.path)
 
 
 def default_batch_views() -> int:

@@ -47,8 +47,9 @@ class FeatureStore:
     ...     x = store.read([0, 5], views=[2, 0])  # (2, ...) one view per image
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, check_labels: bool = True):
         self.path = str(path)
+        self.check_labels = check_labels  # False: extraction, which may be about to rewrite them
         if not os.path.isfile(self.path):
             raise StoreError(f"{self.path}: no such feature store")
         self._file = open_h5(self.path)
@@ -94,7 +95,8 @@ class FeatureStore:
             )
         if len(self.views) != self.n_views:
             raise StoreError(f"{self.path}: {len(self.views)} view names for {self.n_views} stored views")
-        self._check_labels()
+        if self.check_labels:
+            self._check_labels()
 
     def _check_labels(self):
         """MOS is NaN (no label) or in 1..10, vote counts finite and >= 0 where present."""
