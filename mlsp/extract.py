@@ -262,7 +262,7 @@ def collect_inputs(inputs: str | Sequence[str]) -> tuple[list[str], list[str], l
     return paths, images.image_ids(paths, root), skipped, root
 
 
-def _label_function(labels_file, test_list, val_fraction, seed, report):
+def _label_function(labels_file, test_list, val_fraction, seed, report, test_fraction=0.0):
     """``ids -> (mos, votes, split)``; ``labels_file`` and ``test_list`` are files, or what a
     store kept of them (:class:`mlsp.labels.Labels`, a list of test ids; see :func:`_LabelSources`)."""
     from . import labels as labels_mod
@@ -271,7 +271,8 @@ def _label_function(labels_file, test_list, val_fraction, seed, report):
     test_ids = labels_mod.read_test_list(test_list) if isinstance(test_list, (str, os.PathLike)) else test_list
 
     def label_fn(ids):
-        mos, votes, split, rep = labels_mod.assign_splits(list(ids), labels, test_ids, val_fraction, seed)
+        mos, votes, split, rep = labels_mod.assign_splits(list(ids), labels, test_ids, val_fraction, seed,
+                                                          test_fraction)
         report.update(rep)
         return mos, votes, split
 
@@ -286,6 +287,7 @@ def extract(
     labels: str | None = None,
     test_list: str | None = None,
     val_fraction: float = 0.05,
+    test_fraction: float = 0.2,
     seed: int = 0,
     dataset: str | None = None,
     workers: int = DECODE_WORKERS,
@@ -310,6 +312,10 @@ def extract(
     :class:`~mlsp.errors.WriteError` (finished images kept). Unusable inputs are recorded in
     the store's ``/errors`` and never stop the run. ``progress`` is a progress factory
     (:mod:`mlsp.progress`).
+    Splits: ``test_list`` names the test images; without one, ``test_fraction`` of the labelled
+    images are drawn for test by a hash of their id and ``seed`` (:func:`mlsp.labels.random_test`:
+    an image keeps its split when images are added); ``val_fraction`` of the other labelled
+    images go to val. Labels and a test list the store records stay unless new ones are given.
     ``runner`` runs the model (default: a :class:`mlsp.readahead.LocalRunner` in this process; a
     :class:`mlsp.cluster.ClusterRunner` spreads the images over a Ray cluster, the rest is the same).
     ``batch_views``: views per model call; the views of several images of the same size are
@@ -318,8 +324,9 @@ def extract(
     the same whatever the batching.
     """
     started = time.monotonic()
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), received {val_fraction!r}")
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), received {value!r}")
     paths, ids, skipped, root = collect_inputs(inputs)
     dataset = dataset or os.path.basename(root.rstrip(os.sep)) or "dataset"
     out = out or default_store_path(config, dataset)
@@ -332,11 +339,12 @@ def extract(
         sources = _LabelSources.of(out, labels, test_list)
         report: dict = {}
         # Labels are read before any image, so a malformed file fails at once.
-        label_fn = _label_function(sources.labels, sources.test_list, val_fraction, seed, report)
+        test_fraction = 0.0 if sources.test_list is not None else float(test_fraction)  # a test list decides
+        label_fn = _label_function(sources.labels, sources.test_list, val_fraction, seed, report, test_fraction)
         runner = runner or LocalRunner(extractor or FeatureExtractor(config, cache=True), workers, prefetch,
                                        default_batch_views() if batch_views is None else batch_views, batch_window)
         attrs = {**runner.info(), "dataset": dataset, "labels_file": sources.labels_file,
-                 "test_list": sources.test_list_file, "val_fraction": float(val_fraction), "seed": int(seed)}
+                 "test_list": sources.test_list_file, "val_fraction": float(val_fraction), "test_fraction": test_fraction, "seed": int(seed)}
         return _extract_locked(_Extraction(
             paths=paths, ids=ids, skipped=skipped, root=root, out=out, attrs=attrs, config=config, runner=runner,
             label_fn=label_fn, report=report, flush_images=flush_images, flush_seconds=flush_seconds,
@@ -501,7 +509,8 @@ def _merge(job: _Extraction, writer: store.ShardWriter, *, previous: str | None,
                                              progress=job.progress)
         else:  # nothing new: only the labels may have changed
             writer.remove()
-            label_attrs = ("labels_file", "test_list", "val_fraction", "seed", "labels_without_images")
+            label_attrs = ("labels_file", "test_list", "val_fraction", "test_fraction", "seed",
+                           "labels_without_images")
             n_rows = store.relabel_store(job.out, labelled, job.attrs, label_attrs)
     except WriteError:
         raise

@@ -446,12 +446,33 @@ def _n_val(n: int, val_fraction: float) -> int:
     return min(max(n_val, 1), n - 1)
 
 
+def random_draw(ids: Sequence[str], seed: int) -> np.ndarray:
+    """A number in [0, 1) for each id, from a hash of the seed and the id alone: the same for an
+    id whatever other ids there are, so a split drawn with it is kept when images are added."""
+    import hashlib
+
+    keys = (hashlib.sha256(f"{int(seed)}\0{i}".encode("utf-8", "surrogateescape")).digest()[:8] for i in ids)
+    return np.array([int.from_bytes(k, "big") / 2.0**64 for k in keys], dtype=np.float64)
+
+
+def random_test(ids: Sequence[str], labelled: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """The random test split of a dataset without a test list: each labelled image whose
+    :func:`random_draw` is below ``test_fraction``. Where none is (a handful of images), the one
+    with the smallest draw, so that a test split exists; that one may change as images are added."""
+    draw = random_draw(ids, seed)
+    is_test = labelled & (draw < test_fraction)
+    if test_fraction > 0 and not is_test.any() and labelled.sum() >= 3:
+        is_test[np.flatnonzero(labelled)[np.argmin(draw[labelled])]] = True
+    return is_test
+
+
 def assign_splits(
     ids: Sequence[str],
     labels: Labels | None,
     test_ids: Iterable[str] | None,
     val_fraction: float = 0.05,
     seed: int = 0,
+    test_fraction: float = 0.0,
 ):
     """MOS, votes and split of every store id, and a report of what did not match.
 
@@ -461,12 +482,15 @@ def assign_splits(
         labels: the labels, or None (everything is then ``unlabeled``).
         test_ids: ids of the test split (e.g. from :func:`read_test_list`), or None.
         val_fraction: share of the labelled non-test images that go to ``val``.
-        seed: seed of the random train/val split.
+        seed: seed of the random splits.
+        test_fraction: without `test_ids`, the share of labelled images drawn for ``test``
+            (:func:`random_test`); 0: no test split.
 
     Ids are matched as in :func:`match_ids`: a label or test id matches the store id equal to
     it, or else the one store id whose last path component equals it.
 
-    Splits: ``test`` for a labelled image whose id is in `test_ids`; ``unlabeled`` for an image
+    Splits: ``test`` for a labelled image whose id is in `test_ids` (or, with `test_fraction`,
+    drawn by :func:`random_test`); ``unlabeled`` for an image
     without MOS (a test image without a label too, with a warning); the other labelled images
     are split at random into ``train`` and ``val``: round(val_fraction * n) (half up) go to
     ``val``, at least 1 when n >= 2 and at most n - 1. The draw uses
@@ -481,6 +505,10 @@ def assign_splits(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
+    if test_fraction and test_ids:
+        raise ConfigError("give a test list or a test fraction, not both")
     ids = [str(i) for i in ids]
     n = len(ids)
     if len(set(ids)) != n:
@@ -494,7 +522,8 @@ def assign_splits(
         rows = [k for k, key in enumerate(matches.label_keys) if key is not None]
         mos[rows], votes[rows] = labels.lookup([matches.label_keys[k] for k in rows])
     labelled = ~np.isnan(mos)
-    split = _draw_splits(ids, labelled=labelled, is_test=matches.is_test, val_fraction=val_fraction, seed=seed)
+    is_test = random_test(ids, labelled, test_fraction, seed) if test_fraction else matches.is_test
+    split = _draw_splits(ids, labelled=labelled, is_test=is_test, val_fraction=val_fraction, seed=seed)
     report = matches.report(split, labelled)
     _log_report(report)
     return mos, votes, split, report

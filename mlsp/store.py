@@ -453,7 +453,7 @@ def describe(path: str, check_features: bool = False, progress: ProgressFactory 
             except StoreError as exc:
                 info["features_check"] = str(exc)
         for key in ("weights_source", "weights_sha256", "preprocessing", "crop_fraction", "max_side", "decoding",
-                    "precision", "dataset", "labels_file", "test_list", "val_fraction", "seed",
+                    "precision", "dataset", "labels_file", "test_list", "val_fraction", "test_fraction", "seed",
                     "labels_without_images", "backend", "backend_version", "device", "mlsp_version", "created"):
             if key in s.attrs:
                 info[key] = s.attrs[key]

@@ -238,3 +238,24 @@ def test_csv_vote_count_beyond_float32_names_file_and_line(tmp_path):
     path = write(tmp_path, "v.csv", header + "\na,0,0,0,0,4,0,0,0,0,0\nb,0,0,0,0,1e39,0,0,0,0,0\n")
     with pytest.raises(LabelsError, match=r"v\.csv, line 3: vote counts .* too large for the store"):
         read_labels(path)
+
+
+def test_random_test_split_is_kept_when_images_are_added():
+    from mlsp.labels import random_test
+
+    ids = [f"photo_{k:04d}" for k in range(400)]
+    labels = make_labels(ids)
+    _, _, split, report = assign_splits(ids[:300], labels, None, val_fraction=0.1, seed=5, test_fraction=0.2)
+    assert 40 <= report["counts"]["test"] <= 80  # 60 expected: a draw, not a count
+    _, _, more, _ = assign_splits(ids, labels, None, val_fraction=0.1, seed=5, test_fraction=0.2)
+    assert ((more[:300] == "test") == (split == "test")).all(), "an image kept in test or out of it"
+    assert ((more == "test") == random_test(ids, np.ones(400, bool), 0.2, 5)).all()
+    _, _, order, _ = assign_splits(ids[::-1], labels, None, val_fraction=0.1, seed=5, test_fraction=0.2)
+    assert ((order[::-1] == "test") == (more == "test")).all()
+    _, _, other, _ = assign_splits(ids, labels, None, val_fraction=0.1, seed=6, test_fraction=0.2)
+    assert ((other == "test") != (more == "test")).any()
+    # only labelled images are drawn; a handful of them still gets a test image
+    _, _, few, _ = assign_splits(ids[:3] + ["nolabel"], make_labels(ids[:3]), None, seed=0, test_fraction=0.01)
+    assert few.tolist().count("test") == 1 and few[3] == "unlabeled"
+    with pytest.raises(Exception, match="not both"):
+        assign_splits(ids, labels, ids[:5], test_fraction=0.2)
