@@ -32,7 +32,7 @@ from mlsp import api  # noqa: E402
 from mlsp.backbones import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
 from mlsp import backend  # noqa: E402
 from mlsp.backend import BACKENDS  # noqa: E402
-from mlsp.errors import MLSPError, RunInterrupted  # noqa: E402
+from mlsp.errors import MLSPError, NoUsableImages, RunInterrupted  # noqa: E402
 from mlsp import extract as extraction  # noqa: E402
 from mlsp.extract import PRECISIONS, ExtractConfig  # noqa: E402
 from mlsp.images import CROP_FRACTION, VIEW_NAMES  # noqa: E402
@@ -293,6 +293,9 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, t
                              ray_cpus_per_worker=ray_cpus_per_worker, ray_gpus_per_worker=ray_gpus_per_worker)
     except KeyboardInterrupt:
         _interrupted("finished images are kept; run the same command again to resume.")
+    except NoUsableImages as exc:
+        _echo_errors(exc.errors)
+        raise
     _echo_errors(result.errors)
     rep = result.labels_report
     splits = ", ".join(f"{k} {v}" for k, v in rep.get("counts", {}).items())

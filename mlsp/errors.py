@@ -35,6 +35,18 @@ class StoreError(MLSPError):
     """A feature store is missing, malformed, or of an unsupported format version."""
 
 
+class NoUsableImages(MLSPError):
+    """Not one input of an extraction could be used, so no store was written; ``errors`` lists
+    every input with its reason (``{"id", "path", "reason"}``)."""
+
+    def __init__(self, where, errors):
+        self.errors = list(errors)
+        first = self.errors[0] if self.errors else {"path": where, "reason": "no inputs"}
+        more = f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
+        super().__init__(f"{where}: none of the {len(self.errors)} inputs could be used, so no store was written; "
+                         f"{first['path']}: {first['reason']}{more}")
+
+
 class StoreConfigMismatch(StoreError):
     """A store (or an unfinished extraction) was made with another configuration.
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import backbones, backend, images, store
 from .atomic import describe_os_error, is_write_failure, remove_stale_temporaries
-from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch, WriteError
+from .errors import ConfigError, ImageDecodeError, NoUsableImages, StoreConfigMismatch, WriteError
 from .files import NoSpace, StoreLock
 from .progress import ProgressFactory, null_progress
 from .readahead import BATCH_WINDOW, DECODE_WORKERS, PREFETCH, LocalRunner
@@ -407,6 +407,7 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
             new = _write_shards(job, writer, todo, done_paths=done_paths, bar=bar)
     finally:
         bar.close()
+    _refuse_an_empty_store(job, writer, previous)
     n_rows = _merge(job, writer, previous=previous, kept=kept)
     with store.FeatureStore(out) as s:
         errors = s.errors()
@@ -434,6 +435,19 @@ def _done_in_store(job: _Extraction) -> tuple[str | None, set, dict]:
     if not job.lock.read_only:
         remove_stale_temporaries(job.out)
     return previous, done_paths, stored_ids
+
+
+def _refuse_an_empty_store(job: _Extraction, writer: store.ShardWriter, previous: str | None):
+    """Raise :class:`NoUsableImages` (listing every input and why) rather than write a store
+    without one image; the partial folder, which holds only those reasons, goes."""
+    if previous is not None:
+        return
+    records = writer.read_shards()
+    if any(record.ids for record in records):
+        return
+    errors = sorted((e for record in records for e in record.errors), key=lambda e: e["path"])
+    writer.remove()
+    raise NoUsableImages(job.root, errors)
 
 
 #: Why an image whose features do not fit the store's float16 is listed instead of stored.

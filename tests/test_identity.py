@@ -68,3 +68,27 @@ def test_a_new_file_never_takes_a_stored_id(tmp_path, extractors):
     with pytest.raises(ConfigError, match=r"imgs/a\.jpg: its id 'a\.jpg' is already that of a\.jpg\.png"):
         run(src, out, extractors)
     assert os.path.getmtime(out) == before and len(rows(out)) == 4
+
+
+def test_a_folder_without_one_usable_image_writes_no_store_and_lists_every_file(tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+
+    src = tmp_path / "broken"
+    src.mkdir()
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "text.jpg").write_text("not an image")
+    write_image(src / "tiny.png", 40, 50)
+    out = tmp_path / "s.h5"
+    for _ in range(2):  # and again: nothing was kept as done
+        res = CliRunner().invoke(cli.main, ["extract", "--images", str(src), "--net", "iv3", "--weights", "random:0",
+                                            "--out", str(out)])
+        assert res.exit_code == 1, res.output
+        lines = res.output.splitlines()
+        assert lines[-1].startswith(f"Error: {src}: none of the 3 inputs could be used, so no store was written; "
+                                    "empty.jpg: empty file")
+        assert "(and 2 more)" in lines[-1] and "Traceback" not in res.output
+        for name in ("empty.jpg", "text.jpg", "tiny.png"):
+            assert any(line.strip().startswith(f"{name}: ") for line in lines[:-1]), res.output
+        assert not out.exists() and not os.path.exists(str(out) + ".partial")
