@@ -193,12 +193,18 @@ def ray_options(func):
                              "by every worker.")(func)
 
 
+def shown(name: str) -> str:
+    """A file name for the console: one that is not UTF-8 (Python's surrogate escapes) with its
+    odd bytes written as ``\\xff``, as ``ls -b`` would, rather than failing to print."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _echo_errors(errors, limit=10):
     if not errors:
         return
     click.echo(f"{len(errors)} inputs could not be used:", err=True)
     for e in errors[:limit]:
-        click.echo(f"  {e['path']}: {e['reason']}", err=True)
+        click.echo(f"  {shown(e['path'])}: {e['reason']}", err=True)
     if len(errors) > limit:
         click.echo(f"  ... and {len(errors) - limit} more (all of them: mlsp inspect --errors STORE)", err=True)
 
@@ -349,7 +355,7 @@ def inspect(store_path, as_json, show_errors, quick):
             click.echo(f"{key:<{width}}  {value}")
     if show_errors:
         for e in api.unusable_inputs(store_path):
-            click.echo(f"{e['path']}\t{e['reason']}")
+            click.echo(f"{shown(e['path'])}\t{e['reason']}")
     if info.get("features_check", "ok") != "ok":
         raise click.ClickException(info["features_check"])
 

@@ -52,12 +52,19 @@ def config_attrs(attrs: dict) -> dict:
 STR_DTYPE = h5py.string_dtype("utf-8")
 
 
+def encode_name(value) -> bytes:
+    """A string as the store keeps it: UTF-8, where a file name that is not valid UTF-8 (which
+    Python reads with surrogate escapes, ``'\\udcff'`` for the byte 0xff) keeps its own bytes,
+    so that :func:`decode_strings` gives back the very same name."""
+    return str(value).encode("utf-8", "surrogateescape")
+
+
 def as_str_array(values: Iterable[str]) -> np.ndarray:
-    return np.array([str(v) for v in values], dtype=object)
+    return np.array([encode_name(v) for v in values], dtype=object)
 
 
 def decode_strings(values) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+    return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values]
 
 
 def feature_shape(pooling: str, n_views: int, channels: int) -> tuple:
@@ -110,7 +117,7 @@ def open_h5(path: str, mode: str = "r", **kwargs) -> h5py.File:
 
 def attr_value(v):
     if isinstance(v, bytes):
-        return v.decode("utf-8")
+        return v.decode("utf-8", "surrogateescape")
     if isinstance(v, np.ndarray):
         if v.dtype.kind in "OSU":
             return decode_strings(v.tolist())

@@ -24,7 +24,7 @@ from .errors import StoreError
 from .files import ensure_space
 from .progress import ProgressFactory, null_progress
 from .store_format import (AUGMENTED_VIEWS, FORMAT_VERSION, FULL_VIEW, STR_DTYPE, as_str_array, attr_value,
-                           decode_strings, feature_chunks, feature_shape, open_h5, read_errors, read_sources)
+                           decode_strings, encode_name, feature_chunks, feature_shape, open_h5, read_errors, read_sources)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ def write_attrs(f: h5py.File, attrs: dict):
             f.attrs.create(key, as_str_array(value), dtype=STR_DTYPE)
         elif isinstance(value, dict):
             f.attrs[key] = json.dumps(value, sort_keys=True)
+        elif isinstance(value, str):  # a path may hold a name that is not UTF-8 (encode_name)
+            f.attrs.create(key, encode_name(value), dtype=STR_DTYPE)
         else:
             f.attrs[key] = value
 

@@ -92,3 +92,29 @@ def test_a_folder_without_one_usable_image_writes_no_store_and_lists_every_file(
         for name in ("empty.jpg", "text.jpg", "tiny.png"):
             assert any(line.strip().startswith(f"{name}: ") for line in lines[:-1]), res.output
         assert not out.exists() and not os.path.exists(str(out) + ".partial")
+
+
+def test_a_file_name_that_is_not_utf8_is_stored_losslessly(tmp_path, extractors):
+    from click.testing import CliRunner
+
+    import cli
+
+    src = tmp_path / "names"
+    write_image(src / "good.jpg", 96, 104, seed=2)
+    write_image(tmp_path / "x" / "other.jpg", 96, 100, seed=1)
+    raw = os.fsencode(str(src)) + b"/\xff\xfebad.jpg"  # what `cp x.jpg $'names/\xff\xfebad.jpg'` makes
+    with open(os.fsencode(str(tmp_path / "x" / "other.jpg")), "rb") as a, open(raw, "wb") as b:
+        b.write(a.read())
+    os.symlink(b"nowhere", os.fsencode(str(src)) + b"/\xfedangling.jpg")
+    out = tmp_path / "s.h5"
+    result = run(src, out, extractors, flush_images=1)  # a checkpoint after every image
+    assert result.images == 2 and result.new == 2
+    got = rows(out)
+    bad = os.fsdecode(b"\xff\xfebad.jpg")
+    assert got[bad] == os.fsdecode(b"\xff\xfebad") and os.fsencode(bad) == b"\xff\xfebad.jpg"
+    assert [os.fsencode(e["path"]) for e in result.errors] == [b"\xfedangling.jpg"]
+    with h5py.File(out) as f:  # the name's own bytes, not a replacement character
+        assert b"\xff\xfebad.jpg" in f["paths"][:].tolist()
+    assert run(src, out, extractors).new == 0  # found again under the same name: nothing to redo
+    res = CliRunner().invoke(cli.main, ["inspect", "--errors", "--quick", str(out)])
+    assert res.exit_code == 0 and "\\xfedangling.jpg\tunreadable" in res.output, res.output
