@@ -72,6 +72,21 @@ def _summary(value, limit: int = 4) -> str:
     return repr(value)
 
 
+class IdentityConflict(StoreError):
+    """A file differs from the one stored under its path (:mod:`mlsp.identity`); ``conflicts``:
+    ``(path, key, stored identity, identity now)`` each."""
+
+    def __init__(self, store, conflicts):
+        self.store = str(store)
+        self.conflicts = list(conflicts)
+        path, key, was, now = self.conflicts[0]
+        more = f" (and {len(self.conflicts) - 1} more such files)" if len(self.conflicts) > 1 else ""
+        super().__init__(
+            f"{path}: a different file than the {key} stored in {store} ({was.describe()}; this one: "
+            f"{now.describe()}){more}; a store never replaces an image: rename the new file, or extract "
+            "into another --out")
+
+
 class StoreLocked(StoreError):
     """Another process is writing the store (see :class:`mlsp.files.StoreLock`)."""
 

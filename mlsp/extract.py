@@ -19,9 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from . import backbones, backend, images, store
+from . import backbones, backend, identity, images, store
 from .atomic import describe_os_error, is_write_failure, remove_stale_temporaries
-from .errors import ConfigError, ImageDecodeError, NoUsableImages, StoreConfigMismatch, WriteError
+from .errors import ConfigError, IdentityConflict, ImageDecodeError, NoUsableImages, StoreConfigMismatch, WriteError
 from .files import NoSpace, StoreLock
 from .progress import ProgressFactory, null_progress
 from .readahead import BATCH_WINDOW, DECODE_WORKERS, PREFETCH, LocalRunner
@@ -328,6 +328,7 @@ def extract(
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{name} must be in [0, 1), received {value!r}")
     paths, ids, skipped, root = collect_inputs(inputs)
+    dataset_given = dataset is not None
     dataset = dataset or os.path.basename(root.rstrip(os.sep)) or "dataset"
     out = out or default_store_path(config, dataset)
     try:
@@ -348,7 +349,7 @@ def extract(
         return _extract_locked(_Extraction(
             paths=paths, ids=ids, skipped=skipped, root=root, out=out, attrs=attrs, config=config, runner=runner,
             label_fn=label_fn, report=report, flush_images=flush_images, flush_seconds=flush_seconds,
-            progress=progress, started=started, lock=lock))
+            progress=progress, started=started, lock=lock, dataset_given=dataset_given))
     finally:
         lock.release()
 
@@ -372,6 +373,7 @@ class _Extraction:
     progress: ProgressFactory
     started: float  # time.monotonic() when the call began
     lock: StoreLock
+    dataset_given: bool = False  # False: a store being extended keeps its dataset name
 
     def key(self, path: str) -> str:
         """The path the store records for ``path``: relative to ``root``, with ``/``."""
@@ -382,7 +384,7 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
     """The part of :func:`extract` that holds the store's lock: skip what is done, extract the
     rest into shards, merge them with the labels into the store."""
     out = job.out
-    previous, done_paths, stored_ids = _done_in_store(job)
+    previous, done_paths, stored_ids, stored_files = _done_in_store(job)
     writer = store.ShardWriter(out, {k: job.attrs[k] for k in store.CONFIG_KEYS},
                                {"views": job.attrs["views"], "pooling": job.config.pooling,
                                 "channels": int(sum(job.attrs["block_channels"]))},
@@ -393,6 +395,11 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
         done_paths.update(record.paths)
         done_paths.update(e["path"] for e in record.errors)
         stored_ids.update(zip(record.ids, record.paths))
+        stored_files.update(zip(record.paths, record.identities))
+    # a file under a stored path must be the one stored, never skipped as done when it is not
+    conflicts = identity.conflicts(((p, job.key(p)) for p in job.paths), stored_files)
+    if conflicts:
+        raise IdentityConflict(out, conflicts)
     # ids unique by construction, also against the images stored before (images.image_ids)
     job.ids = images.image_ids(job.paths, job.root, taken=stored_ids)
     todo = [(p, i) for p, i in zip(job.paths, job.ids) if job.key(p) not in done_paths]
@@ -417,12 +424,12 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
     return result
 
 
-def _done_in_store(job: _Extraction) -> tuple[str | None, set, dict]:
+def _done_in_store(job: _Extraction) -> tuple[str | None, set, dict, dict]:
     """(the existing store, or None; the paths it holds, images and errors; its ids, each with
-    its path); a store made with another configuration is a StoreConfigMismatch. Clears the
-    temporaries a crash left."""
+    its path; its images' file identities by path); a store made with another configuration is
+    a StoreConfigMismatch. Clears the temporaries a crash left."""
     previous = None
-    done_paths, stored_ids = set(), {}
+    done_paths, stored_ids, stored_files = set(), {}, {}
     if os.path.exists(job.out):
         with store.FeatureStore(job.out, check_labels=False) as existing:  # --labels may repair them
             diff = store.config_differences(existing.attrs, job.attrs)
@@ -431,10 +438,13 @@ def _done_in_store(job: _Extraction) -> tuple[str | None, set, dict]:
             done_paths = set(existing.paths.tolist())
             done_paths.update(e["path"] for e in existing.errors())
             stored_ids = dict(zip(existing.ids.tolist(), existing.paths.tolist()))
+            stored_files = existing.identities()
+            if not job.dataset_given and existing.attrs.get("dataset"):
+                job.attrs["dataset"] = existing.attrs["dataset"]
         previous = job.out
     if not job.lock.read_only:
         remove_stale_temporaries(job.out)
-    return previous, done_paths, stored_ids
+    return previous, done_paths, stored_ids, stored_files
 
 
 def _refuse_an_empty_store(job: _Extraction, writer: store.ShardWriter, previous: str | None):
@@ -453,6 +463,15 @@ def _refuse_an_empty_store(job: _Extraction, writer: store.ShardWriter, previous
 #: Why an image whose features do not fit the store's float16 is listed instead of stored.
 OVERFLOW_REASON = ("its features exceed float16's range (65504), the store's type: are the backbone's "
                    "weights an ImageNet network's?")
+
+
+def _identity_of(path: str):
+    """The file's :class:`mlsp.identity.FileIdentity`, None if it cannot be read again."""
+    try:
+        return identity.of_file(path)
+    except OSError as exc:
+        log.warning("%s: its identity cannot be recorded (%s)", path, describe_os_error(exc))
+        return None
 
 
 def _write_shards(job: _Extraction, writer: store.ShardWriter, todo: list, *, done_paths: set, bar) -> int:
@@ -474,7 +493,7 @@ def _write_shards(job: _Extraction, writer: store.ShardWriter, todo: list, *, do
             log.warning("skipped %s: %s", path, OVERFLOW_REASON)
         else:
             size, features = result
-            writer.add(image_id, job.key(path), size, features)
+            writer.add(image_id, job.key(path), size, features, _identity_of(path))
             new += 1
         bar.update(1)
         postfix = {**job.runner.postfix(), **({"errors": n_errors} if n_errors else {})}
@@ -524,7 +543,7 @@ def _merge(job: _Extraction, writer: store.ShardWriter, *, previous: str | None,
         else:  # nothing new: only the labels may have changed
             writer.remove()
             label_attrs = ("labels_file", "test_list", "val_fraction", "test_fraction", "seed",
-                           "labels_without_images")
+                           "labels_without_images", "dataset")
             n_rows = store.relabel_store(job.out, labelled, job.attrs, label_attrs)
     except WriteError:
         raise

@@ -31,7 +31,7 @@ from .store_format import (  # noqa: F401  (importable from here)
     AUGMENTED_VIEWS, CONFIG_KEYS, FEATURES_ROOT, FORMAT_VERSION, FULL_VIEW, LABELLED_SPLITS, POOLINGS,
     REQUIRED_ATTRS, REQUIRED_DATASETS, SPLITS, STR_DTYPE, WIDE_GRID, as_str_array, attr_value,
     config_differences, decode_strings, feature_chunks, feature_shape, first_line, open_h5, read_errors,
-    read_sources)
+    read_identities, read_sources)
 from .store_write import (  # noqa: F401  (importable from here)
     create_layout, finalize_store, relabel_store, write_attrs, write_errors, write_store)
 
@@ -218,6 +218,10 @@ class FeatureStore:
 
     def errors(self) -> list[dict]:
         return read_errors(self._file)
+
+    def identities(self) -> dict:
+        """{path: :class:`mlsp.identity.FileIdentity`} of every image (its file as it was read)."""
+        return dict(zip(self.paths.tolist(), read_identities(self._file, self.n_images)))
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, indices: Sequence[int], views: Sequence[int] | None = None) -> np.ndarray:

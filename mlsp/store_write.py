@@ -22,6 +22,7 @@ from . import __version__
 from .atomic import AtomicPath
 from .errors import StoreError
 from .files import ensure_space
+from .identity import UNKNOWN
 from .progress import ProgressFactory, null_progress
 from .store_format import (AUGMENTED_VIEWS, FORMAT_VERSION, FULL_VIEW, STR_DTYPE, as_str_array, attr_value,
                            decode_strings, encode_name, feature_chunks, feature_shape, open_h5, read_errors, read_sources)
@@ -103,10 +104,21 @@ def create_layout(f: h5py.File, n: int, views: list, pooling: str, channels: int
     f.create_dataset("mos", shape=(n,), dtype=np.float32)
     f.create_dataset("votes", shape=(n, 10), dtype=np.float32)
     f.create_dataset("split", shape=(n,), dtype=STR_DTYPE)
+    f.create_dataset("file_sizes", shape=(n,), dtype=np.int64, fillvalue=UNKNOWN)
+    f.create_dataset("file_mtimes", shape=(n,), dtype=np.int64, fillvalue=UNKNOWN)
+    f.create_dataset("sha256", shape=(n,), dtype=STR_DTYPE)
     full = {"format_version": FORMAT_VERSION, "mlsp_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     full.update(attrs)
     write_attrs(f, full)
+
+
+def write_identities(f: h5py.File, identities: Sequence):
+    """Each row's :class:`mlsp.identity.FileIdentity` into a layout made by :func:`create_layout`."""
+    if identities:
+        f["file_sizes"][...] = np.array([i.size for i in identities], dtype=np.int64)
+        f["file_mtimes"][...] = np.array([i.mtime_ns for i in identities], dtype=np.int64)
+        f["sha256"][...] = as_str_array(i.sha256 for i in identities)
 
 
 def write_errors(f: h5py.File, errors: Sequence[dict]):
@@ -138,7 +150,7 @@ def finalize_store(
     errors = {}
     for source in ([previous] if previous else []) + sorted(glob.glob(os.path.join(shard_dir, "shard-*.h5"))):
         with h5py.File(source, "r") as f:
-            sources += [(p, i, s, source, row) for row, (i, p, s) in enumerate(read_sources(f))]
+            sources += [(p, i, s, source, row, ident) for row, (i, p, s, ident) in enumerate(read_sources(f))]
             errors.update((e["path"], e) for e in read_errors(f))
     # The newest result for a path wins (a shard after a previous store). Ids are unique by
     # construction (mlsp.images.image_ids): two paths under one id are refused, never replaced.
@@ -165,6 +177,7 @@ def finalize_store(
         out["ids"][...] = as_str_array(ids)
         out["paths"][...] = as_str_array(r[0] for r in rows)
         out["sizes"][...] = np.array([r[2] for r in rows], dtype=np.int32).reshape(len(rows), 2)
+        write_identities(out, [r[5] for r in rows])
         out["mos"][...] = mos
         out["votes"][...] = votes
         out["split"][...] = as_str_array(split)

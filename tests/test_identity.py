@@ -118,3 +118,65 @@ def test_a_file_name_that_is_not_utf8_is_stored_losslessly(tmp_path, extractors)
     assert run(src, out, extractors).new == 0  # found again under the same name: nothing to redo
     res = CliRunner().invoke(cli.main, ["inspect", "--errors", "--quick", str(out)])
     assert res.exit_code == 0 and "\\xfedangling.jpg\tunreadable" in res.output, res.output
+
+
+def test_a_different_photo_under_a_stored_name_is_refused_never_skipped(tmp_path, extractors):
+    import shutil
+
+    from mlsp.errors import IdentityConflict
+
+    out = tmp_path / "s.h5"
+    write_image(tmp_path / "dir1" / "IMG_0001.jpg", 96, 100, seed=1)
+    write_image(tmp_path / "dir1" / "IMG_0002.jpg", 96, 100, seed=2)
+    run(tmp_path / "dir1", out, extractors)
+    with h5py.File(out) as f:
+        assert f["file_sizes"][0] == os.path.getsize(tmp_path / "dir1" / "IMG_0001.jpg")
+        assert len(f["sha256"][0]) == 64
+    # another batch from the camera: the same names, other photos (one of the same size even)
+    write_image(tmp_path / "dir2" / "IMG_0001.jpg", 96, 100, seed=3)
+    shutil.copyfile(tmp_path / "dir1" / "IMG_0002.jpg", tmp_path / "dir2" / "IMG_0002.jpg")
+    before = open(out, "rb").read()
+    with pytest.raises(IdentityConflict, match=r"dir2/IMG_0001\.jpg: a different file than the IMG_0001\.jpg "
+                                               r"stored in .*s\.h5 \(\d+ bytes, sha256 [0-9a-f]{12}; this one"):
+        run(tmp_path / "dir2", out, extractors)
+    assert open(out, "rb").read() == before
+    # the very same bytes under a new modification time (a copy without -p) are the same image
+    os.remove(tmp_path / "dir2" / "IMG_0001.jpg")
+    assert run(tmp_path / "dir2", out, extractors).new == 0
+    # a photo edited in place keeps its name and size but not its bytes
+    data = bytearray((tmp_path / "dir1" / "IMG_0002.jpg").read_bytes())
+    data[-3] ^= 0x55
+    (tmp_path / "dir1" / "IMG_0002.jpg").write_bytes(bytes(data))
+    with pytest.raises(IdentityConflict, match="IMG_0002"):
+        run(tmp_path / "dir1", out, extractors)
+
+
+def test_rows_stored_without_identities_are_taken_on_their_path(tmp_path, extractors):
+    out = tmp_path / "s.h5"
+    write_image(tmp_path / "d" / "a.jpg", 96, 100, seed=1)
+    run(tmp_path / "d", out, extractors)
+    with h5py.File(out, "r+") as f:  # a store of format version 2
+        for key in ("file_sizes", "file_mtimes", "sha256"):
+            del f[key]
+        f.attrs["format_version"] = 2
+    write_image(tmp_path / "d" / "a.jpg", 96, 100, seed=5)  # no way to tell: as before, done
+    write_image(tmp_path / "d" / "b.jpg", 96, 100, seed=6)
+    result = run(tmp_path / "d", out, extractors)
+    assert result.new == 1 and result.images == 2
+    with h5py.File(out) as f:
+        assert f.attrs["format_version"] == 3
+        assert f["file_sizes"][:].tolist()[0] == -1 and f["sha256"][0] == b""
+        assert f["file_sizes"][1] == os.path.getsize(tmp_path / "d" / "b.jpg")
+
+
+def test_a_store_extended_from_another_folder_keeps_its_dataset_name(tmp_path, extractors):
+    out = tmp_path / "s.h5"
+    write_image(tmp_path / "batch1" / "a.jpg", 96, 100, seed=1)
+    write_image(tmp_path / "batch2" / "b.jpg", 96, 100, seed=2)
+    run(tmp_path / "batch1", out, extractors)
+    run(tmp_path / "batch2", out, extractors)
+    with FeatureStore(str(out)) as s:
+        assert s.attrs["dataset"] == "batch1" and s.n_images == 2
+    run(tmp_path / "batch2", out, extractors, dataset="trip")
+    with FeatureStore(str(out)) as s:
+        assert s.attrs["dataset"] == "trip"
