@@ -136,21 +136,30 @@ def test_bad_labels_unequal_lengths_and_flipped_metadata_are_one_line_errors(sto
                 s.check_features()
 
 
-def test_inspect_train_and_score_refuse_a_damaged_store(tmp_path):
-    """NaN features: inspect names the image; train and score stop with one line instead of
-    writing NaN predictions."""
+def trained_synthetic(tmp_path, n, n_views):
+    """A synthetic narrow store of ``n`` images and a single1fc run (one epoch) trained on it,
+    through the CLI: (store, run folder, CliRunner)."""
     from click.testing import CliRunner
 
     import cli
     from synthetic import write_synthetic_store
 
     path = tmp_path / "s.h5"
-    write_synthetic_store(str(path), 300, n_views=2, block_channels=(8, 8), pooling="narrow", seed=0)
+    write_synthetic_store(str(path), n, n_views=n_views, block_channels=(8, 8), pooling="narrow", seed=0)
     runner = CliRunner()
     run = tmp_path / "run"
     res = runner.invoke(cli.main, ["train", "--store", str(path), "--head", "single1fc", "--out", str(run),
                                    "--epochs", "1", "--no-progress"])
     assert res.exit_code == 0, res.output
+    return path, run, runner
+
+
+def test_inspect_train_and_score_refuse_a_damaged_store(tmp_path):
+    """NaN features: inspect names the image; train and score stop with one line instead of
+    writing NaN predictions."""
+    import cli
+
+    path, run, runner = trained_synthetic(tmp_path, 300, n_views=2)
     with h5py.File(path, "r+") as f:
         bad_id = f["ids"][123].decode()
         f["features"][123, 1, 5] = np.inf
@@ -254,18 +263,9 @@ def test_an_edited_store_is_refused_by_readers_and_inspect(store, edit):
 
 
 def test_train_and_score_refuse_an_edited_store(tmp_path):
-    from click.testing import CliRunner
-
     import cli
-    from synthetic import write_synthetic_store
 
-    path = tmp_path / "s.h5"
-    write_synthetic_store(str(path), 200, n_views=1, block_channels=(8, 8), pooling="narrow", seed=0)
-    runner = CliRunner()
-    run = tmp_path / "run"
-    res = runner.invoke(cli.main, ["train", "--store", str(path), "--head", "single1fc", "--out", str(run),
-                                   "--epochs", "1", "--no-progress"])
-    assert res.exit_code == 0, res.output
+    path, run, runner = trained_synthetic(tmp_path, 200, n_views=1)
     damage(path, split=lambda f: f["split"].__setitem__(9, "bogus"), ids=lambda f: f["ids"].__setitem__(4, "x"))
     for args in (["train", "--store", str(path), "--head", "single1fc", "--out", str(tmp_path / "run2"),
                   "--epochs", "1", "--no-progress"],
