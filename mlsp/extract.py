@@ -345,7 +345,8 @@ def extract(
         runner = runner or LocalRunner(extractor or FeatureExtractor(config, cache=True), workers, prefetch,
                                        default_batch_views() if batch_views is None else batch_views, batch_window)
         attrs = {**runner.info(), "dataset": dataset, "labels_file": sources.labels_file,
-                 "test_list": sources.test_list_file, "val_fraction": float(val_fraction), "test_fraction": test_fraction, "seed": int(seed)}
+                 "test_list": sources.test_list_file, "val_fraction": float(val_fraction),
+                 "test_fraction": test_fraction, "seed": int(seed)}
         return _extract_locked(_Extraction(
             paths=paths, ids=ids, skipped=skipped, root=root, out=out, attrs=attrs, config=config, runner=runner,
             label_fn=label_fn, report=report, flush_images=flush_images, flush_seconds=flush_seconds,
