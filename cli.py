@@ -26,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from heads.config import TrainConfig  # noqa: E402
 from heads.personal import AUTO, RATING_SCALE, method_names  # noqa: E402
+from heads.personal.adapt import FALLBACK_SE  # noqa: E402
 from heads.personal.methods import METHODS  # noqa: E402
 from heads.personal.protocol import KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
 from heads.personal.ratings import MIN_RATINGS  # noqa: E402
@@ -366,8 +367,13 @@ def inspect(store_path, as_json, show_errors, quick):
               help="Also train and evaluate the head on the sample's store.")
 @click.option("--seed", type=int, default=default_of(api.sample, "seed"), show_default=True,
               help="Seed of the images, votes, split and training.")
+@click.option("--users", "n_users", type=click.IntRange(min=0), default=default_of(api.sample, "users"),
+              show_default=True,
+              help="Also write ratings.csv: N synthetic raters (scores 1..5) with planted personal taste (a few "
+                   "shared directions in the feature space, each rater's own mix, noise; the last rater is pure "
+                   "noise), and test_users.txt, for `mlsp personalize` (docs/personal.md).")
 @handle_errors
-def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
+def sample(root, n_images, net, wide, weights, out, head, do_train, seed, n_users):
     """Build the sample dataset and run the pipeline on it, end to end.
 
     The images are crops of public-domain photographs that ship with scikit-image, degraded
@@ -379,7 +385,7 @@ def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
     _sigterm_as_interrupt()
     try:
         made = api.sample(root, n_images=n_images, net=net, wide=wide, weights=weights, out=out, head=head,
-                          train_head=do_train, seed=seed, progress=console_progress)
+                          train_head=do_train, seed=seed, users=n_users, progress=console_progress)
     except KeyboardInterrupt:
         _interrupted("finished images are kept; run the same command again to resume.")
     info, result = made.info, made.extraction
@@ -387,6 +393,8 @@ def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
     _echo_errors(result.errors)
     splits = ", ".join(f"{k} {v}" for k, v in result.labels_report.get("counts", {}).items())
     click.echo(f"store: {result.store}: {result.images} images ({splits})")
+    if made.ratings:
+        click.echo(f"ratings: {made.ratings} ({n_users} synthetic raters), test raters: {made.test_users}")
     if made.training is None:
         return
     _echo_metrics(made.training.metrics)
@@ -656,7 +664,7 @@ _PERSONALIZE_HELP = f"""Adapt a run's head to one person's taste, or evaluate pe
 
     \b
     Methods (--method; auto chooses by cross-validation on the person's ratings and falls back to
-    the generic prediction when no method beats it by more than one standard error):
+    the generic prediction when no method beats it by more than {FALLBACK_SE:g} standard errors):
     {chr(10).join(f"      {s.name}: {s.description}" for s in METHODS.specs())}
 
     DIR gets personal.json and personal.npz: the fitted part, the scale, the method, and the

@@ -239,18 +239,22 @@ class SampleResult:
     weights_note: str
     extraction: object  # mlsp.extract.ExtractResult
     training: object | None  # heads.training.TrainResult, or None with train_head=False
+    ratings: str | None = None  # with users: the synthetic raters' ratings.csv
+    test_users: str | None = None  # with users: their test raters, one per line
 
 
 def sample(root: str = "data/sample", *, n_images: int = SAMPLE_IMAGES, net: str = "iv3", wide: bool = False,
            weights: str = "auto", out: str | None = None, head: str = "single1fc", train_head: bool = True,
-           seed: int = 0, progress=False) -> SampleResult:
+           seed: int = 0, users: int = 0, progress=False) -> SampleResult:
     """``mlsp sample``: build the sample dataset in ``root`` (:func:`mlsp.sample.build_sample`),
     extract it into a fresh store (an earlier store of the sample is removed: its images were
     just rebuilt) and, with ``train_head``, train and evaluate ``head`` on it with `mlsp train`'s
     defaults. ``weights="auto"``: ImageNet when Keras can load them, else a random backbone,
-    said plainly in the log and in ``weights_note``."""
+    said plainly in the log and in ``weights_note``. ``users``: that many synthetic raters with
+    planted personal taste rate every image (``ratings.csv`` and ``test_users.txt`` beside the
+    labels, :func:`mlsp.sample.write_sample_ratings`), for ``mlsp personalize``."""
     from .extract import default_store_path, extract as run_extract
-    from .sample import build_sample, demo_weights
+    from .sample import build_sample, demo_weights, write_sample_ratings
     from .shards import remove_store
 
     info = build_sample(root, n_images=n_images, seed=seed)
@@ -262,8 +266,10 @@ def sample(root: str = "data/sample", *, n_images: int = SAMPLE_IMAGES, net: str
     remove_store(out)
     extraction = run_extract(info.images_dir, config, out, labels=info.labels_path, test_list=info.test_list_path,
                              val_fraction=0.2, seed=seed, dataset="sample", progress=resolve_progress(progress))
+    rated = (write_sample_ratings(extraction.store, root, users, seed, info.labels_without_images)
+             if users else (None, None))
     training = train(extraction.store, head=head, seed=seed, progress=progress) if train_head else None
-    return SampleResult(info, weights, why, extraction, training)
+    return SampleResult(info, weights, why, extraction, training, *rated)
 
 
 

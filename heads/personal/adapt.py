@@ -8,7 +8,7 @@ the person's own scale.
 Choice (``method="auto"``): every available method with every parameter set of its grid is
 cross-validated on the person's ratings (fine-tuning from 50 ratings up; K folds, K = min(5, k)); the one with the least
 out-of-fold squared error wins, but a method other than ``generic`` only when it beats the
-generic prediction by more than one standard error of the per-image difference (else its gain
+generic prediction by more than two standard errors of the per-image difference (else its gain
 could be luck, and the person gets the generic prediction: no gain and no harm). A named method
 keeps its own grid's choice.
 """
@@ -35,6 +35,10 @@ GENERIC_SCALE = (float(SCORES[0]), float(SCORES[-1]))
 AUTO = "auto"
 #: Cross-validation folds (at most: never more than the person's ratings).
 FOLDS = 5
+#: A method other than ``generic`` is chosen only when it beats the generic prediction's
+#: cross-validated error by more than this many standard errors of the per-image difference
+#: (two: several candidates compete, and one of them beats it by one by luck alone).
+FALLBACK_SE = 2.0
 MODEL_JSON = "personal.json"
 MODEL_NPZ = "personal.npz"
 FORMAT_VERSION = 1
@@ -107,7 +111,7 @@ def choose(images: Images, y, context: Context, method: str = AUTO) -> Choice:
     if method == AUTO and spec.name != "generic":
         base = next(e for s, _, e in found if s.name == "generic")
         diff = base - errors
-        if len(diff) < 2 or diff.mean() <= diff.std(ddof=1) / np.sqrt(len(diff)):
+        if len(diff) < 2 or diff.mean() <= FALLBACK_SE * diff.std(ddof=1) / np.sqrt(len(diff)):
             spec, params = METHODS.get("generic"), {}
     return Choice(spec, params, cv)
 
@@ -180,6 +184,6 @@ def adapt(user: str, images: Images, scores, scale, context: Context, generic: d
     y = to_generic(scores, scale)
     choice = choose(images, y, context, method)
     fitted = fit(choice.spec, images, y, context, choice.params)
-    log.info("%s: %s%s from %d ratings", user, choice.spec.name,
+    log.debug("%s: %s%s from %d ratings", user, choice.spec.name,
              "".join(f" {k}={v:g}" for k, v in choice.params.items()), len(y))
     return PersonalModel(str(user), choice.spec.name, choice.params, fitted, tuple(scale), generic, len(y), choice.cv)

@@ -269,8 +269,9 @@ class FineTuner:
         import keras
 
         self.model.set_weights(self.generic)
-        for variable in self.optimizer.variables:
-            variable.assign(keras.ops.zeros_like(variable))
+        for variable in self.optimizer.variables:  # step count and moments; the learning rate stays
+            if variable.name != "learning_rate":
+                variable.assign(keras.ops.zeros_like(variable))
         x, y, held_x, held_y = (keras.ops.convert_to_tensor(a) for a in (x, y, held_x, held_y))
         best, best_weights, waited = np.inf, self.generic, 0
         for _ in range(FINETUNE_STEPS):

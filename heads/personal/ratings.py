@@ -136,11 +136,11 @@ def read_ratings(path: str, store_ids, scale=RATING_SCALE) -> Ratings:
         raise LabelsError(f"{path}: no ratings in the file")
     scores = _checked_scores(path, frame, scale)
     images = [strip_image_extension(i) for i in frame["image"]]
-    users = frame["user"].to_numpy(str)
+    users = np.array(frame["user"].tolist(), dtype=str)
     pairs = frame.assign(image=images).duplicated(["user", "image"], keep=False).to_numpy()
     if pairs.any():
         lines = (np.flatnonzero(pairs)[:2] + 2).tolist()
-        raise LabelsError(f"{path}, lines {lines[0]} and {lines[1]}: user {users[lines[0] - 2]!r} rated image "
+        raise LabelsError(f"{path}, lines {lines[0]} and {lines[1]}: user {str(users[lines[0] - 2])!r} rated image "
                           f"{images[lines[0] - 2]!r} twice ({int(pairs.sum())} ratings are repeats); "
                           "keep one rating per user and image")
     store_ids = [str(i) for i in store_ids]
