@@ -105,6 +105,6 @@ def plot_gain_per_person(path: str, people):
         ax.set_xticks(x)
         ax.set_xticklabels(at["user"], rotation=90, fontsize=7)
         ax.set_ylabel("SRCC gain")
-        ax.set_title(f"k = {k}: personal minus generic SRCC per person (mean over repeats)")
+        ax.set_title(f"k = {k}: SRCC gain per person (mean over repeats)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
