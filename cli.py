@@ -709,6 +709,8 @@ _PERSONALIZE_HELP = f"""Adapt a run's head to one person's taste, or evaluate pe
 def personalize_command(run_dir, store_path, ratings, user, out, method, scale, seed, do_evaluate, users_file, ks,
                         repeats, allow_unfinished):
     """Personal models (help: _PERSONALIZE_HELP)."""
+    if not do_evaluate and ks:
+        raise click.UsageError("--k is a setting of --evaluate")
     _sigterm_as_interrupt()
     try:
         result = api.personalize(run_dir, store=store_path, ratings=ratings, user=user, out=out, method=method,

@@ -257,6 +257,11 @@ def test_bad_input_is_one_line_naming_the_file(world, tmp_path):
                                         cases[0][0], "--user", "a", "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
     assert "Traceback" not in res.output
+    with pytest.raises(ConfigError, match=r"no test rater has k \+ 5 rated images .* \(200\); choose a smaller --k"):
+        evaluate(run, store, world["ratings"], str(tmp_path / "e"), users_file=world["users"], ks=(200,), repeats=1)
+    res = CliRunner().invoke(cli.main, ["personalize", "--run", run, "--store", store, "--ratings", world["ratings"],
+                                        "--user", "rater000", "--k", "10", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--k is a setting of --evaluate" in res.output
 
 
 def test_a_personal_model_of_another_generic_model_is_refused(world, tmp_path):

@@ -55,21 +55,21 @@ class Images:
     generic: np.ndarray
     hidden: np.ndarray
     tail_source: Callable | None = None
-    _tail: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    tail_cache: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self):
         return len(self.rows)
 
     def take(self, index) -> "Images":
-        tail = None if self._tail is None else self._tail[index]
+        tail = None if self.tail_cache is None else self.tail_cache[index]
         return Images(self.rows[index], self.generic[index], self.hidden[index], self.tail_source, tail)
 
     def tail_inputs(self) -> np.ndarray:
-        if self._tail is None:
+        if self.tail_cache is None:
             if self.tail_source is None:
                 raise ConfigError("fine-tuning needs the generic head's tail inputs, which were not given")
-            self._tail = self.tail_source(self.rows)
-        return self._tail
+            self.tail_cache = self.tail_source(self.rows)
+        return self.tail_cache
 
 
 @dataclasses.dataclass

@@ -94,7 +94,7 @@ class PersonalScorer:
 
     def columns(self, features: np.ndarray) -> dict:
         pred, hidden, tail = self.head.apply(features)
-        images = Images(np.arange(len(pred)), pred.mean(1), hidden.mean(1), _tail=tail)
+        images = Images(np.arange(len(pred)), pred.mean(1), hidden.mean(1), tail_cache=tail)
         out = {"pred": pred.mean(1), "pred_std": pred.std(1)}
         for model in self.models:
             out[model.column] = model.predict(images)

@@ -187,6 +187,9 @@ def evaluate(run_dir: str, store_path: str, ratings_path: str, out: str, *, user
     finally:
         bar.close()
     frame = _finish(out, partial, test_users)
+    if not len(frame):
+        raise ConfigError(f"{ratings_path}: no test rater has k + {MIN_TEST} rated images of the store for any k "
+                          f"asked ({', '.join(map(str, ks))}); choose a smaller --k")
     summary = summarise(frame, ks, chosen, len(training_users))
     write_json(os.path.join(out, SUMMARY_JSON), summary)
     plot_gain_per_person(os.path.join(out, GAIN_PLOT), per_person_gain(frame))
