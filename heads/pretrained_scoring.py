@@ -29,7 +29,7 @@ from mlsp.progress import ProgressFactory, null_progress
 from mlsp.readahead import DECODE_WORKERS, LocalRunner
 from mlsp.views import get_procedure
 
-from .score import HeadScorer, score_features, score_files
+from .score import HeadScorer, head_columns, score_features, score_files
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class PretrainedModel:
     def score_store(self, store_path: str, out: str | None = None, *,
                     progress: ProgressFactory = null_progress):
         """Score every image of a store of this model's features (:meth:`check_store`)."""
-        return score_features(self.head, store_path, out, check=self.check_store, progress=progress)
+        return score_features(head_columns(self.head), store_path, out, check=self.check_store, progress=progress)
 
     def scoring_model(self):
         """The end-to-end Keras model: images -> the model's views -> backbone -> head -> mean MOS."""

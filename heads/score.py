@@ -93,21 +93,39 @@ def _stack(parts: list) -> dict:
 
 
 def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_images: int | None = None,
-                progress: ProgressFactory = null_progress, allow_unfinished: bool = False):
+                progress: ProgressFactory = null_progress, allow_unfinished: bool = False,
+                users: Sequence[str] = ()):
     """Score every image of a store with a trained run; returns a pandas DataFrame.
     ``allow_unfinished``: also an interrupted or diverged run (:meth:`heads.run.Run.open`).
     Images are read ``batch_images`` at a time; by default as many as fit in
     :data:`mlsp.store.SLAB_BYTES` (memory stays bounded whatever the store's width: 9 images of
-    irv2 wide with 8 views, 417 of iv3 narrow)."""
+    irv2 wide with 8 views, 417 of iv3 narrow). ``users``: folders of personal models of this
+    run (``mlsp personalize``), each adding a column ``pred_<user>`` on the person's scale; the
+    features are read once for all of them."""
     run = Run.open(run_dir, allow_unfinished=allow_unfinished)
-    return score_features(run.load_model(), store_path, out, check=lambda store: check_store_matches(run, store),
+    if users:
+        from .personal.people import PersonalScorer
+
+        apply = PersonalScorer(run_dir, list(users), allow_unfinished).columns
+    else:
+        apply = head_columns(run.load_model())
+    return score_features(apply, store_path, out, check=lambda store: check_store_matches(run, store),
                           batch_images=batch_images, progress=progress)
 
 
-def score_features(model, store_path: str, out: str | None = None, *, check=None, batch_images: int | None = None,
+def head_columns(model):
+    """A head (a Keras model) as a function: (n, V, ...) features -> the score columns."""
+    def apply(features):
+        return score_columns(view_scores(model, features))
+
+    return apply
+
+
+def score_features(apply, store_path: str, out: str | None = None, *, check=None, batch_images: int | None = None,
                    progress: ProgressFactory = null_progress):
-    """Score every image of a store with a head (a Keras model), after ``check(store)`` (which
-    raises where the store does not fit the head); see :func:`score_store`."""
+    """Score every image of a store with ``apply`` ((n, V, ...) features -> score columns, e.g.
+    :func:`head_columns`), after ``check(store)`` (which raises where the store does not fit);
+    see :func:`score_store`."""
     with FeatureStore(store_path) as store:
         if check is not None:
             check(store)
@@ -118,7 +136,7 @@ def score_features(model, store_path: str, out: str | None = None, *, check=None
         try:
             for start in range(0, n, batch_images):
                 rows = np.arange(start, min(n, start + batch_images))
-                parts.append(score_columns(view_scores(model, store.read(rows))))
+                parts.append(apply(store.read(rows)))
                 bar.update(len(rows))
         finally:
             bar.close()
