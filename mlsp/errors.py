@@ -71,6 +71,11 @@ class StoreLocked(StoreError):
             "store; wait for it to finish, or write to another --out")
 
 
+class ResumeError(MLSPError):
+    """What an interrupted run left to resume from is damaged or was made by something else; the
+    message names the file and what to do (delete it to start over)."""
+
+
 class WriteError(MLSPError):
     """A file could not be written (no space left, read-only file system, missing folder, ...).
 
