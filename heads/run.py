@@ -15,8 +15,8 @@ import json
 import logging
 import os
 
-from mlsp.atomic import atomic_path, write_json
-from mlsp.errors import ConfigError, StoreConfigMismatch
+from mlsp.atomic import atomic_path, describe_os_error, write_json
+from mlsp.errors import ConfigError, StoreConfigMismatch, WriteError
 from mlsp.extract import ExtractConfig
 from mlsp.store import FEATURES_ROOT, FeatureStore
 
@@ -72,7 +72,10 @@ class Run:
     def create(cls, run_dir: str, record: dict) -> "Run":
         """A new run folder with ``record`` as its ``config.json``."""
         cls.refuse_existing(run_dir)
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as exc:  # read-only media, a full disk: nothing of the run exists yet
+            raise WriteError(run_dir, describe_os_error(exc), "nothing was written; the store is unchanged") from exc
         run = cls(run_dir, record)
         run.save_config()
         return run

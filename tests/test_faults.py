@@ -33,3 +33,42 @@ def test_a_closed_output_pipe_exits_quietly(tmp_path):
         os.close(write)
     assert res.returncode == 1
     assert "Error" not in res.stderr and "Traceback" not in res.stderr and "Exception" not in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("step", ["model", "evaluation"])
+def test_a_full_disk_while_training_saves_marks_the_run_failed(tmp_path, monkeypatch, step):
+    """A write that fails (no space left) while the model or the evaluation is written: one
+    line, and the run's config.json says failed and why, never 'running'."""
+    import errno
+    import json
+
+    import keras
+    from click.testing import CliRunner
+
+    import cli
+    from heads import evaluation
+    from mlsp.errors import WriteError
+
+    store = str(tmp_path / "s.h5")
+    write_synthetic_store(store, 60, n_views=2, block_channels=(4, 4))
+    if step == "model":
+        def full(self, path, *args, **kwargs):
+            with open(path, "wb") as handle:
+                handle.write(b"PK\x03\x04 half a model")
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+
+        monkeypatch.setattr(keras.Model, "save", full)
+    else:
+        def full(path, data, **options):
+            raise WriteError(path, "no space left on the device", "nothing was written")
+
+        monkeypatch.setattr(evaluation, "write_json", full)
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli.main, ["train", "--store", store, "--head", "single1fc", "--out", str(run),
+                                        "--epochs", "1", "--no-progress"])
+    assert res.exit_code == 1, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "no space left on the device" in errors[0], res.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["status"] == "failed" and "no space left on the device" in config["error"], config
+    assert (run / "model.keras").exists() == (step == "evaluation")
