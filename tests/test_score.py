@@ -83,6 +83,7 @@ def test_exported_model_gives_the_same_numbers(trained, tmp_path):
     assert res.exit_code == 0, res.output
     assert res.output.strip().splitlines()[-1] == f"exported: {path}"
     model = keras.saving.load_model(path, safe_mode=True)
+    assert model.get_layer("fit_max_side").max_side == Run.open(trained["run"]).extract_config().max_side == 1024
     scores = score_store(trained["run"], trained["store"]).set_index("id")
     names = sorted(os.listdir(trained["images"]))[:3]
     for name in names:
@@ -254,3 +255,25 @@ def test_damaged_score_partials_are_one_line(trained, tmp_path, extractors, dama
         errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
         assert errors == [f"Error: {info.value}"], res.output
         assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("size", [(140, 200), (131, 173), (90, 80)])
+def test_the_exported_model_resizes_as_scoring_decodes(tmp_path, size):
+    """The exported model's first layer shrinks an image whose longer side exceeds max_side
+    exactly as decoding a file does for `mlsp score` (same size, pixels within 8-bit rounding);
+    smaller images pass unchanged."""
+    import cv2
+    import keras
+
+    from mlsp.layers import FitMaxSide
+
+    rng = np.random.default_rng(sum(size))
+    img = cv2.resize(rng.integers(0, 256, (14, 20, 3), dtype=np.uint8), size[::-1], interpolation=cv2.INTER_CUBIC)
+    path = str(tmp_path / "x.png")
+    cv2.imwrite(path, img[..., ::-1])
+    decoded = decode_image(path, 100)
+    images = keras.Input((None, None, 3))
+    model = keras.Model(images, FitMaxSide(100)(images))
+    out = np.asarray(model.predict(img[None].astype("float32"), verbose=0))[0]
+    assert out.shape == decoded.shape and max(out.shape[:2]) == min(100, max(size))
+    assert np.abs(out - decoded).max() <= 1 and np.abs(out - decoded).mean() < 0.2
