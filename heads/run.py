@@ -17,7 +17,8 @@ import os
 
 from mlsp.atomic import atomic_path, describe_os_error, write_json
 from mlsp.errors import ConfigError, StoreConfigMismatch, WriteError
-from mlsp.extract import ExtractConfig
+from mlsp import backend
+from mlsp.extract import ExtractConfig, random_weights_advice
 from mlsp.store import FEATURES_ROOT, FeatureStore
 
 CONFIG_FILE = "config.json"
@@ -162,9 +163,12 @@ class Run:
         """The backbone's weights (``record``, as the extractor reports them) are the run's."""
         want = self.store_info["config"]["weights_sha256"]
         if record["sha256"] != want:
+            diff = {"weights_sha256": (want, record["sha256"])}
+            seeded = random_weights_advice(diff, record["source"], self.store_attr("backend"),
+                                           backend.name())
             raise StoreConfigMismatch(
-                self.path, {"weights_sha256": (want, record["sha256"])},
-                advice="Pass the backbone's weights file the run was trained with: --weights PATH.")
+                self.path, diff,
+                advice=seeded or "Pass the backbone's weights file the run was trained with: --weights PATH.")
 
 
 def default_run_dir(store_path: str, head: str, root: str = RUNS_ROOT) -> str:

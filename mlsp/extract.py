@@ -406,6 +406,17 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
     return result
 
 
+def random_weights_advice(diff: dict, source: str, have_backend=None, want_backend=None) -> str | None:
+    """Why ``random:SEED`` weights hash differently where only their hash differs: each Keras
+    backend draws them with its own generator. None for any other difference."""
+    if set(diff) != {"weights_sha256"} or not str(source).startswith("random"):
+        return None
+    backends = f" (made on {have_backend}, now on {want_backend})" if have_backend and want_backend and \
+        str(have_backend) != str(want_backend) else ""
+    return (f"{source} weights are drawn by each Keras backend's own random generator: the same seed gives other "
+            f"weights on another backend{backends}. Use the backend it was made with (--backend), or another --out.")
+
+
 def _done_in_store(job: _Extraction) -> tuple[str | None, set]:
     """(the existing store, or None; the paths it holds, images and errors); a store made with
     another configuration is a StoreConfigMismatch. Clears the temporaries a crash left."""
@@ -414,7 +425,8 @@ def _done_in_store(job: _Extraction) -> tuple[str | None, set]:
         with store.FeatureStore(job.out) as existing:
             diff = store.config_differences(existing.attrs, job.attrs)
             if diff:
-                raise StoreConfigMismatch(job.out, diff)
+                raise StoreConfigMismatch(job.out, diff, advice=random_weights_advice(
+                    diff, job.attrs["weights_source"], existing.attrs.get("backend"), job.attrs.get("backend")))
             done_paths = set(existing.paths.tolist())
             done_paths.update(e["path"] for e in existing.errors())
         previous = job.out
