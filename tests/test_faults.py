@@ -3,20 +3,146 @@ extract, train and score --out, a second writer, read-only folders, a full disk 
 when root), a closed output pipe -- each checking that nothing finished is lost and that the
 next run completes. Tiny data: iv3 narrow, random weights, ~8 images of ~100 px."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import h5py
+import numpy as np
 import pytest
 
+from conftest import remount, write_image
 from synthetic import write_synthetic_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXTRACT = ["extract", "--net", "iv3", "--weights", "random:0", "--checkpoint-every", "3"]
+
+# The CLI with one function wrapped: at its COUNT-th call the process kills itself with SIGKILL
+# (kill -9: no handler runs, as when the machine or the OOM killer ends it), or, with "wait",
+# prints "holding" and waits for the file GO before going on. A fixed set of points, not random
+# ones: each run of the suite tests the same moments.
+FAULT = r"""
+import importlib, os, signal, sys, time
+sys.path.insert(0, os.environ["MLSP_ROOT"])
+import cli  # first: a module that imported the function by name keeps the real one
+target, count, action = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+module, _, qualname = target.partition(":")
+owner = importlib.import_module(module)
+*parents, name = qualname.split(".")
+for part in parents:
+    owner = getattr(owner, part)
+real, calls = getattr(owner, name), [0]
+def wrapper(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == count:
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        print("holding", flush=True)
+        while not os.path.exists(action):
+            time.sleep(0.05)
+    return real(*args, **kwargs)
+setattr(owner, name, wrapper)
+sys.argv = ["mlsp", *sys.argv[4:]]
+cli.main()
+"""
 
 
 def mlsp_command(*args) -> list[str]:
     """The `mlsp` command line of this checkout, for a subprocess."""
     return [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import cli; cli.main()", *map(str, args)]
+
+
+def faulty_command(target: str, count: int, action: str, *args) -> list[str]:
+    """`mlsp ARGS` with ``target`` ("module:function" or "module:Class.method") killed (action
+    "kill") or held until a file exists (action: that file's path) at its ``count``-th call."""
+    return [sys.executable, "-c", FAULT, target, str(count), action, *map(str, args)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Eight small images and the environment of the CLI's subprocesses: this checkout, and a
+    Keras home of their own where the extractor cache is on (built once, loaded after)."""
+    root = tmp_path_factory.mktemp("faults")
+    images = root / "imgs"
+    for k in range(8):
+        write_image(images / f"{k}.png", 96 + 4 * k, 120, seed=k)
+    env = dict(os.environ, MLSP_ROOT=ROOT, PYTHONPATH=ROOT, KERAS_HOME=str(root / "keras"), MLSP_FORWARD_CACHE="1")
+    return {"root": root, "images": images, "env": env}
+
+
+def run(world, command, **options) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env=world["env"], capture_output=True, text=True, timeout=300,
+                          **options)
+
+
+def same_features(a, b):
+    with h5py.File(a, "r") as x, h5py.File(b, "r") as y:
+        assert [i.decode() for i in x["ids"][...]] == [i.decode() for i in y["ids"][...]]
+        np.testing.assert_array_equal(x["features"][...], y["features"][...])
+
+
+def no_temporaries(folder):
+    left = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if ".tmp-" in f]
+    assert left == [], left
+
+
+@pytest.fixture(scope="module")
+def clean_store(world, extractors):
+    """The store of an extraction nothing interrupted, made in this process."""
+    from mlsp.extract import ExtractConfig, extract
+
+    out = str(world["root"] / "clean.h5")
+    extract(str(world["images"]), ExtractConfig(net="iv3", weights="random:0"), out, extractor=extractors(net="iv3"),
+            flush_images=3)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["mlsp.shards:ShardWriter.flush:2", "mlsp.store_write:create_layout:1"],
+                         ids=["between-shards", "in-the-merge"])
+def test_extract_killed_then_rerun_gives_the_store_of_an_uninterrupted_run(world, clean_store, extractors, point,
+                                                                              tmp_path):
+    """kill -9 after the first shard, and inside the merge (the store's temporary open): the
+    rerun finishes, keeping the shards already written, and equals a run nothing stopped."""
+    from mlsp.extract import ExtractConfig, extract
+
+    target, count = point.rsplit(":", 1)
+    out = tmp_path / "s.h5"
+    res = run(world, faulty_command(target, int(count), "kill", *EXTRACT, "--images", world["images"], "--out", out))
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    shards = [n for n in os.listdir(str(out) + ".partial") if n.startswith("shard-")]
+    assert not out.exists() and len(shards) == (1 if "flush" in target else 3)
+    result = extract(str(world["images"]), ExtractConfig(net="iv3", weights="random:0"), str(out),
+                     extractor=extractors(net="iv3"), flush_images=3)
+    assert result.images == 8 and result.new == {1: 5, 3: 0}[len(shards)]  # shards of 3, 3 and 2 images
+    same_features(out, clean_store)
+    assert sorted(os.listdir(tmp_path)) == ["s.h5"]
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_and_the_first_finishes(world, clean_store, extractors, tmp_path):
+    """While one extraction writes a store (held after its first shard), a second into the same
+    store is refused at once naming the first's pid; the first then finishes untouched."""
+    from mlsp.errors import StoreLocked
+    from mlsp.extract import ExtractConfig, extract
+
+    out, go = tmp_path / "s.h5", tmp_path / "go"
+    first = subprocess.Popen(faulty_command("mlsp.shards:ShardWriter.flush", 2, str(go), *EXTRACT, "--images",
+                                            world["images"], "--out", out),
+                             cwd=ROOT, env=world["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "holding"
+        with pytest.raises(StoreLocked, match=rf"being written by another mlsp process \(pid {first.pid} "):
+            extract(str(world["images"]), ExtractConfig(net="iv3", weights="random:0"), str(out),
+                    extractor=extractors(net="iv3"))
+    finally:
+        go.write_text("go")
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    same_features(out, clean_store)
 
 
 def test_a_closed_output_pipe_exits_quietly(tmp_path):
