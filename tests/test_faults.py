@@ -198,3 +198,89 @@ def test_a_full_disk_while_training_saves_marks_the_run_failed(tmp_path, monkeyp
     config = json.loads((run / "config.json").read_text())
     assert config["status"] == "failed" and "no space left on the device" in config["error"], config
     assert (run / "model.keras").exists() == (step == "evaluation")
+
+
+@pytest.mark.slow
+def test_score_out_killed_then_rerun_gives_the_uninterrupted_scores(world, sample_store, sample_run, extractors,
+                                                                     tmp_path):
+    """kill -9 of `mlsp score --out` while its 6th image is scored: five rows are kept in
+    OUT.partial, and the rerun scores only the rest into the CSV an uninterrupted run writes."""
+    import pandas as pd
+
+    from heads.score import score_images
+
+    out = str(tmp_path / "p.csv")
+    res = run(world, faulty_command("heads.score:ImageScorer.process", 6, "kill", "score", sample_run, "--images",
+                                    sample_store["images"], "--out", out))
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    with open(out + ".partial") as handle:
+        assert len(handle.read().splitlines()) == 5
+    assert not os.path.exists(out)
+    frame, errors = score_images(sample_run, sample_store["images"], out, extractor=extractors(net="iv3"))
+    assert errors == [] and len(frame) == 16
+    fresh, _ = score_images(sample_run, sample_store["images"], extractor=extractors(net="iv3"))
+    written = pd.read_csv(out, dtype={"id": str})
+    assert written["id"].tolist() == fresh["id"].tolist()
+    np.testing.assert_allclose(written["pred"], fresh["pred"], rtol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["p.csv"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["heads.callbacks:HistoryCSV.on_epoch_end:2", "heads.run:Run.save_model:1",
+                                   "heads.training:write_outputs:1"],
+                         ids=["mid-training", "saving-the-model", "before-the-evaluation"])
+def test_train_killed_keeps_what_it_finished(world, tmp_path, point):
+    """kill -9 of `mlsp train` mid-training, while saving its model and before its evaluation:
+    config.json and history.csv stay readable, no half-written file is left under a final
+    name, a saved model is kept (and `mlsp evaluate` completes the run's evaluation), and the
+    next training completes."""
+    from click.testing import CliRunner
+
+    import cli
+
+    store = str(tmp_path / "s.h5")
+    write_synthetic_store(store, 60, n_views=2, block_channels=(4, 4))
+    target, count = point.rsplit(":", 1)
+    killed = tmp_path / "killed"
+    args = ["train", "--store", store, "--head", "single1fc", "--epochs", "3", "--no-progress"]
+    res = run(world, faulty_command(target, int(count), "kill", *args, "--out", killed))
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    config = json.loads((killed / "config.json").read_text())
+    assert config["status"] == "running"  # nothing runs after kill -9; `mlsp evaluate` tells the rest
+    history = (killed / "history.csv").read_text().splitlines()
+    assert len(history) == {"on_epoch_end": 2}.get(target.rsplit(".", 1)[-1], 4)  # header + epochs
+    no_temporaries(killed)
+    saved = (killed / "model.keras").exists()
+    assert saved == (target.endswith("write_outputs"))
+    if saved:
+        res = CliRunner().invoke(cli.main, ["evaluate", str(killed)])
+        assert res.exit_code == 0, res.output
+        assert (killed / "metrics.json").exists()
+    else:
+        res = CliRunner().invoke(cli.main, ["evaluate", str(killed)])
+        assert res.exit_code == 1 and "model.keras is missing" in res.output and "Traceback" not in res.output
+    if not saved:  # once is enough: the next training, into another folder, completes
+        return
+    res = CliRunner().invoke(cli.main, args + ["--out", str(tmp_path / "again")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["status"] == "finished"
+
+
+def test_train_onto_read_only_media_says_nothing_was_written(small_disk, tmp_path):
+    """`mlsp train --out` on read-only media (a real tmpfs remounted read-only): one line naming
+    the folder, saying nothing was written; the store is untouched."""
+    from click.testing import CliRunner
+
+    import cli
+
+    store = str(tmp_path / "s.h5")
+    write_synthetic_store(store, 40, n_views=1, block_channels=(4,))
+    before = os.path.getmtime(store)
+    disk = small_disk("1m")
+    remount(disk, "ro")
+    res = CliRunner().invoke(cli.main, ["train", "--store", store, "--head", "single1fc", "--out", str(disk / "run"),
+                                        "--epochs", "1", "--no-progress"])
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().splitlines()[-1] == (
+        f"Error: {disk / 'run'}: cannot write: read-only file system; nothing was written; the store is unchanged")
+    assert os.listdir(disk) == [] and os.path.getmtime(store) == before
