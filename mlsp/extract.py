@@ -480,24 +480,34 @@ def _keeping_finished(writer: store.ShardWriter, kept: str):
     except NoSpace as exc:
         # checked before HDF5 wrote anything: the open shard is intact and its completion fits
         # in the margin kept free
+        at_risk, dropped = writer.open_images, ""
         try:
             writer.flush()
-        except WriteError:
-            pass  # the open shard was dropped; the earlier ones are kept
-        raise WriteError(exc.filename or writer.dir, describe_os_error(exc), kept) from exc
+        except WriteError:  # the open shard was dropped; the earlier ones are kept
+            dropped = _dropped(at_risk)
+        raise WriteError(exc.filename or writer.dir, describe_os_error(exc), kept + dropped) from exc
     except WriteError as exc:
-        writer.discard()  # the disk is full or gone: completing the open shard would fail too
-        raise WriteError(exc.path, exc.reason, kept) from exc
+        dropped = _dropped(writer.discard())  # the disk is full or gone: completing the open shard would fail too
+        raise WriteError(exc.path, exc.reason, kept + dropped) from exc
     except Exception as exc:
         if not is_write_failure(exc):
             writer.flush()
             raise
-        writer.discard()
-        raise WriteError(getattr(exc, "filename", None) or writer.dir, describe_os_error(exc), kept) from exc
+        dropped = _dropped(writer.discard())
+        raise WriteError(getattr(exc, "filename", None) or writer.dir, describe_os_error(exc), kept + dropped) from exc
     except BaseException:
         # Ctrl-C, SIGTERM or any failure: keep what is finished; the next run resumes from here.
         writer.flush()
         raise
+
+
+def _dropped(images: int) -> str:
+    """What a message adds when the disk filled inside HDF5 and the open shard was dropped."""
+    if not images:
+        return ""
+    one = images == 1
+    return (f" (the {images} image{'' if one else 's'} of the unfinished checkpoint could not be kept: "
+            f"the next run extracts {'it' if one else 'them'} again)")
 
 
 def _merge(job: _Extraction, writer: store.ShardWriter, *, previous: str | None, kept: str) -> int:

@@ -229,17 +229,25 @@ def test_full_disk_simulated(tmp_path, image_dir, extractors, monkeypatch):
     ex = extractors(net="iv3")
     extract(str(image_dir), CONFIG, str(out), extractor=ex, flush_images=2)
     write_image(image_dir / "new.png", 100, 100, seed=9)
+    write_image(image_dir / "new2.png", 100, 110, seed=10)
+    real_setitem, calls = h5py.Dataset.__setitem__, []
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(self, *args, **kwargs):  # the first image's features fit, then the disk is full
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_setitem(self, *args, **kwargs)
 
     monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
-    with pytest.raises(WriteError, match="no space left on the device; finished images are kept"):
+    with pytest.raises(WriteError, match="no space left on the device; finished images are kept") as info:
         extract(str(image_dir), CONFIG, str(out), extractor=ex)
+    # the disk filled inside HDF5, after the free-space check: the open checkpoint is lost, and said so
+    assert str(info.value).endswith("(the 1 image of the unfinished checkpoint could not be kept: the next run "
+                                    "extracts it again)")
     monkeypatch.undo()
     assert not [n for n in visible(tmp_path) if ".tmp" in n]
     assert ids_of(out) == ["img0", "img1", "img2", "img3", "sub/img4", "sub/img5"]
-    assert extract(str(image_dir), CONFIG, str(out), extractor=ex).new == 1
+    assert extract(str(image_dir), CONFIG, str(out), extractor=ex).new == 2
 
 
 # --------------------------------------------------------------------------------------------
