@@ -303,7 +303,7 @@ def fetch(spec_or_name, *, progress=None) -> str:
             log.warning("%s; moved to %s.rejected, fetching it again", exc, dest)
     log.info("%s: fetching %s (%s bytes) into %s", spec.name, spec.file_name, f"{spec.size:,}", dest)
     return download(spec.urls, dest, size=spec.size, sha256=spec.sha256, progress=resolve_progress(progress),
-                    advice=", or give that file's path to --model")
+                    advice=", or give that file's path to --model", label=f"{spec.name}'s {spec.file_name}")
 
 
 def resolve_model(name_or_path) -> tuple[PretrainedSpec | None, str]:

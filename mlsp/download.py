@@ -93,10 +93,11 @@ def verify_recorded(path: str) -> str:
 
 
 def download(urls, dest: str, *, size: int, sha256: str, progress: ProgressFactory = null_progress,
-             retries: int = RETRIES, timeout: float = TIMEOUT, advice: str = "") -> str:
+             retries: int = RETRIES, timeout: float = TIMEOUT, advice: str = "", label: str = "") -> str:
     """Download ``dest`` from the first of ``urls`` that gives a file of ``size`` bytes with the
-    ``sha256``; returns ``dest``. A complete, valid ``dest`` is returned as it is. ``advice`` ends
-    the one-line :class:`DownloadError` (e.g. another way to give the file)."""
+    ``sha256``; returns ``dest``. A complete, valid ``dest`` is returned as it is. The one-line
+    :class:`DownloadError` calls the file ``label`` (default: its name) and ends with ``advice``
+    (e.g. another way to give the file)."""
     dest = os.fspath(dest)
     if os.path.isfile(dest):
         return verify(dest, size=size, sha256=sha256)
@@ -115,7 +116,7 @@ def download(urls, dest: str, *, size: int, sha256: str, progress: ProgressFacto
             else:
                 return _into_place(part, dest, url)
             log.warning("%s", failures[-1])
-    raise DownloadError(dest, size=size, sha256=sha256, urls=urls, failures=failures, advice=advice)
+    raise DownloadError(dest, size=size, sha256=sha256, urls=urls, failures=failures, advice=advice, label=label)
 
 
 @contextlib.contextmanager
@@ -160,7 +161,8 @@ def _remove(path: str):
 def _fetch(url: str, part: str, size: int, progress: ProgressFactory, retries: int, timeout: float):
     """Complete ``part`` from ``url``, resuming after each broken connection up to ``retries`` times."""
     breaks = 0
-    bar = None
+    bar = _Bar(progress, total=size, desc=os.path.basename(part)[1:-len(".part")], unit="B", unit_scale=True,
+               unit_divisor=1024)
     try:
         while True:
             have = os.path.getsize(part) if os.path.exists(part) else 0
@@ -169,10 +171,6 @@ def _fetch(url: str, part: str, size: int, progress: ProgressFactory, retries: i
             if have > size:
                 _truncate(part, 0)
                 have = 0
-            if bar is None:
-                bar = progress(total=size, desc=os.path.basename(part)[1:-len(".part")], unit="B",
-                               unit_scale=True, unit_divisor=1024)
-                bar.update(have)
             try:
                 _get(url, part, have, size, bar, timeout)
             except (ConnectionError, TimeoutError, http.client.IncompleteRead) as exc:
@@ -188,8 +186,33 @@ def _fetch(url: str, part: str, size: int, progress: ProgressFactory, retries: i
                 raise SourceFailed(f"{reason}; broke {breaks} times, {got:,} bytes kept for the next try")
             log.info("%s: %s; resuming at byte %d", url, reason, got)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
+
+
+class _Bar:
+    """A progress bar opened when the first bytes arrive (not for a source that never answers),
+    at the offset the download starts from; opened anew when a source starts over."""
+
+    def __init__(self, progress: ProgressFactory, **options):
+        self.progress, self.options = progress, options
+        self.bar = None
+        self.n = 0
+
+    def at(self, offset: int):
+        if self.bar is None or offset < self.n:
+            self.close()
+            self.bar, self.n = self.progress(**self.options), 0
+        self.update(offset - self.n)
+
+    def update(self, n: int):
+        if n:
+            self.bar.update(n)
+            self.n += n
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _get(url: str, part: str, have: int, size: int, bar, timeout: float):
@@ -215,11 +238,11 @@ def _get(url: str, part: str, have: int, size: int, bar, timeout: float):
         with open(part, "r+b" if start else "wb") as out:
             out.seek(start)
             out.truncate()
-            if start != have:
-                bar.update(start - have)
-            while chunk := response.read(CHUNK):
-                out.write(chunk)
-                bar.update(len(chunk))
+            bar.at(start)
+            buffer = memoryview(bytearray(CHUNK))
+            while n := response.readinto(buffer):  # what arrived is written before a break is raised
+                out.write(buffer[:n])
+                bar.update(n)
 
 
 def _start(response, have: int, size: int) -> int:

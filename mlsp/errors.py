@@ -36,7 +36,7 @@ class DownloadError(WeightsUnavailableError):
     check). The message is one line: the file, its size and sha256, what each URL did, the URLs
     to fetch it from by hand and where to put it."""
 
-    def __init__(self, dest, *, size: int, sha256: str, urls, failures, advice: str = ""):
+    def __init__(self, dest, *, size: int, sha256: str, urls, failures, advice: str = "", label: str = ""):
         self.path = str(dest)
         self.size = size
         self.sha256 = sha256
@@ -45,7 +45,7 @@ class DownloadError(WeightsUnavailableError):
         tried = "; ".join(self.failures) or "no URL is known for it"
         where = f"from {' or '.join(self.urls)} " if self.urls else ""
         super().__init__(
-            f"cannot download {os.path.basename(self.path)} ({tried}). Download it by hand {where}"
+            f"cannot download {label or os.path.basename(self.path)} ({tried}). Download it by hand {where}"
             f"({size:,} bytes, sha256 {sha256}) and put it at {self.path}{advice}")
 
 
