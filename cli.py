@@ -101,7 +101,8 @@ def main(verbose):
       mlsp extract --images DIR --net irv2 --wide   once per dataset: images -> feature store
       mlsp train --head pool3fc                     many times: feature store -> trained head
     Then `mlsp evaluate`, `mlsp score`, `mlsp inspect`. `mlsp sample` builds a small dataset
-    from photographs shipped with scikit-image, to try everything end to end.
+    from photographs shipped with scikit-image, to try everything end to end. `mlsp models`
+    lists the pretrained models the MLSP authors released.
 
     Exit codes: 0 done, 1 an error (one line; README, Troubleshooting), 2 a usage error,
     130 interrupted (finished work is kept).

@@ -49,6 +49,10 @@ class SourceFailed(Exception):
     """One URL did not give the file (HTTP error, refused connection, too many breaks)."""
 
 
+class Broken(Exception):
+    """A transfer stopped before the end (connection reset or closed, timeout): resumable."""
+
+
 def partial_path(dest: str) -> str:
     """Where ``dest`` is downloaded to until it is complete and checked: ``.NAME.part`` beside it."""
     folder, name = os.path.split(os.fspath(dest))
@@ -173,8 +177,8 @@ def _fetch(url: str, part: str, size: int, progress: ProgressFactory, retries: i
                 have = 0
             try:
                 _get(url, part, have, size, bar, timeout)
-            except (ConnectionError, TimeoutError, http.client.IncompleteRead) as exc:
-                reason = _reason(exc)
+            except Broken as exc:
+                reason = str(exc)
             else:
                 got = os.path.getsize(part)
                 if got >= size:
@@ -227,7 +231,7 @@ def _get(url: str, part: str, have: int, size: int, bar, timeout: float):
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # the partial file does not fit this source: start over
             _truncate(part, 0)
-            raise ConnectionError("the server refused to resume (HTTP 416)") from exc
+            raise Broken("the server refused to resume (HTTP 416)") from exc
         raise SourceFailed(f"HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
         raise SourceFailed(_reason(exc.reason)) from exc
@@ -235,14 +239,24 @@ def _get(url: str, part: str, have: int, size: int, bar, timeout: float):
         raise SourceFailed(_reason(exc)) from exc
     with response:
         start = _start(response, have, size)
-        with open(part, "r+b" if start else "wb") as out:
-            out.seek(start)
-            out.truncate()
-            bar.at(start)
-            buffer = memoryview(bytearray(CHUNK))
-            while n := response.readinto(buffer):  # what arrived is written before a break is raised
-                out.write(buffer[:n])
-                bar.update(n)
+        try:
+            with open(part, "r+b" if start else "wb") as out:
+                out.seek(start)
+                out.truncate()
+                bar.at(start)
+                buffer = memoryview(bytearray(CHUNK))
+                while n := _read(response, buffer):  # what arrived is written before a break is raised
+                    out.write(buffer[:n])
+                    bar.update(n)
+        except OSError as exc:
+            raise WriteError(part, describe_os_error(exc), "the bytes downloaded so far are kept") from exc
+
+
+def _read(response, buffer) -> int:
+    try:
+        return response.readinto(buffer)
+    except (OSError, http.client.HTTPException) as exc:
+        raise Broken(_reason(exc)) from exc
 
 
 def _start(response, have: int, size: int) -> int:
