@@ -601,8 +601,12 @@ def models_command(names, catalogues, fetch, as_json):
     if fetch:
         if not names:
             raise click.UsageError("--fetch downloads the models named: give NAMES (`mlsp models` lists them)")
-        for name in names:
-            click.echo(f"{name}: {api.fetch_model(name, catalogues=catalogues, progress=console_progress)}")
+        _sigterm_as_interrupt()
+        try:
+            for name in names:
+                click.echo(f"{name}: {api.fetch_model(name, catalogues=catalogues, progress=console_progress)}")
+        except KeyboardInterrupt:
+            _interrupted("the bytes downloaded so far are kept; run the same command again to resume.")
         return
     rows = api.models(list(names) or None, catalogues=catalogues)
     if as_json:

@@ -150,9 +150,10 @@ def _problem(spec: PretrainedSpec) -> str | None:
         return f"size must be the file's size in bytes, received {spec.size!r}"
     if not isinstance(spec.sha256, str) or not _SHA256.fullmatch(spec.sha256):
         return f"sha256 must be 64 lowercase hex digits, received {spec.sha256!r}"
-    bad = [u for u in spec.urls if not isinstance(u, str) or not u.startswith(("https://", "http://"))]
-    if not isinstance(spec.urls, tuple) or bad:
-        return f"urls must be a list of http(s) URLs, received {bad or spec.urls!r}"
+    bad = [u for u in spec.urls if not isinstance(u, str) or not u.startswith(("https://", "http://"))] \
+        if isinstance(spec.urls, tuple) else spec.urls
+    if bad:
+        return f"urls must be a list of http(s) URLs, received {bad!r}"
     if spec.weights_format not in WEIGHTS_FORMATS:
         return f"weights_format {spec.weights_format!r} is not one of {', '.join(WEIGHTS_FORMATS)}"
     WeightsSource.parse(spec.backbone_weights)
@@ -186,8 +187,10 @@ def _read_catalogue(path: str):
         if ext == ".json":
             with open(path, encoding="utf-8") as handle:
                 return json.load(handle)
-        import tomllib
-
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise ConfigError(f"{path}: reading TOML needs Python 3.11 or later; write the catalogue as JSON") from None
         with open(path, "rb") as handle:
             return tomllib.load(handle)
     except OSError as exc:

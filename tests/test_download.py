@@ -11,7 +11,8 @@ import pytest
 from mlsp import download as dl
 from mlsp.errors import DownloadError, IntegrityError, WeightsUnavailableError
 from mlsp.progress import NullProgress
-from tests.http_files import FileServer, closed_port_url
+from conftest import ctrl_c_after
+from http_files import FileServer, closed_port_url
 
 SIZE = 300_000  # bytes of the served file
 
@@ -177,3 +178,15 @@ def test_one_download_of_a_file_at_a_time(tmp_path, server, payload):
             dl.download([url], dest, size=SIZE, sha256=sha)
     assert server.requests == []
     assert dl.download([url], dest, size=SIZE, sha256=sha) == dest
+
+
+def test_ctrl_c_keeps_what_was_downloaded_and_the_next_call_finishes_without_downloading_again(tmp_path, server,
+                                                                                               payload):
+    data, sha = payload
+    url = server.add("/m.h5", data)
+    dest = str(tmp_path / "m.h5")
+    with pytest.raises(KeyboardInterrupt):
+        dl.download([url], dest, size=SIZE, sha256=sha, progress=ctrl_c_after(None))  # at the last byte
+    assert not os.path.exists(dest) and os.path.getsize(dl.partial_path(dest)) == SIZE
+    assert dl.download([url], dest, size=SIZE, sha256=sha) == dest
+    assert open(dest, "rb").read() == data and len(server.requests) == 1

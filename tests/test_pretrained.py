@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,9 +17,9 @@ import cli
 from heads import pretrained as pt
 from heads.registry import HEADS
 from mlsp.backbones import BACKBONES, get_backbone
-from mlsp.errors import ConfigError, DownloadError, IntegrityError
+from mlsp.errors import ConfigError, IntegrityError
 from mlsp.store_format import POOLINGS
-from tests.http_files import FileServer, closed_port_url
+from http_files import FileServer, closed_port_url
 
 # The released heads (subpic/ava-mlsp, Git LFS): folder, head, pooling, size, sha256, in this order.
 RELEASED = {
@@ -230,7 +232,8 @@ def test_a_catalogue_file_adds_an_entry_through_the_cli_and_mlsp_models(tmp_path
     ({"net": "vgg"}, "net 'vgg' is not a registered backbone"),
     ({"views": "crops99"}, "views 'crops99' is not one of full, crops18"),
     ({"file_name": "../../evil.h5"}, "must be a plain file name"),
-    ({"urls": ["ftp://x/h.h5"]}, "urls must be a list of http(s) URLs"),
+    ({"urls": ["ftp://x/h.h5"]}, "urls must be a list of http(s) URLs, received ['ftp://x/h.h5']"),
+    ({"urls": "https://x/h.h5"}, "urls must be a list of http(s) URLs, received 'https://x/h.h5'"),
     ({"head_options": {"depth": 3}}, "does not take depth"),
     ({"size": "big"}, "size must be the file's size in bytes"),
     ({"paper": {"srcc": "high"}}, "paper must map"),
@@ -271,3 +274,15 @@ def test_a_name_taken_by_another_entry_is_refused_the_same_entry_again_is_not(tm
     with pytest.raises(ConfigError, match="'ava-mlsp-irv2-wide' is already in the catalogue"):
         pt.add_catalogue(write_toml(tmp_path / "d.toml", [dataclasses.asdict(pt.PRETRAINED.get("ava-mlsp-irv2-wide"))
                                                           | {"net": "iv3"}]))
+
+
+def test_listing_the_catalogue_never_imports_keras(keras_home):
+    code = ("import sys, cli\n"
+            "cli.main(['models', '--json'], standalone_mode=False)\n"
+            "print('heavy:', sorted(m for m in ('keras', 'tensorflow', 'torch') if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "heavy: []"
+    assert "ava-mlsp-irv2-narrow-aug" in res.stdout
