@@ -109,18 +109,31 @@ def download(urls, dest: str, *, size: int, sha256: str, progress: ProgressFacto
     failures = []
     with _exclusive(part, dest):
         for url in urls:
-            try:
-                _fetch(url, part, size, progress, retries, timeout)
-                verify(part, size=size, sha256=sha256)
-            except IntegrityError as exc:
-                _remove(part)
-                failures.append(f"{url}: gave {exc.found}, expected {exc.expected}")
-            except SourceFailed as exc:
-                failures.append(f"{url}: {exc}")
-            else:
+            failure = _try(url, part, size, sha256, progress, retries, timeout)
+            if failure is None:
                 return _into_place(part, dest, url)
+            failures.append(f"{url}: {failure}")
             log.warning("%s", failures[-1])
     raise DownloadError(dest, size=size, sha256=sha256, urls=urls, failures=failures, advice=advice, label=label)
+
+
+def _try(url: str, part: str, size: int, sha256: str, progress, retries: int, timeout: float) -> str | None:
+    """Complete and check ``part`` from ``url``: ``None``, or why it failed. A wrong file is
+    emptied; when it had begun with bytes of an earlier try (another source, an earlier run),
+    ``url`` is asked again for the whole file before it is blamed."""
+    while True:
+        inherited = os.path.getsize(part) > 0
+        try:
+            _fetch(url, part, size, progress, retries, timeout)
+            verify(part, size=size, sha256=sha256)
+            return None
+        except IntegrityError as exc:
+            _truncate(part, 0)
+            if not inherited:
+                return f"gave {exc.found}, expected {exc.expected}"
+            log.info("%s: %s with the bytes kept from an earlier try; downloading it whole", url, exc.found)
+        except SourceFailed as exc:
+            return str(exc)
 
 
 @contextlib.contextmanager
@@ -155,11 +168,6 @@ def _into_place(part: str, dest: str, url: str) -> str:
         fsync_path(os.path.dirname(os.path.abspath(dest)))
     log.info("%s: downloaded from %s and checked (size, sha256)", dest, url)
     return dest
-
-
-def _remove(path: str):
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
 
 
 def _fetch(url: str, part: str, size: int, progress: ProgressFactory, retries: int, timeout: float):

@@ -190,3 +190,14 @@ def test_ctrl_c_keeps_what_was_downloaded_and_the_next_call_finishes_without_dow
     assert not os.path.exists(dest) and os.path.getsize(dl.partial_path(dest)) == SIZE
     assert dl.download([url], dest, size=SIZE, sha256=sha) == dest
     assert open(dest, "rb").read() == data and len(server.requests) == 1
+
+
+def test_bytes_kept_from_a_bad_source_do_not_spoil_a_good_mirror(tmp_path, server, payload):
+    data, sha = payload
+    bad = server.add("/bad/m.h5", bytes(reversed(data)), cut_after=100_000, cuts=9)
+    good = server.add("/good/m.h5", data)
+    dest = dl.download([bad, good], tmp_path / "m.h5", size=SIZE, sha256=sha, retries=0)
+    assert open(dest, "rb").read() == data
+    # the mirror first completed the bad source's 100,000 bytes; that failed its check, so the
+    # mirror was asked again for the whole file
+    assert server.ranges_asked("/good/m.h5") == ["bytes=100000-", None]
