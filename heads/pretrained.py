@@ -309,16 +309,16 @@ def fetch(spec_or_name, *, progress=None) -> str:
                     advice=", or give that file's path to --model", label=f"{spec.name}'s {spec.file_name}")
 
 
-def resolve_model(name_or_path) -> tuple[PretrainedSpec | None, str]:
-    """A catalogue name -> (its entry, its fetched and checked file); a path to a file -> (the
-    entry whose sha256 it has, or ``None`` for a file of no entry, the path). A file that looks
-    like a catalogue file (its name or size) but has none of their hashes is refused
-    (:class:`IntegrityError`): a truncated or corrupt copy is never used."""
+def resolve_model(name_or_path, *, progress=None) -> tuple[PretrainedSpec | None, str]:
+    """A catalogue name -> (its entry, its fetched and checked file; ``progress`` as for
+    :func:`fetch`); a path to a file -> (the entry whose sha256 it has, or ``None`` for a file of
+    no entry, the path). A file that looks like a catalogue file (its name or size) but has none
+    of their hashes is refused (:class:`IntegrityError`): a truncated or corrupt copy is never used."""
     text = os.fspath(name_or_path)
     specs = list_pretrained()
     if text in PRETRAINED:
         spec = PRETRAINED.get(text)
-        return spec, fetch(spec)
+        return spec, fetch(spec, progress=progress)
     if not os.path.isfile(text):
         raise ConfigError(f"model {text!r} is neither a pretrained model ({', '.join(PRETRAINED)}) nor a file")
     digest = file_sha256(text)

@@ -199,6 +199,8 @@ def test_mlsp_models_lists_the_three_with_sizes_and_sha256(keras_home):
     rows = json.loads(invoke("models", "--json").output)
     assert [(r["name"], r["size"], r["sha256"]) for r in rows[:3]] == [(n, v[3], v[4]) for n, v in RELEASED.items()]
     assert rows[0]["backbone_weights_cached"] is False and rows[0]["urls"][0].startswith("https://github.com/")
+    res = invoke("models", "ava-mlsp-irv2-wid")
+    assert res.exit_code == 1 and res.output.strip().startswith("Error: unknown pretrained model 'ava-mlsp-irv2-wid'")
 
 
 def test_mlsp_models_says_when_the_backbone_weights_are_here(keras_home):
