@@ -42,18 +42,19 @@ PAPER_METRICS = ("srcc", "plcc", "accuracy")  # the paper's figures on AVA's off
 
 @dataclasses.dataclass(frozen=True)
 class ViewsSpec:
-    """A test-time procedure: which views of an image a pretrained head is applied to (the
-    prediction is their mean)."""
+    """A test-time procedure by name: which views of an image a pretrained head is applied to
+    (the prediction is their mean). What the views are is the scoring's business; the catalogue
+    needs the names and counts only."""
 
     name: str
-    count: int
     description: str
+    n_views: int
 
 
 VIEWS: Registry[ViewsSpec] = Registry("test-time views")
-VIEWS.register(ViewsSpec("full", 1, "one view: the whole image at its own size"))
-VIEWS.register(ViewsSpec("crops18", 18, "18 views: crops at positions 0, 0.5 and 1 on each axis, "
-                                         "each with and without a horizontal flip"))
+VIEWS.register(ViewsSpec("full", "one view: the whole image at its own size", 1))
+VIEWS.register(ViewsSpec("crops18", "18 views: crops at positions 0, 0.5 and 1 on each axis, each with and "
+                                    "without a horizontal flip", 18))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,8 +332,9 @@ def resolve_model(name_or_path, *, progress=None) -> tuple[PretrainedSpec | None
     if alike:
         expected = "; ".join(f"{s.name}: {s.size:,} bytes, sha256 {s.sha256}" for s in alike)
         raise IntegrityError(text, f"{size:,} bytes, sha256 {digest}", f"one of the catalogue's files ({expected})",
-                             advice=" (a truncated or corrupt download? A head of your own goes into a catalogue "
-                                    f"file with its own sha256: ${CATALOGUE_ENV}, docs/pretrained.md)")
+                             advice=" (a truncated or corrupt download? Download it again. A head of your own: "
+                                    "import it with `mlsp import-weights`, or add it to a catalogue file with its "
+                                    f"own sha256, ${CATALOGUE_ENV}, docs/pretrained.md)")
     return None, text
 
 
@@ -341,7 +343,7 @@ def describe(spec: PretrainedSpec) -> dict:
     and whether the backbone's ImageNet weights are in Keras' cache (``None``: other weights)."""
     row = dataclasses.asdict(spec)
     row["urls"] = list(spec.urls)
-    row["views_count"] = VIEWS.get(spec.views).count
+    row["views_count"] = VIEWS.get(spec.views).n_views
     row["path"] = local_path(spec)
     row["cached"] = is_cached(spec)
     backbone = BACKBONES[spec.net]

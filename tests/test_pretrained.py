@@ -51,7 +51,7 @@ def test_every_catalogue_entry(name):
     folder, head, pooling, size, sha256 = RELEASED[name]
     assert (spec.net, spec.head, spec.pooling, spec.size, spec.sha256) == ("irv2", head, pooling, size, sha256)
     assert spec.views == ("crops18" if name.endswith("-aug") else "full")
-    assert pt.VIEWS.get(spec.views).count == (18 if name.endswith("-aug") else 1)
+    assert pt.VIEWS.get(spec.views).n_views == (18 if name.endswith("-aug") else 1)
     path = f"models/{folder}/model_best_weights.h5"
     assert spec.urls == (f"https://github.com/subpic/ava-mlsp/raw/master/{path}",
                          f"https://media.githubusercontent.com/media/subpic/ava-mlsp/master/{path}")
