@@ -228,16 +228,16 @@ def _problem_or_error(spec: PretrainedSpec) -> str | None:
         return str(exc)
 
 
-_LOADED: set = set()  # catalogue files already added (real paths)
+_LOADED: dict = {}  # real path of a catalogue file already added -> its entries
 
 
 def add_catalogue(path) -> list[PretrainedSpec]:
-    """Register the entries of a user's catalogue file (once per file); an entry whose name is
-    taken by a different one is an error, the same entry again is not."""
+    """Register the entries of a user's catalogue file (read once per process); an entry whose
+    name is taken by a different one is an error, the same entry again is not."""
     real = os.path.realpath(os.fspath(path))
-    specs = load_catalogue(path)
     if real in _LOADED:
-        return specs
+        return _LOADED[real]
+    specs = load_catalogue(path)
     for spec in specs:
         if spec.name in PRETRAINED and PRETRAINED.get(spec.name) == spec:
             continue
@@ -245,7 +245,7 @@ def add_catalogue(path) -> list[PretrainedSpec]:
             raise ConfigError(f"{path}: model {spec.name!r} is already in the catalogue with other values; "
                               "give it another name")
         PRETRAINED.register(spec)
-    _LOADED.add(real)
+    _LOADED[real] = specs
     log.debug("%s: %d pretrained models added", path, len(specs))
     return specs
 
