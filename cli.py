@@ -34,8 +34,9 @@ from mlsp import backend  # noqa: E402
 from mlsp.backend import BACKENDS  # noqa: E402
 from mlsp.errors import MLSPError, RunInterrupted  # noqa: E402
 from mlsp import extract as extraction  # noqa: E402
-from mlsp.extract import PRECISIONS, ExtractConfig  # noqa: E402
+from mlsp.extract import ExtractConfig  # noqa: E402
 from mlsp.images import CROP_FRACTION, VIEW_NAMES  # noqa: E402
+from mlsp.precision import CHOICES as PRECISION_CHOICES  # noqa: E402
 from mlsp.progress import console_progress  # noqa: E402
 from mlsp.store import WIDE_GRID  # noqa: E402
 
@@ -51,7 +52,6 @@ def default_of(function, parameter):
 
 
 EXTRACT_DEFAULTS = ExtractConfig()
-PRECISION_CHOICES = (*PRECISIONS, "auto")
 
 
 def handle_errors(func):
@@ -592,8 +592,9 @@ _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (
               help="CSV to write (id, pred, pred_std[, pred_opinion_std, p1..p10][, mos, split]). "
               "Default: print the scores.")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
-@click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Backbone precision for --images. Default: the one the run's store was extracted at.")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
+              help="Backbone precision for --images (auto: as for extract). Default: the one the run's store "
+                   "was extracted at.")
 @click.option("--workers", type=int, default=default_of(api.score, "workers"), show_default=True,
               help=_WORKERS_HELP)
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
@@ -639,8 +640,8 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="Default: RUN_DIR/scoring_model.keras")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
-@click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Backbone precision. Default: the one the run's store was extracted at.")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
+              help="Backbone precision (auto: as for extract). Default: the one the run's store was extracted at.")
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @handle_errors
 def export_command(run_dir, out, weights, precision, allow_unfinished):

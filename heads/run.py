@@ -18,6 +18,7 @@ import os
 from mlsp.atomic import atomic_path, write_json
 from mlsp.errors import ConfigError, StoreConfigMismatch
 from mlsp.extract import ExtractConfig
+from mlsp.precision import resolve_logged as resolve_precision
 from mlsp.store import FEATURES_ROOT, FeatureStore
 
 CONFIG_FILE = "config.json"
@@ -126,7 +127,8 @@ class Run:
         return keras.saving.load_model(self.model_path, compile=False, safe_mode=True)
 
     def extract_config(self, weights: str | None = None, precision: str | None = None) -> ExtractConfig:
-        """The extraction that made the run's store, with the weights file found again."""
+        """The extraction that made the run's store, with the weights file found again; ``precision``
+        (``auto`` resolved here) replaces the store's."""
         cfg = self.store_info["config"]
         views = self.store_info.get("views") or cfg.get("views")
         source = cfg["weights_source"]
@@ -145,7 +147,8 @@ class Run:
         return ExtractConfig(net=self.store_info["net"], pooling=self.store_info["pooling"],
                              augment=list(views) != ["full"], weights=weights,
                              max_side=int(cfg.get("max_side") or 0),
-                             precision=precision or cfg.get("precision") or ExtractConfig.precision)
+                             precision=resolve_precision(precision) if precision
+                             else cfg.get("precision") or ExtractConfig.precision)
 
     def store_attr(self, key):
         """An attribute of the run's original store, if that file is still there."""

@@ -31,7 +31,7 @@ import numpy as np
 
 from mlsp import __version__, backend
 from mlsp.errors import ConfigError, RunInterrupted, StoreError, TrainingError
-from mlsp.extract import resolve_precision
+from mlsp.precision import DEFAULT as DEFAULT_PRECISION, dtype_policy, resolve_logged as resolve_precision
 from mlsp.progress import null_progress, resolve as resolve_progress
 from mlsp.store import FEATURES_ROOT, LABELLED_SPLITS, POOLINGS, SPLITS, WIDE_GRID, FeatureStore, find_latest_store
 
@@ -158,9 +158,7 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
     if config.store is None:
         log.info("no store given: using the newest one, %s", store_path)
     started = time.time()
-    precision, why = resolve_precision(config.precision)
-    if why != "as asked":
-        log.info("training precision %s: %s", precision, why)
+    precision = resolve_precision(config.precision, "training precision")
     with FeatureStore(store_path) as store:
         job = _prepare(config, store, store_path=store_path, spec=spec, goal=goal, precision=precision)
         run = Run.create(job.run_dir, _record(job))
@@ -380,15 +378,11 @@ def _grid(store: FeatureStore) -> int:
     return int(store.feature_shape[0]) if store.pooling == "wide" else WIDE_GRID
 
 
-def _build(head, head_options, store, output_bias, reduce_grid, target, precision="float32"):
+def _build(head, head_options, store, output_bias, reduce_grid, target, precision=DEFAULT_PRECISION):
     """The head as trained (narrow input where the grid is reduced), under a Keras dtype policy."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
-    try:
+    with dtype_policy(precision):
         return build_head(head, store.block_channels, pooling="narrow" if reduce_grid else store.pooling,
                           grid=_grid(store), output_bias=output_bias, target=target, **head_options)
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 @dataclasses.dataclass
@@ -431,7 +425,7 @@ class Fitted:
 
 
 def fit(config: TrainConfig, plan: Schedule, data: TrainingData, *, head_options: dict, history_path: str,
-        progress=False, precision: str = "float32"):
+        progress=False, precision: str = DEFAULT_PRECISION):
     """Build the head and train it with ``plan`` (the resolved schedule) at ``precision``; the
     :class:`Fitted` model holds the best weights on validation loss."""
     store, source, rows, mos, labels = data.store, data.source, data.rows, data.mos, data.labels

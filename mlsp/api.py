@@ -65,10 +65,10 @@ def info() -> dict:
 
     from . import backend
     from .backbones import BACKBONES, keras_cache_dir
-    from .extract import resolve_precision
+    from .precision import AUTO, resolve
 
     described = backend.describe()
-    precision, why = resolve_precision("auto")
+    precision, why = resolve(AUTO)
     cache = keras_cache_dir()
     return {
         "backend": described["backend"],
@@ -94,22 +94,21 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = E
     ``ray``: an address as for ``--ray`` (``auto``, ``ray://HOST:PORT``, ``local:N``) spreads the
     images over a Ray cluster.
 
-    ``precision`` may be ``auto`` (:func:`mlsp.extract.resolve_precision`); ``threads`` is
+    ``precision`` may be ``auto`` (:func:`mlsp.precision.resolve`); ``threads`` is
     the backend's ``(intra, inter)`` (:func:`mlsp.backend.configure_threads`); ``workers``: the
     threads decoding images ahead of the model (each Ray worker's, with ``ray``); ``options`` are
     :func:`mlsp.extract.extract`'s (``val_fraction``, ``seed``, ``dataset``, ...);
     ``checkpoint_every`` is its ``flush_images``. Returns :class:`mlsp.extract.ExtractResult`
     (``.store``, ``.images``, ``.errors``, ...)."""
     from .backend import configure_threads
-    from .extract import extract as run, resolve_precision
+    from .extract import extract as run
+    from .precision import resolve_logged
 
     if threads and not ray:
         configure_threads(*threads)
     if checkpoint_every is not None:
         options["flush_images"] = checkpoint_every
-    precision, why = resolve_precision(precision)
-    if why != "as asked":
-        log.info("precision %s: %s", precision, why)
+    precision = resolve_logged(precision)
     config = ExtractConfig(net=net, pooling="wide" if wide else "narrow", augment=augment, weights=weights,
                            max_side=max_side, precision=precision)
     if config.weights.startswith("random"):

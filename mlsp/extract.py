@@ -23,41 +23,13 @@ from . import backbones, backend, images, store
 from .atomic import describe_os_error, is_write_failure, remove_stale_temporaries
 from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch, WriteError
 from .files import NoSpace, StoreLock
+from .precision import DEFAULT as DEFAULT_PRECISION, check as check_precision, dtype_policy
 from .progress import ProgressFactory, null_progress
 from .readahead import BATCH_WINDOW, DECODE_WORKERS, PREFETCH, LocalRunner
 from .shards import FLUSH_IMAGES, FLUSH_SECONDS
 from .store_format import POOLINGS, config_attrs
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("float32", "bfloat16", "float16")
-
-
-def resolve_precision(precision: str) -> tuple[str, str]:
-    """(precision, why) for a requested precision; ``auto`` picks bfloat16 where the hardware
-    computes it natively (a GPU of compute capability 8.0 or newer, or a CPU with AVX-512 BF16
-    or AMX), float32 elsewhere, where bfloat16 would be emulated and slower."""
-    if precision != "auto":
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be auto or one of {', '.join(PRECISIONS)}, received {precision!r}")
-        return precision, "as asked"
-    gpu = backend.gpu_bfloat16()
-    if gpu is not None:
-        return ("bfloat16" if gpu[0] else "float32"), gpu[1]
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    if native:
-        return "bfloat16", f"the CPU supports bfloat16 in hardware ({', '.join(native)})"
-    return "float32", "the CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16), so bfloat16 would be slower"
-
 
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
@@ -68,14 +40,13 @@ class ExtractConfig:
     augment: bool = True
     weights: str = "imagenet"
     max_side: int = 1024
-    precision: str = "float32"
+    precision: str = DEFAULT_PRECISION  # resolved: never "auto" (mlsp.precision.resolve)
 
     def __post_init__(self):
         backbones.get_backbone(self.net)
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, received {self.pooling!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, received {self.precision!r}")
+        check_precision(self.precision, allow_auto=False)
         if int(self.max_side) < 0:
             raise ConfigError(f"max_side must be >= 0 (0: never resize), received {self.max_side!r}")
 
@@ -93,7 +64,7 @@ class ExtractConfig:
 
     def default_store_name(self) -> str:
         name = f"{self.net}_{self.pooling}" + ("" if self.augment else "_noaug")
-        if self.precision != "float32":
+        if self.precision != DEFAULT_PRECISION:
             name += f"_{self.precision}"
         return name + ".h5"
 
@@ -145,10 +116,7 @@ class FeatureExtractor:
 
         config, spec = self.config, self.config.spec
         source = backbones.WeightsSource.parse(config.weights)
-        previous_policy = keras.config.dtype_policy()
-        policy = "float32" if config.precision == "float32" else f"mixed_{config.precision}"
-        keras.config.set_dtype_policy(policy)
-        try:
+        with dtype_policy(config.precision):
             backbone, weights_record = backbones.build_backbone(spec, source)
             if self.fold_batch_norms:
                 backbone, folded = backbones.fold_batch_norms(backbone)
@@ -159,8 +127,6 @@ class FeatureExtractor:
                 raise ConfigError(f"{spec.name}: tap channels {channels} differ from the registry's {spec.channels}")
             pooled = MultiLevelPooling(grid=POOLINGS[config.pooling], name="mlsp_pooling")(taps)
             model = keras.Model(backbone.input, pooled, name=f"mlsp_{spec.name}_{config.pooling}")
-        finally:
-            keras.config.set_dtype_policy(previous_policy)
         return model, weights_record
 
     def _trace_forward(self) -> backend.Forward:

@@ -184,7 +184,8 @@ def test_cli_defaults_and_choices_come_from_their_owners():
 
     import cli
     from heads.config import TrainConfig
-    from mlsp.extract import PRECISIONS, ExtractConfig, extract
+    from mlsp.extract import ExtractConfig, extract
+    from mlsp.precision import CHOICES
 
     def flat(args):
         return " ".join(CliRunner().invoke(cli.main, args).output.split())
@@ -216,7 +217,7 @@ def test_cli_defaults_and_choices_come_from_their_owners():
     for name in ("net", "augment", "weights", "max_side", "precision"):
         assert ext[name] == getattr(config, name), name
     assert ext["wide"] == (config.pooling == "wide")
-    assert tuple(next(p for p in cli.extract.params if p.name == "precision").type.choices) == (*PRECISIONS, "auto")
+    assert tuple(next(p for p in cli.extract.params if p.name == "precision").type.choices) == CHOICES
     signature = inspect.signature(extract).parameters
     for option, parameter in (("val_fraction", "val_fraction"), ("seed", "seed"), ("workers", "workers"),
                               ("checkpoint_every", "flush_images")):
@@ -224,8 +225,8 @@ def test_cli_defaults_and_choices_come_from_their_owners():
     shown = flat(["extract", "--help"])
     for value in (config.net, config.weights, config.max_side, config.precision, signature["val_fraction"].default):
         assert f"[default: {value}]" in shown, value
-    for command in (cli.score_command, cli.export_command):
-        assert tuple(next(p for p in command.params if p.name == "precision").type.choices) == PRECISIONS
+    for command in (cli.train_command, cli.score_command, cli.export_command):  # auto everywhere
+        assert tuple(next(p for p in command.params if p.name == "precision").type.choices) == CHOICES
     from mlsp.readahead import DECODE_WORKERS
 
     assert defaults(cli.score_command, ROOT)["workers"] == DECODE_WORKERS == signature["workers"].default
