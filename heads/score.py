@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from mlsp.atomic import atomic_path, write_json
-from mlsp.backbones import file_sha256
+from mlsp.backbone_weights import file_sha256
 from mlsp.errors import ImageDecodeError, StoreConfigMismatch
 from mlsp.extract import ExtractConfig, FeatureExtractor, collect_inputs
 from mlsp.progress import ProgressFactory, null_progress

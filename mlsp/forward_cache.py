@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import time
 
-from . import __version__, backbones
+from . import __version__, backbone_weights
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ ENV_SWITCH = "MLSP_FORWARD_CACHE"
 
 def cache_root() -> str:
     """``$KERAS_HOME/mlsp/forward`` (``~/.keras/mlsp/forward`` by default)."""
-    return os.path.join(os.path.dirname(backbones.keras_cache_dir()), "mlsp", "forward")
+    return os.path.join(os.path.dirname(backbone_weights.keras_cache_dir()), "mlsp", "forward")
 
 
 def enabled() -> bool:
@@ -58,11 +58,11 @@ def enabled() -> bool:
 def weights_identity(config) -> str:
     """What identifies the weights of ``config`` (an :class:`mlsp.extract.ExtractConfig`): the
     file's SHA-256, or ``random:SEED``. May download the ImageNet weights (as building would)."""
-    source = backbones.WeightsSource.parse(config.weights)
+    source = backbone_weights.WeightsSource.parse(config.weights)
     if source.kind == "random":
         return str(source)
-    path = backbones.fetch_imagenet_weights(config.spec) if source.kind == "imagenet" else source.path
-    return "sha256:" + backbones.file_sha256(path)
+    path = backbone_weights.fetch_imagenet_weights(config.spec) if source.kind == "imagenet" else source.path
+    return "sha256:" + backbone_weights.file_sha256(path)
 
 
 def cache_key(config, identity: str) -> dict:
@@ -87,7 +87,7 @@ def _files(folder: str) -> dict:
             path = os.path.join(parent, name)
             rel = os.path.relpath(path, folder)
             if rel != META_FILE:
-                out[rel] = backbones.file_sha256(path)
+                out[rel] = backbone_weights.file_sha256(path)
     return out
 
 

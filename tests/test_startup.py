@@ -69,7 +69,7 @@ def test_cached_extractor_gives_the_same_features_and_an_altered_entry_is_refuse
 
     # an entry is found by the weights' hash: the file's name and place recorded are this run's,
     # not those of the run that wrote the entry (the file's content is never read from the cache)
-    from mlsp.backbones import file_sha256
+    from mlsp.backbone_weights import file_sha256
 
     renamed = tmp_path / "renamed.weights.h5"
     renamed.write_bytes(b"the same weights as another file, under another name")
