@@ -25,7 +25,7 @@ TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from heads.config import TrainConfig  # noqa: E402
-from heads.registry import HEADS  # noqa: E402
+from heads.registry import HEADS, options_help, parse_options  # noqa: E402
 from heads.schedule import FULL_EPOCH_STEPS, MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr  # noqa: E402
 from heads.targets import TARGETS  # noqa: E402
 from mlsp import api  # noqa: E402
@@ -420,6 +420,25 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
     """
 
 
+HEAD_OPTION_ALIASES = ("width", "kernels")  # --width N is --head-option width=N (older spellings)
+
+
+def head_option_flags(func):
+    """``--head-option KEY=VALUE`` (repeatable; each head declares its own in the registry) and
+    its aliases, which the command receives as ``alias_<key>``."""
+    for key in reversed(HEAD_OPTION_ALIASES):
+        func = click.option(f"--{key}", f"alias_{key}", type=click.IntRange(min=1), metavar="N",
+                            help=f"Short for --head-option {key}=N.")(func)
+    return click.option("--head-option", multiple=True, metavar="KEY=VALUE",
+                        help=f"An option of the head, repeatable: {options_help()}. Defaults follow the "
+                             "features' width (`mlsp heads --net NAME` shows them per backbone).")(func)
+
+
+def _head_options(pairs, aliases) -> dict:
+    given = [f"{key[len('alias_'):]}={value}" for key, value in aliases.items() if value is not None]
+    return parse_options([*pairs, *given])
+
+
 @main.command("train", help=_TRAIN_HELP)
 @click.option("--store", "store_path", type=click.Path(dir_okay=False),
               help="Feature store (.h5). Default: the newest store under features/.")
@@ -453,13 +472,7 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
                    "views. 0: one pass, however short.")
 @click.option("--seed", type=click.IntRange(min=0), default=TrainConfig.seed, show_default=True,
               help="Seed of weights, dropout, shuffling and view draws: the same seed gives the same model.")
-@click.option("--width", type=click.IntRange(min=1),
-              help="X of the 3FC block (single3fc, pool3fc). Default: follows the features' width, "
-                   "2048 on iv3 and irv2 as in the authors' released model (`mlsp heads --net NAME` "
-                   "shows it per backbone); the paper's figure shows 3072 for pool3fc.")
-@click.option("--kernels", type=click.IntRange(min=1),
-              help="pool3fc: kernels per column of the reduced Inception module. Default: half the "
-                   "default width, 1024 on iv3 and irv2.")
+@head_option_flags
 @click.option("--memory-budget", help=_MEMORY_HELP)
 @click.option("--workers", type=click.IntRange(min=1), default=TrainConfig.workers, show_default=True,
               help="Threads reading batches ahead.")
@@ -470,12 +483,13 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar per epoch.")
 @handle_errors
 def train_command(store_path, head, out, target, epochs, lr, min_lr, lr_epochs, patience, batch_size,
-                  steps_per_epoch, seed, width, kernels, memory_budget, workers, precision,
-                  progress):
+                  steps_per_epoch, seed, head_option, memory_budget, workers, precision,
+                  progress, **aliases):
     """Train a head on a feature store; evaluate it on val and test (help: _TRAIN_HELP)."""
     _sigterm_as_interrupt()
     try:
-        result = api.train(store_path, head=head, out=out, width=width, kernels=kernels, memory_budget=memory_budget,
+        result = api.train(store_path, head=head, out=out, head_options=_head_options(head_option, aliases),
+                           memory_budget=memory_budget,
                            progress=console_progress if progress else False, target=target, epochs=epochs, lr=lr,
                            min_lr=min_lr, lr_epochs=lr_epochs, patience=patience, batch_size=batch_size,
                            steps_per_epoch=steps_per_epoch, seed=seed, workers=workers, precision=precision)

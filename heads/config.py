@@ -13,7 +13,7 @@ from mlsp.precision import DEFAULT as DEFAULT_PRECISION, check as check_precisio
 
 from .registry import get_head
 from .schedule import MAX_AUTO_LR, PAPER, resolve_schedule
-from .targets import DEFAULT_TARGET, get_target
+from .targets import DEFAULT_TARGET, TARGETS
 
 
 @dataclasses.dataclass
@@ -83,7 +83,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive {kind.__name__}, received {value!r}")
 
         get_head(self.head)
-        get_target(self.target)
+        TARGETS.get(self.target)
         for name in ("lr_epochs", "patience", "batch_size", "workers"):
             positive(name, getattr(self, name))
         positive("epochs", self.epochs, allow_none=True)

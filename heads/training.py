@@ -40,11 +40,11 @@ from .config import TrainConfig
 from .data import FeatureSource, TrainBatches, open_features, predict_views
 from .evaluation import EVAL_SPLITS, labelled_split, write_outputs
 from .models import build_head
-from .registry import HeadSpec, get_head, list_heads
+from .registry import HEADS, HeadSpec, get_head
 from .run import Run, default_run_dir
 from .schedule import Schedule, describe, fmt_lr
 from .schedule_callback import StepOrPlateauSchedule
-from .targets import (TargetSpec, get_target, has_votes, initial_bias, mos_of, training_labels,
+from .targets import (TARGETS, TargetSpec, has_votes, initial_bias, mos_of, training_labels,
                       validation_loss)
 
 
@@ -78,7 +78,7 @@ def check_store(store: FeatureStore, head: str) -> dict:
         raise ConfigError(
             f"head {head!r} needs wide (5x5) features, but {store.path} holds narrow ones; "
             "extract with `mlsp extract --wide`, or choose a narrow head "
-            f"({', '.join(h.name for h in list_heads() if not h.needs_wide)})"
+            f"({', '.join(h.name for h in HEADS.specs() if not h.needs_wide)})"
         )
     if store.n_images == 0:
         raise StoreError(f"{store.path}: the store holds no images")
@@ -215,7 +215,7 @@ def _check_config(config) -> tuple[HeadSpec, TargetSpec]:
         raise ConfigError(f"train() takes a TrainConfig, received {type(config).__name__}")
     config.validate()
     spec = get_head(config.head)
-    goal = get_target(config.target)
+    goal = TARGETS.get(config.target)
     spec.resolve_options(config.head_options)  # an unknown option fails before the store is opened
     return spec, goal
 
@@ -431,7 +431,7 @@ def fit(config: TrainConfig, plan: Schedule, data: TrainingData, *, head_options
     store, source, rows, mos, labels = data.store, data.source, data.rows, data.mos, data.labels
     head = config.head
     backend.set_random_seed(config.seed)
-    target = get_target(config.target)
+    target = TARGETS.get(config.target)
     model = _build(head, head_options, store, data.output_bias, data.reduce_grid, target.name, precision)
     model.compile(optimizer=keras.optimizers.Adam(plan.lr), loss=target.resolve_loss())
     log.info("%s: %s parameters (%s trainable)", head, f"{model.count_params():,}",

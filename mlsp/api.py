@@ -37,7 +37,7 @@ def backbones(names: Sequence[str] | None = None, *, flops_at: tuple | None = No
 
     if flops_at is None:
         flops_at = registry.FLOPS_SIZE
-    specs = [registry.get_backbone(n) for n in names] if names else list(registry.BACKBONES.values())
+    specs = [registry.get_backbone(n) for n in names] if names else registry.BACKBONES.specs()
     return [registry.describe(spec, flops_at or None) for spec in specs]
 
 
@@ -64,7 +64,8 @@ def info() -> dict:
     import keras
 
     from . import backend
-    from .backbones import BACKBONES, keras_cache_dir
+    from .backbone_weights import keras_cache_dir
+    from .backbones import BACKBONES
     from .precision import AUTO, resolve
 
     described = backend.describe()
@@ -78,8 +79,8 @@ def info() -> dict:
         "precision_auto": precision,
         "precision_auto_why": why,
         "weights_cache": cache,
-        "weights_cached": {name: os.path.isfile(os.path.join(cache, spec.weights_file))
-                           for name, spec in sorted(BACKBONES.items())},
+        "weights_cached": {name: os.path.isfile(os.path.join(cache, BACKBONES[name].weights_file))
+                           for name in sorted(BACKBONES)},
     }
 
 
@@ -119,9 +120,11 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = E
                    progress=resolve_progress(progress), runner=cluster.runner(config) if cluster else None, **options)
 
 
-def train(store: str | None = None, *, head: str, out: str | None = None, width: int | None = None,
-          kernels: int | None = None, memory_budget: int | str | None = None, progress=False, **options):
-    """``mlsp train``: ``options`` are :class:`heads.config.TrainConfig` fields (target, epochs,
+def train(store: str | None = None, *, head: str, out: str | None = None, head_options: dict | None = None,
+          memory_budget: int | str | None = None, progress=False, **options):
+    """``mlsp train``: ``head_options`` are the head's own (``{"width": 512}``; each head declares
+    them in :data:`heads.registry.HEADS`, ``mlsp heads`` lists them); ``options`` are
+    :class:`heads.config.TrainConfig` fields (target, epochs,
     lr, min_lr, lr_epochs, patience, batch_size, steps_per_epoch, seed, workers); an unknown one
     is an error; lr, min_lr and steps_per_epoch not given are chosen from the store's size
     (:func:`heads.schedule.resolve_schedule`). ``memory_budget``: bytes, or a size like
@@ -129,8 +132,7 @@ def train(store: str | None = None, *, head: str, out: str | None = None, width:
     from heads.config import TrainConfig
     from heads.training import train as run
 
-    head_options = {k: v for k, v in (("width", width), ("kernels", kernels)) if v is not None}
-    config = TrainConfig.from_dict({"head": head, "store": store, "out": out, "head_options": head_options,
+    config = TrainConfig.from_dict({"head": head, "store": store, "out": out, "head_options": dict(head_options or {}),
                                     "memory_budget": _bytes(memory_budget), **options})
     return run(config, progress=resolve_progress(progress))
 
@@ -209,12 +211,12 @@ def heads(nets: Sequence[str] | None = None) -> list[dict]:
     """``mlsp heads``: every registered head with its default options and its parameter count on
     the features of each backbone in ``nets`` (default: the paper's two)."""
     from heads.models import build_head
-    from heads.registry import list_heads
+    from heads.registry import HEADS
 
     from .backbones import BACKBONES, PAPER_BACKBONES
 
     rows = []
-    for spec in list_heads():
+    for spec in HEADS.specs():
         row = {"name": spec.name, "features": "wide" if spec.needs_wide else "narrow (or wide: grid mean)",
                "description": spec.description, "options": {}, "params": {}}
         for net in nets or PAPER_BACKBONES:

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import backbones, backend, images, store
+from . import backbone_weights, backbones, backend, folding, images, store
 from .atomic import describe_os_error, is_write_failure, remove_stale_temporaries
 from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch, WriteError
 from .files import NoSpace, StoreLock
@@ -94,8 +94,8 @@ class FeatureExtractor:
                 if loaded is not None:
                     self._restored, cached = loaded  # owns the variables
                     # the hash is the entry's (the key holds it); the name and place are this run's
-                    self.weights_record = backbones.weights_record(backbones.WeightsSource.parse(config.weights),
-                                                                   cached["sha256"])
+                    self.weights_record = backbone_weights.weights_record(
+                        backbone_weights.WeightsSource.parse(config.weights), cached["sha256"])
                     self._forward = backend.Forward(lambda batch: self._restored.forward(batch).numpy(), lambda: 1)
                     return
         self._forward = self._trace_forward()
@@ -115,11 +115,11 @@ class FeatureExtractor:
         from .pooling import MultiLevelPooling
 
         config, spec = self.config, self.config.spec
-        source = backbones.WeightsSource.parse(config.weights)
+        source = backbone_weights.WeightsSource.parse(config.weights)
         with dtype_policy(config.precision):
-            backbone, weights_record = backbones.build_backbone(spec, source)
+            backbone, weights_record = backbone_weights.build_backbone(spec, source)
             if self.fold_batch_norms:
-                backbone, folded = backbones.fold_batch_norms(backbone)
+                backbone, folded = folding.fold_batch_norms(backbone)
                 log.debug("%s: %d batch norms folded into their convolutions", spec.name, folded)
             taps = backbones.tap_outputs(spec, backbone)
             channels = [int(t.shape[-1]) for t in taps]
