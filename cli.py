@@ -232,7 +232,8 @@ def _echo_errors(errors, limit=10):
 @click.option("--seed", type=int, default=default_of(extraction.extract, "seed"), show_default=True,
               help="Seed of the train/val split.")
 @click.option("--out", type=click.Path(dir_okay=False),
-              help="Store file. Default: features/<dataset>/<net>_<narrow|wide>[_noaug].h5")
+              help="Store file. Default: features/<dataset>/<net>_<narrow|wide>[_noaug][_<precision>].h5, "
+                   f"the precision named unless it is {EXTRACT_DEFAULTS.precision}.")
 @click.option("--dataset", help="Dataset name for the default --out. Default: the images folder's name.")
 @click.option("--max-side", type=int, default=EXTRACT_DEFAULTS.max_side, show_default=True,
               help="Images with a longer side are resized down to it (INTER_AREA) before cropping, "
@@ -257,7 +258,7 @@ def _echo_errors(errors, limit=10):
 @click.option("--batch-window", type=click.IntRange(min=1), default=default_of(extraction.extract, "batch_window"),
               show_default=True,
               help="With --batch-views: decoded images held at most while waiting for images of the same size.")
-@click.option("--checkpoint-every", type=int, default=default_of(extraction.extract, "flush_images"), show_default=True,
+@click.option("--checkpoint-every", type=int, default=default_of(api.extract, "checkpoint_every"), show_default=True,
               help=f"Write finished images to disk every N images (and at least every "
                    f"{default_of(extraction.extract, 'flush_seconds'):g} s); an "
                    "interruption loses at most the images since the last write.")
@@ -280,7 +281,7 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
         result = api.extract(images_dir or list(files), out, net=net, wide=wide, augment=augment, weights=weights,
                              labels=labels, test_list=test_list, max_side=max_side, precision=precision,
                              threads=threads, progress=console_progress, val_fraction=val_fraction, seed=seed,
-                             dataset=dataset, workers=workers, flush_images=max(1, checkpoint_every),
+                             dataset=dataset, workers=workers, checkpoint_every=max(1, checkpoint_every),
                              batch_views=batch_views, batch_window=batch_window, ray=ray_address,
                              ray_cpus_per_worker=ray_cpus_per_worker, ray_gpus_per_worker=ray_gpus_per_worker)
     except KeyboardInterrupt:
@@ -548,7 +549,7 @@ def backbones_command(names, flops_at, no_flops, as_json):
     """List the registered backbones (all, or NAMES): blocks tapped, channels in all, the least
     input side, GFLOPs of one forward pass up to the last tap, and the ImageNet weights file
     `--weights imagenet` loads (Keras' download and cache in ~/.keras/models)."""
-    rows = api.backbones(list(names) or None, flops_at=False if no_flops else tuple(flops_at))
+    rows = api.backbones(list(names) or None, flops_at=None if no_flops else tuple(flops_at))
     if as_json:
         echo_json(rows)
         return

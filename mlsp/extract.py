@@ -27,7 +27,8 @@ from .precision import DEFAULT as DEFAULT_PRECISION, check as check_precision, d
 from .progress import ProgressFactory, null_progress
 from .readahead import BATCH_WINDOW, DECODE_WORKERS, PREFETCH, LocalRunner
 from .shards import FLUSH_IMAGES, FLUSH_SECONDS
-from .store_format import POOLINGS, config_attrs
+from .store_config import config_attrs, to_attrs
+from .store_format import POOLINGS
 
 log = logging.getLogger(__name__)
 
@@ -142,25 +143,8 @@ class FeatureExtractor:
         return self._forward(views)
 
     def store_attrs(self) -> dict:
-        spec, cfg = self.config.spec, self.config
-        return {
-            "net": spec.name,
-            "pooling": cfg.pooling,
-            "grid": POOLINGS[cfg.pooling],
-            "block_names": list(spec.taps),
-            "block_channels": [int(c) for c in spec.channels],
-            "views": cfg.views,
-            "crop_fraction": images.CROP_FRACTION if cfg.augment else 1.0,
-            "weights": self.weights_record,
-            "weights_source": self.weights_record["source"],
-            "weights_sha256": self.weights_record["sha256"],
-            "weights_path": self.weights_record.get("path", ""),
-            "preprocessing": spec.preprocessing.name,
-            "max_side": int(cfg.max_side),
-            "decoding": images.DECODING,
-            "precision": cfg.precision,
-            **self.provenance,  # backend, backend_version, device: provenance, not configuration
-        }
+        """The store's attributes of this extraction (:func:`mlsp.store_config.to_attrs`)."""
+        return to_attrs(self.config, self.weights_record, self.provenance)
 
     def info(self) -> dict:
         """What a runner reports of its model: the store's attributes."""

@@ -33,6 +33,7 @@ import tempfile
 import time
 
 from . import __version__, backbone_weights
+from .store_config import FORWARD_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,8 @@ def cache_key(config, identity: str) -> dict:
     import keras
     import tensorflow as tf
 
-    return {"format": FORMAT, "net": config.net, "pooling": config.pooling, "weights": identity,
-            "precision": config.precision, "mlsp": __version__, "keras": keras.__version__,
-            "tensorflow": tf.__version__}
+    return {"format": FORMAT, **{name: getattr(config, name) for name in FORWARD_KEYS}, "weights": identity,
+            "mlsp": __version__, "keras": keras.__version__, "tensorflow": tf.__version__}
 
 
 def entry_path(key: dict) -> str:
