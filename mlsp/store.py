@@ -33,7 +33,7 @@ from .store_format import (  # noqa: F401  (importable from here)
     decode_strings, feature_chunks, feature_shape, first_line, open_h5, read_errors,
     read_sources)
 from .store_write import (  # noqa: F401  (importable from here)
-    create_layout, finalize_store, relabel_store, write_attrs, write_errors, write_store)
+    create_layout, finalize_store, relabel_store, write_attrs, write_errors)
 
 log = logging.getLogger(__name__)
 

@@ -73,6 +73,32 @@ def test_no_module_imports_another_modules_private_names():
     assert offenders == []
 
 
+def test_tests_take_helpers_from_helpers_not_conftest():
+    """Fixtures live in conftest.py, plain helpers in tests/helpers.py: no test imports conftest."""
+    tests = os.path.join(ROOT, "tests")
+    offenders = [f"tests/{name}" for name in sorted(os.listdir(tests)) if name.endswith(".py")
+                 for target, _ in imports(name[:-3], os.path.join(tests, name)) if target == "conftest"]
+    assert offenders == []
+    from mlsp import store, store_write
+
+    assert not hasattr(store_write, "write_store") and not hasattr(store, "write_store")  # tests/helpers.py's
+
+
+def test_keras_internals_are_read_in_one_module():
+    """Only mlsp/keras_graph.py names Keras' private graph attributes (tests/test_keras_graph.py
+    checks them against the installed Keras)."""
+    private = ("_inbound_nodes", "_outbound_nodes", "_keras_history")
+    offenders = []
+    for module, path in library_modules():
+        with open(path) as handle:
+            text = handle.read()
+        offenders += [f"{module}: {name}" for name in private if name in text and module != "mlsp.keras_graph"]
+    assert offenders == []
+    with open(os.path.join(ROOT, "mlsp", "keras_graph.py")) as handle:
+        text = handle.read()
+    assert all(name in text for name in private)  # the check reads the right files
+
+
 #: A library function longer than this is split into named steps (the issue's "about 80 lines").
 MAX_FUNCTION_LINES = 80
 

@@ -4,7 +4,7 @@ precisions, and decode-ahead giving exactly the serial path's results."""
 import numpy as np
 import pytest
 
-from conftest import write_image
+from helpers import write_image
 from mlsp.errors import StoreConfigMismatch
 from mlsp.extract import ExtractConfig, extract
 from mlsp.precision import resolve as resolve_precision

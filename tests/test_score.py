@@ -144,7 +144,7 @@ def test_read_only_and_full_disk_targets_are_one_line_with_nothing_half_written(
 
     import keras
 
-    from conftest import remount
+    from helpers import remount
 
     disk = small_disk("4m")
     remount(disk, "ro")

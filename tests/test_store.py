@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mlsp.errors import StoreError
-from mlsp.store import FORMAT_VERSION, FeatureStore, describe, find_latest_store, write_store
+from helpers import write_store
+from mlsp.store import FORMAT_VERSION, FeatureStore, describe, find_latest_store
 
 
 @pytest.fixture
