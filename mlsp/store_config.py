@@ -53,7 +53,7 @@ ATTRIBUTES = (
               str(FORMAT_VERSION),
               inspected=False),
     Attribute('net', 'str', 'configuration',
-              "backbone registry name (`mlsp backbones`): `iv3`, `irv2` (the paper's), `effnetv2s`, `effnetv2m`, `convnext_tiny`, `convnext_base`, `mobilenetv3_large`",
+              "backbone registry name: `iv3`, `irv2` (the paper's) or any other that `mlsp backbones` lists",
               forward=True, inspected=False),
     Attribute('pooling', 'str', 'configuration',
               '`narrow` (global average per block) or `wide` (area resize to 5x5 per block)',
