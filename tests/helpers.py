@@ -11,12 +11,7 @@ import subprocess
 from typing import Sequence
 
 import cv2
-import h5py
 import numpy as np
-
-from mlsp.atomic import AtomicPath
-from mlsp.store_format import AUGMENTED_VIEWS, FULL_VIEW, as_str_array
-from mlsp.store_write import create_layout, write_errors
 
 
 def write_image(path, height, width, seed=0, channels=3, ext=None):
@@ -71,6 +66,12 @@ def write_store(
     mlsp itself never writes a store this way: extraction streams through
     :class:`mlsp.shards.ShardWriter` and :func:`mlsp.store_write.finalize_store`, which write the
     same layout (:func:`mlsp.store_write.create_layout`)."""
+    import h5py
+
+    from mlsp.atomic import AtomicPath
+    from mlsp.store_format import AUGMENTED_VIEWS, FULL_VIEW, as_str_array
+    from mlsp.store_write import create_layout, write_errors
+
     features = np.asarray(features)
     n = features.shape[0]
     n_views = features.shape[1]
