@@ -96,11 +96,15 @@ ATTRIBUTES = (
               'compute precision of the backbone: `float32`, `bfloat16` or `float16` (pooling in float32, storage float16)',
               forward=True, scored=True),
     Attribute('dataset', 'str', 'description',
-              'dataset name'),
+              'dataset name (kept when a store is extended from another folder, unless `--dataset` is given)'),
     Attribute(('labels_file', 'test_list'), 'str', 'description',
               'label sources, when given'),
     Attribute(('val_fraction', 'seed'), 'float, int', 'description',
               'the random train/val split of labelled non-test images'),
+    Attribute('test_fraction', 'float', 'description',
+              'without a test list, the share of labelled images drawn for `test` by a hash of each id and '
+              '`seed` (an image keeps its split when images are added); 0 with a test list or none. Absent '
+              'before version 3'),
     Attribute('labels_without_images', 'int', 'description',
               'labelled ids for which no image was found'),
     Attribute(('mlsp_version', 'created'), 'str', 'description',
