@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from conftest import ctrl_c_after, write_image
+from helpers import ctrl_c_after, write_image
 from heads.score import score_images
 from mlsp import api
 from mlsp.extract import ExtractConfig, FeatureExtractor, extract
