@@ -24,7 +24,8 @@ import logging
 import os
 import re
 
-from mlsp.backbones import BACKBONES, WeightsSource, file_sha256, keras_cache_dir
+from mlsp.backbone_weights import WeightsSource, file_sha256, keras_cache_dir
+from mlsp.backbones import BACKBONES
 from mlsp.download import download, verify
 from mlsp.errors import ConfigError, IntegrityError
 from mlsp.progress import resolve as resolve_progress

@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 
 from .atomic import describe_os_error, fsync_path, write_json
-from .backbones import file_sha256
+from .backbone_weights import file_sha256
 from .errors import DownloadError, IntegrityError, WeightsUnavailableError, WriteError
 from .progress import ProgressFactory, null_progress
 

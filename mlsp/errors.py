@@ -49,6 +49,10 @@ class DownloadError(WeightsUnavailableError):
             f"({size:,} bytes, sha256 {sha256}) and put it at {self.path}{advice}")
 
 
+class KerasGraphChanged(MLSPError):
+    """The installed Keras no longer has the graph attributes :mod:`mlsp.keras_graph` reads."""
+
+
 class LabelsError(MLSPError, ValueError):
     """A label file (AVA.txt, CSV, test list) is malformed; the message names file and line."""
 
@@ -127,6 +131,24 @@ class StoreLocked(StoreError):
         super().__init__(
             f"{path} is being written by another mlsp process ({holder or 'pid unknown'}): one writer per "
             "store; wait for it to finish, or write to another --out")
+
+
+class ResumeError(MLSPError):
+    """What an interrupted run left to resume from is damaged or was made by something else; the
+    message names the file and what to do (delete it to start over)."""
+
+
+class StoreLockUnavailable(StoreError):
+    """The store's lock cannot be taken (another user's lock file, a file system without locks):
+    nothing is written, since one writer per store could not be guaranteed."""
+
+    def __init__(self, path, lock_path, reason: str):
+        self.path = str(path)
+        self.lock_path = str(lock_path)
+        super().__init__(
+            f"{lock_path}: cannot take the store's lock ({reason}); nothing was written. One writer per "
+            "store: wait for the other writer, delete the lock file if no mlsp process writes the store, "
+            "or write to another --out on a local disk")
 
 
 class WriteError(MLSPError):

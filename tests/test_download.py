@@ -11,7 +11,7 @@ import pytest
 from mlsp import download as dl
 from mlsp.errors import DownloadError, IntegrityError, WeightsUnavailableError
 from mlsp.progress import NullProgress
-from conftest import ctrl_c_after
+from helpers import ctrl_c_after
 from http_files import FileServer, closed_port_url
 
 SIZE = 300_000  # bytes of the served file
