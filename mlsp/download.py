@@ -11,9 +11,8 @@ line what each URL did, the file's size and sha256, the URLs and where to put a 
 by hand (an offline machine).
 
 :func:`verify` checks any file against a size and sha256 (:class:`~mlsp.errors.IntegrityError`).
-A file mlsp writes into a cache without a pinned hash gets a record beside it (:func:`record`,
-``NAME.sha256.json``) and is used only while it still has the recorded hash
-(:func:`verify_recorded`).
+Files mlsp writes into a cache itself, with no pinned hash, are vouched for by
+:mod:`mlsp.trust` instead.
 
 Plain ``urllib`` (standard library): it follows redirects (GitHub's raw URLs redirect to its
 LFS media host) keeping the ``Range`` header, and honours the ``https_proxy`` variables.
@@ -22,16 +21,14 @@ LFS media host) keeping the ``Range`` header, and honours the ``https_proxy`` va
 from __future__ import annotations
 
 import contextlib
-import datetime
 import fcntl
 import http.client
-import json
 import logging
 import os
 import urllib.error
 import urllib.request
 
-from .atomic import describe_os_error, fsync_path, write_json
+from .atomic import describe_os_error, fsync_path
 from .backbone_weights import file_sha256
 from .errors import DownloadError, IntegrityError, WeightsUnavailableError, WriteError
 from .progress import ProgressFactory, null_progress
@@ -41,7 +38,6 @@ log = logging.getLogger(__name__)
 RETRIES = 3  # resumptions per URL after a broken connection, within one call
 TIMEOUT = 30.0  # seconds without a byte before a connection counts as broken
 CHUNK = 1 << 20  # bytes read and written at a time
-RECORD_SUFFIX = ".sha256.json"
 _LFS_POINTER = b"version https://git-lfs"
 
 
@@ -72,28 +68,6 @@ def verify(path: str, *, size: int, sha256: str) -> str:
     if digest != sha256.lower():
         raise IntegrityError(path, f"sha256 {digest}", f"sha256 {sha256.lower()} (a corrupt or another file)")
     return path
-
-
-def record(path: str, *, source: str) -> dict:
-    """Record ``path``'s size and sha256 beside it (``PATH.sha256.json``), for a file mlsp wrote
-    into a cache without a pinned hash; :func:`verify_recorded` checks it against the record."""
-    entry = {"file": os.path.basename(path), "size": os.path.getsize(path), "sha256": file_sha256(path),
-             "source": source, "written": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    write_json(path + RECORD_SUFFIX, entry)
-    return entry
-
-
-def verify_recorded(path: str) -> str:
-    """``path`` if it still has the size and sha256 mlsp recorded when it wrote it
-    (:func:`record`); a file without a record is refused (:class:`IntegrityError`)."""
-    try:
-        with open(path + RECORD_SUFFIX) as handle:
-            entry = json.load(handle)
-        size, sha256 = int(entry["size"]), str(entry["sha256"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(path, f"no readable record of its hash ({path + RECORD_SUFFIX}: {exc})",
-                             "a file mlsp wrote and recorded") from exc
-    return verify(path, size=size, sha256=sha256)
 
 
 def download(urls, dest: str, *, size: int, sha256: str, progress: ProgressFactory = null_progress,

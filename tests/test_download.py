@@ -155,19 +155,6 @@ def test_verify_names_a_git_lfs_pointer(tmp_path, payload):
         dl.verify(str(path), size=SIZE, sha256=payload[1])
 
 
-def test_a_recorded_file_is_used_only_while_it_has_its_recorded_hash(tmp_path):
-    path = tmp_path / "converted.keras"
-    path.write_bytes(b"weights" * 1000)
-    with pytest.raises(IntegrityError, match="no readable record"):
-        dl.verify_recorded(str(path))
-    entry = dl.record(str(path), source="mlsp import-weights")
-    assert entry["sha256"] == hashlib.sha256(b"weights" * 1000).hexdigest() and entry["size"] == 7000
-    assert dl.verify_recorded(str(path)) == str(path)
-    path.write_bytes(b"Weights" * 1000)
-    with pytest.raises(IntegrityError, match=f"expected sha256 {entry['sha256']}"):
-        dl.verify_recorded(str(path))
-
-
 def test_one_download_of_a_file_at_a_time(tmp_path, server, payload):
     data, sha = payload
     url = server.add("/m.h5", data)
