@@ -31,7 +31,8 @@ from heads.personal.adapt import FALLBACK_SE  # noqa: E402
 from heads.personal.methods import METHODS  # noqa: E402
 from heads.personal.protocol import KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
 from heads.personal.ratings import MIN_RATINGS  # noqa: E402
-from heads.registry import HEADS  # noqa: E402
+from heads.pretrained import CATALOGUE_ENV  # noqa: E402
+from heads.registry import HEADS, options_help, parse_options  # noqa: E402
 from heads.schedule import FULL_EPOCH_STEPS, MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr  # noqa: E402
 from heads.targets import TARGETS  # noqa: E402
 from mlsp import api  # noqa: E402
@@ -40,8 +41,9 @@ from mlsp import backend  # noqa: E402
 from mlsp.backend import BACKENDS  # noqa: E402
 from mlsp.errors import MLSPError, NoUsableImages, RunInterrupted  # noqa: E402
 from mlsp import extract as extraction  # noqa: E402
-from mlsp.extract import PRECISIONS, ExtractConfig  # noqa: E402
+from mlsp.extract import ExtractConfig  # noqa: E402
 from mlsp.images import CROP_FRACTION, VIEW_NAMES  # noqa: E402
+from mlsp.precision import CHOICES as PRECISION_CHOICES  # noqa: E402
 from mlsp.progress import console_progress  # noqa: E402
 from mlsp.store import WIDE_GRID  # noqa: E402
 
@@ -57,7 +59,6 @@ def default_of(function, parameter):
 
 
 EXTRACT_DEFAULTS = ExtractConfig()
-PRECISION_CHOICES = (*PRECISIONS, "auto")
 
 
 def handle_errors(func):
@@ -116,7 +117,8 @@ def main(verbose):
       mlsp extract --images DIR --net irv2 --wide   once per dataset: images -> feature store
       mlsp train --head pool3fc                     many times: feature store -> trained head
     Then `mlsp evaluate`, `mlsp score`, `mlsp inspect`. `mlsp sample` builds a small dataset
-    from photographs shipped with scikit-image, to try everything end to end.
+    from photographs shipped with scikit-image, to try everything end to end. `mlsp models`
+    lists the pretrained models the MLSP authors released.
 
     Exit codes: 0 done, 1 an error (one line; README, Troubleshooting), 2 a usage error,
     130 interrupted (finished work is kept).
@@ -259,7 +261,8 @@ def _echo_errors(errors, limit=10):
 @click.option("--seed", type=int, default=default_of(extraction.extract, "seed"), show_default=True,
               help="Seed of the random test and train/val splits.")
 @click.option("--out", type=click.Path(dir_okay=False),
-              help="Store file. Default: features/<dataset>/<net>_<narrow|wide>[_noaug].h5")
+              help="Store file. Default: features/<dataset>/<net>_<narrow|wide>[_noaug][_<precision>].h5, "
+                   f"the precision named unless it is {EXTRACT_DEFAULTS.precision}.")
 @click.option("--dataset", help="Dataset name for the default --out. Default: the images folder's name.")
 @click.option("--max-side", type=int, default=EXTRACT_DEFAULTS.max_side, show_default=True,
               help="Images with a longer side are resized down to it (INTER_AREA) before cropping, "
@@ -284,7 +287,7 @@ def _echo_errors(errors, limit=10):
 @click.option("--batch-window", type=click.IntRange(min=1), default=default_of(extraction.extract, "batch_window"),
               show_default=True,
               help="With --batch-views: decoded images held at most while waiting for images of the same size.")
-@click.option("--checkpoint-every", type=int, default=default_of(extraction.extract, "flush_images"), show_default=True,
+@click.option("--checkpoint-every", type=int, default=default_of(api.extract, "checkpoint_every"), show_default=True,
               help=f"Write finished images to disk every N images (and at least every "
                    f"{default_of(extraction.extract, 'flush_seconds'):g} s); an "
                    "interruption loses at most the images since the last write.")
@@ -310,7 +313,7 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, t
                              labels=labels, test_list=test_list, max_side=max_side, precision=precision,
                              threads=threads, progress=console_progress, val_fraction=val_fraction,
                              test_fraction=test_fraction, seed=seed,
-                             dataset=dataset, workers=workers, flush_images=max(1, checkpoint_every),
+                             dataset=dataset, workers=workers, checkpoint_every=max(1, checkpoint_every),
                              batch_views=batch_views, batch_window=batch_window, ray=ray_address,
                              ray_cpus_per_worker=ray_cpus_per_worker, ray_gpus_per_worker=ray_gpus_per_worker)
     except KeyboardInterrupt:
@@ -460,6 +463,25 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
     """
 
 
+HEAD_OPTION_ALIASES = ("width", "kernels")  # --width N is --head-option width=N (older spellings)
+
+
+def head_option_flags(func):
+    """``--head-option KEY=VALUE`` (repeatable; each head declares its own in the registry) and
+    its aliases, which the command receives as ``alias_<key>``."""
+    for key in reversed(HEAD_OPTION_ALIASES):
+        func = click.option(f"--{key}", f"alias_{key}", type=click.IntRange(min=1), metavar="N",
+                            help=f"Short for --head-option {key}=N.")(func)
+    return click.option("--head-option", multiple=True, metavar="KEY=VALUE",
+                        help=f"An option of the head, repeatable: {options_help()}. Defaults follow the "
+                             "features' width (`mlsp heads --net NAME` shows them per backbone).")(func)
+
+
+def _head_options(pairs, aliases) -> dict:
+    given = [f"{key[len('alias_'):]}={value}" for key, value in aliases.items() if value is not None]
+    return parse_options([*pairs, *given])
+
+
 @main.command("train", help=_TRAIN_HELP)
 @click.option("--store", "store_path", type=click.Path(dir_okay=False),
               help="Feature store (.h5). Default: the newest store under features/.")
@@ -494,13 +516,7 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
                    "views. 0: one pass, however short.")
 @click.option("--seed", type=click.IntRange(min=0), default=TrainConfig.seed, show_default=True,
               help="Seed of weights, dropout, shuffling and view draws: the same seed gives the same model.")
-@click.option("--width", type=click.IntRange(min=1),
-              help="X of the 3FC block (single3fc, pool3fc). Default: follows the features' width, "
-                   "2048 on iv3 and irv2 as in the authors' released model (`mlsp heads --net NAME` "
-                   "shows it per backbone); the paper's figure shows 3072 for pool3fc.")
-@click.option("--kernels", type=click.IntRange(min=1),
-              help="pool3fc: kernels per column of the reduced Inception module. Default: half the "
-                   "default width, 1024 on iv3 and irv2.")
+@head_option_flags
 @click.option("--memory-budget", help=_MEMORY_HELP)
 @click.option("--workers", type=click.IntRange(min=1), default=TrainConfig.workers, show_default=True,
               help="Threads reading batches ahead.")
@@ -511,12 +527,13 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar per epoch.")
 @handle_errors
 def train_command(store_path, head, out, target, epochs, lr, min_lr, lr_epochs, patience, batch_size,
-                  steps_per_epoch, seed, width, kernels, memory_budget, workers, precision,
-                  progress):
+                  steps_per_epoch, seed, head_option, memory_budget, workers, precision,
+                  progress, **aliases):
     """Train a head on a feature store; evaluate it on val and test (help: _TRAIN_HELP)."""
     _sigterm_as_interrupt()
     try:
-        result = api.train(store_path, head=head, out=out, width=width, kernels=kernels, memory_budget=memory_budget,
+        result = api.train(store_path, head=head, out=out, head_options=_head_options(head_option, aliases),
+                           memory_budget=memory_budget,
                            progress=console_progress if progress else False, target=target, epochs=epochs, lr=lr,
                            min_lr=min_lr, lr_epochs=lr_epochs, patience=patience, batch_size=batch_size,
                            steps_per_epoch=steps_per_epoch, seed=seed, workers=workers, precision=precision)
@@ -575,7 +592,7 @@ def backbones_command(names, flops_at, no_flops, as_json):
     """List the registered backbones (all, or NAMES): blocks tapped, channels in all, the least
     input side, GFLOPs of one forward pass up to the last tap, and the ImageNet weights file
     `--weights imagenet` loads (Keras' download and cache in ~/.keras/models)."""
-    rows = api.backbones(list(names) or None, flops_at=False if no_flops else tuple(flops_at))
+    rows = api.backbones(list(names) or None, flops_at=None if no_flops else tuple(flops_at))
     if as_json:
         echo_json(rows)
         return
@@ -618,6 +635,67 @@ def heads_command(nets, as_json):
                "narrow feature.")
 
 
+@main.command("models")
+@click.argument("names", nargs=-1)
+@click.option("--catalogue", "catalogues", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help=f"A catalogue file of your own (.json or .toml, the same fields as the built-in entries) "
+                   f"whose models are added: a mirror, your team's heads (repeatable; ${CATALOGUE_ENV} names "
+                   f"such files too, joined with '{os.pathsep}'; docs/pretrained.md).")
+@click.option("--fetch", is_flag=True,
+              help="Download the NAMES given into the cache now (size and sha256 checked, mirrors tried in "
+                   "order, a broken download resumed), e.g. before going offline.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@handle_errors
+def models_command(names, catalogues, fetch, as_json):
+    """List the pretrained predictors (all, or NAMES): a backbone, its pooling and a head the
+    MLSP authors trained on AVA, ready to score photos. One line each: backbone, pooling, head,
+    views at test time, file size, whether the file is on this machine, the paper's AVA test
+    figures for its configuration, sha256 and where it comes from.
+
+    Files are fetched once into $KERAS_HOME/mlsp/models (default ~/.keras/mlsp/models) and used
+    only while their sha256 is the catalogue's."""
+    if fetch:
+        if not names:
+            raise click.UsageError("--fetch downloads the models named: give NAMES (`mlsp models` lists them)")
+        _sigterm_as_interrupt()
+        try:
+            for name in names:
+                click.echo(f"{name}: {api.fetch_model(name, catalogues=catalogues, progress=console_progress)}")
+        except KeyboardInterrupt:
+            _interrupted("the bytes downloaded so far are kept; run the same command again to resume.")
+        return
+    rows = api.models(list(names) or None, catalogues=catalogues)
+    if as_json:
+        echo_json(rows)
+        return
+    _echo_models(rows)
+
+
+def _echo_models(rows):
+    def paper(figures):
+        shown = [f"{k.upper()} {figures[k]:.3f}" for k in ("srcc", "plcc") if k in figures]
+        if "accuracy" in figures:
+            shown.append(f"acc {figures['accuracy']:.2%}")
+        return " ".join(shown) or "-"
+
+    width = max(len(r["name"]) for r in rows) + 2 if rows else 10
+    click.echo(f"{'name':<{width}}{'net':<7}{'pooling':<8}{'head':<11}{'views':<12}{'bytes':>12}  {'here':<5}"
+               f"{'paper (AVA test)':<34}{'sha256':<66}source")
+    for r in rows:
+        views = f"{r['views_count']} {r['views']}"
+        click.echo(f"{r['name']:<{width}}{r['net']:<7}{r['pooling']:<8}{r['head']:<11}{views:<12}{r['size']:>12,}  "
+                   f"{'yes' if r['cached'] else 'no':<5}{paper(r['paper']):<34}{r['sha256']:<66}{r['source']}")
+    backbones = {(r["net"], r["backbone_weights_file"]): r["backbone_weights_cached"] for r in rows
+                 if r["backbone_weights_cached"] is not None}
+    for (net, file), here in backbones.items():
+        click.echo(f"backbone {net}: ImageNet weights {file} "
+                   f"{'on this machine' if here else 'not on this machine yet (Keras downloads them on first use)'}")
+    if rows:
+        click.echo(f"Files: {os.path.dirname(os.path.dirname(rows[0]['path']))}/<name>/ (`--fetch NAMES` downloads "
+                   "them now); `--json` lists the URLs. More models: --catalogue FILE or "
+                   f"${CATALOGUE_ENV} (docs/pretrained.md).")
+
+
 _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (Ctrl-C, kill) or diverged; "
                     "its model holds the best weights on validation loss up to then.")
 
@@ -651,9 +729,9 @@ def _run_or_model(run_dir, model, files=()):
               help="CSV to write (id, pred, pred_std[, pred_opinion_std, p1..p10][, mos, split]). "
               "Default: print the scores.")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
-@click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Backbone precision for --images. Default: the one the run's store was extracted at "
-                   f"(--model: {EXTRACT_DEFAULTS.precision}, as the authors').")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
+              help="Backbone precision for --images (auto: as for extract). Default: the one the run's store "
+                   f"was extracted at (--model: {EXTRACT_DEFAULTS.precision}, as the authors').")
 @click.option("--workers", type=int, default=default_of(api.score, "workers"), show_default=True,
               help=_WORKERS_HELP)
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
@@ -808,8 +886,8 @@ def personalize_command(run_dir, store_path, ratings, user, out, method, scale, 
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Default: RUN_DIR/scoring_model.keras; for --model, NAME.keras here.")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
-@click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Backbone precision. Default: the one the run's store was extracted at "
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
+              help="Backbone precision (auto: as for extract). Default: the one the run's store was extracted at "
                    f"(--model: {EXTRACT_DEFAULTS.precision}).")
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @handle_errors

@@ -2,7 +2,7 @@
 
 Public API::
 
-    list_heads() -> list[HeadSpec]                  # the registry (no Keras import)
+    HEADS.specs() -> list[HeadSpec]                 # the registry (no Keras import); HEADS.register(spec)
     build_head(name, block_channels, *, pooling="narrow", output_bias=0.0, **options) -> keras.Model
     train(TrainConfig(head="pool3fc", store=...), progress=False) -> TrainResult
     evaluate(run_dir, store=None, *, out=None, memory_budget=None) -> {"val": {...}, "test": {...}}
@@ -14,11 +14,12 @@ MOS or the vote distribution) and :mod:`heads.distribution` (the distribution's 
 schedule's values for a store's size), :mod:`heads.schedule_callback` (the paper's LR schedule),
 :mod:`heads.training`, :mod:`heads.run` (a run folder), :mod:`heads.evaluation`,
 :mod:`heads.score` (a run applied to a store or to image files), :mod:`heads.export` (backbone +
-head as one model), :mod:`heads.plots`, :mod:`heads.keras2` (the authors' Keras 2 weight files
+head as one model), :mod:`heads.plots`, :mod:`heads.pretrained` (the catalogue of released
+pretrained heads, fetched and checked), :mod:`heads.keras2` (the authors' Keras 2 weight files
 imported into single3fc/pool3fc), :mod:`heads.pretrained_scoring` (a released model scored
 with its own test-time views) and :mod:`heads.personal` (a head adapted to one person).
-Everything but the registry and the targets imports
-Keras, so it is loaded on first use.
+Everything but the registry, the targets and the catalogue imports Keras, so it is loaded on
+first use.
 """
 
 import importlib
@@ -26,7 +27,7 @@ import logging
 
 import wrapt
 
-from .registry import HEADS, HeadSpec, get_head, list_heads, register
+from .registry import HEADS, HeadSpec, get_head
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -51,7 +52,7 @@ _LAZY = {
     "score_images": "heads.score",
 }
 
-__all__ = ["HEADS", "HeadSpec", "get_head", "list_heads", "register", *_LAZY]
+__all__ = ["HEADS", "HeadSpec", "get_head", *_LAZY]
 
 
 def __getattr__(name):
