@@ -169,7 +169,7 @@ def import_run(path: str, head: str, store_path: str, out: str | None = None) ->
     a trained run. Returns the run folder."""
     import datetime
 
-    from mlsp.backbones import file_sha256
+    from mlsp.backbone_weights import file_sha256
     from mlsp.store import FeatureStore
 
     from .run import Run, default_run_dir, store_record

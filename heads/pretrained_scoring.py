@@ -21,7 +21,8 @@ import os
 from typing import Sequence
 
 from mlsp.atomic import atomic_path, write_json
-from mlsp.backbones import file_sha256, get_backbone
+from mlsp.backbone_weights import file_sha256
+from mlsp.backbones import get_backbone
 from mlsp.errors import ConfigError, StoreConfigMismatch, WriteError
 from mlsp.extract import ExtractConfig, FeatureExtractor
 from mlsp.images import decode_image

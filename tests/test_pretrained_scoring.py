@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import cli
 from mlsp.errors import StoreConfigMismatch
-from conftest import write_image
+from helpers import write_image
 from keras2_files import authors_layers, forward, write_keras2
 from mlsp.views import VIEW_PROCEDURES, crop_origin, get_procedure
 
@@ -88,9 +88,7 @@ def _calibrated(layers, features):
 @pytest.fixture(scope="module")
 def released(tmp_path_factory, extractors):
     """Images, and per view procedure a Keras 2 head file with its catalogue entry."""
-    from pretrained_interface import catalogue
-
-    pretrained = catalogue()
+    from heads import pretrained
     root = tmp_path_factory.mktemp("released")
     paths = [write_image(root / "images" / f"photo{k}.jpg", h, w, seed=k) for k, (h, w) in enumerate(SIZES)]
     models = {}
@@ -98,7 +96,7 @@ def released(tmp_path_factory, extractors):
         features = _view_features(extractors(net="iv3", augment=False), get_procedure(views), paths)
         layers = _calibrated(authors_layers("single3fc", IV3_CHANNELS, WIDTH, seed=10 + seed), features)
         path = str(write_keras2(root / views / "model_best_weights.h5", layers))
-        from mlsp.backbones import file_sha256
+        from mlsp.backbone_weights import file_sha256
 
         sha = file_sha256(path)
         spec = pretrained.PretrainedSpec(
