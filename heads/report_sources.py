@@ -100,7 +100,8 @@ def run_page(path: str, *, images, saliency, max_photos, progress, out_dir) -> P
     predictions = run.file("predictions.csv")
     photos = None
     if os.path.isfile(predictions):
-        frame = _read_csv(predictions, ("id", "pred", "mos"))
+        frame = _read_csv(predictions, ("id", "pred", "mos"))  # a distribution run's: also the true opinion_std
+        frame = frame.rename(columns={"opinion_std": "true_opinion_std"})
         frame = frame.rename(columns={"pred": "score", "pred_opinion_std": "opinion_std"})
         if saliency is None and os.path.isdir(run.file("saliency")):
             saliency = run.file("saliency")

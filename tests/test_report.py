@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from browser import chrome
 from conftest import write_image
+from heads.report import SOURCES
 
 N_PHOTOS = 30
 
@@ -95,19 +96,19 @@ PLANT = {"scores": lambda root: plant_scores(root)[0], "run": lambda root: plant
          "personalisation": plant_personalisation}
 
 
-def test_every_source_kind_is_detected_and_reported(tmp_path):
+@pytest.mark.parametrize("name", SOURCES.names())
+def test_every_source_kind_is_detected_and_reported(tmp_path, name):
     """One planted source per registered kind: detected as that kind, and its page written."""
-    from heads.report import SOURCES, detect, report
+    from heads.report import detect, report
 
-    assert set(SOURCES.names()) == set(PLANT), "a new report source needs a planted example here"
-    for name in SOURCES.names():
-        source = str(PLANT[name](tmp_path / name))
-        assert detect(source).name == name
-        out = report(source, str(tmp_path / f"{name}.html"))
-        text = open(out, encoding="utf-8").read()
-        assert text.startswith("<!DOCTYPE html>") and "</html>" in text
-        # offline: nothing is fetched from anywhere
-        assert not re.search(r'(src|href)="(https?:)?//', text) and "@import" not in text
+    assert name in PLANT, "a new report source needs a planted example here"
+    source = str(PLANT[name](tmp_path / name))
+    assert detect(source).name == name
+    out = report(source, str(tmp_path / f"{name}.html"))
+    text = open(out, encoding="utf-8").read()
+    assert text.startswith("<!DOCTYPE html>") and "</html>" in text
+    # offline: nothing is fetched from anywhere
+    assert not re.search(r'(src|href)="(https?:)?//', text) and "@import" not in text
 
 
 def test_scores_page_holds_every_photo_best_first(tmp_path):
@@ -143,6 +144,24 @@ def test_run_page_shows_metrics_charts_and_largest_misses(tmp_path):
     assert data["lists"]["over"] == list(test_rows[np.argsort(-error)][: min(24, int((error > 0).sum()))])
     assert data["lists"]["under"][0] == int(test_rows[np.argmin(error)])
     assert len(data["thumbs"]) == 40 and all(r["t"] >= 0 for r in data["rows"])
+
+
+def test_distribution_run_tiles_carry_the_predicted_histogram(tmp_path):
+    """A run of --target distribution: predictions.csv has the true opinion_std beside the
+    predicted one; the tiles show the predicted spread and histogram."""
+    from heads.report import report
+
+    run, *_ = plant_run(tmp_path, images=False)
+    frame = pd.read_csv(run / "predictions.csv")
+    hist = np.random.default_rng(4).dirichlet(np.ones(10), len(frame))
+    frame["opinion_std"] = 9.0  # the truth, from the votes: not what the tile shows
+    frame["pred_opinion_std"] = np.linspace(1, 2, len(frame))
+    for k in range(10):
+        frame[f"p{k + 1}"] = hist[:, k]
+    frame.to_csv(run / "predictions.csv", index=False)
+    rows = page_data(report(str(run), str(tmp_path / "d.html")))["rows"]
+    assert [r["o"] for r in rows] == pytest.approx(list(frame["pred_opinion_std"]), abs=1e-4)
+    assert rows[3]["h"] == pytest.approx(hist[3], abs=1e-4)
 
 
 def test_personalisation_page_has_the_gain_per_person(tmp_path):
