@@ -132,6 +132,8 @@ def explain(inputs: str | Sequence[str], scorer, out: str, *, samples: int = SAM
     :class:`RunModel`, or anything with ``model`` and ``max_side``), written into ``out``.
     Returns ``(explained, errors)``: :class:`Explained` per photo, and ``{"id", "path", "reason"}``
     for every file that could not be used (which never stops the others)."""
+    from keras import ops
+
     from mlsp.extract import collect_inputs
     from mlsp.images import decode_image
 
@@ -145,7 +147,7 @@ def explain(inputs: str | Sequence[str], scorer, out: str, *, samples: int = SAM
             try:
                 image = decode_image(path, scorer.max_side)
                 saliency = smoothgrad(fn, image, samples, noise, batch=batch, seed=seed)
-                score = float(np.asarray(fn(image[None].astype(np.float32)))[0])
+                score = float(ops.convert_to_numpy(fn(image[None].astype(np.float32)))[0])
                 done.append(_write(out, image_id, path, image, saliency, score, scorer.max_side))
             except ImageDecodeError as exc:
                 errors.append({"id": image_id, "path": path, "reason": exc.reason})
