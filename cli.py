@@ -684,8 +684,11 @@ def report_command(source, out, images_dir, saliency_dir, max_photos):
     The gallery sorts best or worst first and filters by file name; a click shows the full photo
     (and its saliency overlay, when there is one).
     """
-    path = api.report(source, out, images=images_dir, saliency=saliency_dir, max_photos=max_photos,
-                      progress=console_progress)
+    try:
+        path = api.report(source, out, images=images_dir, saliency=saliency_dir, max_photos=max_photos,
+                          progress=console_progress)
+    except KeyboardInterrupt:
+        _interrupted("no report was written (it is written whole at the end).")
     click.echo(f"report: {path}")
 
 
@@ -714,9 +717,13 @@ def explain_command(images, run_dir, out, samples, noise, weights, precision, al
     overlays beside the photos (--saliency OUT). Files that cannot be used are listed.
     """
     inputs = images[0] if len(images) == 1 and os.path.isdir(images[0]) else list(images)
-    explained, errors = api.explain(inputs, out, run=run_dir, samples=samples, noise=noise, weights=weights,
-                                    precision=precision, allow_unfinished=allow_unfinished,
-                                    progress=console_progress)
+    _sigterm_as_interrupt()
+    try:
+        explained, errors = api.explain(inputs, out, run=run_dir, samples=samples, noise=noise, weights=weights,
+                                        precision=precision, allow_unfinished=allow_unfinished,
+                                        progress=console_progress)
+    except KeyboardInterrupt:
+        _interrupted(f"the maps finished so far are in {out}, each written whole.")
     _echo_errors(errors)
     click.echo(f"{out}: {len(explained)} saliency maps" + (f", {len(errors)} files skipped" if errors else ""))
 
