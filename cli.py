@@ -34,7 +34,7 @@ from mlsp import api  # noqa: E402
 from mlsp.backbones import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
 from mlsp import backend  # noqa: E402
 from mlsp.backend import BACKENDS  # noqa: E402
-from mlsp.errors import MLSPError, RunInterrupted  # noqa: E402
+from mlsp.errors import MLSPError, NoUsableImages, RunInterrupted  # noqa: E402
 from mlsp import extract as extraction  # noqa: E402
 from mlsp.extract import PRECISIONS, ExtractConfig  # noqa: E402
 from mlsp.images import CROP_FRACTION, VIEW_NAMES  # noqa: E402
@@ -195,12 +195,18 @@ def ray_options(func):
                              "by every worker.")(func)
 
 
+def shown(name: str) -> str:
+    """A file name for the console: one that is not UTF-8 (Python's surrogate escapes) with its
+    odd bytes written as ``\\xff``, as ``ls -b`` would, rather than failing to print."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _echo_errors(errors, limit=10):
     if not errors:
         return
     click.echo(f"{len(errors)} inputs could not be used:", err=True)
     for e in errors[:limit]:
-        click.echo(f"  {e['path']}: {e['reason']}", err=True)
+        click.echo(f"  {shown(e['path'])}: {e['reason']}", err=True)
     if len(errors) > limit:
         click.echo(f"  ... and {len(errors) - limit} more (all of them: mlsp inspect --errors STORE)", err=True)
 
@@ -229,10 +235,15 @@ def _echo_errors(errors, limit=10):
                    "(optionally 10 vote-count columns). Images without labels are still extracted.")
 @click.option("--test-list", type=click.Path(dir_okay=False, exists=True),
               help="Ids of the test split, one per line (AVA: generic_test.jpgl).")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True),
+              default=default_of(extraction.extract, "test_fraction"), show_default=True,
+              help="Without --test-list: share of labelled images drawn for the test split, each by a hash of "
+                   "its id and --seed, so an image keeps its split when images are added (with a handful of "
+                   "images, at least one). 0: no test split. Recorded in the store.")
 @click.option("--val-fraction", type=float, default=default_of(extraction.extract, "val_fraction"), show_default=True,
               help="Share of labelled non-test images drawn at random for validation.")
 @click.option("--seed", type=int, default=default_of(extraction.extract, "seed"), show_default=True,
-              help="Seed of the train/val split.")
+              help="Seed of the random test and train/val splits.")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Store file. Default: features/<dataset>/<net>_<narrow|wide>[_noaug].h5")
 @click.option("--dataset", help="Dataset name for the default --out. Default: the images folder's name.")
@@ -265,7 +276,7 @@ def _echo_errors(errors, limit=10):
                    "interruption loses at most the images since the last write.")
 @ray_options
 @handle_errors
-def extract(files, images_dir, net, wide, augment, weights, labels, test_list, val_fraction, seed, out,
+def extract(files, images_dir, net, wide, augment, weights, labels, test_list, test_fraction, val_fraction, seed, out,
             dataset, max_side, precision, workers, threads, batch_views, batch_window,
             checkpoint_every, ray_address, ray_cpus_per_worker,
             ray_gpus_per_worker):
@@ -277,16 +288,22 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
     """
     if bool(files) == bool(images_dir):
         raise click.UsageError("give either --images DIR or image files, not both and not neither")
+    if test_list and click.get_current_context().get_parameter_source("test_fraction").name == "COMMANDLINE":
+        raise click.UsageError("give --test-list or --test-fraction, not both")
     _sigterm_as_interrupt()
     try:
         result = api.extract(images_dir or list(files), out, net=net, wide=wide, augment=augment, weights=weights,
                              labels=labels, test_list=test_list, max_side=max_side, precision=precision,
-                             threads=threads, progress=console_progress, val_fraction=val_fraction, seed=seed,
+                             threads=threads, progress=console_progress, val_fraction=val_fraction,
+                             test_fraction=test_fraction, seed=seed,
                              dataset=dataset, workers=workers, flush_images=max(1, checkpoint_every),
                              batch_views=batch_views, batch_window=batch_window, ray=ray_address,
                              ray_cpus_per_worker=ray_cpus_per_worker, ray_gpus_per_worker=ray_gpus_per_worker)
     except KeyboardInterrupt:
         _interrupted("finished images are kept; run the same command again to resume.")
+    except NoUsableImages as exc:
+        _echo_errors(exc.errors)
+        raise
     _echo_errors(result.errors)
     rep = result.labels_report
     splits = ", ".join(f"{k} {v}" for k, v in rep.get("counts", {}).items())
@@ -340,7 +357,7 @@ def inspect(store_path, as_json, show_errors, quick):
             click.echo(f"{key:<{width}}  {value}")
     if show_errors:
         for e in api.unusable_inputs(store_path):
-            click.echo(f"{e['path']}\t{e['reason']}")
+            click.echo(f"{shown(e['path'])}\t{e['reason']}")
     if info.get("features_check", "ok") != "ok":
         raise click.ClickException(info["features_check"])
 

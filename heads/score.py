@@ -282,7 +282,7 @@ class _PartialScores:
 
 def _write_csv(frame, out: str):
     with atomic_path(out, keep_extension=True) as tmp:  # the extension last: pandas infers compression from it
-        frame.to_csv(tmp, index=False, float_format="%.6g")
+        frame.to_csv(tmp, index=False, float_format="%.6g", errors="surrogateescape")  # names not UTF-8: their bytes
     log.info("wrote %d rows to %s", len(frame), out)
 
 

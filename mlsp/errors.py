@@ -35,6 +35,18 @@ class StoreError(MLSPError):
     """A feature store is missing, malformed, or of an unsupported format version."""
 
 
+class NoUsableImages(MLSPError):
+    """Not one input of an extraction could be used, so no store was written; ``errors`` lists
+    every input with its reason (``{"id", "path", "reason"}``)."""
+
+    def __init__(self, where, errors):
+        self.errors = list(errors)
+        first = self.errors[0] if self.errors else {"path": where, "reason": "no inputs"}
+        more = f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
+        super().__init__(f"{where}: none of the {len(self.errors)} inputs could be used, so no store was written; "
+                         f"{first['path']}: {first['reason']}{more}")
+
+
 class StoreConfigMismatch(StoreError):
     """A store (or an unfinished extraction) was made with another configuration.
 
@@ -58,6 +70,21 @@ def _summary(value, limit: int = 4) -> str:
     if isinstance(value, (list, tuple)) and len(value) > limit:
         return f"{len(value)} items [{value[0]!r}, ..., {value[-1]!r}]"
     return repr(value)
+
+
+class IdentityConflict(StoreError):
+    """A file differs from the one stored under its path (:mod:`mlsp.identity`); ``conflicts``:
+    ``(path, key, stored identity, identity now)`` each."""
+
+    def __init__(self, store, conflicts):
+        self.store = str(store)
+        self.conflicts = list(conflicts)
+        path, key, was, now = self.conflicts[0]
+        more = f" (and {len(self.conflicts) - 1} more such files)" if len(self.conflicts) > 1 else ""
+        super().__init__(
+            f"{path}: a different file than the {key} stored in {store} ({was.describe()}; this one: "
+            f"{now.describe()}){more}; a store never replaces an image: rename the new file, or extract "
+            "into another --out")
 
 
 class StoreLocked(StoreError):

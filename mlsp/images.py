@@ -219,22 +219,40 @@ def no_images_message(where: str, others: list[tuple[str, str]]) -> str:
     return f"{where}: no usable image files; {path}: {reason}{more}"
 
 
-def image_ids(paths: list[str], root: str | None = None) -> list[str]:
-    """Ids for image files: the path relative to ``root`` without extension, '/'-separated.
+def image_ids(paths: list[str], root: str | None = None, taken: dict | None = None) -> list[str]:
+    """Ids for image files, unique by construction: the path relative to ``root`` without
+    extension, '/'-separated; the path with its extension wherever that id would be shared.
 
-    For files given one by one, ``root`` is their common folder. Two files that differ only in
-    extension (``a.jpg``, ``a.png``) keep their extensions in the id, so ids stay unique.
+    For files given one by one, ``root`` is their common folder. An id is shared when two files
+    differ only in extension (``a.jpg``, ``a.png``), when one file's path is another's id
+    (``a.jpg`` and ``a.jpg.png``: both keep their extensions), or when ``taken`` (id -> the
+    relative path stored under it, e.g. a store's rows) holds it for another path. Where even
+    the path with its extension is taken by another file, :class:`ConfigError` names both.
     """
     if not paths:
         return []
     if root is None:
         root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
     rel = [os.path.relpath(os.path.abspath(p), os.path.abspath(root)).replace(os.sep, "/") for p in paths]
+    taken = dict(taken or {})
     ids = [os.path.splitext(r)[0] for r in rel]
-    counts: dict[str, int] = {}
-    for i in ids:
-        counts[i] = counts.get(i, 0) + 1
-    return [r if counts[i] > 1 else i for i, r in zip(ids, rel)]
+    while True:  # each pass moves at least one file to its path, which is unique: it ends
+        holders: dict[str, set] = {}
+        for i, r in zip(ids, rel):
+            holders.setdefault(i, set()).add(r)
+        for i, owner in taken.items():
+            holders.setdefault(i, set()).add(owner)
+        shared = [k for k, (i, r) in enumerate(zip(ids, rel)) if len(holders[i]) > 1 and i != r]
+        if not shared:
+            break
+        for k in shared:
+            ids[k] = rel[k]
+    for i, r in zip(ids, rel):
+        owner = taken.get(i)
+        if owner is not None and owner != r:
+            raise ConfigError(f"{os.path.join(root, r)}: its id {i!r} is already that of {owner} in the store; "
+                              "rename one of the two files")
+    return ids
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
