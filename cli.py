@@ -27,6 +27,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from heads import explain as saliency  # noqa: E402
 from heads import report as reporting  # noqa: E402
 from heads.config import TrainConfig  # noqa: E402
+from heads.personal import AUTO, RATING_SCALE, method_names  # noqa: E402
+from heads.personal.adapt import FALLBACK_SE  # noqa: E402
+from heads.personal.methods import METHODS  # noqa: E402
+from heads.personal.protocol import KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
+from heads.personal.ratings import MIN_RATINGS  # noqa: E402
 from heads.registry import HEADS  # noqa: E402
 from heads.schedule import FULL_EPOCH_STEPS, MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr  # noqa: E402
 from heads.targets import TARGETS  # noqa: E402
@@ -381,8 +386,13 @@ def inspect(store_path, as_json, show_errors, quick):
               help="Also train and evaluate the head on the sample's store.")
 @click.option("--seed", type=int, default=default_of(api.sample, "seed"), show_default=True,
               help="Seed of the images, votes, split and training.")
+@click.option("--users", "n_users", type=click.IntRange(min=0), default=default_of(api.sample, "users"),
+              show_default=True,
+              help="Also write ratings.csv: N synthetic raters (scores 1..5) with planted personal taste (a few "
+                   "shared directions in the feature space, each rater's own mix, noise; the last rater is pure "
+                   "noise), and test_users.txt, for `mlsp personalize` (docs/personal.md).")
 @handle_errors
-def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
+def sample(root, n_images, net, wide, weights, out, head, do_train, seed, n_users):
     """Build the sample dataset and run the pipeline on it, end to end.
 
     The images are crops of public-domain photographs that ship with scikit-image, degraded
@@ -394,7 +404,7 @@ def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
     _sigterm_as_interrupt()
     try:
         made = api.sample(root, n_images=n_images, net=net, wide=wide, weights=weights, out=out, head=head,
-                          train_head=do_train, seed=seed, progress=console_progress)
+                          train_head=do_train, seed=seed, users=n_users, progress=console_progress)
     except KeyboardInterrupt:
         _interrupted("finished images are kept; run the same command again to resume.")
     info, result = made.info, made.extraction
@@ -402,6 +412,8 @@ def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
     _echo_errors(result.errors)
     splits = ", ".join(f"{k} {v}" for k, v in result.labels_report.get("counts", {}).items())
     click.echo(f"store: {result.store}: {result.images} images ({splits})")
+    if made.ratings:
+        click.echo(f"ratings: {made.ratings} ({n_users} synthetic raters), test raters: {made.test_users}")
     if made.training is None:
         return
     _echo_metrics(made.training.metrics)
@@ -616,10 +628,13 @@ _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (
 @click.option("--workers", type=int, default=default_of(api.score, "workers"), show_default=True,
               help=_WORKERS_HELP)
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
+@click.option("--user", "user_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A personal model folder of this run (`mlsp personalize`; repeatable), with --store: adds the "
+                   "column pred_<user>, on that person's scale; the features are read once for all.")
 @ray_options
 @handle_errors
 def score_command(run_dir, files, store_path, images_dir, out, weights, precision, workers, allow_unfinished,
-                  ray_address, ray_cpus_per_worker, ray_gpus_per_worker):
+                  user_dirs, ray_address, ray_cpus_per_worker, ray_gpus_per_worker):
     """Score images with a trained run: a whole store, or new image files.
 
     \b
@@ -642,7 +657,7 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
         frame = api.score(run_dir, store=store_path, images=None if store_path else images_dir or list(files),
                           out=out, weights=weights, precision=precision, workers=workers, progress=console_progress,
                           allow_unfinished=allow_unfinished, ray=ray_address, ray_cpus_per_worker=ray_cpus_per_worker,
-                          ray_gpus_per_worker=ray_gpus_per_worker)
+                          ray_gpus_per_worker=ray_gpus_per_worker, users=user_dirs)
     except KeyboardInterrupt:
         kept = f"scored images are kept in {out}.partial; run the same command again to resume."
         _interrupted(kept if out and not store_path else "nothing was written; run the same command again.")
@@ -652,6 +667,86 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
         click.echo(f"{out}: {len(frame)} images scored" + (f", {len(errors)} skipped" if errors else ""))
     else:
         click.echo(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+_PERSONALIZE_HELP = f"""Adapt a run's head to one person's taste, or evaluate personalisation.
+
+    \b
+    mlsp personalize --run RUN --store STORE --ratings FILE --user ID --out DIR
+    mlsp personalize --evaluate --run RUN --store STORE --ratings FILE [--users FILE] --k 10 --k 100 --out DIR
+
+    FILE: FLICKR-AES's FLICKR-AES_image_labeled_by_each_worker.csv (worker, imagePair, score) or a
+    CSV user,image,score; images are matched to the store's ids as labels are, and ratings of
+    images not in the store are counted and left out. A person needs at least {MIN_RATINGS} ratings
+    of stored images. The person's scale (--scale) is mapped onto the generic MOS scale and back,
+    so the personal model predicts on the person's own scale.
+
+    \b
+    Methods (--method; auto chooses by cross-validation on the person's ratings and falls back to
+    the generic prediction when no method beats it by more than {FALLBACK_SE:g} standard errors):
+    {chr(10).join(f"      {s.name}: {s.description}" for s in METHODS.specs())}
+
+    DIR gets personal.json and personal.npz: the fitted part, the scale, the method, and the
+    generic model's run and SHA-256 (`mlsp score RUN --store S --user DIR` refuses another run's).
+
+    With --evaluate (the literature's protocol), for each test person, each k and each repeat, k
+    rated images are drawn for adaptation and the SRCC of the generic and the personal model is
+    computed on the person's other images; DIR gets evaluation.csv (user, k, repeat, n_adapt,
+    n_test, srcc_generic, srcc_personal), summary.json and gain_per_person.png.
+    """
+
+
+@main.command("personalize", help=_PERSONALIZE_HELP)
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The training run whose head is the generic model (a run of --target mos).")
+@click.option("--store", "store_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Feature store holding the rated images (same net, pooling and blocks as the run's).")
+@click.option("--ratings", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Ratings per person: FLICKR-AES's per-worker CSV or a CSV user,image,score.")
+@click.option("--user", help="The person to adapt to (a value of the user or worker column).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder of the personal model (or, with --evaluate, of the evaluation).")
+@click.option("--method", type=click.Choice(method_names()), default=AUTO, show_default=True,
+              help="Adaptation method; auto: chosen by cross-validation on the person's ratings.")
+@click.option("--scale", type=(float, float), default=RATING_SCALE, show_default=True, metavar="LOW HIGH",
+              help="The scale people rated on; a rating outside it is an error.")
+@click.option("--seed", type=int, default=default_of(api.personalize, "seed"), show_default=True,
+              help="Seed of the folds, the draws of --evaluate and fine-tuning.")
+@click.option("--evaluate", "do_evaluate", is_flag=True,
+              help="Run the evaluation protocol over the test raters instead of adapting one person.")
+@click.option("--users", "users_file", type=click.Path(exists=True, dir_okay=False),
+              help="With --evaluate: the test raters, one per line; the file's other raters are training raters "
+                   "(the taste method learns from them). Default: every rater is tested, none trains; FLICKR-AES's "
+                   "file needs it (its split of test workers is not shipped).")
+@click.option("--k", "ks", type=click.IntRange(min=2), multiple=True,
+              help=f"With --evaluate: images drawn per person for adaptation (repeatable). "
+                   f"Default: {' and '.join(map(str, EVAL_KS))}, as in the literature.")
+@click.option("--repeats", type=click.IntRange(min=1), default=EVAL_REPEATS, show_default=True,
+              help="With --evaluate: draws per person and k.")
+@click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
+@handle_errors
+def personalize_command(run_dir, store_path, ratings, user, out, method, scale, seed, do_evaluate, users_file, ks,
+                        repeats, allow_unfinished):
+    """Personal models (help: _PERSONALIZE_HELP)."""
+    if not do_evaluate and ks:
+        raise click.UsageError("--k is a setting of --evaluate")
+    _sigterm_as_interrupt()
+    try:
+        result = api.personalize(run_dir, store=store_path, ratings=ratings, user=user, out=out, method=method,
+                                 scale=scale, seed=seed, evaluate=do_evaluate, users=users_file, ks=ks or None,
+                                 repeats=repeats, progress=console_progress, allow_unfinished=allow_unfinished)
+    except KeyboardInterrupt:
+        _interrupted("finished draws are kept in evaluation.csv.partial; run the same command again to go on."
+                     if do_evaluate else "nothing was written.")
+    if not do_evaluate:
+        click.echo(f"{out}: personal model of {result.user} ({result.method}"
+                   + "".join(f", {k} {v:g}" for k, v in result.params.items()) + f", {result.n_ratings} ratings)")
+        return
+    for k, s in result.items():
+        click.echo(f"k = {k}: mean SRCC gain {s['mean']:+.3f} (std {s['std']:.3f} over {s['people']} people, "
+                   f"range {s['min']:+.3f} .. {s['max']:+.3f}; {s['std_over_repeats']:.3f} over repeats); "
+                   f"SRCC generic {s['srcc_generic']:.3f} -> personal {s['srcc_personal']:.3f}")
+    click.echo(f"{out}: evaluation.csv, summary.json, gain_per_person.png")
 
 
 @main.command("export")

@@ -1,6 +1,6 @@
 """PNG plots (matplotlib, Agg backend): of a run, predicted against true MOS, the loss curves and
-the learning rate; for reports (:mod:`heads.report`), a histogram of scores and the gain of
-personalisation per person. Each writes ``path``, or with ``path=None`` returns the PNG's bytes."""
+the learning rate; a histogram of scores (for :mod:`heads.report`); the gain of personalisation
+per person. Each writes ``path``, or with ``path=None`` returns the PNG's bytes."""
 
 from __future__ import annotations
 
@@ -104,27 +104,6 @@ def plot_score_histogram(path: str | None, scores, label: str = "predicted MOS")
     return _save(fig, path)
 
 
-def plot_gains(path: str | None, gains: Mapping[str, Mapping[int, float]]):
-    """Per person (x), the mean gain in SRCC of the personal model over the generic one, one bar
-    per number of adaptation images ``k``: ``gains[user][k]``."""
-    plt = _pyplot()
-    users = list(gains)
-    ks = sorted({k for g in gains.values() for k in g})
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(users) * max(1, len(ks)) + 2), 4))
-    width = 0.8 / max(1, len(ks))
-    for j, k in enumerate(ks):
-        values = [gains[u].get(k, np.nan) for u in users]
-        ax.bar(np.arange(len(users)) + (j - (len(ks) - 1) / 2) * width, values, width, label=f"k = {k}")
-    ax.axhline(0, color="0.3", lw=1)
-    ax.set_xticks(np.arange(len(users)), users, rotation=45 if len(users) > 8 else 0, ha="right" if len(users) > 8 else "center")
-    ax.set_ylabel("SRCC gain (personal - generic)")
-    ax.set_xlabel("person")
-    if ks:
-        ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
-
-
 def _save(fig, path: str | None):
     """PNG under a temporary name, renamed when complete (:mod:`mlsp.atomic`); ``path=None``:
     the PNG's bytes."""
@@ -141,4 +120,30 @@ def _save(fig, path: str | None):
             fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
+
+
+def plot_gain_per_person(path: str | None, people):
+    """Each person's mean gain in SRCC of the personal over the generic model (bars, sorted, the
+    spread over repeats as error bars), one panel per k. ``people``: a DataFrame with the
+    columns k, user, mean, std (:func:`heads.personal.protocol.per_person_gain`)."""
+    plt = _pyplot()
+    ks = sorted(people["k"].unique()) or [0]
+    fig, axes = plt.subplots(len(ks), 1, figsize=(max(6.0, 0.18 * people["user"].nunique() + 2), 3.2 * len(ks)),
+                             squeeze=False)
+    for ax, k in zip(axes[:, 0], ks):
+        at = people[people["k"] == k].sort_values("mean")
+        x = np.arange(len(at))
+        ax.bar(x, at["mean"], yerr=at["std"].fillna(0), color=np.where(at["mean"] >= 0, "tab:blue", "tab:red"),
+               error_kw={"lw": 0.8, "ecolor": "0.4"})
+        ax.axhline(0, color="0.3", lw=0.8)
+        if len(at):
+            ax.axhline(at["mean"].mean(), color="tab:green", lw=1, ls="--", label=f"mean {at['mean'].mean():+.3f}")
+            ax.legend(loc="upper left")
+        ax.set_xticks(x)
+        ax.set_xticklabels(at["user"], rotation=90, fontsize=7)
+        ax.set_ylabel("SRCC gain")
+        ax.set_title(f"k = {k}: SRCC gain per person (mean over repeats)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
     return None

@@ -179,24 +179,21 @@ def is_personalisation(path: str) -> bool:
 
 
 def personalisation_page(path: str, *, images, saliency, max_photos, progress, out_dir) -> Page:
-    from .plots import plot_gains
+    from .personal.protocol import EVALUATION_CSV, SUMMARY_JSON, per_person_gain
+    from .plots import plot_gain_per_person
 
-    frame = _read_csv(os.path.join(path, "evaluation.csv"), PERSONALISATION_COLUMNS)
-    frame["gain"] = frame["srcc_personal"] - frame["srcc_generic"]
-    per = frame.groupby(["user", "k"], sort=True).agg(gain=("gain", "mean"), generic=("srcc_generic", "mean"),
-                                                      personal=("srcc_personal", "mean"), repeats=("repeat", "count"))
-    gains = {}
-    for (user, k), row in per.iterrows():
-        gains.setdefault(str(user), {})[int(k)] = float(row["gain"])
-    sections = [section("Gain per person", figures(figure(plot_gains(None, gains),
+    frame = _read_csv(os.path.join(path, EVALUATION_CSV), PERSONALISATION_COLUMNS)
+    people = per_person_gain(frame)
+    sections = [section("Gain per person", figures(figure(plot_gain_per_person(None, people),
                                                           "Mean SRCC gain of the personal model over the generic one")))]
-    summary = _read_json(os.path.join(path, "summary.json"))
+    summary = _read_json(os.path.join(path, SUMMARY_JSON))
     if summary:
-        stats = ("mean", "std", "min", "max")
+        stats = [s for s in ("people", "repeats", "mean", "std", "min", "max", "srcc_generic", "srcc_personal")
+                 if any(isinstance(v, dict) and s in v for v in summary.values())]
         sections.append(section("Summary per k (gain in SRCC)", table(
             ["k", *stats], [[k, *(v.get(s) for s in stats)] for k, v in summary.items() if isinstance(v, dict)])))
     sections.append(section("Per person", table(
-        ["person", "k", "SRCC generic", "SRCC personal", "gain", "repeats"],
-        [[user, int(k), r["generic"], r["personal"], r["gain"], int(r["repeats"])] for (user, k), r in per.iterrows()])))
+        ["person", "k", "mean gain in SRCC", "std over repeats"],
+        [[r.user, int(r.k), float(r.mean), float(r.std)] for r in people.sort_values(["user", "k"]).itertuples()])))
     subtitle = f"{path}: {frame['user'].nunique()} people, k = {', '.join(map(str, sorted(frame['k'].unique())))}"
     return Page(f"Personalisation: {os.path.basename(os.path.normpath(path))}", subtitle, sections, None)

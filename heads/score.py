@@ -93,14 +93,26 @@ def _stack(parts: list) -> dict:
 
 
 def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_images: int | None = None,
-                progress: ProgressFactory = null_progress, allow_unfinished: bool = False):
+                progress: ProgressFactory = null_progress, allow_unfinished: bool = False,
+                users: Sequence[str] = ()):
     """Score every image of a store with a trained run; returns a pandas DataFrame.
     ``allow_unfinished``: also an interrupted or diverged run (:meth:`heads.run.Run.open`).
     Images are read ``batch_images`` at a time; by default as many as fit in
     :data:`mlsp.store.SLAB_BYTES` (memory stays bounded whatever the store's width: 9 images of
-    irv2 wide with 8 views, 417 of iv3 narrow)."""
+    irv2 wide with 8 views, 417 of iv3 narrow). ``users``: folders of personal models of this
+    run (``mlsp personalize``), each adding a column ``pred_<user>`` on the person's scale; the
+    features are read once for all of them."""
     run = Run.open(run_dir, allow_unfinished=allow_unfinished)
-    model = run.load_model()
+    if users:
+        from .personal.people import PersonalScorer
+
+        apply = PersonalScorer(run_dir, list(users), allow_unfinished).columns
+    else:
+        model = run.load_model()
+
+        def apply(features):
+            return score_columns(view_scores(model, features))
+
     with FeatureStore(store_path) as store:
         check_store_matches(run, store)
         n = store.n_images
@@ -110,7 +122,7 @@ def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_
         try:
             for start in range(0, n, batch_images):
                 rows = np.arange(start, min(n, start + batch_images))
-                parts.append(score_columns(view_scores(model, store.read(rows))))
+                parts.append(apply(store.read(rows)))
                 bar.update(len(rows))
         finally:
             bar.close()

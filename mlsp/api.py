@@ -21,6 +21,7 @@ import dataclasses
 import logging
 from typing import Sequence
 
+from .errors import ConfigError
 from .extract import ExtractConfig
 from .progress import resolve as resolve_progress
 from .readahead import DECODE_WORKERS
@@ -155,23 +156,25 @@ def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None,
 def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str] | None = None,
           out: str | None = None, weights: str | None = None, precision: str | None = None,
           workers: int = DECODE_WORKERS, progress: bool = False, allow_unfinished: bool = False, ray: str | None = None,
-          ray_cpus_per_worker: float | None = None, ray_gpus_per_worker: float | None = None):
+          ray_cpus_per_worker: float | None = None, ray_gpus_per_worker: float | None = None,
+          users: Sequence[str] = ()):
     """``mlsp score``: a pandas DataFrame (id, pred, pred_std[, pred_opinion_std, p1..p10 for a
     run of the distribution target][, mos, split]) for every image of ``store``, or of the image
     files ``images`` (then files that could not be used are in ``frame.attrs["errors"]``).
     ``allow_unfinished``: also an interrupted or diverged run. ``ray`` (with ``images``): score
-    on a Ray cluster, as for :func:`extract`."""
+    on a Ray cluster, as for :func:`extract`. ``users``: personal model folders of this run
+    (:func:`personalize`), with ``store``: one more column ``pred_<user>`` each."""
     from heads.score import score_images, score_store
-
-    from .errors import ConfigError
 
     if (store is None) == (images is None):
         raise ConfigError("score() takes either store= or images=")
     if ray and store is not None:
         raise ConfigError("--ray scores image files (--images); a store is scored on this machine")
+    if users and store is None:
+        raise ConfigError("personal models (--user) score a store: extract the images into one first")
     if store is not None:
         return score_store(run_dir, store, out, progress=resolve_progress(progress),
-                           allow_unfinished=allow_unfinished)
+                           allow_unfinished=allow_unfinished, users=users)
     with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker, workers) as cluster:
         frame, errors = score_images(run_dir, images, out, weights=weights, precision=precision, workers=workers,
                                      progress=resolve_progress(progress), allow_unfinished=allow_unfinished,
@@ -269,18 +272,22 @@ class SampleResult:
     weights_note: str
     extraction: object  # mlsp.extract.ExtractResult
     training: object | None  # heads.training.TrainResult, or None with train_head=False
+    ratings: str | None = None  # with users: the synthetic raters' ratings.csv
+    test_users: str | None = None  # with users: their test raters, one per line
 
 
 def sample(root: str = "data/sample", *, n_images: int = SAMPLE_IMAGES, net: str = "iv3", wide: bool = False,
            weights: str = "auto", out: str | None = None, head: str = "single1fc", train_head: bool = True,
-           seed: int = 0, progress=False) -> SampleResult:
+           seed: int = 0, users: int = 0, progress=False) -> SampleResult:
     """``mlsp sample``: build the sample dataset in ``root`` (:func:`mlsp.sample.build_sample`),
     extract it into a fresh store (an earlier store of the sample is removed: its images were
     just rebuilt) and, with ``train_head``, train and evaluate ``head`` on it with `mlsp train`'s
     defaults. ``weights="auto"``: ImageNet when Keras can load them, else a random backbone,
-    said plainly in the log and in ``weights_note``."""
+    said plainly in the log and in ``weights_note``. ``users``: that many synthetic raters with
+    planted personal taste rate every image (``ratings.csv`` and ``test_users.txt`` beside the
+    labels, :func:`mlsp.sample.write_sample_ratings`), for ``mlsp personalize``."""
     from .extract import default_store_path, extract as run_extract
-    from .sample import build_sample, demo_weights
+    from .sample import build_sample, demo_weights, write_sample_ratings
     from .shards import remove_store
 
     info = build_sample(root, n_images=n_images, seed=seed)
@@ -292,6 +299,37 @@ def sample(root: str = "data/sample", *, n_images: int = SAMPLE_IMAGES, net: str
     remove_store(out)
     extraction = run_extract(info.images_dir, config, out, labels=info.labels_path, test_list=info.test_list_path,
                              val_fraction=0.2, seed=seed, dataset="sample", progress=resolve_progress(progress))
+    rated = (write_sample_ratings(extraction.store, root, users, seed, info.labels_without_images)
+             if users else (None, None))
     training = train(extraction.store, head=head, seed=seed, progress=progress) if train_head else None
-    return SampleResult(info, weights, why, extraction, training)
+    return SampleResult(info, weights, why, extraction, training, *rated)
 
+
+
+def personalize(run_dir: str, *, store: str, ratings: str, user: str | None = None, out: str,
+                method: str | None = None, scale: tuple | None = None, seed: int = 0, evaluate: bool = False,
+                users: str | None = None, ks: Sequence[int] | None = None, repeats: int | None = None,
+                progress=False, allow_unfinished: bool = False):
+    """``mlsp personalize``: adapt the run's head to ``user`` from their ``ratings`` (FLICKR-AES's
+    per-worker file or a ``user,image,score`` CSV) of images in ``store`` and save the personal
+    model in ``out`` (returns :class:`heads.personal.PersonalModel`); with ``evaluate``, run the
+    literature's protocol instead (k of each test person's ratings to adapt, the rest to test,
+    ``repeats`` times; ``users``: a file of the test raters) into the folder ``out`` and return
+    its summary per k. ``method``: ``auto`` (cross-validation) or one of
+    :data:`heads.personal.METHODS`; ``scale``: the ratings' (low, high). ``None``: the defaults
+    of :mod:`heads.personal` (auto, 1..5, k 10 and 100, 10 repeats)."""
+    from heads import personal
+    from heads.personal import protocol
+
+    options = {"method": method or personal.AUTO, "scale": scale or personal.RATING_SCALE, "seed": seed,
+               "progress": resolve_progress(progress), "allow_unfinished": allow_unfinished}
+    if evaluate:
+        if user is not None:
+            raise ConfigError("--evaluate tests every rater of --users (or all); it takes no --user")
+        return personal.evaluate(run_dir, store, ratings, out, users_file=users, ks=ks or protocol.KS,
+                                 repeats=repeats or protocol.REPEATS, **options)
+    if user is None:
+        raise ConfigError("personalize needs --user ID (or --evaluate)")
+    if users is not None:
+        raise ConfigError("--users lists the test raters of --evaluate; adapting one person takes --user")
+    return personal.personalize(run_dir, store, ratings, user, out, **options)

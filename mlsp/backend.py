@@ -157,6 +157,33 @@ def set_random_seed(seed: int):
     keras.utils.set_random_seed(int(seed))
 
 
+def loss_and_gradients(loss_fn: Callable, variables) -> tuple:
+    """``loss_fn()`` (a scalar tensor computed from Keras ``variables``) and its gradients with
+    respect to them, on the active backend; inside :func:`compile_step` or eagerly."""
+    if name() == "torch":
+        import torch
+
+        with torch.enable_grad():
+            loss = loss_fn()
+            grads = torch.autograd.grad(loss, [v.value for v in variables])
+        return loss.detach(), list(grads)
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        loss = loss_fn()
+    return loss, tape.gradient(loss, [v.value for v in variables])
+
+
+def compile_step(fn: Callable) -> Callable:
+    """A small training step compiled once for any batch size: a ``tf.function`` on TensorFlow
+    (an eager step of a tiny model costs far more than its arithmetic); as it is on PyTorch."""
+    if name() == "torch":
+        return fn
+    import tensorflow as tf
+
+    return tf.function(fn, reduce_retracing=True)
+
+
 def check_extraction():
     """Raise :class:`ConfigError` where the backend cannot run the extractor on images of many sizes."""
     current = name()

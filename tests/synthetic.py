@@ -98,3 +98,4 @@ def write_synthetic_store(
         mos=mos, votes=counts, split=split, attrs={"dataset": "synthetic", "seed": seed},
     )
     return out
+

@@ -48,7 +48,13 @@ def store_content(path):
 def assert_same_store(a, b):
     x, y = store_content(a), store_content(b)
     for key in x:
-        if x[key].dtype.kind == "f":
+        if key == "features":
+            # Equal within float16 rounding: a worker of 1 CPU runs the convolutions on one thread, the
+            # one process on two, and oneDNN's AVX2 kernels split their sums by thread (AVX-512 ones
+            # gave the same bits); two float16 steps (2 x 2^-10 relative) bound the difference.
+            np.testing.assert_allclose(x[key].astype(np.float32), y[key].astype(np.float32), rtol=2 ** -9,
+                                       atol=1e-4, err_msg=key)
+        elif x[key].dtype.kind == "f":
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)  # NaN equals NaN here
         else:
             assert x[key].tolist() == y[key].tolist(), key

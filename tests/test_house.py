@@ -18,10 +18,13 @@ def library_modules():
     """(module name, path) of every library module and cli.py."""
     found = [("cli", os.path.join(ROOT, "cli.py"))]
     for package in PACKAGES:
-        for name in sorted(os.listdir(os.path.join(ROOT, package))):
-            if name.endswith(".py"):
-                module = package if name == "__init__.py" else f"{package}.{name[:-3]}"
-                found.append((module, os.path.join(ROOT, package, name)))
+        for folder, dirs, files in os.walk(os.path.join(ROOT, package)):
+            dirs[:] = sorted(d for d in dirs if os.path.isfile(os.path.join(folder, d, "__init__.py")))
+            dotted = os.path.relpath(folder, ROOT).replace(os.sep, ".")
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    module = dotted if name == "__init__.py" else f"{dotted}.{name[:-3]}"
+                    found.append((module, os.path.join(folder, name)))
     return found
 
 

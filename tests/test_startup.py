@@ -30,7 +30,8 @@ def test_help_and_inspect_never_import_tensorflow_or_keras(tmp_path):
     store = str(tmp_path / "s.h5")
     write_synthetic_store(store, 20, n_views=2, block_channels=(4,))
     commands = [["--help"], ["inspect", store], ["inspect", "--json", store]]
-    commands += [[name, "--help"] for name in ("extract", "train", "evaluate", "score", "export", "sample", "heads")]
+    commands += [[name, "--help"] for name in ("extract", "train", "evaluate", "score", "export", "sample", "heads",
+                                                           "personalize")]
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", RUN_CLI, json.dumps(commands), json.dumps(HEAVY)],
                           capture_output=True, text=True, env=env, timeout=120)
