@@ -63,7 +63,8 @@ PRECISION_CHOICES = (*PRECISIONS, "auto")
 
 def handle_errors(func):
     """Run a command, turning MLSP errors, and any OSError the library did not name (a full disk,
-    a read-only folder), into one line and exit code 1."""
+    a read-only folder), into one line and exit code 1. A closed output pipe (``mlsp inspect S |
+    head``) is left to click, which exits quietly."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -71,6 +72,8 @@ def handle_errors(func):
             return func(*args, **kwargs)
         except MLSPError as exc:
             raise click.ClickException(str(exc)) from exc
+        except BrokenPipeError:
+            raise
         except OSError as exc:
             from mlsp.atomic import describe_os_error
 
@@ -78,6 +81,13 @@ def handle_errors(func):
             raise click.ClickException(f"{where}: {describe_os_error(exc)}") from exc
 
     return wrapper
+
+
+def _check_head(ctx, param, value):
+    """--head names a registered head; a misspelt one is a usage error (exit 2), as for --net."""
+    if value is not None and value not in HEADS:
+        raise click.BadParameter(f"unknown head {value!r}; registered heads: {', '.join(HEADS)}")
+    return value
 
 
 def _select_backend(ctx, param, value):
@@ -380,7 +390,7 @@ def inspect(store_path, as_json, show_errors, quick):
               help="auto: ImageNet weights when Keras can load them, else a random backbone, said "
                    "plainly; or imagenet, random[:SEED], or a weights file as for `mlsp extract`.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Store file. Default: features/sample/<net>_<pooling>.h5")
-@click.option("--head", default=default_of(api.sample, "head"), show_default=True,
+@click.option("--head", default=default_of(api.sample, "head"), show_default=True, callback=_check_head,
               help="Head trained on the sample's store (`mlsp heads`); pool3fc needs --wide.")
 @click.option("--train/--no-train", "do_train", default=default_of(api.sample, "train_head"), show_default=True,
               help="Also train and evaluate the head on the sample's store.")
@@ -454,7 +464,8 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
 @main.command("train", help=_TRAIN_HELP)
 @click.option("--store", "store_path", type=click.Path(dir_okay=False),
               help="Feature store (.h5). Default: the newest store under features/.")
-@click.option("--head", required=True, help=f"The head: {', '.join(HEADS)} (`mlsp heads` describes each).")
+@click.option("--head", required=True, callback=_check_head,
+              help=f"The head: {', '.join(HEADS)} (`mlsp heads` describes each).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Run folder. Default: runs/<store>-<head>-<timestamp>.")
 @click.option("--target", type=click.Choice(list(TARGETS)), default=TrainConfig.target, show_default=True,

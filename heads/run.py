@@ -15,9 +15,10 @@ import json
 import logging
 import os
 
-from mlsp.atomic import atomic_path, write_json
-from mlsp.errors import ConfigError, StoreConfigMismatch
-from mlsp.extract import ExtractConfig
+from mlsp.atomic import atomic_path, describe_os_error, write_json
+from mlsp.errors import ConfigError, StoreConfigMismatch, WriteError
+from mlsp import backend
+from mlsp.extract import ExtractConfig, random_weights_advice
 from mlsp.store import FEATURES_ROOT, FeatureStore
 
 CONFIG_FILE = "config.json"
@@ -72,7 +73,10 @@ class Run:
     def create(cls, run_dir: str, record: dict) -> "Run":
         """A new run folder with ``record`` as its ``config.json``."""
         cls.refuse_existing(run_dir)
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as exc:  # read-only media, a full disk: nothing of the run exists yet
+            raise WriteError(run_dir, describe_os_error(exc), "nothing was written; the store is unchanged") from exc
         run = cls(run_dir, record)
         run.save_config()
         return run
@@ -159,9 +163,12 @@ class Run:
         """The backbone's weights (``record``, as the extractor reports them) are the run's."""
         want = self.store_info["config"]["weights_sha256"]
         if record["sha256"] != want:
+            diff = {"weights_sha256": (want, record["sha256"])}
+            seeded = random_weights_advice(diff, record["source"], self.store_attr("backend"),
+                                           backend.name())
             raise StoreConfigMismatch(
-                self.path, {"weights_sha256": (want, record["sha256"])},
-                advice="Pass the backbone's weights file the run was trained with: --weights PATH.")
+                self.path, diff,
+                advice=seeded or "Pass the backbone's weights file the run was trained with: --weights PATH.")
 
 
 def default_run_dir(store_path: str, head: str, root: str = RUNS_ROOT) -> str:

@@ -30,7 +30,8 @@ import keras
 import numpy as np
 
 from mlsp import __version__, backend
-from mlsp.errors import ConfigError, RunInterrupted, StoreError, TrainingError
+from mlsp.atomic import describe_os_error
+from mlsp.errors import ConfigError, RunInterrupted, StoreError, TrainingError, WriteError
 from mlsp.extract import resolve_precision
 from mlsp.progress import null_progress, resolve as resolve_progress
 from mlsp.store import FEATURES_ROOT, LABELLED_SPLITS, POOLINGS, SPLITS, WIDE_GRID, FeatureStore, find_latest_store
@@ -185,7 +186,9 @@ SAVED_NOT_EVALUATED = ("stopped after its model was saved (the best weights), be
 @contextlib.contextmanager
 def _stop_marks(run: Run, kept: str):
     """A Ctrl-C in this step marks the run ``interrupted`` with what it keeps, and stops training
-    (:class:`mlsp.errors.RunInterrupted`: a KeyboardInterrupt that says so)."""
+    (:class:`mlsp.errors.RunInterrupted`: a KeyboardInterrupt that says so); a file that cannot be
+    written (a full disk while the model or the evaluation is saved) marks it ``failed``, so no
+    run that stopped stays ``running``."""
     try:
         yield
     except RunInterrupted:
@@ -193,6 +196,19 @@ def _stop_marks(run: Run, kept: str):
     except KeyboardInterrupt:
         run.save_config(status="interrupted", error=kept)
         raise RunInterrupted(run.path, kept) from None
+    except (WriteError, OSError) as exc:
+        _mark_failed(run, exc)
+        raise
+
+
+def _mark_failed(run: Run, exc: BaseException):
+    """Mark ``run`` failed with ``exc`` as its error; where even that cannot be written, say so."""
+    error = str(exc) if isinstance(exc, WriteError) else f"{type(exc).__name__}: {describe_os_error(exc)}"
+    try:
+        run.save_config(status="failed", error=error)
+    except (WriteError, OSError) as again:
+        log.warning("%s: the run could not be marked failed either (%s); it stopped at: %s", run.config_path,
+                    again, error)
 
 
 @dataclasses.dataclass

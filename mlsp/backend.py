@@ -11,7 +11,9 @@ PyTorch. What differs per backend is only:
 - device, version and thread queries (:func:`describe`, :func:`devices`,
   :func:`configure_threads`), and whether the accelerator computes bfloat16 natively
   (:func:`gpu_bfloat16`);
-- TensorFlow's op determinism for training (:func:`deterministic_ops`).
+- TensorFlow's op determinism for training (:func:`deterministic_ops`);
+- resizing to a size known only when the model runs (:func:`resize_area`, the exported model's
+  ``max_side``): ``keras.ops.image.resize`` takes only sizes known when the graph is built.
 
 The backend is chosen the Keras way: ``KERAS_BACKEND`` (or ``~/.keras/keras.json``), read
 when Keras is first imported; :func:`select` sets it before that. The PyTorch route never
@@ -381,6 +383,21 @@ def deterministic_ops(enabled: bool = True):
     finally:
         if not was:
             tf_config.disable_op_determinism()
+
+
+def resize_area(images, size):
+    """(B, H, W, C) float images -> (B, h, w, C) by area averaging (OpenCV's INTER_AREA when
+    shrinking); ``size`` (h, w) may be tensors computed from the input's shape."""
+    import keras
+
+    if keras.backend.backend() == "torch":
+        import torch
+
+        chw = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), size=[int(s) for s in size], mode="area")
+        return chw.permute(0, 2, 3, 1)
+    import tensorflow as tf
+
+    return tf.image.resize(images, tf.stack(size), method="area")
 
 
 # --------------------------------------------------------------------------------------------

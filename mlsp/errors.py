@@ -98,6 +98,24 @@ class StoreLocked(StoreError):
             "store; wait for it to finish, or write to another --out")
 
 
+class ResumeError(MLSPError):
+    """What an interrupted run left to resume from is damaged or was made by something else; the
+    message names the file and what to do (delete it to start over)."""
+
+
+class StoreLockUnavailable(StoreError):
+    """The store's lock cannot be taken (another user's lock file, a file system without locks):
+    nothing is written, since one writer per store could not be guaranteed."""
+
+    def __init__(self, path, lock_path, reason: str):
+        self.path = str(path)
+        self.lock_path = str(lock_path)
+        super().__init__(
+            f"{lock_path}: cannot take the store's lock ({reason}); nothing was written. One writer per "
+            "store: wait for the other writer, delete the lock file if no mlsp process writes the store, "
+            "or write to another --out on a local disk")
+
+
 class WriteError(MLSPError):
     """A file could not be written (no space left, read-only file system, missing folder, ...).
 

@@ -425,6 +425,17 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
     return result
 
 
+def random_weights_advice(diff: dict, source: str, have_backend=None, want_backend=None) -> str | None:
+    """Why ``random:SEED`` weights hash differently where only their hash differs: each Keras
+    backend draws them with its own generator. None for any other difference."""
+    if set(diff) != {"weights_sha256"} or not str(source).startswith("random"):
+        return None
+    backends = f" (made on {have_backend}, now on {want_backend})" if have_backend and want_backend and \
+        str(have_backend) != str(want_backend) else ""
+    return (f"{source} weights are drawn by each Keras backend's own random generator: the same seed gives other "
+            f"weights on another backend{backends}. Use the backend it was made with (--backend), or another --out.")
+
+
 def _done_in_store(job: _Extraction) -> tuple[str | None, set, dict, dict]:
     """(the existing store, or None; the paths it holds, images and errors; its ids, each with
     its path; its images' file identities by path); a store made with another configuration is
@@ -435,7 +446,8 @@ def _done_in_store(job: _Extraction) -> tuple[str | None, set, dict, dict]:
         with store.FeatureStore(job.out, check_labels=False) as existing:  # --labels may repair them
             diff = store.config_differences(existing.attrs, job.attrs)
             if diff:
-                raise StoreConfigMismatch(job.out, diff)
+                raise StoreConfigMismatch(job.out, diff, advice=random_weights_advice(
+                    diff, job.attrs["weights_source"], existing.attrs.get("backend"), job.attrs.get("backend")))
             done_paths = set(existing.paths.tolist())
             done_paths.update(e["path"] for e in existing.errors())
             stored_ids = dict(zip(existing.ids.tolist(), existing.paths.tolist()))
@@ -513,24 +525,34 @@ def _keeping_finished(writer: store.ShardWriter, kept: str):
     except NoSpace as exc:
         # checked before HDF5 wrote anything: the open shard is intact and its completion fits
         # in the margin kept free
+        at_risk, dropped = writer.open_images, ""
         try:
             writer.flush()
-        except WriteError:
-            pass  # the open shard was dropped; the earlier ones are kept
-        raise WriteError(exc.filename or writer.dir, describe_os_error(exc), kept) from exc
+        except WriteError:  # the open shard was dropped; the earlier ones are kept
+            dropped = _dropped(at_risk)
+        raise WriteError(exc.filename or writer.dir, describe_os_error(exc), kept + dropped) from exc
     except WriteError as exc:
-        writer.discard()  # the disk is full or gone: completing the open shard would fail too
-        raise WriteError(exc.path, exc.reason, kept) from exc
+        dropped = _dropped(writer.discard())  # the disk is full or gone: completing the open shard would fail too
+        raise WriteError(exc.path, exc.reason, kept + dropped) from exc
     except Exception as exc:
         if not is_write_failure(exc):
             writer.flush()
             raise
-        writer.discard()
-        raise WriteError(getattr(exc, "filename", None) or writer.dir, describe_os_error(exc), kept) from exc
+        dropped = _dropped(writer.discard())
+        raise WriteError(getattr(exc, "filename", None) or writer.dir, describe_os_error(exc), kept + dropped) from exc
     except BaseException:
         # Ctrl-C, SIGTERM or any failure: keep what is finished; the next run resumes from here.
         writer.flush()
         raise
+
+
+def _dropped(images: int) -> str:
+    """What a message adds when the disk filled inside HDF5 and the open shard was dropped."""
+    if not images:
+        return ""
+    one = images == 1
+    return (f" (the {images} image{'' if one else 's'} of the unfinished checkpoint could not be kept: "
+            f"the next run extracts {'it' if one else 'them'} again)")
 
 
 def _merge(job: _Extraction, writer: store.ShardWriter, *, previous: str | None, kept: str) -> int:

@@ -130,6 +130,11 @@ class ShardWriter:
         """Images and errors in the open shard, not yet on disk under a real name."""
         return len(self._records) + len(self._errors)
 
+    @property
+    def open_images(self) -> int:
+        """Images in the open shard (lost if it cannot be completed)."""
+        return len(self._records)
+
     def add(self, image_id: str, path: str, size: tuple, features: np.ndarray, identity=None):
         """Write one image's features into the open shard (raises :class:`mlsp.files.NoSpace`,
         with the open shard intact, when the disk cannot take them). ``identity``: its file's
@@ -206,11 +211,13 @@ class ShardWriter:
         self._next_index += 1
         self._shard, self._records, self._errors, self._bytes = None, [], [], 0
 
-    def discard(self):
-        """Drop the open shard (its images will be extracted again by the next run)."""
+    def discard(self) -> int:
+        """Drop the open shard (its images will be extracted again by the next run); the number of
+        images dropped."""
         if self._shard is None:
-            return
+            return 0
         target, f = self._shard
+        dropped = len(self._records)
         try:
             f.close()
         except Exception:  # noqa: BLE001 (any failure of HDF5 here is the one handled below)
@@ -219,6 +226,7 @@ class ShardWriter:
             _UNCLOSABLE.append(f)
         target.discard()
         self._shard, self._records, self._errors, self._bytes = None, [], [], 0
+        return dropped
 
     def close(self):
         """Complete the open shard; the same as :meth:`flush`."""

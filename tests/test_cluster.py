@@ -225,6 +225,43 @@ def test_scoring_on_the_cluster_resumes_a_killed_job_and_equals_local_scoring(cl
                                rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_killed_driver_resumes_into_the_same_store(cluster, folder, tmp_path):
+    """`mlsp extract --ray local:2` whose driver (the process that writes the store) is killed
+    with SIGKILL after its second checkpoint: the finished checkpoints are kept, and the same extraction on a cluster again finishes the store the
+    one-process run writes, each image once."""
+    from test_faults import faulty_command
+
+    out, never = tmp_path / "s.h5", tmp_path / "never"
+    env = dict(os.environ, PYTHONPATH=ROOT, MLSP_ROOT=ROOT, MLSP_FORWARD_CACHE="0")
+    driver = subprocess.Popen(faulty_command("mlsp.shards:ShardWriter.flush", 3, str(never), "extract", "--images",
+                                             folder["images"], "--net", "iv3", "--weights", "random:0", "--out", out,
+                                             "--checkpoint-every", "2", "--ray", "local:2"),
+                              cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "holding", driver.stderr.read()[-3000:]
+        tree = _children(driver.pid)
+        assert [p for p in tree if _is_ray(p)], "the driver started no Ray processes"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    # Ray's agents (runtime env, dashboard) may outlive a driver killed with SIGKILL for a while:
+    # this test's own processes, ended by their ids
+    _, alive = psutil.wait_procs(tree, timeout=20)
+    for p in alive:
+        p.kill()
+    shards = [os.path.join(str(out) + ".partial", n) for n in os.listdir(str(out) + ".partial")
+              if n.startswith("shard-")]
+    assert len(shards) == 2 and not out.exists()
+    kept = 0
+    for shard in shards:
+        with h5py.File(shard, "r") as f:
+            kept += len(f["features"])
+    result = extract(folder["images"], CONFIG, str(out), runner=cluster.runner(CONFIG, chunk_images=2))
+    assert kept >= 2 and (result.images, result.new, len(result.errors)) == (12, 12 - kept, 1)
+    assert_same_store(out, folder["one"])
+
+
 def test_ray_without_the_extra_says_how_to_install_it(monkeypatch, folder, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed
     res = CliRunner().invoke(cli.main, ["extract", "--images", folder["images"], "--net", "iv3", "--weights",
