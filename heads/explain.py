@@ -123,7 +123,21 @@ class RunModel:
 
         self.name = run_dir
         self.max_side = Run.open(run_dir, allow_unfinished=allow_unfinished).extract_config(weights).max_side
-        self.model = build_scoring_model(run_dir, weights, precision, allow_unfinished=allow_unfinished)
+        self.model = differentiable(build_scoring_model(run_dir, weights, precision, allow_unfinished=allow_unfinished))
+
+
+def differentiable(model):
+    """The scoring model from its views on: its first step, the resize to ``max_side``
+    (:class:`mlsp.layers.FitMaxSide`), rounds to 8-bit values, which has no gradient. Photos are
+    decoded at ``max_side`` already (as scoring decodes them), where that step does nothing else."""
+    import keras
+
+    from mlsp.layers import FitMaxSide
+
+    fits = [layer for layer in model.layers if isinstance(layer, FitMaxSide)]
+    if not fits:
+        return model
+    return keras.Model(fits[0].output, model.output, name=model.name)
 
 
 def explain(inputs: str | Sequence[str], scorer, out: str, *, samples: int = SAMPLES, noise: float = NOISE,
