@@ -32,7 +32,7 @@ from heads.personal.adapt import FALLBACK_SE  # noqa: E402
 from heads.personal.methods import METHODS  # noqa: E402
 from heads.personal.protocol import KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
 from heads.personal.ratings import MIN_RATINGS  # noqa: E402
-from heads.registry import HEADS  # noqa: E402
+from heads.registry import HEADS, options_help, parse_options  # noqa: E402
 from heads.schedule import FULL_EPOCH_STEPS, MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr  # noqa: E402
 from heads.targets import TARGETS  # noqa: E402
 from mlsp import api  # noqa: E402
@@ -41,8 +41,9 @@ from mlsp import backend  # noqa: E402
 from mlsp.backend import BACKENDS  # noqa: E402
 from mlsp.errors import MLSPError, NoUsableImages, RunInterrupted  # noqa: E402
 from mlsp import extract as extraction  # noqa: E402
-from mlsp.extract import PRECISIONS, ExtractConfig  # noqa: E402
+from mlsp.extract import ExtractConfig  # noqa: E402
 from mlsp.images import CROP_FRACTION, VIEW_NAMES  # noqa: E402
+from mlsp.precision import CHOICES as PRECISION_CHOICES  # noqa: E402
 from mlsp.progress import console_progress  # noqa: E402
 from mlsp.store import WIDE_GRID  # noqa: E402
 
@@ -58,7 +59,6 @@ def default_of(function, parameter):
 
 
 EXTRACT_DEFAULTS = ExtractConfig()
-PRECISION_CHOICES = (*PRECISIONS, "auto")
 
 
 def handle_errors(func):
@@ -260,7 +260,8 @@ def _echo_errors(errors, limit=10):
 @click.option("--seed", type=int, default=default_of(extraction.extract, "seed"), show_default=True,
               help="Seed of the random test and train/val splits.")
 @click.option("--out", type=click.Path(dir_okay=False),
-              help="Store file. Default: features/<dataset>/<net>_<narrow|wide>[_noaug].h5")
+              help="Store file. Default: features/<dataset>/<net>_<narrow|wide>[_noaug][_<precision>].h5, "
+                   f"the precision named unless it is {EXTRACT_DEFAULTS.precision}.")
 @click.option("--dataset", help="Dataset name for the default --out. Default: the images folder's name.")
 @click.option("--max-side", type=int, default=EXTRACT_DEFAULTS.max_side, show_default=True,
               help="Images with a longer side are resized down to it (INTER_AREA) before cropping, "
@@ -285,7 +286,7 @@ def _echo_errors(errors, limit=10):
 @click.option("--batch-window", type=click.IntRange(min=1), default=default_of(extraction.extract, "batch_window"),
               show_default=True,
               help="With --batch-views: decoded images held at most while waiting for images of the same size.")
-@click.option("--checkpoint-every", type=int, default=default_of(extraction.extract, "flush_images"), show_default=True,
+@click.option("--checkpoint-every", type=int, default=default_of(api.extract, "checkpoint_every"), show_default=True,
               help=f"Write finished images to disk every N images (and at least every "
                    f"{default_of(extraction.extract, 'flush_seconds'):g} s); an "
                    "interruption loses at most the images since the last write.")
@@ -311,7 +312,7 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, t
                              labels=labels, test_list=test_list, max_side=max_side, precision=precision,
                              threads=threads, progress=console_progress, val_fraction=val_fraction,
                              test_fraction=test_fraction, seed=seed,
-                             dataset=dataset, workers=workers, flush_images=max(1, checkpoint_every),
+                             dataset=dataset, workers=workers, checkpoint_every=max(1, checkpoint_every),
                              batch_views=batch_views, batch_window=batch_window, ray=ray_address,
                              ray_cpus_per_worker=ray_cpus_per_worker, ray_gpus_per_worker=ray_gpus_per_worker)
     except KeyboardInterrupt:
@@ -461,6 +462,25 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
     """
 
 
+HEAD_OPTION_ALIASES = ("width", "kernels")  # --width N is --head-option width=N (older spellings)
+
+
+def head_option_flags(func):
+    """``--head-option KEY=VALUE`` (repeatable; each head declares its own in the registry) and
+    its aliases, which the command receives as ``alias_<key>``."""
+    for key in reversed(HEAD_OPTION_ALIASES):
+        func = click.option(f"--{key}", f"alias_{key}", type=click.IntRange(min=1), metavar="N",
+                            help=f"Short for --head-option {key}=N.")(func)
+    return click.option("--head-option", multiple=True, metavar="KEY=VALUE",
+                        help=f"An option of the head, repeatable: {options_help()}. Defaults follow the "
+                             "features' width (`mlsp heads --net NAME` shows them per backbone).")(func)
+
+
+def _head_options(pairs, aliases) -> dict:
+    given = [f"{key[len('alias_'):]}={value}" for key, value in aliases.items() if value is not None]
+    return parse_options([*pairs, *given])
+
+
 @main.command("train", help=_TRAIN_HELP)
 @click.option("--store", "store_path", type=click.Path(dir_okay=False),
               help="Feature store (.h5). Default: the newest store under features/.")
@@ -495,13 +515,7 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
                    "views. 0: one pass, however short.")
 @click.option("--seed", type=click.IntRange(min=0), default=TrainConfig.seed, show_default=True,
               help="Seed of weights, dropout, shuffling and view draws: the same seed gives the same model.")
-@click.option("--width", type=click.IntRange(min=1),
-              help="X of the 3FC block (single3fc, pool3fc). Default: follows the features' width, "
-                   "2048 on iv3 and irv2 as in the authors' released model (`mlsp heads --net NAME` "
-                   "shows it per backbone); the paper's figure shows 3072 for pool3fc.")
-@click.option("--kernels", type=click.IntRange(min=1),
-              help="pool3fc: kernels per column of the reduced Inception module. Default: half the "
-                   "default width, 1024 on iv3 and irv2.")
+@head_option_flags
 @click.option("--memory-budget", help=_MEMORY_HELP)
 @click.option("--workers", type=click.IntRange(min=1), default=TrainConfig.workers, show_default=True,
               help="Threads reading batches ahead.")
@@ -512,12 +526,13 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar per epoch.")
 @handle_errors
 def train_command(store_path, head, out, target, epochs, lr, min_lr, lr_epochs, patience, batch_size,
-                  steps_per_epoch, seed, width, kernels, memory_budget, workers, precision,
-                  progress):
+                  steps_per_epoch, seed, head_option, memory_budget, workers, precision,
+                  progress, **aliases):
     """Train a head on a feature store; evaluate it on val and test (help: _TRAIN_HELP)."""
     _sigterm_as_interrupt()
     try:
-        result = api.train(store_path, head=head, out=out, width=width, kernels=kernels, memory_budget=memory_budget,
+        result = api.train(store_path, head=head, out=out, head_options=_head_options(head_option, aliases),
+                           memory_budget=memory_budget,
                            progress=console_progress if progress else False, target=target, epochs=epochs, lr=lr,
                            min_lr=min_lr, lr_epochs=lr_epochs, patience=patience, batch_size=batch_size,
                            steps_per_epoch=steps_per_epoch, seed=seed, workers=workers, precision=precision)
@@ -576,7 +591,7 @@ def backbones_command(names, flops_at, no_flops, as_json):
     """List the registered backbones (all, or NAMES): blocks tapped, channels in all, the least
     input side, GFLOPs of one forward pass up to the last tap, and the ImageNet weights file
     `--weights imagenet` loads (Keras' download and cache in ~/.keras/models)."""
-    rows = api.backbones(list(names) or None, flops_at=False if no_flops else tuple(flops_at))
+    rows = api.backbones(list(names) or None, flops_at=None if no_flops else tuple(flops_at))
     if as_json:
         echo_json(rows)
         return
@@ -634,8 +649,9 @@ _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (
               help="CSV to write (id, pred, pred_std[, pred_opinion_std, p1..p10][, mos, split]). "
               "Default: print the scores.")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
-@click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Backbone precision for --images. Default: the one the run's store was extracted at.")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
+              help="Backbone precision for --images (auto: as for extract). Default: the one the run's store "
+                   "was extracted at.")
 @click.option("--workers", type=int, default=default_of(api.score, "workers"), show_default=True,
               help=_WORKERS_HELP)
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
@@ -764,8 +780,8 @@ def personalize_command(run_dir, store_path, ratings, user, out, method, scale, 
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="Default: RUN_DIR/scoring_model.keras")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
-@click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Backbone precision. Default: the one the run's store was extracted at.")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
+              help="Backbone precision (auto: as for extract). Default: the one the run's store was extracted at.")
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @handle_errors
 def export_command(run_dir, out, weights, precision, allow_unfinished):

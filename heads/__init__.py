@@ -2,7 +2,7 @@
 
 Public API::
 
-    list_heads() -> list[HeadSpec]                  # the registry (no Keras import)
+    HEADS.specs() -> list[HeadSpec]                 # the registry (no Keras import); HEADS.register(spec)
     build_head(name, block_channels, *, pooling="narrow", output_bias=0.0, **options) -> keras.Model
     train(TrainConfig(head="pool3fc", store=...), progress=False) -> TrainResult
     evaluate(run_dir, store=None, *, out=None, memory_budget=None) -> {"val": {...}, "test": {...}}
@@ -23,7 +23,7 @@ import logging
 
 import wrapt
 
-from .registry import HEADS, HeadSpec, get_head, list_heads, register
+from .registry import HEADS, HeadSpec, get_head
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -48,7 +48,7 @@ _LAZY = {
     "score_images": "heads.score",
 }
 
-__all__ = ["HEADS", "HeadSpec", "get_head", "list_heads", "register", *_LAZY]
+__all__ = ["HEADS", "HeadSpec", "get_head", *_LAZY]
 
 
 def __getattr__(name):

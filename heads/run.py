@@ -19,7 +19,9 @@ from mlsp.atomic import atomic_path, describe_os_error, write_json
 from mlsp.errors import ConfigError, StoreConfigMismatch, WriteError
 from mlsp import backend
 from mlsp.extract import ExtractConfig, random_weights_advice
+from mlsp.precision import resolve_logged as resolve_precision
 from mlsp.store import FEATURES_ROOT, FeatureStore
+from mlsp.store_config import from_attrs
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
@@ -130,9 +132,13 @@ class Run:
         return keras.saving.load_model(self.model_path, compile=False, safe_mode=True)
 
     def extract_config(self, weights: str | None = None, precision: str | None = None) -> ExtractConfig:
-        """The extraction that made the run's store, with the weights file found again."""
+        """The extraction that made the run's store, with the weights file found again; ``precision``
+        (``auto`` resolved here) replaces the store's."""
         cfg = self.store_info["config"]
-        views = self.store_info.get("views") or cfg.get("views")
+        stored = from_attrs({**cfg, "net": self.store_info["net"], "pooling": self.store_info["pooling"],
+                             "views": self.store_info.get("views") or cfg.get("views")})
+        if precision:
+            stored["precision"] = resolve_precision(precision)
         source = cfg["weights_source"]
         if weights is None:
             if source == "imagenet" or source.startswith("random"):
@@ -146,10 +152,7 @@ class Run:
                         + ", which is not there now: pass it with --weights PATH"
                     )
                 weights = recorded
-        return ExtractConfig(net=self.store_info["net"], pooling=self.store_info["pooling"],
-                             augment=list(views) != ["full"], weights=weights,
-                             max_side=int(cfg.get("max_side") or 0),
-                             precision=precision or cfg.get("precision") or ExtractConfig.precision)
+        return ExtractConfig(weights=weights, **stored)
 
     def store_attr(self, key):
         """An attribute of the run's original store, if that file is still there."""

@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from mlsp.atomic import atomic_path, write_json
-from mlsp.backbones import file_sha256
+from mlsp.backbone_weights import file_sha256
+from mlsp.store_config import SCORED_KEYS
 from mlsp.errors import ImageDecodeError, ResumeError, StoreConfigMismatch
 from mlsp.extract import ExtractConfig, FeatureExtractor, collect_inputs
 from mlsp.progress import ProgressFactory, null_progress
@@ -49,7 +50,7 @@ def check_store_matches(run: Run, store: FeatureStore):
             store.path, {k: (b, a) for k, (a, b) in diff.items()},
             advice=f"The run {run.path} takes features of its own net and layout: score a store extracted "
                    "that way, or the images themselves (mlsp score RUN --images DIR).")
-    for key in ("weights_sha256", "preprocessing", "crop_fraction", "precision", "max_side"):
+    for key in SCORED_KEYS:
         a, b = info["config"].get(key), store.attrs.get(key)
         if a != b:
             log.warning("%s: %s differs from the run's store (%r, store has %r); scores may not be comparable",

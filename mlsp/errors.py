@@ -18,6 +18,10 @@ class WeightsUnavailableError(MLSPError):
     """Pretrained weights were asked for but cannot be loaded (offline, missing or bad file)."""
 
 
+class KerasGraphChanged(MLSPError):
+    """The installed Keras no longer has the graph attributes :mod:`mlsp.keras_graph` reads."""
+
+
 class LabelsError(MLSPError, ValueError):
     """A label file (AVA.txt, CSV, test list) is malformed; the message names file and line."""
 

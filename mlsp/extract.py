@@ -19,45 +19,18 @@ from typing import Sequence
 
 import numpy as np
 
-from . import backbones, backend, identity, images, store
+from . import backbone_weights, backbones, backend, folding, identity, images, store
 from .atomic import describe_os_error, is_write_failure, remove_stale_temporaries
 from .errors import ConfigError, IdentityConflict, ImageDecodeError, NoUsableImages, StoreConfigMismatch, WriteError
 from .files import NoSpace, StoreLock
+from .precision import DEFAULT as DEFAULT_PRECISION, check as check_precision, dtype_policy
 from .progress import ProgressFactory, null_progress
 from .readahead import BATCH_WINDOW, DECODE_WORKERS, PREFETCH, LocalRunner
 from .shards import FLUSH_IMAGES, FLUSH_SECONDS
-from .store_format import POOLINGS, config_attrs
+from .store_config import config_attrs, to_attrs
+from .store_format import POOLINGS
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("float32", "bfloat16", "float16")
-
-
-def resolve_precision(precision: str) -> tuple[str, str]:
-    """(precision, why) for a requested precision; ``auto`` picks bfloat16 where the hardware
-    computes it natively (a GPU of compute capability 8.0 or newer, or a CPU with AVX-512 BF16
-    or AMX), float32 elsewhere, where bfloat16 would be emulated and slower."""
-    if precision != "auto":
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be auto or one of {', '.join(PRECISIONS)}, received {precision!r}")
-        return precision, "as asked"
-    gpu = backend.gpu_bfloat16()
-    if gpu is not None:
-        return ("bfloat16" if gpu[0] else "float32"), gpu[1]
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    if native:
-        return "bfloat16", f"the CPU supports bfloat16 in hardware ({', '.join(native)})"
-    return "float32", "the CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16), so bfloat16 would be slower"
-
 
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
@@ -68,14 +41,13 @@ class ExtractConfig:
     augment: bool = True
     weights: str = "imagenet"
     max_side: int = 1024
-    precision: str = "float32"
+    precision: str = DEFAULT_PRECISION  # resolved: never "auto" (mlsp.precision.resolve)
 
     def __post_init__(self):
         backbones.get_backbone(self.net)
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, received {self.pooling!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, received {self.precision!r}")
+        check_precision(self.precision, allow_auto=False)
         if int(self.max_side) < 0:
             raise ConfigError(f"max_side must be >= 0 (0: never resize), received {self.max_side!r}")
 
@@ -93,7 +65,7 @@ class ExtractConfig:
 
     def default_store_name(self) -> str:
         name = f"{self.net}_{self.pooling}" + ("" if self.augment else "_noaug")
-        if self.precision != "float32":
+        if self.precision != DEFAULT_PRECISION:
             name += f"_{self.precision}"
         return name + ".h5"
 
@@ -123,8 +95,8 @@ class FeatureExtractor:
                 if loaded is not None:
                     self._restored, cached = loaded  # owns the variables
                     # the hash is the entry's (the key holds it); the name and place are this run's
-                    self.weights_record = backbones.weights_record(backbones.WeightsSource.parse(config.weights),
-                                                                   cached["sha256"])
+                    self.weights_record = backbone_weights.weights_record(
+                        backbone_weights.WeightsSource.parse(config.weights), cached["sha256"])
                     self._forward = backend.Forward(lambda batch: self._restored.forward(batch).numpy(), lambda: 1)
                     return
         self._forward = self._trace_forward()
@@ -144,14 +116,11 @@ class FeatureExtractor:
         from .pooling import MultiLevelPooling
 
         config, spec = self.config, self.config.spec
-        source = backbones.WeightsSource.parse(config.weights)
-        previous_policy = keras.config.dtype_policy()
-        policy = "float32" if config.precision == "float32" else f"mixed_{config.precision}"
-        keras.config.set_dtype_policy(policy)
-        try:
-            backbone, weights_record = backbones.build_backbone(spec, source)
+        source = backbone_weights.WeightsSource.parse(config.weights)
+        with dtype_policy(config.precision):
+            backbone, weights_record = backbone_weights.build_backbone(spec, source)
             if self.fold_batch_norms:
-                backbone, folded = backbones.fold_batch_norms(backbone)
+                backbone, folded = folding.fold_batch_norms(backbone)
                 log.debug("%s: %d batch norms folded into their convolutions", spec.name, folded)
             taps = backbones.tap_outputs(spec, backbone)
             channels = [int(t.shape[-1]) for t in taps]
@@ -159,8 +128,6 @@ class FeatureExtractor:
                 raise ConfigError(f"{spec.name}: tap channels {channels} differ from the registry's {spec.channels}")
             pooled = MultiLevelPooling(grid=POOLINGS[config.pooling], name="mlsp_pooling")(taps)
             model = keras.Model(backbone.input, pooled, name=f"mlsp_{spec.name}_{config.pooling}")
-        finally:
-            keras.config.set_dtype_policy(previous_policy)
         return model, weights_record
 
     def _trace_forward(self) -> backend.Forward:
@@ -176,25 +143,8 @@ class FeatureExtractor:
         return self._forward(views)
 
     def store_attrs(self) -> dict:
-        spec, cfg = self.config.spec, self.config
-        return {
-            "net": spec.name,
-            "pooling": cfg.pooling,
-            "grid": POOLINGS[cfg.pooling],
-            "block_names": list(spec.taps),
-            "block_channels": [int(c) for c in spec.channels],
-            "views": cfg.views,
-            "crop_fraction": images.CROP_FRACTION if cfg.augment else 1.0,
-            "weights": self.weights_record,
-            "weights_source": self.weights_record["source"],
-            "weights_sha256": self.weights_record["sha256"],
-            "weights_path": self.weights_record.get("path", ""),
-            "preprocessing": spec.preprocessing.name,
-            "max_side": int(cfg.max_side),
-            "decoding": images.DECODING,
-            "precision": cfg.precision,
-            **self.provenance,  # backend, backend_version, device: provenance, not configuration
-        }
+        """The store's attributes of this extraction (:func:`mlsp.store_config.to_attrs`)."""
+        return to_attrs(self.config, self.weights_record, self.provenance)
 
     def info(self) -> dict:
         """What a runner reports of its model: the store's attributes."""

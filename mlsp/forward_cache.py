@@ -41,7 +41,8 @@ import shutil
 import tempfile
 import time
 
-from . import backbones
+from . import backbone_weights
+from .store_config import FORWARD_KEYS
 from .trust import TrustIndex, tree_sha256
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def cache_root() -> str:
     """``$KERAS_HOME/mlsp/forward`` (``~/.keras/mlsp/forward`` by default)."""
-    return os.path.join(os.path.dirname(backbones.keras_cache_dir()), "mlsp", "forward")
+    return os.path.join(os.path.dirname(backbone_weights.keras_cache_dir()), "mlsp", "forward")
 
 
 def trust_index() -> TrustIndex:
@@ -90,20 +91,19 @@ def enabled() -> bool:
 def weights_identity(config) -> str:
     """What identifies the weights of ``config`` (an :class:`mlsp.extract.ExtractConfig`): the
     file's SHA-256, or ``random:SEED``. May download the ImageNet weights (as building would)."""
-    source = backbones.WeightsSource.parse(config.weights)
+    source = backbone_weights.WeightsSource.parse(config.weights)
     if source.kind == "random":
         return str(source)
-    path = backbones.fetch_imagenet_weights(config.spec) if source.kind == "imagenet" else source.path
-    return "sha256:" + backbones.file_sha256(path)
+    path = backbone_weights.fetch_imagenet_weights(config.spec) if source.kind == "imagenet" else source.path
+    return "sha256:" + backbone_weights.file_sha256(path)
 
 
 def cache_key(config, identity: str) -> dict:
     import keras
     import tensorflow as tf
 
-    return {"format": FORMAT, "net": config.net, "pooling": config.pooling, "weights": identity,
-            "precision": config.precision, "code": code_sha256(), "keras": keras.__version__,
-            "tensorflow": tf.__version__}
+    return {"format": FORMAT, **{name: getattr(config, name) for name in FORWARD_KEYS}, "weights": identity,
+            "code": code_sha256(), "keras": keras.__version__, "tensorflow": tf.__version__}
 
 
 def entry_path(key: dict) -> str:

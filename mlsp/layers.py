@@ -20,7 +20,7 @@ class FoldedBatchNorm(keras.layers.Layer):
     """What remains of a batch norm folded into the convolution before it: the identity.
 
     It keeps the batch norm's name and call signature (``training``, ``mask``), so a model
-    rebuilt with :func:`mlsp.backbones.fold_batch_norms` has the same layer names and graph."""
+    rebuilt with :func:`mlsp.folding.fold_batch_norms` has the same layer names and graph."""
 
     def call(self, inputs, training=None, mask=None):
         return inputs

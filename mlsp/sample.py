@@ -393,21 +393,21 @@ def demo_weights(net: str, weights: str = "auto") -> tuple[str, str]:
     the pipeline, so it still runs end to end offline, but its numbers then say nothing about
     aesthetics. Any other value is used as given (``imagenet`` then fails when unavailable).
     """
-    from . import backbones
+    from . import backbone_weights, backbones
     from .errors import WeightsUnavailableError
 
     if weights != "auto":
         return weights, f"weights: {weights} (as asked)"
     spec = backbones.get_backbone(net)
     try:
-        backbones.fetch_imagenet_weights(spec)
+        backbone_weights.fetch_imagenet_weights(spec)
     except WeightsUnavailableError as exc:
         reason = str(exc.__cause__ or exc).splitlines()[0][:200]
         return "random:0", (
             f"ImageNet weights for {net} are not available here ({reason}); using a RANDOM backbone "
             f"(random:0) instead. The run shows every step of the pipeline, but its accuracy says "
             f"nothing about aesthetics. For real features, put {spec.weights_file} in "
-            f"{backbones.keras_cache_dir()} (from {spec.weights_url}), or run where Keras can download it."
+            f"{backbone_weights.keras_cache_dir()} (from {spec.weights_url}), or run where Keras can download it."
         )
     return "imagenet", f"weights: ImageNet ({spec.weights_file})"
 

@@ -19,7 +19,8 @@ import numpy as np
 from .atomic import AtomicPath, is_write_failure, write_json
 from .errors import StoreConfigMismatch, StoreError
 from .files import ensure_space
-from .store_format import (as_str_array, config_differences, feature_chunks, feature_shape, open_h5, read_errors,
+from .store_config import config_differences
+from .store_format import (as_str_array, feature_chunks, feature_shape, open_h5, read_errors,
                            read_sources)
 from .identity import UNKNOWN, FileIdentity
 from .store_write import create_layout, write_errors, write_identities

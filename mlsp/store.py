@@ -24,23 +24,24 @@ import numpy as np
 
 from . import __version__
 from .errors import StoreError
-from .progress import ProgressFactory, null_progress
+from .progress import Closing, ProgressFactory, null_progress
 from .shards import (  # noqa: F401  (importable from here)
     PARTIAL_SUFFIX, ShardRecord, ShardWriter, partial_dir, remove_store, shard_number)
+from .store_config import CONFIG_KEYS, INSPECTED_KEYS, config_differences  # noqa: F401  (importable from here)
 from .store_format import (  # noqa: F401  (importable from here)
-    AUGMENTED_VIEWS, CONFIG_KEYS, FEATURES_ROOT, FORMAT_VERSION, FULL_VIEW, LABELLED_SPLITS, POOLINGS,
+    AUGMENTED_VIEWS, FEATURES_ROOT, FORMAT_VERSION, FULL_VIEW, LABELLED_SPLITS, POOLINGS,
     REQUIRED_ATTRS, REQUIRED_DATASETS, SPLITS, STR_DTYPE, WIDE_GRID, as_str_array, attr_value,
-    config_differences, decode_strings, feature_chunks, feature_shape, first_line, open_h5, read_errors,
+    decode_strings, feature_chunks, feature_shape, first_line, open_h5, read_errors,
     read_identities, read_sources)
 from .store_write import (  # noqa: F401  (importable from here)
-    create_layout, finalize_store, relabel_store, write_attrs, write_errors, write_store)
+    create_layout, finalize_store, relabel_store, write_attrs, write_errors)
 
 log = logging.getLogger(__name__)
 
 SLAB_BYTES = 64 * 2**20  # largest single read of consecutive images
 
 
-class FeatureStore:
+class FeatureStore(Closing):
     """Read access to a finished store; features stay on disk until read.
 
     >>> with FeatureStore("features/sample/irv2_wide.h5") as store:
@@ -261,12 +262,6 @@ class FeatureStore:
     def close(self):
         self._file.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __repr__(self):
         return (
             f"FeatureStore({self.path!r}, net={self.net}, pooling={self.pooling}, "
@@ -343,7 +338,7 @@ def chunk_offsets(ds: h5py.Dataset) -> np.ndarray | None:
     return offsets if offsets.size and offsets.min() >= 0 else None
 
 
-class FeatureReader:
+class FeatureReader(Closing):
     """The store's features read for training: the one other way into ``/features``.
 
     :class:`FeatureStore` opens everything a store holds; this opens ``/features`` alone, with
@@ -427,12 +422,6 @@ class FeatureReader:
             self._fd = None
         self._file.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def open_store(path: str) -> FeatureStore:
     return FeatureStore(path)
@@ -481,9 +470,7 @@ def describe(path: str, check_features: bool = False, progress: ProgressFactory 
                 info["features_check"] = "ok"
             except StoreError as exc:
                 info["features_check"] = str(exc)
-        for key in ("weights_source", "weights_sha256", "preprocessing", "crop_fraction", "max_side", "decoding",
-                    "precision", "dataset", "labels_file", "test_list", "val_fraction", "test_fraction", "seed",
-                    "labels_without_images", "backend", "backend_version", "device", "mlsp_version", "created"):
+        for key in INSPECTED_KEYS:
             if key in s.attrs:
                 info[key] = s.attrs[key]
         return info

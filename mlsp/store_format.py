@@ -1,4 +1,5 @@
-"""The feature store's format: names, shapes and the configuration keys (``features/README.md``).
+"""The feature store's format: names and shapes (``features/README.md``); its
+attributes are :mod:`mlsp.store_config`'s table.
 
 :data:`FORMAT_VERSION` is bumped whenever the format changes. Reading is :mod:`mlsp.store`,
 writing a whole store :mod:`mlsp.store_write`, an extraction's crash-safe shards
@@ -23,34 +24,19 @@ AUGMENTED_VIEWS = ("tl", "tl_flip", "tr", "tr_flip", "bl", "bl_flip", "br", "br_
 FULL_VIEW = ("full",)
 WIDE_GRID = 5  # wide pooling's grid: each block resized to 5x5
 POOLINGS = {"narrow": 1, "wide": WIDE_GRID}  # pooling -> grid side
+
+
+def pooling_of(wide: bool) -> str:
+    """The pooling's name for ``--wide`` / ``--narrow``."""
+    return "wide" if wide else "narrow"
+
+
 REQUIRED_DATASETS = ("features", "ids", "views", "mos", "votes", "split")
 # Each image's source file as it was read (mlsp.identity): size, modification time (ns), SHA-256.
 # Since format version 3; rows of older stores carry -1, -1, "" (not recorded).
 IDENTITY_DATASETS = ("file_sizes", "file_mtimes", "sha256")
 REQUIRED_ATTRS = ("format_version", "net", "pooling", "block_names", "block_channels")
-# The attributes that make two extractions produce comparable features. A store is only ever
-# extended, or scored against, under the same values.
-CONFIG_KEYS = (
-    "net",
-    "pooling",
-    "views",
-    "weights_source",
-    "weights_sha256",
-    "preprocessing",
-    "crop_fraction",
-    "max_side",
-    "decoding",
-    "precision",
-)
-# The rest of a store's attributes beside these and its layout (block_names, block_channels) is
-# description or provenance: backend, backend_version and device say where it ran, not what it is.
-
-
-def config_attrs(attrs: dict) -> dict:
-    """The configuration among a store's attributes (or an extractor's ``store_attrs()``):
-    :data:`CONFIG_KEYS` and the blocks' names and channels, without provenance."""
-    return {key: attrs.get(key) for key in CONFIG_KEYS + ("block_names", "block_channels")}
-
+# What each root attribute is, and which of them are the configuration: mlsp.store_config.
 
 STR_DTYPE = h5py.string_dtype("utf-8")
 
@@ -85,24 +71,6 @@ def feature_chunks(pooling: str, n_views: int, channels: int) -> tuple:
     if pooling == "narrow":
         return (1,) + shape
     return (1, 1) + shape[1:]
-
-
-def config_differences(have: dict, want: dict) -> dict:
-    """{key: (have, want)} for every configuration key whose values differ."""
-    diff = {}
-    for key in CONFIG_KEYS:
-        a, b = have.get(key), want.get(key)
-        if isinstance(a, np.ndarray):
-            a = a.tolist()
-        if isinstance(b, np.ndarray):
-            b = b.tolist()
-        if isinstance(a, (list, tuple)):
-            a = list(a)
-        if isinstance(b, (list, tuple)):
-            b = list(b)
-        if a != b:
-            diff[key] = (a, b)
-    return diff
 
 
 def first_line(exc: BaseException) -> str:

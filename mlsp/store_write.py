@@ -1,4 +1,4 @@
-"""Writing a feature store: a whole store from arrays, the merge of an extraction's shards
+"""Writing a feature store: its layout, the merge of an extraction's shards
 (:func:`finalize_store`), and new labels for a finished store.
 
 Every store is written under a temporary name and renamed when complete
@@ -24,7 +24,7 @@ from .errors import StoreError
 from .files import ensure_space
 from .identity import UNKNOWN
 from .progress import ProgressFactory, null_progress
-from .store_format import (AUGMENTED_VIEWS, FORMAT_VERSION, FULL_VIEW, STR_DTYPE, as_str_array, attr_value,
+from .store_format import (FORMAT_VERSION, STR_DTYPE, as_str_array, attr_value,
                            decode_strings, encode_name, feature_chunks, feature_shape, open_h5, read_errors, read_sources)
 
 log = logging.getLogger(__name__)
@@ -42,52 +42,6 @@ def write_attrs(f: h5py.File, attrs: dict):
             f.attrs.create(key, encode_name(value), dtype=STR_DTYPE)
         else:
             f.attrs[key] = value
-
-
-def write_store(
-    path: str,
-    features: np.ndarray,
-    ids: Sequence[str],
-    *,
-    net: str,
-    pooling: str,
-    block_names: Sequence[str],
-    block_channels: Sequence[int],
-    views: Sequence[str] | None = None,
-    mos=None,
-    votes=None,
-    split=None,
-    paths=None,
-    errors: Sequence[dict] = (),
-    attrs: dict | None = None,
-):
-    """Write a complete store from in-memory arrays (tests, synthetic stores, small data).
-
-    Extraction does not use this: it streams through :class:`ShardWriter` and
-    :func:`finalize_store`, which write the same layout.
-    """
-    features = np.asarray(features)
-    n = features.shape[0]
-    n_views = features.shape[1]
-    if views is None:
-        views = AUGMENTED_VIEWS if n_views == 8 else FULL_VIEW if n_views == 1 else [f"v{i}" for i in range(n_views)]
-    mos = np.full(n, np.nan, np.float32) if mos is None else np.asarray(mos, np.float32)
-    votes = np.full((n, 10), np.nan, np.float32) if votes is None else np.asarray(votes, np.float32)
-    if split is None:
-        split = np.where(np.isfinite(mos), "train", "unlabeled")
-    base = dict(attrs or {})
-    base.update(net=net, pooling=pooling, block_names=list(block_names),
-                block_channels=[int(c) for c in block_channels])
-    with AtomicPath(path) as tmp, h5py.File(tmp, "w") as f:
-        create_layout(f, n, list(views), pooling, features.shape[-1], base)
-        f["features"][...] = features.astype(np.float16)
-        f["ids"][...] = as_str_array(ids)
-        f["paths"][...] = as_str_array(paths if paths is not None else ids)
-        f["sizes"][...] = 0
-        f["mos"][...] = mos
-        f["votes"][...] = votes
-        f["split"][...] = as_str_array(split)
-        write_errors(f, errors)
 
 
 def create_layout(f: h5py.File, n: int, views: list, pooling: str, channels: int, attrs: dict):

@@ -24,7 +24,7 @@ import logging
 import os
 
 from .atomic import describe_os_error, write_json
-from .backbones import file_sha256
+from .backbone_weights import file_sha256
 from .errors import WriteError
 
 log = logging.getLogger(__name__)

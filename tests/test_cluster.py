@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from conftest import ctrl_c_after, write_image
+from helpers import ctrl_c_after, write_image
 from heads.score import score_images
 from mlsp import api
 from mlsp.extract import ExtractConfig, FeatureExtractor, extract
@@ -218,11 +218,14 @@ def test_scoring_on_the_cluster_resumes_a_killed_job_and_equals_local_scoring(cl
     assert not os.path.exists(out + ".partial")
     assert errors == local_errors
     assert frame["id"].tolist() == local["id"].tolist() and frame["path"].tolist() == local["path"].tolist()
-    np.testing.assert_allclose(frame[["pred", "pred_std"]], local[["pred", "pred_std"]], rtol=1e-6)
+    # A 1-thread worker and the 2-thread process sum convolutions in another order on AVX2 (see
+    # assert_same_store): the scores agree to float32 rounding carried through the head; pred_std,
+    # a small spread over the views, keeps an absolute bound.
+    np.testing.assert_allclose(frame[["pred", "pred_std"]], local[["pred", "pred_std"]], rtol=1e-4, atol=1e-5)
     a, b = pd.read_csv(out, dtype=str), pd.read_csv(local_csv, dtype=str)
     assert a.drop(columns=["pred", "pred_std"]).equals(b.drop(columns=["pred", "pred_std"]))
     np.testing.assert_allclose(a[["pred", "pred_std"]].astype(float), b[["pred", "pred_std"]].astype(float),
-                               rtol=1e-5)
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

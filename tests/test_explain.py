@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import saliency_worker
-from conftest import write_image
+from helpers import write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

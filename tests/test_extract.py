@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from conftest import ctrl_c_after, write_image
+from helpers import ctrl_c_after, write_image
 from mlsp import extract as ex_mod
 from mlsp.errors import StoreConfigMismatch
 from mlsp.extract import ExtractConfig, extract

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import remount, write_image
+from helpers import remount, write_image
 from synthetic import write_synthetic_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from conftest import remount, write_image
+from helpers import remount, write_image
 from mlsp import atomic, files
 from mlsp.errors import LabelsError, StoreLocked, WriteError
 from mlsp.extract import ExtractConfig, extract

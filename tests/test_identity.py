@@ -6,7 +6,7 @@ import os
 import h5py
 import pytest
 
-from conftest import write_image
+from helpers import write_image
 from mlsp import images
 from mlsp.errors import ConfigError
 from mlsp.extract import ExtractConfig, extract

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from conftest import write_image
+from helpers import write_image
 
 
 @pytest.mark.slow

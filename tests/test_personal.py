@@ -187,7 +187,7 @@ def test_cli_personalize_score_and_evaluate(world, tmp_path):
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "personal.json").read_text())
     assert meta["user"] == user and meta["method"] == "residual" and meta["scale"] == [1.0, 5.0]
-    from mlsp.backbones import file_sha256
+    from mlsp.backbone_weights import file_sha256
 
     assert meta["generic"]["sha256"] == file_sha256(os.path.join(world["run"], "model.keras"))
     other = tmp_path / "other"

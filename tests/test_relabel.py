@@ -13,9 +13,10 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import write_image
+from helpers import write_image
 from mlsp.extract import ExtractConfig, extract
-from mlsp.store import FeatureStore, write_store
+from helpers import write_store
+from mlsp.store import FeatureStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ExtractConfig(net="iv3", weights="random:0")

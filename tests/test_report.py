@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from browser import chrome
-from conftest import write_image
+from helpers import write_image
 from heads.report import SOURCES
 
 N_PHOTOS = 30

@@ -145,7 +145,7 @@ def test_read_only_and_full_disk_targets_are_one_line_with_nothing_half_written(
 
     import keras
 
-    from conftest import remount
+    from helpers import remount
 
     disk = small_disk("4m")
     remount(disk, "ro")
@@ -198,7 +198,7 @@ def _retrained_copy(run_dir, dest):
 def test_resumed_scores_never_mix_two_heads(trained, tmp_path, extractors):
     """A `score --out` interrupted, its run retrained in place, then run again: refused in one
     line naming the partial file, never finished with the first rows from the old head."""
-    from conftest import ctrl_c_after
+    from helpers import ctrl_c_after
 
     run = _retrained_copy(trained["run"], tmp_path / "run")
     shutil.copy(os.path.join(trained["run"], "model.keras"), os.path.join(run, "model.keras"))  # the old head
@@ -222,7 +222,7 @@ def test_resumed_scores_never_mix_two_heads(trained, tmp_path, extractors):
 @pytest.mark.parametrize("damage", ["bad line", "not a row", "damaged meta"])
 def test_damaged_score_partials_are_one_line(trained, tmp_path, extractors, damage):
     """A damaged ``OUT.partial`` or ``OUT.partial.json`` is one line naming it and what to do."""
-    from conftest import ctrl_c_after
+    from helpers import ctrl_c_after
 
     out = str(tmp_path / "p.csv")
     with pytest.raises(KeyboardInterrupt):

@@ -70,7 +70,7 @@ def test_cached_extractor_gives_the_same_features_and_an_altered_entry_is_refuse
 
     # an entry is found by the weights' hash: the file's name and place recorded are this run's,
     # not those of the run that wrote the entry (the file's content is never read from the cache)
-    from mlsp.backbones import file_sha256
+    from mlsp.backbone_weights import file_sha256
 
     renamed = tmp_path / "renamed.weights.h5"
     renamed.write_bytes(b"the same weights as another file, under another name")
@@ -172,7 +172,7 @@ def test_the_key_follows_the_code_that_builds_the_model(tmp_path):
 def test_a_cache_folder_that_cannot_be_written_means_no_cache(small_disk, monkeypatch, extractors, fault):
     """KERAS_HOME on read-only media or a full disk (a real tmpfs): saving keeps nothing and
     raises nothing, loading finds nothing; the run goes on as without a cache."""
-    from conftest import remount
+    from helpers import remount
     from mlsp import forward_cache
     from mlsp.extract import ExtractConfig
 

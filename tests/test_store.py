@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mlsp.errors import StoreError
-from mlsp.store import FORMAT_VERSION, FeatureStore, describe, find_latest_store, write_store
+from helpers import write_store
+from mlsp.store import FORMAT_VERSION, FeatureStore, describe, find_latest_store
 
 
 @pytest.fixture
@@ -235,6 +236,54 @@ def test_feature_reader_reads_what_the_store_holds(store):
         np.testing.assert_array_equal(got, features[rows])
         views = np.array([7, 0, 3, 3, 1, 6])
         np.testing.assert_array_equal(reader.read_views(rows, views), features[rows, views])
+
+
+def test_features_readme_lists_the_attribute_table():
+    """features/README.md's root attributes are mlsp.store_config's table, row for row (names,
+    type, meaning), and its configuration paragraph names exactly the configuration's keys."""
+    import re
+
+    from mlsp.store_config import ATTRIBUTES, CONFIG_KEYS
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "features", "README.md")).read()
+    section = text.split("## Root attributes", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    documented = [tuple(c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row)[1:-1]) for row in rows]
+    table = [(", ".join(f"`{n}`" for n in a.names), a.type, a.meaning) for a in ATTRIBUTES]
+    assert documented == table
+    paragraph = re.search(r"The configuration of a store is (.*?): extraction", text, re.S).group(1)
+    assert tuple(re.findall(r"`([^`]+)`", paragraph)) == CONFIG_KEYS
+
+
+def test_store_config_round_trip_and_what_derives_from_it(tmp_path, monkeypatch):
+    """to_attrs writes every row of the table an extraction knows; from_attrs gives back the
+    extraction; the forward cache's key and the scoring checks are the table's."""
+    from mlsp import forward_cache
+    from mlsp.extract import ExtractConfig
+    from mlsp.store_config import (ATTRIBUTES, CONFIG_KEYS, FORWARD_KEYS, SCORED_KEYS, config_attrs,
+                                   from_attrs, names, to_attrs)
+
+    record = {"source": "random:3", "sha256": "ab" * 32}
+    for config in (ExtractConfig(net="iv3", pooling="wide", augment=False, weights="random:3", max_side=0,
+                                 precision="bfloat16"),
+                   ExtractConfig(net="irv2")):
+        attrs = to_attrs(config, record, {"backend": "tensorflow", "backend_version": "x", "device": "cpu"})
+        written = set(attrs)
+        assert written == set(names()) - set(names(kind="format")) - set(names(kind="description")) | {
+            "weights", "weights_path"}
+        assert set(CONFIG_KEYS) <= written and attrs["crop_fraction"] == (0.875 if config.augment else 1.0)
+        back = ExtractConfig(weights=config.weights, **from_attrs(attrs))
+        assert back == config
+        assert set(config_attrs(attrs)) == set(CONFIG_KEYS) | {"block_names", "block_channels"}
+    assert {a.kind for a in ATTRIBUTES if set(a.names) & set(FORWARD_KEYS)} == {"configuration"}
+    assert set(SCORED_KEYS) <= set(CONFIG_KEYS)
+    import sys
+    import types
+
+    fake_tf = types.SimpleNamespace(__version__="t")
+    monkeypatch.setitem(sys.modules, "tensorflow", fake_tf)
+    key = forward_cache.cache_key(ExtractConfig(net="iv3", precision="float16", weights="random:0"), "random:0")
+    assert {k: key[k] for k in FORWARD_KEYS} == {"net": "iv3", "pooling": "narrow", "precision": "float16"}
 
 
 EDITS = {  # what a store edited by hand (or by another tool) could hold, and how it is named

@@ -19,7 +19,7 @@ import logging
 import keras
 import numpy as np
 
-from mlsp.backbones import file_sha256
+from mlsp.backbone_weights import file_sha256
 from mlsp.errors import ConfigError
 from mlsp.progress import ProgressFactory, null_progress
 from mlsp.store import SLAB_BYTES, FeatureStore
