@@ -844,8 +844,8 @@ def report_command(source, out, images_dir, saliency_dir, max_photos):
 @click.option("--noise", type=click.FloatRange(min=0), default=saliency.NOISE, show_default=True,
               help="Standard deviation of the noise as a share of the image's value range (the paper: 0.1-0.2).")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
-@click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Backbone precision. Default: the one the run's store was extracted at.")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
+              help="Backbone precision (auto: as for extract). Default: the one the run's store was extracted at.")
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @handle_errors
 def explain_command(images, run_dir, out, samples, noise, weights, precision, allow_unfinished):
