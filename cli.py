@@ -32,6 +32,7 @@ from heads.personal.adapt import FALLBACK_SE  # noqa: E402
 from heads.personal.methods import METHODS  # noqa: E402
 from heads.personal.protocol import KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
 from heads.personal.ratings import MIN_RATINGS  # noqa: E402
+from heads.pretrained import CATALOGUE_ENV  # noqa: E402
 from heads.registry import HEADS, options_help, parse_options  # noqa: E402
 from heads.schedule import FULL_EPOCH_STEPS, MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr  # noqa: E402
 from heads.targets import TARGETS  # noqa: E402
@@ -117,7 +118,8 @@ def main(verbose):
       mlsp extract --images DIR --net irv2 --wide   once per dataset: images -> feature store
       mlsp train --head pool3fc                     many times: feature store -> trained head
     Then `mlsp evaluate`, `mlsp score`, `mlsp inspect`. `mlsp sample` builds a small dataset
-    from photographs shipped with scikit-image, to try everything end to end.
+    from photographs shipped with scikit-image, to try everything end to end. `mlsp models`
+    lists the pretrained models the MLSP authors released.
 
     Exit codes: 0 done, 1 an error (one line; README, Troubleshooting), 2 a usage error,
     130 interrupted (finished work is kept).
@@ -632,6 +634,67 @@ def heads_command(nets, as_json):
                 click.echo(f"{'':<20}defaults on {n}: {options}")
     click.echo("Narrow heads also train on a wide store: each view's 5x5 grid is averaged, which equals the "
                "narrow feature.")
+
+
+@main.command("models")
+@click.argument("names", nargs=-1)
+@click.option("--catalogue", "catalogues", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help=f"A catalogue file of your own (.json or .toml, the same fields as the built-in entries) "
+                   f"whose models are added: a mirror, your team's heads (repeatable; ${CATALOGUE_ENV} names "
+                   f"such files too, joined with '{os.pathsep}'; docs/pretrained.md).")
+@click.option("--fetch", is_flag=True,
+              help="Download the NAMES given into the cache now (size and sha256 checked, mirrors tried in "
+                   "order, a broken download resumed), e.g. before going offline.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@handle_errors
+def models_command(names, catalogues, fetch, as_json):
+    """List the pretrained predictors (all, or NAMES): a backbone, its pooling and a head the
+    MLSP authors trained on AVA, ready to score photos. One line each: backbone, pooling, head,
+    views at test time, file size, whether the file is on this machine, the paper's AVA test
+    figures for its configuration, sha256 and where it comes from.
+
+    Files are fetched once into $KERAS_HOME/mlsp/models (default ~/.keras/mlsp/models) and used
+    only while their sha256 is the catalogue's."""
+    if fetch:
+        if not names:
+            raise click.UsageError("--fetch downloads the models named: give NAMES (`mlsp models` lists them)")
+        _sigterm_as_interrupt()
+        try:
+            for name in names:
+                click.echo(f"{name}: {api.fetch_model(name, catalogues=catalogues, progress=console_progress)}")
+        except KeyboardInterrupt:
+            _interrupted("the bytes downloaded so far are kept; run the same command again to resume.")
+        return
+    rows = api.models(list(names) or None, catalogues=catalogues)
+    if as_json:
+        echo_json(rows)
+        return
+    _echo_models(rows)
+
+
+def _echo_models(rows):
+    def paper(figures):
+        shown = [f"{k.upper()} {figures[k]:.3f}" for k in ("srcc", "plcc") if k in figures]
+        if "accuracy" in figures:
+            shown.append(f"acc {figures['accuracy']:.2%}")
+        return " ".join(shown) or "-"
+
+    width = max(len(r["name"]) for r in rows) + 2 if rows else 10
+    click.echo(f"{'name':<{width}}{'net':<7}{'pooling':<8}{'head':<11}{'views':<12}{'bytes':>12}  {'here':<5}"
+               f"{'paper (AVA test)':<34}{'sha256':<66}source")
+    for r in rows:
+        views = f"{r['views_count']} {r['views']}"
+        click.echo(f"{r['name']:<{width}}{r['net']:<7}{r['pooling']:<8}{r['head']:<11}{views:<12}{r['size']:>12,}  "
+                   f"{'yes' if r['cached'] else 'no':<5}{paper(r['paper']):<34}{r['sha256']:<66}{r['source']}")
+    backbones = {(r["net"], r["backbone_weights_file"]): r["backbone_weights_cached"] for r in rows
+                 if r["backbone_weights_cached"] is not None}
+    for (net, file), here in backbones.items():
+        click.echo(f"backbone {net}: ImageNet weights {file} "
+                   f"{'on this machine' if here else 'not on this machine yet (Keras downloads them on first use)'}")
+    if rows:
+        click.echo(f"Files: {os.path.dirname(os.path.dirname(rows[0]['path']))}/<name>/ (`--fetch NAMES` downloads "
+                   "them now); `--json` lists the URLs. More models: --catalogue FILE or "
+                   f"${CATALOGUE_ENV} (docs/pretrained.md).")
 
 
 _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (Ctrl-C, kill) or diverged; "

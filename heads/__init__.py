@@ -14,8 +14,10 @@ MOS or the vote distribution) and :mod:`heads.distribution` (the distribution's 
 schedule's values for a store's size), :mod:`heads.schedule_callback` (the paper's LR schedule),
 :mod:`heads.training`, :mod:`heads.run` (a run folder), :mod:`heads.evaluation`,
 :mod:`heads.score` (a run applied to a store or to image files), :mod:`heads.export` (backbone +
-head as one model), :mod:`heads.plots`, :mod:`heads.personal` (a head adapted to one person). Everything but the registry and the targets imports
-Keras, so it is loaded on first use.
+head as one model), :mod:`heads.plots`, :mod:`heads.pretrained` (the catalogue of released
+pretrained heads, fetched and checked), :mod:`heads.personal` (a head adapted to one person).
+Everything but the registry, the targets and the catalogue imports Keras, so it is loaded on
+first use.
 """
 
 import importlib

@@ -265,6 +265,31 @@ def heads(nets: Sequence[str] | None = None) -> list[dict]:
     return rows
 
 
+def models(names: Sequence[str] | None = None, *, catalogues: Sequence[str] = ()) -> list[dict]:
+    """``mlsp models``: one dict per pretrained predictor of the catalogue (or per name in
+    ``names``): backbone, pooling, head, test-time views, file size and sha256, URLs, source,
+    the paper's AVA figures, where its file is kept and whether it is there (``cached``), and
+    whether the backbone's ImageNet weights are in Keras' cache. ``catalogues``: users' catalogue
+    files to add (as ``$MLSP_MODELS`` does; docs/pretrained.md)."""
+    from heads.pretrained import add_catalogue, describe, get_pretrained, list_pretrained
+
+    for path in catalogues:
+        add_catalogue(path)
+    specs = [get_pretrained(n) for n in names] if names else list_pretrained()
+    return [describe(spec) for spec in specs]
+
+
+def fetch_model(name: str, *, catalogues: Sequence[str] = (), progress=False) -> str:
+    """The checked local path of pretrained model ``name``'s file, downloaded into the cache
+    first if it is not there (size and sha256 checked, mirrors tried in order, a broken download
+    resumed); offline, a :class:`mlsp.errors.DownloadError` says where to put a copy."""
+    from heads.pretrained import add_catalogue, fetch
+
+    for path in catalogues:
+        add_catalogue(path)
+    return fetch(name, progress=resolve_progress(progress))
+
+
 @dataclasses.dataclass
 class SampleResult:
     """What :func:`sample` made: the dataset, the weights used (and why), the store and the run."""

@@ -5,6 +5,8 @@ with a message that says what was received and what to do. The CLI turns them in
 message and a non-zero exit code; library users can catch :class:`MLSPError`.
 """
 
+import os
+
 
 class MLSPError(Exception):
     """Base class of every error mlsp raises on purpose."""
@@ -16,6 +18,35 @@ class ConfigError(MLSPError, ValueError):
 
 class WeightsUnavailableError(MLSPError):
     """Pretrained weights were asked for but cannot be loaded (offline, missing or bad file)."""
+
+
+class IntegrityError(WeightsUnavailableError):
+    """A file is not the one expected: its size or sha256 differs from the pinned one. It is never
+    used; the message names the file, what it is and what was expected."""
+
+    def __init__(self, path, found: str, expected: str, advice: str = ""):
+        self.path = str(path)
+        self.found = found
+        self.expected = expected
+        super().__init__(f"{path}: {found}, expected {expected}; refused{advice}")
+
+
+class DownloadError(WeightsUnavailableError):
+    """No source gave a valid copy of a file (offline, every URL failed, or each copy failed its
+    check). The message is one line: the file, its size and sha256, what each URL did, the URLs
+    to fetch it from by hand and where to put it."""
+
+    def __init__(self, dest, *, size: int, sha256: str, urls, failures, advice: str = "", label: str = ""):
+        self.path = str(dest)
+        self.size = size
+        self.sha256 = sha256
+        self.urls = tuple(urls)
+        self.failures = tuple(failures)
+        tried = "; ".join(self.failures) or "no URL is known for it"
+        where = f"from {' or '.join(self.urls)} " if self.urls else ""
+        super().__init__(
+            f"cannot download {label or os.path.basename(self.path)} ({tried}). Download it by hand {where}"
+            f"({size:,} bytes, sha256 {sha256}) and put it at {self.path}{advice}")
 
 
 class KerasGraphChanged(MLSPError):
