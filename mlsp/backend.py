@@ -398,3 +398,42 @@ def resize_area(images, size):
     import tensorflow as tf
 
     return tf.image.resize(images, tf.stack(size), method="area")
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients with respect to the input (saliency)
+# --------------------------------------------------------------------------------------------
+
+
+def input_gradient(fn: Callable, batch: np.ndarray) -> np.ndarray:
+    """The gradient of ``sum(fn(x))`` with respect to ``x`` at ``batch`` (a float numpy array), as
+    float32 numpy of the batch's shape. ``fn`` maps a float32 tensor of the backend to one value
+    per sample (written in ``keras.ops``); the samples are independent (inference mode), so each
+    sample's gradient is its own output's. TensorFlow: ``tf.GradientTape``; PyTorch:
+    ``torch.autograd.grad`` (autograd on, unlike :func:`compile_forward`)."""
+    current = name()
+    if current == "torch":
+        return _torch_input_gradient(fn, batch)
+    if current == "tensorflow":
+        return _tensorflow_input_gradient(fn, batch)
+    raise ConfigError(f"input gradients need KERAS_BACKEND tensorflow or torch, Keras runs on {current}")
+
+
+def _tensorflow_input_gradient(fn: Callable, batch: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(np.asarray(batch, np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        total = tf.reduce_sum(tf.cast(fn(x), tf.float32))
+    return tape.gradient(total, x).numpy()
+
+
+def _torch_input_gradient(fn: Callable, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    x = torch.tensor(np.asarray(batch, np.float32), device=_torch_device(), requires_grad=True)
+    with torch.enable_grad():
+        total = fn(x).to(torch.float32).sum()
+        (grad,) = torch.autograd.grad(total, x)
+    return grad.detach().to(torch.float32).cpu().numpy()
