@@ -25,17 +25,24 @@ TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from heads.config import TrainConfig  # noqa: E402
-from heads.registry import HEADS  # noqa: E402
+from heads.personal import AUTO, RATING_SCALE, method_names  # noqa: E402
+from heads.personal.adapt import FALLBACK_SE  # noqa: E402
+from heads.personal.methods import METHODS  # noqa: E402
+from heads.personal.protocol import KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
+from heads.personal.ratings import MIN_RATINGS  # noqa: E402
+from heads.pretrained import CATALOGUE_ENV  # noqa: E402
+from heads.registry import HEADS, options_help, parse_options  # noqa: E402
 from heads.schedule import FULL_EPOCH_STEPS, MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr  # noqa: E402
 from heads.targets import TARGETS  # noqa: E402
 from mlsp import api  # noqa: E402
 from mlsp.backbones import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
 from mlsp import backend  # noqa: E402
 from mlsp.backend import BACKENDS  # noqa: E402
-from mlsp.errors import MLSPError, RunInterrupted  # noqa: E402
+from mlsp.errors import MLSPError, NoUsableImages, RunInterrupted  # noqa: E402
 from mlsp import extract as extraction  # noqa: E402
-from mlsp.extract import PRECISIONS, ExtractConfig  # noqa: E402
+from mlsp.extract import ExtractConfig  # noqa: E402
 from mlsp.images import CROP_FRACTION, VIEW_NAMES  # noqa: E402
+from mlsp.precision import CHOICES as PRECISION_CHOICES  # noqa: E402
 from mlsp.progress import console_progress  # noqa: E402
 from mlsp.store import WIDE_GRID  # noqa: E402
 
@@ -51,12 +58,12 @@ def default_of(function, parameter):
 
 
 EXTRACT_DEFAULTS = ExtractConfig()
-PRECISION_CHOICES = (*PRECISIONS, "auto")
 
 
 def handle_errors(func):
     """Run a command, turning MLSP errors, and any OSError the library did not name (a full disk,
-    a read-only folder), into one line and exit code 1."""
+    a read-only folder), into one line and exit code 1. A closed output pipe (``mlsp inspect S |
+    head``) is left to click, which exits quietly."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -64,6 +71,8 @@ def handle_errors(func):
             return func(*args, **kwargs)
         except MLSPError as exc:
             raise click.ClickException(str(exc)) from exc
+        except BrokenPipeError:
+            raise
         except OSError as exc:
             from mlsp.atomic import describe_os_error
 
@@ -71,6 +80,13 @@ def handle_errors(func):
             raise click.ClickException(f"{where}: {describe_os_error(exc)}") from exc
 
     return wrapper
+
+
+def _check_head(ctx, param, value):
+    """--head names a registered head; a misspelt one is a usage error (exit 2), as for --net."""
+    if value is not None and value not in HEADS:
+        raise click.BadParameter(f"unknown head {value!r}; registered heads: {', '.join(HEADS)}")
+    return value
 
 
 def _select_backend(ctx, param, value):
@@ -100,7 +116,8 @@ def main(verbose):
       mlsp extract --images DIR --net irv2 --wide   once per dataset: images -> feature store
       mlsp train --head pool3fc                     many times: feature store -> trained head
     Then `mlsp evaluate`, `mlsp score`, `mlsp inspect`. `mlsp sample` builds a small dataset
-    from photographs shipped with scikit-image, to try everything end to end.
+    from photographs shipped with scikit-image, to try everything end to end. `mlsp models`
+    lists the pretrained models the MLSP authors released.
 
     Exit codes: 0 done, 1 an error (one line; README, Troubleshooting), 2 a usage error,
     130 interrupted (finished work is kept).
@@ -193,12 +210,18 @@ def ray_options(func):
                              "by every worker.")(func)
 
 
+def shown(name: str) -> str:
+    """A file name for the console: one that is not UTF-8 (Python's surrogate escapes) with its
+    odd bytes written as ``\\xff``, as ``ls -b`` would, rather than failing to print."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _echo_errors(errors, limit=10):
     if not errors:
         return
     click.echo(f"{len(errors)} inputs could not be used:", err=True)
     for e in errors[:limit]:
-        click.echo(f"  {e['path']}: {e['reason']}", err=True)
+        click.echo(f"  {shown(e['path'])}: {e['reason']}", err=True)
     if len(errors) > limit:
         click.echo(f"  ... and {len(errors) - limit} more (all of them: mlsp inspect --errors STORE)", err=True)
 
@@ -227,12 +250,18 @@ def _echo_errors(errors, limit=10):
                    "(optionally 10 vote-count columns). Images without labels are still extracted.")
 @click.option("--test-list", type=click.Path(dir_okay=False, exists=True),
               help="Ids of the test split, one per line (AVA: generic_test.jpgl).")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True),
+              default=default_of(extraction.extract, "test_fraction"), show_default=True,
+              help="Without --test-list: share of labelled images drawn for the test split, each by a hash of "
+                   "its id and --seed, so an image keeps its split when images are added (with a handful of "
+                   "images, at least one). 0: no test split. Recorded in the store.")
 @click.option("--val-fraction", type=float, default=default_of(extraction.extract, "val_fraction"), show_default=True,
               help="Share of labelled non-test images drawn at random for validation.")
 @click.option("--seed", type=int, default=default_of(extraction.extract, "seed"), show_default=True,
-              help="Seed of the train/val split.")
+              help="Seed of the random test and train/val splits.")
 @click.option("--out", type=click.Path(dir_okay=False),
-              help="Store file. Default: features/<dataset>/<net>_<narrow|wide>[_noaug].h5")
+              help="Store file. Default: features/<dataset>/<net>_<narrow|wide>[_noaug][_<precision>].h5, "
+                   f"the precision named unless it is {EXTRACT_DEFAULTS.precision}.")
 @click.option("--dataset", help="Dataset name for the default --out. Default: the images folder's name.")
 @click.option("--max-side", type=int, default=EXTRACT_DEFAULTS.max_side, show_default=True,
               help="Images with a longer side are resized down to it (INTER_AREA) before cropping, "
@@ -257,13 +286,13 @@ def _echo_errors(errors, limit=10):
 @click.option("--batch-window", type=click.IntRange(min=1), default=default_of(extraction.extract, "batch_window"),
               show_default=True,
               help="With --batch-views: decoded images held at most while waiting for images of the same size.")
-@click.option("--checkpoint-every", type=int, default=default_of(extraction.extract, "flush_images"), show_default=True,
+@click.option("--checkpoint-every", type=int, default=default_of(api.extract, "checkpoint_every"), show_default=True,
               help=f"Write finished images to disk every N images (and at least every "
                    f"{default_of(extraction.extract, 'flush_seconds'):g} s); an "
                    "interruption loses at most the images since the last write.")
 @ray_options
 @handle_errors
-def extract(files, images_dir, net, wide, augment, weights, labels, test_list, val_fraction, seed, out,
+def extract(files, images_dir, net, wide, augment, weights, labels, test_list, test_fraction, val_fraction, seed, out,
             dataset, max_side, precision, workers, threads, batch_views, batch_window,
             checkpoint_every, ray_address, ray_cpus_per_worker,
             ray_gpus_per_worker):
@@ -275,16 +304,22 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, v
     """
     if bool(files) == bool(images_dir):
         raise click.UsageError("give either --images DIR or image files, not both and not neither")
+    if test_list and click.get_current_context().get_parameter_source("test_fraction").name == "COMMANDLINE":
+        raise click.UsageError("give --test-list or --test-fraction, not both")
     _sigterm_as_interrupt()
     try:
         result = api.extract(images_dir or list(files), out, net=net, wide=wide, augment=augment, weights=weights,
                              labels=labels, test_list=test_list, max_side=max_side, precision=precision,
-                             threads=threads, progress=console_progress, val_fraction=val_fraction, seed=seed,
-                             dataset=dataset, workers=workers, flush_images=max(1, checkpoint_every),
+                             threads=threads, progress=console_progress, val_fraction=val_fraction,
+                             test_fraction=test_fraction, seed=seed,
+                             dataset=dataset, workers=workers, checkpoint_every=max(1, checkpoint_every),
                              batch_views=batch_views, batch_window=batch_window, ray=ray_address,
                              ray_cpus_per_worker=ray_cpus_per_worker, ray_gpus_per_worker=ray_gpus_per_worker)
     except KeyboardInterrupt:
         _interrupted("finished images are kept; run the same command again to resume.")
+    except NoUsableImages as exc:
+        _echo_errors(exc.errors)
+        raise
     _echo_errors(result.errors)
     rep = result.labels_report
     splits = ", ".join(f"{k} {v}" for k, v in rep.get("counts", {}).items())
@@ -338,7 +373,7 @@ def inspect(store_path, as_json, show_errors, quick):
             click.echo(f"{key:<{width}}  {value}")
     if show_errors:
         for e in api.unusable_inputs(store_path):
-            click.echo(f"{e['path']}\t{e['reason']}")
+            click.echo(f"{shown(e['path'])}\t{e['reason']}")
     if info.get("features_check", "ok") != "ok":
         raise click.ClickException(info["features_check"])
 
@@ -356,14 +391,19 @@ def inspect(store_path, as_json, show_errors, quick):
               help="auto: ImageNet weights when Keras can load them, else a random backbone, said "
                    "plainly; or imagenet, random[:SEED], or a weights file as for `mlsp extract`.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Store file. Default: features/sample/<net>_<pooling>.h5")
-@click.option("--head", default=default_of(api.sample, "head"), show_default=True,
+@click.option("--head", default=default_of(api.sample, "head"), show_default=True, callback=_check_head,
               help="Head trained on the sample's store (`mlsp heads`); pool3fc needs --wide.")
 @click.option("--train/--no-train", "do_train", default=default_of(api.sample, "train_head"), show_default=True,
               help="Also train and evaluate the head on the sample's store.")
 @click.option("--seed", type=int, default=default_of(api.sample, "seed"), show_default=True,
               help="Seed of the images, votes, split and training.")
+@click.option("--users", "n_users", type=click.IntRange(min=0), default=default_of(api.sample, "users"),
+              show_default=True,
+              help="Also write ratings.csv: N synthetic raters (scores 1..5) with planted personal taste (a few "
+                   "shared directions in the feature space, each rater's own mix, noise; the last rater is pure "
+                   "noise), and test_users.txt, for `mlsp personalize` (docs/personal.md).")
 @handle_errors
-def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
+def sample(root, n_images, net, wide, weights, out, head, do_train, seed, n_users):
     """Build the sample dataset and run the pipeline on it, end to end.
 
     The images are crops of public-domain photographs that ship with scikit-image, degraded
@@ -375,7 +415,7 @@ def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
     _sigterm_as_interrupt()
     try:
         made = api.sample(root, n_images=n_images, net=net, wide=wide, weights=weights, out=out, head=head,
-                          train_head=do_train, seed=seed, progress=console_progress)
+                          train_head=do_train, seed=seed, users=n_users, progress=console_progress)
     except KeyboardInterrupt:
         _interrupted("finished images are kept; run the same command again to resume.")
     info, result = made.info, made.extraction
@@ -383,6 +423,8 @@ def sample(root, n_images, net, wide, weights, out, head, do_train, seed):
     _echo_errors(result.errors)
     splits = ", ".join(f"{k} {v}" for k, v in result.labels_report.get("counts", {}).items())
     click.echo(f"store: {result.store}: {result.images} images ({splits})")
+    if made.ratings:
+        click.echo(f"ratings: {made.ratings} ({n_users} synthetic raters), test raters: {made.test_users}")
     if made.training is None:
         return
     _echo_metrics(made.training.metrics)
@@ -420,10 +462,30 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
     """
 
 
+HEAD_OPTION_ALIASES = ("width", "kernels")  # --width N is --head-option width=N (older spellings)
+
+
+def head_option_flags(func):
+    """``--head-option KEY=VALUE`` (repeatable; each head declares its own in the registry) and
+    its aliases, which the command receives as ``alias_<key>``."""
+    for key in reversed(HEAD_OPTION_ALIASES):
+        func = click.option(f"--{key}", f"alias_{key}", type=click.IntRange(min=1), metavar="N",
+                            help=f"Short for --head-option {key}=N.")(func)
+    return click.option("--head-option", multiple=True, metavar="KEY=VALUE",
+                        help=f"An option of the head, repeatable: {options_help()}. Defaults follow the "
+                             "features' width (`mlsp heads --net NAME` shows them per backbone).")(func)
+
+
+def _head_options(pairs, aliases) -> dict:
+    given = [f"{key[len('alias_'):]}={value}" for key, value in aliases.items() if value is not None]
+    return parse_options([*pairs, *given])
+
+
 @main.command("train", help=_TRAIN_HELP)
 @click.option("--store", "store_path", type=click.Path(dir_okay=False),
               help="Feature store (.h5). Default: the newest store under features/.")
-@click.option("--head", required=True, help=f"The head: {', '.join(HEADS)} (`mlsp heads` describes each).")
+@click.option("--head", required=True, callback=_check_head,
+              help=f"The head: {', '.join(HEADS)} (`mlsp heads` describes each).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Run folder. Default: runs/<store>-<head>-<timestamp>.")
 @click.option("--target", type=click.Choice(list(TARGETS)), default=TrainConfig.target, show_default=True,
@@ -453,13 +515,7 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
                    "views. 0: one pass, however short.")
 @click.option("--seed", type=click.IntRange(min=0), default=TrainConfig.seed, show_default=True,
               help="Seed of weights, dropout, shuffling and view draws: the same seed gives the same model.")
-@click.option("--width", type=click.IntRange(min=1),
-              help="X of the 3FC block (single3fc, pool3fc). Default: follows the features' width, "
-                   "2048 on iv3 and irv2 as in the authors' released model (`mlsp heads --net NAME` "
-                   "shows it per backbone); the paper's figure shows 3072 for pool3fc.")
-@click.option("--kernels", type=click.IntRange(min=1),
-              help="pool3fc: kernels per column of the reduced Inception module. Default: half the "
-                   "default width, 1024 on iv3 and irv2.")
+@head_option_flags
 @click.option("--memory-budget", help=_MEMORY_HELP)
 @click.option("--workers", type=click.IntRange(min=1), default=TrainConfig.workers, show_default=True,
               help="Threads reading batches ahead.")
@@ -470,12 +526,13 @@ _TRAIN_HELP = f"""Train a head on a feature store; evaluate it on val and test.
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar per epoch.")
 @handle_errors
 def train_command(store_path, head, out, target, epochs, lr, min_lr, lr_epochs, patience, batch_size,
-                  steps_per_epoch, seed, width, kernels, memory_budget, workers, precision,
-                  progress):
+                  steps_per_epoch, seed, head_option, memory_budget, workers, precision,
+                  progress, **aliases):
     """Train a head on a feature store; evaluate it on val and test (help: _TRAIN_HELP)."""
     _sigterm_as_interrupt()
     try:
-        result = api.train(store_path, head=head, out=out, width=width, kernels=kernels, memory_budget=memory_budget,
+        result = api.train(store_path, head=head, out=out, head_options=_head_options(head_option, aliases),
+                           memory_budget=memory_budget,
                            progress=console_progress if progress else False, target=target, epochs=epochs, lr=lr,
                            min_lr=min_lr, lr_epochs=lr_epochs, patience=patience, batch_size=batch_size,
                            steps_per_epoch=steps_per_epoch, seed=seed, workers=workers, precision=precision)
@@ -534,7 +591,7 @@ def backbones_command(names, flops_at, no_flops, as_json):
     """List the registered backbones (all, or NAMES): blocks tapped, channels in all, the least
     input side, GFLOPs of one forward pass up to the last tap, and the ImageNet weights file
     `--weights imagenet` loads (Keras' download and cache in ~/.keras/models)."""
-    rows = api.backbones(list(names) or None, flops_at=False if no_flops else tuple(flops_at))
+    rows = api.backbones(list(names) or None, flops_at=None if no_flops else tuple(flops_at))
     if as_json:
         echo_json(rows)
         return
@@ -577,6 +634,67 @@ def heads_command(nets, as_json):
                "narrow feature.")
 
 
+@main.command("models")
+@click.argument("names", nargs=-1)
+@click.option("--catalogue", "catalogues", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help=f"A catalogue file of your own (.json or .toml, the same fields as the built-in entries) "
+                   f"whose models are added: a mirror, your team's heads (repeatable; ${CATALOGUE_ENV} names "
+                   f"such files too, joined with '{os.pathsep}'; docs/pretrained.md).")
+@click.option("--fetch", is_flag=True,
+              help="Download the NAMES given into the cache now (size and sha256 checked, mirrors tried in "
+                   "order, a broken download resumed), e.g. before going offline.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@handle_errors
+def models_command(names, catalogues, fetch, as_json):
+    """List the pretrained predictors (all, or NAMES): a backbone, its pooling and a head the
+    MLSP authors trained on AVA, ready to score photos. One line each: backbone, pooling, head,
+    views at test time, file size, whether the file is on this machine, the paper's AVA test
+    figures for its configuration, sha256 and where it comes from.
+
+    Files are fetched once into $KERAS_HOME/mlsp/models (default ~/.keras/mlsp/models) and used
+    only while their sha256 is the catalogue's."""
+    if fetch:
+        if not names:
+            raise click.UsageError("--fetch downloads the models named: give NAMES (`mlsp models` lists them)")
+        _sigterm_as_interrupt()
+        try:
+            for name in names:
+                click.echo(f"{name}: {api.fetch_model(name, catalogues=catalogues, progress=console_progress)}")
+        except KeyboardInterrupt:
+            _interrupted("the bytes downloaded so far are kept; run the same command again to resume.")
+        return
+    rows = api.models(list(names) or None, catalogues=catalogues)
+    if as_json:
+        echo_json(rows)
+        return
+    _echo_models(rows)
+
+
+def _echo_models(rows):
+    def paper(figures):
+        shown = [f"{k.upper()} {figures[k]:.3f}" for k in ("srcc", "plcc") if k in figures]
+        if "accuracy" in figures:
+            shown.append(f"acc {figures['accuracy']:.2%}")
+        return " ".join(shown) or "-"
+
+    width = max(len(r["name"]) for r in rows) + 2 if rows else 10
+    click.echo(f"{'name':<{width}}{'net':<7}{'pooling':<8}{'head':<11}{'views':<12}{'bytes':>12}  {'here':<5}"
+               f"{'paper (AVA test)':<34}{'sha256':<66}source")
+    for r in rows:
+        views = f"{r['views_count']} {r['views']}"
+        click.echo(f"{r['name']:<{width}}{r['net']:<7}{r['pooling']:<8}{r['head']:<11}{views:<12}{r['size']:>12,}  "
+                   f"{'yes' if r['cached'] else 'no':<5}{paper(r['paper']):<34}{r['sha256']:<66}{r['source']}")
+    backbones = {(r["net"], r["backbone_weights_file"]): r["backbone_weights_cached"] for r in rows
+                 if r["backbone_weights_cached"] is not None}
+    for (net, file), here in backbones.items():
+        click.echo(f"backbone {net}: ImageNet weights {file} "
+                   f"{'on this machine' if here else 'not on this machine yet (Keras downloads them on first use)'}")
+    if rows:
+        click.echo(f"Files: {os.path.dirname(os.path.dirname(rows[0]['path']))}/<name>/ (`--fetch NAMES` downloads "
+                   "them now); `--json` lists the URLs. More models: --catalogue FILE or "
+                   f"${CATALOGUE_ENV} (docs/pretrained.md).")
+
+
 _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (Ctrl-C, kill) or diverged; "
                     "its model holds the best weights on validation loss up to then.")
 
@@ -592,15 +710,19 @@ _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (
               help="CSV to write (id, pred, pred_std[, pred_opinion_std, p1..p10][, mos, split]). "
               "Default: print the scores.")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
-@click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Backbone precision for --images. Default: the one the run's store was extracted at.")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
+              help="Backbone precision for --images (auto: as for extract). Default: the one the run's store "
+                   "was extracted at.")
 @click.option("--workers", type=int, default=default_of(api.score, "workers"), show_default=True,
               help=_WORKERS_HELP)
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
+@click.option("--user", "user_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A personal model folder of this run (`mlsp personalize`; repeatable), with --store: adds the "
+                   "column pred_<user>, on that person's scale; the features are read once for all.")
 @ray_options
 @handle_errors
 def score_command(run_dir, files, store_path, images_dir, out, weights, precision, workers, allow_unfinished,
-                  ray_address, ray_cpus_per_worker, ray_gpus_per_worker):
+                  user_dirs, ray_address, ray_cpus_per_worker, ray_gpus_per_worker):
     """Score images with a trained run: a whole store, or new image files.
 
     \b
@@ -623,7 +745,7 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
         frame = api.score(run_dir, store=store_path, images=None if store_path else images_dir or list(files),
                           out=out, weights=weights, precision=precision, workers=workers, progress=console_progress,
                           allow_unfinished=allow_unfinished, ray=ray_address, ray_cpus_per_worker=ray_cpus_per_worker,
-                          ray_gpus_per_worker=ray_gpus_per_worker)
+                          ray_gpus_per_worker=ray_gpus_per_worker, users=user_dirs)
     except KeyboardInterrupt:
         kept = f"scored images are kept in {out}.partial; run the same command again to resume."
         _interrupted(kept if out and not store_path else "nothing was written; run the same command again.")
@@ -635,12 +757,92 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
         click.echo(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
+_PERSONALIZE_HELP = f"""Adapt a run's head to one person's taste, or evaluate personalisation.
+
+    \b
+    mlsp personalize --run RUN --store STORE --ratings FILE --user ID --out DIR
+    mlsp personalize --evaluate --run RUN --store STORE --ratings FILE [--users FILE] --k 10 --k 100 --out DIR
+
+    FILE: FLICKR-AES's FLICKR-AES_image_labeled_by_each_worker.csv (worker, imagePair, score) or a
+    CSV user,image,score; images are matched to the store's ids as labels are, and ratings of
+    images not in the store are counted and left out. A person needs at least {MIN_RATINGS} ratings
+    of stored images. The person's scale (--scale) is mapped onto the generic MOS scale and back,
+    so the personal model predicts on the person's own scale.
+
+    \b
+    Methods (--method; auto chooses by cross-validation on the person's ratings and falls back to
+    the generic prediction when no method beats it by more than {FALLBACK_SE:g} standard errors):
+    {chr(10).join(f"      {s.name}: {s.description}" for s in METHODS.specs())}
+
+    DIR gets personal.json and personal.npz: the fitted part, the scale, the method, and the
+    generic model's run and SHA-256 (`mlsp score RUN --store S --user DIR` refuses another run's).
+
+    With --evaluate (the literature's protocol), for each test person, each k and each repeat, k
+    rated images are drawn for adaptation and the SRCC of the generic and the personal model is
+    computed on the person's other images; DIR gets evaluation.csv (user, k, repeat, n_adapt,
+    n_test, srcc_generic, srcc_personal), summary.json and gain_per_person.png.
+    """
+
+
+@main.command("personalize", help=_PERSONALIZE_HELP)
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The training run whose head is the generic model (a run of --target mos).")
+@click.option("--store", "store_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Feature store holding the rated images (same net, pooling and blocks as the run's).")
+@click.option("--ratings", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Ratings per person: FLICKR-AES's per-worker CSV or a CSV user,image,score.")
+@click.option("--user", help="The person to adapt to (a value of the user or worker column).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder of the personal model (or, with --evaluate, of the evaluation).")
+@click.option("--method", type=click.Choice(method_names()), default=AUTO, show_default=True,
+              help="Adaptation method; auto: chosen by cross-validation on the person's ratings.")
+@click.option("--scale", type=(float, float), default=RATING_SCALE, show_default=True, metavar="LOW HIGH",
+              help="The scale people rated on; a rating outside it is an error.")
+@click.option("--seed", type=int, default=default_of(api.personalize, "seed"), show_default=True,
+              help="Seed of the folds, the draws of --evaluate and fine-tuning.")
+@click.option("--evaluate", "do_evaluate", is_flag=True,
+              help="Run the evaluation protocol over the test raters instead of adapting one person.")
+@click.option("--users", "users_file", type=click.Path(exists=True, dir_okay=False),
+              help="With --evaluate: the test raters, one per line; the file's other raters are training raters "
+                   "(the taste method learns from them). Default: every rater is tested, none trains; FLICKR-AES's "
+                   "file needs it (its split of test workers is not shipped).")
+@click.option("--k", "ks", type=click.IntRange(min=2), multiple=True,
+              help=f"With --evaluate: images drawn per person for adaptation (repeatable). "
+                   f"Default: {' and '.join(map(str, EVAL_KS))}, as in the literature.")
+@click.option("--repeats", type=click.IntRange(min=1), default=EVAL_REPEATS, show_default=True,
+              help="With --evaluate: draws per person and k.")
+@click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
+@handle_errors
+def personalize_command(run_dir, store_path, ratings, user, out, method, scale, seed, do_evaluate, users_file, ks,
+                        repeats, allow_unfinished):
+    """Personal models (help: _PERSONALIZE_HELP)."""
+    if not do_evaluate and ks:
+        raise click.UsageError("--k is a setting of --evaluate")
+    _sigterm_as_interrupt()
+    try:
+        result = api.personalize(run_dir, store=store_path, ratings=ratings, user=user, out=out, method=method,
+                                 scale=scale, seed=seed, evaluate=do_evaluate, users=users_file, ks=ks or None,
+                                 repeats=repeats, progress=console_progress, allow_unfinished=allow_unfinished)
+    except KeyboardInterrupt:
+        _interrupted("finished draws are kept in evaluation.csv.partial; run the same command again to go on."
+                     if do_evaluate else "nothing was written.")
+    if not do_evaluate:
+        click.echo(f"{out}: personal model of {result.user} ({result.method}"
+                   + "".join(f", {k} {v:g}" for k, v in result.params.items()) + f", {result.n_ratings} ratings)")
+        return
+    for k, s in result.items():
+        click.echo(f"k = {k}: mean SRCC gain {s['mean']:+.3f} (std {s['std']:.3f} over {s['people']} people, "
+                   f"range {s['min']:+.3f} .. {s['max']:+.3f}; {s['std_over_repeats']:.3f} over repeats); "
+                   f"SRCC generic {s['srcc_generic']:.3f} -> personal {s['srcc_personal']:.3f}")
+    click.echo(f"{out}: evaluation.csv, summary.json, gain_per_person.png")
+
+
 @main.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="Default: RUN_DIR/scoring_model.keras")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
-@click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Backbone precision. Default: the one the run's store was extracted at.")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
+              help="Backbone precision (auto: as for extract). Default: the one the run's store was extracted at.")
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @handle_errors
 def export_command(run_dir, out, weights, precision, allow_unfinished):

@@ -362,7 +362,7 @@ def matmul_rate(dtype: str = "float32", n: int = 4096, reps: int = 7, warmup: in
 
 
 # one count for the benchmarks and `mlsp backbones`: the library's (Conv2D, DepthwiseConv2D, Dense)
-from mlsp.backbones import FlopCounter  # noqa: E402,F401
+from mlsp.cost import FlopCounter  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------------

@@ -29,12 +29,13 @@ def measure(backend: str, net: str, weights: str, reps: int, size: tuple, out: s
     mlsp_backend.select(backend)
     import numpy as np
 
-    from mlsp import backbones
+    from mlsp import backbone_weights, backbones
     from mlsp.extract import ExtractConfig, FeatureExtractor
     from mlsp.images import make_views
 
     if not os.path.exists(weights):
-        model, _ = backbones.build_backbone(backbones.get_backbone(net), backbones.WeightsSource.parse("random:0"))
+        model, _ = backbone_weights.build_backbone(backbones.get_backbone(net),
+                                                   backbone_weights.WeightsSource.parse("random:0"))
         model.save_weights(weights)
     fx = FeatureExtractor(ExtractConfig(net=net, weights=weights))
     rng = np.random.default_rng(0)

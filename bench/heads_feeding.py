@@ -36,7 +36,8 @@ IRV2 = [320] + [128] * 10 + [1088] + [384] * 20 + [2080] + [448] * 10
 
 def make_store(path, n_images, n_views=8, block_channels=IRV2, seed=0):
     """An irv2-shaped narrow store (random features, random MOS; 90/5/5 split)."""
-    from mlsp.store import write_store
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from helpers import write_store  # the test suite's writer of a whole store from arrays
 
     rng = np.random.default_rng(seed)
     c = sum(block_channels)

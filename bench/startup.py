@@ -50,14 +50,14 @@ threads = int(sys.argv[2])
 if threads:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-from mlsp import backbones
+from mlsp import backbone_weights, backbones, folding
 from mlsp.extract import ExtractConfig, FeatureExtractor
 mark("import mlsp.extract")
 config = ExtractConfig(net=net, weights="random:0")
 spec = config.spec
-model, record = backbones.build_backbone(spec, backbones.WeightsSource.parse("random:0"))
+model, record = backbone_weights.build_backbone(spec, backbone_weights.WeightsSource.parse("random:0"))
 mark("build backbone (random weights, hash)")
-backbones.fold_batch_norms(model)
+folding.fold_batch_norms(model)
 mark("fold batch norms")
 views = np.random.default_rng(0).integers(0, 256, (8, 328, 437, 3), dtype=np.uint8)
 fx = FeatureExtractor(config)

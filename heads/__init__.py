@@ -2,7 +2,7 @@
 
 Public API::
 
-    list_heads() -> list[HeadSpec]                  # the registry (no Keras import)
+    HEADS.specs() -> list[HeadSpec]                 # the registry (no Keras import); HEADS.register(spec)
     build_head(name, block_channels, *, pooling="narrow", output_bias=0.0, **options) -> keras.Model
     train(TrainConfig(head="pool3fc", store=...), progress=False) -> TrainResult
     evaluate(run_dir, store=None, *, out=None, memory_budget=None) -> {"val": {...}, "test": {...}}
@@ -14,8 +14,10 @@ MOS or the vote distribution) and :mod:`heads.distribution` (the distribution's 
 schedule's values for a store's size), :mod:`heads.schedule_callback` (the paper's LR schedule),
 :mod:`heads.training`, :mod:`heads.run` (a run folder), :mod:`heads.evaluation`,
 :mod:`heads.score` (a run applied to a store or to image files), :mod:`heads.export` (backbone +
-head as one model), :mod:`heads.plots`. Everything but the registry and the targets imports
-Keras, so it is loaded on first use.
+head as one model), :mod:`heads.plots`, :mod:`heads.pretrained` (the catalogue of released
+pretrained heads, fetched and checked), :mod:`heads.personal` (a head adapted to one person).
+Everything but the registry, the targets and the catalogue imports Keras, so it is loaded on
+first use.
 """
 
 import importlib
@@ -23,7 +25,7 @@ import logging
 
 import wrapt
 
-from .registry import HEADS, HeadSpec, get_head, list_heads, register
+from .registry import HEADS, HeadSpec, get_head
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -48,7 +50,7 @@ _LAZY = {
     "score_images": "heads.score",
 }
 
-__all__ = ["HEADS", "HeadSpec", "get_head", "list_heads", "register", *_LAZY]
+__all__ = ["HEADS", "HeadSpec", "get_head", *_LAZY]
 
 
 def __getattr__(name):

@@ -9,11 +9,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from mlsp.errors import ConfigError
-from mlsp.extract import PRECISIONS
+from mlsp.precision import DEFAULT as DEFAULT_PRECISION, check as check_precision
 
 from .registry import get_head
 from .schedule import MAX_AUTO_LR, PAPER, resolve_schedule
-from .targets import DEFAULT_TARGET, get_target
+from .targets import DEFAULT_TARGET, TARGETS
 
 
 @dataclasses.dataclass
@@ -52,7 +52,7 @@ class TrainConfig:
     deterministic: bool = True
     memory_budget: int | None = None
     workers: int = 2
-    precision: str = "float32"
+    precision: str = DEFAULT_PRECISION
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
@@ -83,7 +83,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive {kind.__name__}, received {value!r}")
 
         get_head(self.head)
-        get_target(self.target)
+        TARGETS.get(self.target)
         for name in ("lr_epochs", "patience", "batch_size", "workers"):
             positive(name, getattr(self, name))
         positive("epochs", self.epochs, allow_none=True)
@@ -101,8 +101,7 @@ class TrainConfig:
             raise ConfigError(f"seed must be a non-negative integer, received {self.seed!r}")
         if self.memory_budget is not None and (not isinstance(self.memory_budget, int) or self.memory_budget < 0):
             raise ConfigError(f"memory_budget must be a number of bytes >= 0, received {self.memory_budget!r}")
-        if self.precision != "auto" and self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be auto or one of {', '.join(PRECISIONS)}, received {self.precision!r}")
+        check_precision(self.precision)
         if not isinstance(self.head_options, dict):
             raise ConfigError(f"head_options must be a mapping, received {self.head_options!r}")
 

@@ -118,7 +118,8 @@ def write_outputs(out_dir: str, store: FeatureStore, predictions: Mapping[str, t
         header = ["id", "split", "mos", *columns]
         rows_out += [[store.ids[r], split, m, *values] for r, m, *values in zip(rows, mos, *columns.values())]
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    with atomic_path(os.path.join(out_dir, "predictions.csv")) as tmp, open(tmp, "w", newline="") as handle:
+    with (atomic_path(os.path.join(out_dir, "predictions.csv")) as tmp,
+          open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle):  # ids not UTF-8: bytes
         writer = csv.writer(handle)
         writer.writerow(header)
         for image_id, split, *values in rows_out:

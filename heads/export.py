@@ -2,7 +2,7 @@
 
 ``export(run_dir, out)`` writes a ``.keras`` file that loads with
 ``keras.saving.load_model(path, safe_mode=True)`` after ``import mlsp, heads`` (which register
-the layers it uses: :class:`mlsp.layers.ViewCrops`, :class:`mlsp.layers.ViewMean`,
+the layers it uses: :class:`mlsp.layers.FitMaxSide`, :class:`mlsp.layers.ViewCrops`, :class:`mlsp.layers.ViewMean`,
 :class:`mlsp.pooling.MultiLevelPooling` and the heads' layers). ``load_exported(path)`` does
 exactly that.
 
@@ -11,9 +11,11 @@ makes the run's views (4 corner crops of 87.5% and their mirror images, or the w
 and returns the mean prediction over the views, shape (batch,). A run of the ``distribution``
 target returns a dict: ``mos`` and ``opinion_std`` (batch,) and ``distribution`` (batch, 10),
 the mean histogram over the views (:class:`heads.layers.HistogramMoments` makes the first two).
-It does no decoding and no resizing: give it images as ``mlsp.images.decode_image(path, max_side)`` returns them, with the
-``max_side`` of the run's store (``Run.open(run_dir).extract_config().max_side``, 1024 by
-default), which is what ``mlsp score --images`` does.
+It applies the ``max_side`` of the run's store (:class:`mlsp.layers.FitMaxSide`: an image whose
+longer side exceeds it is resized down to it, as ``mlsp score --images`` decodes files), so a
+large photo gives the score ``mlsp score`` gives, within 8-bit rounding. It does no decoding:
+give it RGB pixels (``mlsp.images.decode_image(path)``); a JPEG of twice ``max_side`` or more
+is decoded reduced by ``mlsp score`` first, which the model cannot do (scores agree to about 1e-3).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import keras
 from mlsp.atomic import atomic_path
 from mlsp.errors import ConfigError
 from mlsp.extract import FeatureExtractor
-from mlsp.layers import ViewCrops, ViewMean
+from mlsp.layers import FitMaxSide, ViewCrops, ViewMean
 
 from .layers import HistogramMoments
 from .run import Run
@@ -45,7 +47,8 @@ def build_scoring_model(run_dir: str, weights: str | None = None, precision: str
     head = run.load_model()
     crops = ViewCrops(augment=config.augment, name="views")
     images = keras.Input((None, None, 3), name="images")
-    x = crops(images)
+    x = FitMaxSide(config.max_side, name="fit_max_side")(images)  # as `mlsp score` decodes files
+    x = crops(x)
     x = config.spec.preprocessing.layer(name="preprocess")(x)  # the net's own, from the registry
     features = extractor.model(x)
     pred = head(features)

@@ -27,7 +27,7 @@ from mlsp.store_format import POOLINGS, WIDE_GRID
 
 from .layers import BlockSplit
 from .registry import get_head
-from .targets import DEFAULT_TARGET, get_target
+from .targets import DEFAULT_TARGET, TARGETS
 
 DROPOUTS = (0.25, 0.25, 0.5)
 
@@ -133,7 +133,7 @@ def build_head(
     :func:`heads.targets.initial_bias`). ``options`` are the head's own (e.g. ``width``).
     """
     spec = get_head(name)
-    goal = get_target(target)
+    goal = TARGETS.get(target)
     block_channels = [int(c) for c in block_channels]
     opts = spec.resolve_options(options, channels=sum(block_channels))
     if not block_channels or min(block_channels) < 1:

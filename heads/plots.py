@@ -83,3 +83,28 @@ def _save(fig, path: str):
             fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
+
+
+def plot_gain_per_person(path: str, people):
+    """Each person's mean gain in SRCC of the personal over the generic model (bars, sorted, the
+    spread over repeats as error bars), one panel per k. ``people``: a DataFrame with the
+    columns k, user, mean, std (:func:`heads.personal.protocol.per_person_gain`)."""
+    plt = _pyplot()
+    ks = sorted(people["k"].unique()) or [0]
+    fig, axes = plt.subplots(len(ks), 1, figsize=(max(6.0, 0.18 * people["user"].nunique() + 2), 3.2 * len(ks)),
+                             squeeze=False)
+    for ax, k in zip(axes[:, 0], ks):
+        at = people[people["k"] == k].sort_values("mean")
+        x = np.arange(len(at))
+        ax.bar(x, at["mean"], yerr=at["std"].fillna(0), color=np.where(at["mean"] >= 0, "tab:blue", "tab:red"),
+               error_kw={"lw": 0.8, "ecolor": "0.4"})
+        ax.axhline(0, color="0.3", lw=0.8)
+        if len(at):
+            ax.axhline(at["mean"].mean(), color="tab:green", lw=1, ls="--", label=f"mean {at['mean'].mean():+.3f}")
+            ax.legend(loc="upper left")
+        ax.set_xticks(x)
+        ax.set_xticklabels(at["user"], rotation=90, fontsize=7)
+        ax.set_ylabel("SRCC gain")
+        ax.set_title(f"k = {k}: SRCC gain per person (mean over repeats)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)

@@ -1,8 +1,10 @@
 """The head registry: name -> everything mlsp needs to know about one stage-2 head.
 
-Adding a head is one :func:`register` call with a :class:`HeadSpec`. The builder is named as
-``"module:function"`` (or given as a callable), so listing heads (``mlsp heads``, the CLI's
-help) does not import Keras.
+Adding a head is one ``HEADS.register`` call with a :class:`HeadSpec` (:class:`mlsp.registry.Registry`).
+The builder is named as ``"module:function"`` (or given as a callable), so listing heads (``mlsp
+heads``, the CLI's help) does not import Keras. A head declares its own options (name, default,
+help): ``mlsp train --head-option KEY=VALUE`` and ``api.train(head_options={...})`` pass them
+through to the builder as keyword arguments, so a new option touches its head only.
 
 A builder is called as ``builder(x, block_channels, output_bias=..., outputs=..., **options)``
 with ``x`` the Keras input tensor: ``(B, C)`` narrow features for a narrow head, ``(B, 5, 5, C)``
@@ -15,11 +17,11 @@ the predicted MOS for ``outputs=1``; for the ``distribution`` target (:mod:`head
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from mlsp.errors import ConfigError
+from mlsp.registry import Registry, resolve
 
 
 PAPER_WIDTH = 2048  # the 3FC's X of Single-3FC and (the authors' code) Pool-3FC, on iv3 and irv2
@@ -53,12 +55,16 @@ class HeadSpec:
     description: str
     # name -> default: an int, or a function of the features' total channels (``None``: the paper's value)
     options: Mapping[str, int | Callable] = dataclasses.field(default_factory=dict)
+    # name -> what the option means (``--head-option``'s help); every option has one
+    option_help: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if set(self.option_help) != set(self.options):
+            raise ConfigError(f"head {self.name!r}: options {sorted(self.options)} need one help text each, "
+                              f"received help for {sorted(self.option_help)}")
 
     def resolve_builder(self) -> Callable:
-        if callable(self.builder):
-            return self.builder
-        module, _, function = self.builder.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return resolve(self.builder)
 
     def default_options(self, channels: int | None = None) -> dict:
         """The head's default options for features of ``channels`` channels in all (``None``: the paper's)."""
@@ -82,29 +88,35 @@ class HeadSpec:
         return resolved
 
 
-HEADS: dict[str, HeadSpec] = {}
+HEADS: Registry[HeadSpec] = Registry("head")
+get_head = HEADS.get  # the name most callers know
 
 
-def register(spec: HeadSpec) -> HeadSpec:
-    """Add a head; a name already taken is an error (a head is never replaced in silence)."""
-    if spec.name in HEADS:
-        raise ConfigError(f"head {spec.name} is already registered; choose another name")
-    HEADS[spec.name] = spec
-    return spec
+def parse_options(pairs: Sequence[str]) -> dict:
+    """``["width=512", "kernels=256"]`` (``--head-option KEY=VALUE``, repeated) -> ``{"width": 512, ...}``;
+    a value is an integer where it reads as one (the head checks the rest)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = str(pair).partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ConfigError(f"a head option is KEY=VALUE, received {pair!r}")
+        if key in options:
+            raise ConfigError(f"head option {key} given twice ({options[key]!r} and {value!r})")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            options[key] = value
+    return options
 
 
-def get_head(name: str) -> HeadSpec:
-    try:
-        return HEADS[name]
-    except KeyError:
-        raise ConfigError(f"unknown head {name!r}; registered heads: {', '.join(HEADS)}") from None
+def options_help() -> str:
+    """Every registered head's options and what they mean, for ``--head-option``'s help."""
+    return "; ".join(f"{spec.name}: " + ", ".join(f"{k} ({spec.option_help[k]})" for k in spec.options)
+                     for spec in HEADS.specs() if spec.options)
 
 
-def list_heads() -> list[HeadSpec]:
-    return list(HEADS.values())
-
-
-register(
+HEADS.register(
     HeadSpec(
         name="single1fc",
         builder="heads.models:single_1fc",
@@ -112,7 +124,7 @@ register(
         description="narrow features -> one Dense(1): a linear model",
     )
 )
-register(
+HEADS.register(
     HeadSpec(
         name="single3fc",
         builder="heads.models:single_3fc",
@@ -120,9 +132,10 @@ register(
         description="narrow features -> 3FC (X, X/2, X/8, 1); X = width, the paper's 2048 on iv3/irv2, "
         "by default C/5 as a power of two up to 2048 on other features",
         options={"width": feature_width},
+        option_help={"width": "X of the 3FC block; default C/5 as a power of two, 2048 on iv3/irv2"},
     )
 )
-register(
+HEADS.register(
     HeadSpec(
         name="multi3fc",
         builder="heads.models:multi_3fc",
@@ -131,7 +144,7 @@ register(
         "-> learned weighted sum",
     )
 )
-register(
+HEADS.register(
     HeadSpec(
         name="pool3fc",
         builder="heads.models:pool_3fc",
@@ -140,5 +153,7 @@ register(
         "global average pool -> 3FC (X = width; the paper's figure uses 3072, its code 2048); defaults "
         "follow the features as single3fc's (kernels = width / 2: 1024 on iv3/irv2)",
         options={"width": feature_width, "kernels": inception_kernels},
+        option_help={"width": "X of the 3FC block, as single3fc's; the paper's figure shows 3072",
+                     "kernels": "kernels per column of the reduced Inception module; default width / 2"},
     )
 )

@@ -15,10 +15,13 @@ import json
 import logging
 import os
 
-from mlsp.atomic import atomic_path, write_json
-from mlsp.errors import ConfigError, StoreConfigMismatch
-from mlsp.extract import ExtractConfig
+from mlsp.atomic import atomic_path, describe_os_error, write_json
+from mlsp.errors import ConfigError, StoreConfigMismatch, WriteError
+from mlsp import backend
+from mlsp.extract import ExtractConfig, random_weights_advice
+from mlsp.precision import resolve_logged as resolve_precision
 from mlsp.store import FEATURES_ROOT, FeatureStore
+from mlsp.store_config import from_attrs
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
@@ -72,7 +75,10 @@ class Run:
     def create(cls, run_dir: str, record: dict) -> "Run":
         """A new run folder with ``record`` as its ``config.json``."""
         cls.refuse_existing(run_dir)
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as exc:  # read-only media, a full disk: nothing of the run exists yet
+            raise WriteError(run_dir, describe_os_error(exc), "nothing was written; the store is unchanged") from exc
         run = cls(run_dir, record)
         run.save_config()
         return run
@@ -126,9 +132,13 @@ class Run:
         return keras.saving.load_model(self.model_path, compile=False, safe_mode=True)
 
     def extract_config(self, weights: str | None = None, precision: str | None = None) -> ExtractConfig:
-        """The extraction that made the run's store, with the weights file found again."""
+        """The extraction that made the run's store, with the weights file found again; ``precision``
+        (``auto`` resolved here) replaces the store's."""
         cfg = self.store_info["config"]
-        views = self.store_info.get("views") or cfg.get("views")
+        stored = from_attrs({**cfg, "net": self.store_info["net"], "pooling": self.store_info["pooling"],
+                             "views": self.store_info.get("views") or cfg.get("views")})
+        if precision:
+            stored["precision"] = resolve_precision(precision)
         source = cfg["weights_source"]
         if weights is None:
             if source == "imagenet" or source.startswith("random"):
@@ -142,10 +152,7 @@ class Run:
                         + ", which is not there now: pass it with --weights PATH"
                     )
                 weights = recorded
-        return ExtractConfig(net=self.store_info["net"], pooling=self.store_info["pooling"],
-                             augment=list(views) != ["full"], weights=weights,
-                             max_side=int(cfg.get("max_side") or 0),
-                             precision=precision or cfg.get("precision") or ExtractConfig.precision)
+        return ExtractConfig(weights=weights, **stored)
 
     def store_attr(self, key):
         """An attribute of the run's original store, if that file is still there."""
@@ -159,9 +166,12 @@ class Run:
         """The backbone's weights (``record``, as the extractor reports them) are the run's."""
         want = self.store_info["config"]["weights_sha256"]
         if record["sha256"] != want:
+            diff = {"weights_sha256": (want, record["sha256"])}
+            seeded = random_weights_advice(diff, record["source"], self.store_attr("backend"),
+                                           backend.name())
             raise StoreConfigMismatch(
-                self.path, {"weights_sha256": (want, record["sha256"])},
-                advice="Pass the backbone's weights file the run was trained with: --weights PATH.")
+                self.path, diff,
+                advice=seeded or "Pass the backbone's weights file the run was trained with: --weights PATH.")
 
 
 def default_run_dir(store_path: str, head: str, root: str = RUNS_ROOT) -> str:

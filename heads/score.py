@@ -20,8 +20,9 @@ from typing import Sequence
 import numpy as np
 
 from mlsp.atomic import atomic_path, write_json
-from mlsp.backbones import file_sha256
-from mlsp.errors import ImageDecodeError, StoreConfigMismatch
+from mlsp.backbone_weights import file_sha256
+from mlsp.store_config import SCORED_KEYS
+from mlsp.errors import ImageDecodeError, ResumeError, StoreConfigMismatch
 from mlsp.extract import ExtractConfig, FeatureExtractor, collect_inputs
 from mlsp.progress import ProgressFactory, null_progress
 from mlsp.readahead import DECODE_WORKERS, LocalRunner
@@ -49,7 +50,7 @@ def check_store_matches(run: Run, store: FeatureStore):
             store.path, {k: (b, a) for k, (a, b) in diff.items()},
             advice=f"The run {run.path} takes features of its own net and layout: score a store extracted "
                    "that way, or the images themselves (mlsp score RUN --images DIR).")
-    for key in ("weights_sha256", "preprocessing", "crop_fraction", "precision", "max_side"):
+    for key in SCORED_KEYS:
         a, b = info["config"].get(key), store.attrs.get(key)
         if a != b:
             log.warning("%s: %s differs from the run's store (%r, store has %r); scores may not be comparable",
@@ -93,14 +94,26 @@ def _stack(parts: list) -> dict:
 
 
 def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_images: int | None = None,
-                progress: ProgressFactory = null_progress, allow_unfinished: bool = False):
+                progress: ProgressFactory = null_progress, allow_unfinished: bool = False,
+                users: Sequence[str] = ()):
     """Score every image of a store with a trained run; returns a pandas DataFrame.
     ``allow_unfinished``: also an interrupted or diverged run (:meth:`heads.run.Run.open`).
     Images are read ``batch_images`` at a time; by default as many as fit in
     :data:`mlsp.store.SLAB_BYTES` (memory stays bounded whatever the store's width: 9 images of
-    irv2 wide with 8 views, 417 of iv3 narrow)."""
+    irv2 wide with 8 views, 417 of iv3 narrow). ``users``: folders of personal models of this
+    run (``mlsp personalize``), each adding a column ``pred_<user>`` on the person's scale; the
+    features are read once for all of them."""
     run = Run.open(run_dir, allow_unfinished=allow_unfinished)
-    model = run.load_model()
+    if users:
+        from .personal.people import PersonalScorer
+
+        apply = PersonalScorer(run_dir, list(users), allow_unfinished).columns
+    else:
+        model = run.load_model()
+
+        def apply(features):
+            return score_columns(view_scores(model, features))
+
     with FeatureStore(store_path) as store:
         check_store_matches(run, store)
         n = store.n_images
@@ -110,7 +123,7 @@ def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_
         try:
             for start in range(0, n, batch_images):
                 rows = np.arange(start, min(n, start + batch_images))
-                parts.append(score_columns(view_scores(model, store.read(rows))))
+                parts.append(apply(store.read(rows)))
                 bar.update(len(rows))
         finally:
             bar.close()
@@ -131,16 +144,19 @@ class ImageScorer:
         self.run = Run.open(run_dir, allow_unfinished=allow_unfinished)
         self.extractor = extractor or FeatureExtractor(config, cache=True)
         self.run.check_weights(self.extractor.weights_record)
+        self.head_sha256 = file_sha256(self.run.model_path)  # the head as loaded: a retrained run differs
         self.model = self.run.load_model()
 
     def info(self) -> dict:
-        return {"run": os.path.abspath(self.run.path), "weights": self.extractor.weights_record,
-                "precision": self.extractor.config.precision}
+        """What scored the images (``<out>.partial.json``): the run, its head by hash (a run
+        retrained into the same folder is another model), the backbone's weights and precision."""
+        return {"run": os.path.abspath(self.run.path), "head_sha256": self.head_sha256,
+                "weights": self.extractor.weights_record, "precision": self.extractor.config.precision}
 
     def configuration(self) -> dict:
         """What must be the same on every Ray worker (:mod:`mlsp.cluster`): the head (by its
         file's hash) and the backbone's configuration."""
-        return {"head_sha256": file_sha256(self.run.model_path), **self.extractor.configuration()}
+        return {"head_sha256": self.head_sha256, **self.extractor.configuration()}
 
     def load_views(self, path: str):
         return self.extractor.load_views(path)
@@ -231,36 +247,61 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
 class _PartialScores:
     """``<out>.partial``: one JSON line per scored image, appended and flushed as it comes (a line
     cut by a kill is dropped on reading, and its image scored again), and
-    ``<out>.partial.json``: what scored them. A rerun with another run, weights or precision is
-    refused, not mixed in."""
+    ``<out>.partial.json``: what scored them (the run, its head's hash, the weights, the
+    precision). A rerun with another run, a retrained head, other weights or precision is
+    refused, not mixed in; so is a damaged file, in one line that says what to do."""
 
     def __init__(self, path: str, info: dict):
         self.path, self.meta = path, path + ".json"
+        self.restart = (f"delete {self.path} and {self.meta} to score every image again, "
+                        "or write to another --out")
         self.info = json.loads(json.dumps(info, default=str))
         if os.path.exists(self.meta):
-            with open(self.meta) as handle:
-                have = json.load(handle)
+            have = self._read_meta()
             diff = {k: (have.get(k), self.info.get(k)) for k in sorted(set(have) | set(self.info))
                     if have.get(k) != self.info.get(k)}
             if diff:
-                raise StoreConfigMismatch(self.path, diff)
+                raise StoreConfigMismatch(self.path, diff, advice=f"Its images were scored by another model: "
+                                                                  f"{self.restart}.")
         else:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             write_json(self.meta, self.info)
         self.handle = None
 
+    def damaged(self, path: str, what: str) -> ResumeError:
+        return ResumeError(f"{path}: {what}; the scores of an interrupted run cannot be trusted: {self.restart}")
+
+    def _read_meta(self) -> dict:
+        try:
+            with open(self.meta) as handle:
+                have = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise self.damaged(self.meta, f"damaged ({getattr(exc, 'msg', exc)})") from None
+        if not isinstance(have, dict):
+            raise self.damaged(self.meta, "damaged (not a JSON object)")
+        return have
+
     def read(self) -> dict:
         """{path: row} of the lines complete on disk."""
         if not os.path.exists(self.path):
             return {}
-        with open(self.path) as handle:
-            text = handle.read()
+        try:
+            with open(self.path) as handle:
+                text = handle.read()
+        except UnicodeDecodeError:
+            raise self.damaged(self.path, "damaged (not text)") from None
         if not text.endswith("\n"):  # a line cut by a kill
             text = text[: text.rfind("\n") + 1]
             with open(self.path, "w") as handle:
                 handle.write(text)
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        return {r["path"]: r for r in rows}
+        rows = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                row = _partial_row(line)
+                if row is None:
+                    raise self.damaged(self.path, f"line {number} is not a scored image (damaged)")
+                rows[row["path"]] = row
+        return rows
 
     def append(self, row: dict):
         if self.handle is None:
@@ -280,9 +321,23 @@ class _PartialScores:
                 os.remove(name)
 
 
+def _partial_row(line: str) -> dict | None:
+    """One line of ``<out>.partial`` as its row, or None when it is not one."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not isinstance(row.get("id"), str):
+        return None
+    columns = row.get("columns")
+    if isinstance(columns, dict) and columns and all(isinstance(v, (int, float)) for v in columns.values()):
+        return row
+    return row if isinstance(row.get("error"), str) and columns is None else None
+
+
 def _write_csv(frame, out: str):
     with atomic_path(out, keep_extension=True) as tmp:  # the extension last: pandas infers compression from it
-        frame.to_csv(tmp, index=False, float_format="%.6g")
+        frame.to_csv(tmp, index=False, float_format="%.6g", errors="surrogateescape")  # names not UTF-8: their bytes
     log.info("wrote %d rows to %s", len(frame), out)
 
 

@@ -21,12 +21,11 @@ LR schedule watch on validation (``val_loss``); r = 1 and r = 2 are both in ``me
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 import numpy as np
 
-from mlsp.errors import ConfigError
 from mlsp.labels import N_BINS, SCORES, mos_from_votes
+from mlsp.registry import Registry, resolve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,29 +40,15 @@ class TargetSpec:
 
     def resolve_loss(self):
         """What ``model.compile(loss=...)`` takes: the name, or the function it names."""
-        if ":" not in self.loss:
-            return self.loss
-        module, _, function = self.loss.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return resolve(self.loss) if ":" in self.loss else self.loss
 
 
-TARGETS: dict[str, TargetSpec] = {
-    spec.name: spec
-    for spec in (
-        TargetSpec("mos", 1, None, "mse", "the mean opinion score; MSE (the paper's)"),
-        TargetSpec("distribution", N_BINS, "softmax", "heads.distribution:emd_loss",
-                   "the histogram of votes over the scores 1..10; EMD r = 2 (NIMA); MOS = its mean, "
-                   "opinion std = its spread"),
-    )
-}
+TARGETS: Registry[TargetSpec] = Registry("target")
+TARGETS.register(TargetSpec("mos", 1, None, "mse", "the mean opinion score; MSE (the paper's)"))
+TARGETS.register(TargetSpec("distribution", N_BINS, "softmax", "heads.distribution:emd_loss",
+                            "the histogram of votes over the scores 1..10; EMD r = 2 (NIMA); MOS = its mean, "
+                            "opinion std = its spread"))
 DEFAULT_TARGET = "mos"
-
-
-def get_target(name: str) -> TargetSpec:
-    try:
-        return TARGETS[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ import keras
 import numpy as np
 
 from mlsp import __version__, backend
-from mlsp.errors import ConfigError, RunInterrupted, StoreError, TrainingError
-from mlsp.extract import resolve_precision
+from mlsp.atomic import describe_os_error
+from mlsp.errors import ConfigError, RunInterrupted, StoreError, TrainingError, WriteError
+from mlsp.precision import DEFAULT as DEFAULT_PRECISION, dtype_policy, resolve_logged as resolve_precision
 from mlsp.progress import null_progress, resolve as resolve_progress
 from mlsp.store import FEATURES_ROOT, LABELLED_SPLITS, POOLINGS, SPLITS, WIDE_GRID, FeatureStore, find_latest_store
 
@@ -40,11 +41,11 @@ from .config import TrainConfig
 from .data import FeatureSource, TrainBatches, open_features, predict_views
 from .evaluation import EVAL_SPLITS, labelled_split, write_outputs
 from .models import build_head
-from .registry import HeadSpec, get_head, list_heads
+from .registry import HEADS, HeadSpec, get_head
 from .run import Run, default_run_dir
 from .schedule import Schedule, describe, fmt_lr
 from .schedule_callback import StepOrPlateauSchedule
-from .targets import (TargetSpec, get_target, has_votes, initial_bias, mos_of, training_labels,
+from .targets import (TARGETS, TargetSpec, has_votes, initial_bias, mos_of, training_labels,
                       validation_loss)
 
 
@@ -78,7 +79,7 @@ def check_store(store: FeatureStore, head: str) -> dict:
         raise ConfigError(
             f"head {head!r} needs wide (5x5) features, but {store.path} holds narrow ones; "
             "extract with `mlsp extract --wide`, or choose a narrow head "
-            f"({', '.join(h.name for h in list_heads() if not h.needs_wide)})"
+            f"({', '.join(h.name for h in HEADS.specs() if not h.needs_wide)})"
         )
     if store.n_images == 0:
         raise StoreError(f"{store.path}: the store holds no images")
@@ -158,9 +159,7 @@ def train(config: TrainConfig, *, progress=False) -> TrainResult:
     if config.store is None:
         log.info("no store given: using the newest one, %s", store_path)
     started = time.time()
-    precision, why = resolve_precision(config.precision)
-    if why != "as asked":
-        log.info("training precision %s: %s", precision, why)
+    precision = resolve_precision(config.precision, "training precision")
     with FeatureStore(store_path) as store:
         job = _prepare(config, store, store_path=store_path, spec=spec, goal=goal, precision=precision)
         run = Run.create(job.run_dir, _record(job))
@@ -185,7 +184,9 @@ SAVED_NOT_EVALUATED = ("stopped after its model was saved (the best weights), be
 @contextlib.contextmanager
 def _stop_marks(run: Run, kept: str):
     """A Ctrl-C in this step marks the run ``interrupted`` with what it keeps, and stops training
-    (:class:`mlsp.errors.RunInterrupted`: a KeyboardInterrupt that says so)."""
+    (:class:`mlsp.errors.RunInterrupted`: a KeyboardInterrupt that says so); a file that cannot be
+    written (a full disk while the model or the evaluation is saved) marks it ``failed``, so no
+    run that stopped stays ``running``."""
     try:
         yield
     except RunInterrupted:
@@ -193,6 +194,19 @@ def _stop_marks(run: Run, kept: str):
     except KeyboardInterrupt:
         run.save_config(status="interrupted", error=kept)
         raise RunInterrupted(run.path, kept) from None
+    except (WriteError, OSError) as exc:
+        _mark_failed(run, exc)
+        raise
+
+
+def _mark_failed(run: Run, exc: BaseException):
+    """Mark ``run`` failed with ``exc`` as its error; where even that cannot be written, say so."""
+    error = str(exc) if isinstance(exc, WriteError) else f"{type(exc).__name__}: {describe_os_error(exc)}"
+    try:
+        run.save_config(status="failed", error=error)
+    except (WriteError, OSError) as again:
+        log.warning("%s: the run could not be marked failed either (%s); it stopped at: %s", run.config_path,
+                    again, error)
 
 
 @dataclasses.dataclass
@@ -217,7 +231,7 @@ def _check_config(config) -> tuple[HeadSpec, TargetSpec]:
         raise ConfigError(f"train() takes a TrainConfig, received {type(config).__name__}")
     config.validate()
     spec = get_head(config.head)
-    goal = get_target(config.target)
+    goal = TARGETS.get(config.target)
     spec.resolve_options(config.head_options)  # an unknown option fails before the store is opened
     return spec, goal
 
@@ -380,15 +394,11 @@ def _grid(store: FeatureStore) -> int:
     return int(store.feature_shape[0]) if store.pooling == "wide" else WIDE_GRID
 
 
-def _build(head, head_options, store, output_bias, reduce_grid, target, precision="float32"):
+def _build(head, head_options, store, output_bias, reduce_grid, target, precision=DEFAULT_PRECISION):
     """The head as trained (narrow input where the grid is reduced), under a Keras dtype policy."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
-    try:
+    with dtype_policy(precision):
         return build_head(head, store.block_channels, pooling="narrow" if reduce_grid else store.pooling,
                           grid=_grid(store), output_bias=output_bias, target=target, **head_options)
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 @dataclasses.dataclass
@@ -431,13 +441,13 @@ class Fitted:
 
 
 def fit(config: TrainConfig, plan: Schedule, data: TrainingData, *, head_options: dict, history_path: str,
-        progress=False, precision: str = "float32"):
+        progress=False, precision: str = DEFAULT_PRECISION):
     """Build the head and train it with ``plan`` (the resolved schedule) at ``precision``; the
     :class:`Fitted` model holds the best weights on validation loss."""
     store, source, rows, mos, labels = data.store, data.source, data.rows, data.mos, data.labels
     head = config.head
     backend.set_random_seed(config.seed)
-    target = get_target(config.target)
+    target = TARGETS.get(config.target)
     model = _build(head, head_options, store, data.output_bias, data.reduce_grid, target.name, precision)
     model.compile(optimizer=keras.optimizers.Adam(plan.lr), loss=target.resolve_loss())
     log.info("%s: %s parameters (%s trainable)", head, f"{model.count_params():,}",

@@ -21,24 +21,26 @@ import dataclasses
 import logging
 from typing import Sequence
 
+from .backbones import FLOPS_SIZE
+from .errors import ConfigError
 from .extract import ExtractConfig
 from .progress import resolve as resolve_progress
 from .readahead import DECODE_WORKERS
+from .shards import FLUSH_IMAGES
+from .store_format import pooling_of
 from .sample import SAMPLE_IMAGES
 
 log = logging.getLogger(__name__)
 
 
-def backbones(names: Sequence[str] | None = None, *, flops_at: tuple | None = None) -> list[dict]:
+def backbones(names: Sequence[str] | None = None, *, flops_at: tuple | None = FLOPS_SIZE) -> list[dict]:
     """``mlsp backbones``: one dict per registered backbone (or per name in ``names``): blocks,
     channels, minimum input side, preprocessing, weights file, and the forward pass's GFLOPs at
-    ``flops_at`` = (height, width) (default :data:`mlsp.backbones.FLOPS_SIZE`; ``False``: not counted)."""
+    ``flops_at`` = (height, width) (``None``: not counted), as :func:`mlsp.backbones.describe`."""
     from . import backbones as registry
 
-    if flops_at is None:
-        flops_at = registry.FLOPS_SIZE
-    specs = [registry.get_backbone(n) for n in names] if names else list(registry.BACKBONES.values())
-    return [registry.describe(spec, flops_at or None) for spec in specs]
+    specs = [registry.get_backbone(n) for n in names] if names else registry.BACKBONES.specs()
+    return [registry.describe(spec, flops_at) for spec in specs]
 
 
 def ray_cluster(address: str | None = None, cpus_per_worker: float | None = None,
@@ -64,11 +66,12 @@ def info() -> dict:
     import keras
 
     from . import backend
-    from .backbones import BACKBONES, keras_cache_dir
-    from .extract import resolve_precision
+    from .backbone_weights import keras_cache_dir
+    from .backbones import BACKBONES
+    from .precision import AUTO, resolve
 
     described = backend.describe()
-    precision, why = resolve_precision("auto")
+    precision, why = resolve(AUTO)
     cache = keras_cache_dir()
     return {
         "backend": described["backend"],
@@ -78,8 +81,8 @@ def info() -> dict:
         "precision_auto": precision,
         "precision_auto_why": why,
         "weights_cache": cache,
-        "weights_cached": {name: os.path.isfile(os.path.join(cache, spec.weights_file))
-                           for name, spec in sorted(BACKBONES.items())},
+        "weights_cached": {name: os.path.isfile(os.path.join(cache, BACKBONES[name].weights_file))
+                           for name in sorted(BACKBONES)},
     }
 
 
@@ -87,42 +90,43 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = E
             wide: bool = ExtractConfig.pooling == "wide", augment: bool = ExtractConfig.augment,
             weights: str = ExtractConfig.weights, labels: str | None = None, test_list: str | None = None,
             max_side: int = ExtractConfig.max_side, precision: str = ExtractConfig.precision,
-            threads: tuple | None = None, checkpoint_every: int | None = None, workers: int = DECODE_WORKERS,
+            threads: tuple | None = None, checkpoint_every: int = FLUSH_IMAGES, workers: int = DECODE_WORKERS,
             progress=False, ray: str | None = None, ray_cpus_per_worker: float | None = None,
             ray_gpus_per_worker: float | None = None, **options):
     """``mlsp extract``: features of a folder (recursively) or a list of files into a store.
     ``ray``: an address as for ``--ray`` (``auto``, ``ray://HOST:PORT``, ``local:N``) spreads the
     images over a Ray cluster.
 
-    ``precision`` may be ``auto`` (:func:`mlsp.extract.resolve_precision`); ``threads`` is
+    ``precision`` may be ``auto`` (:func:`mlsp.precision.resolve`); ``threads`` is
     the backend's ``(intra, inter)`` (:func:`mlsp.backend.configure_threads`); ``workers``: the
     threads decoding images ahead of the model (each Ray worker's, with ``ray``); ``options`` are
     :func:`mlsp.extract.extract`'s (``val_fraction``, ``seed``, ``dataset``, ...);
-    ``checkpoint_every`` is its ``flush_images``. Returns :class:`mlsp.extract.ExtractResult`
+    ``checkpoint_every``: images kept in memory before they are saved to a shard (its ``flush_images``).
+    Returns :class:`mlsp.extract.ExtractResult`
     (``.store``, ``.images``, ``.errors``, ...)."""
     from .backend import configure_threads
-    from .extract import extract as run, resolve_precision
+    from .extract import extract as run
+    from .precision import resolve_logged
 
     if threads and not ray:
         configure_threads(*threads)
-    if checkpoint_every is not None:
-        options["flush_images"] = checkpoint_every
-    precision, why = resolve_precision(precision)
-    if why != "as asked":
-        log.info("precision %s: %s", precision, why)
-    config = ExtractConfig(net=net, pooling="wide" if wide else "narrow", augment=augment, weights=weights,
+    precision = resolve_logged(precision)
+    config = ExtractConfig(net=net, pooling=pooling_of(wide), augment=augment, weights=weights,
                            max_side=max_side, precision=precision)
     if config.weights.startswith("random"):
         log.warning("using a RANDOM backbone (weights %s): features carry no ImageNet knowledge; "
                     "fine for tests and benchmarks, meaningless for aesthetics", config.weights)
     with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker, workers) as cluster:
         return run(images, config, out, labels=labels, test_list=test_list, workers=workers,
-                   progress=resolve_progress(progress), runner=cluster.runner(config) if cluster else None, **options)
+                   progress=resolve_progress(progress), runner=cluster.runner(config) if cluster else None,
+                   flush_images=checkpoint_every, **options)
 
 
-def train(store: str | None = None, *, head: str, out: str | None = None, width: int | None = None,
-          kernels: int | None = None, memory_budget: int | str | None = None, progress=False, **options):
-    """``mlsp train``: ``options`` are :class:`heads.config.TrainConfig` fields (target, epochs,
+def train(store: str | None = None, *, head: str, out: str | None = None, head_options: dict | None = None,
+          memory_budget: int | str | None = None, progress=False, **options):
+    """``mlsp train``: ``head_options`` are the head's own (``{"width": 512}``; each head declares
+    them in :data:`heads.registry.HEADS`, ``mlsp heads`` lists them); ``options`` are
+    :class:`heads.config.TrainConfig` fields (target, epochs,
     lr, min_lr, lr_epochs, patience, batch_size, steps_per_epoch, seed, workers); an unknown one
     is an error; lr, min_lr and steps_per_epoch not given are chosen from the store's size
     (:func:`heads.schedule.resolve_schedule`). ``memory_budget``: bytes, or a size like
@@ -130,8 +134,7 @@ def train(store: str | None = None, *, head: str, out: str | None = None, width:
     from heads.config import TrainConfig
     from heads.training import train as run
 
-    head_options = {k: v for k, v in (("width", width), ("kernels", kernels)) if v is not None}
-    config = TrainConfig.from_dict({"head": head, "store": store, "out": out, "head_options": head_options,
+    config = TrainConfig.from_dict({"head": head, "store": store, "out": out, "head_options": dict(head_options or {}),
                                     "memory_budget": _bytes(memory_budget), **options})
     return run(config, progress=resolve_progress(progress))
 
@@ -155,23 +158,25 @@ def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None,
 def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str] | None = None,
           out: str | None = None, weights: str | None = None, precision: str | None = None,
           workers: int = DECODE_WORKERS, progress: bool = False, allow_unfinished: bool = False, ray: str | None = None,
-          ray_cpus_per_worker: float | None = None, ray_gpus_per_worker: float | None = None):
+          ray_cpus_per_worker: float | None = None, ray_gpus_per_worker: float | None = None,
+          users: Sequence[str] = ()):
     """``mlsp score``: a pandas DataFrame (id, pred, pred_std[, pred_opinion_std, p1..p10 for a
     run of the distribution target][, mos, split]) for every image of ``store``, or of the image
     files ``images`` (then files that could not be used are in ``frame.attrs["errors"]``).
     ``allow_unfinished``: also an interrupted or diverged run. ``ray`` (with ``images``): score
-    on a Ray cluster, as for :func:`extract`."""
+    on a Ray cluster, as for :func:`extract`. ``users``: personal model folders of this run
+    (:func:`personalize`), with ``store``: one more column ``pred_<user>`` each."""
     from heads.score import score_images, score_store
-
-    from .errors import ConfigError
 
     if (store is None) == (images is None):
         raise ConfigError("score() takes either store= or images=")
     if ray and store is not None:
         raise ConfigError("--ray scores image files (--images); a store is scored on this machine")
+    if users and store is None:
+        raise ConfigError("personal models (--user) score a store: extract the images into one first")
     if store is not None:
         return score_store(run_dir, store, out, progress=resolve_progress(progress),
-                           allow_unfinished=allow_unfinished)
+                           allow_unfinished=allow_unfinished, users=users)
     with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker, workers) as cluster:
         frame, errors = score_images(run_dir, images, out, weights=weights, precision=precision, workers=workers,
                                      progress=resolve_progress(progress), allow_unfinished=allow_unfinished,
@@ -210,21 +215,46 @@ def heads(nets: Sequence[str] | None = None) -> list[dict]:
     """``mlsp heads``: every registered head with its default options and its parameter count on
     the features of each backbone in ``nets`` (default: the paper's two)."""
     from heads.models import build_head
-    from heads.registry import list_heads
+    from heads.registry import HEADS
 
     from .backbones import BACKBONES, PAPER_BACKBONES
 
     rows = []
-    for spec in list_heads():
+    for spec in HEADS.specs():
         row = {"name": spec.name, "features": "wide" if spec.needs_wide else "narrow (or wide: grid mean)",
                "description": spec.description, "options": {}, "params": {}}
         for net in nets or PAPER_BACKBONES:
             backbone = BACKBONES[net]
             row["options"][net] = spec.default_options(backbone.total_channels)
-            model = build_head(spec.name, backbone.channels, pooling="wide" if spec.needs_wide else "narrow")
+            model = build_head(spec.name, backbone.channels, pooling=pooling_of(spec.needs_wide))
             row["params"][net] = model.count_params()
         rows.append(row)
     return rows
+
+
+def models(names: Sequence[str] | None = None, *, catalogues: Sequence[str] = ()) -> list[dict]:
+    """``mlsp models``: one dict per pretrained predictor of the catalogue (or per name in
+    ``names``): backbone, pooling, head, test-time views, file size and sha256, URLs, source,
+    the paper's AVA figures, where its file is kept and whether it is there (``cached``), and
+    whether the backbone's ImageNet weights are in Keras' cache. ``catalogues``: users' catalogue
+    files to add (as ``$MLSP_MODELS`` does; docs/pretrained.md)."""
+    from heads.pretrained import add_catalogue, describe, get_pretrained, list_pretrained
+
+    for path in catalogues:
+        add_catalogue(path)
+    specs = [get_pretrained(n) for n in names] if names else list_pretrained()
+    return [describe(spec) for spec in specs]
+
+
+def fetch_model(name: str, *, catalogues: Sequence[str] = (), progress=False) -> str:
+    """The checked local path of pretrained model ``name``'s file, downloaded into the cache
+    first if it is not there (size and sha256 checked, mirrors tried in order, a broken download
+    resumed); offline, a :class:`mlsp.errors.DownloadError` says where to put a copy."""
+    from heads.pretrained import add_catalogue, fetch
+
+    for path in catalogues:
+        add_catalogue(path)
+    return fetch(name, progress=resolve_progress(progress))
 
 
 @dataclasses.dataclass
@@ -236,29 +266,64 @@ class SampleResult:
     weights_note: str
     extraction: object  # mlsp.extract.ExtractResult
     training: object | None  # heads.training.TrainResult, or None with train_head=False
+    ratings: str | None = None  # with users: the synthetic raters' ratings.csv
+    test_users: str | None = None  # with users: their test raters, one per line
 
 
 def sample(root: str = "data/sample", *, n_images: int = SAMPLE_IMAGES, net: str = "iv3", wide: bool = False,
            weights: str = "auto", out: str | None = None, head: str = "single1fc", train_head: bool = True,
-           seed: int = 0, progress=False) -> SampleResult:
+           seed: int = 0, users: int = 0, progress=False) -> SampleResult:
     """``mlsp sample``: build the sample dataset in ``root`` (:func:`mlsp.sample.build_sample`),
     extract it into a fresh store (an earlier store of the sample is removed: its images were
     just rebuilt) and, with ``train_head``, train and evaluate ``head`` on it with `mlsp train`'s
     defaults. ``weights="auto"``: ImageNet when Keras can load them, else a random backbone,
-    said plainly in the log and in ``weights_note``."""
+    said plainly in the log and in ``weights_note``. ``users``: that many synthetic raters with
+    planted personal taste rate every image (``ratings.csv`` and ``test_users.txt`` beside the
+    labels, :func:`mlsp.sample.write_sample_ratings`), for ``mlsp personalize``."""
     from .extract import default_store_path, extract as run_extract
-    from .sample import build_sample, demo_weights
+    from .sample import build_sample, demo_weights, write_sample_ratings
     from .shards import remove_store
 
     info = build_sample(root, n_images=n_images, seed=seed)
     log.info("sample: %d images in %s, votes in %s", info.n_images, info.images_dir, info.labels_path)
     weights, why = demo_weights(net, weights)
     (log.warning if weights.startswith("random") else log.info)(why)
-    config = ExtractConfig(net=net, pooling="wide" if wide else "narrow", weights=weights)
+    config = ExtractConfig(net=net, pooling=pooling_of(wide), weights=weights)
     out = out or default_store_path(config, "sample")
     remove_store(out)
     extraction = run_extract(info.images_dir, config, out, labels=info.labels_path, test_list=info.test_list_path,
                              val_fraction=0.2, seed=seed, dataset="sample", progress=resolve_progress(progress))
+    rated = (write_sample_ratings(extraction.store, root, users, seed, info.labels_without_images)
+             if users else (None, None))
     training = train(extraction.store, head=head, seed=seed, progress=progress) if train_head else None
-    return SampleResult(info, weights, why, extraction, training)
+    return SampleResult(info, weights, why, extraction, training, *rated)
 
+
+
+def personalize(run_dir: str, *, store: str, ratings: str, user: str | None = None, out: str,
+                method: str | None = None, scale: tuple | None = None, seed: int = 0, evaluate: bool = False,
+                users: str | None = None, ks: Sequence[int] | None = None, repeats: int | None = None,
+                progress=False, allow_unfinished: bool = False):
+    """``mlsp personalize``: adapt the run's head to ``user`` from their ``ratings`` (FLICKR-AES's
+    per-worker file or a ``user,image,score`` CSV) of images in ``store`` and save the personal
+    model in ``out`` (returns :class:`heads.personal.PersonalModel`); with ``evaluate``, run the
+    literature's protocol instead (k of each test person's ratings to adapt, the rest to test,
+    ``repeats`` times; ``users``: a file of the test raters) into the folder ``out`` and return
+    its summary per k. ``method``: ``auto`` (cross-validation) or one of
+    :data:`heads.personal.METHODS`; ``scale``: the ratings' (low, high). ``None``: the defaults
+    of :mod:`heads.personal` (auto, 1..5, k 10 and 100, 10 repeats)."""
+    from heads import personal
+    from heads.personal import protocol
+
+    options = {"method": method or personal.AUTO, "scale": scale or personal.RATING_SCALE, "seed": seed,
+               "progress": resolve_progress(progress), "allow_unfinished": allow_unfinished}
+    if evaluate:
+        if user is not None:
+            raise ConfigError("--evaluate tests every rater of --users (or all); it takes no --user")
+        return personal.evaluate(run_dir, store, ratings, out, users_file=users, ks=ks or protocol.KS,
+                                 repeats=repeats or protocol.REPEATS, **options)
+    if user is None:
+        raise ConfigError("personalize needs --user ID (or --evaluate)")
+    if users is not None:
+        raise ConfigError("--users lists the test raters of --evaluate; adapting one person takes --user")
+    return personal.personalize(run_dir, store, ratings, user, out, **options)

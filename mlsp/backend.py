@@ -11,7 +11,9 @@ PyTorch. What differs per backend is only:
 - device, version and thread queries (:func:`describe`, :func:`devices`,
   :func:`configure_threads`), and whether the accelerator computes bfloat16 natively
   (:func:`gpu_bfloat16`);
-- TensorFlow's op determinism for training (:func:`deterministic_ops`).
+- TensorFlow's op determinism for training (:func:`deterministic_ops`);
+- resizing to a size known only when the model runs (:func:`resize_area`, the exported model's
+  ``max_side``): ``keras.ops.image.resize`` takes only sizes known when the graph is built.
 
 The backend is chosen the Keras way: ``KERAS_BACKEND`` (or ``~/.keras/keras.json``), read
 when Keras is first imported; :func:`select` sets it before that. The PyTorch route never
@@ -155,6 +157,33 @@ def set_random_seed(seed: int):
 
     name()
     keras.utils.set_random_seed(int(seed))
+
+
+def loss_and_gradients(loss_fn: Callable, variables) -> tuple:
+    """``loss_fn()`` (a scalar tensor computed from Keras ``variables``) and its gradients with
+    respect to them, on the active backend; inside :func:`compile_step` or eagerly."""
+    if name() == "torch":
+        import torch
+
+        with torch.enable_grad():
+            loss = loss_fn()
+            grads = torch.autograd.grad(loss, [v.value for v in variables])
+        return loss.detach(), list(grads)
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        loss = loss_fn()
+    return loss, tape.gradient(loss, [v.value for v in variables])
+
+
+def compile_step(fn: Callable) -> Callable:
+    """A small training step compiled once for any batch size: a ``tf.function`` on TensorFlow
+    (an eager step of a tiny model costs far more than its arithmetic); as it is on PyTorch."""
+    if name() == "torch":
+        return fn
+    import tensorflow as tf
+
+    return tf.function(fn, reduce_retracing=True)
 
 
 def check_extraction():
@@ -354,3 +383,18 @@ def deterministic_ops(enabled: bool = True):
     finally:
         if not was:
             tf_config.disable_op_determinism()
+
+
+def resize_area(images, size):
+    """(B, H, W, C) float images -> (B, h, w, C) by area averaging (OpenCV's INTER_AREA when
+    shrinking); ``size`` (h, w) may be tensors computed from the input's shape."""
+    import keras
+
+    if keras.backend.backend() == "torch":
+        import torch
+
+        chw = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), size=[int(s) for s in size], mode="area")
+        return chw.permute(0, 2, 3, 1)
+    import tensorflow as tf
+
+    return tf.image.resize(images, tf.stack(size), method="area")

@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 
 from . import __version__
 from .errors import ClusterError, ConfigError, ImageDecodeError
+from .progress import Closing
 from .readahead import DECODE_WORKERS
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def plan(nodes: list[dict], address: Address, cpus: float | None, gpus: float | 
     return float(cpus), float(gpus), count
 
 
-class Cluster:
+class Cluster(Closing):
     """A connection to Ray and a pool of :class:`Worker` actors, reused by every job given to it.
 
     ``Cluster("local:2")`` starts Ray on this machine (stopped again by :meth:`close`);
@@ -233,12 +234,6 @@ class Cluster:
         if self.started:
             self.ray.shutdown()
             self.started = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _lost_errors(ray):

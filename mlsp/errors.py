@@ -5,6 +5,8 @@ with a message that says what was received and what to do. The CLI turns them in
 message and a non-zero exit code; library users can catch :class:`MLSPError`.
 """
 
+import os
+
 
 class MLSPError(Exception):
     """Base class of every error mlsp raises on purpose."""
@@ -16,6 +18,39 @@ class ConfigError(MLSPError, ValueError):
 
 class WeightsUnavailableError(MLSPError):
     """Pretrained weights were asked for but cannot be loaded (offline, missing or bad file)."""
+
+
+class IntegrityError(WeightsUnavailableError):
+    """A file is not the one expected: its size or sha256 differs from the pinned one. It is never
+    used; the message names the file, what it is and what was expected."""
+
+    def __init__(self, path, found: str, expected: str, advice: str = ""):
+        self.path = str(path)
+        self.found = found
+        self.expected = expected
+        super().__init__(f"{path}: {found}, expected {expected}; refused{advice}")
+
+
+class DownloadError(WeightsUnavailableError):
+    """No source gave a valid copy of a file (offline, every URL failed, or each copy failed its
+    check). The message is one line: the file, its size and sha256, what each URL did, the URLs
+    to fetch it from by hand and where to put it."""
+
+    def __init__(self, dest, *, size: int, sha256: str, urls, failures, advice: str = "", label: str = ""):
+        self.path = str(dest)
+        self.size = size
+        self.sha256 = sha256
+        self.urls = tuple(urls)
+        self.failures = tuple(failures)
+        tried = "; ".join(self.failures) or "no URL is known for it"
+        where = f"from {' or '.join(self.urls)} " if self.urls else ""
+        super().__init__(
+            f"cannot download {label or os.path.basename(self.path)} ({tried}). Download it by hand {where}"
+            f"({size:,} bytes, sha256 {sha256}) and put it at {self.path}{advice}")
+
+
+class KerasGraphChanged(MLSPError):
+    """The installed Keras no longer has the graph attributes :mod:`mlsp.keras_graph` reads."""
 
 
 class LabelsError(MLSPError, ValueError):
@@ -33,6 +68,18 @@ class ImageDecodeError(MLSPError):
 
 class StoreError(MLSPError):
     """A feature store is missing, malformed, or of an unsupported format version."""
+
+
+class NoUsableImages(MLSPError):
+    """Not one input of an extraction could be used, so no store was written; ``errors`` lists
+    every input with its reason (``{"id", "path", "reason"}``)."""
+
+    def __init__(self, where, errors):
+        self.errors = list(errors)
+        first = self.errors[0] if self.errors else {"path": where, "reason": "no inputs"}
+        more = f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
+        super().__init__(f"{where}: none of the {len(self.errors)} inputs could be used, so no store was written; "
+                         f"{first['path']}: {first['reason']}{more}")
 
 
 class StoreConfigMismatch(StoreError):
@@ -60,6 +107,21 @@ def _summary(value, limit: int = 4) -> str:
     return repr(value)
 
 
+class IdentityConflict(StoreError):
+    """A file differs from the one stored under its path (:mod:`mlsp.identity`); ``conflicts``:
+    ``(path, key, stored identity, identity now)`` each."""
+
+    def __init__(self, store, conflicts):
+        self.store = str(store)
+        self.conflicts = list(conflicts)
+        path, key, was, now = self.conflicts[0]
+        more = f" (and {len(self.conflicts) - 1} more such files)" if len(self.conflicts) > 1 else ""
+        super().__init__(
+            f"{path}: a different file than the {key} stored in {store} ({was.describe()}; this one: "
+            f"{now.describe()}){more}; a store never replaces an image: rename the new file, or extract "
+            "into another --out")
+
+
 class StoreLocked(StoreError):
     """Another process is writing the store (see :class:`mlsp.files.StoreLock`)."""
 
@@ -69,6 +131,24 @@ class StoreLocked(StoreError):
         super().__init__(
             f"{path} is being written by another mlsp process ({holder or 'pid unknown'}): one writer per "
             "store; wait for it to finish, or write to another --out")
+
+
+class ResumeError(MLSPError):
+    """What an interrupted run left to resume from is damaged or was made by something else; the
+    message names the file and what to do (delete it to start over)."""
+
+
+class StoreLockUnavailable(StoreError):
+    """The store's lock cannot be taken (another user's lock file, a file system without locks):
+    nothing is written, since one writer per store could not be guaranteed."""
+
+    def __init__(self, path, lock_path, reason: str):
+        self.path = str(path)
+        self.lock_path = str(lock_path)
+        super().__init__(
+            f"{lock_path}: cannot take the store's lock ({reason}); nothing was written. One writer per "
+            "store: wait for the other writer, delete the lock file if no mlsp process writes the store, "
+            "or write to another --out on a local disk")
 
 
 class WriteError(MLSPError):

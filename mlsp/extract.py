@@ -19,45 +19,18 @@ from typing import Sequence
 
 import numpy as np
 
-from . import backbones, backend, images, store
+from . import backbone_weights, backbones, backend, folding, identity, images, store
 from .atomic import describe_os_error, is_write_failure, remove_stale_temporaries
-from .errors import ConfigError, ImageDecodeError, StoreConfigMismatch, WriteError
+from .errors import ConfigError, IdentityConflict, ImageDecodeError, NoUsableImages, StoreConfigMismatch, WriteError
 from .files import NoSpace, StoreLock
+from .precision import DEFAULT as DEFAULT_PRECISION, check as check_precision, dtype_policy
 from .progress import ProgressFactory, null_progress
 from .readahead import BATCH_WINDOW, DECODE_WORKERS, PREFETCH, LocalRunner
 from .shards import FLUSH_IMAGES, FLUSH_SECONDS
-from .store_format import POOLINGS, config_attrs
+from .store_config import config_attrs, to_attrs
+from .store_format import POOLINGS
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("float32", "bfloat16", "float16")
-
-
-def resolve_precision(precision: str) -> tuple[str, str]:
-    """(precision, why) for a requested precision; ``auto`` picks bfloat16 where the hardware
-    computes it natively (a GPU of compute capability 8.0 or newer, or a CPU with AVX-512 BF16
-    or AMX), float32 elsewhere, where bfloat16 would be emulated and slower."""
-    if precision != "auto":
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be auto or one of {', '.join(PRECISIONS)}, received {precision!r}")
-        return precision, "as asked"
-    gpu = backend.gpu_bfloat16()
-    if gpu is not None:
-        return ("bfloat16" if gpu[0] else "float32"), gpu[1]
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    if native:
-        return "bfloat16", f"the CPU supports bfloat16 in hardware ({', '.join(native)})"
-    return "float32", "the CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16), so bfloat16 would be slower"
-
 
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
@@ -68,14 +41,13 @@ class ExtractConfig:
     augment: bool = True
     weights: str = "imagenet"
     max_side: int = 1024
-    precision: str = "float32"
+    precision: str = DEFAULT_PRECISION  # resolved: never "auto" (mlsp.precision.resolve)
 
     def __post_init__(self):
         backbones.get_backbone(self.net)
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, received {self.pooling!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, received {self.precision!r}")
+        check_precision(self.precision, allow_auto=False)
         if int(self.max_side) < 0:
             raise ConfigError(f"max_side must be >= 0 (0: never resize), received {self.max_side!r}")
 
@@ -93,7 +65,7 @@ class ExtractConfig:
 
     def default_store_name(self) -> str:
         name = f"{self.net}_{self.pooling}" + ("" if self.augment else "_noaug")
-        if self.precision != "float32":
+        if self.precision != DEFAULT_PRECISION:
             name += f"_{self.precision}"
         return name + ".h5"
 
@@ -123,8 +95,8 @@ class FeatureExtractor:
                 if loaded is not None:
                     self._restored, cached = loaded  # owns the variables
                     # the hash is the entry's (the key holds it); the name and place are this run's
-                    self.weights_record = backbones.weights_record(backbones.WeightsSource.parse(config.weights),
-                                                                   cached["sha256"])
+                    self.weights_record = backbone_weights.weights_record(
+                        backbone_weights.WeightsSource.parse(config.weights), cached["sha256"])
                     self._forward = backend.Forward(lambda batch: self._restored.forward(batch).numpy(), lambda: 1)
                     return
         self._forward = self._trace_forward()
@@ -144,14 +116,11 @@ class FeatureExtractor:
         from .pooling import MultiLevelPooling
 
         config, spec = self.config, self.config.spec
-        source = backbones.WeightsSource.parse(config.weights)
-        previous_policy = keras.config.dtype_policy()
-        policy = "float32" if config.precision == "float32" else f"mixed_{config.precision}"
-        keras.config.set_dtype_policy(policy)
-        try:
-            backbone, weights_record = backbones.build_backbone(spec, source)
+        source = backbone_weights.WeightsSource.parse(config.weights)
+        with dtype_policy(config.precision):
+            backbone, weights_record = backbone_weights.build_backbone(spec, source)
             if self.fold_batch_norms:
-                backbone, folded = backbones.fold_batch_norms(backbone)
+                backbone, folded = folding.fold_batch_norms(backbone)
                 log.debug("%s: %d batch norms folded into their convolutions", spec.name, folded)
             taps = backbones.tap_outputs(spec, backbone)
             channels = [int(t.shape[-1]) for t in taps]
@@ -159,8 +128,6 @@ class FeatureExtractor:
                 raise ConfigError(f"{spec.name}: tap channels {channels} differ from the registry's {spec.channels}")
             pooled = MultiLevelPooling(grid=POOLINGS[config.pooling], name="mlsp_pooling")(taps)
             model = keras.Model(backbone.input, pooled, name=f"mlsp_{spec.name}_{config.pooling}")
-        finally:
-            keras.config.set_dtype_policy(previous_policy)
         return model, weights_record
 
     def _trace_forward(self) -> backend.Forward:
@@ -176,25 +143,8 @@ class FeatureExtractor:
         return self._forward(views)
 
     def store_attrs(self) -> dict:
-        spec, cfg = self.config.spec, self.config
-        return {
-            "net": spec.name,
-            "pooling": cfg.pooling,
-            "grid": POOLINGS[cfg.pooling],
-            "block_names": list(spec.taps),
-            "block_channels": [int(c) for c in spec.channels],
-            "views": cfg.views,
-            "crop_fraction": images.CROP_FRACTION if cfg.augment else 1.0,
-            "weights": self.weights_record,
-            "weights_source": self.weights_record["source"],
-            "weights_sha256": self.weights_record["sha256"],
-            "weights_path": self.weights_record.get("path", ""),
-            "preprocessing": spec.preprocessing.name,
-            "max_side": int(cfg.max_side),
-            "decoding": images.DECODING,
-            "precision": cfg.precision,
-            **self.provenance,  # backend, backend_version, device: provenance, not configuration
-        }
+        """The store's attributes of this extraction (:func:`mlsp.store_config.to_attrs`)."""
+        return to_attrs(self.config, self.weights_record, self.provenance)
 
     def info(self) -> dict:
         """What a runner reports of its model: the store's attributes."""
@@ -262,14 +212,17 @@ def collect_inputs(inputs: str | Sequence[str]) -> tuple[list[str], list[str], l
     return paths, images.image_ids(paths, root), skipped, root
 
 
-def _label_function(labels_file, test_list, val_fraction, seed, report):
+def _label_function(labels_file, test_list, val_fraction, seed, report, test_fraction=0.0):
+    """``ids -> (mos, votes, split)``; ``labels_file`` and ``test_list`` are files, or what a
+    store kept of them (:class:`mlsp.labels.Labels`, a list of test ids; see :func:`_LabelSources`)."""
     from . import labels as labels_mod
 
-    labels = labels_mod.read_labels(labels_file) if labels_file else None
-    test_ids = labels_mod.read_test_list(test_list) if test_list else []
+    labels = labels_mod.read_labels(labels_file) if isinstance(labels_file, (str, os.PathLike)) else labels_file
+    test_ids = labels_mod.read_test_list(test_list) if isinstance(test_list, (str, os.PathLike)) else test_list
 
     def label_fn(ids):
-        mos, votes, split, rep = labels_mod.assign_splits(list(ids), labels, test_ids, val_fraction, seed)
+        mos, votes, split, rep = labels_mod.assign_splits(list(ids), labels, test_ids, val_fraction, seed,
+                                                          test_fraction)
         report.update(rep)
         return mos, votes, split
 
@@ -284,6 +237,7 @@ def extract(
     labels: str | None = None,
     test_list: str | None = None,
     val_fraction: float = 0.05,
+    test_fraction: float = 0.2,
     seed: int = 0,
     dataset: str | None = None,
     workers: int = DECODE_WORKERS,
@@ -308,6 +262,10 @@ def extract(
     :class:`~mlsp.errors.WriteError` (finished images kept). Unusable inputs are recorded in
     the store's ``/errors`` and never stop the run. ``progress`` is a progress factory
     (:mod:`mlsp.progress`).
+    Splits: ``test_list`` names the test images; without one, ``test_fraction`` of the labelled
+    images are drawn for test by a hash of their id and ``seed`` (:func:`mlsp.labels.random_test`:
+    an image keeps its split when images are added); ``val_fraction`` of the other labelled
+    images go to val. Labels and a test list the store records stay unless new ones are given.
     ``runner`` runs the model (default: a :class:`mlsp.readahead.LocalRunner` in this process; a
     :class:`mlsp.cluster.ClusterRunner` spreads the images over a Ray cluster, the rest is the same).
     ``batch_views``: views per model call; the views of several images of the same size are
@@ -316,9 +274,11 @@ def extract(
     the same whatever the batching.
     """
     started = time.monotonic()
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), received {val_fraction!r}")
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), received {value!r}")
     paths, ids, skipped, root = collect_inputs(inputs)
+    dataset_given = dataset is not None
     dataset = dataset or os.path.basename(root.rstrip(os.sep)) or "dataset"
     out = out or default_store_path(config, dataset)
     try:
@@ -327,21 +287,20 @@ def extract(
         raise WriteError(os.path.dirname(os.path.abspath(out)), describe_os_error(exc), "nothing was written") from exc
     lock = StoreLock(out).acquire()  # before anything slow: a second writer is refused at once
     try:
-        if os.path.exists(out) and labels is None and test_list is None:
-            labels, test_list = _stored_label_sources(out)
+        sources = _LabelSources.of(out, labels, test_list)
         report: dict = {}
         # Labels are read before any image, so a malformed file fails at once.
-        label_fn = _label_function(labels, test_list, val_fraction, seed, report)
+        test_fraction = 0.0 if sources.test_list is not None else float(test_fraction)  # a test list decides
+        label_fn = _label_function(sources.labels, sources.test_list, val_fraction, seed, report, test_fraction)
         runner = runner or LocalRunner(extractor or FeatureExtractor(config, cache=True), workers, prefetch,
                                        default_batch_views() if batch_views is None else batch_views, batch_window)
-        attrs = {**runner.info(), "dataset": dataset,
-                 "labels_file": os.path.abspath(labels) if labels else "",
-                 "test_list": os.path.abspath(test_list) if test_list else "",
-                 "val_fraction": float(val_fraction), "seed": int(seed)}
+        attrs = {**runner.info(), "dataset": dataset, "labels_file": sources.labels_file,
+                 "test_list": sources.test_list_file, "val_fraction": float(val_fraction),
+                 "test_fraction": test_fraction, "seed": int(seed)}
         return _extract_locked(_Extraction(
             paths=paths, ids=ids, skipped=skipped, root=root, out=out, attrs=attrs, config=config, runner=runner,
             label_fn=label_fn, report=report, flush_images=flush_images, flush_seconds=flush_seconds,
-            progress=progress, started=started, lock=lock))
+            progress=progress, started=started, lock=lock, dataset_given=dataset_given))
     finally:
         lock.release()
 
@@ -365,6 +324,7 @@ class _Extraction:
     progress: ProgressFactory
     started: float  # time.monotonic() when the call began
     lock: StoreLock
+    dataset_given: bool = False  # False: a store being extended keeps its dataset name
 
     def key(self, path: str) -> str:
         """The path the store records for ``path``: relative to ``root``, with ``/``."""
@@ -375,7 +335,7 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
     """The part of :func:`extract` that holds the store's lock: skip what is done, extract the
     rest into shards, merge them with the labels into the store."""
     out = job.out
-    previous, done_paths = _done_in_store(job)
+    previous, done_paths, stored_ids, stored_files = _done_in_store(job)
     writer = store.ShardWriter(out, {k: job.attrs[k] for k in store.CONFIG_KEYS},
                                {"views": job.attrs["views"], "pooling": job.config.pooling,
                                 "channels": int(sum(job.attrs["block_channels"]))},
@@ -385,6 +345,14 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
     for record in writer.read_shards():
         done_paths.update(record.paths)
         done_paths.update(e["path"] for e in record.errors)
+        stored_ids.update(zip(record.ids, record.paths))
+        stored_files.update(zip(record.paths, record.identities))
+    # a file under a stored path must be the one stored, never skipped as done when it is not
+    conflicts = identity.conflicts(((p, job.key(p)) for p in job.paths), stored_files)
+    if conflicts:
+        raise IdentityConflict(out, conflicts)
+    # ids unique by construction, also against the images stored before (images.image_ids)
+    job.ids = images.image_ids(job.paths, job.root, taken=stored_ids)
     todo = [(p, i) for p, i in zip(job.paths, job.ids) if job.key(p) not in done_paths]
     skipped_existing = len(job.paths) - len(todo)
     if skipped_existing:
@@ -397,6 +365,7 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
             new = _write_shards(job, writer, todo, done_paths=done_paths, bar=bar)
     finally:
         bar.close()
+    _refuse_an_empty_store(job, writer, previous)
     n_rows = _merge(job, writer, previous=previous, kept=kept)
     with store.FeatureStore(out) as s:
         errors = s.errors()
@@ -406,28 +375,66 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
     return result
 
 
-def _done_in_store(job: _Extraction) -> tuple[str | None, set]:
-    """(the existing store, or None; the paths it holds, images and errors); a store made with
-    another configuration is a StoreConfigMismatch. Clears the temporaries a crash left."""
+def random_weights_advice(diff: dict, source: str, have_backend=None, want_backend=None) -> str | None:
+    """Why ``random:SEED`` weights hash differently where only their hash differs: each Keras
+    backend draws them with its own generator. None for any other difference."""
+    if set(diff) != {"weights_sha256"} or not str(source).startswith("random"):
+        return None
+    backends = f" (made on {have_backend}, now on {want_backend})" if have_backend and want_backend and \
+        str(have_backend) != str(want_backend) else ""
+    return (f"{source} weights are drawn by each Keras backend's own random generator: the same seed gives other "
+            f"weights on another backend{backends}. Use the backend it was made with (--backend), or another --out.")
+
+
+def _done_in_store(job: _Extraction) -> tuple[str | None, set, dict, dict]:
+    """(the existing store, or None; the paths it holds, images and errors; its ids, each with
+    its path; its images' file identities by path); a store made with another configuration is
+    a StoreConfigMismatch. Clears the temporaries a crash left."""
     previous = None
+    done_paths, stored_ids, stored_files = set(), {}, {}
     if os.path.exists(job.out):
-        with store.FeatureStore(job.out) as existing:
+        with store.FeatureStore(job.out, check_labels=False) as existing:  # --labels may repair them
             diff = store.config_differences(existing.attrs, job.attrs)
             if diff:
-                raise StoreConfigMismatch(job.out, diff)
+                raise StoreConfigMismatch(job.out, diff, advice=random_weights_advice(
+                    diff, job.attrs["weights_source"], existing.attrs.get("backend"), job.attrs.get("backend")))
             done_paths = set(existing.paths.tolist())
             done_paths.update(e["path"] for e in existing.errors())
+            stored_ids = dict(zip(existing.ids.tolist(), existing.paths.tolist()))
+            stored_files = existing.identities()
+            if not job.dataset_given and existing.attrs.get("dataset"):
+                job.attrs["dataset"] = existing.attrs["dataset"]
         previous = job.out
-    else:
-        done_paths = set()
     if not job.lock.read_only:
         remove_stale_temporaries(job.out)
-    return previous, done_paths
+    return previous, done_paths, stored_ids, stored_files
+
+
+def _refuse_an_empty_store(job: _Extraction, writer: store.ShardWriter, previous: str | None):
+    """Raise :class:`NoUsableImages` (listing every input and why) rather than write a store
+    without one image; the partial folder, which holds only those reasons, goes."""
+    if previous is not None:
+        return
+    records = writer.read_shards()
+    if any(record.ids for record in records):
+        return
+    errors = sorted((e for record in records for e in record.errors), key=lambda e: e["path"])
+    writer.remove()
+    raise NoUsableImages(job.root, errors)
 
 
 #: Why an image whose features do not fit the store's float16 is listed instead of stored.
 OVERFLOW_REASON = ("its features exceed float16's range (65504), the store's type: are the backbone's "
                    "weights an ImageNet network's?")
+
+
+def _identity_of(path: str):
+    """The file's :class:`mlsp.identity.FileIdentity`, None if it cannot be read again."""
+    try:
+        return identity.of_file(path)
+    except OSError as exc:
+        log.warning("%s: its identity cannot be recorded (%s)", path, describe_os_error(exc))
+        return None
 
 
 def _write_shards(job: _Extraction, writer: store.ShardWriter, todo: list, *, done_paths: set, bar) -> int:
@@ -449,7 +456,7 @@ def _write_shards(job: _Extraction, writer: store.ShardWriter, todo: list, *, do
             log.warning("skipped %s: %s", path, OVERFLOW_REASON)
         else:
             size, features = result
-            writer.add(image_id, job.key(path), size, features)
+            writer.add(image_id, job.key(path), size, features, _identity_of(path))
             new += 1
         bar.update(1)
         postfix = {**job.runner.postfix(), **({"errors": n_errors} if n_errors else {})}
@@ -468,24 +475,34 @@ def _keeping_finished(writer: store.ShardWriter, kept: str):
     except NoSpace as exc:
         # checked before HDF5 wrote anything: the open shard is intact and its completion fits
         # in the margin kept free
+        at_risk, dropped = writer.open_images, ""
         try:
             writer.flush()
-        except WriteError:
-            pass  # the open shard was dropped; the earlier ones are kept
-        raise WriteError(exc.filename or writer.dir, describe_os_error(exc), kept) from exc
+        except WriteError:  # the open shard was dropped; the earlier ones are kept
+            dropped = _dropped(at_risk)
+        raise WriteError(exc.filename or writer.dir, describe_os_error(exc), kept + dropped) from exc
     except WriteError as exc:
-        writer.discard()  # the disk is full or gone: completing the open shard would fail too
-        raise WriteError(exc.path, exc.reason, kept) from exc
+        dropped = _dropped(writer.discard())  # the disk is full or gone: completing the open shard would fail too
+        raise WriteError(exc.path, exc.reason, kept + dropped) from exc
     except Exception as exc:
         if not is_write_failure(exc):
             writer.flush()
             raise
-        writer.discard()
-        raise WriteError(getattr(exc, "filename", None) or writer.dir, describe_os_error(exc), kept) from exc
+        dropped = _dropped(writer.discard())
+        raise WriteError(getattr(exc, "filename", None) or writer.dir, describe_os_error(exc), kept + dropped) from exc
     except BaseException:
         # Ctrl-C, SIGTERM or any failure: keep what is finished; the next run resumes from here.
         writer.flush()
         raise
+
+
+def _dropped(images: int) -> str:
+    """What a message adds when the disk filled inside HDF5 and the open shard was dropped."""
+    if not images:
+        return ""
+    one = images == 1
+    return (f" (the {images} image{'' if one else 's'} of the unfinished checkpoint could not be kept: "
+            f"the next run extracts {'it' if one else 'them'} again)")
 
 
 def _merge(job: _Extraction, writer: store.ShardWriter, *, previous: str | None, kept: str) -> int:
@@ -498,7 +515,8 @@ def _merge(job: _Extraction, writer: store.ShardWriter, *, previous: str | None,
                                              progress=job.progress)
         else:  # nothing new: only the labels may have changed
             writer.remove()
-            label_attrs = ("labels_file", "test_list", "val_fraction", "seed", "labels_without_images")
+            label_attrs = ("labels_file", "test_list", "val_fraction", "test_fraction", "seed",
+                           "labels_without_images", "dataset")
             n_rows = store.relabel_store(job.out, labelled, job.attrs, label_attrs)
     except WriteError:
         raise
@@ -518,20 +536,51 @@ def _with_report(label_fn, attrs, report):
     return fn
 
 
-def _stored_label_sources(path):
-    """The label files a store was made with, so that rerunning without --labels keeps them."""
-    with store.FeatureStore(path) as s:
-        found = []
-        for key in ("labels_file", "test_list"):
-            value = s.attrs.get(key) or None
-            if value and not os.path.isfile(value):
-                log.warning("%s was made with %s %s, which no longer exists; its labels are dropped",
-                            path, key, value)
-                value = None
-            found.append(value)
-    if any(found):
-        log.info("using the label sources recorded in %s: %s", path, ", ".join(v for v in found if v))
-    return found[0], found[1]
+@dataclasses.dataclass
+class _LabelSources:
+    """Where an extraction's labels and test split come from: the files given, else the ones the
+    store records. Labels already in the store stay unless new ones are given: a recorded file
+    that no longer exists is replaced by what the store holds (its labelled rows, its test split)."""
+
+    labels: object  # a labels file, a mlsp.labels.Labels (the store's own), or None
+    test_list: object  # a test list file, a list of test ids (the store's own), or None
+    labels_file: str  # what the store records as its sources ("" for none)
+    test_list_file: str
+
+    @classmethod
+    def of(cls, out: str, labels: str | None, test_list: str | None) -> "_LabelSources":
+        given = cls(labels, test_list, os.path.abspath(labels) if labels else "",
+                    os.path.abspath(test_list) if test_list else "")
+        if not os.path.exists(out) or (labels is not None and test_list is not None):
+            return given
+        with store.FeatureStore(out, check_labels=False) as s:  # new labels may be what repairs them
+            if labels is None and s.attrs.get("labels_file"):
+                given.labels = given.labels_file = s.attrs["labels_file"]
+                if not os.path.isfile(given.labels):
+                    given.labels = _kept_labels(s)
+            if test_list is None and s.attrs.get("test_list"):
+                given.test_list = given.test_list_file = s.attrs["test_list"]
+                if not os.path.isfile(given.test_list):
+                    given.test_list = s.ids[s.split == "test"].tolist()
+        for what, value, recorded, asked in (("labels file", given.labels, given.labels_file, labels),
+                                             ("test list", given.test_list, given.test_list_file, test_list)):
+            if asked is not None or not recorded:
+                continue
+            if isinstance(value, str):
+                log.info("using the %s recorded in %s: %s", what, out, value)
+            else:
+                log.warning("%s was made with the %s %s, which no longer exists: the store keeps its labels and "
+                            "test split (images added now stay unlabeled; give --labels to label them)",
+                            out, what, recorded)
+        return given
+
+
+def _kept_labels(s: store.FeatureStore):
+    """The labels a store holds, as :class:`mlsp.labels.Labels` (its labelled rows)."""
+    from .labels import Labels
+
+    rows = np.flatnonzero(np.isfinite(s.mos))
+    return Labels(s.ids[rows].tolist(), s.mos[rows], s.votes[rows], source=s.path)
 
 
 def default_batch_views() -> int:

@@ -17,7 +17,7 @@ import os
 import socket
 
 from .atomic import describe_os_error
-from .errors import StoreLocked, WriteError
+from .errors import StoreLocked, StoreLockUnavailable, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,16 @@ class StoreLock:
     The kernel releases the lock when its process ends, however it ends (``kill -9`` included),
     so a lock file left by a dead process is recognised as stale and taken over; a live holder
     makes :meth:`acquire` raise :class:`~mlsp.errors.StoreLocked` naming the store and the pid.
-    The file is removed on release. Where the lock file cannot be created because the folder is
-    read-only, nobody can write the store, so there is nothing to guard: :attr:`read_only` is
-    set and the caller goes on reading (a rerun with nothing to do works on read-only media).
+    The file is removed on release.
+
+    A lock that cannot be taken is a refusal, never a licence to write unguarded: a lock file
+    that exists but cannot be opened (another user's, in a shared folder) and a file system that
+    cannot lock (``ENOLCK``: an NFS share without a lock service) raise
+    :class:`~mlsp.errors.StoreLockUnavailable`, leaving no lock file of ours behind. Only where
+    nobody can write the folder (a read-only file system, or a folder this user cannot write and
+    no lock file in it) is there nothing to guard: :attr:`read_only` is set and the caller goes
+    on reading (a rerun with nothing to do works on read-only media); any write then fails on
+    its own, with its one-line :class:`~mlsp.errors.WriteError`.
     """
 
     def __init__(self, store_path):
@@ -70,22 +77,46 @@ class StoreLock:
         self.read_only = False
         self._fd = None
 
+    def _open(self) -> int | None:
+        """The lock file, opened for writing (created when missing); None where nobody can write
+        the folder."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            folder = os.path.dirname(os.path.abspath(self.path))
+            if exc.errno == errno.EROFS or (exc.errno in (errno.EACCES, errno.EPERM)
+                                            and not os.path.lexists(self.path) and not os.access(folder, os.W_OK)):
+                self.read_only = True
+                log.debug("%s: folder not writable (%s), not locking", self.store, describe_os_error(exc))
+                return None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise StoreLockUnavailable(self.store, self.path, f"{describe_os_error(exc)}: the lock file "
+                                           f"belongs to another user{_holder_of(self.path)}") from None
+            raise WriteError(self.path, describe_os_error(exc), "nothing was written") from exc
+
+    def _lock(self, fd: int, created: bool):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise StoreLocked(self.store, holder) from None
+        except OSError as exc:  # ENOLCK (NFS without a lock service), ...
+            os.close(fd)
+            if created:
+                with contextlib.suppress(OSError):
+                    os.remove(self.path)
+            why = ("the file system cannot lock files (ENOLCK: an NFS share without a lock service?)"
+                   if exc.errno == errno.ENOLCK else describe_os_error(exc))
+            raise StoreLockUnavailable(self.store, self.path, why) from None
+
     def acquire(self) -> "StoreLock":
         while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                    self.read_only = True
-                    log.debug("%s: folder not writable (%s), not locking", self.store, describe_os_error(exc))
-                    return self
-                raise WriteError(self.path, describe_os_error(exc), "nothing was written") from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_holder(fd)
-                os.close(fd)
-                raise StoreLocked(self.store, holder) from None
+            created = not os.path.lexists(self.path)
+            fd = self._open()
+            if fd is None:
+                return self
+            self._lock(fd, created)
             # the previous holder may have removed the file between our open and our lock
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
@@ -117,6 +148,16 @@ class StoreLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _holder_of(path: str) -> str:
+    """`` (pid ... since ...)``: what a lock file we cannot write says, where we can read it."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(200).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    return f" ({text})" if text else ""
 
 
 def _read_holder(fd: int) -> str:

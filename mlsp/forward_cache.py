@@ -8,15 +8,23 @@ the same every time for the same net, pooling, weights and precision, so the tra
 and later runs load it instead (README, "Start-up", has the figures).
 
 - Where: ``$KERAS_HOME/mlsp/forward/`` (default ``~/.keras/mlsp/forward/``), beside Keras' own
-  weights cache; one folder per (net, pooling, weights, precision, versions), named by a hash of
-  that key. Deleting the folder is always safe. ``MLSP_FORWARD_CACHE=0`` turns the cache off.
+  weights cache; one folder per (net, pooling, weights, precision, code, versions), named by a
+  hash of that key. Deleting the folder is always safe. ``MLSP_FORWARD_CACHE=0`` turns the cache
+  off.
 - The key: the weights are identified by the SHA-256 of their file (ImageNet or a file) or by
-  ``random:SEED``; with the versions of mlsp, Keras and TensorFlow, since each shapes the graph.
-- Safe loading: a SavedModel is a graph of TensorFlow ops; loading it runs no Python code from
-  the file. Every file of an entry is checked against the SHA-256 recorded when it was written;
-  an entry that is incomplete, altered or unreadable is removed and rebuilt, with a warning.
+  ``random:SEED``; the code that builds the model by :func:`code_sha256` (every module of the
+  mlsp package: a change to a backbone, a layer or the pooling is a new key even when the
+  version string stays); with the versions of Keras and TensorFlow, since each shapes the graph.
+- Trust: a SavedModel is a graph of TensorFlow ops, and ops can write files (an entry planted in
+  the cache could write into site-packages when run). So an entry is loaded only when the
+  SHA-256 of all its files (:func:`mlsp.trust.tree_sha256`, its metadata included) is the one
+  mlsp recorded when it wrote the entry, in ``$KERAS_HOME/mlsp/forward.trusted.json``
+  (:class:`mlsp.trust.TrustIndex`), outside every entry; hashes written beside an entry are never
+  believed. Anything else (planted, altered, incomplete, unreadable) is removed and rebuilt,
+  with a warning, and never loaded.
 - Written under a temporary name and renamed when complete, so concurrent runs and crashes
-  never leave a half-written entry under the final name.
+  never leave a half-written entry under the final name. A cache folder that cannot be written
+  (read-only, full) means no cache: the run builds its extractor, as without one.
 
 This is the one TensorFlow-specific piece of extraction's start-up; on another Keras backend the
 cache is off.
@@ -24,6 +32,7 @@ cache is off.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,18 +41,42 @@ import shutil
 import tempfile
 import time
 
-from . import __version__, backbones
+from . import backbone_weights
+from .store_config import FORWARD_KEYS
+from .trust import TrustIndex, tree_sha256
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 META_FILE = "mlsp_forward.json"
 ENV_SWITCH = "MLSP_FORWARD_CACHE"
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def cache_root() -> str:
     """``$KERAS_HOME/mlsp/forward`` (``~/.keras/mlsp/forward`` by default)."""
-    return os.path.join(os.path.dirname(backbones.keras_cache_dir()), "mlsp", "forward")
+    return os.path.join(os.path.dirname(backbone_weights.keras_cache_dir()), "mlsp", "forward")
+
+
+def trust_index() -> TrustIndex:
+    """The hashes of the entries mlsp wrote: ``$KERAS_HOME/mlsp/forward.trusted.json``."""
+    return TrustIndex(cache_root() + ".trusted.json")
+
+
+@functools.lru_cache(maxsize=None)
+def code_sha256(package_dir: str = PACKAGE_DIR) -> str:
+    """The SHA-256 of the code that builds the forward model: every ``.py`` file of the mlsp
+    package (sub-packages included), by relative path and content. Derived from the package
+    rather than a list of modules, so a backbone moved to a module of its own is covered too."""
+    digest = hashlib.sha256()
+    for parent, dirs, names in sorted(os.walk(package_dir)):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(n for n in names if n.endswith(".py")):
+            path = os.path.join(parent, name)
+            digest.update(os.path.relpath(path, package_dir).replace(os.sep, "/").encode() + b"\0")
+            with open(path, "rb") as handle:
+                digest.update(hashlib.sha256(handle.read()).digest())
+    return digest.hexdigest()
 
 
 def enabled() -> bool:
@@ -58,20 +91,19 @@ def enabled() -> bool:
 def weights_identity(config) -> str:
     """What identifies the weights of ``config`` (an :class:`mlsp.extract.ExtractConfig`): the
     file's SHA-256, or ``random:SEED``. May download the ImageNet weights (as building would)."""
-    source = backbones.WeightsSource.parse(config.weights)
+    source = backbone_weights.WeightsSource.parse(config.weights)
     if source.kind == "random":
         return str(source)
-    path = backbones.fetch_imagenet_weights(config.spec) if source.kind == "imagenet" else source.path
-    return "sha256:" + backbones.file_sha256(path)
+    path = backbone_weights.fetch_imagenet_weights(config.spec) if source.kind == "imagenet" else source.path
+    return "sha256:" + backbone_weights.file_sha256(path)
 
 
 def cache_key(config, identity: str) -> dict:
     import keras
     import tensorflow as tf
 
-    return {"format": FORMAT, "net": config.net, "pooling": config.pooling, "weights": identity,
-            "precision": config.precision, "mlsp": __version__, "keras": keras.__version__,
-            "tensorflow": tf.__version__}
+    return {"format": FORMAT, **{name: getattr(config, name) for name in FORWARD_KEYS}, "weights": identity,
+            "code": code_sha256(), "keras": keras.__version__, "tensorflow": tf.__version__}
 
 
 def entry_path(key: dict) -> str:
@@ -79,44 +111,43 @@ def entry_path(key: dict) -> str:
     return os.path.join(cache_root(), f"{key['net']}-{key['pooling']}-{key['precision']}-{digest}")
 
 
-def _files(folder: str) -> dict:
-    """Every file of an entry but the metadata: relative path -> SHA-256."""
-    out = {}
-    for parent, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(parent, name)
-            rel = os.path.relpath(path, folder)
-            if rel != META_FILE:
-                out[rel] = backbones.file_sha256(path)
-    return out
+def _refuse(folder: str, why: str):
+    """Remove an entry that cannot be used (where the cache can be written) and forget its hash."""
+    log.warning("the cached extractor %s cannot be used (%s); removing it and building again", folder, why)
+    shutil.rmtree(folder, ignore_errors=True)
+    if not os.path.exists(folder):
+        trust_index().record(os.path.basename(folder), None)
 
 
 def load(key: dict):
-    """``(restored, weights_record)`` from the cache, or ``None`` when there is no valid entry;
-    ``restored.forward`` is the forward pass (keep ``restored`` alive while using it: it owns
-    the variables)."""
+    """``(restored, weights_record)`` from the cache, or ``None`` when there is no entry mlsp can
+    vouch for; ``restored.forward`` is the forward pass (keep ``restored`` alive while using it: it
+    owns the variables). Nothing of an entry is read, let alone run, before its hash is checked
+    against the one mlsp recorded when it wrote it."""
     folder = entry_path(key)
-    meta_path = os.path.join(folder, META_FILE)
-    if not os.path.isfile(meta_path):
+    if not os.path.isdir(folder):
         return None
     started = time.perf_counter()
+    trusted = trust_index().trusted(os.path.basename(folder))
     try:
-        with open(meta_path) as handle:
+        found = tree_sha256(folder)
+    except OSError as exc:
+        return _refuse(folder, f"unreadable: {exc}")
+    if trusted is None:
+        return _refuse(folder, "mlsp recorded no hash for it: it was not written by mlsp here")
+    if found != trusted:
+        return _refuse(folder, "its files differ from the SHA-256 recorded by mlsp when it wrote the entry")
+    try:
+        with open(os.path.join(folder, META_FILE)) as handle:
             meta = json.load(handle)
         if meta.get("key") != key:
             raise ValueError("its key differs from the one asked for")
-        found = _files(folder)
-        if found != meta.get("files"):
-            raise ValueError("its files differ from the SHA-256 recorded when it was written")
         import tensorflow as tf
 
         restored = tf.saved_model.load(folder)
         restored.forward  # noqa: B018  (an entry without it is not ours)
     except Exception as exc:  # an entry that cannot be used, whatever the cause, is rebuilt
-        log.warning("the cached extractor %s cannot be used (%s: %s); removing it and building again",
-                    folder, type(exc).__name__, exc)
-        shutil.rmtree(folder, ignore_errors=True)
-        return None
+        return _refuse(folder, f"{type(exc).__name__}: {exc}")
     log.info("loaded the built %s extractor from the cache in %.1f s (%s)", key["net"],
              time.perf_counter() - started, folder)
     return restored, meta["weights_record"]
@@ -138,17 +169,21 @@ def save(key: dict, forward, variables, weights_record: dict) -> str | None:
         module.forward = forward
         module.weights = list(variables)
         tf.saved_model.save(module, tmp)
-        meta = {"key": key, "files": _files(tmp), "weights_record": weights_record,
+        meta = {"key": key, "weights_record": weights_record,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with open(os.path.join(tmp, META_FILE), "w") as handle:
             json.dump(meta, handle, indent=2)
+        # recorded before the entry appears under its name: no moment shows an entry mlsp wrote
+        # as one it cannot vouch for; a cache whose index cannot be written keeps no entry
+        if not trust_index().record(os.path.basename(folder), tree_sha256(tmp)):
+            return None
         try:
             os.rename(tmp, folder)
         except OSError:  # another run wrote the same entry first: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
         tmp = None
     except Exception as exc:  # no space, read-only home, ...: the run goes on without the cache
-        log.warning("could not cache the built extractor in %s (%s: %s); the next run builds it again",
+        log.warning("could not cache the built extractor in %s (%s: %s); the run goes on without the cache",
                     folder, type(exc).__name__, exc)
         return None
     finally:

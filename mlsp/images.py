@@ -13,8 +13,11 @@ channels, 10-, 12- and 16-bit and float images scaled to 8 bits, alpha composite
 (photos with transparency are rare; a white background is what a person sees in a viewer). An
 image whose longer side exceeds ``max_side`` is resized down to it with INTER_AREA before
 cropping; a JPEG at least twice that size is first decoded at 1/2, 1/4 or 1/8 of its size by
-libjpeg (never below ``max_side``), which bounds memory and time on 48 MP photos. Images that
-need no reduction decode exactly as before; AVA's images (at most 800 px) are never resized by
+libjpeg (never below ``max_side``), which bounds memory and time on 48 MP photos. Every format
+has a pixel limit (:data:`MAX_PIXELS`, checked from the header before decoding, after a JPEG's
+reduction): a small file of a huge picture is listed, never decoded into gigabytes. A JPEG cut
+short whose decoder would fill the rest with grey (with or without an end marker) is listed
+too. Images that need no reduction decode exactly as before; AVA's images (at most 800 px) are never resized by
 the default. Every problem raises :class:`~mlsp.errors.ImageDecodeError` with a short reason,
 which extraction records.
 """
@@ -52,8 +55,16 @@ _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b
 # libjpeg decodes at 1/2, 1/4 and 1/8 of the size directly from the DCT coefficients
 _JPEG_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
-try:  # OpenCV's own messages (libjpeg warnings and the like) would clutter the console
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+# The most pixels an image may have once decoded (after a JPEG's reduced decode): 128 MP, above
+# every camera's photo (a 102 MP medium-format TIFF fits). Checked from the file's header before
+# decoding, so a small file of a huge picture (a 2.6 MB PNG of 30000x30000) is listed with the
+# reason instead of taking gigabytes and minutes; JPEGs are decoded reduced (below) first.
+MAX_PIXELS = 1 << 27
+# libjpeg's warnings that mean part of the picture is decoder fill (mid-grey), not the photo
+_JPEG_FILL_WARNINGS = ("premature end",)
+
+try:  # OpenCV's own messages (its failed-decode and TIFF lines): every problem is reported as ours
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 except AttributeError:  # pragma: no cover - very old OpenCV
     pass
 
@@ -219,22 +230,40 @@ def no_images_message(where: str, others: list[tuple[str, str]]) -> str:
     return f"{where}: no usable image files; {path}: {reason}{more}"
 
 
-def image_ids(paths: list[str], root: str | None = None) -> list[str]:
-    """Ids for image files: the path relative to ``root`` without extension, '/'-separated.
+def image_ids(paths: list[str], root: str | None = None, taken: dict | None = None) -> list[str]:
+    """Ids for image files, unique by construction: the path relative to ``root`` without
+    extension, '/'-separated; the path with its extension wherever that id would be shared.
 
-    For files given one by one, ``root`` is their common folder. Two files that differ only in
-    extension (``a.jpg``, ``a.png``) keep their extensions in the id, so ids stay unique.
+    For files given one by one, ``root`` is their common folder. An id is shared when two files
+    differ only in extension (``a.jpg``, ``a.png``), when one file's path is another's id
+    (``a.jpg`` and ``a.jpg.png``: both keep their extensions), or when ``taken`` (id -> the
+    relative path stored under it, e.g. a store's rows) holds it for another path. Where even
+    the path with its extension is taken by another file, :class:`ConfigError` names both.
     """
     if not paths:
         return []
     if root is None:
         root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
     rel = [os.path.relpath(os.path.abspath(p), os.path.abspath(root)).replace(os.sep, "/") for p in paths]
+    taken = dict(taken or {})
     ids = [os.path.splitext(r)[0] for r in rel]
-    counts: dict[str, int] = {}
-    for i in ids:
-        counts[i] = counts.get(i, 0) + 1
-    return [r if counts[i] > 1 else i for i, r in zip(ids, rel)]
+    while True:  # each pass moves at least one file to its path, which is unique: it ends
+        holders: dict[str, set] = {}
+        for i, r in zip(ids, rel):
+            holders.setdefault(i, set()).add(r)
+        for i, owner in taken.items():
+            holders.setdefault(i, set()).add(owner)
+        shared = [k for k, (i, r) in enumerate(zip(ids, rel)) if len(holders[i]) > 1 and i != r]
+        if not shared:
+            break
+        for k in shared:
+            ids[k] = rel[k]
+    for i, r in zip(ids, rel):
+        owner = taken.get(i)
+        if owner is not None and owner != r:
+            raise ConfigError(f"{os.path.join(root, r)}: its id {i!r} is already that of {owner} in the store; "
+                              "rename one of the two files")
+    return ids
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
@@ -258,6 +287,65 @@ def _composite_alpha(img: np.ndarray) -> np.ndarray:
     if out.shape[-1] == 1:
         out = np.repeat(out, 3, axis=-1)
     return out
+
+
+def _jpeg_fill(raw: bytes) -> str | None:
+    """libjpeg's warning when a JPEG's data ends before its picture does (a file cut short, with
+    or without an end marker after the cut), or None. OpenCV and Pillow decode such a file into
+    a picture partly filled with flat grey, with a warning nobody sees; here libjpeg-turbo
+    (simplejpeg, strict) decodes it at 1/8 of its size, which reads every coefficient and costs
+    little. Other recoverable warnings (extraneous bytes before a marker, common in cameras'
+    files) leave the picture whole and are accepted; so is a JPEG libjpeg-turbo cannot convert
+    (OpenCV decides on those)."""
+    import simplejpeg
+
+    try:
+        header = simplejpeg.decode_jpeg_header(raw)
+        colorspace = "CMYK" if header[2] in ("CMYK", "YCCK") else "GRAY"
+        simplejpeg.decode_jpeg(raw, colorspace=colorspace, min_height=1, min_width=1, strict=True)
+    except ValueError as exc:
+        message = str(exc).strip()
+        return message if any(w in message.lower() for w in _JPEG_FILL_WARNINGS) else None
+    return None
+
+
+def _header_size(raw: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) from the header of a PNG, TIFF, WebP or BMP (``fmt``: Pillow's name), or
+    None where Pillow cannot read it (the decoder will say what is wrong). Opened through the
+    format's own class: the header only, without Pillow's pixel-count guard."""
+    from PIL import BmpImagePlugin, PngImagePlugin, TiffImagePlugin, WebPImagePlugin
+
+    plugin = {"PNG": PngImagePlugin.PngImageFile, "TIFF": TiffImagePlugin.TiffImageFile,
+              "WEBP": WebPImagePlugin.WebPImageFile, "BMP": BmpImagePlugin.BmpImageFile}[fmt]
+    try:
+        with plugin(io.BytesIO(raw)) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return None
+
+
+def _format_of(raw: bytes) -> str | None:
+    """'JPEG', 'PNG', 'TIFF', 'WEBP' or 'BMP' by the file's first bytes (whatever its name)."""
+    if raw[:2] == b"\xff\xd8":
+        return "JPEG"
+    if raw[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if raw[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "WEBP"
+    return "BMP" if raw[:2] == b"BM" else None
+
+
+def check_pixels(path: str, width: int, height: int, factor: int = 1):
+    """Refuse a picture of more than :data:`MAX_PIXELS` pixels once decoded (``factor``: the
+    reduction its decoder applies per side), before it is decoded."""
+    pixels = -(-width // factor) * -(-height // factor)
+    if pixels > MAX_PIXELS:
+        reduced = f" even at 1/{factor} of its size" if factor > 1 else ""
+        raise ImageDecodeError(path, f"too large to decode safely: {width}x{height} px is {pixels / 1e6:.3g} MP "
+                                     f"decoded{reduced}, above the limit of {MAX_PIXELS / 1e6:.3g} MP; "
+                                     "downscale it first")
 
 
 def _jpeg_is_complete(raw: bytes) -> bool:
@@ -340,6 +428,7 @@ def _decode_pillow(path: str, raw: bytes, fmt: str) -> np.ndarray:
     plugin = _pillow_decoder(path, fmt)
     try:
         with Image.open(io.BytesIO(raw), formats=[plugin]) as im:
+            check_pixels(path, *im.size)
             # Once: Pillow's AVIF reader turns the container's rotation and mirroring into the
             # EXIF orientation it reports; for HEIF, libheif has applied them and pillow-heif
             # has reset the EXIF orientation to 1, so this changes nothing.
@@ -430,13 +519,19 @@ def decode_image(path: str, max_side: int = 0) -> np.ndarray:
         return np.ascontiguousarray(_fit(_decode_pillow(path, raw, fmt), max_side))
     data = np.frombuffer(raw, dtype=np.uint8)
     ext = os.path.splitext(path)[1].lower()
-    is_jpeg = data.size > 3 and data[0] == 0xFF and data[1] == 0xD8
+    kind = _format_of(raw)
+    is_jpeg = kind == "JPEG"
     if is_jpeg and not _jpeg_is_complete(raw):
         raise ImageDecodeError(path, "truncated JPEG (no end-of-image marker after the last scan)")
+    if is_jpeg and (fill := _jpeg_fill(raw)):
+        raise ImageDecodeError(path, f"truncated or damaged JPEG: part of the picture would be decoder fill "
+                                     f"(libjpeg: {fill})")
     img, full_size = None, None
     try:
-        header = _jpeg_size(raw) if is_jpeg and max_side else None
-        factor = _jpeg_reduction(*header, max_side) if header else 1
+        header = _jpeg_size(raw) if is_jpeg else (_header_size(raw, kind) if kind else None)
+        factor = _jpeg_reduction(*header, max_side) if header and is_jpeg and max_side else 1
+        if header:
+            check_pixels(path, *header, factor)
         if factor > 1:
             bgr = cv2.imdecode(data, _JPEG_REDUCED[factor])
             if bgr is not None:

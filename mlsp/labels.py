@@ -44,6 +44,12 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 AVA_FIELDS = 15  # index, image id, 10 vote counts, 2 semantic tags, challenge id
+# The store keeps MOS and vote counts as float32 (features/README.md): labels are checked in it.
+STORED_DTYPE = np.float32
+MAX_STORED = float(np.finfo(STORED_DTYPE).max)
+# A CSV that gives both a MOS and vote counts: the MOS may differ from the votes' mean by rounding
+# (a MOS given to whole points), not by more.
+MOS_VOTES_TOLERANCE = 0.5
 
 
 @dataclasses.dataclass
@@ -182,6 +188,7 @@ def _read_ava(path: str, lines: Sequence[str]) -> Labels:
         counts = values[2:2 + N_BINS]
         if min(counts) < 0:
             raise LabelsError(f"{where}: negative vote count in {counts}")
+        check_storable(counts, where)
         if sum(counts) == 0:
             raise LabelsError(f"{where}: image {fields[1]} has no votes (all 10 counts are 0)")
         image_id = fields[1]
@@ -194,6 +201,17 @@ def _read_ava(path: str, lines: Sequence[str]) -> Labels:
         votes.append(counts)
     votes_arr = np.asarray(votes, dtype=np.float64).reshape(-1, N_BINS)
     return Labels(ids, mos_from_votes(votes_arr), votes_arr, source=path)
+
+
+def check_storable(counts: Sequence[float], where: str):
+    """Vote counts that the store's float32 holds: each one and their sum finite there (a count
+    of 1e39 is finite in float64 but infinite once stored). A LabelsError naming ``where``."""
+    with np.errstate(over="ignore"):
+        too_large = any(c > MAX_STORED for c in counts) or not np.isfinite(
+            np.asarray(counts, dtype=np.float64).astype(STORED_DTYPE).sum(dtype=STORED_DTYPE))
+    if too_large:
+        raise LabelsError(f"{where}: vote counts {list(counts)} are too large for the store (float32: "
+                          f"at most {MAX_STORED:.3g} in all)")
 
 
 def _is_int(text: str) -> bool:
@@ -328,6 +346,8 @@ class _CsvColumns:
             raise LabelsError(f"{where}: some of the 10 vote counts are empty")
         if all(given) and min(counts) < 0:
             raise LabelsError(f"{where}: negative vote count in {counts}")
+        if all(given):
+            check_storable(counts, where)
         if all(given) and sum(counts) == 0:
             if not self.mos:
                 raise LabelsError(f"{where}: image {image_id} has no votes (all 10 counts are 0)")
@@ -350,6 +370,11 @@ class _CsvColumns:
             mos = float(mos_from_votes(counts))
         if not 1.0 <= mos <= 10.0:
             raise LabelsError(f"{where}: MOS {mos:g} is outside 1..10")
+        if self.mos and np.isfinite(counts[0]):
+            mean = float(mos_from_votes(counts))
+            if abs(mos - mean) > MOS_VOTES_TOLERANCE:
+                raise LabelsError(f"{where}: MOS {mos:g} disagrees with its votes, whose mean is {mean:.2f} "
+                                  f"(more than {MOS_VOTES_TOLERANCE:g} apart): is a column shifted?")
         return mos
 
 
@@ -421,12 +446,33 @@ def _n_val(n: int, val_fraction: float) -> int:
     return min(max(n_val, 1), n - 1)
 
 
+def random_draw(ids: Sequence[str], seed: int) -> np.ndarray:
+    """A number in [0, 1) for each id, from a hash of the seed and the id alone: the same for an
+    id whatever other ids there are, so a split drawn with it is kept when images are added."""
+    import hashlib
+
+    keys = (hashlib.sha256(f"{int(seed)}\0{i}".encode("utf-8", "surrogateescape")).digest()[:8] for i in ids)
+    return np.array([int.from_bytes(k, "big") / 2.0**64 for k in keys], dtype=np.float64)
+
+
+def random_test(ids: Sequence[str], labelled: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """The random test split of a dataset without a test list: each labelled image whose
+    :func:`random_draw` is below ``test_fraction``. Where none is (a handful of images), the one
+    with the smallest draw, so that a test split exists; that one may change as images are added."""
+    draw = random_draw(ids, seed)
+    is_test = labelled & (draw < test_fraction)
+    if test_fraction > 0 and not is_test.any() and labelled.sum() >= 3:
+        is_test[np.flatnonzero(labelled)[np.argmin(draw[labelled])]] = True
+    return is_test
+
+
 def assign_splits(
     ids: Sequence[str],
     labels: Labels | None,
     test_ids: Iterable[str] | None,
     val_fraction: float = 0.05,
     seed: int = 0,
+    test_fraction: float = 0.0,
 ):
     """MOS, votes and split of every store id, and a report of what did not match.
 
@@ -436,12 +482,15 @@ def assign_splits(
         labels: the labels, or None (everything is then ``unlabeled``).
         test_ids: ids of the test split (e.g. from :func:`read_test_list`), or None.
         val_fraction: share of the labelled non-test images that go to ``val``.
-        seed: seed of the random train/val split.
+        seed: seed of the random splits.
+        test_fraction: without `test_ids`, the share of labelled images drawn for ``test``
+            (:func:`random_test`); 0: no test split.
 
     Ids are matched as in :func:`match_ids`: a label or test id matches the store id equal to
     it, or else the one store id whose last path component equals it.
 
-    Splits: ``test`` for a labelled image whose id is in `test_ids`; ``unlabeled`` for an image
+    Splits: ``test`` for a labelled image whose id is in `test_ids` (or, with `test_fraction`,
+    drawn by :func:`random_test`); ``unlabeled`` for an image
     without MOS (a test image without a label too, with a warning); the other labelled images
     are split at random into ``train`` and ``val``: round(val_fraction * n) (half up) go to
     ``val``, at least 1 when n >= 2 and at most n - 1. The draw uses
@@ -456,6 +505,10 @@ def assign_splits(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
+    if test_fraction and test_ids:
+        raise ConfigError("give a test list or a test fraction, not both")
     ids = [str(i) for i in ids]
     n = len(ids)
     if len(set(ids)) != n:
@@ -469,7 +522,8 @@ def assign_splits(
         rows = [k for k, key in enumerate(matches.label_keys) if key is not None]
         mos[rows], votes[rows] = labels.lookup([matches.label_keys[k] for k in rows])
     labelled = ~np.isnan(mos)
-    split = _draw_splits(ids, labelled=labelled, is_test=matches.is_test, val_fraction=val_fraction, seed=seed)
+    is_test = random_test(ids, labelled, test_fraction, seed) if test_fraction else matches.is_test
+    split = _draw_splits(ids, labelled=labelled, is_test=is_test, val_fraction=val_fraction, seed=seed)
     report = matches.report(split, labelled)
     _log_report(report)
     return mos, votes, split, report

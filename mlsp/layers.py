@@ -1,7 +1,8 @@
 """Small registered Keras layers of stage 1 (see also :mod:`mlsp.pooling`).
 
 :class:`FoldedBatchNorm` stands in for a batch norm folded into its convolution;
-:class:`ViewCrops` and :class:`ViewMean` make an image's views inside a model and average the
+:class:`FitMaxSide` resizes as decoding does, :class:`ViewCrops` and :class:`ViewMean` make an
+image's views inside a model and average the
 predictions over them (the exported end-to-end model, :mod:`heads.export`). ``import mlsp``
 registers every layer here as soon as Keras is imported, so saved models load with
 ``keras.saving.load_model(path, safe_mode=True)``.
@@ -10,6 +11,7 @@ registers every layer here as soon as Keras is imported, so saved models load wi
 import keras
 from keras import ops
 
+from . import backend
 from .images import CROP_FRACTION
 
 
@@ -18,13 +20,42 @@ class FoldedBatchNorm(keras.layers.Layer):
     """What remains of a batch norm folded into the convolution before it: the identity.
 
     It keeps the batch norm's name and call signature (``training``, ``mask``), so a model
-    rebuilt with :func:`mlsp.backbones.fold_batch_norms` has the same layer names and graph."""
+    rebuilt with :func:`mlsp.folding.fold_batch_norms` has the same layer names and graph."""
 
     def call(self, inputs, training=None, mask=None):
         return inputs
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+
+@keras.saving.register_keras_serializable(package="mlsp")
+class FitMaxSide(keras.layers.Layer):
+    """(B, H, W, 3) images -> the same, resized so that the longer side is ``max_side`` (area
+    averaging, rounded to 8-bit values) where it is longer, as ``mlsp.images.decode_image(path,
+    max_side)`` does before the views are cut; smaller images pass unchanged. ``max_side=0``:
+    never resize."""
+
+    def __init__(self, max_side: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.max_side = int(max_side)
+
+    def call(self, images):
+        images = ops.cast(images, self.compute_dtype)
+        if not self.max_side:
+            return images
+        shape = ops.shape(images)
+        h, w = ops.cast(shape[1], "float32"), ops.cast(shape[2], "float32")
+        scale = ops.minimum(1.0, self.max_side / ops.maximum(h, w))  # 1: the same size, area resize is exact
+        size = [ops.maximum(1, ops.cast(ops.round(side * scale), "int32")) for side in (h, w)]
+        out = backend.resize_area(images, size)
+        return ops.clip(ops.round(out), 0, 255)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], None, None, input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "max_side": self.max_side}
 
 
 @keras.saving.register_keras_serializable(package="mlsp")

@@ -36,7 +36,8 @@ ProgressFactory = Callable[..., Progress]
 
 
 class Closing:
-    """``with factory(...) as bar:`` closes the bar at the end."""
+    """``with thing as t:`` calls ``t.close()`` at the end: progress bars (``with factory(...) as
+    bar:``), stores, readers and clusters."""
 
     def close(self) -> None:
         pass

@@ -393,20 +393,109 @@ def demo_weights(net: str, weights: str = "auto") -> tuple[str, str]:
     the pipeline, so it still runs end to end offline, but its numbers then say nothing about
     aesthetics. Any other value is used as given (``imagenet`` then fails when unavailable).
     """
-    from . import backbones
+    from . import backbone_weights, backbones
     from .errors import WeightsUnavailableError
 
     if weights != "auto":
         return weights, f"weights: {weights} (as asked)"
     spec = backbones.get_backbone(net)
     try:
-        backbones.fetch_imagenet_weights(spec)
+        backbone_weights.fetch_imagenet_weights(spec)
     except WeightsUnavailableError as exc:
         reason = str(exc.__cause__ or exc).splitlines()[0][:200]
         return "random:0", (
             f"ImageNet weights for {net} are not available here ({reason}); using a RANDOM backbone "
             f"(random:0) instead. The run shows every step of the pipeline, but its accuracy says "
             f"nothing about aesthetics. For real features, put {spec.weights_file} in "
-            f"{backbones.keras_cache_dir()} (from {spec.weights_url}), or run where Keras can download it."
+            f"{backbone_weights.keras_cache_dir()} (from {spec.weights_url}), or run where Keras can download it."
         )
     return "imagenet", f"weights: ImageNet ({spec.weights_file})"
+
+
+#: Synthetic raters' shared directions of taste, and the strength of a rater's own mix of them
+#: and of their noise, relative to the generic quality (each in standard deviations).
+RATER_TASTES = 3
+RATER_STRENGTH = 1.0
+RATER_NOISE = 0.4
+#: Scores of the synthetic raters (FLICKR-AES's 1..5); each one's latent opinion is cut at these quantiles.
+RATER_SCORES = (1, 2, 3, 4, 5)
+RATER_CUTS = (0.1, 0.3, 0.7, 0.9)
+#: Share of the synthetic raters listed as test raters (``test_users.txt``).
+TEST_RATERS = 0.25
+
+
+@dataclasses.dataclass
+class PlantedRatings:
+    """Synthetic ratings with planted preferences: ``rows`` (user, image id, score), the shared
+    ``directions`` of taste (C, q), each rater's ``weights`` on them (users, q) and the raters who
+    are ``noise`` only."""
+
+    rows: list
+    users: list
+    directions: np.ndarray
+    weights: np.ndarray
+    noise: list
+
+
+def plant_ratings(mean_features: np.ndarray, quality: np.ndarray, ids, *, users: int, per_user: int | None = None,
+                  tastes: int = RATER_TASTES, strength: float = RATER_STRENGTH, noise: float = RATER_NOISE,
+                  noise_users: int = 0, seed: int = 0) -> PlantedRatings:
+    """Raters with personal taste: each one's latent opinion of an image is its standardised
+    ``quality`` (the generic signal) plus ``strength`` times the rater's own mix (a random unit
+    vector) of the ``tastes`` principal directions of the standardised features (people differ
+    along the main axes images vary on, such as subject and style), plus Gaussian ``noise``; it is
+    cut into the scores 1..5 at the rater's own quantiles :data:`RATER_CUTS`. The last
+    ``noise_users`` raters rate at random. Each rater rates ``per_user`` images drawn at random
+    (default: all)."""
+    rng = np.random.default_rng([seed, 7])
+    x = (mean_features - mean_features.mean(0)) / (mean_features.std(0) + 1e-9)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    directions = vt[:tastes].T
+    taste = x @ directions
+    taste /= taste.std(0) + 1e-12
+    quality = np.asarray(quality, np.float64)
+    quality = (quality - quality.mean()) / (quality.std() + 1e-12)
+    weights = rng.normal(size=(users, tastes))
+    weights /= np.linalg.norm(weights, axis=1, keepdims=True)
+    names = [f"rater{k:03d}" for k in range(users)]
+    per_user = min(per_user or len(ids), len(ids))
+    rows = []
+    for k, name in enumerate(names):
+        at = np.sort(rng.choice(len(ids), size=per_user, replace=False))
+        if k >= users - noise_users:
+            latent = rng.normal(size=per_user)
+        else:
+            latent = quality[at] + strength * taste[at] @ weights[k] + noise * rng.normal(size=per_user)
+        scores = np.asarray(RATER_SCORES)[np.searchsorted(np.quantile(latent, RATER_CUTS), latent)]
+        rows += [(name, str(ids[i]), int(s)) for i, s in zip(at, scores)]
+    return PlantedRatings(rows, names, directions, weights, names[users - noise_users:])
+
+
+def write_sample_ratings(store_path: str, out_dir: str, users: int, seed: int = 0,
+                         unstored_ids=()) -> tuple[str, str]:
+    """``ratings.csv`` (user,image,score) of ``users`` synthetic raters of every image in the
+    sample's store (:func:`plant_ratings`, the last rater pure noise) plus a rating of each of
+    ``unstored_ids`` (labels without images: ratings that match no stored image), and
+    ``test_users.txt``, the last :data:`TEST_RATERS` of them. Returns both paths."""
+    from .store import FeatureStore
+
+    if users < 2:
+        raise ConfigError(f"the sample's raters need at least 2 (training and test), received {users}")
+    with FeatureStore(store_path) as store:
+        features = store.load().astype(np.float32)
+        ids, mos = list(store.ids), np.asarray(store.mos, np.float64)
+    mean = features.reshape(len(ids), -1, features.shape[-1]).mean(1)
+    planted = plant_ratings(mean, np.nan_to_num(mos, nan=float(np.nanmean(mos))), ids, users=users,
+                            noise_users=1, seed=seed)
+    rng = np.random.default_rng([seed, 8])
+    rows = planted.rows + [(planted.users[0], str(i), int(rng.choice(RATER_SCORES))) for i in unstored_ids]
+    ratings, test = os.path.join(out_dir, "ratings.csv"), os.path.join(out_dir, "test_users.txt")
+    with open(ratings, "w", encoding="ascii", newline="\n") as f:
+        f.write("user,image,score\n")
+        f.writelines(f"{u},{i},{s}\n" for u, i, s in rows)
+    n_test = max(1, int(round(TEST_RATERS * users)))
+    with open(test, "w", encoding="ascii", newline="\n") as f:
+        f.writelines(f"{u}\n" for u in planted.users[-n_test:])
+    log.info("%s: %d ratings by %d synthetic raters (the last is pure noise); test raters in %s", ratings,
+             len(rows), users, test)
+    return ratings, test

@@ -19,9 +19,11 @@ import numpy as np
 from .atomic import AtomicPath, is_write_failure, write_json
 from .errors import StoreConfigMismatch, StoreError
 from .files import ensure_space
-from .store_format import (as_str_array, config_differences, feature_chunks, feature_shape, open_h5, read_errors,
+from .store_config import config_differences
+from .store_format import (as_str_array, feature_chunks, feature_shape, open_h5, read_errors,
                            read_sources)
-from .store_write import create_layout, write_errors
+from .identity import UNKNOWN, FileIdentity
+from .store_write import create_layout, write_errors, write_identities
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class ShardRecord:
     ids: list
     paths: list
     errors: list
+    identities: list  # mlsp.identity.FileIdentity of each image
 
 
 class ShardWriter:
@@ -97,7 +100,7 @@ class ShardWriter:
             if diff:
                 raise StoreConfigMismatch(self.dir, diff)
         self._shard = None  # (AtomicPath, h5py.File) of the open shard
-        self._records = []  # (id, path, size) of the images in the open shard
+        self._records = []  # (id, path, size, identity) of the images in the open shard
         self._errors = []
         self._bytes = 0
         self._opened = self._time()
@@ -119,7 +122,8 @@ class ShardWriter:
         for p in self.shard_paths():
             with open_h5(p) as f:
                 rows = read_sources(f)
-                records.append(ShardRecord(p, [r[0] for r in rows], [r[1] for r in rows], read_errors(f)))
+                records.append(ShardRecord(p, [r[0] for r in rows], [r[1] for r in rows], read_errors(f),
+                                           [r[3] for r in rows]))
         return records
 
     @property
@@ -127,9 +131,15 @@ class ShardWriter:
         """Images and errors in the open shard, not yet on disk under a real name."""
         return len(self._records) + len(self._errors)
 
-    def add(self, image_id: str, path: str, size: tuple, features: np.ndarray):
+    @property
+    def open_images(self) -> int:
+        """Images in the open shard (lost if it cannot be completed)."""
+        return len(self._records)
+
+    def add(self, image_id: str, path: str, size: tuple, features: np.ndarray, identity=None):
         """Write one image's features into the open shard (raises :class:`mlsp.files.NoSpace`,
-        with the open shard intact, when the disk cannot take them)."""
+        with the open shard intact, when the disk cannot take them). ``identity``: its file's
+        :class:`mlsp.identity.FileIdentity` (None: not known)."""
         features = np.asarray(features, dtype=np.float16)
         ensure_space(self.dir, features.nbytes)
         f = self._open()
@@ -137,7 +147,8 @@ class ShardWriter:
         n = ds.shape[0]
         ds.resize(n + 1, axis=0)
         ds[n] = features
-        self._records.append((image_id, path, tuple(int(v) for v in size)))
+        self._records.append((image_id, path, tuple(int(v) for v in size),
+                              identity or FileIdentity(UNKNOWN, UNKNOWN, "")))
         self._bytes += features.nbytes
         self._maybe_flush()
 
@@ -187,6 +198,7 @@ class ShardWriter:
                     f["ids"][...] = as_str_array(r[0] for r in self._records)
                     f["paths"][...] = as_str_array(r[1] for r in self._records)
                     f["sizes"][...] = np.array([r[2] for r in self._records], dtype=np.int32)
+                    write_identities(f, [r[3] for r in self._records])
                 write_errors(f, self._errors)
         except BaseException as exc:
             _UNCLOSABLE.append(f)  # its close may have failed: see discard()
@@ -200,11 +212,13 @@ class ShardWriter:
         self._next_index += 1
         self._shard, self._records, self._errors, self._bytes = None, [], [], 0
 
-    def discard(self):
-        """Drop the open shard (its images will be extracted again by the next run)."""
+    def discard(self) -> int:
+        """Drop the open shard (its images will be extracted again by the next run); the number of
+        images dropped."""
         if self._shard is None:
-            return
+            return 0
         target, f = self._shard
+        dropped = len(self._records)
         try:
             f.close()
         except Exception:  # noqa: BLE001 (any failure of HDF5 here is the one handled below)
@@ -213,6 +227,7 @@ class ShardWriter:
             _UNCLOSABLE.append(f)
         target.discard()
         self._shard, self._records, self._errors, self._bytes = None, [], [], 0
+        return dropped
 
     def close(self):
         """Complete the open shard; the same as :meth:`flush`."""

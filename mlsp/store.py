@@ -16,6 +16,7 @@ import glob
 import json
 import logging
 import os
+from collections import Counter
 from typing import Sequence
 
 import h5py
@@ -23,23 +24,24 @@ import numpy as np
 
 from . import __version__
 from .errors import StoreError
-from .progress import ProgressFactory, null_progress
+from .progress import Closing, ProgressFactory, null_progress
 from .shards import (  # noqa: F401  (importable from here)
     PARTIAL_SUFFIX, ShardRecord, ShardWriter, partial_dir, remove_store, shard_number)
+from .store_config import CONFIG_KEYS, INSPECTED_KEYS, config_differences  # noqa: F401  (importable from here)
 from .store_format import (  # noqa: F401  (importable from here)
-    AUGMENTED_VIEWS, CONFIG_KEYS, FEATURES_ROOT, FORMAT_VERSION, FULL_VIEW, LABELLED_SPLITS, POOLINGS,
+    AUGMENTED_VIEWS, FEATURES_ROOT, FORMAT_VERSION, FULL_VIEW, LABELLED_SPLITS, POOLINGS,
     REQUIRED_ATTRS, REQUIRED_DATASETS, SPLITS, STR_DTYPE, WIDE_GRID, as_str_array, attr_value,
-    config_differences, decode_strings, feature_chunks, feature_shape, first_line, open_h5, read_errors,
-    read_sources)
+    decode_strings, feature_chunks, feature_shape, first_line, open_h5, read_errors,
+    read_identities, read_sources)
 from .store_write import (  # noqa: F401  (importable from here)
-    create_layout, finalize_store, relabel_store, write_attrs, write_errors, write_store)
+    create_layout, finalize_store, relabel_store, write_attrs, write_errors)
 
 log = logging.getLogger(__name__)
 
 SLAB_BYTES = 64 * 2**20  # largest single read of consecutive images
 
 
-class FeatureStore:
+class FeatureStore(Closing):
     """Read access to a finished store; features stay on disk until read.
 
     >>> with FeatureStore("features/sample/irv2_wide.h5") as store:
@@ -47,8 +49,9 @@ class FeatureStore:
     ...     x = store.read([0, 5], views=[2, 0])  # (2, ...) one view per image
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, check_labels: bool = True):
         self.path = str(path)
+        self.check_labels = check_labels  # False: extraction, which may be about to rewrite them
         if not os.path.isfile(self.path):
             raise StoreError(f"{self.path}: no such feature store")
         self._file = open_h5(self.path)
@@ -94,7 +97,32 @@ class FeatureStore:
             )
         if len(self.views) != self.n_views:
             raise StoreError(f"{self.path}: {len(self.views)} view names for {self.n_views} stored views")
-        self._check_labels()
+        self._check_rows(f)
+        if self.check_labels:
+            self._check_labels()
+
+    def _check_rows(self, f: h5py.File):
+        """Ids unique, splits and views among the format's names (views in their stored order),
+        sizes not negative: what an edited store could break and a reader would take on trust."""
+        if len(set(self.ids.tolist())) != len(self.ids):
+            dup = [i for i, c in Counter(self.ids.tolist()).items() if c > 1]
+            raise StoreError(f"{self.path}: image id {dup[0]!r} appears more than once"
+                             + (f" (and {len(dup) - 1} more ids)" if len(dup) > 1 else "") + "; the store is damaged")
+        bad = sorted(set(self.split.tolist()) - set(SPLITS))
+        if bad:
+            raise StoreError(f"{self.path}: unknown split {bad[0]!r} (known: {', '.join(SPLITS)}); the store is damaged")
+        known = [v for v in self.views if v in AUGMENTED_VIEWS]
+        if (len(set(self.views)) != len(self.views) or known != [v for v in AUGMENTED_VIEWS if v in known]
+                or ("views" in self.attrs and list(self.attrs["views"]) != self.views)):
+            raise StoreError(f"{self.path}: views {self.views} are not in the format's order {list(AUGMENTED_VIEWS)} "
+                             f"(or {list(FULL_VIEW)}), or differ from the attribute views "
+                             f"{self.attrs.get('views')}; the store is damaged")
+        if "sizes" in f:
+            sizes = f["sizes"][:]
+            if sizes.size and sizes.min() < 0:
+                k = int(np.flatnonzero((sizes < 0).any(axis=1))[0])
+                raise StoreError(f"{self.path}: image {self.ids[k]} has a negative size {sizes[k].tolist()}; "
+                                 "the store is damaged")
 
     def _check_labels(self):
         """MOS is NaN (no label) or in 1..10, vote counts finite and >= 0 where present."""
@@ -192,6 +220,10 @@ class FeatureStore:
     def errors(self) -> list[dict]:
         return read_errors(self._file)
 
+    def identities(self) -> dict:
+        """{path: :class:`mlsp.identity.FileIdentity`} of every image (its file as it was read)."""
+        return dict(zip(self.paths.tolist(), read_identities(self._file, self.n_images)))
+
     # -- reading -----------------------------------------------------------------------------
     def read(self, indices: Sequence[int], views: Sequence[int] | None = None) -> np.ndarray:
         """Features of the given images (any order, repeats allowed), straight from disk.
@@ -229,12 +261,6 @@ class FeatureStore:
 
     def close(self):
         self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return (
@@ -312,7 +338,7 @@ def chunk_offsets(ds: h5py.Dataset) -> np.ndarray | None:
     return offsets if offsets.size and offsets.min() >= 0 else None
 
 
-class FeatureReader:
+class FeatureReader(Closing):
     """The store's features read for training: the one other way into ``/features``.
 
     :class:`FeatureStore` opens everything a store holds; this opens ``/features`` alone, with
@@ -396,12 +422,6 @@ class FeatureReader:
             self._fd = None
         self._file.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def open_store(path: str) -> FeatureStore:
     return FeatureStore(path)
@@ -450,9 +470,7 @@ def describe(path: str, check_features: bool = False, progress: ProgressFactory 
                 info["features_check"] = "ok"
             except StoreError as exc:
                 info["features_check"] = str(exc)
-        for key in ("weights_source", "weights_sha256", "preprocessing", "crop_fraction", "max_side", "decoding",
-                    "precision", "dataset", "labels_file", "test_list", "val_fraction", "seed",
-                    "labels_without_images", "backend", "backend_version", "device", "mlsp_version", "created"):
+        for key in INSPECTED_KEYS:
             if key in s.attrs:
                 info[key] = s.attrs[key]
         return info

@@ -1,4 +1,5 @@
-"""The feature store's format: names, shapes and the configuration keys (``features/README.md``).
+"""The feature store's format: names and shapes (``features/README.md``); its
+attributes are :mod:`mlsp.store_config`'s table.
 
 :data:`FORMAT_VERSION` is bumped whenever the format changes. Reading is :mod:`mlsp.store`,
 writing a whole store :mod:`mlsp.store_write`, an extraction's crash-safe shards
@@ -14,7 +15,7 @@ import numpy as np
 
 from .errors import StoreError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FEATURES_ROOT = "features"  # where stores go by default: features/<dataset>/<name>.h5
 LABELLED_SPLITS = ("train", "val", "test")  # what training needs, each with labelled images
 SPLITS = LABELLED_SPLITS + ("unlabeled",)
@@ -23,41 +24,36 @@ AUGMENTED_VIEWS = ("tl", "tl_flip", "tr", "tr_flip", "bl", "bl_flip", "br", "br_
 FULL_VIEW = ("full",)
 WIDE_GRID = 5  # wide pooling's grid: each block resized to 5x5
 POOLINGS = {"narrow": 1, "wide": WIDE_GRID}  # pooling -> grid side
+
+
+def pooling_of(wide: bool) -> str:
+    """The pooling's name for ``--wide`` / ``--narrow``."""
+    return "wide" if wide else "narrow"
+
+
 REQUIRED_DATASETS = ("features", "ids", "views", "mos", "votes", "split")
+# Each image's source file as it was read (mlsp.identity): size, modification time (ns), SHA-256.
+# Since format version 3; rows of older stores carry -1, -1, "" (not recorded).
+IDENTITY_DATASETS = ("file_sizes", "file_mtimes", "sha256")
 REQUIRED_ATTRS = ("format_version", "net", "pooling", "block_names", "block_channels")
-# The attributes that make two extractions produce comparable features. A store is only ever
-# extended, or scored against, under the same values.
-CONFIG_KEYS = (
-    "net",
-    "pooling",
-    "views",
-    "weights_source",
-    "weights_sha256",
-    "preprocessing",
-    "crop_fraction",
-    "max_side",
-    "decoding",
-    "precision",
-)
-# The rest of a store's attributes beside these and its layout (block_names, block_channels) is
-# description or provenance: backend, backend_version and device say where it ran, not what it is.
-
-
-def config_attrs(attrs: dict) -> dict:
-    """The configuration among a store's attributes (or an extractor's ``store_attrs()``):
-    :data:`CONFIG_KEYS` and the blocks' names and channels, without provenance."""
-    return {key: attrs.get(key) for key in CONFIG_KEYS + ("block_names", "block_channels")}
-
+# What each root attribute is, and which of them are the configuration: mlsp.store_config.
 
 STR_DTYPE = h5py.string_dtype("utf-8")
 
 
+def encode_name(value) -> bytes:
+    """A string as the store keeps it: UTF-8, where a file name that is not valid UTF-8 (which
+    Python reads with surrogate escapes, ``'\\udcff'`` for the byte 0xff) keeps its own bytes,
+    so that :func:`decode_strings` gives back the very same name."""
+    return str(value).encode("utf-8", "surrogateescape")
+
+
 def as_str_array(values: Iterable[str]) -> np.ndarray:
-    return np.array([str(v) for v in values], dtype=object)
+    return np.array([encode_name(v) for v in values], dtype=object)
 
 
 def decode_strings(values) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+    return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values]
 
 
 def feature_shape(pooling: str, n_views: int, channels: int) -> tuple:
@@ -77,24 +73,6 @@ def feature_chunks(pooling: str, n_views: int, channels: int) -> tuple:
     return (1, 1) + shape[1:]
 
 
-def config_differences(have: dict, want: dict) -> dict:
-    """{key: (have, want)} for every configuration key whose values differ."""
-    diff = {}
-    for key in CONFIG_KEYS:
-        a, b = have.get(key), want.get(key)
-        if isinstance(a, np.ndarray):
-            a = a.tolist()
-        if isinstance(b, np.ndarray):
-            b = b.tolist()
-        if isinstance(a, (list, tuple)):
-            a = list(a)
-        if isinstance(b, (list, tuple)):
-            b = list(b)
-        if a != b:
-            diff[key] = (a, b)
-    return diff
-
-
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -110,7 +88,7 @@ def open_h5(path: str, mode: str = "r", **kwargs) -> h5py.File:
 
 def attr_value(v):
     if isinstance(v, bytes):
-        return v.decode("utf-8")
+        return v.decode("utf-8", "surrogateescape")
     if isinstance(v, np.ndarray):
         if v.dtype.kind in "OSU":
             return decode_strings(v.tolist())
@@ -130,5 +108,18 @@ def read_errors(f: h5py.File) -> list[dict]:
 
 
 def read_sources(f: h5py.File) -> list[tuple]:
-    """``(id, path, size)`` of every row of a store or shard, in row order."""
-    return list(zip(decode_strings(f["ids"][:]), decode_strings(f["paths"][:]), (tuple(s) for s in f["sizes"][:])))
+    """``(id, path, size, identity)`` of every row of a store or shard, in row order; the identity
+    a :class:`mlsp.identity.FileIdentity` (not known in stores older than format version 3)."""
+    ids, paths = decode_strings(f["ids"][:]), decode_strings(f["paths"][:])
+    return list(zip(ids, paths, (tuple(s) for s in f["sizes"][:]), read_identities(f, len(ids))))
+
+
+def read_identities(f: h5py.File, n: int) -> list:
+    """The :class:`mlsp.identity.FileIdentity` of each of the ``n`` rows (not known where the
+    store predates them)."""
+    from .identity import UNKNOWN, FileIdentity
+
+    if not all(key in f for key in IDENTITY_DATASETS):
+        return [FileIdentity(UNKNOWN, UNKNOWN, "")] * n
+    columns = f["file_sizes"][:].tolist(), f["file_mtimes"][:].tolist(), decode_strings(f["sha256"][:])
+    return [FileIdentity(int(a), int(b), c) for a, b, c in zip(*columns)]

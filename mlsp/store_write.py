@@ -1,4 +1,4 @@
-"""Writing a feature store: a whole store from arrays, the merge of an extraction's shards
+"""Writing a feature store: its layout, the merge of an extraction's shards
 (:func:`finalize_store`), and new labels for a finished store.
 
 Every store is written under a temporary name and renamed when complete
@@ -20,10 +20,12 @@ import numpy as np
 
 from . import __version__
 from .atomic import AtomicPath
+from .errors import StoreError
 from .files import ensure_space
+from .identity import UNKNOWN
 from .progress import ProgressFactory, null_progress
-from .store_format import (AUGMENTED_VIEWS, FORMAT_VERSION, FULL_VIEW, STR_DTYPE, as_str_array, attr_value,
-                           decode_strings, feature_chunks, feature_shape, open_h5, read_errors, read_sources)
+from .store_format import (FORMAT_VERSION, STR_DTYPE, as_str_array, attr_value,
+                           decode_strings, encode_name, feature_chunks, feature_shape, open_h5, read_errors, read_sources)
 
 log = logging.getLogger(__name__)
 
@@ -36,54 +38,10 @@ def write_attrs(f: h5py.File, attrs: dict):
             f.attrs.create(key, as_str_array(value), dtype=STR_DTYPE)
         elif isinstance(value, dict):
             f.attrs[key] = json.dumps(value, sort_keys=True)
+        elif isinstance(value, str):  # a path may hold a name that is not UTF-8 (encode_name)
+            f.attrs.create(key, encode_name(value), dtype=STR_DTYPE)
         else:
             f.attrs[key] = value
-
-
-def write_store(
-    path: str,
-    features: np.ndarray,
-    ids: Sequence[str],
-    *,
-    net: str,
-    pooling: str,
-    block_names: Sequence[str],
-    block_channels: Sequence[int],
-    views: Sequence[str] | None = None,
-    mos=None,
-    votes=None,
-    split=None,
-    paths=None,
-    errors: Sequence[dict] = (),
-    attrs: dict | None = None,
-):
-    """Write a complete store from in-memory arrays (tests, synthetic stores, small data).
-
-    Extraction does not use this: it streams through :class:`ShardWriter` and
-    :func:`finalize_store`, which write the same layout.
-    """
-    features = np.asarray(features)
-    n = features.shape[0]
-    n_views = features.shape[1]
-    if views is None:
-        views = AUGMENTED_VIEWS if n_views == 8 else FULL_VIEW if n_views == 1 else [f"v{i}" for i in range(n_views)]
-    mos = np.full(n, np.nan, np.float32) if mos is None else np.asarray(mos, np.float32)
-    votes = np.full((n, 10), np.nan, np.float32) if votes is None else np.asarray(votes, np.float32)
-    if split is None:
-        split = np.where(np.isfinite(mos), "train", "unlabeled")
-    base = dict(attrs or {})
-    base.update(net=net, pooling=pooling, block_names=list(block_names),
-                block_channels=[int(c) for c in block_channels])
-    with AtomicPath(path) as tmp, h5py.File(tmp, "w") as f:
-        create_layout(f, n, list(views), pooling, features.shape[-1], base)
-        f["features"][...] = features.astype(np.float16)
-        f["ids"][...] = as_str_array(ids)
-        f["paths"][...] = as_str_array(paths if paths is not None else ids)
-        f["sizes"][...] = 0
-        f["mos"][...] = mos
-        f["votes"][...] = votes
-        f["split"][...] = as_str_array(split)
-        write_errors(f, errors)
 
 
 def create_layout(f: h5py.File, n: int, views: list, pooling: str, channels: int, attrs: dict):
@@ -100,10 +58,21 @@ def create_layout(f: h5py.File, n: int, views: list, pooling: str, channels: int
     f.create_dataset("mos", shape=(n,), dtype=np.float32)
     f.create_dataset("votes", shape=(n, 10), dtype=np.float32)
     f.create_dataset("split", shape=(n,), dtype=STR_DTYPE)
+    f.create_dataset("file_sizes", shape=(n,), dtype=np.int64, fillvalue=UNKNOWN)
+    f.create_dataset("file_mtimes", shape=(n,), dtype=np.int64, fillvalue=UNKNOWN)
+    f.create_dataset("sha256", shape=(n,), dtype=STR_DTYPE)
     full = {"format_version": FORMAT_VERSION, "mlsp_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     full.update(attrs)
     write_attrs(f, full)
+
+
+def write_identities(f: h5py.File, identities: Sequence):
+    """Each row's :class:`mlsp.identity.FileIdentity` into a layout made by :func:`create_layout`."""
+    if identities:
+        f["file_sizes"][...] = np.array([i.size for i in identities], dtype=np.int64)
+        f["file_mtimes"][...] = np.array([i.mtime_ns for i in identities], dtype=np.int64)
+        f["sha256"][...] = as_str_array(i.sha256 for i in identities)
 
 
 def write_errors(f: h5py.File, errors: Sequence[dict]):
@@ -135,16 +104,16 @@ def finalize_store(
     errors = {}
     for source in ([previous] if previous else []) + sorted(glob.glob(os.path.join(shard_dir, "shard-*.h5"))):
         with h5py.File(source, "r") as f:
-            sources += [(p, i, s, source, row) for row, (i, p, s) in enumerate(read_sources(f))]
+            sources += [(p, i, s, source, row, ident) for row, (i, p, s, ident) in enumerate(read_sources(f))]
             errors.update((e["path"], e) for e in read_errors(f))
-    # The newest result for a path wins (a shard after a previous store); so does the newest
-    # for an id, when a file was replaced by one of another name (x.png by x.jpg).
+    # The newest result for a path wins (a shard after a previous store). Ids are unique by
+    # construction (mlsp.images.image_ids): two paths under one id are refused, never replaced.
     latest, by_id = {}, {}
     for src in sources:
         old = by_id.get(src[1])
         if old is not None and old[0] != src[0]:
-            log.warning("%s replaces %s (same id %r)", src[0], old[0], src[1])
-            latest.pop(old[0], None)
+            raise StoreError(f"{src[3]}: image id {src[1]!r} is held by both {old[0]} and {src[0]}; "
+                             f"nothing was written to {path}")
         latest[src[0]] = by_id[src[1]] = src
     rows = [latest[k] for k in sorted(latest)]
     for k in latest:
@@ -162,6 +131,7 @@ def finalize_store(
         out["ids"][...] = as_str_array(ids)
         out["paths"][...] = as_str_array(r[0] for r in rows)
         out["sizes"][...] = np.array([r[2] for r in rows], dtype=np.int32).reshape(len(rows), 2)
+        write_identities(out, [r[5] for r in rows])
         out["mos"][...] = mos
         out["votes"][...] = votes
         out["split"][...] = as_str_array(split)
@@ -181,11 +151,14 @@ def finalize_store(
 
 
 def relabel_store(path: str, label_fn, attrs: dict, keys: Sequence[str]) -> int:
-    """Rewrite labels and splits of a finished store in place (features untouched).
+    """Rewrite labels and splits of a finished store (features untouched), crash-safe.
 
     ``label_fn`` runs first, so it may still add to ``attrs``; then ``keys`` of ``attrs`` are
-    written. Nothing is written when nothing changed (so this works on read-only media).
-    Returns the number of images."""
+    written. HDF5 cannot change a file safely in place (a kill amid its metadata writes leaves
+    it unreadable), so the store is copied under a temporary name, the copy relabelled, synced
+    and renamed over the store: a kill at any point leaves the old labels or the new ones.
+    This costs one copy of the file, as extending a store does. Nothing is written when nothing
+    changed (so this works on read-only media). Returns the number of images."""
     with open_h5(path) as f:
         ids = decode_strings(f["ids"][:])
         mos, votes, split = label_fn(ids)
@@ -197,9 +170,12 @@ def relabel_store(path: str, label_fn, attrs: dict, keys: Sequence[str]) -> int:
     if unchanged:
         log.debug("%s: labels unchanged", path)
         return len(ids)
-    with h5py.File(path, "r+") as f:
-        f["mos"][...] = mos
-        f["votes"][...] = votes
-        f["split"][...] = as_str_array(split)
-        write_attrs(f, {k: attrs[k] for k in keys if k in attrs})
-        return len(ids)
+    ensure_space(path, os.path.getsize(path), margin=4 << 20)
+    with AtomicPath(path, kept=f"{path} is unchanged") as tmp:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            f["mos"][...] = mos
+            f["votes"][...] = votes
+            f["split"][...] = as_str_array(split)
+            write_attrs(f, {k: attrs[k] for k in keys if k in attrs})
+    return len(ids)

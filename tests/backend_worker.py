@@ -21,9 +21,10 @@ NETS = ("irv2", "iv3")
 def save_random_backbone(net: str, seed: int, path: str):
     """A seeded random backbone's weights in Keras' own file format, which every backend loads
     (the random initialisers themselves differ between backends)."""
-    from mlsp import backbones
+    from mlsp import backbone_weights, backbones
 
-    model, _ = backbones.build_backbone(backbones.get_backbone(net), backbones.WeightsSource.parse(f"random:{seed}"))
+    model, _ = backbone_weights.build_backbone(backbones.get_backbone(net),
+                                               backbone_weights.WeightsSource.parse(f"random:{seed}"))
     model.save_weights(path)
 
 

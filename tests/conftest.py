@@ -1,5 +1,5 @@
-"""Shared fixtures. Every test runs offline on random backbones and small generated images;
-nothing here needs ImageNet weights, AVA or a GPU."""
+"""Shared fixtures (plain helpers are in tests/helpers.py). Every test runs offline on random
+backbones and small generated images; nothing here needs ImageNet weights, AVA or a GPU."""
 
 import os
 import subprocess
@@ -12,20 +12,9 @@ os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="mlsp-keras-home-"))
 # use: tests/test_startup.py turns it on where it is tested.
 os.environ.setdefault("MLSP_FORWARD_CACHE", "0")
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-
-def write_image(path, height, width, seed=0, channels=3, ext=None):
-    """A smooth random RGB picture (so JPEG keeps it close) written with OpenCV."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), channels), dtype=np.uint8)
-    img = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    if not cv2.imwrite(str(path), img):
-        raise RuntimeError(f"could not write {path}")
-    return path
+from helpers import write_image  # noqa: E402  (tests/ is on the path: pyproject's pythonpath)
 
 
 @pytest.fixture(scope="session")
@@ -43,20 +32,6 @@ def extractors():
         return cache[key]
 
     return get
-
-
-def ctrl_c_after(count=None):
-    """A progress factory (:mod:`mlsp.progress`) that presses Ctrl-C once ``count`` items are done
-    (``None``: all of them)."""
-    from mlsp.progress import NullProgress
-
-    class CtrlC(NullProgress):
-        def update(self, n=1):
-            super().update(n)
-            if self.n == (self.total if count is None else count):
-                raise KeyboardInterrupt
-
-    return CtrlC
 
 
 @pytest.fixture(scope="session")
@@ -114,8 +89,3 @@ def small_disk(tmp_path):
     yield mount
     for folder in mounts:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-def remount(folder, options):
-    """Change a mounted tmpfs: ``size=2m``, ``ro``, ``rw``."""
-    subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], check=True)

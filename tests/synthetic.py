@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from mlsp.labels import SCORES, mos_from_votes
-from mlsp.store import write_store
+from helpers import write_store
 
 
 def planted_mos(mean_features: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -98,3 +98,4 @@ def write_synthetic_store(
         mos=mos, votes=counts, split=split, attrs={"dataset": "synthetic", "seed": seed},
     )
     return out
+

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import backend_worker
-from conftest import write_image
+from helpers import write_image
 from mlsp.errors import ImageDecodeError
 from mlsp.extract import ExtractConfig, extract
 from mlsp.readahead import run_batched

@@ -63,7 +63,7 @@ def test_every_head_trains_on_the_distribution(tiny_wide, tmp_path, head):
     import keras
 
     out = tmp_path / "run"
-    options = {"single3fc": ["--width", "16"], "pool3fc": ["--width", "16", "--kernels", "8"]}.get(head, [])
+    options = {"single3fc": ["--head-option", "width=16"], "pool3fc": ["--head-option", "width=16", "--kernels", "8"]}.get(head, [])
     res = invoke("train", "--store", tiny_wide, "--head", head, "--target", "distribution", "--out", out,
                  "--epochs", "2", "--steps-per-epoch", "5", "--lr", "1e-3", "--no-progress", *options)
     assert res.exit_code == 0, res.output

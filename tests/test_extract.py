@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from conftest import ctrl_c_after, write_image
+from helpers import ctrl_c_after, write_image
 from mlsp import extract as ex_mod
 from mlsp.errors import StoreConfigMismatch
 from mlsp.extract import ExtractConfig, extract
@@ -286,3 +286,24 @@ def test_malformed_labels_fail_before_any_image(tmp_path, image_dir, monkeypatch
                                         "random", "--labels", str(bad), "--out", str(tmp_path / "x.h5")])
     assert res.exit_code != 0
     assert "AVA.txt" in res.output and "line 2" in res.output
+
+
+def test_a_random_seed_store_of_another_backend_says_why(tmp_path, image_dir, extractors):
+    """A store made with random:SEED on one backend, extended on the other: the same seed gives
+    other weights there; the refusal says so (not only that two hashes differ)."""
+    out = str(tmp_path / "s.h5")
+    extract(str(image_dir), ExtractConfig(net="iv3", weights="random:0"), out, extractor=extractors(net="iv3"))
+    with h5py.File(out, "r+") as f:  # as PyTorch's random:0 backbone records it
+        f.attrs["weights_sha256"] = "0" * 64
+        f.attrs["backend"] = "torch"
+    write_image(image_dir / "new.png", 100, 120, seed=9)
+    with pytest.raises(StoreConfigMismatch) as info:
+        extract(str(image_dir), ExtractConfig(net="iv3", weights="random:0"), out, extractor=extractors(net="iv3"))
+    message = str(info.value)
+    assert "weights_sha256: store has '000" in message
+    assert ("random:0 weights are drawn by each Keras backend's own random generator: the same seed gives other "
+            "weights on another backend (made on torch, now on tensorflow). Use the backend it was made with "
+            "(--backend), or another --out.") in message
+    # any other difference keeps the usual advice
+    assert ex_mod.random_weights_advice({"weights_sha256": (1, 2), "net": (1, 2)}, "random:0") is None
+    assert ex_mod.random_weights_advice({"weights_sha256": (1, 2)}, "imagenet") is None

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from conftest import remount, write_image
+from helpers import remount, write_image
 from mlsp import atomic, files
 from mlsp.errors import LabelsError, StoreLocked, WriteError
 from mlsp.extract import ExtractConfig, extract
@@ -37,6 +37,61 @@ def ids_of(path):
 # --------------------------------------------------------------------------------------------
 # One writer per store
 # --------------------------------------------------------------------------------------------
+
+
+def _as_another_user(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in Python as user nobody (needs root and setpriv); skip where that cannot be."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run a second writer as another user")
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                          f"import sys; sys.path.insert(0, {ROOT!r}); " + code], capture_output=True, text=True)
+    if "ok-python" not in res.stdout and "Error" not in res.stderr and res.returncode:
+        pytest.skip(f"cannot run a process as another user here: {res.stderr.strip()[-200:]}")
+    return res
+
+
+def test_a_lock_file_of_another_user_is_a_refusal_not_a_licence(tmp_path):
+    """A shared folder (anyone may write) where another user's writer holds ``s.h5.lock``: a
+    second writer who cannot open that file is refused, not let through unlocked."""
+    import pathlib
+    import shutil
+    import tempfile
+
+    shared = pathlib.Path(tempfile.mkdtemp(prefix="mlsp-shared-"))  # pytest's tmp_path is root's alone
+    os.chmod(shared, 0o777)
+    store = str(shared / "s.h5")
+    with files.StoreLock(store):  # the first writer (root here): its lock file is 0644, root's
+        res = _as_another_user(
+            "print('ok-python'); from mlsp.files import StoreLock; from mlsp.errors import MLSPError\n"
+            f"try:\n    lock = StoreLock({store!r}).acquire(); print('read_only', lock.read_only)\n"
+            "except MLSPError as exc:\n    print('refused:', exc)")
+        assert "refused: " in res.stdout, res.stdout + res.stderr
+        assert f"{store}.lock: cannot take the store's lock (permission denied" in res.stdout
+        assert "another user (pid " in res.stdout  # what the lock file says, where readable
+        assert os.path.exists(store + ".lock")  # the first writer's, untouched
+    # a folder nobody but its owner may write, and no lock in it: nothing can be written there
+    os.chmod(shared, 0o755)
+    res = _as_another_user(f"print('ok-python'); from mlsp.files import StoreLock; "
+                           f"print('read_only', StoreLock({store!r}).acquire().read_only)")
+    shutil.rmtree(shared)
+    assert "read_only True" in res.stdout, res.stdout + res.stderr
+
+
+def test_a_file_system_without_locks_is_one_line_and_leaves_no_lock_file(tmp_path, image_dir, monkeypatch):
+    """ENOLCK (an NFS share without a lock service): a one-line refusal, no ``.lock`` left."""
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    out = tmp_path / "s.h5"
+    res = CliRunner().invoke(cli.main, ["extract", "--images", str(image_dir), "--net", "iv3", "--weights",
+                                        "random:0", "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().splitlines()[-1] == (
+        f"Error: {out}.lock: cannot take the store's lock (the file system cannot lock files (ENOLCK: an NFS "
+        "share without a lock service?)); nothing was written. One writer per store: wait for the other writer, "
+        "delete the lock file if no mlsp process writes the store, or write to another --out on a local disk")
+    assert os.listdir(tmp_path) == ["imgs"]
 
 
 def test_a_live_writer_is_refused_with_its_pid_and_a_stale_lock_is_taken_over(tmp_path, image_dir, extractors):
@@ -174,17 +229,25 @@ def test_full_disk_simulated(tmp_path, image_dir, extractors, monkeypatch):
     ex = extractors(net="iv3")
     extract(str(image_dir), CONFIG, str(out), extractor=ex, flush_images=2)
     write_image(image_dir / "new.png", 100, 100, seed=9)
+    write_image(image_dir / "new2.png", 100, 110, seed=10)
+    real_setitem, calls = h5py.Dataset.__setitem__, []
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(self, *args, **kwargs):  # the first image's features fit, then the disk is full
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_setitem(self, *args, **kwargs)
 
     monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
-    with pytest.raises(WriteError, match="no space left on the device; finished images are kept"):
+    with pytest.raises(WriteError, match="no space left on the device; finished images are kept") as info:
         extract(str(image_dir), CONFIG, str(out), extractor=ex)
+    # the disk filled inside HDF5, after the free-space check: the open checkpoint is lost, and said so
+    assert str(info.value).endswith("(the 1 image of the unfinished checkpoint could not be kept: the next run "
+                                    "extracts it again)")
     monkeypatch.undo()
     assert not [n for n in visible(tmp_path) if ".tmp" in n]
     assert ids_of(out) == ["img0", "img1", "img2", "img3", "sub/img4", "sub/img5"]
-    assert extract(str(image_dir), CONFIG, str(out), extractor=ex).new == 1
+    assert extract(str(image_dir), CONFIG, str(out), extractor=ex).new == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,13 +4,15 @@ safe_mode round trips, the grid mean of narrow heads on wide stores)."""
 import numpy as np
 import pytest
 
+from heads.registry import HEADS
 from mlsp.errors import ConfigError
 
 # The channel layouts of the two backbones, as the paper gives them (PAPER.md, "Stage 1").
 IRV2 = [320] + [128] * 10 + [1088] + [384] * 20 + [2080] + [448] * 10
 IV3 = [256, 288, 288, 768, 768, 768, 768, 768, 1280, 2048, 2048]
 SMALL = [8, 16, 8]
-HEAD_NAMES = ["single1fc", "single3fc", "multi3fc", "pool3fc"]
+PAPER_HEADS = ["single1fc", "single3fc", "multi3fc", "pool3fc"]  # the paper's four (PAPER.md)
+HEAD_NAMES = HEADS.names()  # every registered head: each test over heads covers a new one
 
 
 # -- parameter counts from layer sizes -------------------------------------------------------
@@ -115,9 +117,9 @@ def test_any_layout_builds_and_predicts(head, layout):
 
 
 def test_registry():
-    from heads import get_head, list_heads
+    from heads import get_head
 
-    assert [h.name for h in list_heads()] == HEAD_NAMES
+    assert HEAD_NAMES[:4] == PAPER_HEADS
     with pytest.raises(ConfigError, match="unknown head 'nope'.*single1fc, single3fc, multi3fc, pool3fc"):
         get_head("nope")
     with pytest.raises(ConfigError, match="does not take kernels"):
@@ -154,11 +156,11 @@ def test_registry_entry_agrees_with_its_builder(head):
 
 
 def test_registry_refuses_a_name_twice():
-    from heads.registry import HeadSpec, get_head, register
+    from heads.registry import HeadSpec, get_head
 
     before = get_head("single1fc")
-    with pytest.raises(ConfigError, match="single1fc is already registered"):
-        register(HeadSpec("single1fc", "heads.models:single_1fc", needs_wide=True, description="again"))
+    with pytest.raises(ConfigError, match="'single1fc' is already registered"):
+        HEADS.register(HeadSpec("single1fc", "heads.models:single_1fc", needs_wide=True, description="again"))
     assert get_head("single1fc") is before
 
 
@@ -166,25 +168,24 @@ def test_registry_does_not_import_keras():
     import subprocess
     import sys
 
-    code = "import sys, heads; heads.list_heads(); print('keras' in sys.modules)"
+    code = "import sys, heads; heads.HEADS.specs(); print('keras' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
-def test_adding_a_head_is_one_entry():
+def test_adding_a_head_is_one_entry(monkeypatch):
     from heads.models import build_head
-    from heads.registry import HEADS, HeadSpec, register
+    from heads.registry import HeadSpec
+
+    monkeypatch.setattr(HEADS, "_entries", dict(HEADS._entries))  # the entry goes with the test
 
     def mean_head(x, block_channels, output_bias=0.0, outputs=1):
         import keras
 
         return keras.layers.Dense(outputs, bias_initializer=keras.initializers.Constant(output_bias))(x)
 
-    register(HeadSpec("test_linear", mean_head, needs_wide=False, description="a test head"))
-    try:
-        assert build_head("test_linear", SMALL).count_params() == 33
-    finally:
-        del HEADS["test_linear"]
+    HEADS.register(HeadSpec("test_linear", mean_head, needs_wide=False, description="a test head"))
+    assert build_head("test_linear", SMALL).count_params() == 33
 
 
 def test_pool3fc_needs_wide_features():
@@ -210,18 +211,52 @@ def test_narrow_head_on_wide_features_is_the_narrow_head_on_the_grid_mean(head):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("head,pooling", [("single1fc", "narrow"), ("single3fc", "wide"), ("multi3fc", "narrow"),
-                                          ("pool3fc", "wide")])
-def test_saved_model_loads_in_safe_mode(tmp_path, head, pooling):
+def small_options(spec) -> dict:
+    """Small values of every option a head declares (so that the contract test stays fast)."""
+    return {key: 8 for key in spec.options}
+
+
+@pytest.mark.parametrize("head", HEAD_NAMES)
+def test_every_head_keeps_the_contract(tmp_path, head):
+    """Every registered head, with its own options: builds on the features it needs, trains a
+    step (its loss changes), saves, reloads with safe_mode (no Lambda layers) and predicts the
+    same as before saving."""
     import keras
 
     from heads.models import build_head
 
-    options = {"width": 16, "kernels": 8} if head == "pool3fc" else {"width": 16} if head == "single3fc" else {}
-    model = build_head(head, SMALL, pooling=pooling, output_bias=3.0, **options)
+    spec = HEADS.get(head)
+    model = build_head(head, SMALL, pooling="wide" if spec.needs_wide else "narrow", output_bias=3.0,
+                       **small_options(spec))
+    rng = np.random.default_rng(1)
+    x = rng.uniform(size=(16,) + tuple(model.input_shape[1:])).astype(np.float32)
+    y = rng.uniform(1, 10, 16).astype(np.float32)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    before = model.evaluate(x, y, verbose=0)
+    model.train_on_batch(x, y)
+    assert model.evaluate(x, y, verbose=0) != before
     path = str(tmp_path / "model.keras")
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True, compile=False)
-    x = np.random.default_rng(1).uniform(size=(3,) + tuple(model.input_shape[1:])).astype(np.float32)
-    np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), rtol=1e-6)
+    np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), rtol=1e-5, atol=1e-6)
     assert not any(type(layer).__name__ == "Lambda" for layer in loaded.layers)
+
+
+def test_head_options_are_parsed_generically():
+    """``--head-option KEY=VALUE``: integers where they read as one, every mistake one error."""
+    from heads.registry import options_help, parse_options
+
+    assert parse_options(["width=512", " kernels = 64 "]) == {"width": 512, "kernels": 64}
+    for bad, why in (("width", "KEY=VALUE"), ("=3", "KEY=VALUE"), ("width=", "KEY=VALUE")):
+        with pytest.raises(ConfigError, match=why):
+            parse_options([bad])
+    with pytest.raises(ConfigError, match="width given twice"):
+        parse_options(["width=8", "width=16"])
+    with pytest.raises(ConfigError, match="positive integer, received 'wide'"):
+        HEADS.get("single3fc").resolve_options(parse_options(["width=wide"]))
+    shown = options_help()
+    for spec in HEADS.specs():
+        for key, meaning in spec.option_help.items():
+            assert f"{key} ({meaning})" in shown
+    with pytest.raises(ConfigError, match="need one help text each"):
+        type(spec)("x", "heads.models:single_1fc", needs_wide=False, description="", options={"width": 8})

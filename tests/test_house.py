@@ -18,10 +18,13 @@ def library_modules():
     """(module name, path) of every library module and cli.py."""
     found = [("cli", os.path.join(ROOT, "cli.py"))]
     for package in PACKAGES:
-        for name in sorted(os.listdir(os.path.join(ROOT, package))):
-            if name.endswith(".py"):
-                module = package if name == "__init__.py" else f"{package}.{name[:-3]}"
-                found.append((module, os.path.join(ROOT, package, name)))
+        for folder, dirs, files in os.walk(os.path.join(ROOT, package)):
+            dirs[:] = sorted(d for d in dirs if os.path.isfile(os.path.join(folder, d, "__init__.py")))
+            dotted = os.path.relpath(folder, ROOT).replace(os.sep, ".")
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    module = dotted if name == "__init__.py" else f"{dotted}.{name[:-3]}"
+                    found.append((module, os.path.join(folder, name)))
     return found
 
 
@@ -71,6 +74,32 @@ def test_no_module_imports_another_modules_private_names():
             private = [n for n in names if n.startswith("_") and not n.startswith("__")]
             offenders += [f"{module}: from {target} import {n}" for n in private]
     assert offenders == []
+
+
+def test_tests_take_helpers_from_helpers_not_conftest():
+    """Fixtures live in conftest.py, plain helpers in tests/helpers.py: no test imports conftest."""
+    tests = os.path.join(ROOT, "tests")
+    offenders = [f"tests/{name}" for name in sorted(os.listdir(tests)) if name.endswith(".py")
+                 for target, _ in imports(name[:-3], os.path.join(tests, name)) if target == "conftest"]
+    assert offenders == []
+    from mlsp import store, store_write
+
+    assert not hasattr(store_write, "write_store") and not hasattr(store, "write_store")  # tests/helpers.py's
+
+
+def test_keras_internals_are_read_in_one_module():
+    """Only mlsp/keras_graph.py names Keras' private graph attributes (tests/test_keras_graph.py
+    checks them against the installed Keras)."""
+    private = ("_inbound_nodes", "_outbound_nodes", "_keras_history")
+    offenders = []
+    for module, path in library_modules():
+        with open(path) as handle:
+            text = handle.read()
+        offenders += [f"{module}: {name}" for name in private if name in text and module != "mlsp.keras_graph"]
+    assert offenders == []
+    with open(os.path.join(ROOT, "mlsp", "keras_graph.py")) as handle:
+        text = handle.read()
+    assert all(name in text for name in private)  # the check reads the right files
 
 
 #: A library function longer than this is split into named steps (the issue's "about 80 lines").
@@ -184,7 +213,8 @@ def test_cli_defaults_and_choices_come_from_their_owners():
 
     import cli
     from heads.config import TrainConfig
-    from mlsp.extract import PRECISIONS, ExtractConfig, extract
+    from mlsp.extract import ExtractConfig, extract
+    from mlsp.precision import CHOICES
 
     def flat(args):
         return " ".join(CliRunner().invoke(cli.main, args).output.split())
@@ -216,7 +246,7 @@ def test_cli_defaults_and_choices_come_from_their_owners():
     for name in ("net", "augment", "weights", "max_side", "precision"):
         assert ext[name] == getattr(config, name), name
     assert ext["wide"] == (config.pooling == "wide")
-    assert tuple(next(p for p in cli.extract.params if p.name == "precision").type.choices) == (*PRECISIONS, "auto")
+    assert tuple(next(p for p in cli.extract.params if p.name == "precision").type.choices) == CHOICES
     signature = inspect.signature(extract).parameters
     for option, parameter in (("val_fraction", "val_fraction"), ("seed", "seed"), ("workers", "workers"),
                               ("checkpoint_every", "flush_images")):
@@ -224,8 +254,8 @@ def test_cli_defaults_and_choices_come_from_their_owners():
     shown = flat(["extract", "--help"])
     for value in (config.net, config.weights, config.max_side, config.precision, signature["val_fraction"].default):
         assert f"[default: {value}]" in shown, value
-    for command in (cli.score_command, cli.export_command):
-        assert tuple(next(p for p in command.params if p.name == "precision").type.choices) == PRECISIONS
+    for command in (cli.train_command, cli.score_command, cli.export_command):  # auto everywhere
+        assert tuple(next(p for p in command.params if p.name == "precision").type.choices) == CHOICES
     from mlsp.readahead import DECODE_WORKERS
 
     assert defaults(cli.score_command, ROOT)["workers"] == DECODE_WORKERS == signature["workers"].default

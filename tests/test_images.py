@@ -143,3 +143,94 @@ def test_listing_and_ids(tmp_path):
     assert rel == ["a/1.jpg", "a/2.PNG", "b/1.jpg", "c/x.jpg", "c/x.png"]
     assert [os.path.basename(p) for p, _ in others] == ["notes.txt"]
     assert images.image_ids(paths, str(tmp_path)) == ["a/1", "a/2", "b/1", "c/x.jpg", "c/x.png"]
+
+
+def _cut_with_end_marker(data: bytes, fraction: float) -> bytes:
+    """A JPEG cut inside its last scan, with an end-of-image marker put back after the cut."""
+    scan = data.rfind(b"\xff\xda")
+    return data[: scan + int((len(data) - scan) * fraction)] + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpeg_cut_short_with_an_end_marker_is_listed_not_stored(tmp_path, progressive):
+    """OpenCV decodes a cut JPEG whose end marker was put back into a picture partly filled
+    with flat grey, without a word; it is refused with libjpeg's reason."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    img = cv2.resize(rng.integers(0, 256, (8, 10, 3), dtype=np.uint8), (160, 120), interpolation=cv2.INTER_CUBIC)
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, "JPEG", quality=90, progressive=progressive)
+    cut = _cut_with_end_marker(buffer.getvalue(), 0.5)
+    if not progressive:  # the planted defect: what OpenCV alone makes of it
+        filled = cv2.imdecode(np.frombuffer(cut, np.uint8), cv2.IMREAD_COLOR)
+        assert filled is not None and (filled == 128).all(axis=(1, 2)).sum() >= 40
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(cut)
+    with pytest.raises(ImageDecodeError, match=r"truncated or damaged JPEG: .*premature end"):
+        images.decode_image(str(path), 1024)
+    # a whole JPEG with a harmless defect (bytes between two markers) still decodes as before
+    whole = buffer.getvalue()
+    scan = whole.rfind(b"\xff\xda")
+    (tmp_path / "extra.jpg").write_bytes(whole[:scan] + b"\x00\x00" + whole[scan:])
+    (tmp_path / "whole.jpg").write_bytes(whole)
+    np.testing.assert_array_equal(images.decode_image(str(tmp_path / "extra.jpg")),
+                                  images.decode_image(str(tmp_path / "whole.jpg")))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` (8-bit RGB), with a few bytes of data."""
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def test_huge_picture_in_a_small_file_is_refused_from_its_header(tmp_path):
+    """A PNG of 30000x30000 (a few bytes here; 2.6 MB of real data took 8.6 GB and 84 s): listed
+    with the reason at once, before any decoding."""
+    import time
+
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_header_only(30000, 30000))
+    started = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match=r"too large to decode safely: 30000x30000 px is 900 MP decoded, "
+                                               r"above the limit of 134 MP; downscale it first"):
+        images.decode_image(str(path), 1024)
+    assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif", ".webp", ".bmp", ".jpg"])
+def test_every_format_has_a_pixel_limit(tmp_path, rgb, ext, monkeypatch):
+    """Each format is measured from its header against MAX_PIXELS; a JPEG by the size it is
+    decoded at (libjpeg reduces it first), the others by their full size."""
+    big = cv2.resize(rgb, (400, 300), interpolation=cv2.INTER_LINEAR)
+    path = tmp_path / f"x{ext}"
+    path.write_bytes(_encode(big[..., ::-1], ext))
+    monkeypatch.setattr(images, "MAX_PIXELS", 300 * 400 - 1)
+    with pytest.raises(ImageDecodeError, match="too large to decode safely: 400x300 px is 0.12 MP decoded"):
+        images.decode_image(str(path), 0)
+    if ext == ".jpg":  # decoded at 1/2 for max_side 150: 200x150 pixels, under the limit
+        assert images.decode_image(str(path), 150).shape == (112, 150, 3)
+    else:
+        with pytest.raises(ImageDecodeError, match="too large"):
+            images.decode_image(str(path), 150)
+    monkeypatch.setattr(images, "MAX_PIXELS", 300 * 400)
+    assert images.decode_image(str(path), 0).shape == (300, 400, 3)
+
+
+def test_opencv_messages_stay_off_the_console(tmp_path, capfd):
+    """A TIFF OpenCV cannot read (32-bit float gray) is one ImageDecodeError; OpenCV's own
+    "[ERROR] ... imdecode_" line does not reach the console."""
+    from PIL import Image
+
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.zeros((50, 60), np.float32)).save(path)
+    with pytest.raises(ImageDecodeError, match="cannot decode"):
+        images.decode_image(str(path))
+    assert capfd.readouterr().err == ""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import write_image
+from helpers import write_image
 from mlsp import images
 from mlsp.errors import ConfigError, ImageDecodeError
 from mlsp.extract import collect_inputs

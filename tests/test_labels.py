@@ -53,6 +53,9 @@ def test_lookup_gives_nan_for_unknown_ids(ava):
         ("4 abc 0 0 0 0 4 0 0 0 0 0 1 22 1396", "'abc'"),  # non-integer id
         ("4 960000 0 0 -2 0 4 0 0 0 0 0 1 22 1396", "negative"),
         ("4 960000 0 0 0 0 0 0 0 0 0 0 1 22 1396", "no votes"),
+        # finite as a Python int and in float64, infinite in the store's float32
+        (f"4 960000 0 0 0 0 {10**39} 0 0 0 0 0 1 22 1396", "too large for the store"),
+        ("4 960000 0 0 0 0 " + " ".join([str(2**127)] * 6) + " 1 22 1396", "too large"),  # the sum
     ],
 )
 def test_malformed_ava_line_names_file_and_line(tmp_path, bad_line, words):
@@ -99,8 +102,15 @@ def test_csv_votes_without_mos_compute_the_mean(tmp_path):
 
 def test_csv_votes_and_mos_keep_the_given_mos(tmp_path):
     header = "file,mean," + ",".join(str(k) for k in range(1, 11))
-    labels = read_labels(write(tmp_path, "v.csv", header + "\nx.jpg,6.0,0,0,0,0,4,0,0,0,0,0\n"))
-    assert labels.ids == ["x"] and labels.mos[0] == 6.0 and labels.votes[0, 4] == 4
+    labels = read_labels(write(tmp_path, "v.csv", header + "\nx.jpg,5.4,0,0,0,0,4,0,0,0,0,0\n"))
+    assert labels.ids == ["x"] and labels.mos[0] == np.float32(5.4) and labels.votes[0, 4] == 4
+
+
+def test_csv_mos_that_disagrees_with_its_votes_names_file_and_line(tmp_path):
+    header = "id,mos," + ",".join(f"votes_{k}" for k in range(1, 11))
+    path = write(tmp_path, "v.csv", header + "\na,5.2,0,0,0,0,4,0,0,0,0,0\nb,9,0,7,0,0,0,0,0,0,0,0\n")
+    with pytest.raises(LabelsError, match=r"v\.csv, line 3: MOS 9 disagrees with its votes, whose mean is 2\.00"):
+        read_labels(path)
 
 
 @pytest.mark.parametrize(
@@ -112,6 +122,7 @@ def test_csv_votes_and_mos_keep_the_given_mos(tmp_path):
         ("1,5\n,6\n", 3, "missing image id"),
         ("1,5\n2,\n", 3, "missing MOS"),
         ("1,5\n1.jpg,6\n", 3, "first on line 2"),
+        ("1,5\n2,1e39\n", 3, "outside 1..10"),
     ],
 )
 def test_malformed_csv_rows_name_file_and_line(tmp_path, rows, line, words):
@@ -220,3 +231,31 @@ def test_bad_arguments():
         assign_splits(["a", "a"], None, None)
     with pytest.raises(ConfigError):
         assign_splits(["a"], None, None, val_fraction=1.0)
+
+
+def test_csv_vote_count_beyond_float32_names_file_and_line(tmp_path):
+    header = "id," + ",".join(f"votes_{k}" for k in range(1, 11))
+    path = write(tmp_path, "v.csv", header + "\na,0,0,0,0,4,0,0,0,0,0\nb,0,0,0,0,1e39,0,0,0,0,0\n")
+    with pytest.raises(LabelsError, match=r"v\.csv, line 3: vote counts .* too large for the store"):
+        read_labels(path)
+
+
+def test_random_test_split_is_kept_when_images_are_added():
+    from mlsp.labels import random_test
+
+    ids = [f"photo_{k:04d}" for k in range(400)]
+    labels = make_labels(ids)
+    _, _, split, report = assign_splits(ids[:300], labels, None, val_fraction=0.1, seed=5, test_fraction=0.2)
+    assert 40 <= report["counts"]["test"] <= 80  # 60 expected: a draw, not a count
+    _, _, more, _ = assign_splits(ids, labels, None, val_fraction=0.1, seed=5, test_fraction=0.2)
+    assert ((more[:300] == "test") == (split == "test")).all(), "an image kept in test or out of it"
+    assert ((more == "test") == random_test(ids, np.ones(400, bool), 0.2, 5)).all()
+    _, _, order, _ = assign_splits(ids[::-1], labels, None, val_fraction=0.1, seed=5, test_fraction=0.2)
+    assert ((order[::-1] == "test") == (more == "test")).all()
+    _, _, other, _ = assign_splits(ids, labels, None, val_fraction=0.1, seed=6, test_fraction=0.2)
+    assert ((other == "test") != (more == "test")).any()
+    # only labelled images are drawn; a handful of them still gets a test image
+    _, _, few, _ = assign_splits(ids[:3] + ["nolabel"], make_labels(ids[:3]), None, seed=0, test_fraction=0.01)
+    assert few.tolist().count("test") == 1 and few[3] == "unlabeled"
+    with pytest.raises(Exception, match="not both"):
+        assign_splits(ids, labels, ids[:5], test_fraction=0.2)

@@ -4,9 +4,10 @@ precisions, and decode-ahead giving exactly the serial path's results."""
 import numpy as np
 import pytest
 
-from conftest import write_image
+from helpers import write_image
 from mlsp.errors import StoreConfigMismatch
-from mlsp.extract import ExtractConfig, extract, resolve_precision
+from mlsp.extract import ExtractConfig, extract
+from mlsp.precision import resolve as resolve_precision
 from mlsp.images import make_views
 from mlsp.store import FeatureStore
 
@@ -156,3 +157,38 @@ def test_a_mixed_precision_head_gives_float32_outputs(target):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.sum(out, axis=-1)), 1.0, atol=1e-6)
     float32 = build_head("single3fc", [16, 16], target=target, width=64)
     assert [layer.name for layer in float32.layers][-1] == ("target" if target == "distribution" else "out")
+
+
+def test_one_owner_checks_every_precision_and_restores_the_policy():
+    """mlsp.precision: a stored configuration is resolved (never auto), a training config may say
+    auto, a misspelt name is one error naming it, and the dtype policy is the caller's again after."""
+    import keras
+
+    from heads.config import TrainConfig
+    from mlsp.errors import ConfigError
+    from mlsp.precision import AUTO, CHOICES, DEFAULT, check, dtype_policy
+
+    assert ExtractConfig().precision == DEFAULT == TrainConfig.precision and AUTO in CHOICES
+    with pytest.raises(ConfigError, match="received 'auto'"):
+        ExtractConfig(net="iv3", precision=AUTO)
+    TrainConfig(head="single1fc", precision=AUTO).validate()
+    with pytest.raises(ConfigError, match="received 'bf16'"):
+        check("bf16")
+    before = keras.config.dtype_policy().name
+    with dtype_policy("bfloat16"):
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+        assert keras.layers.Dense(2).compute_dtype == "bfloat16"
+    assert keras.config.dtype_policy().name == before
+
+
+def test_score_and_export_resolve_auto(monkeypatch):
+    """The run's extraction at ``auto`` is the machine's precision, as extract's would be."""
+    from heads.run import Run
+    from mlsp import precision
+
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr("mlsp.backend.gpu_bfloat16", lambda: None)
+    run = Run("r", {"store": {"net": "iv3", "pooling": "narrow", "views": ["full"],
+                              "config": {"weights_source": "random:0", "precision": "float32", "max_side": 0}}})
+    assert run.extract_config().precision == "float32"
+    assert run.extract_config(precision="auto").precision == "bfloat16"

@@ -83,6 +83,7 @@ def test_exported_model_gives_the_same_numbers(trained, tmp_path):
     assert res.exit_code == 0, res.output
     assert res.output.strip().splitlines()[-1] == f"exported: {path}"
     model = keras.saving.load_model(path, safe_mode=True)
+    assert model.get_layer("fit_max_side").max_side == Run.open(trained["run"]).extract_config().max_side == 1024
     scores = score_store(trained["run"], trained["store"]).set_index("id")
     names = sorted(os.listdir(trained["images"]))[:3]
     for name in names:
@@ -144,7 +145,7 @@ def test_read_only_and_full_disk_targets_are_one_line_with_nothing_half_written(
 
     import keras
 
-    from conftest import remount
+    from helpers import remount
 
     disk = small_disk("4m")
     remount(disk, "ro")
@@ -180,3 +181,99 @@ def test_read_only_and_full_disk_targets_are_one_line_with_nothing_half_written(
     assert not (run / "model.keras").exists() and not [n for n in os.listdir(run) if ".tmp" in n]
     res = runner.invoke(cli.main, ["evaluate", str(run)])
     assert res.exit_code == 1 and "model.keras" in res.output and "Traceback" not in res.output
+
+
+def _retrained_copy(run_dir, dest):
+    """The run copied to ``dest`` with another head in ``model.keras`` (its weights moved), as
+    when a run is trained again into the same folder."""
+    import keras
+
+    shutil.copytree(run_dir, dest)
+    model = keras.saving.load_model(os.path.join(dest, "model.keras"), compile=False, safe_mode=True)
+    model.set_weights([w + 0.05 for w in model.get_weights()])
+    model.save(os.path.join(dest, "model.keras"))
+    return str(dest)
+
+
+def test_resumed_scores_never_mix_two_heads(trained, tmp_path, extractors):
+    """A `score --out` interrupted, its run retrained in place, then run again: refused in one
+    line naming the partial file, never finished with the first rows from the old head."""
+    from helpers import ctrl_c_after
+
+    run = _retrained_copy(trained["run"], tmp_path / "run")
+    shutil.copy(os.path.join(trained["run"], "model.keras"), os.path.join(run, "model.keras"))  # the old head
+    out = str(tmp_path / "p.csv")
+    with pytest.raises(KeyboardInterrupt):
+        score_images(run, trained["images"], out, extractor=extractors(net="iv3"), progress=ctrl_c_after(5))
+    with open(out + ".partial") as handle:
+        assert len(handle.readlines()) == 5
+    _retrained_copy(trained["run"], tmp_path / "new")
+    shutil.copy(tmp_path / "new" / "model.keras", os.path.join(run, "model.keras"))
+    with pytest.raises(StoreConfigMismatch, match="head_sha256") as info:
+        score_images(run, trained["images"], out, extractor=extractors(net="iv3"))
+    assert f"delete {out}.partial and {out}.partial.json" in str(info.value)
+    os.remove(out + ".partial")
+    os.remove(out + ".partial.json")
+    frame, _ = score_images(run, trained["images"], out, extractor=extractors(net="iv3"))
+    fresh, _ = score_images(run, trained["images"], extractor=extractors(net="iv3"))
+    np.testing.assert_allclose(frame["pred"], fresh["pred"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["bad line", "not a row", "damaged meta"])
+def test_damaged_score_partials_are_one_line(trained, tmp_path, extractors, damage):
+    """A damaged ``OUT.partial`` or ``OUT.partial.json`` is one line naming it and what to do."""
+    from helpers import ctrl_c_after
+
+    out = str(tmp_path / "p.csv")
+    with pytest.raises(KeyboardInterrupt):
+        score_images(trained["run"], trained["images"], out, extractor=extractors(net="iv3"),
+                     progress=ctrl_c_after(4))
+    lines = open(out + ".partial").read().splitlines()
+    target = out + ".partial"
+    if damage == "bad line":
+        lines[1] = lines[1][: len(lines[1]) // 2]
+    elif damage == "not a row":
+        lines[2] = '{"id": "x", "columns": "oops"}'
+    else:
+        target = out + ".partial.json"
+    if damage == "damaged meta":
+        with open(target, "w") as handle:
+            handle.write('{"run": "x", ')
+    else:
+        with open(target, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+    from mlsp.errors import ResumeError
+
+    with pytest.raises(ResumeError) as info:
+        score_images(trained["run"], trained["images"], out, extractor=extractors(net="iv3"))
+    assert str(info.value).startswith(f"{target}: ") and "\n" not in str(info.value)
+    assert f"delete {out}.partial and {out}.partial.json" in str(info.value)
+    assert not os.path.exists(out)
+    if damage == "bad line":  # the CLI: one line, exit 1, no traceback
+        res = CliRunner().invoke(cli.main, ["score", trained["run"], "--images", trained["images"], "--out", out])
+        assert res.exit_code == 1, res.output
+        errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
+        assert errors == [f"Error: {info.value}"], res.output
+        assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("size", [(140, 200), (131, 173), (90, 80)])
+def test_the_exported_model_resizes_as_scoring_decodes(tmp_path, size):
+    """The exported model's first layer shrinks an image whose longer side exceeds max_side
+    exactly as decoding a file does for `mlsp score` (same size, pixels within 8-bit rounding);
+    smaller images pass unchanged."""
+    import cv2
+    import keras
+
+    from mlsp.layers import FitMaxSide
+
+    rng = np.random.default_rng(sum(size))
+    img = cv2.resize(rng.integers(0, 256, (14, 20, 3), dtype=np.uint8), size[::-1], interpolation=cv2.INTER_CUBIC)
+    path = str(tmp_path / "x.png")
+    cv2.imwrite(path, img[..., ::-1])
+    decoded = decode_image(path, 100)
+    images = keras.Input((None, None, 3))
+    model = keras.Model(images, FitMaxSide(100)(images))
+    out = np.asarray(model.predict(img[None].astype("float32"), verbose=0))[0]
+    assert out.shape == decoded.shape and max(out.shape[:2]) == min(100, max(size))
+    assert np.abs(out - decoded).max() <= 1 and np.abs(out - decoded).mean() < 0.2

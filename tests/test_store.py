@@ -1,13 +1,15 @@
 """The store as a file format: lazy reads, validation of what is opened, and its description."""
 
 import os
+import re
 
 import h5py
 import numpy as np
 import pytest
 
 from mlsp.errors import StoreError
-from mlsp.store import FORMAT_VERSION, FeatureStore, describe, find_latest_store, write_store
+from helpers import write_store
+from mlsp.store import FORMAT_VERSION, FeatureStore, describe, find_latest_store
 
 
 @pytest.fixture
@@ -135,21 +137,30 @@ def test_bad_labels_unequal_lengths_and_flipped_metadata_are_one_line_errors(sto
                 s.check_features()
 
 
-def test_inspect_train_and_score_refuse_a_damaged_store(tmp_path):
-    """NaN features: inspect names the image; train and score stop with one line instead of
-    writing NaN predictions."""
+def trained_synthetic(tmp_path, n, n_views):
+    """A synthetic narrow store of ``n`` images and a single1fc run (one epoch) trained on it,
+    through the CLI: (store, run folder, CliRunner)."""
     from click.testing import CliRunner
 
     import cli
     from synthetic import write_synthetic_store
 
     path = tmp_path / "s.h5"
-    write_synthetic_store(str(path), 300, n_views=2, block_channels=(8, 8), pooling="narrow", seed=0)
+    write_synthetic_store(str(path), n, n_views=n_views, block_channels=(8, 8), pooling="narrow", seed=0)
     runner = CliRunner()
     run = tmp_path / "run"
     res = runner.invoke(cli.main, ["train", "--store", str(path), "--head", "single1fc", "--out", str(run),
                                    "--epochs", "1", "--no-progress"])
     assert res.exit_code == 0, res.output
+    return path, run, runner
+
+
+def test_inspect_train_and_score_refuse_a_damaged_store(tmp_path):
+    """NaN features: inspect names the image; train and score stop with one line instead of
+    writing NaN predictions."""
+    import cli
+
+    path, run, runner = trained_synthetic(tmp_path, 300, n_views=2)
     with h5py.File(path, "r+") as f:
         bad_id = f["ids"][123].decode()
         f["features"][123, 1, 5] = np.inf
@@ -225,3 +236,90 @@ def test_feature_reader_reads_what_the_store_holds(store):
         np.testing.assert_array_equal(got, features[rows])
         views = np.array([7, 0, 3, 3, 1, 6])
         np.testing.assert_array_equal(reader.read_views(rows, views), features[rows, views])
+
+
+def test_features_readme_lists_the_attribute_table():
+    """features/README.md's root attributes are mlsp.store_config's table, row for row (names,
+    type, meaning), and its configuration paragraph names exactly the configuration's keys."""
+    import re
+
+    from mlsp.store_config import ATTRIBUTES, CONFIG_KEYS
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "features", "README.md")).read()
+    section = text.split("## Root attributes", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    documented = [tuple(c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row)[1:-1]) for row in rows]
+    table = [(", ".join(f"`{n}`" for n in a.names), a.type, a.meaning) for a in ATTRIBUTES]
+    assert documented == table
+    paragraph = re.search(r"The configuration of a store is (.*?): extraction", text, re.S).group(1)
+    assert tuple(re.findall(r"`([^`]+)`", paragraph)) == CONFIG_KEYS
+
+
+def test_store_config_round_trip_and_what_derives_from_it(tmp_path, monkeypatch):
+    """to_attrs writes every row of the table an extraction knows; from_attrs gives back the
+    extraction; the forward cache's key and the scoring checks are the table's."""
+    from mlsp import forward_cache
+    from mlsp.extract import ExtractConfig
+    from mlsp.store_config import (ATTRIBUTES, CONFIG_KEYS, FORWARD_KEYS, SCORED_KEYS, config_attrs,
+                                   from_attrs, names, to_attrs)
+
+    record = {"source": "random:3", "sha256": "ab" * 32}
+    for config in (ExtractConfig(net="iv3", pooling="wide", augment=False, weights="random:3", max_side=0,
+                                 precision="bfloat16"),
+                   ExtractConfig(net="irv2")):
+        attrs = to_attrs(config, record, {"backend": "tensorflow", "backend_version": "x", "device": "cpu"})
+        written = set(attrs)
+        assert written == set(names()) - set(names(kind="format")) - set(names(kind="description")) | {
+            "weights", "weights_path"}
+        assert set(CONFIG_KEYS) <= written and attrs["crop_fraction"] == (0.875 if config.augment else 1.0)
+        back = ExtractConfig(weights=config.weights, **from_attrs(attrs))
+        assert back == config
+        assert set(config_attrs(attrs)) == set(CONFIG_KEYS) | {"block_names", "block_channels"}
+    assert {a.kind for a in ATTRIBUTES if set(a.names) & set(FORWARD_KEYS)} == {"configuration"}
+    assert set(SCORED_KEYS) <= set(CONFIG_KEYS)
+    import sys
+    import types
+
+    fake_tf = types.SimpleNamespace(__version__="t")
+    monkeypatch.setitem(sys.modules, "tensorflow", fake_tf)
+    key = forward_cache.cache_key(ExtractConfig(net="iv3", precision="float16", weights="random:0"), "random:0")
+    assert {k: key[k] for k in FORWARD_KEYS} == {"net": "iv3", "pooling": "narrow", "precision": "float16"}
+
+
+EDITS = {  # what a store edited by hand (or by another tool) could hold, and how it is named
+    "duplicated ids": (lambda f: f["ids"].__setitem__(3, f["ids"][2]), r"image id 'im02' appears more than once"),
+    "a split named bogus": (lambda f: f["split"].__setitem__(5, "bogus"), r"unknown split 'bogus'"),
+    "reordered views": (lambda f: f["views"].__setitem__(slice(0, 2), ["tl_flip", "tl"]),
+                        r"views \['tl_flip', 'tl', .*not in the format's order"),
+    "negative sizes": (lambda f: f["sizes"].__setitem__(7, [-3, 100]), r"image im07 has a negative size \[-3, 100\]"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_an_edited_store_is_refused_by_readers_and_inspect(store, edit):
+    from click.testing import CliRunner
+
+    import cli
+
+    path, _ = store
+    fn, words = EDITS[edit]
+    damage(path, edit=fn)
+    with pytest.raises(StoreError, match=r"s\.h5: " + words):
+        FeatureStore(str(path))
+    res = CliRunner().invoke(cli.main, ["inspect", "--quick", str(path)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert re.search(words, res.output.splitlines()[-1]) and "the store is damaged" in res.output
+
+
+def test_train_and_score_refuse_an_edited_store(tmp_path):
+    import cli
+
+    path, run, runner = trained_synthetic(tmp_path, 200, n_views=1)
+    damage(path, split=lambda f: f["split"].__setitem__(9, "bogus"), ids=lambda f: f["ids"].__setitem__(4, "x"))
+    for args in (["train", "--store", str(path), "--head", "single1fc", "--out", str(tmp_path / "run2"),
+                  "--epochs", "1", "--no-progress"],
+                 ["score", str(run), "--store", str(path), "--out", str(tmp_path / "p.csv")]):
+        res = runner.invoke(cli.main, args)
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert res.output.splitlines()[-1].startswith(f"Error: {path}: unknown split 'bogus'")
+    assert not (tmp_path / "p.csv").exists()

@@ -15,7 +15,7 @@ import pytest
 from synthetic import write_synthetic_store
 from heads.training import TrainConfig, train
 from mlsp.errors import ConfigError, StoreError
-from mlsp.store import write_store
+from helpers import write_store
 
 FAST = dict(epochs=4, lr=1e-3, head_options={"width": 32})
 

@@ -7,7 +7,8 @@ import pytest
 from heads.data import (MemorySource, StoreSource, TrainBatches, epoch_plan, open_features, parse_bytes,
                         predict_views)
 from mlsp.errors import ConfigError
-from mlsp.store import FeatureStore, write_store
+from helpers import write_store
+from mlsp.store import FeatureStore
 
 N, V = 40, 8
 

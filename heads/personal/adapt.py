@@ -1,0 +1,189 @@
+"""Adapting the generic model to one person: scale mapping, the choice of method by
+cross-validation on the person's own ratings, and the personal model's files.
+
+The person's scale (1..5 by default) is mapped linearly onto the generic scale (MOS 1..10);
+methods fit and predict there, and a personal model maps its prediction back, so it predicts on
+the person's own scale.
+
+Choice (``method="auto"``): every available method with every parameter set of its grid is
+cross-validated on the person's ratings (fine-tuning from 50 ratings up; K folds, K = min(5, k)); the one with the least
+out-of-fold squared error wins, but a method other than ``generic`` only when it beats the
+generic prediction by more than two standard errors of the per-image difference (else its gain
+could be luck, and the person gets the generic prediction: no gain and no harm). A named method
+keeps its own grid's choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import numpy as np
+
+from mlsp.atomic import atomic_path, write_json
+from mlsp.errors import ConfigError
+from mlsp.labels import SCORES
+
+from .methods import FITTED, METHODS, Context, Images, MethodSpec, fit
+
+log = logging.getLogger(__name__)
+
+#: The generic model's scale (MOS 1..10): personal ratings are mapped onto it and back.
+GENERIC_SCALE = (float(SCORES[0]), float(SCORES[-1]))
+AUTO = "auto"
+#: Cross-validation folds (at most: never more than the person's ratings).
+FOLDS = 5
+#: A method other than ``generic`` is chosen only when it beats the generic prediction's
+#: cross-validated error by more than this many standard errors of the per-image difference
+#: (two: several candidates compete, and one of them beats it by one by luck alone).
+FALLBACK_SE = 2.0
+MODEL_JSON = "personal.json"
+MODEL_NPZ = "personal.npz"
+FORMAT_VERSION = 1
+
+
+def to_generic(scores, scale) -> np.ndarray:
+    """Ratings on the person's ``scale`` (low, high) -> the generic scale, linearly."""
+    lo, hi = scale
+    g0, g1 = GENERIC_SCALE
+    return g0 + (np.asarray(scores, np.float64) - lo) * (g1 - g0) / (hi - lo)
+
+
+def from_generic(values, scale) -> np.ndarray:
+    """The inverse of :func:`to_generic`."""
+    lo, hi = scale
+    g0, g1 = GENERIC_SCALE
+    return lo + (np.asarray(values, np.float64) - g0) * (hi - lo) / (g1 - g0)
+
+
+def method_names() -> list[str]:
+    """``auto`` and every registered method (the choices of ``--method``)."""
+    return [AUTO, *METHODS.names()]
+
+
+def candidates(method: str, context: Context, n: int) -> list[tuple[MethodSpec, dict]]:
+    """(spec, params) pairs that ``method`` chooses among for a person of ``n`` ratings."""
+    if method == AUTO:
+        specs = [s for s in METHODS.specs() if s.available(context) and n >= s.min_ratings]
+    else:
+        spec = METHODS.get(method)
+        if not spec.available(context):
+            raise ConfigError(f"method {method!r} needs directions of taste learned from training raters, and "
+                              "there are none (give a ratings file with other raters: --users lists the test ones)")
+        specs = [spec]
+    return [(spec, dict(params)) for spec in specs for params in spec.grid]
+
+
+def folds_of(n: int, seed: int) -> list[np.ndarray]:
+    k = min(FOLDS, n)
+    return np.array_split(np.random.default_rng(seed).permutation(n), k)
+
+
+def out_of_fold(spec, params, images: Images, y, context: Context, folds) -> np.ndarray:
+    """Each image's prediction by the method fitted without its fold."""
+    pred = np.empty(len(y))
+    for fold in folds:
+        keep = np.setdiff1d(np.arange(len(y)), fold)
+        pred[fold] = fit(spec, images.take(keep), y[keep], context, params).predict(images.take(fold))
+    return pred
+
+
+@dataclasses.dataclass
+class Choice:
+    """The method and parameters chosen for a person, and every candidate's CV error."""
+
+    spec: MethodSpec
+    params: dict
+    cv: list  # [{"method", "params", "mse"}]
+
+
+def choose(images: Images, y, context: Context, method: str = AUTO) -> Choice:
+    """Cross-validate the candidates of ``method`` on the person's ratings; see the module docstring."""
+    y = np.asarray(y, np.float64)
+    folds = folds_of(len(y), context.seed)
+    found = [(spec, params, (out_of_fold(spec, params, images, y, context, folds) - y) ** 2)
+             for spec, params in candidates(method, context, len(y))]
+    cv = [{"method": s.name, "params": p, "mse": float(e.mean())} for s, p, e in found]
+    best = min(range(len(found)), key=lambda i: found[i][2].mean())
+    spec, params, errors = found[best]
+    if method == AUTO and spec.name != "generic":
+        base = next(e for s, _, e in found if s.name == "generic")
+        diff = base - errors
+        if len(diff) < 2 or diff.mean() <= FALLBACK_SE * diff.std(ddof=1) / np.sqrt(len(diff)):
+            spec, params = METHODS.get("generic"), {}
+    return Choice(spec, params, cv)
+
+
+@dataclasses.dataclass
+class PersonalModel:
+    """One person's model: the chosen method's fitted part, the person's scale, and the generic
+    model it adapts (by name and SHA-256)."""
+
+    user: str
+    method: str
+    params: dict
+    fitted: object  # methods.Residual or methods.Tail
+    scale: tuple
+    generic: dict
+    n_ratings: int
+    cv: list = dataclasses.field(default_factory=list)
+
+    @property
+    def column(self) -> str:
+        return f"pred_{self.user}"
+
+    def predict_generic_scale(self, images: Images) -> np.ndarray:
+        return self.fitted.predict(images)
+
+    def predict(self, images: Images) -> np.ndarray:
+        """Predictions on the person's own scale."""
+        return from_generic(self.fitted.predict(images), self.scale)
+
+    def save(self, out_dir: str) -> str:
+        """``personal.json`` (what, whose, on which generic model) and ``personal.npz`` (the
+        fitted arrays), each written atomically; the npz first, so a json always has its arrays."""
+        os.makedirs(out_dir, exist_ok=True)
+        with atomic_path(os.path.join(out_dir, MODEL_NPZ), keep_extension=True) as tmp:
+            np.savez(tmp, **self.fitted.state())
+        write_json(os.path.join(out_dir, MODEL_JSON), {
+            "format_version": FORMAT_VERSION, "user": self.user, "method": self.method, "params": self.params,
+            "kind": self.fitted.kind, "scale": list(self.scale), "n_ratings": self.n_ratings,
+            "generic": self.generic, "cv": self.cv})
+        return out_dir
+
+
+def load_personal(path: str, head) -> PersonalModel:
+    """A personal model folder, for the generic ``head`` (a :class:`heads.personal.generic.GenericHead`);
+    a model of another generic model (its SHA-256 differs) is refused."""
+    meta_path = os.path.join(path, MODEL_JSON)
+    try:
+        with open(meta_path) as handle:
+            meta = json.load(handle)
+        with np.load(os.path.join(path, MODEL_NPZ)) as arrays:
+            state = {k: arrays[k] for k in arrays.files}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: not a personal model ({os.path.basename(exc.filename)} is missing)") from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{path}: the personal model cannot be read ({exc})") from None
+    if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") not in FITTED:
+        raise ConfigError(f"{meta_path}: not a personal model of format {FORMAT_VERSION}")
+    if meta["generic"]["sha256"] != head.sha256:
+        raise ConfigError(f"{path}: adapts the generic model {meta['generic']['run']}/{meta['generic']['model']} "
+                          f"(sha256 {meta['generic']['sha256'][:12]}...), not {head.run.path}'s "
+                          f"(sha256 {head.sha256[:12]}...); personalise again on this run")
+    fitted = FITTED[meta["kind"]].from_state(state, head)
+    return PersonalModel(meta["user"], meta["method"], meta["params"], fitted, tuple(meta["scale"]),
+                         meta["generic"], int(meta["n_ratings"]), meta.get("cv", []))
+
+
+def adapt(user: str, images: Images, scores, scale, context: Context, generic: dict,
+          method: str = AUTO) -> PersonalModel:
+    """A personal model of ``user`` from their ratings ``scores`` (on ``scale``) of ``images``."""
+    y = to_generic(scores, scale)
+    choice = choose(images, y, context, method)
+    fitted = fit(choice.spec, images, y, context, choice.params)
+    log.debug("%s: %s%s from %d ratings", user, choice.spec.name,
+             "".join(f" {k}={v:g}" for k, v in choice.params.items()), len(y))
+    return PersonalModel(str(user), choice.spec.name, choice.params, fitted, tuple(scale), generic, len(y), choice.cv)
