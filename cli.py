@@ -24,6 +24,8 @@ import click
 TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from heads import explain as saliency  # noqa: E402
+from heads import report as reporting  # noqa: E402
 from heads.config import TrainConfig  # noqa: E402
 from heads.keras2 import LAYER_NAMES as KERAS2_HEADS  # noqa: E402
 from heads.personal import AUTO, RATING_SCALE, method_names  # noqa: E402
@@ -904,6 +906,77 @@ def export_command(run_dir, model, out, weights, precision, allow_unfinished):
     path = api.export(run_dir, out, model=model, weights=weights, precision=precision,
                       allow_unfinished=allow_unfinished, progress=console_progress)
     click.echo(f"exported: {path}")
+
+
+@main.command("report")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="The HTML file to write. Default: SOURCE.html beside a scores file, SOURCE/report.html "
+                   "in a run or evaluation folder.")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
+              help="The folder of the photos, found by id as extraction and scoring name them: for a run "
+                   "(the folder its store was extracted from), a scores file of --store, or one whose photos moved.")
+@click.option("--saliency", "saliency_dir", type=click.Path(exists=True, file_okay=False),
+              help="A folder of `mlsp explain` overlays (<id>.png), shown beside each photo. Default for a run: "
+                   "RUN/saliency when it exists.")
+@click.option("--max-photos", type=click.IntRange(min=1), default=reporting.MAX_PHOTOS, show_default=True,
+              help=f"Thumbnails made (the best and worst by score; long side {reporting.THUMB_SIDE} px) and photos "
+                   "per page of the gallery; further rows are listed without a picture.")
+@handle_errors
+def report_command(source, out, images_dir, saliency_dir, max_photos):
+    """Write one self-contained HTML page (opens offline, from disk) of SOURCE.
+
+    \b
+    SOURCE is one of:
+      scores.csv        `mlsp score --out`: photos ranked by score, a histogram, best and worst 24
+      RUN_DIR           a run: metrics, predicted vs true, loss and LR, largest misses, configuration
+      EVAL_DIR          a personalisation evaluation (evaluation.csv): gain per person
+
+    The gallery sorts best or worst first and filters by file name; a click shows the full photo
+    (and its saliency overlay, when there is one).
+    """
+    try:
+        path = api.report(source, out, images=images_dir, saliency=saliency_dir, max_photos=max_photos,
+                          progress=console_progress)
+    except KeyboardInterrupt:
+        _interrupted("no report was written (it is written whole at the end).")
+    click.echo(f"report: {path}")
+
+
+@main.command("explain")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The trained run whose score is explained (backbone, pooling and head, as `mlsp export` "
+                   "builds them).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for <id>.png (the photo under its saliency map) and <id>.npy (the map, float32, "
+                   "the photo's height x width, max 1).")
+@click.option("--samples", type=click.IntRange(min=1), default=saliency.SAMPLES, show_default=True,
+              help="Noisy copies averaged (SmoothGrad's paper: 50). Each runs the whole model forward and back.")
+@click.option("--noise", type=click.FloatRange(min=0), default=saliency.NOISE, show_default=True,
+              help="Standard deviation of the noise as a share of the image's value range (the paper: 0.1-0.2).")
+@click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES),
+              help="Backbone precision (auto: as for extract). Default: the one the run's store was extracted at.")
+@click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
+@handle_errors
+def explain_command(images, run_dir, out, samples, noise, weights, precision, allow_unfinished):
+    """SmoothGrad saliency: which pixels of each photo drive its predicted score.
+
+    IMAGES are image files, or one folder (searched recursively). The gradient of the score runs through
+    the whole image-to-score model, at each photo's own resolution; `mlsp report` shows the
+    overlays beside the photos (--saliency OUT). Files that cannot be used are listed.
+    """
+    inputs = images[0] if len(images) == 1 and os.path.isdir(images[0]) else list(images)
+    _sigterm_as_interrupt()
+    try:
+        explained, errors = api.explain(inputs, out, run=run_dir, samples=samples, noise=noise, weights=weights,
+                                        precision=precision, allow_unfinished=allow_unfinished,
+                                        progress=console_progress)
+    except KeyboardInterrupt:
+        _interrupted(f"the maps finished so far are in {out}, each written whole.")
+    _echo_errors(errors)
+    click.echo(f"{out}: {len(explained)} saliency maps" + (f", {len(errors)} files skipped" if errors else ""))
 
 
 if __name__ == "__main__":  # pragma: no cover

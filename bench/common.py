@@ -48,6 +48,15 @@ AVA = {"images": 255530, "mean_height": 497, "mean_width": 629, "max_side": 800}
 # ------------------------------------------------------------------------------------------
 
 
+#: The instruction-set levels a CPU benchmark reports beside its efficiency, widest first.
+ISA_LEVELS = (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
+def isa_of(flags) -> str:
+    """The widest of :data:`ISA_LEVELS` in a CPU's /proc/cpuinfo flags (``"other"`` if none)."""
+    return next((label for flag, label in ISA_LEVELS if flag in flags), "other")
+
+
 def cpu_info() -> dict:
     model, flags = "", set()
     try:
@@ -81,6 +90,7 @@ def cpu_info() -> dict:
         "memory_gib": mem_gib,
         "flags": {f: f in flags for f in interesting},
         "bf16_hardware": bool(flags & {"avx512_bf16", "amx_bf16"}),
+        "isa": isa_of(flags),
         "platform": platform.platform(),
         # tells runs on one machine apart without recording its name
         "host_id": hashlib.sha256(platform.node().encode()).hexdigest()[:8],

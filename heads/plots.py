@@ -1,4 +1,6 @@
-"""PNG plots of a run: predicted against true MOS, and the loss curves (matplotlib, Agg backend)."""
+"""PNG plots (matplotlib, Agg backend): of a run, predicted against true MOS, the loss curves and
+the learning rate; a histogram of scores (for :mod:`heads.report`); the gain of personalisation
+per person. Each writes ``path``, or with ``path=None`` returns the PNG's bytes."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def _pyplot():
     return plt
 
 
-def plot_predictions(path: str, results: Mapping[str, tuple], metrics: Mapping[str, dict] | None = None,
+def plot_predictions(path: str | None, results: Mapping[str, tuple], metrics: Mapping[str, dict] | None = None,
                      threshold: float = 5.0):
     """One panel per split: predicted (y) against true (x) MOS, the diagonal and the threshold."""
     plt = _pyplot()
@@ -48,10 +50,10 @@ def plot_predictions(path: str, results: Mapping[str, tuple], metrics: Mapping[s
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_aspect("equal")
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_history(path: str, history: Sequence[Mapping], events: Sequence[Mapping] = ()):
+def plot_history(path: str | None, history: Sequence[Mapping], events: Sequence[Mapping] = ()):
     """Training and validation loss per epoch (log scale), LR changes as vertical lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -71,21 +73,56 @@ def plot_history(path: str, history: Sequence[Mapping], events: Sequence[Mapping
         ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def _save(fig, path: str):
-    """PNG under a temporary name, renamed when complete (:mod:`mlsp.atomic`)."""
+def plot_lr(path: str | None, history: Sequence[Mapping]):
+    """The learning rate per epoch (log scale), from ``history.csv``'s ``lr`` column."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3))
+    rows = [r for r in history if r.get("lr") is not None]
+    ax.step([int(r["epoch"]) for r in rows], [float(r["lr"]) for r in rows], where="mid", marker="o", ms=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("learning rate")
+    if rows and min(float(r["lr"]) for r in rows) > 0:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_score_histogram(path: str | None, scores, label: str = "predicted MOS"):
+    """How the scores spread: a histogram over the finite ones."""
+    plt = _pyplot()
+    scores = np.asarray(scores, dtype=float)
+    scores = scores[np.isfinite(scores)]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.hist(scores, bins=min(50, max(5, int(np.sqrt(len(scores))))), color="#3b6ea8", edgecolor="white", lw=0.5)
+    ax.set_xlabel(label)
+    ax.set_ylabel("photos")
+    ax.set_title(f"n = {len(scores):,}")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | None):
+    """PNG under a temporary name, renamed when complete (:mod:`mlsp.atomic`); ``path=None``:
+    the PNG's bytes."""
+    import io
+
     plt = _pyplot()
     fig.tight_layout()
     try:
+        if path is None:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, dpi=100, format="png")
+            return buffer.getvalue()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
 
 
-def plot_gain_per_person(path: str, people):
+def plot_gain_per_person(path: str | None, people):
     """Each person's mean gain in SRCC of the personal over the generic model (bars, sorted, the
     spread over repeats as error bars), one panel per k. ``people``: a DataFrame with the
     columns k, user, mean, std (:func:`heads.personal.protocol.per_person_gain`)."""
@@ -107,4 +144,6 @@ def plot_gain_per_person(path: str, people):
         ax.set_ylabel("SRCC gain")
         ax.set_title(f"k = {k}: SRCC gain per person (mean over repeats)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    return _save(fig, path)
+
+    return None

@@ -25,6 +25,10 @@ def _register_layers(keras_module):
 
 wrapt.register_post_import_hook(_register_layers, "keras")
 
+from .backend import prefer_onednn  # noqa: E402
+
+prefer_onednn()  # before TensorFlow starts: oneDNN's convolutions on AVX2 CPUs too (mlsp.backend)
+
 if os.environ.get("KERAS_BACKEND") == "torch":
     # before Keras loads: Keras on PyTorch must never import TensorFlow (mlsp.backend)
     from .backend import keep_tensorflow_out

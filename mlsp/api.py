@@ -236,6 +236,39 @@ def export(run_dir: str | None = None, out: str | None = None, *, model: str | N
     return run(run_dir, out, weights=weights, precision=precision, allow_unfinished=allow_unfinished)
 
 
+def report(source: str, out: str | None = None, *, images: str | None = None, saliency: str | None = None,
+           max_photos: int | None = None, progress=False) -> str:
+    """``mlsp report``: one self-contained HTML page of a scores file (``mlsp score --out``), a
+    run folder or a personalisation evaluation folder (:mod:`heads.report`); returns its path.
+    ``images``: the folder to find the photos in by id; ``saliency``: a folder of
+    :func:`explain` overlays to show beside them; ``max_photos``: thumbnails made and photos per
+    page (default :data:`heads.report.MAX_PHOTOS`)."""
+    from heads.report import MAX_PHOTOS, report as run
+
+    return run(source, out, images=images, saliency=saliency, max_photos=max_photos or MAX_PHOTOS,
+               progress=resolve_progress(progress))
+
+
+def explain(images: str | Sequence[str], out: str, *, run: str | None = None, samples: int | None = None,
+            noise: float | None = None, weights: str | None = None, precision: str | None = None,
+            allow_unfinished: bool = False, seed: int = 0, progress=False):
+    """``mlsp explain``: SmoothGrad saliency of each photo's predicted score through the run's
+    whole image-to-score model (:mod:`heads.explain`), written into ``out`` as ``<id>.png`` (an
+    overlay) and ``<id>.npy`` (the map at the photo's size). ``samples`` and ``noise``: default
+    SmoothGrad's paper's (:data:`heads.explain.SAMPLES`, :data:`heads.explain.NOISE`). Returns
+    ``(explained, errors)``."""
+    from heads import explain as saliency
+
+    from .errors import ConfigError
+
+    if not run:
+        raise ConfigError("explain needs a model: run=RUN_DIR (a trained run)")
+    scorer = saliency.RunModel(run, weights, precision, allow_unfinished=allow_unfinished)
+    return saliency.explain(images, scorer, out, samples=saliency.SAMPLES if samples is None else samples,
+                            noise=saliency.NOISE if noise is None else noise, seed=seed,
+                            progress=resolve_progress(progress))
+
+
 def inspect(store: str, *, check_features: bool = True, progress=False) -> dict:
     """``mlsp inspect``: what a store holds (configuration, sizes, labels, splits, errors), the
     store checked on the way (:func:`mlsp.store.describe`; ``check_features=False`` skips

@@ -13,7 +13,8 @@ PyTorch. What differs per backend is only:
   (:func:`gpu_bfloat16`);
 - TensorFlow's op determinism for training (:func:`deterministic_ops`);
 - resizing to a size known only when the model runs (:func:`resize_area`, the exported model's
-  ``max_side``): ``keras.ops.image.resize`` takes only sizes known when the graph is built.
+  ``max_side``): ``keras.ops.image.resize`` takes only sizes known when the graph is built;
+- TensorFlow's oneDNN convolutions on every x86 CPU (:func:`prefer_onednn`).
 
 The backend is chosen the Keras way: ``KERAS_BACKEND`` (or ``~/.keras/keras.json``), read
 when Keras is first imported; :func:`select` sets it before that. The PyTorch route never
@@ -67,6 +68,25 @@ def select(name: str | None) -> str:
     if name == "torch":
         keep_tensorflow_out()
     return name
+
+
+ONEDNN_SWITCH = "TF_ENABLE_ONEDNN_OPTS"
+
+
+def prefer_onednn() -> bool:
+    """Ask TensorFlow for oneDNN's convolutions unless the user chose (``TF_ENABLE_ONEDNN_OPTS``).
+
+    TensorFlow turns its oneDNN graph rewrite on by itself only on CPUs with AVX-512 VNNI/BF16,
+    AVX-VNNI or AMX; on an AVX2-only CPU every convolution then runs as Eigen's im2col with
+    thousands of small matrix products per forward (bench/FINDINGS.md, "AVX2"), and its float32
+    matmul runs at half oneDNN's rate. The variable is read once, when TensorFlow starts, so this
+    must run before anything imports it (``import mlsp`` does it); it changes nothing where
+    TensorFlow already defaults to oneDNN. Features agree to float32 rounding either way (tested).
+    Returns whether the variable was set here."""
+    if ONEDNN_SWITCH in os.environ or "tensorflow" in sys.modules:
+        return False
+    os.environ[ONEDNN_SWITCH] = "1"
+    return True
 
 
 class _TensorFlowKeptOut(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -398,3 +418,42 @@ def resize_area(images, size):
     import tensorflow as tf
 
     return tf.image.resize(images, tf.stack(size), method="area")
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients with respect to the input (saliency)
+# --------------------------------------------------------------------------------------------
+
+
+def input_gradient(fn: Callable, batch: np.ndarray) -> np.ndarray:
+    """The gradient of ``sum(fn(x))`` with respect to ``x`` at ``batch`` (a float numpy array), as
+    float32 numpy of the batch's shape. ``fn`` maps a float32 tensor of the backend to one value
+    per sample (written in ``keras.ops``); the samples are independent (inference mode), so each
+    sample's gradient is its own output's. TensorFlow: ``tf.GradientTape``; PyTorch:
+    ``torch.autograd.grad`` (autograd on, unlike :func:`compile_forward`)."""
+    current = name()
+    if current == "torch":
+        return _torch_input_gradient(fn, batch)
+    if current == "tensorflow":
+        return _tensorflow_input_gradient(fn, batch)
+    raise ConfigError(f"input gradients need KERAS_BACKEND tensorflow or torch, Keras runs on {current}")
+
+
+def _tensorflow_input_gradient(fn: Callable, batch: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(np.asarray(batch, np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        total = tf.reduce_sum(tf.cast(fn(x), tf.float32))
+    return tape.gradient(total, x).numpy()
+
+
+def _torch_input_gradient(fn: Callable, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    x = torch.tensor(np.asarray(batch, np.float32), device=_torch_device(), requires_grad=True)
+    with torch.enable_grad():
+        total = fn(x).to(torch.float32).sum()
+        (grad,) = torch.autograd.grad(total, x)
+    return grad.detach().to(torch.float32).cpu().numpy()

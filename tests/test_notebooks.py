@@ -80,6 +80,7 @@ def test_quickstart(tmp_path, monkeypatch):
     execute("quickstart.ipynb", tmp_path, monkeypatch, {
         "MLSP_NB_IMAGES": 16, "MLSP_NB_EPOCHS": 2, "MLSP_NB_STEPS": 2, "MLSP_NB_MAX_SIDE": 320,
         "MLSP_NB_WEIGHTS": "random:0", "MLSP_NB_SINGLE3FC": 1, "MLSP_NB_WORK": work,
+        "MLSP_NB_SALIENCY_SAMPLES": 2,
     })
     summary = json.loads((work / "summary.json").read_text())
     assert summary["random_backbone"] and summary["weights"] == "random:0"
@@ -102,6 +103,10 @@ def test_quickstart(tmp_path, monkeypatch):
     assert [e["path"] for e in summary["errors"]] == [scores["path"].iloc[4]]
     assert os.path.basename(scores["path"].iloc[4]) == "broken.jpg" and scores["error"].iloc[4]
     assert abs(summary["exported_pred"] - summary["score_pred"]) < 0.02
+    assert inside(summary["report"], work) and "report-data" in Path(summary["report"]).read_text()
+    import numpy as np
+
+    assert np.load(summary["saliency"]).max() == pytest.approx(1.0)
 
 
 @pytest.mark.slow
