@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from heads import explain as saliency  # noqa: E402
 from heads import report as reporting  # noqa: E402
 from heads.config import TrainConfig  # noqa: E402
+from heads.keras2 import LAYER_NAMES as KERAS2_HEADS  # noqa: E402
 from heads.personal import AUTO, RATING_SCALE, method_names  # noqa: E402
 from heads.personal.adapt import FALLBACK_SE  # noqa: E402
 from heads.personal.methods import METHODS  # noqa: E402
@@ -701,11 +702,29 @@ _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (
                     "its model holds the best weights on validation loss up to then.")
 
 
+_MODEL_HELP = ("A released model in place of RUN_DIR: a name of the catalogue (`mlsp models`; its file is "
+               "fetched and checked once) or the path of that file downloaded by hand (recognised by its "
+               "sha256). Scored with the model's own test-time views (docs/pretrained-scoring.md).")
+
+
+def _run_or_model(run_dir, model, files=()):
+    """RUN_DIR or --model (then a first argument is an image file): ``(run_dir, files)``."""
+    if model and run_dir:
+        return None, (run_dir, *files)
+    if not model and not run_dir:
+        raise click.UsageError("give a run folder (RUN_DIR) or --model NAME|PATH")
+    if run_dir and not os.path.isdir(run_dir):
+        raise click.UsageError(f"RUN_DIR {run_dir!r} is not a folder (for a released model: --model NAME|PATH)")
+    return run_dir, files
+
+
 @main.command("score")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir", required=False)
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--model", help=_MODEL_HELP)
 @click.option("--store", "store_path", type=click.Path(exists=True, dir_okay=False),
-              help="Score every image of this store (same net, pooling and channel layout as the run's).")
+              help="Score every image of this store (same net, pooling and channel layout as the run's; for "
+                   "--model, also the model's views).")
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
               help="Score the images in this folder (recursively), running the run's backbone on them.")
 @click.option("--out", type=click.Path(dir_okay=False),
@@ -714,7 +733,7 @@ _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES),
               help="Backbone precision for --images (auto: as for extract). Default: the one the run's store "
-                   "was extracted at.")
+                   f"was extracted at (--model: {EXTRACT_DEFAULTS.precision}, as the authors').")
 @click.option("--workers", type=int, default=default_of(api.score, "workers"), show_default=True,
               help=_WORKERS_HELP)
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
@@ -723,29 +742,32 @@ _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (
                    "column pred_<user>, on that person's scale; the features are read once for all.")
 @ray_options
 @handle_errors
-def score_command(run_dir, files, store_path, images_dir, out, weights, precision, workers, allow_unfinished,
+def score_command(run_dir, files, model, store_path, images_dir, out, weights, precision, workers, allow_unfinished,
                   user_dirs, ray_address, ray_cpus_per_worker, ray_gpus_per_worker):
-    """Score images with a trained run: a whole store, or new image files.
+    """Score images with a trained run or a released model: a whole store, or image files.
 
     \b
     mlsp score RUN_DIR --store STORE.h5 --out scores.csv   from stored features
     mlsp score RUN_DIR --images DIR --out scores.csv       new files, backbone + head
     mlsp score RUN_DIR a.jpg b.png                          a few files
+    mlsp score --model ava-mlsp-irv2-wide --images DIR      the authors' released model
 
-    pred is the mean prediction over the views (4 corner crops and their mirror images, as in
-    training), pred_std their spread. A run of --target distribution adds pred_opinion_std (how
-    much people would disagree) and p1..p10 (the predicted share of each score). Files that
-    cannot be used are listed, and kept in the CSV with their reason in the column `error`.
-    With --out, images are scored into OUT.partial as they come: an interrupted run resumes
-    when run again.
+    pred is the mean prediction over the views (a run's: 4 corner crops and their mirror images,
+    as in training; a released model's: its own), pred_std their spread. A run of --target
+    distribution adds pred_opinion_std (how much people would disagree) and p1..p10 (the
+    predicted share of each score). Files that cannot be used are listed, and kept in the CSV
+    with their reason in the column `error`. With --out, images are scored into OUT.partial as
+    they come: an interrupted run resumes when run again.
     """
+    run_dir, files = _run_or_model(run_dir, model, files)
     if sum(map(bool, (store_path, images_dir, files))) != 1:
         raise click.UsageError("give one of --store, --images or image files")
     if not store_path:
         _sigterm_as_interrupt()
     try:
-        frame = api.score(run_dir, store=store_path, images=None if store_path else images_dir or list(files),
-                          out=out, weights=weights, precision=precision, workers=workers, progress=console_progress,
+        frame = api.score(run_dir, model=model, store=store_path,
+                          images=None if store_path else images_dir or list(files), out=out, weights=weights,
+                          precision=precision, workers=workers, progress=console_progress,
                           allow_unfinished=allow_unfinished, ray=ray_address, ray_cpus_per_worker=ray_cpus_per_worker,
                           ray_gpus_per_worker=ray_gpus_per_worker, users=user_dirs)
     except KeyboardInterrupt:
@@ -757,6 +779,27 @@ def score_command(run_dir, files, store_path, images_dir, out, weights, precisio
         click.echo(f"{out}: {len(frame)} images scored" + (f", {len(errors)} skipped" if errors else ""))
     else:
         click.echo(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+@main.command("import-weights")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--head", type=click.Choice(list(KERAS2_HEADS)), required=True,
+              help="The head the file holds: single3fc (the authors' fc_layers on narrow features) or pool3fc "
+                   "(their inception_block, then fc_layers, on wide features). Its sizes are read off the file.")
+@click.option("--store", "store_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="A store of the features the head was trained on (net, pooling, views, backbone weights); "
+                   "the run scores, evaluates and exports with this configuration.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Run folder to write. Default: runs/<store>-<head>-<timestamp>.")
+@handle_errors
+def import_weights_command(file, head, store_path, out):
+    """Import a Keras 2 head (an .h5 weights file written by the authors' kutils notebooks) as a run.
+
+    Every tensor is placed by its layer's name and checked for shape; a file with a missing,
+    extra or misshapen tensor is refused, naming them. The run folder then works as a trained
+    one: `mlsp score RUN`, `mlsp evaluate RUN`, `mlsp export RUN`.
+    """
+    click.echo(f"run: {api.import_weights(file, head=head, store=store_path, out=out)}")
 
 
 _PERSONALIZE_HELP = f"""Adapt a run's head to one person's taste, or evaluate personalisation.
@@ -840,22 +883,28 @@ def personalize_command(run_dir, store_path, ratings, user, out, method, scale, 
 
 
 @main.command("export")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", type=click.Path(dir_okay=False), help="Default: RUN_DIR/scoring_model.keras")
+@click.argument("run_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--model", help=_MODEL_HELP)
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Default: RUN_DIR/scoring_model.keras; for --model, NAME.keras here.")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES),
-              help="Backbone precision (auto: as for extract). Default: the one the run's store was extracted at.")
+              help="Backbone precision (auto: as for extract). Default: the one the run's store was extracted at "
+                   f"(--model: {EXTRACT_DEFAULTS.precision}).")
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @handle_errors
-def export_command(run_dir, out, weights, precision, allow_unfinished):
+def export_command(run_dir, model, out, weights, precision, allow_unfinished):
     """Save views + backbone + pooling + head as one Keras model: image batch in, MOS out.
 
     The model takes RGB images of one size with values 0..255 and returns the mean prediction
-    over the run's views; for a run of --target distribution, a dict of mos, opinion_std and
-    distribution (the 10 probabilities). Load it with keras.saving.load_model(path, safe_mode=True) after
-    `import mlsp, heads` (which register its layers), or with `heads.export.load_exported(path)`.
+    over the run's views (a released model's: its own test-time views); for a run of --target
+    distribution, a dict of mos, opinion_std and distribution (the 10 probabilities). Load it
+    with keras.saving.load_model(path, safe_mode=True) after `import mlsp, heads` (which
+    register its layers), or with `heads.export.load_exported(path)`.
     """
-    path = api.export(run_dir, out, weights=weights, precision=precision, allow_unfinished=allow_unfinished)
+    run_dir, _ = _run_or_model(run_dir, model)
+    path = api.export(run_dir, out, model=model, weights=weights, precision=precision,
+                      allow_unfinished=allow_unfinished, progress=console_progress)
     click.echo(f"exported: {path}")
 
 

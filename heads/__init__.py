@@ -15,7 +15,9 @@ schedule's values for a store's size), :mod:`heads.schedule_callback` (the paper
 :mod:`heads.training`, :mod:`heads.run` (a run folder), :mod:`heads.evaluation`,
 :mod:`heads.score` (a run applied to a store or to image files), :mod:`heads.export` (backbone +
 head as one model), :mod:`heads.plots`, :mod:`heads.pretrained` (the catalogue of released
-pretrained heads, fetched and checked), :mod:`heads.personal` (a head adapted to one person).
+pretrained heads, fetched and checked), :mod:`heads.keras2` (the authors' Keras 2 weight files
+imported into single3fc/pool3fc), :mod:`heads.pretrained_scoring` (a released model scored
+with its own test-time views) and :mod:`heads.personal` (a head adapted to one person).
 Everything but the registry, the targets and the catalogue imports Keras, so it is loaded on
 first use.
 """

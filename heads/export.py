@@ -44,16 +44,20 @@ def build_scoring_model(run_dir: str, weights: str | None = None, precision: str
     config = run.extract_config(weights, precision)
     extractor = FeatureExtractor(config)
     run.check_weights(extractor.weights_record)
-    head = run.load_model()
-    crops = ViewCrops(augment=config.augment, name="views")
+    name = f"mlsp_{config.net}_{config.pooling}_{run.config['head']}"
+    return assemble(extractor, run.load_model(), ViewCrops(augment=config.augment, name="views"), name)
+
+
+def assemble(extractor: FeatureExtractor, head, crops, name: str):
+    """Images -> ``crops`` (a views layer with ``n_views``) -> the net's preprocessing ->
+    ``extractor``'s model -> ``head`` -> the mean over each image's views (see the module's docstring)."""
     images = keras.Input((None, None, 3), name="images")
-    x = FitMaxSide(config.max_side, name="fit_max_side")(images)  # as `mlsp score` decodes files
+    x = FitMaxSide(extractor.config.max_side, name="fit_max_side")(images)  # as `mlsp score` decodes files
     x = crops(x)
-    x = config.spec.preprocessing.layer(name="preprocess")(x)  # the net's own, from the registry
+    x = extractor.config.spec.preprocessing.layer(name="preprocess")(x)  # the net's own, from the registry
     features = extractor.model(x)
     pred = head(features)
     mean = ViewMean(crops.n_views, name="mean_over_views")(pred)
-    name = f"mlsp_{config.net}_{config.pooling}_{run.config['head']}"
     if len(mean.shape) == 1:
         return keras.Model(images, mean, name=name)
     mos, std = HistogramMoments(name="moments")(mean)
@@ -63,13 +67,22 @@ def build_scoring_model(run_dir: str, weights: str | None = None, precision: str
 def export(run_dir: str, out: str | None = None, *, weights: str | None = None,
            precision: str | None = None, allow_unfinished: bool = False) -> str:
     """Write the run's end-to-end model to ``out`` (default ``RUN_DIR/scoring_model.keras``)."""
-    out = out or os.path.join(run_dir, "scoring_model.keras")
-    if not out.endswith(".keras"):
-        raise ConfigError(f"{out}: the exported model is a .keras file (Keras' format); give a name ending in .keras")
-    model = build_scoring_model(run_dir, weights, precision, allow_unfinished=allow_unfinished)
-    with atomic_path(out, keep_extension=True) as tmp:  # Keras insists on the .keras extension
+    out = check_out(out or os.path.join(run_dir, "scoring_model.keras"))
+    return save(build_scoring_model(run_dir, weights, precision, allow_unfinished=allow_unfinished), out)
+
+
+def save(model, out: str) -> str:
+    """Write an end-to-end model to ``out`` (a .keras file), whole or not at all."""
+    with atomic_path(check_out(out), keep_extension=True) as tmp:  # Keras insists on the .keras extension
         model.save(tmp)
     log.info("exported %s (%d parameters) to %s", model.name, model.count_params(), out)
+    return out
+
+
+def check_out(out: str) -> str:
+    """``out``, which must name a .keras file (checked before any model is built)."""
+    if not out.endswith(".keras"):
+        raise ConfigError(f"{out}: the exported model is a .keras file (Keras' format); give a name ending in .keras")
     return out
 
 

@@ -31,6 +31,7 @@ from mlsp.errors import ConfigError, IntegrityError
 from mlsp.progress import resolve as resolve_progress
 from mlsp.registry import Registry
 from mlsp.store_format import POOLINGS
+from mlsp.views import VIEW_PROCEDURES
 
 from .registry import HEADS
 
@@ -41,21 +42,9 @@ WEIGHTS_FORMATS = ("keras2-h5",)  # the authors' Keras 2 HDF5 weights files
 PAPER_METRICS = ("srcc", "plcc", "accuracy")  # the paper's figures on AVA's official test set
 
 
-@dataclasses.dataclass(frozen=True)
-class ViewsSpec:
-    """A test-time procedure by name: which views of an image a pretrained head is applied to
-    (the prediction is their mean). What the views are is the scoring's business; the catalogue
-    needs the names and counts only."""
-
-    name: str
-    description: str
-    n_views: int
-
-
-VIEWS: Registry[ViewsSpec] = Registry("test-time views")
-VIEWS.register(ViewsSpec("full", "one view: the whole image at its own size", 1))
-VIEWS.register(ViewsSpec("crops18", "18 views: crops at positions 0, 0.5 and 1 on each axis, each with and "
-                                    "without a horizontal flip", 18))
+#: The test-time procedures by name (name, description, n_views, and the views themselves):
+#: mlsp.views, which scoring and export use.
+VIEWS = VIEW_PROCEDURES
 
 
 @dataclasses.dataclass(frozen=True)

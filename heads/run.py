@@ -174,6 +174,14 @@ class Run:
                 advice=seeded or "Pass the backbone's weights file the run was trained with: --weights PATH.")
 
 
+def store_record(store_path: str, store: FeatureStore) -> dict:
+    """A run's ``store`` entry: the store's path, fingerprint, layout and configuration, which
+    scoring, evaluation and export check features against."""
+    return {"path": os.path.abspath(store_path), "fingerprint": store.fingerprint(), "net": store.net,
+            "pooling": store.pooling, "block_names": store.block_names, "block_channels": store.block_channels,
+            "views": store.views, "n_images": store.n_images, "config": store.config()}
+
+
 def default_run_dir(store_path: str, head: str, root: str = RUNS_ROOT) -> str:
     """``runs/<dataset>-<store>-<head>-<timestamp>``, numbered on when taken."""
     parent = os.path.basename(os.path.dirname(os.path.abspath(store_path)))

@@ -109,13 +109,27 @@ def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_
 
         apply = PersonalScorer(run_dir, list(users), allow_unfinished).columns
     else:
-        model = run.load_model()
+        apply = head_columns(run.load_model())
+    return score_features(apply, store_path, out, check=lambda store: check_store_matches(run, store),
+                          batch_images=batch_images, progress=progress)
 
-        def apply(features):
-            return score_columns(view_scores(model, features))
 
+def head_columns(model):
+    """A head (a Keras model) as a function: (n, V, ...) features -> the score columns."""
+    def apply(features):
+        return score_columns(view_scores(model, features))
+
+    return apply
+
+
+def score_features(apply, store_path: str, out: str | None = None, *, check=None, batch_images: int | None = None,
+                   progress: ProgressFactory = null_progress):
+    """Score every image of a store with ``apply`` ((n, V, ...) features -> score columns, e.g.
+    :func:`head_columns`), after ``check(store)`` (which raises where the store does not fit);
+    see :func:`score_store`."""
     with FeatureStore(store_path) as store:
-        check_store_matches(run, store)
+        if check is not None:
+            check(store)
         n = store.n_images
         batch_images = batch_images or max(1, SLAB_BYTES // store.image_nbytes)
         parts = []
@@ -133,19 +147,33 @@ def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_
     return frame
 
 
-class ImageScorer:
-    """Backbone, pooling and a run's head: one image's views -> its score columns (``pred``,
+class HeadScorer:
+    """A head on a backbone's features: one image's views -> its score columns (``pred``,
     ``pred_std``, ...). A processor for :class:`mlsp.readahead.LocalRunner` and
     :mod:`mlsp.cluster` (``info``, ``load_views``, ``process``). Features are rounded to float16
     as the store does."""
 
+    def __init__(self, model, extractor: FeatureExtractor):
+        self.model, self.extractor = model, extractor
+
+    def load_views(self, path: str):
+        return self.extractor.load_views(path)
+
+    def process(self, views: np.ndarray) -> dict:
+        columns = score_columns(view_scores(self.model, self.extractor.process(views)[None]))
+        return {k: float(v[0]) for k, v in columns.items()}
+
+
+class ImageScorer(HeadScorer):
+    """Backbone, pooling and a run's head (:class:`HeadScorer`), with the run's views."""
+
     def __init__(self, run_dir: str, config: ExtractConfig, extractor: FeatureExtractor | None = None,
                  allow_unfinished: bool = False):
         self.run = Run.open(run_dir, allow_unfinished=allow_unfinished)
-        self.extractor = extractor or FeatureExtractor(config, cache=True)
-        self.run.check_weights(self.extractor.weights_record)
+        extractor = extractor or FeatureExtractor(config, cache=True)
+        self.run.check_weights(extractor.weights_record)
         self.head_sha256 = file_sha256(self.run.model_path)  # the head as loaded: a retrained run differs
-        self.model = self.run.load_model()
+        super().__init__(self.run.load_model(), extractor)
 
     def info(self) -> dict:
         """What scored the images (``<out>.partial.json``): the run, its head by hash (a run
@@ -157,13 +185,6 @@ class ImageScorer:
         """What must be the same on every Ray worker (:mod:`mlsp.cluster`): the head (by its
         file's hash) and the backbone's configuration."""
         return {"head_sha256": self.head_sha256, **self.extractor.configuration()}
-
-    def load_views(self, path: str):
-        return self.extractor.load_views(path)
-
-    def process(self, views: np.ndarray) -> dict:
-        columns = score_columns(view_scores(self.model, self.extractor.process(views)[None]))
-        return {k: float(v[0]) for k, v in columns.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,11 +220,19 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
     if config.precision != run.store_info["config"].get("precision"):
         log.warning("scoring at %s, the run's store was extracted at %s", config.precision,
                     run.store_info["config"].get("precision"))
-    paths, ids, skipped, root = collect_inputs(inputs)
     if cluster is not None:
         runner = cluster.runner(ScoreRecipe(os.path.abspath(run_dir), config, allow_unfinished))
     else:
         runner = LocalRunner(ImageScorer(run_dir, config, extractor, allow_unfinished), workers)
+    return score_files(runner, inputs, out, progress=progress)
+
+
+def score_files(runner, inputs: str | Sequence[str], out: str | None = None, *,
+                progress: ProgressFactory = null_progress):
+    """Score image files with a runner (:class:`mlsp.readahead.LocalRunner` or a Ray cluster's)
+    over a scoring processor (:class:`ImageScorer`, or a pretrained model's); see
+    :func:`score_images`. Returns ``(frame, errors)``."""
+    paths, ids, skipped, root = collect_inputs(inputs)
     partial = _PartialScores(out + ".partial", runner.info()) if out else None
     done = partial.read() if partial else {}  # path -> {"id", "path", "columns" or "error"}
     todo = [(p, i) for p, i in zip(paths, ids) if p not in done]

@@ -42,7 +42,7 @@ from .data import FeatureSource, TrainBatches, open_features, predict_views
 from .evaluation import EVAL_SPLITS, labelled_split, write_outputs
 from .models import build_head
 from .registry import HEADS, HeadSpec, get_head
-from .run import Run, default_run_dir
+from .run import Run, default_run_dir, store_record
 from .schedule import Schedule, describe, fmt_lr
 from .schedule_callback import StepOrPlateauSchedule
 from .targets import (TARGETS, TargetSpec, has_votes, initial_bias, mos_of, training_labels,
@@ -259,12 +259,7 @@ def _record(job: _Job) -> dict:
     """The run's ``config.json`` as training starts (status ``running``)."""
     config, plan, store = job.config, job.plan, job.data.store
     return {
-        "store": {
-            "path": os.path.abspath(job.store_path), "fingerprint": store.fingerprint(), "net": store.net,
-            "pooling": store.pooling, "block_names": store.block_names,
-            "block_channels": store.block_channels, "views": store.views, "n_images": store.n_images,
-            "config": store.config(),
-        },
+        "store": store_record(job.store_path, store),
         "head": job.spec.name,
         "head_options": job.head_options,
         "target": job.goal.name,

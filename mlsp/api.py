@@ -155,29 +155,41 @@ def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None,
     return run(run_dir, store, out=out, memory_budget=_bytes(memory_budget))
 
 
-def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str] | None = None,
-          out: str | None = None, weights: str | None = None, precision: str | None = None,
-          workers: int = DECODE_WORKERS, progress: bool = False, allow_unfinished: bool = False, ray: str | None = None,
-          ray_cpus_per_worker: float | None = None, ray_gpus_per_worker: float | None = None,
-          users: Sequence[str] = ()):
+def score(run_dir: str | None = None, *, model: str | None = None, store: str | None = None,
+          images: str | Sequence[str] | None = None, out: str | None = None, weights: str | None = None,
+          precision: str | None = None, workers: int = DECODE_WORKERS, progress: bool = False,
+          allow_unfinished: bool = False, ray: str | None = None, ray_cpus_per_worker: float | None = None,
+          ray_gpus_per_worker: float | None = None, users: Sequence[str] = ()):
     """``mlsp score``: a pandas DataFrame (id, pred, pred_std[, pred_opinion_std, p1..p10 for a
     run of the distribution target][, mos, split]) for every image of ``store``, or of the image
     files ``images`` (then files that could not be used are in ``frame.attrs["errors"]``).
-    ``allow_unfinished``: also an interrupted or diverged run. ``ray`` (with ``images``): score
-    on a Ray cluster, as for :func:`extract`. ``users``: personal model folders of this run
-    (:func:`personalize`), with ``store``: one more column ``pred_<user>`` each."""
+    ``model``: a released model (a catalogue name or the path of its file, :func:`pretrained`)
+    in place of a trained run. ``allow_unfinished``: also an interrupted or diverged run.
+    ``ray`` (with ``images``): score on a Ray cluster, as for :func:`extract`. ``users``: personal
+    model folders of this run (:func:`personalize`), with ``store``: one more column
+    ``pred_<user>`` each."""
     from heads.score import score_images, score_store
 
+    if (run_dir is None) == (model is None):
+        raise ConfigError("score() takes either a run folder or model=")
     if (store is None) == (images is None):
         raise ConfigError("score() takes either store= or images=")
     if ray and store is not None:
         raise ConfigError("--ray scores image files (--images); a store is scored on this machine")
     if users and store is None:
         raise ConfigError("personal models (--user) score a store: extract the images into one first")
+    if model is not None and (weights is not None or users):
+        raise ConfigError("a released model names its own backbone weights and has no personal models; "
+                          "--weights and --user are for a run")
+    scorer = pretrained(model, precision=precision, progress=progress) if model is not None else None
     if store is not None:
+        if scorer is not None:
+            return scorer.score_store(store, out, progress=resolve_progress(progress))
         return score_store(run_dir, store, out, progress=resolve_progress(progress),
                            allow_unfinished=allow_unfinished, users=users)
     with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker, workers) as cluster:
+        if scorer is not None:
+            return scorer.score(images, out, workers=workers, progress=resolve_progress(progress), cluster=cluster)
         frame, errors = score_images(run_dir, images, out, weights=weights, precision=precision, workers=workers,
                                      progress=resolve_progress(progress), allow_unfinished=allow_unfinished,
                                      cluster=cluster)
@@ -185,12 +197,42 @@ def score(run_dir: str, *, store: str | None = None, images: str | Sequence[str]
     return frame
 
 
-def export(run_dir: str, out: str | None = None, *, weights: str | None = None,
-           precision: str | None = None, allow_unfinished: bool = False) -> str:
-    """``mlsp export``: one .keras model from image batch to MOS; returns its path.
-    ``allow_unfinished``: also an interrupted or diverged run."""
+def pretrained(model: str, *, precision: str | None = None, progress=False):
+    """A released model, ready to score (as pyiqa's ``create_metric``): ``model`` is a catalogue
+    name (``mlsp models``; fetched and verified once, with a bar if ``progress``) or the path of
+    its file. Returns a :class:`heads.pretrained_scoring.PretrainedModel`:
+    ``.score(paths_or_folder)`` (a DataFrame: id, pred (the MOS, 1-10), pred_std, path),
+    ``.score_store(store)``, ``.export(out)``."""
+    from heads.pretrained_scoring import open_model
+
+    return open_model(model, precision or ExtractConfig.precision, progress=resolve_progress(progress))
+
+
+def import_weights(path: str, *, head: str, store: str, out: str | None = None) -> str:
+    """``mlsp import-weights``: a run folder with the head of a Keras 2 weights file trained with
+    the authors' notebooks (:func:`heads.keras2.import_run`); ``store`` names the features it
+    takes. Returns the run folder."""
+    from heads.keras2 import import_run
+
+    return import_run(path, head, store, out)
+
+
+def export(run_dir: str | None = None, out: str | None = None, *, model: str | None = None,
+           weights: str | None = None, precision: str | None = None, allow_unfinished: bool = False,
+           progress=False) -> str:
+    """``mlsp export``: one .keras model from image batch to MOS; returns its path. ``model``: a
+    released model (:func:`pretrained`) in place of a run (default ``out``: ``<name>.keras``;
+    ``progress``: a bar while its file is fetched). ``allow_unfinished``: also an interrupted or
+    diverged run."""
     from heads.export import export as run
 
+
+    if (run_dir is None) == (model is None):
+        raise ConfigError("export() takes either a run folder or model=")
+    if model is not None:
+        if weights is not None:
+            raise ConfigError("a released model names its own backbone weights; --weights is for a run")
+        return pretrained(model, precision=precision, progress=progress).export(out)
     return run(run_dir, out, weights=weights, precision=precision, allow_unfinished=allow_unfinished)
 
 

@@ -2,8 +2,9 @@
 
 :class:`FoldedBatchNorm` stands in for a batch norm folded into its convolution;
 :class:`FitMaxSide` resizes as decoding does, :class:`ViewCrops` and :class:`ViewMean` make an
-image's views inside a model and average the
-predictions over them (the exported end-to-end model, :mod:`heads.export`). ``import mlsp``
+image's views inside a model and average the predictions over them (the exported end-to-end
+model, :mod:`heads.export`); :class:`PositionCrops` makes a pretrained model's test-time views
+(:mod:`mlsp.views`). ``import mlsp``
 registers every layer here as soon as Keras is imported, so saved models load with
 ``keras.saving.load_model(path, safe_mode=True)``.
 """
@@ -88,6 +89,49 @@ class ViewCrops(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "augment": self.augment, "fraction": self.fraction}
+
+
+@keras.saving.register_keras_serializable(package="mlsp")
+class PositionCrops(keras.layers.Layer):
+    """(B, H, W, 3) -> (B*V, h, w, 3): the views of a :class:`mlsp.views.ViewProcedure` (its
+    ``fraction``, ``positions`` and ``flips``), image by image, in its order; the same crops as
+    :meth:`mlsp.views.ViewProcedure.make` (:func:`mlsp.views.crop_origin`)."""
+
+    def __init__(self, fraction: float, positions, flips, **kwargs):
+        super().__init__(**kwargs)
+        self.fraction = float(fraction)
+        self.positions = [[float(y), float(x)] for y, x in positions]
+        self.flips = [bool(f) for f in flips]
+
+    @property
+    def n_views(self) -> int:
+        return len(self.positions) * len(self.flips)
+
+    def _side(self, size):
+        if self.fraction >= 1:
+            return size
+        return ops.cast(ops.floor(self.fraction * ops.cast(size, "float32")), "int32")
+
+    @staticmethod
+    def _origin(size, crop, position):
+        start = ops.floor(ops.cast(size, "float32") * position - ops.cast(crop // 2, "float32"))
+        return ops.clip(ops.cast(start, "int32"), 0, size - crop)
+
+    def call(self, images):
+        shape = ops.shape(images)
+        h, w = shape[1], shape[2]
+        ch, cw = self._side(h), self._side(w)
+        views = []
+        for py, px in self.positions:
+            crop = ops.slice(images, [0, self._origin(h, ch, py), self._origin(w, cw, px), 0],
+                             [shape[0], ch, cw, shape[3]])
+            views += [ops.flip(crop, axis=2) if flip else crop for flip in self.flips]
+        stacked = ops.stack(views, axis=1)  # (B, V, ch, cw, 3)
+        return ops.reshape(stacked, (-1, ch, cw, shape[3]))
+
+    def get_config(self):
+        return {**super().get_config(), "fraction": self.fraction, "positions": self.positions,
+                "flips": self.flips}
 
 
 @keras.saving.register_keras_serializable(package="mlsp")

@@ -1,0 +1,217 @@
+"""Released models as mlsp heads (heads/pretrained_scoring.py): the test-time views
+(mlsp/views.py), `mlsp score --model` on images and on a store, the kept conversion, export.
+
+A small catalogue entry per view procedure (iv3 narrow, a random backbone, a small single3fc in
+the authors' Keras 2 layout): the procedures are the same code for any backbone and head.
+"""
+
+import itertools
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import cli
+from mlsp.errors import StoreConfigMismatch
+from helpers import write_image
+from keras2_files import authors_layers, forward, write_keras2
+from mlsp.views import VIEW_PROCEDURES, crop_origin, get_procedure
+
+IV3_CHANNELS = 10048
+SIZES = [(120, 160), (150, 110), (133, 187), (101, 101)]
+WIDTH = 64  # the heads' 3FC: 64, 32, 8, 1
+
+
+def _coordinates(h, w):
+    """An image whose pixel (y, x) holds (y, x, 7): every view says where it came from."""
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([yy, xx, np.full_like(yy, 7)], axis=-1).astype(np.int32)
+
+
+def test_crops18_are_the_authors_crops():
+    """kutils extract_patch under Python 2: a crop of floor(0.875 * side) whose corner is
+    int(side * position - crop // 2) clipped into the image; positions 0, 0.5, 1 on each axis
+    (height first), each as it is and mirrored, in that order."""
+    assert (crop_origin(101, 88, 0.5), crop_origin(100, 87, 0.5), crop_origin(100, 87, 1.0)) == (6, 7, 13)
+    assert crop_origin(100, 87, 0.0) == 0
+    procedure = get_procedure("crops18")
+    h, w = 101, 150
+    views = procedure.make(_coordinates(h, w))
+    assert views.shape == (18, 88, 131, 3)
+    expected = list(itertools.product([(0, 0), (0, 10), (0, 19), (6, 0), (6, 10), (6, 19), (13, 0), (13, 10), (13, 19)],
+                                      [False, True]))
+    for view, ((y, x), flip) in zip(views, expected):
+        assert tuple(view[0, -1 if flip else 0, :2]) == (y, x)
+        assert tuple(view[-1, 0 if flip else -1, :2]) == (y + 87, x + 130)
+    full = get_procedure("full")
+    assert full.make(_coordinates(h, w)).shape == (1, h, w, 3) and full.store_views == ("full",)
+
+
+@pytest.mark.parametrize("name", VIEW_PROCEDURES.names())
+def test_every_procedure_in_the_graph_equals_its_views(name):
+    """The exported model's views layer makes exactly the views scoring files makes."""
+    from mlsp.layers import PositionCrops
+
+    p = get_procedure(name)
+    layer = PositionCrops(p.fraction, p.positions, p.flips)
+    for h, w in SIZES:
+        img = _coordinates(h, w)
+        got = np.asarray(layer(img[None].astype(np.float32)))
+        np.testing.assert_array_equal(got, p.make(img).astype(np.float32))
+        assert layer.n_views == p.n_views == len(got)
+
+
+def _view_features(extractor, procedure, paths):
+    """Each image's views' features, rounded to float16 as mlsp stores them."""
+    from mlsp.images import decode_image
+
+    return [extractor(procedure.make(decode_image(str(p), extractor.config.max_side))).astype(np.float16)
+            .astype(np.float32) for p in paths]
+
+
+def _calibrated(layers, features):
+    """The batch norms' moving statistics set to those of these features, layer by layer, as
+    training leaves them: the head then tells these images apart (a random backbone's features
+    of similar pictures differ little)."""
+    weights = dict(layers)
+    x = np.concatenate(features)
+    for i in range(3):
+        fc, bn = weights[f"head_fc{i}"], weights[f"head_bn{i}"]
+        h = np.maximum(x @ fc["kernel"] + fc["bias"], 0.0)
+        bn["moving_mean"], bn["moving_variance"] = h.mean(0), h.var(0) + 1e-2
+        x = (h - bn["moving_mean"]) / np.sqrt(bn["moving_variance"] + 1e-3) * bn["gamma"] + bn["beta"]
+    return layers
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, extractors):
+    """Images, and per view procedure a Keras 2 head file with its catalogue entry."""
+    from heads import pretrained
+    root = tmp_path_factory.mktemp("released")
+    paths = [write_image(root / "images" / f"photo{k}.jpg", h, w, seed=k) for k, (h, w) in enumerate(SIZES)]
+    models = {}
+    for seed, views in enumerate(("full", "crops18")):
+        features = _view_features(extractors(net="iv3", augment=False), get_procedure(views), paths)
+        layers = _calibrated(authors_layers("single3fc", IV3_CHANNELS, WIDTH, seed=10 + seed), features)
+        path = str(write_keras2(root / views / "model_best_weights.h5", layers))
+        from mlsp.backbone_weights import file_sha256
+
+        sha = file_sha256(path)
+        spec = pretrained.PretrainedSpec(
+            name=f"test-iv3-narrow-{views}-{sha[:8]}", net="iv3", pooling="narrow", head="single3fc",
+            head_options={"width": WIDTH}, views=views, file_name="model_best_weights.h5", size=os.path.getsize(path),
+            sha256=sha, urls=(), source="tests", paper={}, backbone_weights="random:0")
+        pretrained.PRETRAINED.register(spec)
+        models[views] = {"path": path, "layers": layers, "spec": spec}
+    return {"root": root, "images": str(root / "images"), **models}
+
+
+def _error_lines(output):
+    """The error the command ended with (besides it, log lines: a random backbone's warning,
+    the catalogue's check of the file), which must be one line, the last."""
+    lines = output.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert errors and lines[-1] == errors[-1], output
+    return errors
+
+
+def _authors_scores(extractor, procedure, paths, layers):
+    """The authors' procedure written out: views, features, the Keras 2 head in numpy, the mean
+    over the views."""
+    return np.array([forward("single3fc", f, layers).mean() for f in _view_features(extractor, procedure, paths)])
+
+
+@pytest.mark.slow
+def test_score_model_on_images_equals_its_store_and_the_authors_computation(released, tmp_path, extractors):
+    """`mlsp score --model PATH --images DIR` = `mlsp score --model PATH --store STORE` of the same
+    images extracted whole (the `full` model's views) = the authors' computation."""
+    from mlsp.extract import ExtractConfig, extract
+
+    model = released["full"]
+    runner = CliRunner()
+    res = runner.invoke(cli.main, ["score", "--model", model["path"], "--images", released["images"],
+                                   "--out", str(tmp_path / "images.csv")])
+    assert res.exit_code == 0, res.output
+    from_images = pd.read_csv(tmp_path / "images.csv", dtype={"id": str})
+    store = str(tmp_path / "iv3_narrow_noaug.h5")
+    extract(released["images"], ExtractConfig(net="iv3", augment=False, weights="random:0"), store,
+            extractor=extractors(net="iv3", augment=False))
+    res = runner.invoke(cli.main, ["score", "--model", model["path"], "--store", store,
+                                   "--out", str(tmp_path / "store.csv")])
+    assert res.exit_code == 0, res.output
+    from_store = pd.read_csv(tmp_path / "store.csv", dtype={"id": str})
+    merged = from_images.merge(from_store, on="id", suffixes=("_images", "_store"))
+    assert len(merged) == len(SIZES)
+    np.testing.assert_allclose(merged["pred_images"], merged["pred_store"], rtol=1e-5)
+    assert (merged["pred_std_images"] == 0).all(), "one view"
+    authors = _authors_scores(extractors(net="iv3", augment=False), get_procedure("full"), merged["path"],
+                              model["layers"])
+    np.testing.assert_allclose(merged["pred_images"], authors, rtol=1e-4)
+    assert np.ptp(authors) > 0.1, "the images get different scores"
+
+
+@pytest.mark.slow
+def test_crops18_model_scores_its_18_views_and_refuses_a_store(released, tmp_path, extractors):
+    from heads.export import load_exported
+    from mlsp import api
+    from mlsp.images import decode_image
+    from heads.pretrained_scoring import open_model
+
+    model = released["crops18"]
+    scorer = open_model(model["path"], extractor=extractors(net="iv3", augment=False))
+    frame = scorer.score(released["images"])
+    assert frame.attrs["errors"] == [] and len(frame) == len(SIZES)
+    authors = _authors_scores(scorer.extractor, get_procedure("crops18"), frame["path"], model["layers"])
+    np.testing.assert_allclose(frame["pred"], authors, rtol=1e-4)
+    assert np.ptp(authors) > 0.1 and (frame["pred_std"] > 0.01).all(), "18 different views"
+    one_view = _authors_scores(scorer.extractor, get_procedure("full"), frame["path"], model["layers"])
+    assert np.max(np.abs(one_view - authors)) > 0.01, "the 18 views are not the whole image"
+    # the exported model: image in, the mean over the same 18 views out
+    out = scorer.export(str(tmp_path / "crops18.keras"))
+    exported = load_exported(out)
+    first = frame["path"].iloc[0]
+    got = np.asarray(exported(decode_image(first, 1024)[None].astype(np.float32)))
+    np.testing.assert_allclose(got, frame["pred"].iloc[:1], rtol=1e-3)
+    # a store holds other views (8 corner crops): refused, saying what to do
+    from mlsp.backbones import get_backbone
+    from synthetic import write_synthetic_store
+
+    store = str(tmp_path / "iv3_narrow.h5")
+    write_synthetic_store(store, n_images=3, n_views=8, block_channels=get_backbone("iv3").channels, net="iv3")
+    res = CliRunner().invoke(cli.main, ["score", "--model", model["path"], "--store", store])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert store in res.output and "score the images" in res.output
+    assert len(_error_lines(res.output)) == 1
+    with pytest.raises(StoreConfigMismatch, match="--no-augment"):
+        api.score(model=released["full"]["path"], store=store)
+
+
+def test_conversion_is_kept_beside_the_file_and_used_only_if_its_hash_is_recorded(released, caplog):
+    from heads.pretrained_scoring import converted_path, open_model
+
+    model = released["full"]
+    first = open_model(model["path"])
+    kept = converted_path(model["path"], model["spec"].sha256)
+    assert first.head_path == kept and os.path.isfile(kept) and os.path.isfile(kept + ".json")
+    stamp = os.stat(kept).st_mtime_ns
+    x = np.abs(np.random.default_rng(0).normal(size=(2, IV3_CHANNELS))).astype(np.float32)
+    want = forward("single3fc", x, model["layers"])
+    assert open_model(model["path"]).head_path == kept and os.stat(kept).st_mtime_ns == stamp
+    with open(kept, "ab") as handle:  # a changed file is not the one mlsp wrote
+        handle.write(b"\0")
+    again = open_model(model["path"])
+    assert "not the conversion mlsp recorded" in caplog.text
+    np.testing.assert_allclose(again.head.predict(x, verbose=0)[:, 0], want, rtol=1e-5)
+    np.testing.assert_allclose(first.head.predict(x, verbose=0)[:, 0], want, rtol=1e-5)
+
+
+def test_a_file_not_in_the_catalogue_is_refused_in_one_line(released, tmp_path):
+    path = write_keras2(tmp_path / "mine.h5", authors_layers("single3fc", IV3_CHANNELS, 16, seed=99))
+    res = CliRunner().invoke(cli.main, ["score", "--model", str(path), "--images", released["images"]])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert str(path) in res.output and "mlsp import-weights" in res.output
+    assert len(_error_lines(res.output)) == 1
+    res = CliRunner().invoke(cli.main, ["score", "--images", released["images"]])
+    assert res.exit_code == 2 and "--model" in res.output
