@@ -945,9 +945,11 @@ def report_command(source, out, images_dir, saliency_dir, max_photos):
 
 @main.command("explain")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
               help="The trained run whose score is explained (backbone, pooling and head, as `mlsp export` "
                    "builds them).")
+@click.option("--model", help="Or a released model whose score is explained: a name of `mlsp models` or the "
+                              "path of its file (fetched and checked as for `mlsp score --model`).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for <id>.png (the photo under its saliency map) and <id>.npy (the map, float32, "
                    "the photo's height x width, max 1).")
@@ -960,18 +962,19 @@ def report_command(source, out, images_dir, saliency_dir, max_photos):
               help="Backbone precision (auto: as for extract). Default: the one the run's store was extracted at.")
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @handle_errors
-def explain_command(images, run_dir, out, samples, noise, weights, precision, allow_unfinished):
+def explain_command(images, run_dir, model, out, samples, noise, weights, precision, allow_unfinished):
     """SmoothGrad saliency: which pixels of each photo drive its predicted score.
 
-    IMAGES are image files, or one folder (searched recursively). The gradient of the score runs through
-    the whole image-to-score model, at each photo's own resolution; `mlsp report` shows the
+    IMAGES are image files, or one folder (searched recursively); the model is a trained run (--run) or a
+    released one (--model). The gradient of the score runs through the whole image-to-score model, at each
+    photo's own resolution; `mlsp report` shows the
     overlays beside the photos (--saliency OUT). Files that cannot be used are listed.
     """
     inputs = images[0] if len(images) == 1 and os.path.isdir(images[0]) else list(images)
     _sigterm_as_interrupt()
     try:
-        explained, errors = api.explain(inputs, out, run=run_dir, samples=samples, noise=noise, weights=weights,
-                                        precision=precision, allow_unfinished=allow_unfinished,
+        explained, errors = api.explain(inputs, out, run=run_dir, model=model, samples=samples, noise=noise,
+                                        weights=weights, precision=precision, allow_unfinished=allow_unfinished,
                                         progress=console_progress)
     except KeyboardInterrupt:
         _interrupted(f"the maps finished so far are in {out}, each written whole.")

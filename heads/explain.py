@@ -126,6 +126,21 @@ class RunModel:
         self.model = differentiable(build_scoring_model(run_dir, weights, precision, allow_unfinished=allow_unfinished))
 
 
+class PretrainedModelScore:
+    """A released model's image-to-score model (:meth:`heads.pretrained_scoring.PretrainedModel.scoring_model`:
+    its own test-time views, backbone, head) and the ``max_side`` its extraction decodes at."""
+
+    def __init__(self, model: str, precision: str | None = None, progress=None):
+        from mlsp.precision import DEFAULT
+
+        from .pretrained_scoring import open_model
+
+        opened = open_model(model, precision or DEFAULT, progress=progress)
+        self.name = opened.spec.name
+        self.max_side = opened.config.max_side
+        self.model = differentiable(opened.scoring_model())
+
+
 def differentiable(model):
     """The scoring model from its views on: its first step, the resize to ``max_side``
     (:class:`mlsp.layers.FitMaxSide`), rounds to 8-bit values, which has no gradient. Photos are
@@ -143,7 +158,8 @@ def differentiable(model):
 def explain(inputs: str | Sequence[str], scorer, out: str, *, samples: int = SAMPLES, noise: float = NOISE,
             batch: int = BATCH, seed: int = 0, progress: ProgressFactory = null_progress):
     """SmoothGrad maps of image files (a folder, recursively, or a list) through ``scorer`` (a
-    :class:`RunModel`, or anything with ``model`` and ``max_side``), written into ``out``.
+    :class:`RunModel`, a :class:`PretrainedModelScore`, or anything with ``model`` and
+    ``max_side``), written into ``out``.
     Returns ``(explained, errors)``: :class:`Explained` per photo, and ``{"id", "path", "reason"}``
     for every file that could not be used (which never stops the others)."""
     from keras import ops

@@ -249,21 +249,25 @@ def report(source: str, out: str | None = None, *, images: str | None = None, sa
                progress=resolve_progress(progress))
 
 
-def explain(images: str | Sequence[str], out: str, *, run: str | None = None, samples: int | None = None,
-            noise: float | None = None, weights: str | None = None, precision: str | None = None,
-            allow_unfinished: bool = False, seed: int = 0, progress=False):
-    """``mlsp explain``: SmoothGrad saliency of each photo's predicted score through the run's
-    whole image-to-score model (:mod:`heads.explain`), written into ``out`` as ``<id>.png`` (an
-    overlay) and ``<id>.npy`` (the map at the photo's size). ``samples`` and ``noise``: default
-    SmoothGrad's paper's (:data:`heads.explain.SAMPLES`, :data:`heads.explain.NOISE`). Returns
-    ``(explained, errors)``."""
+def explain(images: str | Sequence[str], out: str, *, run: str | None = None, model: str | None = None,
+            samples: int | None = None, noise: float | None = None, weights: str | None = None,
+            precision: str | None = None, allow_unfinished: bool = False, seed: int = 0, progress=False):
+    """``mlsp explain``: SmoothGrad saliency of each photo's predicted score through the whole
+    image-to-score model of a trained ``run`` or of a released ``model`` (a catalogue name or the
+    path of its file, :func:`pretrained`) (:mod:`heads.explain`), written into ``out`` as
+    ``<id>.png`` (an overlay) and ``<id>.npy`` (the map at the photo's size). ``samples`` and
+    ``noise``: default SmoothGrad's paper's (:data:`heads.explain.SAMPLES`,
+    :data:`heads.explain.NOISE`). Returns ``(explained, errors)``."""
     from heads import explain as saliency
 
-    from .errors import ConfigError
-
-    if not run:
-        raise ConfigError("explain needs a model: run=RUN_DIR (a trained run)")
-    scorer = saliency.RunModel(run, weights, precision, allow_unfinished=allow_unfinished)
+    if bool(run) == bool(model):
+        raise ConfigError("explain needs one model: a trained run (--run RUN_DIR) or a released model (--model NAME|PATH)")
+    if model:
+        if weights or allow_unfinished:
+            raise ConfigError("weights and allow_unfinished are a run's; a released model brings its own")
+        scorer = saliency.PretrainedModelScore(model, precision, progress=resolve_progress(progress))
+    else:
+        scorer = saliency.RunModel(run, weights, precision, allow_unfinished=allow_unfinished)
     return saliency.explain(images, scorer, out, samples=saliency.SAMPLES if samples is None else samples,
                             noise=saliency.NOISE if noise is None else noise, seed=seed,
                             progress=resolve_progress(progress))

@@ -215,3 +215,25 @@ def test_a_file_not_in_the_catalogue_is_refused_in_one_line(released, tmp_path):
     assert len(_error_lines(res.output)) == 1
     res = CliRunner().invoke(cli.main, ["score", "--images", released["images"]])
     assert res.exit_code == 2 and "--model" in res.output
+
+
+@pytest.mark.slow
+def test_explain_takes_a_released_model(released, tmp_path):
+    """`mlsp explain --model PATH` maps a photo through the released model's own views, backbone and
+    head; a run and a model together, or neither, is one line."""
+    from mlsp.images import decode_image
+
+    photo = sorted(os.listdir(released["images"]))[0]
+    path = os.path.join(released["images"], photo)
+    out = tmp_path / "saliency"
+    res = CliRunner().invoke(cli.main, ["explain", path, "--model", released["crops18"]["path"], "--out", str(out),
+                                        "--samples", "2"])
+    assert res.exit_code == 0, res.output
+    saliency = np.load(out / (os.path.splitext(photo)[0] + ".npy"))
+    assert saliency.shape == decode_image(path).shape[:2]
+    assert np.isfinite(saliency).all() and saliency.max() == pytest.approx(1.0) and saliency.min() >= 0
+    assert (out / (os.path.splitext(photo)[0] + ".png")).exists()
+    for args in ([], ["--model", released["full"]["path"], "--run", str(tmp_path)]):
+        res = CliRunner().invoke(cli.main, ["explain", path, "--out", str(out), *args])
+        assert res.exit_code == 1 and _error_lines(res.output) == [
+            "Error: explain needs one model: a trained run (--run RUN_DIR) or a released model (--model NAME|PATH)"]
