@@ -237,3 +237,40 @@ def test_explain_takes_a_released_model(released, tmp_path):
         res = CliRunner().invoke(cli.main, ["explain", path, "--out", str(out), *args])
         assert res.exit_code == 1 and _error_lines(res.output) == [
             "Error: explain needs one model: a trained run (--run RUN_DIR) or a released model (--model NAME|PATH)"]
+
+
+@pytest.mark.slow
+def test_readme_score_your_photos_by_name_from_a_served_catalogue(released, tmp_path, monkeypatch):
+    """README's command, `mlsp score --model NAME --images DIR --out scores.csv`, as a user with a
+    catalogue file of their own (MLSP_MODELS) and a mirror (here a server on 127.0.0.1) runs it:
+    the file is fetched once into the Keras cache, checked, and scores as the same file given by path."""
+    import json
+
+    from heads import pretrained
+    from http_files import FileServer
+
+    model = released["full"]
+    data = open(model["path"], "rb").read()
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    with FileServer() as server:
+        url = server.add("/mirror/model_best_weights.h5", data, cut_after=len(data) // 3)  # a broken first try
+        name = "served-" + model["spec"].sha256[:8]
+        catalogue = tmp_path / "team.json"
+        catalogue.write_text(json.dumps({"models": [{
+            "name": name, "net": "iv3", "pooling": "narrow", "head": "single3fc",
+            "head_options": {"width": WIDTH}, "views": "full", "file_name": "model_best_weights.h5",
+            "size": len(data), "sha256": model["spec"].sha256, "urls": ["http://127.0.0.1:9/refused.h5", url],
+            "source": "a team mirror", "paper": {}, "backbone_weights": "random:0"}]}))
+        monkeypatch.setenv(pretrained.CATALOGUE_ENV, str(catalogue))
+        res = CliRunner().invoke(cli.main, ["score", "--model", name, "--images", released["images"],
+                                            "--out", str(tmp_path / "scores.csv")])
+        assert res.exit_code == 0, res.output
+        fetched = [r for p, r in server.requests if p == "/mirror/model_best_weights.h5"]
+        assert len(fetched) == 2 and fetched[1] is not None, "the cut download was resumed with a Range request"
+    by_name = pd.read_csv(tmp_path / "scores.csv", dtype={"id": str})
+    res = CliRunner().invoke(cli.main, ["score", "--model", model["path"], "--images", released["images"],
+                                        "--out", str(tmp_path / "by_path.csv")])
+    assert res.exit_code == 0, res.output
+    by_path = pd.read_csv(tmp_path / "by_path.csv", dtype={"id": str})
+    assert len(by_name) == len(SIZES) and by_name["id"].tolist() == by_path["id"].tolist()
+    np.testing.assert_allclose(by_name["pred"], by_path["pred"], rtol=1e-6)
