@@ -20,9 +20,11 @@ from inspect import signature
 
 import click
 
-# TensorFlow's and oneDNN's start-up messages stay off the console unless -v (or the variable is set)
+# TensorFlow's and oneDNN's C++ messages stay off the console unless -v (or the variable is set): 3
+# hides their ERROR level too, where oneDNN on an AVX2 CPU says once per process that it leaves
+# float16 ops to Eigen (mlsp.backend.prefer_onednn); what fails reaches mlsp as a Python exception.
 TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from heads import explain as saliency  # noqa: E402
 from heads import report as reporting  # noqa: E402
