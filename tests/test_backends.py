@@ -202,4 +202,6 @@ def test_grouped_batching_gives_the_image_by_image_store(tmp_path, extractors):
     grouped = extract(str(images), config, str(tmp_path / "grouped.h5"), extractor=counted, batch_views=24,
                       batch_window=8)
     assert sorted(sizes) == [16, 24]  # three images of 96x128 in one call, two of 100x90 in another
-    assert_same_store(one.store, grouped.store)
+    # Bit for bit on AVX-512 CPUs; on AVX2 a batch of 24 views is summed in another order than
+    # one of 8, and 0.01% of the float16 features land one rounding step apart.
+    assert_same_store(one.store, grouped.store, float16_steps=2)
