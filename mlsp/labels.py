@@ -183,7 +183,7 @@ def _read_ava(path: str, lines: Sequence[str]) -> Labels:
         try:
             values = [int(v) for v in fields]
         except ValueError:
-            bad = next(v for v in fields if not _is_int(v))
+            bad = next(v for v in fields if not _parses(int, v))
             raise LabelsError(f"{where}: expected integers, got {bad!r}") from None
         counts = values[2:2 + N_BINS]
         if min(counts) < 0:
@@ -214,9 +214,10 @@ def check_storable(counts: Sequence[float], where: str):
                           f"at most {MAX_STORED:.3g} in all)")
 
 
-def _is_int(text: str) -> bool:
+def _parses(convert, text: str) -> bool:
+    """Whether ``convert(text)`` takes the text (``int``, :func:`_number`, ...)."""
     try:
-        int(text)
+        convert(text)
     except ValueError:
         return False
     return True
@@ -339,7 +340,7 @@ class _CsvColumns:
         try:
             counts = [_number(cells[c]) for c in self.votes]
         except ValueError:
-            bad = next(cells[c] for c in self.votes if not _is_number_or_empty(cells[c]))
+            bad = next(cells[c] for c in self.votes if not _parses(_number, cells[c]))
             raise LabelsError(f"{where}: vote count {bad!r} is not a number") from None
         given = [np.isfinite(c) for c in counts]
         if any(given) and not all(given):
@@ -376,14 +377,6 @@ class _CsvColumns:
                 raise LabelsError(f"{where}: MOS {mos:g} disagrees with its votes, whose mean is {mean:.2f} "
                                   f"(more than {MOS_VOTES_TOLERANCE:g} apart): is a column shifted?")
         return mos
-
-
-def _is_number_or_empty(text: str) -> bool:
-    try:
-        _number(text)
-    except ValueError:
-        return False
-    return True
 
 
 def read_test_list(path) -> list[str]:
