@@ -832,8 +832,10 @@ _PERSONALIZE_HELP = f"""Adapt a run's head to one person's taste, or evaluate pe
 
 
 @main.command("personalize", help=_PERSONALIZE_HELP)
-@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False),
               help="The training run whose head is the generic model (a run of --target mos).")
+@click.option("--model", help="Or a released model as the generic one: a name of `mlsp models` or the path of its "
+                              "file (the store then holds its features: its net, pooling and views).")
 @click.option("--store", "store_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Feature store holding the rated images (same net, pooling and blocks as the run's).")
 @click.option("--ratings", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -860,15 +862,15 @@ _PERSONALIZE_HELP = f"""Adapt a run's head to one person's taste, or evaluate pe
               help="With --evaluate: draws per person and k.")
 @click.option("--allow-unfinished", is_flag=True, help=_UNFINISHED_HELP)
 @handle_errors
-def personalize_command(run_dir, store_path, ratings, user, out, method, scale, seed, do_evaluate, users_file, ks,
-                        repeats, allow_unfinished):
+def personalize_command(run_dir, model, store_path, ratings, user, out, method, scale, seed, do_evaluate, users_file,
+                        ks, repeats, allow_unfinished):
     """Personal models (help: _PERSONALIZE_HELP)."""
     if not do_evaluate and ks:
         raise click.UsageError("--k is a setting of --evaluate")
     _sigterm_as_interrupt()
     try:
-        result = api.personalize(run_dir, store=store_path, ratings=ratings, user=user, out=out, method=method,
-                                 scale=scale, seed=seed, evaluate=do_evaluate, users=users_file, ks=ks or None,
+        result = api.personalize(run_dir, model=model, store=store_path, ratings=ratings, user=user, out=out,
+                                 method=method, scale=scale, seed=seed, evaluate=do_evaluate, users=users_file, ks=ks or None,
                                  repeats=repeats, progress=console_progress, allow_unfinished=allow_unfinished)
     except KeyboardInterrupt:
         _interrupted("finished draws are kept in evaluation.csv.partial; run the same command again to go on."

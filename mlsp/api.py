@@ -379,11 +379,13 @@ def sample(root: str = "data/sample", *, n_images: int = SAMPLE_IMAGES, net: str
 
 
 
-def personalize(run_dir: str, *, store: str, ratings: str, user: str | None = None, out: str,
+def personalize(run_dir: str | None = None, *, store: str, ratings: str, user: str | None = None, out: str,
+                model: str | None = None,
                 method: str | None = None, scale: tuple | None = None, seed: int = 0, evaluate: bool = False,
                 users: str | None = None, ks: Sequence[int] | None = None, repeats: int | None = None,
                 progress=False, allow_unfinished: bool = False):
-    """``mlsp personalize``: adapt the run's head to ``user`` from their ``ratings`` (FLICKR-AES's
+    """``mlsp personalize``: adapt the run's head (or a released ``model``'s, :func:`pretrained`)
+    to ``user`` from their ``ratings`` (FLICKR-AES's
     per-worker file or a ``user,image,score`` CSV) of images in ``store`` and save the personal
     model in ``out`` (returns :class:`heads.personal.PersonalModel`); with ``evaluate``, run the
     literature's protocol instead (k of each test person's ratings to adapt, the rest to test,
@@ -394,6 +396,13 @@ def personalize(run_dir: str, *, store: str, ratings: str, user: str | None = No
     from heads import personal
     from heads.personal import protocol
 
+    if bool(run_dir) == bool(model):
+        raise ConfigError("personalize adapts one generic model: a trained run (--run RUN_DIR) or a released "
+                          "model (--model NAME|PATH)")
+    if model:
+        from heads.personal.generic import GenericHead
+
+        run_dir = GenericHead.released(model, progress=resolve_progress(progress))
     options = {"method": method or personal.AUTO, "scale": scale or personal.RATING_SCALE, "seed": seed,
                "progress": resolve_progress(progress), "allow_unfinished": allow_unfinished}
     if evaluate:

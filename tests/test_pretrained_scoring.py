@@ -274,3 +274,32 @@ def test_readme_score_your_photos_by_name_from_a_served_catalogue(released, tmp_
     by_path = pd.read_csv(tmp_path / "by_path.csv", dtype={"id": str})
     assert len(by_name) == len(SIZES) and by_name["id"].tolist() == by_path["id"].tolist()
     np.testing.assert_allclose(by_name["pred"], by_path["pred"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_personalize_adapts_a_released_model(released, tmp_path, extractors):
+    """`mlsp personalize --model PATH` adapts a released head to one person from a store of the
+    model's own features; the personal model names that model and its sha256; a store of other
+    views is refused in one line."""
+    import json
+
+    from mlsp.extract import ExtractConfig, extract
+
+    images = tmp_path / "photos"
+    for k in range(8):
+        write_image(images / f"p{k}.jpg", 96 + 4 * k, 120 - 3 * k, seed=40 + k)
+    store = str(tmp_path / "noaug.h5")
+    extract(str(images), ExtractConfig(net="iv3", augment=False, weights="random:0"), store,
+            extractor=extractors(net="iv3", augment=False))
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_text("user,image,score\n" + "".join(f"ann,p{k}.jpg,{1 + k % 5}\n" for k in range(8)))
+    model = released["full"]
+    args = ["personalize", "--model", model["path"], "--store", store, "--ratings", str(ratings), "--user", "ann"]
+    res = CliRunner().invoke(cli.main, args + ["--out", str(tmp_path / "ann")])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "ann" / "personal.json").read_text())
+    assert meta["generic"]["model"] == model["spec"].name and meta["generic"]["sha256"] == model["spec"].sha256
+    assert meta["generic"]["run"] is None and meta["n_ratings"] == 8
+    res = CliRunner().invoke(cli.main, ["personalize", "--model", released["crops18"]["path"], "--store", store,
+                                        "--ratings", str(ratings), "--user", "ann", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 1 and "averages" in _error_lines(res.output)[0]

@@ -170,8 +170,9 @@ def load_personal(path: str, head) -> PersonalModel:
     if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") not in FITTED:
         raise ConfigError(f"{meta_path}: not a personal model of format {FORMAT_VERSION}")
     if meta["generic"]["sha256"] != head.sha256:
-        raise ConfigError(f"{path}: adapts the generic model {meta['generic']['run']}/{meta['generic']['model']} "
-                          f"(sha256 {meta['generic']['sha256'][:12]}...), not {head.run.path}'s "
+        generic = "/".join(str(part) for part in (meta["generic"].get("run"), meta["generic"]["model"]) if part)
+        raise ConfigError(f"{path}: adapts the generic model {generic} "
+                          f"(sha256 {meta['generic']['sha256'][:12]}...), not {head.name}'s "
                           f"(sha256 {head.sha256[:12]}...); personalise again on this run")
     fitted = FITTED[meta["kind"]].from_state(state, head)
     return PersonalModel(meta["user"], meta["method"], meta["params"], fitted, tuple(meta["scale"]),

@@ -57,7 +57,8 @@ def tail_layers(model, n_dense: int = TAIL_DENSE) -> list:
 
 
 class GenericHead:
-    """A finished run's head, opened for personalisation (a run of the ``mos`` target)."""
+    """A finished run's head (a run of the ``mos`` target), or a released model's
+    (:meth:`released`), opened for personalisation."""
 
     def __init__(self, run_dir: str, allow_unfinished: bool = False):
         self.run = Run.open(run_dir, allow_unfinished=allow_unfinished)
@@ -65,8 +66,29 @@ class GenericHead:
         if target != "mos":
             raise ConfigError(f"{run_dir}: a run of the {target!r} target; personal models adapt a run of "
                               "the mos target (mlsp train --target mos)")
-        self.model = self.run.load_model()
-        self.sha256 = file_sha256(self.run.model_path)
+        self.name = self.run.path
+        self.source = {"run": self.run.path, "model": MODEL_FILE, "net": self.run.store_info["net"],
+                       "pooling": self.run.store_info["pooling"]}
+        self.check_store = lambda store: check_store_matches(self.run, store)
+        self._taps(self.run.load_model(), file_sha256(self.run.model_path))
+
+    @classmethod
+    def released(cls, model: str, progress=None) -> "GenericHead":
+        """A released model's head (a catalogue name or the path of its file, as ``mlsp score
+        --model`` takes it), named by its file's SHA-256; stores must hold its own features."""
+        from ..pretrained_scoring import open_model
+
+        opened = open_model(model, progress=progress)
+        head = cls.__new__(cls)
+        head.run, head.name = None, opened.spec.name
+        head.source = {"run": None, "model": opened.spec.name, "net": opened.spec.net,
+                       "pooling": opened.spec.pooling}
+        head.check_store = opened.check_store
+        head._taps(opened.head, opened.spec.sha256)
+        return head
+
+    def _taps(self, model, sha256: str):
+        self.model, self.sha256 = model, sha256
         self.tail = tail_layers(self.model)
         hidden = last_dense(self.model).input
         self.taps = keras.Model(self.model.input, [self.model.output, hidden, self.tail[0].input])
@@ -75,15 +97,14 @@ class GenericHead:
 
     def describe(self) -> dict:
         """What a personal model records of the generic one."""
-        return {"run": self.run.path, "model": MODEL_FILE, "sha256": self.sha256, "head": self.model.name,
-                "net": self.run.store_info["net"], "pooling": self.run.store_info["pooling"],
-                "scale": list(GENERIC_SCALE), "tail": [layer.name for layer in self.tail]}
+        return {**self.source, "sha256": self.sha256, "head": self.model.name, "scale": list(GENERIC_SCALE),
+                "tail": [layer.name for layer in self.tail]}
 
     def open_store(self, path: str) -> FeatureStore:
         """The store, checked to hold features this head takes (same net, pooling and blocks)."""
         store = FeatureStore(path)
         try:
-            check_store_matches(self.run, store)
+            self.check_store(store)
         except BaseException:
             store.close()
             raise
@@ -129,3 +150,8 @@ class GenericHead:
                 out = np.empty((len(rows),) + tail.shape[1:], np.float32)
             out[at] = tail
         return out if out is not None else np.empty((0, 1, 1), np.float32)
+
+
+def open_generic(source, allow_unfinished: bool = False) -> GenericHead:
+    """``source`` as a :class:`GenericHead`: one already opened, or a run folder."""
+    return source if isinstance(source, GenericHead) else GenericHead(source, allow_unfinished=allow_unfinished)

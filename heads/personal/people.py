@@ -13,7 +13,7 @@ from mlsp.errors import ConfigError
 from mlsp.progress import ProgressFactory, null_progress
 
 from .adapt import AUTO, PersonalModel, adapt, load_personal, to_generic
-from .generic import GenericHead
+from .generic import GenericHead, open_generic
 from .methods import Context, Images, learn_taste
 from .ratings import MIN_RATINGS, RATING_SCALE, Ratings, read_ratings
 
@@ -52,7 +52,7 @@ def read_rated(run_dir: str, store_path: str, ratings_path: str, *, scale=RATING
                progress: ProgressFactory = null_progress, allow_unfinished: bool = False) -> Rated:
     """Open the run's head, check the store against it, read and match the ratings, and run the
     generic head once over every rated image."""
-    head = GenericHead(run_dir, allow_unfinished=allow_unfinished)
+    head = open_generic(run_dir, allow_unfinished)
     with head.open_store(store_path) as store:
         ratings = read_ratings(ratings_path, store.ids, scale)
         if not len(ratings.rows):
@@ -86,7 +86,7 @@ class PersonalScorer:
     person's own scale."""
 
     def __init__(self, run_dir: str, user_dirs: Sequence[str], allow_unfinished: bool = False):
-        self.head = GenericHead(run_dir, allow_unfinished=allow_unfinished)
+        self.head = open_generic(run_dir, allow_unfinished)
         self.models = [load_personal(path, self.head) for path in user_dirs]
         columns = [m.column for m in self.models]
         if len(set(columns)) != len(columns):

@@ -169,7 +169,7 @@ def evaluate(run_dir: str, store_path: str, ratings_path: str, out: str, *, user
                        allow_unfinished=allow_unfinished)
     test_users, training_users = split_users(rated, users_file)
     context = Context(rated.head, rated.taste(training_users) if training_users else None, seed)
-    settings = Settings(run_dir, store_path, ratings_path, test_users, ks, repeats, method, seed, list(scale))
+    settings = Settings(getattr(run_dir, "name", run_dir), store_path, ratings_path, test_users, ks, repeats, method, seed, list(scale))
     partial = Partial(out, settings)
     done = partial.read()
     chosen: dict = {}
