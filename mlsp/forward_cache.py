@@ -68,15 +68,7 @@ def code_sha256(package_dir: str = PACKAGE_DIR) -> str:
     """The SHA-256 of the code that builds the forward model: every ``.py`` file of the mlsp
     package (sub-packages included), by relative path and content. Derived from the package
     rather than a list of modules, so a backbone moved to a module of its own is covered too."""
-    digest = hashlib.sha256()
-    for parent, dirs, names in sorted(os.walk(package_dir)):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-        for name in sorted(n for n in names if n.endswith(".py")):
-            path = os.path.join(parent, name)
-            digest.update(os.path.relpath(path, package_dir).replace(os.sep, "/").encode() + b"\0")
-            with open(path, "rb") as handle:
-                digest.update(hashlib.sha256(handle.read()).digest())
-    return digest.hexdigest()
+    return tree_sha256(package_dir, suffix=".py")
 
 
 def enabled() -> bool:

@@ -32,14 +32,14 @@ log = logging.getLogger(__name__)
 INDEX_VERSION = 1
 
 
-def tree_sha256(folder: str) -> str:
-    """One SHA-256 over every file under ``folder``: relative paths and contents, sorted; a
-    file added, removed, renamed or changed changes it. Links are hashed as their target's path
-    (never followed), so an entry cannot point outside itself unnoticed."""
+def tree_sha256(folder: str, suffix: str = "") -> str:
+    """One SHA-256 over every file under ``folder`` (those whose name ends in ``suffix``):
+    relative paths and contents, sorted; a file added, removed, renamed or changed changes it.
+    Links are hashed as their target's path (never followed), so an entry cannot point outside
+    itself unnoticed."""
     digest = hashlib.sha256()
-    for parent, dirs, names in sorted(os.walk(folder)):
-        dirs.sort()
-        for name in sorted(names):
+    for parent, _, names in sorted(os.walk(folder)):
+        for name in sorted(n for n in names if n.endswith(suffix)):
             path = os.path.join(parent, name)
             rel = os.path.relpath(path, folder).replace(os.sep, "/")
             body = ("link:" + os.readlink(path)) if os.path.islink(path) else file_sha256(path)
