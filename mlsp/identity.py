@@ -13,9 +13,10 @@ written before this was recorded (format version 2 and older) are taken on their
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
+
+from .backbone_weights import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,8 @@ class FileIdentity:
 
 def of_file(path: str) -> FileIdentity:
     """Size, modification time and SHA-256 of a file (read once, in 1 MiB blocks)."""
-    with open(path, "rb") as handle:
-        st = os.fstat(handle.fileno())
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    return FileIdentity(int(st.st_size), int(st.st_mtime_ns), digest)
+    st = os.stat(path)
+    return FileIdentity(int(st.st_size), int(st.st_mtime_ns), file_sha256(path))
 
 
 def same_file(path: str, stored: FileIdentity) -> tuple[bool, FileIdentity | None]:
