@@ -16,6 +16,30 @@ import pytest  # noqa: E402
 
 from helpers import write_image  # noqa: E402  (tests/ is on the path: pyproject's pythonpath)
 
+# The slowest test files, slowest first (a full run on the 2-core machine, docs/testing.md). With
+# `-n 2 --dist loadfile` each worker takes the next file when it is nearly done with its own, in
+# collection order: the long files start first and the short ones fill the end, so neither
+# worker is left with a long file after the other has finished. Files not listed follow, in
+# pytest's order. Reorder here when a file's time changes much.
+SLOWEST_FILES = (
+    "test_train_cli.py", "test_cluster.py", "test_notebooks.py", "test_faults.py", "test_backends.py",
+    "test_extract.py", "test_train.py", "test_backbones.py", "test_score.py", "test_backbones_cli.py",
+    "test_distribution.py", "test_files.py", "test_personal.py", "test_heads.py", "test_pretrained_scoring.py",
+    "test_startup.py", "test_report.py", "test_explain.py", "test_onednn.py", "test_precision.py",
+)
+
+
+def pytest_configure(config):
+    # pytest-xdist would otherwise hand out the files with the most tests first (its
+    # --loadscope-reorder), undoing SLOWEST_FILES
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
 
 @pytest.fixture(scope="session")
 def extractors():
@@ -42,7 +66,9 @@ def sample_store(tmp_path_factory, extractors):
     from mlsp.sample import build_sample
 
     root = tmp_path_factory.mktemp("sample_store")
-    info = build_sample(str(root / "sample"), n_images=16, seed=1)
+    # at most 200 px a side (the sample's default is 200-700): every test scoring these images
+    # runs the backbone on 8 views of each, and none of them is about the images' size
+    info = build_sample(str(root / "sample"), n_images=16, seed=1, max_side=200)
     store = str(root / "iv3_narrow.h5")
     extract(info.images_dir, ExtractConfig(net="iv3", weights="random:0"), store, labels=info.labels_path,
             test_list=info.test_list_path, val_fraction=0.25, extractor=extractors(net="iv3"))

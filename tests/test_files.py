@@ -117,8 +117,8 @@ def test_two_concurrent_extractions_never_mix(tmp_path, extractors):
     """Two CLI runs from different folders into one --out at once: the second is refused with
     the first's pid, and the store holds exactly the first's images."""
     first, second = tmp_path / "a", tmp_path / "b"
-    for k in range(10):
-        write_image(first / f"a{k:02d}.png", 200 + 5 * k, 240, seed=k)
+    for k in range(10):  # 100-145 x 120 px: what is checked is whose images the store holds
+        write_image(first / f"a{k:02d}.png", 100 + 5 * k, 120, seed=k)
     for k in range(4):
         write_image(second / f"b{k}.png", 100, 100, seed=50 + k)
     out, go = tmp_path / "s.h5", tmp_path / "go"

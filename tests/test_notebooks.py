@@ -78,7 +78,7 @@ def test_notebook_is_saved_clean(name):
 def test_quickstart(tmp_path, monkeypatch):
     work = tmp_path / "work"
     execute("quickstart.ipynb", tmp_path, monkeypatch, {
-        "MLSP_NB_IMAGES": 16, "MLSP_NB_EPOCHS": 2, "MLSP_NB_STEPS": 2, "MLSP_NB_MAX_SIDE": 320,
+        "MLSP_NB_IMAGES": 16, "MLSP_NB_EPOCHS": 2, "MLSP_NB_STEPS": 2, "MLSP_NB_MAX_SIDE": 200,
         "MLSP_NB_WEIGHTS": "random:0", "MLSP_NB_SINGLE3FC": 1, "MLSP_NB_WORK": work,
         "MLSP_NB_SALIENCY_SAMPLES": 2,
     })
@@ -114,7 +114,7 @@ def test_ava_walkthrough_stand_in(tmp_path, monkeypatch):
     monkeypatch.delenv("AVA_DIR", raising=False)
     work = tmp_path / "work"
     execute("ava_walkthrough.ipynb", tmp_path, monkeypatch, {
-        "MLSP_NB_IMAGES": 12, "MLSP_NB_EPOCHS": 2, "MLSP_NB_STEPS": 2, "MLSP_NB_MAX_SIDE": 320,
+        "MLSP_NB_IMAGES": 12, "MLSP_NB_EPOCHS": 2, "MLSP_NB_STEPS": 2, "MLSP_NB_MAX_SIDE": 200,
         "MLSP_NB_NET": "iv3", "MLSP_NB_WORK": work,
     })
     summary = json.loads((work / "summary.json").read_text())
