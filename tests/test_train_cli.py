@@ -43,7 +43,11 @@ def planted(tmp_path_factory):
 ])
 def test_every_head_learns_a_planted_signal(planted, tmp_path, head, pooling, options):
     out = tmp_path / "run"
-    res = invoke("train", "--store", planted[pooling], "--head", head, "--out", out, *SMALL_STORE_FLAGS, *options)
+    # at most 30 epochs: the LR's first two stages (1e-3, then 1e-4); the 3FC heads reach their
+    # lowest LR and stop there by themselves, and Single-1FC's third stage (1e-5, 30 more epochs)
+    # moves its validation SRCC by about 0.005, far above the 0.9 asked for
+    res = invoke("train", "--store", planted[pooling], "--head", head, "--out", out, *SMALL_STORE_FLAGS, *options,
+                 "--epochs", "30")
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["n"] == 400
