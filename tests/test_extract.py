@@ -176,10 +176,8 @@ def test_kill_minus_9_then_resume(tmp_path):
     """A real kill -9 of the CLI mid-run, then the same command: the store equals an
     uninterrupted run's."""
     root = tmp_path / "imgs"
-    # 14 images of 130-182 x 150 px, a shard each: the run is killed once 3 shards exist, with
-    # most images still to do; what is compared is which images each store holds and their features
     for k in range(14):
-        write_image(root / f"{k:02d}.png", 130 + 4 * k, 150, seed=k)
+        write_image(root / f"{k:02d}.png", 260 + 7 * k, 300, seed=k)
     args = ["extract", "--images", str(root), "--net", "iv3", "--weights", "random:3", "--checkpoint-every", "1"]
     env = dict(os.environ, PYTHONPATH=ROOT)
     cmd = [sys.executable, "-c", "import cli; cli.main()"]
