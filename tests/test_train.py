@@ -67,10 +67,12 @@ def test_run_folder(narrow_store, tmp_path):
 
 
 def test_same_seed_same_result(narrow_store, tmp_path):
+    # 3 epochs of 20 batches (not the automatic 100): each run still draws its own views and
+    # batches every epoch and starts from its own weights, which is what a seed decides
     def run(name, seed, **kw):
         out = str(tmp_path / name)
         train(TrainConfig(head="single3fc", store=narrow_store, out=out, seed=seed, epochs=3, lr=1e-3,
-                          head_options={"width": 32}, **kw))
+                          steps_per_epoch=20, head_options={"width": 32}, **kw))
         return read_csv(os.path.join(out, "history.csv")), read_csv(os.path.join(out, "predictions.csv"))
 
     a, b = run("a", 7), run("b", 7)
