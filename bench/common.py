@@ -109,12 +109,12 @@ def versions() -> dict:
     try:
         out["git_commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True, timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "mlsp", "cli.py"],
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "mlsp", "heads", "cli.py"],
                                capture_output=True, text=True, timeout=10).stdout.rstrip("\n")
         out["mlsp_code_modified"] = bool(dirty)
         if dirty:  # identify the uncommitted state: a hash of the diff and of untracked files
-            diff = subprocess.run(["git", "-C", ROOT, "diff", "HEAD", "--", "mlsp", "cli.py"], capture_output=True,
-                                  timeout=10).stdout
+            diff = subprocess.run(["git", "-C", ROOT, "diff", "HEAD", "--", "mlsp", "heads", "cli.py"],
+                                  capture_output=True, timeout=10).stdout
             digest = hashlib.sha256(diff)
             for line in dirty.splitlines():
                 if line.startswith("??"):

@@ -50,7 +50,8 @@ def main(argv=None) -> None:
     with h5py.File(args.out, "w") as f:
         for i, path in enumerate(paths):
             views = images.make_views(images.decode_image(path, 1024), True)
-            feats = [model.predict(np.asarray(spec.preprocess(v[None].astype(np.float32))), verbose=0)[0] for v in views]
+            batches = [np.asarray(spec.preprocess(v[None].astype(np.float32))) for v in views]
+            feats = [model.predict(x, verbose=0)[0] for x in batches]
             f.create_dataset(f"{i:06d}", data=np.stack(feats).astype(np.float16))
     t_end = time.perf_counter()
     print(f"naive: build {t_built - t0:.2f} s, images {t_end - t_built:.2f} s", file=sys.stderr)

@@ -66,7 +66,7 @@ def machine_line(record: dict) -> str:
     return (f"{m['cpu_model']}, {m['usable_cpus']} usable CPUs ({flags}), {m['memory_gib']} GiB{dev}; "
             f"Python {v['python']}, TensorFlow {v['tensorflow']}, Keras {v['keras']}, NumPy {v['numpy']}, "
             f"h5py {v['h5py']}, OpenCV {v['opencv']}; mlsp at {v.get('git_commit')}"
-            + (" (mlsp/ or cli.py modified)" if v.get("mlsp_code_modified") else ""))
+            + (" (mlsp/, heads/ or cli.py modified)" if v.get("mlsp_code_modified") else ""))
 
 
 def new_size_cost(cost):
@@ -290,16 +290,27 @@ def render_whole(record: dict, source: str = "") -> str:
                       f"weights; TensorFlow's oneDNN default on this CPU: {fig['tf_onednn_default']}. Each process "
                       "timed from start to exit, repetitions interleaved.", "",
                       table(["process", "wall s min", "median", "max", "CPU s (median)", "other load (cores, max)",
-                             "naive / this (median of pairs)"], rows), "", render_targets(record), ""])
+                             "naive / this (median of pairs)"], rows), "",
+                      *([f"mlsp against the naive way with oneDNN forced on: "
+                         f"{fmt(fig['ratios']['mlsp_vs_naive_onednn'])}x.", ""]
+                        if "mlsp_vs_naive_onednn" in fig["ratios"] else []),
+                      render_targets(record), ""])
 
 
 RENDERERS = {"extract": render_extract, "whole": render_whole, "profile": render_profile, "fixes": render_fixes}
 
 
-def newest(kind: str, folder: str = common.RESULTS_DIR, quick: bool = False) -> str | None:
+def newest(kind: str, folder: str = common.RESULTS_DIR, quick: bool = False) -> list:
+    """The newest run of ``kind`` on each instruction set (AVX-512 BF16, AVX-512, AVX2, ...), widest
+    first: a CPU's efficiency depends on it, so each keeps its own tables."""
     files = sorted(glob.glob(os.path.join(folder, f"{kind}-*.json")))
-    files = [p for p in files if p.endswith("-quick.json") == quick]
-    return files[-1] if files else None
+    by_isa: dict = {}
+    for path in files:
+        if path.endswith("-quick.json") == quick:
+            with open(path) as handle:
+                by_isa[isa_of(json.load(handle))] = path  # sorted by time: the newest wins
+    order = [label for _, label in common.ISA_LEVELS]
+    return [by_isa[k] for k in sorted(by_isa, key=lambda k: order.index(k) if k in order else len(order))]
 
 
 FINDINGS = os.path.join(HERE, "FINDINGS.md")
@@ -327,11 +338,12 @@ def render(paths: list) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Render bench/results/*.json as markdown.")
-    p.add_argument("files", nargs="*", help="result files (default: the newest full run of each kind)")
+    p.add_argument("files", nargs="*",
+                   help="result files (default: the newest full run of each kind on each instruction set)")
     p.add_argument("-o", "--output", default=os.path.join(HERE, "RESULTS.md"), help="'-' for stdout")
     p.add_argument("--quick", action="store_true", help="take the newest quick runs instead")
     args = p.parse_args(argv)
-    paths = args.files or [p for p in (newest(k, quick=args.quick) for k in RENDERERS) if p]
+    paths = args.files or [p for k in RENDERERS for p in newest(k, quick=args.quick)]
     if not paths:
         sys.exit("no results found in bench/results/; run python bench/bench_extract.py first")
     text = render(paths)

@@ -15,9 +15,10 @@ other, in fresh processes, on a machine first waited quiet:
   the first on a machine);
 * ``mlsp-first``: the same with the cache off (``MLSP_FORWARD_CACHE=0``): a first run.
 
-Each process is timed by the wall clock around it, and the ratio is the median over the
-repetitions of naive / mlsp within a repetition (the machine's speed drifts over minutes); its CPU seconds come from ``RUSAGE_CHILDREN``
-and the other processes' load from ``/proc/stat``. Writes ``<out>/whole-<time>-cpu.json``.
+Each process is timed by the wall clock around it, its CPU seconds come from ``RUSAGE_CHILDREN``
+and the other processes' load from ``/proc/stat``. The ratio is the median over the repetitions of
+naive / mlsp within one repetition (the machine's speed drifts over minutes).
+Writes ``<out>/whole-<time>-cpu.json``; ``report.py`` renders it.
 """
 
 from __future__ import annotations
