@@ -76,14 +76,14 @@ def measure(net: str, precision: str, height: int, width: int, reps: int, max_wa
     return row
 
 
-def markdown(rows: list, matmul: dict) -> str:
+def markdown(rows: list, matmul: dict, isa: str) -> str:
     lines = ["| backbone | precision | blocks | channels | GFLOP/image | images/s | GFLOP/s | "
-             "of matmul | other cores busy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "of matmul | ISA | other cores busy |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         ref = matmul[r["precision"]]["reference_gflops"]
         lines.append(f"| {r['net']} | {r['precision']} | {r['blocks']} | {r['channels']:,} | "
                      f"{r['gflop_per_image']:.1f} | {r['images_per_s']:.2f} | {r['gflops']:.0f} | "
-                     f"{r['gflops'] / ref:.0%} | {r['other_cores']} |")
+                     f"{r['gflops'] / ref:.0%} | {isa} | {r['other_cores']} |")
     return "\n".join(lines)
 
 
@@ -122,7 +122,7 @@ def main(argv=None):
             row["of_matmul"] = round(row["gflops"] / matmul[precision]["gflops_median"], 3)  # until the end's
             rows.append(row)
             log(f"{net} {precision}: {row['images_per_s']} images/s, {row['gflops']} GFLOP/s "
-                f"({row['of_matmul']:.0%} of matmul), other cores {row['other_cores']}")
+                f"({row['of_matmul']:.0%} of matmul, {record['machine']['isa']}), other cores {row['other_cores']}")
     # on a shared machine the start's matmul may be the more disturbed measurement: measure again
     # at the end and compare every row with the fastest matmul repetition seen
     for precision in args.precisions:
@@ -138,7 +138,7 @@ def main(argv=None):
                            "disturbed of --reps repetitions")
     record["seconds"] = round(time.perf_counter() - started, 1)
     path = common.write_record(record, args.out_dir)
-    print(markdown(rows, matmul))
+    print(markdown(rows, matmul, record["machine"]["isa"]))
     log(f"written {path}")
 
 

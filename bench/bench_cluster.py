@@ -117,7 +117,7 @@ def main():
         common.log(f"one process: {config.net} {config.pooling}, {args.images} images")
         extractor = FeatureExtractor(config)
         extractor(np.zeros((8, 299, 299, 3), np.uint8))  # traced before the clock
-        before = common._proc_stat()
+        before = common.proc_stat()
         result, wall, _ = timed(lambda: extract(folder, config, os.path.join(work, "one.h5"), extractor=extractor))
         figures["one_process"] = {"images_per_s": result.new / wall, "seconds": wall,
                                   "machine_busy_cores": _others(before, wall)}
@@ -127,7 +127,7 @@ def main():
             with Cluster(f"local:{n}") as cluster:
                 runner = cluster.runner(config)
                 _, build, _ = timed(runner.info)
-                before = common._proc_stat()
+                before = common.proc_stat()
                 out = os.path.join(work, f"ray{n}.h5")
                 result, wall, cpu = timed(lambda: extract(folder, config, out, runner=runner))
                 figures[f"local_{n}"] = {"workers": n, "cpus_per_worker": cluster.cpus, "build_s": build,
@@ -158,7 +158,7 @@ def main():
 
 
 def _others(before, wall):
-    after = common._proc_stat()
+    after = common.proc_stat()
     return None if before is None or after is None else round((after[0] - before[0]) / wall, 2)
 
 

@@ -281,7 +281,7 @@ def measure_mixed(run: Run, label: str, fx, store: str, flops_of, precision: str
     share = fig["time_share"]
     log(f"{label} mixed: {fig['images_per_s_corrected']:.3f} img/s ({fig['images_per_s']:.3f} as measured), forward "
         f"{fig['forward_gflops_corrected']:.0f} GFLOP/s = {100 * fig['forward_gflops_corrected'] / mm:.0f}% of matmul "
-        f"so far; wait {share['wait_decode']:.1%}, write {share['write']:.1%}, merge {share['merge']:.1%}; other "
+        f"({run.record['machine']['isa']}) so far; wait {share['wait_decode']:.1%}, write {share['write']:.1%}, merge {share['merge']:.1%}; other "
         f"processes {fig['phase']['other_cores']} cores, {fig['correction']['clean_steps']}/{fig['images']} images "
         "undisturbed")
     return fig, rows
@@ -484,7 +484,7 @@ def evaluate_targets(record: dict) -> list:
             out.append(common.target(f"{key}: backbone GFLOP/s / matmul {precision}", round(e, 3),
                                      f">= {TARGETS['efficiency']}", e >= TARGETS["efficiency"], "",
                                      f"{p['mixed']['forward_gflops_corrected']:.0f} of {matmul[precision]['gflops_median']:.0f} "
-                                     "GFLOP/s (forward passes only)"))
+                                     f"GFLOP/s (forward passes only; {record['machine']['isa']})"))
         if "mixed_cost" in pr:
             c = pr["mixed_cost"]["per_image"]
             out.append(common.target(f"{key}: mixed / one resolution, s per image, {base}", round(c, 3),

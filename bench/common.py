@@ -109,12 +109,12 @@ def versions() -> dict:
     try:
         out["git_commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True, timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "mlsp", "cli.py"],
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "mlsp", "heads", "cli.py"],
                                capture_output=True, text=True, timeout=10).stdout.rstrip("\n")
         out["mlsp_code_modified"] = bool(dirty)
         if dirty:  # identify the uncommitted state: a hash of the diff and of untracked files
-            diff = subprocess.run(["git", "-C", ROOT, "diff", "HEAD", "--", "mlsp", "cli.py"], capture_output=True,
-                                  timeout=10).stdout
+            diff = subprocess.run(["git", "-C", ROOT, "diff", "HEAD", "--", "mlsp", "heads", "cli.py"],
+                                  capture_output=True, timeout=10).stdout
             digest = hashlib.sha256(diff)
             for line in dirty.splitlines():
                 if line.startswith("??"):
@@ -164,7 +164,7 @@ def device_info() -> dict:
 # ------------------------------------------------------------------------------------------
 
 
-def _proc_stat():
+def proc_stat():
     """(busy seconds, steal seconds) of the whole machine since boot, from /proc/stat."""
     try:
         with open("/proc/stat") as handle:
@@ -185,11 +185,11 @@ def wait_quiet(max_wait: float = 90.0, threshold: float = 0.15, window: float = 
     start = time.perf_counter()
     quiet = 0
     while time.perf_counter() - start < max_wait:
-        a, cpu0, t0 = _proc_stat(), own_cpu_seconds(), time.perf_counter()
+        a, cpu0, t0 = proc_stat(), own_cpu_seconds(), time.perf_counter()
         if a is None:
             return 0.0
         time.sleep(window)
-        b, cpu1, t1 = _proc_stat(), own_cpu_seconds(), time.perf_counter()
+        b, cpu1, t1 = proc_stat(), own_cpu_seconds(), time.perf_counter()
         others = (b[0] - a[0] - (cpu1 - cpu0)) / (t1 - t0)
         quiet = quiet + 1 if others < threshold else 0
         if quiet >= needed:
@@ -213,7 +213,7 @@ class Phase:
     """
 
     def __enter__(self):
-        self._stat0 = _proc_stat()
+        self._stat0 = proc_stat()
         self._cpu0 = own_cpu_seconds()
         self._t0 = time.perf_counter()
         return self
@@ -221,7 +221,7 @@ class Phase:
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self._t0
         self.cpu = own_cpu_seconds() - self._cpu0
-        stat1 = _proc_stat()
+        stat1 = proc_stat()
         self.other_cores = self.steal_cores = None
         if self._stat0 and stat1 and self.wall > 0:
             busy = stat1[0] - self._stat0[0]
@@ -249,12 +249,12 @@ class Probe:
     ``(wall seconds, CPU cores other processes used meanwhile)``."""
 
     def start(self):
-        self._s, self._c, self._t = _proc_stat(), own_cpu_seconds(), time.perf_counter()
+        self._s, self._c, self._t = proc_stat(), own_cpu_seconds(), time.perf_counter()
         return self
 
     def stop(self) -> tuple:
         wall = time.perf_counter() - self._t
-        s = _proc_stat()
+        s = proc_stat()
         if self._s is None or s is None or wall <= 0:
             return wall, None
         return wall, max(0.0, (s[0] - self._s[0] - (own_cpu_seconds() - self._c)) / wall)

@@ -51,14 +51,22 @@ def render_targets(record: dict) -> str:
     return table(["figure", "value", "target", "", "detail"], rows)
 
 
+def isa_of(record: dict) -> str:
+    """The widest instruction set of the run's CPU (AVX-512 BF16, AVX-512, AVX2): recorded since
+    issue 23; derived from the recorded flags for older runs."""
+    m = record["machine"]
+    return m.get("isa") or common.isa_of({k for k, on in m["flags"].items() if on})
+
+
 def machine_line(record: dict) -> str:
     m, v, d = record["machine"], record["versions"], record.get("device", {})
     flags = ", ".join(k for k, on in m["flags"].items() if on and k.startswith(("avx512", "amx")))
+    flags = f"instruction set {isa_of(record)}" + (f": {flags}" if flags else "")
     dev = f"; device: {d.get('kind')} {d.get('name')}" if d.get("kind") == "gpu" else ""
-    return (f"{m['cpu_model']}, {m['usable_cpus']} usable CPUs ({flags or 'no AVX-512'}), {m['memory_gib']} GiB{dev}; "
+    return (f"{m['cpu_model']}, {m['usable_cpus']} usable CPUs ({flags}), {m['memory_gib']} GiB{dev}; "
             f"Python {v['python']}, TensorFlow {v['tensorflow']}, Keras {v['keras']}, NumPy {v['numpy']}, "
             f"h5py {v['h5py']}, OpenCV {v['opencv']}; mlsp at {v.get('git_commit')}"
-            + (" (mlsp/ or cli.py modified)" if v.get("mlsp_code_modified") else ""))
+            + (" (mlsp/, heads/ or cli.py modified)" if v.get("mlsp_code_modified") else ""))
 
 
 def new_size_cost(cost):
@@ -96,7 +104,7 @@ def extract_overview(record: dict) -> list:
             nv = pr.get("vs_naive")
             rows.append([key, precision, f"{fmt(m['images_per_s_corrected'])} ({fmt(m['images_per_s'])})",
                          m["s_per_image_corrected"], m["gflop_per_image"],
-                         m["forward_gflops_corrected"], f"{100 * m['efficiency']:.0f}%",
+                         m["forward_gflops_corrected"], f"{100 * m['efficiency']:.0f}%", isa_of(record),
                          f"{100 * m['time_share']['forward']:.0f}% / {100 * m['time_share']['wait_decode']:.1f}% / "
                          f"{100 * (m['time_share']['write'] + m['time_share']['merge']):.1f}%",
                          pr["mixed_cost"]["per_image"] if "mixed_cost" in pr else None,
@@ -104,7 +112,7 @@ def extract_overview(record: dict) -> list:
                          nv["speedup"] if nv else None,
                          f"{m['correction']['clean_steps']}/{m['images']}, {fmt(m['phase']['other_cores'])}"])
     return [table(["backbone", "precision", "images/s (as measured)", "s/image", "GFLOP/image", "forward GFLOP/s",
-                   "of matmul", "forward / decode wait / write+merge", "mixed cost", "new size cost", "x naive",
+                   "of matmul", "ISA", "forward / decode wait / write+merge", "mixed cost", "new size cost", "x naive",
                    "undisturbed images, other load (cores)"], rows), "",
             "*images/s*: the whole `extract()` call (find inputs, decode ahead, forward, shards, final merge into "
             "one store), model built and traced once beforehand. *forward GFLOP/s*: FLOPs counted from the model "
@@ -269,13 +277,40 @@ def render_fixes(record: dict, source: str = "") -> str:
     return "\n".join(out)
 
 
-RENDERERS = {"extract": render_extract, "profile": render_profile, "fixes": render_fixes}
+def render_whole(record: dict, source: str = "") -> str:
+    """mlsp extract against the naive way as whole processes (bench/whole_process.py)."""
+    fig = record["figures"]["whole_process"]
+    names = {"naive": "naive, TensorFlow's default", "naive-onednn": "naive, oneDNN forced on",
+             "mlsp": "mlsp extract (forward cache warm)", "mlsp-first": "mlsp extract, first run (no cache)"}
+    rows = [[names.get(k, k), v["wall_s_min"], v["wall_s_median"], v["wall_s_max"], v["cpu_s_median"],
+             v["max_other_cores"], fig["ratios"].get(k, "")] for k, v in fig["summary"].items()]
+    return "\n".join([f"## Whole processes against the naive way ({record['started']})", "",
+                      f"Machine: {machine_line(record)}" + (f"; file `{source}`." if source else "."), "",
+                      f"{fig['images']} JPEGs of {len(fig['sizes'])} AVA-like sizes, {fig['config']}, 8 views, random "
+                      f"weights; TensorFlow's oneDNN default on this CPU: {fig['tf_onednn_default']}. Each process "
+                      "timed from start to exit, repetitions interleaved.", "",
+                      table(["process", "wall s min", "median", "max", "CPU s (median)", "other load (cores, max)",
+                             "naive / this (median of pairs)"], rows), "",
+                      *([f"mlsp against the naive way with oneDNN forced on: "
+                         f"{fmt(fig['ratios']['mlsp_vs_naive_onednn'])}x.", ""]
+                        if "mlsp_vs_naive_onednn" in fig["ratios"] else []),
+                      render_targets(record), ""])
 
 
-def newest(kind: str, folder: str = common.RESULTS_DIR, quick: bool = False) -> str | None:
+RENDERERS = {"extract": render_extract, "whole": render_whole, "profile": render_profile, "fixes": render_fixes}
+
+
+def newest(kind: str, folder: str = common.RESULTS_DIR, quick: bool = False) -> list:
+    """The newest run of ``kind`` on each instruction set (AVX-512 BF16, AVX-512, AVX2, ...), widest
+    first: a CPU's efficiency depends on it, so each keeps its own tables."""
     files = sorted(glob.glob(os.path.join(folder, f"{kind}-*.json")))
-    files = [p for p in files if p.endswith("-quick.json") == quick]
-    return files[-1] if files else None
+    by_isa: dict = {}
+    for path in files:
+        if path.endswith("-quick.json") == quick:
+            with open(path) as handle:
+                by_isa[isa_of(json.load(handle))] = path  # sorted by time: the newest wins
+    order = [label for _, label in common.ISA_LEVELS]
+    return [by_isa[k] for k in sorted(by_isa, key=lambda k: order.index(k) if k in order else len(order))]
 
 
 FINDINGS = os.path.join(HERE, "FINDINGS.md")
@@ -303,11 +338,12 @@ def render(paths: list) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Render bench/results/*.json as markdown.")
-    p.add_argument("files", nargs="*", help="result files (default: the newest full run of each kind)")
+    p.add_argument("files", nargs="*",
+                   help="result files (default: the newest full run of each kind on each instruction set)")
     p.add_argument("-o", "--output", default=os.path.join(HERE, "RESULTS.md"), help="'-' for stdout")
     p.add_argument("--quick", action="store_true", help="take the newest quick runs instead")
     args = p.parse_args(argv)
-    paths = args.files or [p for p in (newest(k, quick=args.quick) for k in RENDERERS) if p]
+    paths = args.files or [p for k in RENDERERS for p in newest(k, quick=args.quick)]
     if not paths:
         sys.exit("no results found in bench/results/; run python bench/bench_extract.py first")
     text = render(paths)

@@ -23,7 +23,6 @@ import warnings
 from typing import Mapping
 
 import numpy as np
-from scipy import stats
 
 from mlsp.atomic import atomic_path, describe_os_error, write_json
 from mlsp.errors import ConfigError, StoreError, WriteError
@@ -39,12 +38,15 @@ THRESHOLD = 5.0
 EVAL_SPLITS = ("val", "test")
 
 
-def _correlation(fn, a, b):
+def _correlation(name: str, a, b):
+    """scipy.stats' ``name`` ("spearmanr", "pearsonr") of a and b; None where undefined."""
     if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
+    from scipy import stats  # here: scipy.stats takes a second to import, every command would pay it
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        value = float(fn(a, b)[0])
+        value = float(getattr(stats, name)(a, b)[0])
     return value if np.isfinite(value) else None
 
 
@@ -60,8 +62,8 @@ def compute_metrics(mos, pred, threshold: float = THRESHOLD) -> dict:
     high, high_pred = mos > threshold, pred > threshold
     recalls = [float(np.mean(high_pred[cls] == high[cls])) for cls in (high, ~high) if cls.any()]
     return {
-        "srcc": _correlation(stats.spearmanr, mos, pred),
-        "plcc": _correlation(stats.pearsonr, mos, pred),
+        "srcc": _correlation("spearmanr", mos, pred),
+        "plcc": _correlation("pearsonr", mos, pred),
         "accuracy": float(np.mean(high == high_pred)),
         "balanced_accuracy": float(np.mean(recalls)),
         "n": n,
@@ -80,8 +82,8 @@ def distribution_metrics(votes, pred) -> dict:
     return {
         "emd1": float(np.mean(emd(truth, pred, 1))),
         "emd2": float(np.mean(emd(truth, pred, 2))),
-        "std_srcc": _correlation(stats.spearmanr, std_true, std_pred),
-        "std_plcc": _correlation(stats.pearsonr, std_true, std_pred),
+        "std_srcc": _correlation("spearmanr", std_true, std_pred),
+        "std_plcc": _correlation("pearsonr", std_true, std_pred),
         "n_votes": int(len(truth)),
     }
 

@@ -30,7 +30,6 @@ import zlib
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from mlsp.atomic import atomic_path, write_json
 from mlsp.errors import ConfigError
@@ -63,6 +62,8 @@ FLICKR_SPLIT_MISSING = ("FLICKR-AES's split of 173 training and 37 test workers 
 def srcc(a, b) -> float:
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
+    from scipy.stats import spearmanr  # here: scipy.stats takes a second to import, every command would pay it
+
     return float(spearmanr(a, b)[0])
 
 
