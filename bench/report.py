@@ -241,7 +241,9 @@ def render_profile(record: dict, source: str = "") -> str:
            f"(`bench/profile_forward.py`{', file `' + source + '`' if source else ''}). Op time summed per family; "
            "independent ops run in parallel on the 2 inter-op threads, so op time exceeds wall time. "
            "*fixed* (older runs, before mlsp folded its batch norms): batch norm folded into the convolutions and "
-           "wide pooling as two matmuls; *unfolded* (`--unfolded`): mlsp's graph without the folding.", ""]
+           "wide pooling as two matmuls; *unfolded* (`--unfolded`): mlsp's graph without the folding. "
+           "*other load*: CPU cores other processes used meanwhile (a loaded run's shares still hold, its speed "
+           "does not).", "", f"Machine: {machine_line(record)}.", ""]
     families = []
     for fig in record["figures"].values():
         fig["by_family"] = {("wide pooling (einsum or matmuls)" if k.startswith("pooling matmuls") else k): v
@@ -249,10 +251,10 @@ def render_profile(record: dict, source: str = "") -> str:
         for fam in fig["by_family"]:
             if fam not in families:
                 families.append(fam)
-    header = ["graph", "wall s", "GFLOP/s"] + families
+    header = ["graph", "wall s", "GFLOP/s", "other load (cores)"] + families
     rows = []
     for name, fig in record["figures"].items():
-        rows.append([name, fig["wall_s"], fig["gflops"]]
+        rows.append([name, fig["wall_s"], fig["gflops"], fig.get("phase", {}).get("other_cores")]
                     + [f"{100 * fig['by_family'][f]['share']:.1f}%" if f in fig["by_family"] else "-" for f in families])
     out.append(table(header, rows))
     return "\n".join(out)

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -159,15 +159,25 @@ class FeatureExtractor:
         """One image's features as stored (float16)."""
         return self(views).astype(np.float16)
 
-    def load_views(self, path: str) -> tuple[np.ndarray, tuple]:
-        """Decode one file into its views (runs in a worker thread)."""
-        img = images.decode_image(path, self.config.max_side)
+    def load_views(self, path: str) -> tuple[np.ndarray, "ImageFacts"]:
+        """Decode one file into its views, and what the store records of it (runs in a worker
+        thread, or on a Ray worker: the file is read once, for its pixels and its hash)."""
+        raw, status = images.read_file(path)
+        img = images.decode_bytes(path, raw, self.config.max_side)
         images.check_size(path, img, self.config.augment, self.config.spec.min_side, self.config.net)
-        return images.make_views(img, self.config.augment), img.shape[:2]
+        return images.make_views(img, self.config.augment), ImageFacts(img.shape[:2], identity.of_bytes(raw, status))
 
     def extract_file(self, path: str) -> np.ndarray:
         views, _ = self.load_views(path)
         return self(views)
+
+
+class ImageFacts(NamedTuple):
+    """What the store records of an image besides its features: its decoded size (height, width)
+    and its file's :class:`mlsp.identity.FileIdentity`."""
+
+    size: tuple
+    identity: identity.FileIdentity
 
 
 @dataclasses.dataclass
@@ -428,15 +438,6 @@ OVERFLOW_REASON = ("its features exceed float16's range (65504), the store's typ
                    "weights an ImageNet network's?")
 
 
-def _identity_of(path: str):
-    """The file's :class:`mlsp.identity.FileIdentity`, None if it cannot be read again."""
-    try:
-        return identity.of_file(path)
-    except OSError as exc:
-        log.warning("%s: its identity cannot be recorded (%s)", path, describe_os_error(exc))
-        return None
-
-
 def _write_shards(job: _Extraction, writer: store.ShardWriter, todo: list, *, done_paths: set, bar) -> int:
     """Record the unusable inputs not yet recorded, then extract ``todo`` through the runner into
     ``writer``'s shards; the number of images extracted."""
@@ -455,8 +456,8 @@ def _write_shards(job: _Extraction, writer: store.ShardWriter, todo: list, *, do
             n_errors += 1
             log.warning("skipped %s: %s", path, OVERFLOW_REASON)
         else:
-            size, features = result
-            writer.add(image_id, job.key(path), size, features, _identity_of(path))
+            facts, features = result
+            writer.add(image_id, job.key(path), facts.size, features, facts.identity)
             new += 1
         bar.update(1)
         postfix = {**job.runner.postfix(), **({"errors": n_errors} if n_errors else {})}

@@ -13,6 +13,7 @@ written before this was recorded (format version 2 and older) are taken on their
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 
@@ -41,6 +42,12 @@ def of_file(path: str) -> FileIdentity:
     """Size, modification time and SHA-256 of a file (read once, in 1 MiB blocks)."""
     st = os.stat(path)
     return FileIdentity(int(st.st_size), int(st.st_mtime_ns), file_sha256(path))
+
+
+def of_bytes(raw: bytes, status: os.stat_result) -> FileIdentity:
+    """:func:`of_file` of a file's bytes already read, with its status taken before the read
+    (:func:`mlsp.images.read_file`): the file is read once for its pixels and its identity."""
+    return FileIdentity(int(status.st_size), int(status.st_mtime_ns), hashlib.sha256(raw).hexdigest())
 
 
 def same_file(path: str, stored: FileIdentity) -> tuple[bool, FileIdentity | None]:

@@ -357,20 +357,22 @@ def _jpeg_is_complete(raw: bytes) -> bool:
     return last_scan >= 0 and raw.rfind(b"\xff\xd9") > last_scan
 
 
-def _read_file(path: str) -> bytes:
-    """The bytes of a regular file. Opened without blocking and checked before reading, so a
-    named pipe (or a device) under an image's name is reported instead of waited on forever."""
+def read_file(path: str) -> tuple[bytes, os.stat_result]:
+    """The bytes of a regular file, and its status taken before they were read (the file's size
+    and modification time, as :func:`mlsp.identity.of_file` takes them). Opened without blocking
+    and checked before reading, so a named pipe (or a device) under an image's name is reported
+    instead of waited on forever."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
     except OSError as exc:
         raise ImageDecodeError(path, f"unreadable: {exc.strerror or exc}") from exc
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ImageDecodeError(path, f"not a regular file ({_file_kind(mode)})")
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise ImageDecodeError(path, f"not a regular file ({_file_kind(status.st_mode)})")
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read()
+            return handle.read(), status
     except OSError as exc:
         raise ImageDecodeError(path, f"unreadable: {exc.strerror or exc}") from exc
     finally:
@@ -511,7 +513,12 @@ def _fit(img: np.ndarray, max_side: int, full_size: tuple[int, int] | None = Non
 
 def decode_image(path: str, max_side: int = 0) -> np.ndarray:
     """Read one image file as (H, W, 3) uint8 RGB; raise ImageDecodeError with the reason."""
-    raw = _read_file(path)
+    return decode_bytes(path, read_file(path)[0], max_side)
+
+
+def decode_bytes(path: str, raw: bytes, max_side: int = 0) -> np.ndarray:
+    """:func:`decode_image` of bytes already read from ``path`` (named in errors), so that a
+    caller that also hashes the file reads it once."""
     if not raw:
         raise ImageDecodeError(path, "empty file (0 bytes)")
     fmt = _container_format(raw)

@@ -81,22 +81,25 @@ class LocalRunner:
         return {}
 
     def map(self, items: Sequence[tuple[str, str]]) -> Iterable:
-        """Yield ``((path, id), ((height, width), result) or ImageDecodeError)`` in input order."""
+        """Yield ``((path, id), (facts, result) or ImageDecodeError)`` in input order: ``facts`` is
+        what the processor's ``load_views`` returned beside the views (extraction: the image's
+        size and file identity, :class:`mlsp.extract.ImageFacts`)."""
         ahead = max(self.prefetch, self.batch_window) if self.batch_views > 0 else self.prefetch
         decoded = decode_ahead(self.processor.load_views, items, self.workers, ahead)
         for item, result in run_batched(self.processor.process, decoded, self.batch_views, self.batch_window):
             if isinstance(result, ImageDecodeError):
                 yield item, result
             else:
-                features, size = result
-                yield item, (size, features)
+                features, facts = result
+                yield item, (facts, features)
 
 
 def run_batched(extractor: Callable, decoded: Iterable, batch_views: int, window: int) -> Iterable:
     """Features for a stream of decoded images, grouping the views of images of the same size.
 
-    ``decoded`` yields ``(item, (views, size))`` or ``(item, ImageDecodeError)`` in input order;
-    this yields ``(item, (features, size))`` or ``(item, ImageDecodeError)`` in the same order.
+    ``decoded`` yields ``(item, (views, facts))`` or ``(item, ImageDecodeError)`` in input order
+    (``facts``: whatever ``load_views`` returned beside the views, passed through); this yields
+    ``(item, (features, facts))`` or ``(item, ImageDecodeError)`` in the same order.
     Images of one view shape wait (at most ``window`` images held) until their group has
     ``batch_views`` views, then run as one ``extractor(views)`` call; when the window is full,
     the oldest image's group runs as it is. ``batch_views`` at or below one image's views runs

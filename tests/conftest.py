@@ -12,6 +12,10 @@ os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="mlsp-keras-home-"))
 # use: tests/test_startup.py turns it on where it is tested.
 os.environ.setdefault("MLSP_FORWARD_CACHE", "0")
 
+# mlsp before any test module imports keras: TensorFlow reads its oneDNN switch once, when it
+# starts, and `import mlsp` sets it (on CPUs without AVX-512, mlsp.backend.prefer_onednn), so the
+# tests' processes compute as the CLI's subprocesses do, whichever test file runs first
+import mlsp  # noqa: E402,F401
 import pytest  # noqa: E402
 
 from helpers import write_image  # noqa: E402  (tests/ is on the path: pyproject's pythonpath)

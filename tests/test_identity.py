@@ -180,3 +180,37 @@ def test_a_store_extended_from_another_folder_keeps_its_dataset_name(tmp_path, e
     run(tmp_path / "batch2", out, extractors, dataset="trip")
     with FeatureStore(str(out)) as s:
         assert s.attrs["dataset"] == "trip"
+
+
+def test_each_photo_is_read_once_for_its_pixels_and_its_identity(tmp_path, extractors, monkeypatch):
+    """A folder on a network share costs its bytes once: extraction hashes the bytes it decodes
+    (in the decode threads), and the identity stored is the file's own (size, time, SHA-256)."""
+    import builtins
+
+    from mlsp import identity
+
+    src = tmp_path / "imgs"
+    for k in range(3):
+        write_image(src / f"p{k}.jpg", 96, 100 + 8 * k, seed=k)
+    opened: list = []
+    real_os_open, real_open = os.open, builtins.open
+
+    def os_open(path, *args, **kwargs):
+        opened.append(os.fspath(path))
+        return real_os_open(path, *args, **kwargs)
+
+    def py_open(file, *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", py_open)
+    out = tmp_path / "s.h5"
+    assert run(src, out, extractors, workers=2).new == 3
+    monkeypatch.undo()
+    reads = {name: sum(os.path.basename(p) == name for p in opened) for name in ("p0.jpg", "p1.jpg", "p2.jpg")}
+    assert reads == {"p0.jpg": 1, "p1.jpg": 1, "p2.jpg": 1}
+    with FeatureStore(str(out)) as s:
+        stored = s.identities()
+    assert stored == {f"p{k}.jpg": identity.of_file(str(src / f"p{k}.jpg")) for k in range(3)}
