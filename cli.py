@@ -653,8 +653,9 @@ def heads_command(nets, as_json):
 def models_command(names, catalogues, fetch, as_json):
     """List the pretrained predictors (all, or NAMES): a backbone, its pooling and a head the
     MLSP authors trained on AVA, ready to score photos. One line each: backbone, pooling, head,
-    views at test time, file size, whether the file is on this machine, the paper's AVA test
-    figures for its configuration, sha256 and where it comes from.
+    views at test time, file size, whether the file is on this machine (yes: its sha256 checked,
+    bad: another file is there), the paper's AVA test figures for its configuration, sha256 and
+    where it comes from.
 
     Files are fetched once into $KERAS_HOME/mlsp/models (default ~/.keras/mlsp/models) and used
     only while their sha256 is the catalogue's."""
@@ -665,14 +666,19 @@ def models_command(names, catalogues, fetch, as_json):
         try:
             for name in names:
                 click.echo(f"{name}: {api.fetch_model(name, catalogues=catalogues, progress=console_progress)}")
-        except KeyboardInterrupt:
-            _interrupted("the bytes downloaded so far are kept; run the same command again to resume.")
+        except KeyboardInterrupt as exc:
+            _interrupted(f"{getattr(exc, 'kept', 'nothing was downloaded yet')}.")
         return
     rows = api.models(list(names) or None, catalogues=catalogues)
     if as_json:
         echo_json(rows)
         return
     _echo_models(rows)
+
+
+def _here(row) -> str:
+    """The 'here' column: the pinned file is in the cache (yes), is not (no), or another is (bad)."""
+    return "yes" if row["cached"] else "bad" if row["cache_problem"] else "no"
 
 
 def _echo_models(rows):
@@ -688,7 +694,11 @@ def _echo_models(rows):
     for r in rows:
         views = f"{r['views_count']} {r['views']}"
         click.echo(f"{r['name']:<{width}}{r['net']:<7}{r['pooling']:<8}{r['head']:<11}{views:<12}{r['size']:>12,}  "
-                   f"{'yes' if r['cached'] else 'no':<5}{paper(r['paper']):<34}{r['sha256']:<66}{r['source']}")
+                   f"{_here(r):<5}{paper(r['paper']):<34}{r['sha256']:<66}{r['source']}")
+    for r in rows:
+        if r["cache_problem"]:
+            click.echo(f"{r['name']}: bad file in the cache: {r['cache_problem']} (`mlsp models --fetch "
+                       f"{r['name']}` moves it aside and downloads it again)")
     backbones = {(r["net"], r["backbone_weights_file"]): r["backbone_weights_cached"] for r in rows
                  if r["backbone_weights_cached"] is not None}
     for (net, file), here in backbones.items():

@@ -21,13 +21,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 
+from mlsp.atomic import describe_os_error, refuse_link
 from mlsp.backbone_weights import WeightsSource, file_sha256, keras_cache_dir
 from mlsp.backbones import BACKBONES
 from mlsp.download import download, verify
-from mlsp.errors import ConfigError, IntegrityError
+from mlsp.errors import ConfigError, IntegrityError, LinkRefused
 from mlsp.progress import resolve as resolve_progress
 from mlsp.registry import Registry
 from mlsp.store_format import POOLINGS
@@ -71,6 +73,12 @@ FIELDS = tuple(f.name for f in dataclasses.fields(PretrainedSpec))
 REQUIRED = tuple(f.name for f in dataclasses.fields(PretrainedSpec) if f.default is dataclasses.MISSING)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_URL = re.compile(r"https?://[^\s\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029/\\]")
+MAX_SIZE = 1 << 36  # bytes (64 GiB): far above any head; a larger size is a typing error
+#: Fields that hold text; each is checked to be a string before anything else looks at it.
+TEXT_FIELDS = ("name", "net", "pooling", "head", "views", "file_name", "sha256", "source", "weights_format",
+               "backbone_weights")
 
 PRETRAINED: Registry[PretrainedSpec] = Registry("pretrained model")
 
@@ -79,23 +87,26 @@ _OSF = "https://osf.io/ubps5/files/"
 
 
 def _released(name: str, folder: str, pooling: str, head: str, head_options: dict, views: str, size: int,
-              sha256: str, paper: dict, trained_on: str) -> PretrainedSpec:
-    """An entry for one of the heads the MLSP authors released in their repository (Git LFS)."""
+              sha256: str, paper: dict, trained_on: str, mirrors: tuple = (), mirrored: str = "") -> PretrainedSpec:
+    """An entry for one of the heads the MLSP authors released in their repository (Git LFS);
+    ``mirrors``: more URLs of the same file (its sha256 decides), ``mirrored``: who names them."""
     path = f"models/{folder}/model_best_weights.h5"
     return PretrainedSpec(
         name=name, net="irv2", pooling=pooling, head=head, head_options=head_options, views=views,
         file_name="model_best_weights.h5", size=size, sha256=sha256,
         urls=(f"https://github.com/{_AUTHORS}/raw/master/{path}",
-              f"https://media.githubusercontent.com/media/{_AUTHORS}/master/{path}"),
+              f"https://media.githubusercontent.com/media/{_AUTHORS}/master/{path}", *mirrors),
         source=f"the MLSP authors' {_AUTHORS}, {path} (Git LFS), trained on AVA {trained_on}; "
-               f"also on OSF, {_OSF} (by hand)",
+               f"also on OSF, {_OSF} (by hand){mirrored}",
         paper=paper)
 
 
 PRETRAINED.register(_released(
     "ava-mlsp-irv2-wide", "irnv2_mlsp_wide_orig", "wide", "pool3fc", {"width": 2048, "kernels": 1024}, "full",
     255_383_120, "47f9a29caed163d9dea2ed15b75aada4477cdb76bc2eac9c55f21dd3573a7a90",
-    {"srcc": 0.752, "plcc": 0.755, "accuracy": 0.8161}, "originals, one view each (no augmentation)"))
+    {"srcc": 0.752, "plcc": 0.755, "accuracy": 0.8161}, "originals, one view each (no augmentation)",
+    mirrors=("https://www.dropbox.com/s/16k0vh1dn7ls0cd/model_best_weights.h5?dl=1",),
+    mirrored=f", and on the Dropbox mirror their notebook predict_mlsp_wide.ipynb fetches"))
 PRETRAINED.register(_released(
     "ava-mlsp-irv2-narrow", "irnv2_mlsp_narrow_orig", "narrow", "single3fc", {"width": 2048}, "full",
     148_210_528, "0121f3235245df3db37e82fc3e5a84e22aaa731f24b3ffd3ea63d421c2b60102",
@@ -118,8 +129,36 @@ def check(spec: PretrainedSpec) -> None:
         raise ConfigError(f"pretrained model {spec.name!r}: {problem}")
 
 
+def _type_problem(spec: PretrainedSpec) -> str | None:
+    """The first field of a type nothing else may look at (a list where a name is, a size of 10^30)."""
+    for field in TEXT_FIELDS:
+        value = getattr(spec, field)
+        if not isinstance(value, str):
+            return f"{field} must be text, received {_shown(value)}"
+    if isinstance(spec.size, bool) or not isinstance(spec.size, int) or not 1 <= spec.size <= MAX_SIZE:
+        return f"size must be the file's size in bytes (1 to {MAX_SIZE:,}), received {_shown(spec.size)}"
+    if not isinstance(spec.urls, tuple):
+        return f"urls must be a list of http(s) URLs, received {_shown(spec.urls)}"
+    bad = [u for u in spec.urls if not isinstance(u, str) or not _URL.fullmatch(u)]
+    if bad:
+        return f"urls must be a list of http(s) URLs, received {_shown(bad)} (no spaces or control characters)"
+    for field in ("head_options", "paper"):
+        if not isinstance(getattr(spec, field), dict):
+            return f"{field} must be a table, received {_shown(getattr(spec, field))}"
+    return None
+
+
+def _shown(value, limit: int = 80) -> str:
+    """``repr`` of a field's value, cut to ``limit`` characters, for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _problem(spec: PretrainedSpec) -> str | None:
-    if not isinstance(spec.name, str) or not _NAME.fullmatch(spec.name):
+    problem = _type_problem(spec)
+    if problem:
+        return problem
+    if not _NAME.fullmatch(spec.name):
         return "name: letters, digits, '.', '_' and '-' only, starting with a letter or digit"
     if spec.net not in BACKBONES:
         return f"net {spec.net!r} is not a registered backbone ({', '.join(BACKBONES)})"
@@ -129,28 +168,20 @@ def _problem(spec: PretrainedSpec) -> str | None:
         return f"head {spec.head!r} is not a registered head ({', '.join(HEADS)})"
     if HEADS[spec.head].needs_wide and spec.pooling != "wide":
         return f"head {spec.head} needs wide features, the entry says pooling {spec.pooling!r}"
-    if not isinstance(spec.head_options, dict):
-        return f"head_options must be a table of options, received {spec.head_options!r}"
     HEADS[spec.head].resolve_options(spec.head_options, BACKBONES[spec.net].total_channels)
     if spec.views not in VIEWS:
         return f"views {spec.views!r} is not one of {', '.join(VIEWS)}"
-    if (not isinstance(spec.file_name, str) or os.path.basename(spec.file_name) != spec.file_name
-            or spec.file_name.startswith(".") or "/" in spec.file_name):
-        return f"file_name {spec.file_name!r} must be a plain file name (no folder, not hidden)"
-    if isinstance(spec.size, bool) or not isinstance(spec.size, int) or spec.size < 1:
-        return f"size must be the file's size in bytes, received {spec.size!r}"
-    if not isinstance(spec.sha256, str) or not _SHA256.fullmatch(spec.sha256):
-        return f"sha256 must be 64 lowercase hex digits, received {spec.sha256!r}"
-    bad = [u for u in spec.urls if not isinstance(u, str) or not u.startswith(("https://", "http://"))] \
-        if isinstance(spec.urls, tuple) else spec.urls
-    if bad:
-        return f"urls must be a list of http(s) URLs, received {bad!r}"
+    if (not spec.file_name or _CONTROL.search(spec.file_name) or spec.file_name.startswith(".")
+            or len(spec.file_name.encode("utf-8", "surrogatepass")) > 200):
+        return f"file_name {_shown(spec.file_name)} must be a plain file name (no folder, not hidden, no control characters)"
+    if not _SHA256.fullmatch(spec.sha256):
+        return f"sha256 must be 64 lowercase hex digits, received {_shown(spec.sha256)}"
     if spec.weights_format not in WEIGHTS_FORMATS:
         return f"weights_format {spec.weights_format!r} is not one of {', '.join(WEIGHTS_FORMATS)}"
     WeightsSource.parse(spec.backbone_weights)
-    if not isinstance(spec.paper, dict) or any(k not in PAPER_METRICS or isinstance(v, bool)
-                                               or not isinstance(v, (int, float)) for k, v in spec.paper.items()):
-        return f"paper must map {', '.join(PAPER_METRICS)} to numbers, received {spec.paper!r}"
+    if any(k not in PAPER_METRICS or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+           for k, v in spec.paper.items()):
+        return f"paper must map {', '.join(PAPER_METRICS)} to numbers, received {_shown(spec.paper)}"
     return None
 
 
@@ -165,7 +196,8 @@ def load_catalogue(path) -> list[PretrainedSpec]:
         raise ConfigError(f"{path}: a catalogue holds one list 'models' of entries; found {found or 'nothing'}")
     specs = []
     for k, entry in enumerate(data["models"], start=1):
-        where = f"{path}: model {k}" + (f" ({entry['name']!r})" if isinstance(entry, dict) and "name" in entry else "")
+        where = f"{path}: model {k}" + (f" ({_shown(entry['name'])})" if isinstance(entry, dict) and "name" in entry
+                                        else "")
         specs.append(_entry(entry, where))
     return specs
 
@@ -188,11 +220,13 @@ def _read_catalogue(path: str):
         raise ConfigError(f"{path}: cannot read the catalogue: {exc.strerror or exc}") from exc
     except ValueError as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError
         raise ConfigError(f"{path}: not valid {ext[1:].upper()}: {str(exc).splitlines()[0]}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: not a catalogue: its {ext[1:].upper()} is nested too deeply") from None
 
 
 def _entry(entry, where: str) -> PretrainedSpec:
     if not isinstance(entry, dict):
-        raise ConfigError(f"{where}: an entry is a table of fields, received {entry!r}")
+        raise ConfigError(f"{where}: an entry is a table of fields, received {_shown(entry)}")
     unknown = sorted(set(entry) - set(FIELDS))
     missing = [f for f in REQUIRED if f not in entry]
     if unknown or missing:
@@ -275,26 +309,46 @@ def local_path(spec: PretrainedSpec) -> str:
     return os.path.join(cache_dir(), spec.name, spec.file_name)
 
 
-def is_cached(spec: PretrainedSpec) -> bool:
-    """Whether the file is in the cache with its size (its sha256 is checked each time it is used)."""
+def cache_problem(spec: PretrainedSpec) -> str | None:
+    """Why the cache does not hold ``spec``'s file: ``"not downloaded"``, or what is wrong with
+    what is there (a link, another size, another sha256: the whole file is hashed); ``None``
+    when it holds the pinned file."""
     path = local_path(spec)
-    return os.path.isfile(path) and os.path.getsize(path) == spec.size
+    try:
+        refuse_link(os.path.dirname(path))
+        refuse_link(path)
+        if not os.path.lexists(path):
+            return "not downloaded"
+        verify(path, size=spec.size, sha256=spec.sha256)
+    except (IntegrityError, LinkRefused) as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{path}: {describe_os_error(exc)}"
+    return None
+
+
+def is_cached(spec: PretrainedSpec) -> bool:
+    """Whether the cache holds the pinned file of ``spec`` (size and sha256 checked)."""
+    return cache_problem(spec) is None
 
 
 def fetch(spec_or_name, *, progress=None) -> str:
     """The checked local path of a catalogue model's file, downloaded first if needed.
 
     A file in the cache that fails its check (size, sha256) is never used: it is moved aside to
-    ``<file>.rejected`` and downloaded again. Offline, :class:`mlsp.errors.DownloadError` says in
-    one line which file (size, sha256), from which URLs, and where to put it."""
+    ``<file>.rejected`` and downloaded again (where the cache cannot be written, one line says
+    what is wrong with it). A link in the cache, the model's folder or its file, is refused
+    (:class:`~mlsp.errors.LinkRefused`). Offline, :class:`mlsp.errors.DownloadError` says in one
+    line which file (size, sha256), from which URLs, and where to put it."""
     spec = get_pretrained(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
     dest = local_path(spec)
+    refuse_link(os.path.dirname(dest))
+    refuse_link(dest)
     if os.path.isfile(dest):
         try:
             return verify(dest, size=spec.size, sha256=spec.sha256)
         except IntegrityError as exc:
-            os.replace(dest, dest + ".rejected")
-            log.warning("%s; moved to %s.rejected, fetching it again", exc, dest)
+            _reject(dest, exc)
     log.info("%s: fetching %s (%s bytes) into %s", spec.name, spec.file_name, f"{spec.size:,}", dest)
     return download(spec.urls, dest, size=spec.size, sha256=spec.sha256, progress=resolve_progress(progress),
                     advice=", or give that file's path to --model", label=f"{spec.name}'s {spec.file_name}")
@@ -328,14 +382,29 @@ def resolve_model(name_or_path, *, progress=None) -> tuple[PretrainedSpec | None
     return None, text
 
 
+def _reject(dest: str, exc: IntegrityError) -> None:
+    """Move a cached file that failed its check aside (``.rejected``), or say in one line what is
+    wrong with it where it cannot be moved (a read-only cache)."""
+    try:
+        os.replace(dest, dest + ".rejected")
+    except OSError as err:
+        raise IntegrityError(exc.path, exc.found, exc.expected,
+                             advice=f", and it cannot be moved aside ({describe_os_error(err)}): delete it or copy "
+                                    "the right file there, or give a good copy's path to --model") from None
+    log.warning("%s; moved to %s.rejected, fetching it again", exc, dest)
+
+
 def describe(spec: PretrainedSpec) -> dict:
-    """``mlsp models``' row of ``spec``: its fields, where its file is kept and whether it is there,
-    and whether the backbone's ImageNet weights are in Keras' cache (``None``: other weights)."""
+    """``mlsp models``' row of ``spec``: its fields, where its file is kept and whether it is there
+    (``cached``: size and sha256 checked; ``cache_problem``: what is wrong with a file there), and
+    whether the backbone's ImageNet weights are in Keras' cache (``None``: other weights)."""
     row = dataclasses.asdict(spec)
     row["urls"] = list(spec.urls)
     row["views_count"] = VIEWS.get(spec.views).n_views
     row["path"] = local_path(spec)
-    row["cached"] = is_cached(spec)
+    problem = cache_problem(spec)
+    row["cached"] = problem is None
+    row["cache_problem"] = None if problem in (None, "not downloaded") else problem
     backbone = BACKBONES[spec.net]
     row["backbone_weights_file"] = backbone.weights_file
     row["backbone_weights_cached"] = (os.path.isfile(os.path.join(keras_cache_dir(), backbone.weights_file))

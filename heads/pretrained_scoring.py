@@ -4,8 +4,10 @@ scored with its own test-time procedure, exported end to end.
 :func:`open_model` takes a catalogue name or the path of a file the user has (found in the
 catalogue by its sha256) and gives a :class:`PretrainedModel`. Its Keras 2 file is imported
 (:mod:`heads.keras2`) once into a ``.keras`` head kept beside it, named by the file's sha256; a
-kept conversion is used only when its own sha256 is the one mlsp recorded when writing it
-(``<head>.keras.json``), else it is made again. Scoring image files runs the model's view
+kept conversion is used only when its own sha256 is the one mlsp recorded when writing it, in
+``$KERAS_HOME/mlsp/converted.trusted.json`` (:class:`mlsp.trust.TrustIndex`, outside every
+model's folder, keyed by the pinned sha256 of the source and the conversion's path), else it is
+made again: a head or a record planted beside the file is never believed. Scoring image files runs the model's view
 procedure (:mod:`mlsp.views`: ``full`` or ``crops18``) through the same decode-ahead runner as
 ``mlsp score RUN --images`` (:func:`heads.score.score_files`); scoring a store takes only a
 store of the same net, pooling and views.
@@ -14,28 +16,24 @@ store of the same net, pooling and views.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import logging
 import os
 from typing import Sequence
 
-from mlsp.atomic import atomic_path, write_json
-from mlsp.backbone_weights import file_sha256
+from mlsp.atomic import atomic_path
+from mlsp.backbone_weights import file_sha256, keras_cache_dir
 from mlsp.backbones import get_backbone
-from mlsp.errors import ConfigError, StoreConfigMismatch, WriteError
+from mlsp.errors import ConfigError, IntegrityError, StoreConfigMismatch, WriteError
 from mlsp.extract import ExtractConfig, FeatureExtractor
 from mlsp.images import decode_image
 from mlsp.progress import ProgressFactory, null_progress
 from mlsp.readahead import DECODE_WORKERS, LocalRunner
+from mlsp.trust import TrustIndex
 from mlsp.views import get_procedure
 
 from .score import HeadScorer, head_columns, score_features, score_files
 
 log = logging.getLogger(__name__)
-
-#: What a kept conversion's record is named after: ``<head>.keras`` + this.
-RECORD_SUFFIX = ".json"
 
 
 def resolve(model: str, progress=None):
@@ -58,27 +56,34 @@ def converted_path(path: str, sha256: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(path)), f"{stem}.{sha256[:16]}.mlsp.keras")
 
 
-def _kept(head_path: str, sha256: str) -> bool:
-    """A conversion kept earlier is usable: mlsp's record names this source and the file's own hash."""
-    record_path = head_path + RECORD_SUFFIX
-    if not (os.path.isfile(head_path) and os.path.isfile(record_path)):
-        return False
-    try:
-        with open(record_path) as handle:
-            record = json.load(handle)
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("%s: unreadable (%s); converting again", record_path, exc)
-        return False
-    if record.get("source_sha256") != sha256 or record.get("sha256") != file_sha256(head_path):
-        log.warning("%s: not the conversion mlsp recorded (%s); converting again", head_path, record_path)
-        return False
-    return True
+def conversions() -> TrustIndex:
+    """The sha256 of each conversion mlsp wrote: ``$KERAS_HOME/mlsp/converted.trusted.json``."""
+    return TrustIndex(os.path.join(os.path.dirname(keras_cache_dir()), "mlsp", "converted.trusted.json"))
+
+
+def _key(head_path: str, sha256: str) -> str:
+    """A conversion's name in :func:`conversions`: its source's pinned sha256 and its own path."""
+    return f"{sha256}:{os.path.abspath(head_path)}"
+
+
+def _kept(head_path: str, sha256: str) -> str | None:
+    """The sha256 of the conversion kept at ``head_path`` when it is the one mlsp wrote from the
+    file of ``sha256`` (its hash recorded in :func:`conversions`), else ``None``."""
+    if not os.path.lexists(head_path):
+        return None
+    trusted = conversions().trusted(_key(head_path, sha256))
+    found = file_sha256(head_path) if trusted and os.path.isfile(head_path) and not os.path.islink(head_path) else None
+    if found is None or found != trusted:
+        log.warning("%s: not the conversion mlsp recorded (%s); converting again", head_path,
+                    "mlsp recorded no hash for it" if trusted is None else "its sha256 differs")
+        return None
+    return found
 
 
 def convert(spec, path: str):
-    """``(head model, path of its .keras or None)``: the kept conversion of ``path``, or a new one
-    (written beside it; where that folder cannot be written, the head is converted in memory, and
-    the log says so)."""
+    """``(head model, path of its .keras or None, its sha256 or None)``: the kept conversion of
+    ``path``, or a new one (written beside it, its hash recorded in :func:`conversions`; where
+    that cannot be written, the head is converted in memory, and the log says so)."""
     import keras
 
     from .keras2 import FORMAT, import_head
@@ -86,23 +91,27 @@ def convert(spec, path: str):
     if spec.weights_format != FORMAT:
         raise ConfigError(f"{spec.name}: weights format {spec.weights_format!r}; mlsp imports {FORMAT}")
     head_path = converted_path(path, spec.sha256)
-    if _kept(head_path, spec.sha256):
-        return keras.saving.load_model(head_path, compile=False, safe_mode=True), head_path
+    kept = _kept(head_path, spec.sha256)
+    if kept:
+        return keras.saving.load_model(head_path, compile=False, safe_mode=True), head_path, kept
     log.info("%s: converting %s's Keras 2 head into %s (once)", path, spec.name, head_path)
     backbone = get_backbone(spec.net)
     model, options = import_head(path, spec.head, backbone.channels, spec.pooling, options=spec.head_options)
+    index = conversions()
     try:
+        index.record(_key(head_path, spec.sha256), None)
         with atomic_path(head_path, keep_extension=True) as tmp:
             model.save(tmp)
-        write_json(head_path + RECORD_SUFFIX, {
-            "source": os.path.abspath(path), "source_sha256": spec.sha256, "model": spec.name,
-            "head": spec.head, "head_options": options, "sha256": file_sha256(head_path),
-            "keras": keras.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+            digest = file_sha256(tmp)
     except (OSError, WriteError) as exc:
         log.warning("%s: cannot keep the converted head (%s); it is converted again on every run", head_path, exc)
-        return model, None
-    return model, head_path
+        return model, None, None
+    if not index.record(_key(head_path, spec.sha256), digest):
+        log.warning("%s: cannot record the converted head's sha256 in %s; it is converted again on every run",
+                    head_path, index.path)
+        return model, None, None
+    log.debug("%s: %s's head for %s", head_path, spec.name, options)
+    return model, head_path, digest
 
 
 class PretrainedScorer(HeadScorer):
@@ -134,13 +143,18 @@ class PretrainedRecipe:
     name: str
     views: str
     config: ExtractConfig
+    head_sha256: str  # what mlsp wrote: a worker loads nothing else
 
     def build(self) -> PretrainedScorer:
         import keras
 
+        found = file_sha256(self.head_path)
+        if found != self.head_sha256:
+            raise IntegrityError(self.head_path, f"sha256 {found}", f"sha256 {self.head_sha256}, the head mlsp "
+                                 "converted (changed since)")
         model = keras.saving.load_model(self.head_path, compile=False, safe_mode=True)
         extractor = FeatureExtractor(self.config, cache=True)
-        return PretrainedScorer(model, extractor, self.name, self.views, file_sha256(self.head_path))
+        return PretrainedScorer(model, extractor, self.name, self.views, found)
 
 
 class PretrainedModel:
@@ -158,7 +172,7 @@ class PretrainedModel:
                         spec.name, self.config.weights)
         if extractor is not None and extractor.config != self.config:
             raise ConfigError(f"{spec.name}: the extractor given is not this model's ({extractor.config})")
-        self.head, self.head_path = convert(spec, path)
+        self.head, self.head_path, self.head_sha256 = convert(spec, path)
         self._extractor = extractor
 
     @property
@@ -168,8 +182,7 @@ class PretrainedModel:
         return self._extractor
 
     def scorer(self) -> PretrainedScorer:
-        sha = file_sha256(self.head_path) if self.head_path else None
-        return PretrainedScorer(self.head, self.extractor, self.spec.name, self.spec.views, sha)
+        return PretrainedScorer(self.head, self.extractor, self.spec.name, self.spec.views, self.head_sha256)
 
     def score(self, inputs: str | Sequence[str], out: str | None = None, *, workers: int = DECODE_WORKERS,
               progress: ProgressFactory = null_progress, cluster=None):
@@ -180,7 +193,8 @@ class PretrainedModel:
             if self.head_path is None:
                 raise ConfigError(f"{self.path}: --ray needs the converted head kept beside it, which could "
                                   "not be written; copy the file to a writable folder")
-            runner = cluster.runner(PretrainedRecipe(self.head_path, self.spec.name, self.spec.views, self.config))
+            runner = cluster.runner(PretrainedRecipe(self.head_path, self.spec.name, self.spec.views, self.config,
+                                                     self.head_sha256))
         else:
             runner = LocalRunner(self.scorer(), workers)
         frame, errors = score_files(runner, inputs, out, progress=progress)

@@ -8,19 +8,26 @@ the new one, never a truncated one under the final name. The standard library an
 no such helper (``tempfile`` names a file but neither syncs nor renames it; h5py writes in
 place). An ``OSError`` while writing (no space left, read-only file system, missing folder)
 becomes a :class:`~mlsp.errors.WriteError`: one line naming the file and what was kept.
+
+Writes into a cache never follow links (:func:`open_no_follow`, :func:`refuse_link`): a symbolic
+link planted where mlsp keeps its own file (a partial download, a cached model, a temporary name)
+would make mlsp write, truncate or vouch for a file elsewhere. Such a path is refused in one line
+(:class:`~mlsp.errors.LinkRefused`); a temporary name found as a link is removed, never written through.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import json
 import logging
 import os
 import re
+import stat
 
-from .errors import WriteError
+from .errors import LinkRefused, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +111,48 @@ def fsync_path(path: str):
         os.close(fd)
 
 
+def refuse_link(path: str) -> None:
+    """:class:`LinkRefused` when ``path`` is a symbolic link (or exists and is not a regular file or
+    folder); nothing when it is absent."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise LinkRefused(path, f"a symbolic link (to {os.readlink(path)!r})")
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        raise LinkRefused(path, "not a regular file")
+
+
+def open_no_follow(path: str, flags: int = os.O_RDWR | os.O_CREAT, mode: int = 0o644) -> int:
+    """``os.open`` of a regular file that refuses a symbolic link (``O_NOFOLLOW``) and anything else
+    that is not a regular file (a named pipe is not waited on): :class:`LinkRefused`. Other
+    ``OSError`` s are the caller's. The descriptor is the file: write and check through it, not
+    through the name, which another process could swap."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            raise LinkRefused(path, f"a symbolic link (to {os.readlink(path)!r})") from None
+        if exc.errno == errno.ENXIO:  # a named pipe without a reader
+            raise LinkRefused(path, "not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LinkRefused(path, "not a regular file")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def same_file(path: str, fd: int) -> bool:
+    """Whether ``path`` (not followed) is still the file open as ``fd``."""
+    try:
+        there, here = os.lstat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISREG(there.st_mode) and (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+
+
 class AtomicPath:
     """A file written under a temporary name and renamed over ``path`` when complete.
 
@@ -133,8 +182,16 @@ class AtomicPath:
         try:
             if makedirs:
                 os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self._clear_planted()
         except OSError as exc:
             raise self.error(exc) from exc
+
+    def _clear_planted(self):
+        """A link (or pipe) found under the temporary name is removed, never written through: the
+        name is predictable (this process's id)."""
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(self.tmp).st_mode):
+                os.unlink(self.tmp)
 
     def error(self, exc: BaseException) -> WriteError:
         kept = self.kept

@@ -163,6 +163,27 @@ class WriteError(MLSPError):
         super().__init__(f"{path}: cannot write: {reason}; {kept}")
 
 
+class LinkRefused(WriteError):
+    """A path where mlsp keeps its own file (a cache entry, a partial download) is a symbolic link,
+    or not a regular file: mlsp never writes or reads its caches through one (:func:`mlsp.atomic.open_no_follow`)."""
+
+    def __init__(self, path, what: str):
+        self.path = str(path)
+        self.reason = what
+        self.kept = "nothing was written"
+        MLSPError.__init__(self, f"{path}: {what}, where mlsp keeps a file of its own; refused (mlsp never writes "
+                                 "or reads its cache through links): delete it and run again")
+
+
+class DownloadInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a download; ``kept`` says what is kept for the next try, truly
+    (a partial file that received no byte is not kept)."""
+
+    def __init__(self, kept: str):
+        self.kept = kept
+        super().__init__(kept)
+
+
 class TrainingError(MLSPError):
     """Training a head cannot start or did not produce a model (e.g. the loss diverged)."""
 

@@ -31,6 +31,8 @@ RELEASED = {
                                  "6e069d80b8c31a5e683129bc9ee242707773cec14ab91edaa36ababb94135636"),
 }
 
+MIRRORS = {"ava-mlsp-irv2-wide": ("https://www.dropbox.com/s/16k0vh1dn7ls0cd/model_best_weights.h5?dl=1",)}
+
 
 def invoke(*args, env=None):
     return CliRunner().invoke(cli.main, [str(a) for a in args], env=env, catch_exceptions=False)
@@ -53,8 +55,11 @@ def test_every_catalogue_entry(name):
     assert spec.views == ("crops18" if name.endswith("-aug") else "full")
     assert pt.VIEWS.get(spec.views).n_views == (18 if name.endswith("-aug") else 1)
     path = f"models/{folder}/model_best_weights.h5"
+    # the authors' Dropbox mirror of the wide head, which their predict_mlsp_wide.ipynb fetches
+    mirrors = MIRRORS.get(name, ())
     assert spec.urls == (f"https://github.com/subpic/ava-mlsp/raw/master/{path}",
-                         f"https://media.githubusercontent.com/media/subpic/ava-mlsp/master/{path}")
+                         f"https://media.githubusercontent.com/media/subpic/ava-mlsp/master/{path}", *mirrors)
+    assert all("Dropbox" in spec.source for _ in mirrors)
     assert "osf.io/ubps5" in spec.source and path in spec.source
     assert spec.backbone_weights == "imagenet"
     # the head options are the authors' (3FC of 2048; Pool-3FC's columns of 1024) and the head takes them

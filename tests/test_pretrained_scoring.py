@@ -189,12 +189,16 @@ def test_crops18_model_scores_its_18_views_and_refuses_a_store(released, tmp_pat
 
 
 def test_conversion_is_kept_beside_the_file_and_used_only_if_its_hash_is_recorded(released, caplog):
-    from heads.pretrained_scoring import converted_path, open_model
+    from heads.pretrained_scoring import conversions, converted_path, open_model
+    from mlsp.backbone_weights import file_sha256
 
     model = released["full"]
     first = open_model(model["path"])
     kept = converted_path(model["path"], model["spec"].sha256)
-    assert first.head_path == kept and os.path.isfile(kept) and os.path.isfile(kept + ".json")
+    assert first.head_path == kept and os.path.isfile(kept) and not os.path.exists(kept + ".json")
+    # recorded outside the model's folder, by mlsp, bound to the pinned sha256 of the source
+    assert conversions().trusted(f"{model['spec'].sha256}:{kept}") == file_sha256(kept) == first.head_sha256
+    assert os.path.dirname(conversions().path) != os.path.dirname(kept)
     stamp = os.stat(kept).st_mtime_ns
     x = np.abs(np.random.default_rng(0).normal(size=(2, IV3_CHANNELS))).astype(np.float32)
     want = forward("single3fc", x, model["layers"])
@@ -205,6 +209,36 @@ def test_conversion_is_kept_beside_the_file_and_used_only_if_its_hash_is_recorde
     assert "not the conversion mlsp recorded" in caplog.text
     np.testing.assert_allclose(again.head.predict(x, verbose=0)[:, 0], want, rtol=1e-5)
     np.testing.assert_allclose(first.head.predict(x, verbose=0)[:, 0], want, rtol=1e-5)
+
+
+def test_a_planted_conversion_with_a_record_beside_it_is_not_believed(released, tmp_path, caplog):
+    """Another head (the authors' file shifted by +100) saved under the conversion's name, with the
+    record older versions of mlsp believed beside it, is converted again from the pinned file."""
+    import json
+
+    from heads.keras2 import import_head
+    from heads.pretrained_scoring import converted_path, open_model
+    from mlsp.backbone_weights import file_sha256
+    from mlsp.backbones import get_backbone
+
+    model = released["full"]
+    kept = converted_path(model["path"], model["spec"].sha256)
+    open_model(model["path"])
+    x = np.abs(np.random.default_rng(1).normal(size=(3, IV3_CHANNELS))).astype(np.float32)
+    want = forward("single3fc", x, model["layers"])
+    planted_layers = [(layer, {**tensors, "bias": tensors["bias"] + 100.0} if layer == "head_out" else tensors)
+                      for layer, tensors in model["layers"]]
+    planted, _ = import_head(str(write_keras2(tmp_path / "planted.h5", planted_layers)), "single3fc",
+                             get_backbone("iv3").channels, "narrow", options={"width": WIDTH})
+    assert abs(planted.predict(x, verbose=0)[:, 0] - want - 100).max() < 1e-3
+    planted.save(kept)
+    with open(kept + ".json", "w") as handle:
+        json.dump({"source": model["path"], "source_sha256": model["spec"].sha256, "model": model["spec"].name,
+                   "head": "single3fc", "sha256": file_sha256(kept)}, handle)
+    again = open_model(model["path"])
+    assert "not the conversion mlsp recorded" in caplog.text
+    np.testing.assert_allclose(again.head.predict(x, verbose=0)[:, 0], want, rtol=1e-5)
+    assert file_sha256(kept) == again.head_sha256 and again.head_path == kept
 
 
 def test_a_file_not_in_the_catalogue_is_refused_in_one_line(released, tmp_path):
