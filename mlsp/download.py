@@ -348,7 +348,8 @@ def _stream(response, part: _Part, offset: int, size: int, bar, limits: _Limits,
 
 
 def _late(limits: _Limits, part: _Part) -> str:
-    return f"did not finish within {limits.deadline:,.0f} s (too slow); {part.kept()}"
+    seconds = f"{limits.deadline:,.0f}" if limits.deadline >= 10 else f"{limits.deadline:g}"
+    return f"did not finish within {seconds} s (too slow); {part.kept()}"
 
 
 def _read(response, n: int) -> bytes:

@@ -7,7 +7,7 @@ So a cache entry is used only when its content hash is one of
 - pinned in code (a download's known SHA-256, e.g. ImageNet weights or pretrained heads), or
 - recorded by mlsp in a :class:`TrustIndex` when mlsp itself wrote the entry: a JSON file
   outside every entry's folder (``$KERAS_HOME/mlsp/<cache>.trusted.json``), written only here,
-  atomically and under a lock, never by loading or running an entry.
+  atomically and under a lock (never through a link), never by loading or running an entry.
 
 Anything else is rebuilt or refused, never loaded. A cache folder that cannot be written (read
 only, full) means no cache: :meth:`TrustIndex.record` says whether the hash was recorded, and the
@@ -96,7 +96,7 @@ class TrustIndex:
     def _locked(self):
         """One writer of the index at a time (``<index>.lock``; released when the process ends)."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

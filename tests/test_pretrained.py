@@ -244,6 +244,22 @@ def test_a_catalogue_file_adds_an_entry_through_the_cli_and_mlsp_models(tmp_path
     ({"head_options": {"depth": 3}}, "does not take depth"),
     ({"size": "big"}, "size must be the file's size in bytes"),
     ({"paper": {"srcc": "high"}}, "paper must map"),
+    ({"paper": {"srcc": float("nan")}}, "paper must map"),
+    # fields of the wrong type: one line naming the field, never a traceback, never accepted
+    ({"urls": None}, "urls must be a list of http(s) URLs, received None"),
+    ({"urls": 0}, "urls must be a list of http(s) URLs, received 0"),
+    ({"urls": ""}, "urls must be a list of http(s) URLs, received ''"),
+    ({"urls": {}}, "urls must be a list of http(s) URLs, received {}"),
+    ({"urls": ["https://x/a b.h5\n"]}, "urls must be a list of http(s) URLs, received ['https://x/a b.h5\\n']"),
+    ({"net": ["iv3"]}, "net must be text, received ['iv3']"),
+    ({"views": {"full": 1}}, "views must be text"),
+    ({"head": None}, "head must be text, received None"),
+    ({"source": 5}, "source must be text, received 5"),
+    ({"file_name": "head\u0000.h5"}, "file_name 'head\\x00.h5' must be a plain file name"),
+    ({"file_name": "a\\b.h5"}, "must be a plain file name"),
+    ({"size": 10 ** 30}, "size must be the file's size in bytes (1 to 68,719,476,736), received 1000000000000000000"),
+    ({"size": 1.5}, "size must be the file's size in bytes"),
+    ({"head_options": []}, "head_options must be a table, received []"),
 ])
 def test_a_bad_catalogue_entry_is_one_line_naming_the_file_the_entry_and_the_field(tmp_path, change, said):
     data, _ = head_file(seed=9, size=100)
@@ -257,7 +273,8 @@ def test_a_bad_catalogue_entry_is_one_line_naming_the_file_the_entry_and_the_fie
 
 
 def test_a_catalogue_that_is_not_one_is_refused(tmp_path):
-    for text, said in (("{not json", "not valid JSON"), ('{"model": []}', "one list 'models'")):
+    for text, said in (("{not json", "not valid JSON"), ('{"model": []}', "one list 'models'"),
+                       ("[" * 100_000 + "]" * 100_000, "nested too deeply")):
         path = tmp_path / "c.json"
         path.write_text(text)
         with pytest.raises(ConfigError, match=said):
