@@ -119,9 +119,16 @@ def refuse_link(path: str) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISLNK(info.st_mode):
-        raise LinkRefused(path, f"a symbolic link (to {os.readlink(path)!r})")
+        raise LinkRefused(path, _link(path))
     if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
         raise LinkRefused(path, "not a regular file")
+
+
+def _link(path: str) -> str:
+    try:
+        return f"a symbolic link (to {os.readlink(path)!r})"
+    except OSError:  # a loop of links above it
+        return "a symbolic link"
 
 
 def open_no_follow(path: str, flags: int = os.O_RDWR | os.O_CREAT, mode: int = 0o644) -> int:
@@ -133,7 +140,7 @@ def open_no_follow(path: str, flags: int = os.O_RDWR | os.O_CREAT, mode: int = 0
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP or os.path.islink(path):
-            raise LinkRefused(path, f"a symbolic link (to {os.readlink(path)!r})") from None
+            raise LinkRefused(path, _link(path)) from None
         if exc.errno == errno.ENXIO:  # a named pipe without a reader
             raise LinkRefused(path, "not a regular file") from None
         raise

@@ -52,7 +52,7 @@ RETRIES = 3  # resumptions per URL after a broken connection, within one call
 TIMEOUT = 30.0  # seconds without a byte (or below MIN_RATE) before a connection counts as broken
 MIN_RATE = 1024  # bytes per second: a source slower than this over TIMEOUT seconds has stalled
 DEADLINE = 300.0  # seconds each source has for a file, plus its size at DEADLINE_RATE
-DEADLINE_RATE = 32 * 1024  # bytes per second: a 255 MB head may take 2.5 hours from one source
+DEADLINE_RATE = 32 * 1024  # bytes per second: a 255 MB head may take 2 h 15 min from one source
 CHUNK = 1 << 20  # bytes read and written at a time
 _LFS_POINTER = b"version https://git-lfs"
 

@@ -23,7 +23,8 @@ from mlsp.progress import NullProgress
 from http_files import FileServer
 
 SIZE = 300_000
-FAST = {"timeout": 0.3, "retries": 1}  # a stall is noticed after 0.3 s
+FAST = {"timeout": 0.5, "retries": 2}  # a stall is noticed after 0.5 s
+BREAKS = FAST["retries"] + 1
 
 
 @pytest.fixture
@@ -181,8 +182,8 @@ def test_bytes_received_before_a_stall_are_kept_and_the_download_resumes_there(t
     Bars.made = []
     started = time.monotonic()
     dest = dl.download([url], tmp_path / "m.h5", size=SIZE, sha256=sha, progress=Bars, **FAST)
-    assert open(dest, "rb").read() == data and time.monotonic() - started < 2
-    assert server.ranges_asked("/m.h5") == [None, "bytes=120000-"]
+    assert open(dest, "rb").read() == data and time.monotonic() - started < 5
+    assert server.ranges_asked("/m.h5")[:2] == [None, "bytes=120000-"]
     assert Bars.made[0].n == SIZE
 
 
@@ -193,14 +194,15 @@ def test_a_trickling_server_counts_as_stalled_and_the_bar_shows_its_bytes(tmp_pa
     started = time.monotonic()
     with pytest.raises(DownloadError) as info:
         dl.download([url], tmp_path / "m.h5", size=SIZE, sha256=sha, progress=Bars, min_rate=100_000, **FAST)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5
     message = one_line(info.value)
-    assert "slower than 100,000 bytes/s" in message and "broke 2 times" in message
+    assert "slower than 100,000 bytes/s" in message and f"broke {BREAKS} times" in message
     kept = os.path.getsize(dl.partial_path(tmp_path / "m.h5"))
     assert f"{kept:,} bytes kept for the next try" in message and 0 < kept < SIZE
     assert Bars.made and Bars.made[0].n > 0  # bytes shown as they arrive
-    first, second = server.ranges_asked("/slow.h5")
-    assert first is None and second.startswith("bytes=") and second != "bytes=0-"  # resumed where it stalled
+    first, *resumed = server.ranges_asked("/slow.h5")
+    assert first is None and len(resumed) == FAST["retries"]
+    assert all(r.startswith("bytes=") and r != "bytes=0-" for r in resumed)  # resumed where it stalled
 
 
 def test_a_source_that_never_finishes_is_given_up_at_its_deadline(tmp_path, server, payload):
@@ -209,7 +211,7 @@ def test_a_source_that_never_finishes_is_given_up_at_its_deadline(tmp_path, serv
     good = server.add("/mirror.h5", data)
     started = time.monotonic()
     dest = dl.download([slow, good], tmp_path / "m.h5", size=SIZE, sha256=sha, deadline=0.5, **FAST)
-    assert time.monotonic() - started < 2 and open(dest, "rb").read() == data
+    assert time.monotonic() - started < 5 and open(dest, "rb").read() == data
     # the mirror resumed where the slow source stopped (its bytes checked with the rest)
     assert server.ranges_asked("/mirror.h5")[0].startswith("bytes=")
 
@@ -232,7 +234,7 @@ def test_nothing_kept_is_said_when_nothing_was_kept(tmp_path, server, payload):
     with pytest.raises(DownloadError) as info:
         dl.download([url], dest, size=SIZE, sha256=sha, **FAST)
     message = one_line(info.value)
-    assert "broke 2 times, nothing kept" in message and "bytes kept" not in message
+    assert f"broke {BREAKS} times, nothing kept" in message and "bytes kept" not in message
     assert not os.path.exists(dl.partial_path(dest))
 
 
