@@ -390,7 +390,7 @@ def _start(response, have: int, size: int) -> int:
 
 
 def _http_error(exc: urllib.error.HTTPError) -> str:
-    if 300 <= exc.code < 400:  # urllib gives up on a loop or after 10 redirects, in a 3-line message
+    if urllib.request.HTTPRedirectHandler.inf_msg in str(exc.reason):  # a loop, or too many: a 3-line message
         return f"HTTP {exc.code}: redirects in a loop (or more than {urllib.request.HTTPRedirectHandler.max_redirections})"
     return f"HTTP {exc.code} {_one_line(str(exc.reason))}"
 
