@@ -106,7 +106,7 @@ PRETRAINED.register(_released(
     255_383_120, "47f9a29caed163d9dea2ed15b75aada4477cdb76bc2eac9c55f21dd3573a7a90",
     {"srcc": 0.752, "plcc": 0.755, "accuracy": 0.8161}, "originals, one view each (no augmentation)",
     mirrors=("https://www.dropbox.com/s/16k0vh1dn7ls0cd/model_best_weights.h5?dl=1",),
-    mirrored=f", and on the Dropbox mirror their notebook predict_mlsp_wide.ipynb fetches"))
+    mirrored=", and on the Dropbox mirror their notebook predict_mlsp_wide.ipynb fetches"))
 PRETRAINED.register(_released(
     "ava-mlsp-irv2-narrow", "irnv2_mlsp_narrow_orig", "narrow", "single3fc", {"width": 2048}, "full",
     148_210_528, "0121f3235245df3db37e82fc3e5a84e22aaa731f24b3ffd3ea63d421c2b60102",
