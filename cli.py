@@ -782,7 +782,9 @@ def score_command(run_dir, files, model, store_path, images_dir, out, weights, p
                           precision=precision, workers=workers, progress=console_progress,
                           allow_unfinished=allow_unfinished, ray=ray_address, ray_cpus_per_worker=ray_cpus_per_worker,
                           ray_gpus_per_worker=ray_gpus_per_worker, users=user_dirs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if hasattr(exc, "kept"):  # while the model was downloaded: what that kept
+            _interrupted(f"downloading the model: {exc.kept}.")
         kept = f"scored images are kept in {out}.partial; run the same command again to resume."
         _interrupted(kept if out and not store_path else "nothing was written; run the same command again.")
     errors = frame.attrs.get("errors", [])

@@ -279,6 +279,25 @@ def test_mlsp_models_fetch_interrupted_before_a_byte_says_nothing_is_kept(tmp_pa
     assert "interrupted: nothing was downloaded yet." in res.output and "are kept" not in res.output
 
 
+@pytest.mark.slow  # imports TensorFlow when run alone
+def test_score_interrupted_while_its_model_downloads_says_what_the_download_kept(tmp_path, keras_home, server,
+                                                                                payload, monkeypatch):
+    data, sha = payload
+    spec, catalogue = catalogue_entry(tmp_path, "team-score-ctrl-c", data, [server.add("/head.h5", data)])
+    images = tmp_path / "photos"
+    images.mkdir()
+
+    def ctrl_c(**options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, "resolve_progress", lambda progress: ctrl_c)
+    res = CliRunner().invoke(cli.main, ["score", "--model", "team-score-ctrl-c", "--images", str(images),
+                                        "--out", str(tmp_path / "scores.csv")])
+    assert res.exit_code == 130
+    assert "interrupted: downloading the model: nothing was downloaded yet." in res.output
+    assert "scored images are kept" not in res.output
+
+
 # --------------------------------------------------------------------------------------------
 # Malformed headers, redirect loops: one line, and the next mirror
 # --------------------------------------------------------------------------------------------
