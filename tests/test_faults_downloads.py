@@ -393,3 +393,28 @@ def test_a_read_only_cache_holding_a_bad_file_says_what_is_wrong(tmp_path, keras
     assert message.startswith(f"Error: {dest}: sha256 ") and f"expected sha256 {sha}" in message
     assert "cannot be moved aside (read-only file system)" in message and "--model" in message
     assert "\n" not in message
+
+
+def test_a_bad_file_on_a_really_read_only_cache(small_disk, tmp_path, monkeypatch, payload):
+    """The same on read-only media (a real tmpfs remounted read-only, where it can be mounted)."""
+    from helpers import remount
+
+    data, sha = payload
+    disk = small_disk("2m")
+    monkeypatch.setenv("KERAS_HOME", str(disk / "keras"))
+    monkeypatch.delenv(pt.CATALOGUE_ENV, raising=False)
+    spec, catalogue = catalogue_entry(tmp_path, "team-ro-media", data, [])
+    dest = pt.local_path(spec)
+    os.makedirs(os.path.dirname(dest))
+    with open(dest, "wb") as handle:
+        handle.write(bytes(reversed(data)))
+    remount(disk, "ro")
+    try:
+        res = CliRunner().invoke(cli.main, ["models", "--catalogue", str(catalogue), "--fetch", "team-ro-media"])
+        listing = CliRunner().invoke(cli.main, ["models", "--catalogue", str(catalogue), "team-ro-media"])
+    finally:
+        remount(disk, "rw")
+    assert res.exit_code == 1
+    assert res.output.strip().startswith(f"Error: {dest}: sha256 ") and "\n" not in res.output.strip()
+    assert "cannot be moved aside (read-only file system)" in res.output
+    assert listing.exit_code == 0 and "  bad  " in listing.output and "team-ro-media: bad file in the cache" in listing.output
