@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from heads import pretrained as pt
-from mlsp import download as dl
-from mlsp.atomic import temporary_name, write_json
+from heads.score import catalogue as pt
+from mlsp.runtime import download as dl
+from mlsp.runtime.atomic import temporary_name, write_json
 from mlsp.errors import DownloadError, DownloadInterrupted, IntegrityError, LinkRefused, WriteError
-from mlsp.progress import NullProgress
+from mlsp.runtime.progress import NullProgress
 from http_files import FileServer
 
 SIZE = 300_000
