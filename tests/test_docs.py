@@ -122,7 +122,7 @@ def test_readme_is_a_front_door():
 
 
 def test_citations_of_the_paper_point_at_headings_of_docs_paper():
-    """Code, tests and bench cite the paper as `docs/paper.md, "<heading>"`: each heading exists
+    """Code, tests and bench cite the paper as docs/paper.md and a heading in double quotes: each heading exists
     there, and nothing cites a file the repository does not hold."""
     with open(os.path.join(ROOT, "docs", "paper.md"), encoding="utf-8") as handle:
         headings = set(re.findall(r"^## (.+)$", handle.read(), flags=re.M))
