@@ -725,6 +725,9 @@ def _echo_models(rows):
         click.echo(f"Files: {os.path.dirname(os.path.dirname(rows[0]['path']))}/<name>/ (`--fetch NAMES` downloads "
                    "them now); `--json` lists the URLs. More models: --catalogue FILE or "
                    f"${CATALOGUE_ENV} (docs/pretrained.md).")
+    checked = [r["name"] for r in rows if r.get("check")]
+    if checked:
+        click.echo(f"A published prediction to check this install against (`mlsp models --check`): {', '.join(checked)}")
 
 
 _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (Ctrl-C, kill) or diverged; "

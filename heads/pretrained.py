@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 
@@ -98,14 +99,10 @@ def _released(name: str, folder: str, pooling: str, head: str, head_options: dic
 _AUTHORS_COMMIT = "dfb5c19b1e7139b1919ca1c1c766ca154aaad6be"
 _SAMPLE = "images/954013.jpg"
 
-#: The authors' own published prediction for the wide model (docs/pretrained.md, "Check an install").
-#: The tolerance: the notebook printed a float32 to 7 significant digits (5e-7); mlsp rounds the
-#: features to float16 before the head, as the authors' training store did and their end-to-end
-#: notebook did not (a relative 2.4e-4 at most per feature, random in sign over 423,200 features),
-#: and the backbone's float32 sums run in another order on other TensorFlow versions and CPUs
-#: (relative 1e-5..1e-4 of the features, tested against PyTorch to 1e-3 at most); through the head,
-#: whose scores of AVA spread over about 0.5 (std), these stay far below 0.01, while a wrong
-#: preprocessing, view, pooling or weights file moves a score by a tenth or more.
+#: The authors' own published prediction for the wide model, checked by ``mlsp models --check``.
+#: The tolerance of 0.01 comes from what may honestly differ (docs/pretrained.md, "Check an
+#: install"): the 7 printed digits (5e-7), mlsp's float16 rounding of the features before the head
+#: (their notebook ran float32 end to end) and the float32 sums' order on other versions and CPUs.
 AUTHORS_WIDE_CHECK = {
     "photo": "954013.jpg", "photo_size": 302_644,
     "photo_sha256": "568eaf2ac5ae517dad278eec1d219ab7238a39e23a4b4adfe2dbd11f74a5ac6d",
@@ -215,7 +212,7 @@ def check_problem(check) -> str | None:
         return f"check.photo_urls must be a list of http(s) URLs, received {urls!r}"
     for key in ("reference", "tolerance"):
         value = check[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"check.{key} must be a number, received {value!r}"
     if not check["tolerance"] > 0:
         return f"check.tolerance must be above 0, received {check['tolerance']!r}"
@@ -371,16 +368,24 @@ def fetch(spec_or_name, *, progress=None) -> str:
     ``<file>.rejected`` and downloaded again. Offline, :class:`mlsp.errors.DownloadError` says in
     one line which file (size, sha256), from which URLs, and where to put it."""
     spec = get_pretrained(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
-    dest = local_path(spec)
+    return fetch_file(spec.urls, local_path(spec), size=spec.size, sha256=spec.sha256, progress=progress,
+                      advice=", or give that file's path to --model", label=f"{spec.name}'s {spec.file_name}")
+
+
+def fetch_file(urls, dest: str, *, size: int, sha256: str, label: str, advice: str = "", progress=None) -> str:
+    """``dest`` in the cache, checked, downloaded first from ``urls`` if needed (:func:`fetch`'s
+    way, for any file an entry pins: a cached copy that fails its check is moved aside to
+    ``<dest>.rejected`` and downloaded again; ``label`` and ``advice`` as for
+    :func:`mlsp.download.download`)."""
     if os.path.isfile(dest):
         try:
-            return verify(dest, size=spec.size, sha256=spec.sha256)
+            return verify(dest, size=size, sha256=sha256)
         except IntegrityError as exc:
             os.replace(dest, dest + ".rejected")
             log.warning("%s; moved to %s.rejected, fetching it again", exc, dest)
-    log.info("%s: fetching %s (%s bytes) into %s", spec.name, spec.file_name, f"{spec.size:,}", dest)
-    return download(spec.urls, dest, size=spec.size, sha256=spec.sha256, progress=resolve_progress(progress),
-                    advice=", or give that file's path to --model", label=f"{spec.name}'s {spec.file_name}")
+    log.info("%s: fetching %s bytes into %s", label, f"{size:,}", dest)
+    return download(urls, dest, size=size, sha256=sha256, progress=resolve_progress(progress), advice=advice,
+                    label=label)
 
 
 def resolve_model(name_or_path, *, progress=None) -> tuple[PretrainedSpec | None, str]:

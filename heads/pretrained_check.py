@@ -3,10 +3,10 @@
 A catalogue entry may carry a ``check`` (:class:`heads.pretrained.PublishedCheck`): a photo, the
 score the model's authors published for it, a tolerance and where the number comes from. The
 photo is fetched once into the cache beside the model's file, ``<cache>/<name>/check/<photo>``,
-by the same download as the models (:func:`mlsp.download.download`: size and sha256 pinned,
-mirrors in order, broken downloads resumed); it is scored exactly as ``mlsp score --model NAME
-PHOTO`` scores it (:func:`heads.pretrained_scoring.open_model`), and the score is compared with
-the published one.
+by the same download as the models (:func:`heads.pretrained.fetch_file`: size and sha256
+pinned, mirrors in order, broken downloads resumed); it is scored exactly as ``mlsp score --model
+NAME PHOTO`` scores it (:class:`heads.pretrained_scoring.PretrainedModel`), and the score is
+compared with the published one.
 
 Every file the check needs (the backbone's ImageNet weights, the head, the photo) is fetched
 before anything is scored: where one cannot be, :class:`mlsp.errors.WeightsUnavailableError`
@@ -21,9 +21,7 @@ import os
 
 from mlsp.backbone_weights import fetch_imagenet_weights, keras_cache_dir
 from mlsp.backbones import get_backbone
-from mlsp.download import download, verify
-from mlsp.errors import ConfigError, DownloadError, IntegrityError, WeightsUnavailableError
-from mlsp.progress import resolve as resolve_progress
+from mlsp.errors import ConfigError, DownloadError, WeightsUnavailableError
 
 from . import pretrained as catalogue
 
@@ -74,15 +72,9 @@ def fetch_photo(spec, *, progress=None) -> str:
     """The checked local path of the photo of ``spec``'s check, downloaded first if needed; a
     cached copy that fails its check is moved aside to ``<photo>.rejected`` and fetched again."""
     check = catalogue.published_check(spec)
-    dest = photo_path(spec)
-    if os.path.isfile(dest):
-        try:
-            return verify(dest, size=check.photo_size, sha256=check.photo_sha256)
-        except IntegrityError as exc:
-            os.replace(dest, dest + ".rejected")
-            log.warning("%s; moved to %s.rejected, fetching it again", exc, dest)
-    return download(check.photo_urls, dest, size=check.photo_size, sha256=check.photo_sha256,
-                    progress=resolve_progress(progress), label=f"{spec.name}'s check photo {check.photo}")
+    return catalogue.fetch_file(check.photo_urls, photo_path(spec), size=check.photo_size,
+                                sha256=check.photo_sha256, progress=progress,
+                                label=f"{spec.name}'s check photo {check.photo}")
 
 
 def checkable(names=None) -> list:
@@ -112,28 +104,32 @@ def _attempt(fetch) -> tuple[str | None, str | None]:
         return None, str(exc.__cause__ or exc).splitlines()[0]
 
 
+def _listed(items) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return " and ".join(filter(None, [", ".join(items[:-1]), items[-1]]))
+
+
 def _needed(spec, progress) -> tuple[str, str]:
     """Fetch every file the check of ``spec`` needs: ``(photo path, head path)``; where one cannot
     be fetched, one line naming each needed file, where it goes and why a missing one is missing."""
     check = catalogue.published_check(spec)
-    files = [("photo", f"the photo {check.photo} ({check.photo_size:,} bytes, sha256 {check.photo_sha256}, from "
-                       f"{' or '.join(check.photo_urls) or 'no URL'}) at {photo_path(spec)}",
-              lambda: fetch_photo(spec, progress=progress)),
-             ("head", f"the head {spec.file_name} ({spec.size:,} bytes, sha256 {spec.sha256}, from "
-                      f"{' or '.join(spec.urls) or 'no URL'}) at {catalogue.local_path(spec)}",
-              lambda: catalogue.fetch(spec, progress=progress))]
+    photo = (f"the photo {check.photo} ({check.photo_size:,} bytes, sha256 {check.photo_sha256}, from "
+             f"{' or '.join(check.photo_urls) or 'no URL'}) at {photo_path(spec)}")
+    head = (f"the head {spec.file_name} ({spec.size:,} bytes, sha256 {spec.sha256}, from "
+            f"{' or '.join(spec.urls) or 'no URL'}) at {catalogue.local_path(spec)}")
+    files = [("photo", photo, lambda: fetch_photo(spec, progress=progress)),
+             ("head", head, lambda: catalogue.fetch(spec, progress=progress))]
     if spec.backbone_weights == "imagenet":
         backbone = get_backbone(spec.net)
-        files.append(("backbone weights", f"the backbone's ImageNet weights {backbone.weights_file} (from "
-                                          f"{backbone.weights_url}) at "
-                                          f"{os.path.join(keras_cache_dir(), backbone.weights_file)}",
-                      lambda: fetch_imagenet_weights(backbone)))
+        weights = (f"the backbone's ImageNet weights {backbone.weights_file} (from {backbone.weights_url}) at "
+                   f"{os.path.join(keras_cache_dir(), backbone.weights_file)}")
+        files.append(("backbone weights", weights, lambda: fetch_imagenet_weights(backbone)))
     got = {what: _attempt(fetch) for what, _, fetch in files}
     missing = [what for what, (_, why) in got.items() if why]
     if missing:
         said = [text + (f" [missing: {got[what][1]}]" if got[what][1] else " [here]") for what, text, _ in files]
         raise WeightsUnavailableError(
-            f"cannot check {spec.name}: the {' and the '.join(missing)} could not be fetched (offline?). The check "
+            f"cannot check {spec.name}: the {_listed(missing)} could not be fetched (offline?). The check "
             f"needs {len(files)} files; put them by hand where mlsp looks (each is checked before use): "
             + "; ".join(said))
     return got["photo"][0], got["head"][0]

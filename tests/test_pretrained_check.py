@@ -19,13 +19,13 @@ import os
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import write_image
+from http_files import FileServer, closed_port_url
+from keras2_files import authors_layers, calibrated, forward, write_keras2
 
 import cli
 from heads import pretrained as pt
 from heads import pretrained_check as pc
-from helpers import write_image
-from http_files import FileServer, closed_port_url
-from keras2_files import authors_layers, calibrated, forward, write_keras2
 from mlsp.errors import ConfigError, WeightsUnavailableError
 
 IV3_CHANNELS = 10048
@@ -96,9 +96,12 @@ def published(tmp_path_factory):
     backbone = root / "iv3_random.weights.h5"
     net.save_weights(str(backbone))
     taps = keras.Model(net.input, [net.get_layer(f"mixed{i}").output for i in range(11)])
+    from mlsp.images import decode_image
+
     features = []
     for photo in photos:
         rgb = np.asarray(Image.open(photo).convert("RGB"), dtype=np.float32)
+        np.testing.assert_array_equal(rgb, decode_image(str(photo)), err_msg="Pillow and mlsp decode alike")
         features.append(np.concatenate([keras.ops.convert_to_numpy(a).mean(axis=(1, 2))
                                         for a in taps(rgb[None] / 127.5 - 1.0)], axis=-1))
     assert features[0].shape == (1, IV3_CHANNELS)
@@ -227,7 +230,7 @@ def test_offline_one_line_names_the_three_files_and_where_to_put_them(small, tmp
     assert res.exit_code == 1
     message = error_line(res.output)
     models = keras_home / "mlsp" / "models" / "test-check-offline"
-    assert "the photo and the head and the backbone weights could not be fetched" in message
+    assert "the photo, head and backbone weights could not be fetched" in message
     assert "needs 3 files" in message
     assert f"the photo photo.jpg ({len(small['photo']):,} bytes" in message
     assert f"at {models / 'check' / 'photo.jpg'} [missing: {photo_url}: connection refused]" in message
