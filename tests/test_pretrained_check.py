@@ -237,3 +237,19 @@ def test_offline_one_line_names_the_three_files_and_where_to_put_them(small, tmp
     assert f"at {models / 'model_best_weights.h5'} [missing: {head_url}: connection refused]" in message
     weights = keras_home / "models" / "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
     assert f"at {weights} [missing: name or service not known]" in message
+
+
+def test_the_docs_catalogue_example_with_a_check_is_a_valid_catalogue(tmp_path):
+    """docs/pretrained.md's TOML example (a mirror of the wide model with the authors' check) reads
+    as a catalogue whose check is the built-in one's but for its URLs."""
+    import re
+
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "pretrained.md")
+    block, = re.findall(r"```toml\n(# team-models.*?)```", open(docs, encoding="utf-8").read(), flags=re.S)
+    path = tmp_path / "team-models.toml"
+    path.write_text(block)
+    spec, = pt.load_catalogue(path)
+    built_in = pt.published_check(pt.PRETRAINED.get("ava-mlsp-irv2-wide"))
+    check = pt.published_check(spec)
+    assert check.photo_urls != built_in.photo_urls
+    assert {**vars(check), "photo_urls": (), "source": ""} == {**vars(built_in), "photo_urls": (), "source": ""}
