@@ -57,6 +57,13 @@ def test_the_wide_entry_carries_the_authors_published_prediction():
     assert [s.name for s in pc.checkable()][:1] == ["ava-mlsp-irv2-wide"]
     with pytest.raises(ConfigError, match="ava-mlsp-irv2-narrow: no published prediction"):
         pc.checkable(["ava-mlsp-irv2-narrow"])
+    listed = invoke("models").output.splitlines()
+    assert listed[-1].startswith("A published prediction to check this install against (`mlsp models --check`): "
+                                 "ava-mlsp-irv2-wide")
+    row, = json.loads(invoke("models", "ava-mlsp-irv2-wide", "--json").output)
+    assert row["check"]["reference"] == 6.397093 and row["check"]["photo"] == "954013.jpg"
+    res = invoke("models", "--check", "--fetch", "ava-mlsp-irv2-wide")
+    assert res.exit_code == 2 and "give --fetch or --check" in res.output
 
 
 @pytest.mark.parametrize("change, said", [
