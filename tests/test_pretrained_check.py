@@ -1,5 +1,5 @@
 """`mlsp models --check`: an install checked against a catalogue model's published prediction
-(heads/pretrained_check.py; the `check` table of heads/pretrained.py's entries).
+(heads/score/check.py; the `check` table of heads/score/catalogue.py's entries).
 
 The tests' model is a catalogue entry the test adds: an iv3 narrow backbone of random weights
 saved to a file, a small Single-3FC head in the authors' Keras 2 layout, a photo, all served from
@@ -24,8 +24,8 @@ from http_files import FileServer, closed_port_url
 from keras2_files import authors_layers, calibrated, forward, write_keras2
 
 import cli
-from heads import pretrained as pt
-from heads import pretrained_check as pc
+from heads.score import catalogue as pt
+from heads.score import check as pc
 from mlsp.errors import ConfigError, WeightsUnavailableError
 
 IV3_CHANNELS = 10048
@@ -103,7 +103,7 @@ def published(tmp_path_factory):
     backbone = root / "iv3_random.weights.h5"
     net.save_weights(str(backbone))
     taps = keras.Model(net.input, [net.get_layer(f"mixed{i}").output for i in range(11)])
-    from mlsp.images import decode_image
+    from mlsp.images.decode import decode_image
 
     features = []
     for photo in photos:
@@ -200,7 +200,7 @@ def test_a_photo_of_another_sha256_is_refused_and_nothing_is_scored(small, tmp_p
     def no_model(*args, **kwargs):
         raise AssertionError("nothing is scored when a file is refused")
 
-    monkeypatch.setattr("heads.pretrained_scoring.PretrainedModel", no_model)
+    monkeypatch.setattr("heads.score.released.PretrainedModel", no_model)
     with FileServer() as server:
         head_url = server.add("/h.h5", published["head"])
         photo_url = server.add("/p.jpg", published["photo"])
