@@ -653,9 +653,13 @@ def heads_command(nets, as_json):
 @click.option("--fetch", is_flag=True,
               help="Download the NAMES given into the cache now (size and sha256 checked, mirrors tried in "
                    "order, a broken download resumed), e.g. before going offline.")
+@click.option("--check", "check", is_flag=True,
+              help="Check this install: score the photo of each model that has a published prediction (or of "
+                   "NAMES) as `mlsp score --model` does and compare with the published score; exit 1 when a "
+                   "difference exceeds the entry's tolerance (docs/pretrained.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @handle_errors
-def models_command(names, catalogues, fetch, as_json):
+def models_command(names, catalogues, fetch, check, as_json):
     """List the pretrained predictors (all, or NAMES): a backbone, its pooling and a head the
     MLSP authors trained on AVA, ready to score photos. One line each: backbone, pooling, head,
     views at test time, file size, whether the file is on this machine (yes: its sha256 checked,
@@ -664,6 +668,11 @@ def models_command(names, catalogues, fetch, as_json):
 
     Files are fetched once into $KERAS_HOME/mlsp/models (default ~/.keras/mlsp/models) and used
     only while their sha256 is the catalogue's."""
+    if fetch and check:
+        raise click.UsageError("--check fetches what it needs itself; give --fetch or --check")
+    if check:
+        _check_models(names, catalogues, as_json)
+        return
     if fetch:
         if not names:
             raise click.UsageError("--fetch downloads the models named: give NAMES (`mlsp models` lists them)")
@@ -684,6 +693,25 @@ def models_command(names, catalogues, fetch, as_json):
 def _here(row) -> str:
     """The 'here' column: the pinned file is in the cache (yes), is not (no), or another is (bad)."""
     return "yes" if row["cached"] else "bad" if row["cache_problem"] else "no"
+
+
+def _check_models(names, catalogues, as_json):
+    """`mlsp models --check`: a line per model; the ones out of tolerance end in one error line."""
+    _sigterm_as_interrupt()
+    try:
+        results = api.check_models(list(names) or None, catalogues=catalogues, progress=console_progress)
+    except KeyboardInterrupt as exc:
+        kept = getattr(exc, "kept", None)  # while a file downloaded: what that kept
+        _interrupted(f"{kept}." if kept else "the files downloaded so far are kept; run the same command again.")
+    if as_json:
+        echo_json([result.as_dict() for result in results])
+    else:
+        for result in results:
+            if result.passed:
+                click.echo(result.summary())
+    failed = [r.summary() for r in results if not r.passed]
+    if failed:
+        raise click.ClickException(" | ".join(failed))
 
 
 def _echo_models(rows):
@@ -713,6 +741,9 @@ def _echo_models(rows):
         click.echo(f"Files: {os.path.dirname(os.path.dirname(rows[0]['path']))}/<name>/ (`--fetch NAMES` downloads "
                    "them now); `--json` lists the URLs. More models: --catalogue FILE or "
                    f"${CATALOGUE_ENV} (docs/pretrained.md).")
+    checked = [r["name"] for r in rows if r.get("check")]
+    if checked:
+        click.echo(f"A published prediction to check this install against (`mlsp models --check`): {', '.join(checked)}")
 
 
 _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (Ctrl-C, kill) or diverged; "

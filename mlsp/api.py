@@ -338,6 +338,20 @@ def fetch_model(name: str, *, catalogues: Sequence[str] = (), progress=False) ->
     return fetch(name, progress=resolve_progress(progress))
 
 
+def check_models(names: Sequence[str] | None = None, *, catalogues: Sequence[str] = (), progress=False) -> list:
+    """``mlsp models --check``: score the published photo of each model named (default: every
+    model whose catalogue entry has a published prediction) as ``mlsp score --model`` does, and
+    compare it with the published score. Returns one :class:`heads.score.check.CheckResult`
+    per model (``score``, ``reference``, ``difference``, ``passed``); offline, a
+    :class:`mlsp.errors.WeightsUnavailableError` names the files needed and where to put them."""
+    from heads.score.catalogue import add_catalogue
+    from heads.score.check import checkable, run_checks
+
+    for path in catalogues:
+        add_catalogue(path)
+    return run_checks(checkable(names), progress=resolve_progress(progress))
+
+
 @dataclasses.dataclass
 class SampleResult:
     """What :func:`sample` made: the dataset, the weights used (and why), the store and the run."""

@@ -23,17 +23,21 @@ import pytest  # noqa: E402
 
 from helpers import write_image  # noqa: E402  (tests/ is on the path: pyproject's pythonpath)
 
-#: Seconds each test file took in the last full run that stored them (`--store-durations`, on the
-#: 2-core machine; docs/testing.md). With `-n 2 --dist loadfile` each worker takes the next file
-#: when it is nearly done with its own, in collection order: the longest files start first and the
-#: short ones fill the end, so neither worker is left alone on a long file. A file not in it (a new
-#: one) counts as the median file.
+#: What each test took in the last full run that stored it (`--store-durations`, on the 2-core
+#: machine; docs/testing.md): seconds per test, and per file. It decides two things, so that no
+#: list is kept by hand:
+#: - the order: with `-n 2 --dist loadfile` each worker takes the next file when it is nearly done
+#:   with its own, in collection order, so the longest files start first and the short ones fill
+#:   the end, and neither worker is left alone on a long file (a file not in it counts as the median);
+#: - the tiers: a test that took more than SLOW_SECONDS is marked `slow`, like those marked by hand,
+#:   so `-m "not slow"` (the fast tier, README) leaves it out. A new test is fast until measured.
 DURATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "durations.json")
+SLOW_SECONDS = 4.0
 
 
 def pytest_addoption(parser):
     parser.addoption("--store-durations", action="store_true",
-                     help="write each test file's total time to tests/durations.json after the run")
+                     help="write each test's and each file's time to tests/durations.json after the run")
 
 
 def pytest_configure(config):
@@ -42,40 +46,51 @@ def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
     if config.getoption("store_durations") and not hasattr(config, "workerinput"):
-        config.pluginmanager.register(FileDurations(), "mlsp-file-durations")
+        config.pluginmanager.register(StoreDurations(), "mlsp-store-durations")
 
 
-def _stored_durations() -> dict:
+def stored_durations() -> dict:
+    """{"tests": {nodeid: s}, "files": {name: s}} of tests/durations.json (empty where missing)."""
     try:
         with open(DURATIONS) as handle:
-            return {str(k): float(v) for k, v in json.load(handle).items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
+            stored = json.load(handle)
+        return {"tests": dict(stored.get("tests", {})), "files": dict(stored.get("files", {}))}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {"tests": {}, "files": {}}
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items):
-    seconds = _stored_durations()
-    default = sorted(seconds.values())[len(seconds) // 2] if seconds else 0.0
-    items.sort(key=lambda item: -seconds.get(item.path.name, default))  # stable: a file's own order is kept
+    stored = stored_durations()
+    files = sorted(stored["files"].values())
+    default = files[len(files) // 2] if files else 0.0
+    for item in items:
+        if stored["tests"].get(item.nodeid, 0.0) > SLOW_SECONDS:
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: -stored["files"].get(item.path.name, default))  # stable: a file's own order kept
 
 
-class FileDurations:
-    """``--store-durations``: each test file's total time (set-up, call and tear-down of its tests,
-    as the workers report them to the controller), written to tests/durations.json at the end."""
+class StoreDurations:
+    """``--store-durations``: each test's time (set-up, call and tear-down, as the workers report
+    them to the controller) and each file's sum, written to tests/durations.json at the end."""
 
     def __init__(self):
-        self.seconds = {}
+        self.tests = {}
 
     def pytest_runtest_logreport(self, report):
-        name = os.path.basename(report.fspath)
-        self.seconds[name] = self.seconds.get(name, 0.0) + report.duration
+        self.tests[report.nodeid] = self.tests.get(report.nodeid, 0.0) + report.duration
 
     def pytest_sessionfinish(self, session, exitstatus):
-        if self.seconds:
-            with open(DURATIONS, "w") as handle:
-                json.dump({k: round(v, 1) for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1])},
-                          handle, indent=1)
-                handle.write("\n")
+        if not self.tests:
+            return
+        files = {}
+        for nodeid, seconds in self.tests.items():
+            name = os.path.basename(nodeid.split("::")[0])
+            files[name] = files.get(name, 0.0) + seconds
+        by_time = lambda d: {k: round(v, 2) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}  # noqa: E731
+        with open(DURATIONS, "w") as handle:
+            json.dump({"files": by_time(files), "tests": by_time(self.tests)}, handle, indent=1)
+            handle.write("\n")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from heads.registry import HEADS
 from synthetic import write_synthetic_store
 from heads.targets import TARGETS, emd, moments, vote_histograms
 
@@ -58,8 +57,8 @@ def tiny_wide(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("head", sorted(HEADS))
-def test_every_head_trains_on_the_distribution(tiny_wide, tmp_path, head):
+@pytest.mark.parametrize("head", ["pool3fc"])  # every head builds, trains and reloads with it: test_heads.py
+def test_a_head_trains_on_the_distribution_end_to_end(tiny_wide, tmp_path, head):
     import keras
 
     out = tmp_path / "run"

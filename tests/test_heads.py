@@ -216,22 +216,30 @@ def small_options(spec) -> dict:
     return {key: 8 for key in spec.options}
 
 
+@pytest.mark.parametrize("target", ["mos", "distribution"])
 @pytest.mark.parametrize("head", HEAD_NAMES)
-def test_every_head_keeps_the_contract(tmp_path, head):
-    """Every registered head, with its own options: builds on the features it needs, trains a
-    step (its loss changes), saves, reloads with safe_mode (no Lambda layers) and predicts the
-    same as before saving."""
+def test_every_head_keeps_the_contract(tmp_path, head, target):
+    """Every registered head, with its own options, for every target: builds on the features it
+    needs, trains a step with the target's loss (its loss changes), saves, reloads with safe_mode
+    (no Lambda layers) and predicts the same as before saving. (The planted-signal learning tests
+    train one head of each family: narrow and wide, tests/test_train_cli.py.)"""
     import keras
 
     from heads.models import build_head
+    from heads.targets import TARGETS
 
-    spec = HEADS.get(head)
-    model = build_head(head, SMALL, pooling="wide" if spec.needs_wide else "narrow", output_bias=3.0,
+    spec, goal = HEADS.get(head), TARGETS.get(target)
+    model = build_head(head, SMALL, pooling="wide" if spec.needs_wide else "narrow",
+                       output_bias=3.0 if goal.outputs == 1 else [0.0] * goal.outputs, target=target,
                        **small_options(spec))
     rng = np.random.default_rng(1)
     x = rng.uniform(size=(16,) + tuple(model.input_shape[1:])).astype(np.float32)
-    y = rng.uniform(1, 10, 16).astype(np.float32)
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    if goal.outputs == 1:
+        y = rng.uniform(1, 10, 16).astype(np.float32)
+    else:  # vote histograms
+        y = rng.dirichlet(np.ones(goal.outputs), 16).astype(np.float32)
+        assert model.output_shape == (None, goal.outputs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=goal.resolve_loss())
     before = model.evaluate(x, y, verbose=0)
     model.train_on_batch(x, y)
     assert model.evaluate(x, y, verbose=0) != before

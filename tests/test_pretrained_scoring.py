@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import cli
 from mlsp.errors import StoreConfigMismatch
 from helpers import write_image
-from keras2_files import authors_layers, forward, write_keras2
+from keras2_files import authors_layers, calibrated, forward, write_keras2
 from mlsp.images.views import VIEW_PROCEDURES, crop_origin, get_procedure
 
 IV3_CHANNELS = 10048
@@ -71,20 +71,6 @@ def _view_features(extractor, procedure, paths):
             .astype(np.float32) for p in paths]
 
 
-def _calibrated(layers, features):
-    """The batch norms' moving statistics set to those of these features, layer by layer, as
-    training leaves them: the head then tells these images apart (a random backbone's features
-    of similar pictures differ little)."""
-    weights = dict(layers)
-    x = np.concatenate(features)
-    for i in range(3):
-        fc, bn = weights[f"head_fc{i}"], weights[f"head_bn{i}"]
-        h = np.maximum(x @ fc["kernel"] + fc["bias"], 0.0)
-        bn["moving_mean"], bn["moving_variance"] = h.mean(0), h.var(0) + 1e-2
-        x = (h - bn["moving_mean"]) / np.sqrt(bn["moving_variance"] + 1e-3) * bn["gamma"] + bn["beta"]
-    return layers
-
-
 @pytest.fixture(scope="module")
 def released(tmp_path_factory, extractors):
     """Images, and per view procedure a Keras 2 head file with its catalogue entry."""
@@ -94,7 +80,7 @@ def released(tmp_path_factory, extractors):
     models = {}
     for seed, views in enumerate(("full", "crops18")):
         features = _view_features(extractors(net="iv3", augment=False), get_procedure(views), paths)
-        layers = _calibrated(authors_layers("single3fc", IV3_CHANNELS, WIDTH, seed=10 + seed), features)
+        layers = calibrated(authors_layers("single3fc", IV3_CHANNELS, WIDTH, seed=10 + seed), features)
         path = str(write_keras2(root / views / "model_best_weights.h5", layers))
         from mlsp.runtime.files import file_sha256
 

@@ -68,6 +68,7 @@ class PretrainedSpec:
     paper: dict  # the paper's AVA figures for this configuration, e.g. {"srcc": 0.756, "plcc": 0.757} or {}
     weights_format: str = "keras2-h5"
     backbone_weights: str = "imagenet"  # the backbone's weights for extraction; a test catalogue uses "random:0"
+    check: dict | None = None  # a published prediction to check an install against (CHECK_FIELDS), or None
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(PretrainedSpec))
@@ -88,7 +89,8 @@ _OSF = "https://osf.io/ubps5/files/"
 
 
 def _released(name: str, folder: str, pooling: str, head: str, head_options: dict, views: str, size: int,
-              sha256: str, paper: dict, trained_on: str, mirrors: tuple = (), mirrored: str = "") -> PretrainedSpec:
+              sha256: str, paper: dict, trained_on: str, check: dict | None = None, mirrors: tuple = (),
+              mirrored: str = "") -> PretrainedSpec:
     """An entry for one of the heads the MLSP authors released in their repository (Git LFS);
     ``mirrors``: more URLs of the same file (its sha256 decides), ``mirrored``: who names them."""
     path = f"models/{folder}/model_best_weights.h5"
@@ -99,7 +101,27 @@ def _released(name: str, folder: str, pooling: str, head: str, head_options: dic
               f"https://media.githubusercontent.com/media/{_AUTHORS}/master/{path}", *mirrors),
         source=f"the MLSP authors' {_AUTHORS}, {path} (Git LFS), trained on AVA {trained_on}; "
                f"also on OSF, {_OSF} (by hand){mirrored}",
-        paper=paper)
+        paper=paper, check=check)
+
+
+#: The commit of subpic/ava-mlsp whose predict_mlsp_wide.ipynb printed the wide model's score of
+#: images/954013.jpg (AVA's first official test image; in the repository itself, not in Git LFS).
+_AUTHORS_COMMIT = "dfb5c19b1e7139b1919ca1c1c766ca154aaad6be"
+_SAMPLE = "images/954013.jpg"
+
+#: The authors' own published prediction for the wide model, checked by ``mlsp models --check``.
+#: The tolerance of 0.01 comes from what may honestly differ (docs/pretrained.md, "Check an
+#: install"): the 7 printed digits (5e-7), mlsp's float16 rounding of the features before the head
+#: (their notebook ran float32 end to end) and the float32 sums' order on other versions and CPUs.
+AUTHORS_WIDE_CHECK = {
+    "photo": "954013.jpg", "photo_size": 302_644,
+    "photo_sha256": "568eaf2ac5ae517dad278eec1d219ab7238a39e23a4b4adfe2dbd11f74a5ac6d",
+    "photo_urls": [f"https://raw.githubusercontent.com/{_AUTHORS}/{_AUTHORS_COMMIT}/{_SAMPLE}",
+                   f"https://github.com/{_AUTHORS}/raw/{_AUTHORS_COMMIT}/{_SAMPLE}"],
+    "reference": 6.397093, "tolerance": 0.01,
+    "source": f"'predicted image score: 6.397093', printed by the authors' predict_mlsp_wide.ipynb "
+              f"({_AUTHORS} at {_AUTHORS_COMMIT[:7]}) for {_SAMPLE}, the whole image at its own size",
+}
 
 
 PRETRAINED.register(_released(
@@ -107,7 +129,8 @@ PRETRAINED.register(_released(
     255_383_120, "47f9a29caed163d9dea2ed15b75aada4477cdb76bc2eac9c55f21dd3573a7a90",
     {"srcc": 0.752, "plcc": 0.755, "accuracy": 0.8161}, "originals, one view each (no augmentation)",
     mirrors=("https://www.dropbox.com/s/16k0vh1dn7ls0cd/model_best_weights.h5?dl=1",),
-    mirrored=", and on the Dropbox mirror their notebook predict_mlsp_wide.ipynb fetches"))
+    mirrored=", and on the Dropbox mirror their notebook predict_mlsp_wide.ipynb fetches",
+    check=AUTHORS_WIDE_CHECK))
 PRETRAINED.register(_released(
     "ava-mlsp-irv2-narrow", "irnv2_mlsp_narrow_orig", "narrow", "single3fc", {"width": 2048}, "full",
     148_210_528, "0121f3235245df3db37e82fc3e5a84e22aaa731f24b3ffd3ea63d421c2b60102",
@@ -183,7 +206,64 @@ def _problem(spec: PretrainedSpec) -> str | None:
     if any(k not in PAPER_METRICS or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
            for k, v in spec.paper.items()):
         return f"paper must map {', '.join(PAPER_METRICS)} to numbers, received {_shown(spec.paper)}"
+    return None if spec.check is None else check_problem(spec.check)
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishedCheck:
+    """A catalogue entry's published prediction (its ``check`` table): the photo (file name, size,
+    sha256, URLs tried in order), the score its authors published for it, how far an install's
+    score may be from it, and where the number comes from."""
+
+    photo: str  # "954013.jpg"
+    photo_size: int  # bytes
+    photo_sha256: str
+    photo_urls: tuple  # tried in order
+    reference: float  # the published score
+    tolerance: float  # |score - reference| allowed
+    source: str  # where the number was published, for people
+
+
+CHECK_FIELDS = tuple(f.name for f in dataclasses.fields(PublishedCheck))
+
+
+def check_problem(check) -> str | None:
+    """What is wrong with an entry's ``check`` table (one line), or ``None``."""
+    if not isinstance(check, dict) or set(check) != set(CHECK_FIELDS):
+        found = ", ".join(sorted(map(str, check))) if isinstance(check, dict) else repr(check)
+        return f"check must be a table of exactly {', '.join(CHECK_FIELDS)}, received {found or 'nothing'}"
+    photo, urls = check["photo"], check["photo_urls"]
+    if not isinstance(photo, str) or not photo or _CONTROL.search(photo) or photo.startswith("."):
+        return f"check.photo {_shown(photo)} must be a plain file name (no folder, not hidden, no control characters)"
+    size = check["photo_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
+        return f"check.photo_size must be the photo's size in bytes (1 to {MAX_SIZE:,}), received {_shown(size)}"
+    if not isinstance(check["photo_sha256"], str) or not _SHA256.fullmatch(check["photo_sha256"]):
+        return f"check.photo_sha256 must be 64 lowercase hex digits, received {_shown(check['photo_sha256'])}"
+    if not isinstance(urls, (list, tuple)) or not all(isinstance(u, str) and _URL.fullmatch(u) for u in urls):
+        return f"check.photo_urls must be a list of http(s) URLs, received {_shown(urls)}"
+    for key in ("reference", "tolerance"):
+        value = check[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"check.{key} must be a number, received {value!r}"
+    if not check["tolerance"] > 0:
+        return f"check.tolerance must be above 0, received {check['tolerance']!r}"
+    if not isinstance(check["source"], str) or not check["source"].strip():
+        return "check.source must say where the reference value was published"
     return None
+
+
+def published_check(spec: PretrainedSpec) -> PublishedCheck | None:
+    """``spec``'s published prediction (checked), or ``None`` when its entry has none."""
+    if spec.check is None:
+        return None
+    problem = check_problem(spec.check)
+    if problem:
+        raise ConfigError(f"pretrained model {spec.name!r}: {problem}")
+    values = dict(spec.check)
+    values["photo_urls"] = tuple(values["photo_urls"])
+    values["reference"], values["tolerance"] = float(values["reference"]), float(values["tolerance"])
+    return PublishedCheck(**values)
 
 
 def load_catalogue(path) -> list[PretrainedSpec]:
@@ -342,17 +422,26 @@ def fetch(spec_or_name, *, progress=None) -> str:
     (:class:`~mlsp.errors.LinkRefused`). Offline, :class:`mlsp.errors.DownloadError` says in one
     line which file (size, sha256), from which URLs, and where to put it."""
     spec = get_pretrained(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
-    dest = local_path(spec)
+    return fetch_file(spec.urls, local_path(spec), size=spec.size, sha256=spec.sha256, progress=progress,
+                      advice=", or give that file's path to --model", label=f"{spec.name}'s {spec.file_name}")
+
+
+def fetch_file(urls, dest: str, *, size: int, sha256: str, label: str, advice: str = "", progress=None) -> str:
+    """``dest`` in the cache, checked, downloaded first from ``urls`` if needed (:func:`fetch`'s
+    way, for any file an entry pins: a cached copy that fails its check is moved aside to
+    ``<dest>.rejected`` and downloaded again; ``label`` and ``advice`` as for
+    :func:`mlsp.runtime.download.download`). A link as the file or its folder is refused
+    (:class:`~mlsp.errors.LinkRefused`): nothing is written through it."""
     refuse_link(os.path.dirname(dest))
     refuse_link(dest)
     if os.path.isfile(dest):
         try:
-            return verify(dest, size=spec.size, sha256=spec.sha256)
+            return verify(dest, size=size, sha256=sha256)
         except IntegrityError as exc:
             _reject(dest, exc)
-    log.info("%s: fetching %s (%s bytes) into %s", spec.name, spec.file_name, f"{spec.size:,}", dest)
-    return download(spec.urls, dest, size=spec.size, sha256=spec.sha256, progress=resolve_progress(progress),
-                    advice=", or give that file's path to --model", label=f"{spec.name}'s {spec.file_name}")
+    log.info("%s: fetching %s bytes into %s", label, f"{size:,}", dest)
+    return download(urls, dest, size=size, sha256=sha256, progress=resolve_progress(progress), advice=advice,
+                    label=label)
 
 
 def resolve_model(name_or_path, *, progress=None) -> tuple[PretrainedSpec | None, str]:
