@@ -418,3 +418,18 @@ def test_a_bad_file_on_a_really_read_only_cache(small_disk, tmp_path, monkeypatc
     assert res.output.strip().startswith(f"Error: {dest}: sha256 ") and "\n" not in res.output.strip()
     assert "cannot be moved aside (read-only file system)" in res.output
     assert listing.exit_code == 0 and "  bad  " in listing.output and "team-ro-media: bad file in the cache" in listing.output
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"photo": "a\0.jpg"}, "check.photo 'a\\x00.jpg' must be a plain file name"),
+    ({"photo": "../a.jpg"}, "must be a plain file name"),
+    ({"photo_size": 10 ** 30}, "check.photo_size must be the photo's size in bytes (1 to 68,719,476,736)"),
+    ({"photo_urls": ["https://x/a b.jpg"]}, "check.photo_urls must be a list of http(s) URLs"),
+    ({"photo_urls": None}, "check.photo_urls must be a list of http(s) URLs, received None"),
+])
+def test_a_check_table_of_the_wrong_type_is_one_line_naming_the_field(change, said):
+    """An entry's published-prediction photo is fetched into the cache as its model is: its fields
+    are held to the same rules."""
+    problem = pt.check_problem(pt.AUTHORS_WIDE_CHECK | change)
+    assert problem is not None and said in problem and "\n" not in problem
+    assert pt.check_problem(pt.AUTHORS_WIDE_CHECK) is None
