@@ -12,11 +12,11 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-import cli
 from keras2_files import authors_layers, write_keras2
 from synthetic import write_synthetic_store
 from test_faults import ROOT, faulty_command, no_temporaries, run
+
+import cli
 
 CHANNELS = (16, 24)
 FC0 = "head_fc0/head_fc0/kernel:0"
@@ -105,8 +105,8 @@ CASES = [
     ("external-link", _external, f"{FC0} is a link into another file"),
     ("external-link-to-text", _external_text, f"{FC0} is a link into another file"),
     ("external-raw-data", _raw_file, f"{FC0} takes its data from other files"),
-    ("huge-declared-shape", _huge, f"{FC0} declares 4,000,000,000,000 elements (40, 100000000000) but the file "
-                                   "stores 0 bytes"),
+    ("huge-declared-shape", _huge,
+     f"{FC0} declares 4,000,000,000,000 elements (40, 100000000000) but the file stores 0 bytes"),
     ("layer-names-scalar", _attr("layer_names", 7), "the attribute layer_names of the file is not a list of names"),
     ("layer-names-string", _attr("layer_names", "head_fc0"),
      "the attribute layer_names of the file is not a list of names"),
