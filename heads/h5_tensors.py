@@ -96,8 +96,8 @@ def check_declared(path: str, where: str, dataset) -> None:
     if kind in "SUO" or h5py.check_string_dtype(dataset.dtype) is not None:
         raise ConfigError(f"{path}: {where} is a string dataset, not a tensor of numbers")
     if kind != "f":
-        what = {"i": "integer", "u": "integer", "b": "bool", "c": "complex"}.get(kind, "non-numeric")
-        raise ConfigError(f"{path}: {where} is a {what} tensor ({dataset.dtype}); weights are floating-point numbers")
+        what = {"i": "an integer", "u": "an integer", "b": "a bool", "c": "a complex"}.get(kind, "a non-numeric")
+        raise ConfigError(f"{path}: {where} is {what} tensor ({dataset.dtype}); weights are floating-point numbers")
     if dataset.shape is None:
         raise ConfigError(f"{path}: {where} is an empty dataset (no shape)")
     if dataset.is_virtual or dataset.external:

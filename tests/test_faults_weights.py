@@ -96,7 +96,7 @@ CASES = [
     ("inf", _set("head_out/head_out/bias:0", 0, -np.inf), "head_out/bias holds 1 NaN or infinite values"),
     ("negative-variance", _set(f"{BN0}/moving_variance:0", slice(0, 2), -0.5),
      "head_bn0/moving_variance holds 2 negative values"),
-    ("integer", _replace(FC0, np.ones((40, 16), np.int32)), f"{FC0} is a integer tensor"),
+    ("integer", _replace(FC0, np.ones((40, 16), np.int32)), f"{FC0} is an integer tensor"),
     ("bool", _replace(FC0, np.ones((40, 16), bool)), f"{FC0} is a bool tensor"),
     ("complex", _replace(FC0, np.ones((40, 16), np.complex64)), f"{FC0} is a complex tensor"),
     ("string", _replace(FC0, np.array([b"a kernel"] * 40)), f"{FC0} is a string dataset"),
