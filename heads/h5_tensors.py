@@ -61,13 +61,16 @@ def member(path: str, group, name: str, where: str):
 
 def name_list(path: str, group, key: str, where: str) -> list[str]:
     """A list attribute as names; Keras splits one over 64 KB into ``key0``, ``key1``, ..."""
-    if key in group.attrs:
-        parts = [group.attrs[key]]
-    else:
-        parts, k = [], 0
-        while f"{key}{k}" in group.attrs:
-            parts.append(group.attrs[f"{key}{k}"])
-            k += 1
+    try:
+        if key in group.attrs:
+            parts = [group.attrs[key]]
+        else:
+            parts, k = [], 0
+            while f"{key}{k}" in group.attrs:
+                parts.append(group.attrs[f"{key}{k}"])
+                k += 1
+    except (OSError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: the attribute {key} of {where} cannot be read ({exc})") from None
     names = []
     for value in parts:  # Keras 2 writes an empty list as an empty float array
         if not (isinstance(value, np.ndarray) and value.ndim == 1 and (value.dtype.kind in "SUO" or not value.size)):

@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from mlsp.atomic import atomic_path, write_json
+from mlsp.atomic import atomic_path
 from mlsp.errors import ConfigError
 
 from .methods import FITTED, Images
@@ -60,11 +60,14 @@ def write(out_dir: str, meta: dict, state: dict) -> str:
     json_path, npz_path = os.path.join(out_dir, MODEL_JSON), os.path.join(out_dir, MODEL_NPZ)
     if os.path.lexists(json_path):
         os.remove(json_path)  # from here until the new json is written, the folder holds no model
-    with atomic_path(npz_path, keep_extension=True, kept="no personal model is left in the folder") as tmp:
+    with atomic_path(npz_path, keep_extension=True, kept=f"the folder holds no personal model; {AGAIN}") as tmp:
         np.savez(tmp, **state)
         with open(tmp, "rb") as handle:
             digest = hashlib.sha256(handle.read()).hexdigest()
-    write_json(json_path, {"format_version": FORMAT_VERSION, **meta, "arrays_sha256": digest})
+    cut = f"the folder holds no usable personal model; {AGAIN}"
+    with atomic_path(json_path, kept=cut) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({"format_version": FORMAT_VERSION, **meta, "arrays_sha256": digest}, handle, indent=2, default=str)
+        handle.write("\n")
     return out_dir
 
 
