@@ -206,10 +206,21 @@ def test_a_damaged_personal_model_is_one_line_naming_the_file(world, model, tmp_
     assert named in lines[0], lines[0]
 
 
-def test_the_undamaged_copy_scores(world, model, tmp_path):
+@pytest.mark.parametrize("version", [2, 1])
+def test_the_undamaged_copy_scores_and_a_model_of_format_1_still_loads(world, model, tmp_path, version):
+    """The copy scores as its original; a json of format 1 (before it recorded the npz's hash) is read."""
     folder = _copy(model, tmp_path)
-    res = _score(world, folder)
-    assert res.exit_code == 0, res.output
+    if version == 1:
+        _meta(lambda m: {**{k: v for k, v in m.items() if k != "arrays_sha256"}, "format_version": 1})(folder)
+    frames = []
+    for user_dir in (folder, model):
+        scores = tmp_path / f"s{len(frames)}.csv"
+        res = CliRunner().invoke(cli.main, ["score", world["run"], "--store", world["store"], "--user", str(user_dir),
+                                            "--out", str(scores)])
+        assert res.exit_code == 0, res.output
+        frames.append(pd.read_csv(scores)["pred_plain"])
+    assert frames[0].notna().all() and np.ptp(frames[0]) > 0
+    np.testing.assert_allclose(frames[0], frames[1])
 
 
 @pytest.mark.slow

@@ -85,6 +85,13 @@ def _huge(f, tmp_path):
     f.create_dataset(FC0, shape=(40, 10 ** 11), dtype="f4")  # declared only: the file stores none of it
 
 
+def _sparse(f, tmp_path):
+    """Compressed chunks of which one is stored: 4e10 bytes declared over a few stored."""
+    del f[FC0]
+    f.create_dataset(FC0, shape=(40, 250_000_000), dtype="f4", chunks=(40, 1000), compression="gzip")
+    f[FC0][:, :1000] = 1.0
+
+
 def _attr(name, value):
     def change(f, tmp_path):
         (f if name == "layer_names" else f["head_fc1"]).attrs[name] = value
@@ -107,6 +114,7 @@ CASES = [
     ("external-raw-data", _raw_file, f"{FC0} takes its data from other files"),
     ("huge-declared-shape", _huge,
      f"{FC0} declares 4,000,000,000,000 elements (40, 100000000000) but the file stores 0 bytes"),
+    ("compressed-sparse", _sparse, f"{FC0} declares 10,000,000,000 elements (40, 250000000) but the file stores"),
     ("layer-names-scalar", _attr("layer_names", 7), "the attribute layer_names of the file is not a list of names"),
     ("layer-names-string", _attr("layer_names", "head_fc0"),
      "the attribute layer_names of the file is not a list of names"),
@@ -203,3 +211,15 @@ def test_a_full_disk_while_importing_leaves_no_run_and_imports_again(tmp_path, s
     res = CliRunner().invoke(cli.main, _import(store, path, out))
     assert res.exit_code == 0, res.output
     assert json.loads((out / "config.json").read_text())["status"] == "finished"
+
+
+def test_more_weights_than_any_head_are_refused_from_the_headers(tmp_path, store, monkeypatch):
+    """The file's tensors together declare more weights than the cap (lowered here to 500 so a
+    small file shows it): refused before anything is read."""
+    from heads import h5_tensors
+
+    monkeypatch.setattr(h5_tensors, "MAX_ELEMENTS", 500)
+    path = _good(tmp_path)
+    res = CliRunner().invoke(cli.main, _import(store, path, tmp_path / "run"))
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert f"{path}: declares 917 weights, more than any head mlsp builds (500)" in res.output
