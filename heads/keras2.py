@@ -235,7 +235,7 @@ def _write_run(run, model):
 
     from .run import CONFIG_FILE
 
-    nothing = "no run was written; import again once there is room"
+    nothing = "no run was written; run the same import again once the folder can be written"
     try:
         os.makedirs(run.path, exist_ok=True)
     except OSError as exc:
