@@ -1,7 +1,7 @@
 """Personal models under hostile use: people whose ids hold line breaks and other characters
 str.splitlines() breaks at, kill -9 between a personal model's two files, an infinite scale, and
 damaged personal models given to `mlsp score --user` (heads/personal/model_file.py, the one
-reader and writer of a personal model; mlsp/jsonlines.py, the one reader of partial files)."""
+reader and writer of a personal model; mlsp/runtime/jsonlines.py, the one reader of partial files)."""
 
 import csv
 import hashlib

@@ -1,4 +1,4 @@
-"""Hostile and damaged Keras 2 weight files for `mlsp import-weights` (heads/h5_tensors.py, the one
+"""Hostile and damaged Keras 2 weight files for `mlsp import-weights` (heads/score/h5_tensors.py, the one
 validator of weight files), and the import killed or stopped by a full disk. Each bad file is
 made here with h5py from a good one, and refused in one line naming the tensor; a killed or
 failed import leaves no run claiming to run and a rerun into the same --out works."""
@@ -178,7 +178,7 @@ def test_a_full_disk_while_importing_leaves_no_run_and_imports_again(tmp_path, s
     the run was kept (no history.csv is spoken of), no config.json, no temporary; a rerun works."""
     import keras
 
-    from mlsp import atomic
+    from mlsp.runtime import atomic
     from mlsp.errors import WriteError
 
     path = _good(tmp_path)
@@ -216,7 +216,7 @@ def test_a_full_disk_while_importing_leaves_no_run_and_imports_again(tmp_path, s
 def test_more_weights_than_any_head_are_refused_from_the_headers(tmp_path, store, monkeypatch):
     """The file's tensors together declare more weights than the cap (lowered here to 500 so a
     small file shows it): refused before anything is read."""
-    from heads import h5_tensors
+    from heads.score import h5_tensors
 
     monkeypatch.setattr(h5_tensors, "MAX_ELEMENTS", 500)
     path = _good(tmp_path)

@@ -22,8 +22,9 @@ import os
 import numpy as np
 
 from mlsp.errors import ConfigError
-from mlsp.labels import SCORES
+from mlsp.store.labels import SCORES
 
+from ..columns import user_column
 from . import model_file
 from .methods import METHODS, Context, Images, MethodSpec, fit
 from .model_file import FORMAT_VERSION, MODEL_JSON, MODEL_NPZ  # noqa: F401 (the files' names, here as before)
@@ -129,7 +130,7 @@ class PersonalModel:
 
     @property
     def column(self) -> str:
-        return f"pred_{self.user}"
+        return user_column(self.user)
 
     def predict_generic_scale(self, images: Images) -> np.ndarray:
         return self.fitted.predict(images)

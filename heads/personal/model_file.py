@@ -2,7 +2,7 @@
 on which generic model) and ``personal.npz`` (the fitted arrays).
 
 Written as one unit: an old ``personal.json`` is removed first, then ``personal.npz`` and then
-``personal.json`` are each written atomically (:mod:`mlsp.atomic`), the json recording the npz's
+``personal.json`` are each written atomically (:mod:`mlsp.runtime.atomic`), the json recording the npz's
 SHA-256. A kill or a full disk part way leaves the new model or no model (an npz without its
 json), never a json of one person beside the arrays of another; a json and an npz that were not
 written together (copied from two folders) are refused by the hash.
@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from mlsp.atomic import atomic_path
+from mlsp.runtime.atomic import atomic_path
 from mlsp.errors import ConfigError
 
 from .methods import FITTED, Images

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from mlsp.atomic import atomic_path, write_json
+from mlsp.runtime.atomic import atomic_path, write_json
 from mlsp.errors import ConfigError, ResumeError
-from mlsp.jsonlines import JsonLines
-from mlsp.progress import ProgressFactory, null_progress
+from mlsp.runtime.jsonlines import JsonLines
+from mlsp.runtime.progress import ProgressFactory, null_progress
 
 from ..plots import plot_gain_per_person
 from .adapt import AUTO, adapt
@@ -110,7 +110,7 @@ PARTIAL_FORMAT = "json-lines"
 
 class Partial:
     """``evaluation.csv.partial``: finished rows appended as they come, one JSON object a line
-    (:mod:`mlsp.jsonlines`: any person's id round-trips), with the settings they were made under
+    (:mod:`mlsp.runtime.jsonlines`: any person's id round-trips), with the settings they were made under
     beside them (a rerun under other settings starts afresh)."""
 
     def __init__(self, out: str, settings: Settings):
