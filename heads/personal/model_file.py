@@ -2,10 +2,10 @@
 on which generic model) and ``personal.npz`` (the fitted arrays).
 
 Written as one unit: an old ``personal.json`` is removed first, then ``personal.npz`` and then
-``personal.json`` are each written atomically (:mod:`mlsp.runtime.atomic`), the json recording the npz's
-SHA-256. A kill or a full disk part way leaves the new model or no model (an npz without its
-json), never a json of one person beside the arrays of another; a json and an npz that were not
-written together (copied from two folders) are refused by the hash.
+``personal.json`` are each written atomically (:mod:`mlsp.runtime.atomic`), the json recording
+the npz's SHA-256. A kill or a full disk part way leaves the new model or no model (an npz
+without its json), never a json of one person beside the arrays of another; a json and an npz
+that were not written together (copied from two folders) are refused by the hash.
 
 Read as a user's file that may be damaged: every key of the json of its type, the scale finite,
 the npz a readable archive of finite numbers, its arrays those of the json's kind for this

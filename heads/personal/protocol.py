@@ -110,8 +110,8 @@ PARTIAL_FORMAT = "json-lines"
 
 class Partial:
     """``evaluation.csv.partial``: finished rows appended as they come, one JSON object a line
-    (:mod:`mlsp.runtime.jsonlines`: any person's id round-trips), with the settings they were made under
-    beside them (a rerun under other settings starts afresh)."""
+    (:mod:`mlsp.runtime.jsonlines`: any person's id round-trips), with the settings they were
+    made under beside them (a rerun under other settings starts afresh)."""
 
     def __init__(self, out: str, settings: Settings):
         self.rows = JsonLines(os.path.join(out, EVALUATION_CSV + ".partial"))

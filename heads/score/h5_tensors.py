@@ -126,7 +126,8 @@ def read_checked(path: str, where: str, source, tensor: str) -> np.ndarray:
     try:
         array = np.asarray(source[()])
     except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: {where} cannot be read ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: {where} cannot be read ({reason})") from None
     if array.dtype.kind != "f":
         raise ConfigError(f"{path}: {where} is a {array.dtype} tensor; weights are floating-point numbers")
     bad = ~np.isfinite(array)
