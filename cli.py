@@ -846,8 +846,10 @@ def import_weights_command(file, head, store_path, out):
     """Import a Keras 2 head (an .h5 weights file written by the authors' kutils notebooks) as a run.
 
     Every tensor is placed by its layer's name and checked for shape; a file with a missing,
-    extra or misshapen tensor is refused, naming them. The run folder then works as a trained
-    one: `mlsp score RUN`, `mlsp evaluate RUN`, `mlsp export RUN`.
+    extra or misshapen tensor is refused, naming them, and so is one whose tensors are links (to
+    elsewhere in it or to another file), not floating-point, NaN or infinite (docs/faults.md).
+    The run folder then works as a trained one: `mlsp score RUN`, `mlsp evaluate RUN`,
+    `mlsp export RUN`. A killed import leaves no run; the same command then imports again.
     """
     click.echo(f"run: {api.import_weights(file, head=head, store=store_path, out=out)}")
 

@@ -115,10 +115,11 @@ class Run:
         self.config.update(updates)
         write_json(self.config_path, self.config)
 
-    def save_model(self, model):
-        """Write ``model`` (a Keras model) to ``model.keras`` atomically: complete or not at all."""
-        with atomic_path(self.model_path, keep_extension=True,
-                         kept=f"{self.path} holds the run's config.json and history.csv, not its model") as tmp:
+    def save_model(self, model, kept: str | None = None):
+        """Write ``model`` (a Keras model) to ``model.keras`` atomically: complete or not at all.
+        ``kept``: what the folder holds should it fail (default: a training run's files)."""
+        kept = kept or f"{self.path} holds the run's config.json and history.csv, not its model"
+        with atomic_path(self.model_path, keep_extension=True, kept=kept) as tmp:
             model.save(tmp)
 
     @property

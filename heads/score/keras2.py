@@ -18,13 +18,17 @@ refused, naming them all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from mlsp.errors import ConfigError
+from mlsp.runtime.atomic import describe_os_error
+from mlsp.errors import ConfigError, WriteError
+
+from .h5_tensors import check_declared, check_total, member, name_list, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +58,41 @@ LAYER_NAMES: dict[str, dict[str, str]] = {
 }
 
 
-def _attr_names(group, key: str) -> list[str]:
-    """A Keras 2 list attribute; Keras splits one over 64 KB into ``key0``, ``key1``, ..."""
-    if key in group.attrs:
-        values = list(group.attrs[key])
-    else:
-        values, k = [], 0
-        while f"{key}{k}" in group.attrs:
-            values += list(group.attrs[f"{key}{k}"])
-            k += 1
-    return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in values]
+def _tensors(path: str, handle) -> dict:
+    """``{layer: {tensor: dataset}}`` of an open Keras 2 file (or of a whole Keras 2 model file,
+    whose weights are under ``model_weights``), every header checked (:mod:`heads.score.h5_tensors`);
+    nothing is read yet. Layers without weights are left out."""
+    import h5py
+
+    root = handle
+    if handle.get("model_weights", getlink=True) is not None:
+        root = member(path, handle, "model_weights", "model_weights")
+        if not isinstance(root, h5py.Group):
+            raise ConfigError(f"{path}: model_weights is not a group of layers")
+    layers = name_list(path, root, "layer_names", "the file")
+    if not layers:
+        raise ConfigError(f"{path}: not a Keras 2 weights file (no layer_names attribute)")
+    out: dict[str, dict] = {}
+    for layer in layers:
+        group = member(path, root, layer, layer)
+        if not isinstance(group, h5py.Group):
+            raise ConfigError(f"{path}: layer {layer} is listed in layer_names but has no group")
+        for name in name_list(path, group, "weight_names", f"layer {layer}"):
+            tensor = name.rsplit("/", 1)[-1].split(":", 1)[0]
+            if tensor in out.get(layer, {}):
+                raise ConfigError(f"{path}: layer {layer} holds two tensors named {tensor}")
+            dataset = member(path, group, name, f"{layer}/{name}")
+            if dataset is None:
+                raise ConfigError(f"{path}: {layer}/{name} is listed in weight_names but not stored")
+            check_declared(path, f"{layer}/{name}", dataset)
+            out.setdefault(layer, {})[tensor] = dataset
+    check_total(path, [d for tensors in out.values() for d in tensors.values()])
+    return out
 
 
-def read_weights(path: str) -> dict[str, dict[str, np.ndarray]]:
-    """``{layer: {tensor: array}}`` of a Keras 2 weights file (or of a whole Keras 2 model file,
-    whose weights are under ``model_weights``); layers without weights are left out."""
+@contextlib.contextmanager
+def opened_weights(path: str):
+    """The file's tensors as :func:`_tensors` gives them, while the file is open."""
     import h5py
 
     try:
@@ -76,27 +100,22 @@ def read_weights(path: str) -> dict[str, dict[str, np.ndarray]]:
     except OSError as exc:
         raise ConfigError(f"{path}: not a readable HDF5 file ({exc})") from None
     with handle:
-        root = handle["model_weights"] if "model_weights" in handle else handle
-        layers = _attr_names(root, "layer_names")
-        if not layers:
-            raise ConfigError(f"{path}: not a Keras 2 weights file (no layer_names attribute)")
-        out: dict[str, dict[str, np.ndarray]] = {}
-        for layer in layers:
-            if layer not in root:
-                raise ConfigError(f"{path}: layer {layer} is listed in layer_names but has no group")
-            for name in _attr_names(root[layer], "weight_names"):
-                tensor = name.rsplit("/", 1)[-1].split(":", 1)[0]
-                if tensor in out.get(layer, {}):
-                    raise ConfigError(f"{path}: layer {layer} holds two tensors named {tensor}")
-                if name not in root[layer]:
-                    raise ConfigError(f"{path}: {layer}/{name} is listed in weight_names but not stored")
-                out.setdefault(layer, {})[tensor] = np.asarray(root[layer][name][()])
-    return out
+        yield _tensors(path, handle)
 
 
-def infer_options(head: str, weights: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
+def read_weights(path: str) -> dict[str, dict[str, np.ndarray]]:
+    """``{layer: {tensor: array}}`` of a Keras 2 weights file, every tensor checked
+    (:mod:`heads.score.h5_tensors`); layers without weights are left out."""
+    with opened_weights(path) as tensors:
+        return {layer: {t: read_checked(path, f"{layer}/{t}", d, t) for t, d in ts.items()}
+                for layer, ts in tensors.items()}
+
+
+def infer_options(head: str, weights: Mapping[str, Mapping], path: str = "the file") -> dict:
     """The head's options (``width``, ``kernels``) read off the file's shapes (what is not there
-    is left to the head's defaults, and the import then names it missing)."""
+    is left to the head's defaults, and the import then names it missing). A size the file's
+    tensors together could not hold (the head grows with its square) is refused before any
+    head is built."""
     options = {}
     fc0 = weights.get("head_fc0", {}).get("kernel")
     if fc0 is not None and fc0.ndim == 2:
@@ -104,11 +123,21 @@ def infer_options(head: str, weights: Mapping[str, Mapping[str, np.ndarray]]) ->
     conv = weights.get("branch_1x1_conv", {}).get("kernel")
     if head == "pool3fc" and conv is not None and conv.ndim == 4:
         options["kernels"] = int(conv.shape[-1])
+    total = sum(int(np.prod(a.shape, dtype=np.float64)) for tensors in weights.values() for a in tensors.values())
+    least = {"width": ("head_fc0/kernel", lambda n: n * (n // 2)),
+             "kernels": ("branch_1x1_conv/kernel", lambda n: 3 * n * (n // 2))}
+    for name, value in options.items():
+        tensor, size = least[name]
+        if size(value) > total:
+            raise ConfigError(f"{path}: {tensor} declares a {head} of {name} {value:,}, which needs more weights "
+                              f"than the file's {total:,}")
     return options
 
 
-def _place(model, head: str, weights: Mapping[str, Mapping[str, np.ndarray]]) -> list[str]:
-    """Set the model's weights from ``weights``; returns the problems found (nothing set if any)."""
+def _place(model, head: str, weights: Mapping[str, Mapping], path: str) -> list[str]:
+    """Set the model's weights from ``weights`` (datasets or arrays); returns the problems found
+    (nothing set if any). Shapes are compared first: a tensor is read only when every shape is
+    the expected one, and its values are checked (:func:`heads.score.h5_tensors.read_checked`)."""
     ours_to_theirs = {ours: theirs for theirs, ours in LAYER_NAMES[head].items()}
     problems, used, plan = [], set(), []
     for layer in model.layers:
@@ -117,25 +146,25 @@ def _place(model, head: str, weights: Mapping[str, Mapping[str, np.ndarray]]) ->
         theirs = ours_to_theirs.get(layer.name)
         if theirs is None:
             raise ConfigError(f"head {head!r}: layer {layer.name} has no counterpart in the authors' layers")
-        values = []
+        sources = []
         for variable in layer.weights:
             tensor = variable.name.rsplit("/", 1)[-1]
-            array = weights.get(theirs, {}).get(tensor)
-            if array is None:
+            source = weights.get(theirs, {}).get(tensor)
+            if source is None:
                 problems.append(f"missing {theirs}/{tensor} {tuple(variable.shape)}")
                 continue
             used.add((theirs, tensor))
-            if tuple(array.shape) != tuple(variable.shape):
-                problems.append(f"{theirs}/{tensor} has shape {tuple(array.shape)}, expected {tuple(variable.shape)}")
-            values.append(array)
-        plan.append((layer, values))
+            if tuple(source.shape) != tuple(variable.shape):
+                problems.append(f"{theirs}/{tensor} has shape {tuple(source.shape)}, expected {tuple(variable.shape)}")
+            sources.append((f"{theirs}/{tensor}", source, tensor))
+        plan.append((layer, sources))
     extra = [f"{layer}/{tensor}" for layer, tensors in weights.items() for tensor in tensors
              if (layer, tensor) not in used]
     if extra:
         problems.append("extra " + ", ".join(extra))
     if not problems:
-        for layer, values in plan:
-            layer.set_weights(values)
+        for layer, sources in plan:
+            layer.set_weights([read_checked(path, *source) for source in sources])
     return problems
 
 
@@ -145,15 +174,21 @@ def import_head(path: str, head: str, block_channels: Sequence[int], pooling: st
     Keras 2 file ``path`` (or ``weights``, as :func:`read_weights` returns them). ``options``:
     the head's options where they must be these (default: read off the file). Returns
     ``(model, options)``."""
-    from ..models import build_head
-
     if head not in LAYER_NAMES:
         raise ConfigError(f"head {head!r} cannot be imported from a Keras 2 file; "
                           f"importable: {', '.join(LAYER_NAMES)}")
-    weights = read_weights(path) if weights is None else weights
-    chosen = {**infer_options(head, weights), **dict(options or {})}
+    if weights is not None:
+        return _import(path, head, block_channels, pooling, options, weights)
+    with opened_weights(path) as tensors:
+        return _import(path, head, block_channels, pooling, options, tensors)
+
+
+def _import(path: str, head: str, block_channels: Sequence[int], pooling: str, options, weights):
+    from ..models import build_head
+
+    chosen = {**infer_options(head, weights, path), **dict(options or {})}
     model = build_head(head, block_channels, pooling=pooling, **chosen)
-    problems = _place(model, head, weights)
+    problems = _place(model, head, weights, path)
     if problems:
         raise ConfigError(f"{path}: not the authors' {head} for {sum(block_channels):,} channels: "
                           + "; ".join(problems))
@@ -181,14 +216,35 @@ def import_run(path: str, head: str, store_path: str, out: str | None = None) ->
     with FeatureStore(store_path) as store:
         record = store_record(store_path, store)
     model, options = import_head(path, head, record["block_channels"], record["pooling"])
-    run = Run.create(out, {
+    run = Run(out, {
         "store": record, "head": head, "head_options": options, "target": DEFAULT_TARGET,
         "imported": {"file": os.path.abspath(path), "sha256": file_sha256(path), "format": FORMAT},
         "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "status": "running",
+        "status": "finished",
     })
-    run.save_model(model)
-    run.save_config(status="finished")
+    _write_run(run, model)
     log.info("%s: imported into the run %s", path, out)
     return out
+
+
+def _write_run(run, model):
+    """The model, then ``config.json``, which makes the folder a run: a kill or a full disk
+    before the end leaves no run (never one ``running``), and the same import then writes it."""
+    from mlsp.runtime.atomic import remove_stale_temporaries
+
+    from ..run import CONFIG_FILE
+
+    nothing = "no run was written; run the same import again once the folder can be written"
+    try:
+        os.makedirs(run.path, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(run.path, describe_os_error(exc), "no run was written") from exc
+    for name in (run.model_path, run.config_path):
+        remove_stale_temporaries(name)  # of an import killed while writing
+    run.save_model(model, kept=nothing)
+    try:
+        run.save_config()
+    except WriteError as exc:
+        os.remove(run.model_path)
+        raise WriteError(os.path.join(run.path, CONFIG_FILE), exc.reason, nothing) from exc

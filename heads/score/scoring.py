@@ -20,6 +20,7 @@ from mlsp.runtime.atomic import atomic_path, write_json
 from mlsp.runtime.files import file_sha256
 from mlsp.store.config import SCORED_KEYS
 from mlsp.errors import ImageDecodeError, ResumeError, StoreConfigMismatch
+from mlsp.runtime.jsonlines import JsonLines
 from mlsp.extraction.job import ExtractConfig, FeatureExtractor, collect_inputs
 from mlsp.runtime.progress import ProgressFactory, null_progress
 from mlsp.images.readahead import DECODE_WORKERS, LocalRunner
@@ -259,7 +260,7 @@ class _PartialScores:
         else:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             write_json(self.meta, self.info)
-        self.handle = None
+        self.rows = JsonLines(path)
 
     def damaged(self, path: str, what: str) -> ResumeError:
         return ResumeError(f"{path}: {what}; the scores of an interrupted run cannot be trusted: {self.restart}")
@@ -275,51 +276,33 @@ class _PartialScores:
         return have
 
     def read(self) -> dict:
-        """{path: row} of the lines complete on disk."""
-        if not os.path.exists(self.path):
-            return {}
+        """{path: row} of the lines complete on disk (:class:`mlsp.runtime.jsonlines.JsonLines`)."""
         try:
-            with open(self.path) as handle:
-                text = handle.read()
+            lines = self.rows.read()
         except UnicodeDecodeError:
             raise self.damaged(self.path, "damaged (not text)") from None
-        if not text.endswith("\n"):  # a line cut by a kill
-            text = text[: text.rfind("\n") + 1]
-            with open(self.path, "w") as handle:
-                handle.write(text)
         rows = {}
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                row = _partial_row(line)
-                if row is None:
-                    raise self.damaged(self.path, f"line {number} is not a scored image (damaged)")
-                rows[row["path"]] = row
+        for number, value in lines:
+            row = _partial_row(value)
+            if row is None:
+                raise self.damaged(self.path, f"line {number} is not a scored image (damaged)")
+            rows[row["path"]] = row
         return rows
 
     def append(self, row: dict):
-        if self.handle is None:
-            self.handle = open(self.path, "a")
-        self.handle.write(json.dumps(row) + "\n")  # floats as repr: read back exactly
-        self.handle.flush()
+        self.rows.append(row)
 
     def close(self):
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
+        self.rows.close()
 
     def remove(self):
-        self.close()
-        for name in (self.path, self.meta):
-            if os.path.exists(name):
-                os.remove(name)
+        self.rows.remove()
+        if os.path.exists(self.meta):
+            os.remove(self.meta)
 
 
-def _partial_row(line: str) -> dict | None:
-    """One line of ``<out>.partial`` as its row, or None when it is not one."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
+def _partial_row(row) -> dict | None:
+    """One line of ``<out>.partial`` (its JSON value) as its row, or None when it is not one."""
     if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not isinstance(row.get("id"), str):
         return None
     columns = row.get("columns")
