@@ -23,7 +23,6 @@ from click.testing import CliRunner
 import cli
 from helpers import ctrl_c_after, write_image
 from heads.score.scoring import score_images
-from mlsp import api
 from mlsp.extraction.job import ExtractConfig, FeatureExtractor, extract
 from mlsp.runtime.progress import NullProgress
 from mlsp.images.readahead import DECODE_WORKERS
