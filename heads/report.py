@@ -115,7 +115,7 @@ class Photos:
         for key, column in (("m", "mos"), ("o", "opinion_std")):
             if hasattr(r, column) and _number(getattr(r, column)) is not None:
                 row[key] = _number(getattr(r, column))
-        if hasattr(r, "split") and isinstance(r.split, str):
+        if hasattr(r, "split") and isinstance(r.split, str) and r.split:
             row["sp"] = r.split
         if all(hasattr(r, c) for c in HISTOGRAM_COLUMNS):
             hist = [_number(getattr(r, c)) for c in HISTOGRAM_COLUMNS]
@@ -273,6 +273,15 @@ def section(title: str, content: str) -> str:
     return f"<section><h2>{html.escape(title)}</h2>{content}</section>"
 
 
+def script_json(data) -> str:
+    """``data`` as JSON that can sit inside a ``<script>`` block whatever its strings hold: every
+    ``<``, ``>`` and ``&`` written as its ``\\u`` escape (JSON's own), so no ``</script>`` ends the
+    block early and no ``<!--`` plus ``<script`` swallows the rest of the page (HTML's script data
+    states)."""
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def render(page: Page, max_photos: int) -> str:
     """The page's HTML: the sections, the gallery (when there are photos) and the data block."""
     body = "".join(page.sections)
@@ -280,8 +289,7 @@ def render(page: Page, max_photos: int) -> str:
     if page.photos is not None:
         body += report_page.GALLERY
         data = page.photos.data(max_photos)
-    # inside <script>, "</" would end the block: JSON allows "<\/" for it
-    text = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    text = script_json(data)
     return report_page.PAGE.format(title=html.escape(page.title), subtitle=html.escape(page.subtitle),
                                    css=report_page.CSS, body=body, data=text, js=report_page.JS)
 
