@@ -955,10 +955,15 @@ def report_command(source, out, images_dir, saliency_dir, max_photos):
 @click.option("--model", help="Or a released model whose score is explained: a name of `mlsp models` or the "
                               "path of its file (fetched and checked as for `mlsp score --model`).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for <id>.png (the photo under its saliency map) and <id>.npy (the map, float32, "
-                   "the photo's height x width, max 1).")
+              help=f"Folder for <id>{saliency.OVERLAY_FILE} (the photo under its saliency map) and "
+                   f"<id>{saliency.MAP_FILE} (the map, float32, the photo's height x width, max 1); never taken "
+                   "for photos, so it may be the photos' own folder.")
 @click.option("--samples", type=click.IntRange(min=1), default=saliency.SAMPLES, show_default=True,
-              help="Noisy copies averaged (SmoothGrad's paper: 50). Each runs the whole model forward and back.")
+              help="Noisy copies averaged (SmoothGrad's paper: 50). Each runs the whole model forward and back "
+                   "over the photo's views: on a CPU some 3 CPU-seconds per sample for a 565x394 photo with iv3 "
+                   "(docs/report.md); "
+                   f"memory stays bounded ({saliency.PIXELS_PER_CALL / 1e6:g} million view pixels per call, "
+                   "about 2 GB with iv3).")
 @click.option("--noise", type=click.FloatRange(min=0), default=saliency.NOISE, show_default=True,
               help="Standard deviation of the noise as a share of the image's value range (the paper: 0.1-0.2).")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")

@@ -18,7 +18,7 @@ At most ``max_photos`` thumbnails (long side :data:`THUMB_SIDE`) are made, the b
 score, so the build takes time in proportion to the photos shown, whatever the number of rows; the
 other rows are listed without a picture. A photo that cannot be read or is not where the source
 says is a placeholder tile with the reason. Where ``saliency`` (a folder of ``mlsp explain``)
-holds ``<id>.png``, that overlay is shown beside the photo.
+holds ``<id>.mlsp-saliency.png``, that overlay is shown beside the photo.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from mlsp.progress import ProgressFactory, null_progress
 from mlsp.registry import Registry, resolve
 
 from . import report_page
+from .explain import output_paths
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class Photos:
             else:
                 row["t"] = self._add(thumb)
                 row["f"] = self.link(path)
-        overlay = os.path.join(saliency, *row["n"].split("/")) + ".png" if saliency else None
+        overlay = output_paths(saliency, row["n"])[0] if saliency else None
         if overlay and os.path.isfile(overlay):
             thumb, _ = thumbnail(overlay)
             if thumb is not None:

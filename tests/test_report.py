@@ -175,19 +175,19 @@ def test_personalisation_page_has_the_gain_per_person(tmp_path):
 
 
 def test_saliency_overlays_are_shown_beside_their_photos(tmp_path):
-    """Overlays named <id>.png (as mlsp explain writes them) join their photo's tile; a run finds
-    its own RUN/saliency folder without being told."""
+    """Overlays named <id>.mlsp-saliency.png (as mlsp explain writes them) join their photo's
+    tile; a run finds its own RUN/saliency folder without being told."""
     from heads.report import report
 
     source, frame = plant_scores(tmp_path, n=6, distribution=False)
     for k in (1, 4):
-        write_image(tmp_path / "maps" / f"photo_{k:03d}.png", 100, 120, seed=50 + k)
+        write_image(tmp_path / "maps" / f"photo_{k:03d}.mlsp-saliency.png", 100, 120, seed=50 + k)
     data = page_data(report(str(source), str(tmp_path / "r.html"), saliency=str(tmp_path / "maps")))
     with_map = {r["n"] for r in data["rows"] if r["a"] >= 0}
     assert with_map == {"photo_001", "photo_004"}
-    assert data["rows"][1]["g"] == "maps/photo_001.png" and data["rows"][1]["t"] != data["rows"][1]["a"]
+    assert data["rows"][1]["g"] == "maps/photo_001.mlsp-saliency.png" and data["rows"][1]["t"] != data["rows"][1]["a"]
     run, *_ = plant_run(tmp_path / "r", images=True)
-    write_image(run / "saliency" / "im3.png", 100, 120, seed=9)
+    write_image(run / "saliency" / "im3.mlsp-saliency.png", 100, 120, seed=9)
     rows = page_data(report(str(run), images=str(tmp_path / "r" / "imgs")))["rows"]
     assert [r["n"] for r in rows if r["a"] >= 0] == ["im3"]
 
