@@ -103,23 +103,39 @@ class ViewChunks:
     gradient. :meth:`plan` gives the parts and the noisy samples per call for an image."""
 
     def __init__(self, model, pixels: int | None = None):
-        from keras import Model
+        from keras.layers import InputLayer
 
         from mlsp.layers import PositionCrops, ViewCrops, ViewMean
 
         from .layers import HistogramMoments
 
         self.pixels = PIXELS_PER_CALL if pixels is None else int(pixels)
-        views = [layer for layer in model.layers if isinstance(layer, (ViewCrops, PositionCrops))]
-        means = [layer for layer in model.layers if isinstance(layer, ViewMean)]
-        self.split = len(views) == 1 and len(means) == 1
         self.whole = score_function(model)
+        layers = [layer for layer in model.layers if not isinstance(layer, InputLayer)]
+        views = [k for k, layer in enumerate(layers) if isinstance(layer, (ViewCrops, PositionCrops))]
+        means = [k for k, layer in enumerate(layers) if isinstance(layer, ViewMean)]
+        # a chain of layers (no other operation in the graph), as heads.export.assemble builds it
+        self.split = (len(views) == 1 and len(means) == 1 and views[0] < means[0]
+                      and len(model.operations) == len(model.layers))
         if self.split:
-            self.n_views = views[0].n_views
-            self.views = Model(model.input, views[0].output)
-            self.per_view = Model(views[0].output, means[0].input)
-            moments = [layer for layer in model.layers if isinstance(layer, HistogramMoments)]
+            self.n_views = layers[views[0]].n_views
+            self.before, self.between = layers[:views[0] + 1], layers[views[0] + 1:means[0]]
+            moments = [layer for layer in layers[means[0]:] if isinstance(layer, HistogramMoments)]
             self.moments = moments[0] if moments else None
+
+    @staticmethod
+    def _through(layers, x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    def views(self, x):
+        """(B, H, W, 3) images -> (B*V, h, w, 3) views."""
+        return self._through(self.before, x)
+
+    def per_view(self, v):
+        """(B*V, h, w, 3) views -> each view's prediction (a score, or a histogram)."""
+        return self._through(self.between, v)
 
     def view_shape(self, image: np.ndarray) -> tuple[int, int] | None:
         """(h, w) of the image's views; None for a model without views."""
@@ -151,7 +167,7 @@ class ViewChunks:
             v = self.views(x)
             h, w, c = ops.shape(v)[1], ops.shape(v)[2], ops.shape(v)[3]
             v = ops.reshape(ops.reshape(v, (-1, n, h, w, c))[:, start:stop], (-1, h, w, c))
-            p = self.per_view(v, training=False)
+            p = self.per_view(v)
             score = self.moments(p)[0] if self.moments is not None else ops.reshape(p, (-1,))
             return ops.sum(ops.reshape(score, (-1, count)), axis=1) / n
 

@@ -128,7 +128,8 @@ def views_model(distribution: bool = False):
     keras.utils.set_random_seed(4)
     x = keras.Input((None, None, 3))
     views = ViewCrops(augment=True, name="views")(x)
-    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="tanh")(views / 255.0))
+    scaled = keras.layers.Rescaling(1 / 255.0)(views)
+    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="tanh")(scaled))
     if not distribution:
         return keras.Model(x, ViewMean(8)(keras.layers.Dense(1)(features)))
     hist = ViewMean(8)(keras.layers.Dense(10, activation="softmax")(features))
