@@ -30,7 +30,7 @@ from mlsp.progress import ProgressFactory, null_progress
 from mlsp.readahead import DECODE_WORKERS, LocalRunner
 from mlsp.views import get_procedure
 
-from .score import HeadScorer, head_columns, score_features, score_files
+from .score import HeadScorer, column_names, head_columns, score_features, score_files
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class PretrainedModel:
             runner = cluster.runner(PretrainedRecipe(self.head_path, self.spec.name, self.spec.views, self.config))
         else:
             runner = LocalRunner(self.scorer(), workers)
-        frame, errors = score_files(runner, inputs, out, progress=progress)
+        frame, errors = score_files(runner, inputs, out, progress=progress, columns=column_names(self.head))
         frame.attrs["errors"] = errors
         return frame
 

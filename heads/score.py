@@ -86,6 +86,13 @@ def score_columns(p: np.ndarray) -> dict:
     return {"pred": columns.pop("pred"), "pred_std": moments(p)[0].std(1), **columns}
 
 
+def column_names(model) -> list[str]:
+    """The score columns a head gives (:func:`score_columns`), known before any image is scored:
+    ``pred``, ``pred_std``, and a histogram head's ``pred_opinion_std`` and ``p1``..."""
+    k = int(model.outputs[0].shape[-1] or 1)
+    return list(score_columns(np.full((1, 1, k), 1.0 / k) if k > 1 else np.zeros((1, 1))))
+
+
 def _stack(parts: list) -> dict:
     """Score columns of several batches, one after the other."""
     if not parts:
@@ -224,14 +231,15 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
         runner = cluster.runner(ScoreRecipe(os.path.abspath(run_dir), config, allow_unfinished))
     else:
         runner = LocalRunner(ImageScorer(run_dir, config, extractor, allow_unfinished), workers)
-    return score_files(runner, inputs, out, progress=progress)
+    return score_files(runner, inputs, out, progress=progress, columns=column_names(run.load_model()))
 
 
 def score_files(runner, inputs: str | Sequence[str], out: str | None = None, *,
-                progress: ProgressFactory = null_progress):
+                progress: ProgressFactory = null_progress, columns: Sequence[str] | None = None):
     """Score image files with a runner (:class:`mlsp.readahead.LocalRunner` or a Ray cluster's)
     over a scoring processor (:class:`ImageScorer`, or a pretrained model's); see
-    :func:`score_images`. Returns ``(frame, errors)``."""
+    :func:`score_images`. ``columns``: the score columns the model gives (:func:`column_names`),
+    which the frame and the CSV keep when no image could be scored. Returns ``(frame, errors)``."""
     paths, ids, skipped, root = collect_inputs(inputs)
     partial = _PartialScores(out + ".partial", runner.info()) if out else None
     done = partial.read() if partial else {}  # path -> {"id", "path", "columns" or "error"}
@@ -260,7 +268,7 @@ def score_files(runner, inputs: str | Sequence[str], out: str | None = None, *,
     rows = [r for r in ordered if "columns" in r]
     errors = [{"id": os.path.splitext(os.path.basename(p))[0], "path": p, "reason": r} for p, r in skipped]
     errors += [{"id": r["id"], "path": r["path"], "reason": r["error"]} for r in ordered if "error" in r]
-    names = list(rows[0]["columns"]) if rows else ["pred", "pred_std"]
+    names = list(rows[0]["columns"]) if rows else list(columns or ["pred", "pred_std"])
     frame = _frame([r["id"] for r in rows], {k: [r["columns"][k] for r in rows] for k in names},
                    paths=[r["path"] for r in rows])
     if out:
