@@ -43,7 +43,7 @@ from mlsp import api  # noqa: E402
 from mlsp.backbones import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
 from mlsp import backend  # noqa: E402
 from mlsp.backend import BACKENDS  # noqa: E402
-from mlsp.errors import MLSPError, NoUsableImages, RunInterrupted  # noqa: E402
+from mlsp.errors import IdentityConflict, MLSPError, NoUsableImages, RunInterrupted  # noqa: E402
 from mlsp import extract as extraction  # noqa: E402
 from mlsp.extract import ExtractConfig  # noqa: E402
 from mlsp.images import CROP_FRACTION, VIEW_NAMES  # noqa: E402
@@ -325,6 +325,20 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, t
     except NoUsableImages as exc:
         _echo_errors(exc.errors)
         raise
+    except IdentityConflict as exc:  # the other images are extracted: say so, list the conflicts, exit 1
+        if exc.result is not None:
+            _extract_summary(exc.result)
+            click.echo(f"{len(exc.conflicts)} files not extracted (a store never replaces an image):", err=True)
+            for path, key, was, now in exc.conflicts[:10]:
+                click.echo(f"  {shown(path)}: {IdentityConflict.reason(exc.store, key, was, now)}", err=True)
+            if len(exc.conflicts) > 10:
+                click.echo(f"  ... and {len(exc.conflicts) - 10} more", err=True)
+        raise
+    _extract_summary(result)
+
+
+def _extract_summary(result):
+    """What an extraction did: the inputs it could not use, the store's rows and splits."""
     _echo_errors(result.errors)
     rep = result.labels_report
     splits = ", ".join(f"{k} {v}" for k, v in rep.get("counts", {}).items())

@@ -361,9 +361,13 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
         stored_ids.update(zip(record.ids, record.paths))
         stored_files.update(zip(record.paths, record.identities))
     # a file under a stored path must be the one stored, never skipped as done when it is not
+    # (they are left out, the others extracted; the extraction then raises IdentityConflict)
     conflicts = identity.conflicts(((p, job.key(p)) for p in job.paths), stored_files)
     if conflicts:
-        raise IdentityConflict(out, conflicts)
+        refused = {c[0] for c in conflicts}
+        log.warning("%d files differ from the ones stored under their names in %s: extracting the others",
+                    len(refused), out)
+        job.paths = [p for p in job.paths if p not in refused]
     # ids unique by construction, also against the images stored before (images.image_ids)
     job.ids = images.image_ids(job.paths, job.root, taken=stored_ids)
     todo = [(p, i) for p, i in zip(job.paths, job.ids) if job.key(p) not in done_paths]
@@ -385,6 +389,8 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
     result = ExtractResult(out, n_rows, new, errors, dict(job.report), time.monotonic() - job.started,
                            skipped_existing)
     log.debug("%s: %d images (%d new), %d unusable inputs, in %.1f s", out, n_rows, new, len(errors), result.seconds)
+    if conflicts:
+        raise IdentityConflict(out, conflicts, result)
     return result
 
 
