@@ -130,6 +130,11 @@ class IdentityConflict(StoreError):
         return f"a different file than the {key} stored in {store} ({was.describe()}; this one: {now.describe()})"
 
 
+class KernelError(MLSPError):
+    """The backend's CPU kernels (oneDNN) cannot run the model even on one view at a time
+    (:class:`mlsp.backend.Forward`)."""
+
+
 class StoreLocked(StoreError):
     """Another process is writing the store (see :class:`mlsp.files.StoreLock`)."""
 
