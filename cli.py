@@ -935,8 +935,8 @@ def export_command(run_dir, model, out, weights, precision, allow_unfinished):
               help="The folder of the photos, found by id as extraction and scoring name them: for a run "
                    "(the folder its store was extracted from), a scores file of --store, or one whose photos moved.")
 @click.option("--saliency", "saliency_dir", type=click.Path(exists=True, file_okay=False),
-              help="A folder of `mlsp explain` overlays (<id>.png), shown beside each photo. Default for a run: "
-                   "RUN/saliency when it exists.")
+              help=f"A folder of `mlsp explain` overlays (<id>{saliency.OVERLAY_FILE}), shown beside each photo. "
+                   "Default for a run: RUN/saliency when it exists.")
 @click.option("--max-photos", type=click.IntRange(min=1), default=reporting.MAX_PHOTOS, show_default=True,
               help=f"Thumbnails made (the best and worst by score; long side {reporting.THUMB_SIDE} px) and photos "
                    "per page of the gallery; further rows are listed without a picture.")

@@ -255,7 +255,8 @@ def explain(images: str | Sequence[str], out: str, *, run: str | None = None, mo
     """``mlsp explain``: SmoothGrad saliency of each photo's predicted score through the whole
     image-to-score model of a trained ``run`` or of a released ``model`` (a catalogue name or the
     path of its file, :func:`pretrained`) (:mod:`heads.explain`), written into ``out`` as
-    ``<id>.png`` (an overlay) and ``<id>.npy`` (the map at the photo's size). ``samples`` and
+    ``<id>.mlsp-saliency.png`` (an overlay) and ``<id>.mlsp-saliency.npy`` (the map at the photo's
+    size; :data:`heads.explain.OVERLAY_FILE`, :data:`heads.explain.MAP_FILE`). ``samples`` and
     ``noise``: default SmoothGrad's paper's (:data:`heads.explain.SAMPLES`,
     :data:`heads.explain.NOISE`). Returns ``(explained, errors)``."""
     from heads import explain as saliency
