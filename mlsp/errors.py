@@ -50,7 +50,7 @@ class DownloadError(WeightsUnavailableError):
 
 
 class KerasGraphChanged(MLSPError):
-    """The installed Keras no longer has the graph attributes :mod:`mlsp.keras_graph` reads."""
+    """The installed Keras no longer has the graph attributes :mod:`mlsp.backbone.graph` reads."""
 
 
 class LabelsError(MLSPError, ValueError):
@@ -108,9 +108,9 @@ def _summary(value, limit: int = 4) -> str:
 
 
 class IdentityConflict(StoreError):
-    """A file differs from the one stored under its path (:mod:`mlsp.identity`); ``conflicts``:
+    """A file differs from the one stored under its path (:mod:`mlsp.images.identity`); ``conflicts``:
     ``(path, key, stored identity, identity now)`` each. Raised by an extraction after it has
-    extracted every other image: ``result`` is what it did (:class:`mlsp.extract.ExtractResult`)."""
+    extracted every other image: ``result`` is what it did (:class:`mlsp.extraction.job.ExtractResult`)."""
 
     def __init__(self, store, conflicts, result=None):
         self.store = str(store)
@@ -132,11 +132,11 @@ class IdentityConflict(StoreError):
 
 class KernelError(MLSPError):
     """The backend's CPU kernels (oneDNN) cannot run the model even on one view at a time
-    (:class:`mlsp.backend.Forward`)."""
+    (:class:`mlsp.runtime.backend.Forward`)."""
 
 
 class StoreLocked(StoreError):
-    """Another process is writing the store (see :class:`mlsp.files.StoreLock`)."""
+    """Another process is writing the store (see :class:`mlsp.runtime.files.StoreLock`)."""
 
     def __init__(self, path, holder: str):
         self.path = str(path)

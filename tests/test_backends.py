@@ -19,8 +19,8 @@ import pytest
 import backend_worker
 from helpers import write_image
 from mlsp.errors import ImageDecodeError
-from mlsp.extract import ExtractConfig, extract
-from mlsp.readahead import run_batched
+from mlsp.extraction.job import ExtractConfig, extract
+from mlsp.images.readahead import run_batched
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
@@ -215,7 +215,7 @@ def test_a_batch_onednn_cannot_run_is_run_in_smaller_parts(caplog):
     """oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA) was reported to refuse some batches that it
     runs in smaller parts: the forward halves such a batch as far as needed, says so in one log
     line, and gives what one call would have; one view it cannot run is one line (KernelError)."""
-    from mlsp.backend import Forward
+    from mlsp.runtime.backend import Forward
     from mlsp.errors import KernelError
 
     calls = []
@@ -228,7 +228,7 @@ def test_a_batch_onednn_cannot_run_is_run_in_smaller_parts(caplog):
 
     forward = Forward(fn, lambda: 0)
     batch = np.random.default_rng(0).integers(0, 256, (10, 4, 5, 3)).astype(np.uint8)
-    with caplog.at_level(logging.WARNING, logger="mlsp.backend"):
+    with caplog.at_level(logging.WARNING, logger="mlsp.runtime.backend"):
         out = forward(batch)
         forward(batch)
     np.testing.assert_array_equal(out, batch.reshape(10, -1).mean(1, keepdims=True).astype(np.float32))
@@ -270,7 +270,7 @@ def test_extraction_carries_on_where_onednn_refuses_a_batch(tmp_path, extractors
 
     monkeypatch.setattr(fx._forward, "_fn", refusing)
     monkeypatch.setattr(fx._forward, "split_said", False)
-    with caplog.at_level(logging.WARNING, logger="mlsp.backend"):
+    with caplog.at_level(logging.WARNING, logger="mlsp.runtime.backend"):
         grouped = extract(str(images), config, str(tmp_path / "grouped.h5"), extractor=fx, batch_views=24)
     assert grouped.new == 3
     assert len([r for r in caplog.records if "oneDNN" in r.getMessage()]) == 1

@@ -1,4 +1,4 @@
-"""SmoothGrad saliency (heads.explain, mlsp explain): the map's mass falls where the score comes
+"""SmoothGrad saliency (heads.report.saliency, mlsp explain): the map's mass falls where the score comes
 from, TensorFlow and PyTorch give the same map, float32 and bfloat16 maps agree, and the CLI
 writes an overlay and a raw map per photo at the photo's size, listing files it cannot use."""
 
@@ -31,7 +31,7 @@ def test_saliency_falls_in_the_region_the_score_depends_on():
 def test_noise_and_samples_change_the_map_as_smoothgrad_says():
     """Without noise every sample is the plain gradient; with noise the map is smoother (the
     SmoothGrad paper's point): its pixel-to-pixel variation inside the region drops."""
-    from heads.explain import score_function, smoothgrad
+    from heads.report.saliency import score_function, smoothgrad
 
     fn = score_function(saliency_worker.region_model())
     img = saliency_worker.image()
@@ -66,7 +66,7 @@ def tiny_run(tmp_path_factory, extractors):
     """A single1fc run on 8 small images of a random iv3 (narrow; 2 of them the test split),
     trained for one short epoch."""
     from mlsp import api
-    from mlsp.extract import ExtractConfig, extract
+    from mlsp.extraction.job import ExtractConfig, extract
 
     root = tmp_path_factory.mktemp("explain")
     for k in range(8):
@@ -106,7 +106,7 @@ def test_explain_cli_writes_maps_at_each_photos_size(tmp_path, tiny_run):
 
 @pytest.mark.slow
 def test_float32_and_bfloat16_maps_correlate(tmp_path, tiny_run):
-    from heads.explain import RunModel, score_function, smoothgrad
+    from heads.report.saliency import RunModel, score_function, smoothgrad
 
     img = np.random.default_rng(0).integers(0, 256, (96, 96, 3)).astype(np.float32)
     maps = {}
@@ -123,7 +123,7 @@ def views_model(distribution: bool = False):
     import keras
 
     from heads.layers import HistogramMoments
-    from mlsp.layers import ViewCrops, ViewMean
+    from mlsp.backbone.layers import ViewCrops, ViewMean
 
     keras.utils.set_random_seed(4)
     x = keras.Input((None, None, 3))
@@ -145,7 +145,7 @@ class Scorer:
 @pytest.mark.parametrize("distribution", [False, True])
 def test_maps_in_chunks_of_views_are_the_whole_models_map(distribution):
     """Memory is bounded by splitting a photo's views over calls: the map is the same."""
-    from heads.explain import ViewChunks, score_function, smoothgrad
+    from heads.report.saliency import ViewChunks, score_function, smoothgrad
 
     model = views_model(distribution)
     img = np.random.default_rng(1).integers(0, 256, (48, 64, 3)).astype(np.float32)
@@ -164,8 +164,8 @@ def test_maps_in_chunks_of_views_are_the_whole_models_map(distribution):
 def test_explain_bounds_each_call_and_shows_progress_per_photo(tmp_path, monkeypatch):
     """No forward-and-back call holds more than PIXELS_PER_CALL view pixels, however many samples;
     each photo has its own bar over its calls (tqdm's expected time)."""
-    from heads import explain as saliency
-    from mlsp import backend
+    from heads.report import saliency
+    from mlsp.runtime import backend
 
     monkeypatch.setattr(saliency, "PIXELS_PER_CALL", 2 * 42 * 56)  # two views of a 48x64 photo
     calls = []
@@ -196,8 +196,8 @@ def test_explain_bounds_each_call_and_shows_progress_per_photo(tmp_path, monkeyp
 def test_explain_into_the_photos_folder_never_replaces_or_adds_a_photo(tmp_path):
     """`mlsp explain DIR --out DIR` once wrote its overlay over photo.png, and other.png beside
     other.jpg, which the next run took for a photo."""
-    from heads.explain import explain
-    from mlsp.images import list_images
+    from heads.report.saliency import explain
+    from mlsp.images.decode import list_images
 
     photos = tmp_path / "photos"
     png = write_image(photos / "photo.png", 48, 64, seed=1)
@@ -218,7 +218,7 @@ def test_explain_into_the_photos_folder_never_replaces_or_adds_a_photo(tmp_path)
 
 
 def test_photos_too_small_for_the_backbone_are_listed_and_the_batch_goes_on(tmp_path):
-    from heads.explain import explain
+    from heads.report.saliency import explain
 
     write_image(tmp_path / "in" / "a_ok.png", 48, 64, seed=1)
     write_image(tmp_path / "in" / "b_dot.png", 1, 1, seed=2)
