@@ -595,7 +595,7 @@ class _LabelSources:
 def _previous_splits(out: str, drawn: dict) -> dict | None:
     """The splits (id -> split) of the store at ``out``, where its splits were drawn as now
     (``drawn``: the same seed, fractions and test list), so that a grown store keeps every image's
-    split (:func:`mlsp.labels.assign_splits`); None for a new store or another draw."""
+    split (:func:`mlsp.store.labels.assign_splits`); None for a new store or another draw."""
     if not os.path.exists(out):
         return None
     with store.FeatureStore(out, check_labels=False) as s:
