@@ -48,7 +48,7 @@ from mlsp import api  # noqa: E402
 from mlsp.backbone.nets import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
 from mlsp.runtime import backend  # noqa: E402
 from mlsp.runtime.backend import BACKENDS  # noqa: E402
-from mlsp.errors import MLSPError, NoUsableImages, RunInterrupted  # noqa: E402
+from mlsp.errors import IdentityConflict, MLSPError, NoUsableImages, RunInterrupted  # noqa: E402
 from mlsp.extraction import job as extraction  # noqa: E402
 from mlsp.extraction.job import ExtractConfig  # noqa: E402
 from mlsp.images.decode import CROP_FRACTION, VIEW_NAMES  # noqa: E402
@@ -330,6 +330,20 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, t
     except NoUsableImages as exc:
         _echo_errors(exc.errors)
         raise
+    except IdentityConflict as exc:  # the other images are extracted: say so, list the conflicts, exit 1
+        if exc.result is not None:
+            _extract_summary(exc.result)
+            click.echo(f"{len(exc.conflicts)} files not extracted (a store never replaces an image):", err=True)
+            for path, key, was, now in exc.conflicts[:10]:
+                click.echo(f"  {shown(path)}: {IdentityConflict.reason(exc.store, key, was, now)}", err=True)
+            if len(exc.conflicts) > 10:
+                click.echo(f"  ... and {len(exc.conflicts) - 10} more", err=True)
+        raise
+    _extract_summary(result)
+
+
+def _extract_summary(result):
+    """What an extraction did: the inputs it could not use, the store's rows and splits."""
     _echo_errors(result.errors)
     rep = result.labels_report
     splits = ", ".join(f"{k} {v}" for k, v in rep.get("counts", {}).items())
@@ -971,8 +985,8 @@ def export_command(run_dir, model, out, weights, precision, allow_unfinished):
               help="The folder of the photos, found by id as extraction and scoring name them: for a run "
                    "(the folder its store was extracted from), a scores file of --store, or one whose photos moved.")
 @click.option("--saliency", "saliency_dir", type=click.Path(exists=True, file_okay=False),
-              help="A folder of `mlsp explain` overlays (<id>.png), shown beside each photo. Default for a run: "
-                   "RUN/saliency when it exists.")
+              help=f"A folder of `mlsp explain` overlays (<id>{saliency.OVERLAY_FILE}), shown beside each photo. "
+                   "Default for a run: RUN/saliency when it exists.")
 @click.option("--max-photos", type=click.IntRange(min=1), default=reporting.MAX_PHOTOS, show_default=True,
               help=f"Thumbnails made (the best and worst by score; long side {reporting.THUMB_SIDE} px) and photos "
                    "per page of the gallery; further rows are listed without a picture.")
@@ -1005,10 +1019,15 @@ def report_command(source, out, images_dir, saliency_dir, max_photos):
 @click.option("--model", help="Or a released model whose score is explained: a name of `mlsp models` or the "
                               "path of its file (fetched and checked as for `mlsp score --model`).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for <id>.png (the photo under its saliency map) and <id>.npy (the map, float32, "
-                   "the photo's height x width, max 1).")
+              help=f"Folder for <id>{saliency.OVERLAY_FILE} (the photo under its saliency map) and "
+                   f"<id>{saliency.MAP_FILE} (the map, float32, the photo's height x width, max 1); never taken "
+                   "for photos, so it may be the photos' own folder.")
 @click.option("--samples", type=click.IntRange(min=1), default=saliency.SAMPLES, show_default=True,
-              help="Noisy copies averaged (SmoothGrad's paper: 50). Each runs the whole model forward and back.")
+              help="Noisy copies averaged (SmoothGrad's paper: 50). Each runs the whole model forward and back "
+                   "over the photo's views: on a CPU some 3 CPU-seconds per sample for a 565x394 photo with iv3 "
+                   "(docs/report.md); "
+                   f"memory stays bounded ({saliency.PIXELS_PER_CALL / 1e6:g} million view pixels per call, "
+                   "about 2 GB with iv3).")
 @click.option("--noise", type=click.FloatRange(min=0), default=saliency.NOISE, show_default=True,
               help="Standard deviation of the noise as a share of the image's value range (the paper: 0.1-0.2).")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")

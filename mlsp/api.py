@@ -257,8 +257,9 @@ def explain(images: str | Sequence[str], out: str, *, run: str | None = None, mo
     """``mlsp explain``: SmoothGrad saliency of each photo's predicted score through the whole
     image-to-score model of a trained ``run`` or of a released ``model`` (a catalogue name or the
     path of its file, :func:`pretrained`) (:mod:`heads.report.saliency`), written into ``out`` as
-    ``<id>.png`` (an overlay) and ``<id>.npy`` (the map at the photo's size). ``samples`` and
-    ``noise``: default SmoothGrad's paper's (:data:`heads.report.saliency.SAMPLES`,
+    ``<id>.mlsp-saliency.png`` (an overlay) and ``<id>.mlsp-saliency.npy`` (the map at the photo's
+    size; :data:`heads.report.saliency.OVERLAY_FILE`, :data:`heads.report.saliency.MAP_FILE`).
+    ``samples`` and ``noise``: default SmoothGrad's paper's (:data:`heads.report.saliency.SAMPLES`,
     :data:`heads.report.saliency.NOISE`). Returns ``(explained, errors)``."""
     from heads.report import saliency
 

@@ -109,17 +109,30 @@ def _summary(value, limit: int = 4) -> str:
 
 class IdentityConflict(StoreError):
     """A file differs from the one stored under its path (:mod:`mlsp.images.identity`); ``conflicts``:
-    ``(path, key, stored identity, identity now)`` each."""
+    ``(path, key, stored identity, identity now)`` each. Raised by an extraction after it has
+    extracted every other image: ``result`` is what it did (:class:`mlsp.extraction.job.ExtractResult`)."""
 
-    def __init__(self, store, conflicts):
+    def __init__(self, store, conflicts, result=None):
         self.store = str(store)
         self.conflicts = list(conflicts)
+        self.result = result
         path, key, was, now = self.conflicts[0]
         more = f" (and {len(self.conflicts) - 1} more such files)" if len(self.conflicts) > 1 else ""
+        done = (f"; not extracted (the {result.new} other new images were)" if result is not None else "")
         super().__init__(
             f"{path}: a different file than the {key} stored in {store} ({was.describe()}; this one: "
-            f"{now.describe()}){more}; a store never replaces an image: rename the new file, or extract "
+            f"{now.describe()}){more}{done}; a store never replaces an image: rename the new file, or extract "
             "into another --out")
+
+    @staticmethod
+    def reason(store, key, was, now) -> str:
+        """One conflicting file's reason, as listed beside its path."""
+        return f"a different file than the {key} stored in {store} ({was.describe()}; this one: {now.describe()})"
+
+
+class KernelError(MLSPError):
+    """The backend's CPU kernels (oneDNN) cannot run the model even on one view at a time
+    (:class:`mlsp.runtime.backend.Forward`)."""
 
 
 class StoreLocked(StoreError):

@@ -7,6 +7,7 @@ never share a process (together they crash), and that subprocess must not import
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -204,4 +205,73 @@ def test_grouped_batching_gives_the_image_by_image_store(tmp_path, extractors):
     assert sorted(sizes) == [16, 24]  # three images of 96x128 in one call, two of 100x90 in another
     # Bit for bit on AVX-512 CPUs; on AVX2 a batch of 24 views is summed in another order than
     # one of 8, and 0.01% of the float16 features land one rounding step apart.
+    assert_same_store(one.store, grouped.store, float16_steps=2)
+
+
+PRIMITIVE = "could not create a primitive descriptor for the convolution forward propagation primitive"
+
+
+def test_a_batch_onednn_cannot_run_is_run_in_smaller_parts(caplog):
+    """oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA) was reported to refuse some batches that it
+    runs in smaller parts: the forward halves such a batch as far as needed, says so in one log
+    line, and gives what one call would have; one view it cannot run is one line (KernelError)."""
+    from mlsp.runtime.backend import Forward
+    from mlsp.errors import KernelError
+
+    calls = []
+
+    def fn(batch):
+        calls.append(len(batch))
+        if len(batch) > 3:
+            raise RuntimeError(PRIMITIVE + "\nin the first conv's ReLU")
+        return batch.reshape(len(batch), -1).mean(1, keepdims=True).astype(np.float32)
+
+    forward = Forward(fn, lambda: 0)
+    batch = np.random.default_rng(0).integers(0, 256, (10, 4, 5, 3)).astype(np.uint8)
+    with caplog.at_level(logging.WARNING, logger="mlsp.runtime.backend"):
+        out = forward(batch)
+        forward(batch)
+    np.testing.assert_array_equal(out, batch.reshape(10, -1).mean(1, keepdims=True).astype(np.float32))
+    assert calls[:7] == [10, 5, 2, 3, 5, 2, 3]
+    lines = [r for r in caplog.records if "oneDNN" in r.getMessage()]
+    assert len(lines) == 1 and "10 views of 4x5 px" in lines[0].getMessage()
+    assert "Traceback" not in caplog.text
+
+    def never(batch):
+        raise RuntimeError(PRIMITIVE)
+
+    with pytest.raises(KernelError, match=r"cannot run the model on a 4x5 px view \(could not create a primitive"):
+        Forward(never, lambda: 0)(batch)
+    other = Forward(lambda batch: (_ for _ in ()).throw(RuntimeError("out of memory")), lambda: 0)
+    with pytest.raises(RuntimeError, match="out of memory"):  # other failures are not retried
+        other(batch)
+
+
+@pytest.mark.slow
+def test_extraction_carries_on_where_onednn_refuses_a_batch(tmp_path, extractors, monkeypatch, caplog):
+    """TensorFlow's own error, injected into the real forward for batches of more than 8 views:
+    the store is the one of image-by-image calls, with one log line and no traceback."""
+    import tensorflow as tf
+
+    from test_extract import assert_same_store
+
+    images = tmp_path / "imgs"
+    for k in range(3):
+        write_image(images / f"img{k}.png", 96, 128, seed=k)
+    fx = extractors(net="iv3")
+    config = ExtractConfig(net="iv3", weights="random:0")
+    one = extract(str(images), config, str(tmp_path / "one.h5"), extractor=fx, batch_views=0)
+    real = fx._forward._fn
+
+    def refusing(batch):
+        if len(batch) > 8:
+            raise tf.errors.InternalError(None, None, PRIMITIVE)
+        return real(batch)
+
+    monkeypatch.setattr(fx._forward, "_fn", refusing)
+    monkeypatch.setattr(fx._forward, "split_said", False)
+    with caplog.at_level(logging.WARNING, logger="mlsp.runtime.backend"):
+        grouped = extract(str(images), config, str(tmp_path / "grouped.h5"), extractor=fx, batch_views=24)
+    assert grouped.new == 3
+    assert len([r for r in caplog.records if "oneDNN" in r.getMessage()]) == 1
     assert_same_store(one.store, grouped.store, float16_steps=2)

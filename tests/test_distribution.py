@@ -199,3 +199,20 @@ def test_scores_and_the_exported_model_carry_the_distribution(scored, extractors
     res = invoke("score", scored["run"], "--store", scored["store"])
     assert res.exit_code == 0, res.output
     assert "pred_opinion_std" in res.output and "p10" in res.output
+
+
+def test_scores_of_files_none_could_score_keep_the_distribution_columns(scored, tmp_path, extractors):
+    """A distribution run's scores CSV lost its p1..p10 columns when no file could be scored."""
+    import pandas as pd
+
+    from heads.score.scoring import score_images
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    out = tmp_path / "scores.csv"
+    frame, errors = score_images(scored["run"], [str(broken)], str(out), extractor=extractors(net="iv3"))
+    assert len(errors) == 1 and len(frame) == 0
+    assert list(frame.columns) == ["id", "pred", "pred_std", "pred_opinion_std", *P_COLUMNS, "path"]
+    written = pd.read_csv(out)
+    assert list(written.columns) == ["id", "pred", "pred_std", "pred_opinion_std", *P_COLUMNS, "path", "error"]
+    assert written["pred"].isna().all() and written["error"].str.contains("JPEG|decode|truncated", case=False).all()

@@ -214,3 +214,37 @@ def test_each_photo_is_read_once_for_its_pixels_and_its_identity(tmp_path, extra
     with FeatureStore(str(out)) as s:
         stored = s.identities()
     assert stored == {f"p{k}.jpg": identity.of_file(str(src / f"p{k}.jpg")) for k in range(3)}
+
+
+def test_a_conflicting_photo_does_not_stop_the_others(tmp_path, extractors, monkeypatch):
+    """A second camera batch's IMG_0001.jpg once stopped the whole extraction, so that batch's
+    other new photos were not extracted either: now they are, the conflict is listed, and the
+    command ends in one error line (exit 1)."""
+    import cli
+    from click.testing import CliRunner
+
+    from mlsp import api
+
+    out = tmp_path / "s.h5"
+    write_image(tmp_path / "dir1" / "IMG_0001.jpg", 96, 100, seed=1)
+    run(tmp_path / "dir1", out, extractors)
+    write_image(tmp_path / "dir2" / "IMG_0001.jpg", 96, 100, seed=3)  # another photo, the same name
+    write_image(tmp_path / "dir2" / "IMG_0007.jpg", 96, 100, seed=4)
+    write_image(tmp_path / "dir2" / "IMG_0008.jpg", 96, 108, seed=5)
+    real = api.extract
+    monkeypatch.setattr(api, "extract", lambda *a, **kw: real(*a, extractor=extractors(net="iv3"), **kw))
+    result = CliRunner().invoke(cli.main, ["extract", "--images", str(tmp_path / "dir2"), "--out", str(out),
+                                           "--net", "iv3", "--weights", "random:0"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "IMG_0001.jpg: a different file than the IMG_0001.jpg" in errors[0]
+    assert "not extracted (the 2 other new images were)" in errors[0]
+    assert "1 files not extracted (a store never replaces an image):" in result.output
+    assert "3 images (2 new, 0 already there)" in result.output
+    with FeatureStore(str(out)) as s:
+        assert sorted(s.paths.tolist()) == ["IMG_0001.jpg", "IMG_0007.jpg", "IMG_0008.jpg"]
+        import hashlib
+
+        kept = hashlib.sha256((tmp_path / "dir1" / "IMG_0001.jpg").read_bytes()).hexdigest()
+        assert s.identities()["IMG_0001.jpg"].sha256 == kept  # the stored photo, never replaced

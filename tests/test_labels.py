@@ -5,6 +5,7 @@ import logging
 import numpy as np
 import pytest
 
+from helpers import write_image
 from mlsp.errors import LabelsError
 from mlsp.store.labels import Labels, assign_splits, match_ids, read_labels, read_test_list
 
@@ -259,3 +260,65 @@ def test_random_test_split_is_kept_when_images_are_added():
     assert few.tolist().count("test") == 1 and few[3] == "unlabeled"
     with pytest.raises(Exception, match="not both"):
         assign_splits(ids, labels, ids[:5], test_fraction=0.2)
+
+
+def test_a_grown_store_keeps_every_images_split():
+    """The val split was redrawn over the whole pool whenever a store grew, so a run trained
+    before found some of its own training images in val. With the store's splits as `previous`,
+    every image keeps its split, and val gets new images to keep its share."""
+    ids = [f"photo_{k:04d}" for k in range(200)]
+    labels = make_labels(ids)
+    _, _, first, _ = assign_splits(ids[:100], labels, None, val_fraction=0.1, seed=5, test_fraction=0.2)
+    previous = dict(zip(ids[:100], first))
+    _, _, grown, report = assign_splits(ids, labels, None, val_fraction=0.1, seed=5, test_fraction=0.2,
+                                        previous=previous)
+    assert grown[:100].tolist() == first.tolist()
+    pool = int(np.sum(grown != "test"))
+    assert report["counts"]["val"] == int(np.floor(0.1 * pool + 0.5))  # the new images filled val up to its share
+    assert set(grown[100:]) == {"train", "val", "test"}
+    # given again with nothing new, nothing moves; the same ids in another order, the same splits
+    _, _, again, _ = assign_splits(ids[::-1], labels, None, val_fraction=0.1, seed=5, test_fraction=0.2,
+                                   previous=dict(zip(ids, grown)))
+    assert again[::-1].tolist() == grown.tolist()
+
+
+def test_the_forced_test_image_stays_test_as_images_are_added():
+    """Where no image is drawn for test, the one with the smallest draw is; it once went back to
+    train as soon as an added image was drawn."""
+    ids = [f"photo_{k:04d}" for k in range(600)]
+    labels = make_labels(ids)
+    _, _, few, _ = assign_splits(ids[:4], labels, None, val_fraction=0.25, seed=0, test_fraction=0.01)
+    forced = [i for i, s in zip(ids[:4], few) if s == "test"]
+    assert len(forced) == 1
+    _, _, grown, report = assign_splits(ids, labels, None, val_fraction=0.25, seed=0, test_fraction=0.01,
+                                        previous=dict(zip(ids[:4], few)))
+    assert report["counts"]["test"] > 1  # some of the added images were drawn for test
+    assert grown[ids.index(forced[0])] == "test"
+    assert grown[:4].tolist() == few.tolist()
+
+
+@pytest.mark.slow
+def test_extracting_more_images_keeps_the_stores_splits(tmp_path, extractors):
+    from mlsp.extraction.job import ExtractConfig, extract
+    from mlsp.store.read import FeatureStore
+
+    ids = [f"im{k:02d}" for k in range(16)]
+    for k, i in enumerate(ids[:6]):
+        write_image(tmp_path / "imgs" / f"{i}.png", 80, 80, seed=k)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,mos\n" + "".join(f"{i},{3 + 0.25 * k}\n" for k, i in enumerate(ids)))
+    config = ExtractConfig(net="iv3", augment=False, weights="random:0")
+    store = str(tmp_path / "s.h5")
+
+    def run():
+        extract(str(tmp_path / "imgs"), config, store, labels=str(labels), val_fraction=0.34, test_fraction=0.2,
+                extractor=extractors(net="iv3", augment=False))
+        with FeatureStore(store) as s:
+            return dict(zip(s.ids.tolist(), s.split.tolist()))
+
+    before = run()
+    for k, i in enumerate(ids[6:], start=6):
+        write_image(tmp_path / "imgs" / f"{i}.png", 80, 80, seed=k)
+    after = run()
+    assert {i: after[i] for i in before} == before
+    assert len(after) == 16

@@ -249,10 +249,10 @@ def test_explain_takes_a_released_model(released, tmp_path):
     res = CliRunner().invoke(cli.main, ["explain", path, "--model", released["crops18"]["path"], "--out", str(out),
                                         "--samples", "2"])
     assert res.exit_code == 0, res.output
-    saliency = np.load(out / (os.path.splitext(photo)[0] + ".npy"))
+    saliency = np.load(out / (os.path.splitext(photo)[0] + ".mlsp-saliency.npy"))
     assert saliency.shape == decode_image(path).shape[:2]
     assert np.isfinite(saliency).all() and saliency.max() == pytest.approx(1.0) and saliency.min() >= 0
-    assert (out / (os.path.splitext(photo)[0] + ".png")).exists()
+    assert (out / (os.path.splitext(photo)[0] + ".mlsp-saliency.png")).exists()
     for args in ([], ["--model", released["full"]["path"], "--run", str(tmp_path)]):
         res = CliRunner().invoke(cli.main, ["explain", path, "--out", str(out), *args])
         assert res.exit_code == 1 and _error_lines(res.output) == [

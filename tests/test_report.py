@@ -175,19 +175,19 @@ def test_personalisation_page_has_the_gain_per_person(tmp_path):
 
 
 def test_saliency_overlays_are_shown_beside_their_photos(tmp_path):
-    """Overlays named <id>.png (as mlsp explain writes them) join their photo's tile; a run finds
-    its own RUN/saliency folder without being told."""
+    """Overlays named <id>.mlsp-saliency.png (as mlsp explain writes them) join their photo's
+    tile; a run finds its own RUN/saliency folder without being told."""
     from heads.report.make import report
 
     source, frame = plant_scores(tmp_path, n=6, distribution=False)
     for k in (1, 4):
-        write_image(tmp_path / "maps" / f"photo_{k:03d}.png", 100, 120, seed=50 + k)
+        write_image(tmp_path / "maps" / f"photo_{k:03d}.mlsp-saliency.png", 100, 120, seed=50 + k)
     data = page_data(report(str(source), str(tmp_path / "r.html"), saliency=str(tmp_path / "maps")))
     with_map = {r["n"] for r in data["rows"] if r["a"] >= 0}
     assert with_map == {"photo_001", "photo_004"}
-    assert data["rows"][1]["g"] == "maps/photo_001.png" and data["rows"][1]["t"] != data["rows"][1]["a"]
+    assert data["rows"][1]["g"] == "maps/photo_001.mlsp-saliency.png" and data["rows"][1]["t"] != data["rows"][1]["a"]
     run, *_ = plant_run(tmp_path / "r", images=True)
-    write_image(run / "saliency" / "im3.png", 100, 120, seed=9)
+    write_image(run / "saliency" / "im3.mlsp-saliency.png", 100, 120, seed=9)
     rows = page_data(report(str(run), images=str(tmp_path / "r" / "imgs")))["rows"]
     assert [r["n"] for r in rows if r["a"] >= 0] == ["im3"]
 
@@ -353,3 +353,52 @@ def test_browser_opens_fifty_thousand_rows_in_seconds(tmp_path, browser):
     browser.find_element("id", "next").click()
     second = gallery_scores(browser)
     assert len(second) == 1000 and second[0] <= scores[-1]
+
+
+def test_hostile_and_na_like_ids_keep_the_page_whole(tmp_path):
+    """An id holding ``<!-- <script`` once left the page without tiles (HTML's script data
+    states swallowed the page's script); ids ``NA``, ``nan``, ``null`` were read as missing and an
+    empty id shown as "nan". The data block holds no ``<`` at all, and every id comes back as written."""
+    from heads.report.make import report
+
+    source, frame = plant_scores(tmp_path, n=8, distribution=False)
+    ids = ["a<!-- <script", "</script><b>x", "NA", "nan", "null", "", "N/A", "x&amp;"]
+    frame["id"] = ids
+    frame.to_csv(source, index=False)
+    text = open(report(str(source), str(tmp_path / "r.html")), encoding="utf-8").read()
+    block = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S).group(1)
+    assert "<" not in block and ">" not in block and "&" not in block
+    assert text.count("<script") == 2  # the data block and the page's own script, nothing opened inside them
+    rows = json.loads(block)["rows"]
+    assert sorted(r["n"] for r in rows) == sorted(ids)
+    assert all(r["s"] is not None for r in rows)  # every row kept its score
+
+
+def test_people_named_like_missing_values_are_reported(tmp_path):
+    from heads.report.make import report
+
+    folder = plant_personalisation(tmp_path)
+    frame = pd.read_csv(folder / "evaluation.csv")
+    frame["user"] = frame["user"].map({"ann": "NA", "bob": "nan", "cy": "null"})
+    frame.to_csv(folder / "evaluation.csv", index=False)
+    text = open(report(str(folder), str(tmp_path / "p.html")), encoding="utf-8").read()
+    for user in ("NA", "nan", "null"):
+        assert f"<td>{user}</td>" in text
+    assert ": 3 people" in text
+
+
+@pytest.mark.parametrize("source,column", [("scores", "pred"), ("personalisation", "srcc_generic")])
+def test_text_in_a_column_of_numbers_is_one_line_naming_file_and_column(tmp_path, source, column):
+    import cli
+
+    planted = PLANT[source](tmp_path)
+    csv = planted if source == "scores" else planted / "evaluation.csv"
+    frame = pd.read_csv(csv)
+    frame[column] = frame[column].astype(object)
+    frame.loc[2, column] = "high"
+    frame.to_csv(csv, index=False)
+    result = CliRunner().invoke(cli.main, ["report", str(planted), "--out", str(tmp_path / "x.html")])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert str(csv) in result.output and f"column '{column}'" in result.output and "'high'" in result.output
+    assert "row 4" in result.output

@@ -18,7 +18,7 @@ At most ``max_photos`` thumbnails (long side :data:`THUMB_SIDE`) are made, the b
 score, so the build takes time in proportion to the photos shown, whatever the number of rows; the
 other rows are listed without a picture. A photo that cannot be read or is not where the source
 says is a placeholder tile with the reason. Where ``saliency`` (a folder of ``mlsp explain``)
-holds ``<id>.png``, that overlay is shown beside the photo.
+holds ``<id>.mlsp-saliency.png``, that overlay is shown beside the photo.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from mlsp.runtime.progress import ProgressFactory
 from mlsp.registry import Registry
 
 from . import page as report_page
+from .saliency import output_paths
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Photos:
         for key, column in (("m", "mos"), ("o", "opinion_std")):
             if hasattr(r, column) and _number(getattr(r, column)) is not None:
                 row[key] = _number(getattr(r, column))
-        if hasattr(r, "split") and isinstance(r.split, str):
+        if hasattr(r, "split") and isinstance(r.split, str) and r.split:
             row["sp"] = r.split
         if all(hasattr(r, c) for c in HISTOGRAM_COLUMNS):
             hist = [_number(getattr(r, c)) for c in HISTOGRAM_COLUMNS]
@@ -153,7 +154,7 @@ class Photos:
             else:
                 row["t"] = self._add(thumb)
                 row["f"] = self.link(path)
-        overlay = os.path.join(saliency, *row["n"].split("/")) + ".png" if saliency else None
+        overlay = output_paths(saliency, row["n"])[0] if saliency else None
         if overlay and os.path.isfile(overlay):
             thumb, _ = thumbnail(overlay)
             if thumb is not None:
@@ -283,6 +284,15 @@ def section(title: str, content: str) -> str:
     return f"<section><h2>{html.escape(title)}</h2>{content}</section>"
 
 
+def script_json(data) -> str:
+    """``data`` as JSON that can sit inside a ``<script>`` block whatever its strings hold: every
+    ``<``, ``>`` and ``&`` written as its ``\\u`` escape (JSON's own), so no ``</script>`` ends the
+    block early and no ``<!--`` plus ``<script`` swallows the rest of the page (HTML's script data
+    states)."""
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def render(page: Page, max_photos: int) -> str:
     """The page's HTML: the sections, the gallery (when there are photos) and the data block."""
     body = "".join(page.sections)
@@ -290,7 +300,6 @@ def render(page: Page, max_photos: int) -> str:
     if page.photos is not None:
         body += report_page.GALLERY
         data = page.photos.data(max_photos)
-    # inside <script>, "</" would end the block: JSON allows "<\/" for it
-    text = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    text = script_json(data)
     return report_page.PAGE.format(title=html.escape(page.title), subtitle=html.escape(page.subtitle),
                                    css=report_page.CSS, body=body, data=text, js=report_page.JS)

@@ -18,21 +18,43 @@ from .build import (HISTOGRAM_COLUMNS, report_source, Page, Photos, place_photos
 log = logging.getLogger(__name__)
 
 PERSONALISATION_COLUMNS = ("user", "k", "repeat", "n_adapt", "n_test", "srcc_generic", "srcc_personal")
+# the columns of numbers a report reads (the others, ids and paths among them, stay text as written)
+NUMERIC_COLUMNS = (columns.PRED, columns.PRED_STD, columns.OPINION_STD, *columns.BINS, columns.MOS,
+                   "opinion_std", *PERSONALISATION_COLUMNS[1:])
 
 
-def _read_csv(path: str, required=()):
-    """A CSV as a pandas frame (``id`` and ``user`` as text); a file that cannot be read or lacks
-    ``required`` columns is a one-line error."""
+def _read_csv(path: str, required=(), numeric=()):
+    """A CSV as a pandas frame: every value read as written (an id or person ``NA``, ``nan`` or
+    ``null`` is that name; an empty one is empty), then each column of ``numeric`` that is there
+    made numbers (an empty cell: NaN). A file that cannot be read, lacks ``required`` columns or
+    holds text in a ``numeric`` column is a one-line error naming the file and the column."""
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path, dtype={"id": str, "user": str})
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ConfigError(f"{path}: cannot be read as CSV ({str(exc).splitlines()[0]})") from None
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise ConfigError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(map(str, frame.columns))})")
+    for column in numeric:
+        if column in frame.columns:
+            frame[column] = _numbers(path, column, frame[column])
     return frame
+
+
+def _numbers(path: str, column: str, values):
+    """A column of text as numbers (empty: NaN); a value that is not a number is a one-line error."""
+    import pandas as pd
+
+    text = values.str.strip()
+    numbers = pd.to_numeric(text.mask(text == ""), errors="coerce")
+    bad = numbers.isna() & (text != "") & (text.str.lower() != "nan")
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise ConfigError(f"{path}: column {column!r} holds {values.iloc[row]!r} (row {row + 2} of the file), "
+                          "not a number")
+    return numbers
 
 
 def _read_json(path: str) -> dict | None:
@@ -60,11 +82,11 @@ def is_scores(path: str) -> bool:
 def scores_page(path: str, *, images, saliency, max_photos, progress, out_dir) -> Page:
     from ..plots import plot_score_histogram
 
-    frame = _read_csv(path, columns.REQUIRED)
+    frame = _read_csv(path, columns.REQUIRED, NUMERIC_COLUMNS)
     frame = frame.rename(columns={columns.PRED: "score", columns.OPINION_STD: "opinion_std"})
     if columns.PATH in frame:
         base = os.path.dirname(os.path.abspath(path))  # relative paths: from the scores file's folder
-        frame["path"] = [p if not isinstance(p, str) or os.path.isabs(p) else os.path.join(base, p)
+        frame["path"] = [p if not isinstance(p, str) or not p or os.path.isabs(p) else os.path.join(base, p)
                          for p in frame["path"]]
     frame = place_photos(frame, images)
     photos = Photos(frame, out_dir).build(max_photos, saliency, progress)
@@ -102,7 +124,8 @@ def run_page(path: str, *, images, saliency, max_photos, progress, out_dir) -> P
     predictions = run.file("predictions.csv")
     photos = None
     if os.path.isfile(predictions):
-        frame = _read_csv(predictions, ("id", "pred", "mos"))  # a distribution run's: also the true opinion_std
+        # a distribution run's: also the true opinion_std
+        frame = _read_csv(predictions, ("id", "pred", "mos"), NUMERIC_COLUMNS)
         frame = frame.rename(columns={"opinion_std": "true_opinion_std"})
         frame = frame.rename(columns={columns.PRED: "score", columns.OPINION_STD: "opinion_std"})
         if saliency is None and os.path.isdir(run.file("saliency")):
@@ -185,7 +208,7 @@ def personalisation_page(path: str, *, images, saliency, max_photos, progress, o
     from ..personal.protocol import EVALUATION_CSV, SUMMARY_JSON, per_person_gain
     from ..plots import plot_gain_per_person
 
-    frame = _read_csv(os.path.join(path, EVALUATION_CSV), PERSONALISATION_COLUMNS)
+    frame = _read_csv(os.path.join(path, EVALUATION_CSV), PERSONALISATION_COLUMNS, NUMERIC_COLUMNS)
     people = per_person_gain(frame)
     sections = [section("Gain per person", figures(figure(plot_gain_per_person(None, people),
                                                           "Mean SRCC gain of the personal model over the generic one")))]

@@ -34,7 +34,7 @@ from mlsp.runtime.progress import ProgressFactory, null_progress
 from mlsp.runtime.trust import TrustIndex
 from mlsp.store.format import pooling_of
 
-from .scoring import HeadScorer, head_columns, score_features, score_files
+from .scoring import HeadScorer, head_columns, head_outputs, score_features, score_files
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class PretrainedModel:
                                                      self.head_sha256))
         else:
             runner = LocalRunner(self.scorer(), workers)
-        frame, errors = score_files(runner, inputs, out, progress=progress)
+        frame, errors = score_files(runner, inputs, out, progress=progress, outputs=head_outputs(self.head))
         frame.attrs["errors"] = errors
         return frame
 

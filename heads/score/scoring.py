@@ -62,6 +62,12 @@ def view_scores(model, features: np.ndarray) -> np.ndarray:
     return pred[..., 0] if pred.shape[-1] == 1 else pred
 
 
+def head_outputs(model) -> int:
+    """A head's outputs per view (1: the MOS; a histogram's bins), which name its score columns
+    (:func:`heads.columns.names`) before any image is scored."""
+    return int(model.outputs[0].shape[-1] or 1)
+
+
 def score_store(run_dir: str, store_path: str, out: str | None = None, *, batch_images: int | None = None,
                 progress: ProgressFactory = null_progress, allow_unfinished: bool = False,
                 apply=None):
@@ -189,14 +195,15 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
         runner = cluster.runner(ScoreRecipe(os.path.abspath(run_dir), config, allow_unfinished))
     else:
         runner = LocalRunner(ImageScorer(run_dir, config, extractor, allow_unfinished), workers)
-    return score_files(runner, inputs, out, progress=progress)
+    return score_files(runner, inputs, out, progress=progress, outputs=head_outputs(run.load_model()))
 
 
 def score_files(runner, inputs: str | Sequence[str], out: str | None = None, *,
-                progress: ProgressFactory = null_progress):
+                progress: ProgressFactory = null_progress, outputs: int = 1):
     """Score image files with a runner (:class:`mlsp.images.readahead.LocalRunner` or a Ray cluster's)
     over a scoring processor (:class:`ImageScorer`, or a pretrained model's); see
-    :func:`score_images`. Returns ``(frame, errors)``."""
+    :func:`score_images`. ``outputs``: the head's outputs per view (:func:`head_outputs`), whose
+    columns the frame and the CSV keep when no image could be scored. Returns ``(frame, errors)``."""
     paths, ids, skipped, root = collect_inputs(inputs)
     partial = _PartialScores(out + ".partial", runner.info()) if out else None
     done = partial.read() if partial else {}  # path -> {"id", "path", "columns" or "error"}
@@ -225,7 +232,7 @@ def score_files(runner, inputs: str | Sequence[str], out: str | None = None, *,
     rows = [r for r in ordered if "columns" in r]
     errors = [{"id": os.path.splitext(os.path.basename(p))[0], "path": p, "reason": r} for p, r in skipped]
     errors += [{"id": r["id"], "path": r["path"], "reason": r["error"]} for r in ordered if "error" in r]
-    names = list(rows[0]["columns"]) if rows else columns.names()
+    names = list(rows[0]["columns"]) if rows else columns.names(outputs)
     frame = columns.frame([r["id"] for r in rows], {k: [r["columns"][k] for r in rows] for k in names},
                           paths=[r["path"] for r in rows])
     if out:

@@ -229,7 +229,7 @@ def collect_inputs(inputs: str | Sequence[str]) -> tuple[list[str], list[str], l
     return paths, images.image_ids(paths, root), skipped, root
 
 
-def _label_function(labels_file, test_list, val_fraction, seed, report, test_fraction=0.0):
+def _label_function(labels_file, test_list, val_fraction, seed, report, test_fraction=0.0, previous=None):
     """``ids -> (mos, votes, split)``; ``labels_file`` and ``test_list`` are files, or what a
     store kept of them (:class:`mlsp.store.labels.Labels`, a list of test ids; see :func:`_LabelSources`)."""
     from ..store import labels as labels_mod
@@ -239,7 +239,7 @@ def _label_function(labels_file, test_list, val_fraction, seed, report, test_fra
 
     def label_fn(ids):
         mos, votes, split, rep = labels_mod.assign_splits(list(ids), labels, test_ids, val_fraction, seed,
-                                                          test_fraction)
+                                                          test_fraction, previous)
         report.update(rep)
         return mos, votes, split
 
@@ -308,7 +308,10 @@ def extract(
         report: dict = {}
         # Labels are read before any image, so a malformed file fails at once.
         test_fraction = 0.0 if sources.test_list is not None else float(test_fraction)  # a test list decides
-        label_fn = _label_function(sources.labels, sources.test_list, val_fraction, seed, report, test_fraction)
+        previous = _previous_splits(out, {"val_fraction": float(val_fraction), "test_fraction": test_fraction,
+                                          "seed": int(seed), "test_list": sources.test_list_file})
+        label_fn = _label_function(sources.labels, sources.test_list, val_fraction, seed, report, test_fraction,
+                                   previous)
         runner = runner or LocalRunner(extractor or FeatureExtractor(config, cache=True), workers, prefetch,
                                        default_batch_views() if batch_views is None else batch_views, batch_window)
         attrs = {**runner.info(), "dataset": dataset, "labels_file": sources.labels_file,
@@ -365,9 +368,13 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
         stored_ids.update(zip(record.ids, record.paths))
         stored_files.update(zip(record.paths, record.identities))
     # a file under a stored path must be the one stored, never skipped as done when it is not
+    # (they are left out, the others extracted; the extraction then raises IdentityConflict)
     conflicts = identity.conflicts(((p, job.key(p)) for p in job.paths), stored_files)
     if conflicts:
-        raise IdentityConflict(out, conflicts)
+        refused = {c[0] for c in conflicts}
+        log.warning("%d files differ from the ones stored under their names in %s: extracting the others",
+                    len(refused), out)
+        job.paths = [p for p in job.paths if p not in refused]
     # ids unique by construction, also against the images stored before (images.image_ids)
     job.ids = images.image_ids(job.paths, job.root, taken=stored_ids)
     todo = [(p, i) for p, i in zip(job.paths, job.ids) if job.key(p) not in done_paths]
@@ -389,6 +396,8 @@ def _extract_locked(job: _Extraction) -> ExtractResult:
     result = ExtractResult(out, n_rows, new, errors, dict(job.report), time.monotonic() - job.started,
                            skipped_existing)
     log.debug("%s: %d images (%d new), %d unusable inputs, in %.1f s", out, n_rows, new, len(errors), result.seconds)
+    if conflicts:
+        raise IdentityConflict(out, conflicts, result)
     return result
 
 
@@ -581,6 +590,18 @@ class _LabelSources:
                             "test split (images added now stay unlabeled; give --labels to label them)",
                             out, what, recorded)
         return given
+
+
+def _previous_splits(out: str, drawn: dict) -> dict | None:
+    """The splits (id -> split) of the store at ``out``, where its splits were drawn as now
+    (``drawn``: the same seed, fractions and test list), so that a grown store keeps every image's
+    split (:func:`mlsp.store.labels.assign_splits`); None for a new store or another draw."""
+    if not os.path.exists(out):
+        return None
+    with store.FeatureStore(out, check_labels=False) as s:
+        if any(s.attrs.get(k) != v for k, v in drawn.items()):
+            return None
+        return dict(zip(s.ids.tolist(), (str(v) for v in s.split)))
 
 
 def _kept_labels(s: store.FeatureStore):

@@ -44,6 +44,9 @@ FULL_VIEW = "full"  # the one view without augmentation
 FULL_VIEWS = (FULL_VIEW,)
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif")
+# what `mlsp explain` puts before the extension of the files it writes (<id>.mlsp-saliency.png and
+# .npy): they never replace a photo, and image listing never takes them for photos
+SALIENCY_SUFFIX = ".mlsp-saliency"
 VIEW_NAMES = AUGMENTED_VIEWS  # the store's names of an image's 8 views
 CROP_FRACTION = 0.875
 # How files become pixels, recorded in every store (attribute `decoding`, part of its configuration):
@@ -104,8 +107,9 @@ def list_images(root: str) -> tuple[list[str], list[tuple[str, str]]]:
 
     Hidden files and folders (starting with '.') are skipped silently. Every other file is
     returned as ``(path, reason)`` when it cannot be used: an extension outside
-    :data:`EXTENSIONS`, unreadable, not a regular file (a named pipe is never opened), or a
-    second path to a file already listed (a link). Symlinked folders are searched after every
+    :data:`EXTENSIONS`, unreadable, not a regular file (a named pipe is never opened), a
+    second path to a file already listed (a link), or a file of ``mlsp explain`` (named
+    ``*`` + :data:`SALIENCY_SUFFIX` + an extension). Symlinked folders are searched after every
     real one, each real folder once: a link to a folder already searched (a loop such as
     ``ln -s . loop``) is returned with its reason.
     """
@@ -182,7 +186,11 @@ class _FolderSearch:
 
     def add_file(self, entry: os.DirEntry, via_link: bool):
         """An image file joins the candidates under its identity; any other file the others."""
-        ext = os.path.splitext(entry.name)[1].lower()
+        stem, ext = os.path.splitext(entry.name)
+        ext = ext.lower()
+        if stem.lower().endswith(SALIENCY_SUFFIX):
+            self.others.append((entry.path, "a saliency map written by mlsp explain, not a photo"))
+            return
         if ext not in EXTENSIONS:
             self.others.append((entry.path, f"not an image file type ({ext or 'no extension'}); accepted: "
                                 + " ".join(EXTENSIONS)))

@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, KernelError
 
 log = logging.getLogger(__name__)
 
@@ -344,14 +344,57 @@ class Forward:
         self._fn = fn
         self._traces = traces
         self.compiled = compiled  # the backend's own compiled function (TensorFlow: the tf.function)
+        self.split_said = False  # the one log line about batches run in smaller parts was written
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self._fn(np.ascontiguousarray(batch, dtype=np.uint8))
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        try:
+            return self._fn(batch)
+        except _kernel_errors() as exc:
+            if PRIMITIVE_FAILURE not in str(exc):
+                raise
+            return self._in_halves(batch, exc)
+
+    def _in_halves(self, batch: np.ndarray, exc: Exception) -> np.ndarray:
+        """``batch`` in two halves (each halved again as far as needed), where oneDNN could not
+        create a kernel for the whole: said once per process in one log line. One view that
+        still fails is a :class:`~mlsp.errors.KernelError` (one line)."""
+        n, h, w = batch.shape[:3]
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if n == 1:
+            raise KernelError(f"oneDNN (the backend's CPU kernels) cannot run the model on a {h}x{w} px view "
+                              f"({cause}){_isa_note()}; run again without ONEDNN_MAX_CPU_ISA, or with "
+                              "TF_ENABLE_ONEDNN_OPTS=0 (finished images are kept)") from None
+        if not self.split_said:
+            self.split_said = True
+            log.warning("oneDNN (the backend's CPU kernels) could not create a kernel for %d views of %dx%d px%s: "
+                        "running such batches in smaller parts (the features are the same); %s", n, h, w,
+                        _isa_note(), cause)
+        half = n // 2
+        return np.concatenate([self(batch[:half]), self(batch[half:])])
 
     @property
     def tracing_count(self) -> int:
         """Graphs traced so far (TensorFlow: stays 1 whatever the input sizes; PyTorch: 0, eager)."""
         return self._traces()
+
+
+# what oneDNN says when it has no kernel for a convolution's shape (seen with ONEDNN_MAX_CPU_ISA
+# capping the instruction set below the CPU's); TensorFlow and PyTorch pass its words on
+PRIMITIVE_FAILURE = "could not create a primitive"
+
+
+def _kernel_errors() -> tuple:
+    """The exception types a backend's kernel failure comes as: PyTorch's RuntimeError, and
+    TensorFlow's OpError where TensorFlow is loaded."""
+    tf = sys.modules.get("tensorflow")
+    errors = getattr(tf, "errors", None)
+    return (RuntimeError, errors.OpError) if errors is not None else (RuntimeError,)
+
+
+def _isa_note() -> str:
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return f" (ONEDNN_MAX_CPU_ISA={isa})" if isa else ""
 
 
 def compile_forward(model, preprocess: Callable) -> Forward:

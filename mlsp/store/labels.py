@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -448,12 +448,15 @@ def random_draw(ids: Sequence[str], seed: int) -> np.ndarray:
     return np.array([int.from_bytes(k, "big") / 2.0**64 for k in keys], dtype=np.float64)
 
 
-def random_test(ids: Sequence[str], labelled: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+def random_test(ids: Sequence[str], labelled: np.ndarray, test_fraction: float, seed: int,
+                kept: Iterable[str] = ()) -> np.ndarray:
     """The random test split of a dataset without a test list: each labelled image whose
-    :func:`random_draw` is below ``test_fraction``. Where none is (a handful of images), the one
-    with the smallest draw, so that a test split exists; that one may change as images are added."""
+    :func:`random_draw` is below ``test_fraction``, and each labelled one of ``kept`` (the test
+    images of the store being grown). Where none is (a handful of images), the one with the
+    smallest draw, so that a test split exists; kept as the store grows, it stays test."""
     draw = random_draw(ids, seed)
-    is_test = labelled & (draw < test_fraction)
+    kept = set(kept)
+    is_test = labelled & ((draw < test_fraction) | np.array([i in kept for i in ids], bool))
     if test_fraction > 0 and not is_test.any() and labelled.sum() >= 3:
         is_test[np.flatnonzero(labelled)[np.argmin(draw[labelled])]] = True
     return is_test
@@ -466,6 +469,7 @@ def assign_splits(
     val_fraction: float = 0.05,
     seed: int = 0,
     test_fraction: float = 0.0,
+    previous: Mapping[str, str] | None = None,
 ):
     """MOS, votes and split of every store id, and a report of what did not match.
 
@@ -478,6 +482,10 @@ def assign_splits(
         seed: seed of the random splits.
         test_fraction: without `test_ids`, the share of labelled images drawn for ``test``
             (:func:`random_test`); 0: no test split.
+        previous: the splits (id -> split) of the store being grown, drawn with the same seed
+            and fractions: every labelled image keeps its ``train`` or ``val`` (and, with
+            `test_fraction`, its ``test``), so a run trained before never finds its training
+            images in val or test; only the images new to the pool are drawn.
 
     Ids are matched as in :func:`match_ids`: a label or test id matches the store id equal to
     it, or else the one store id whose last path component equals it.
@@ -488,7 +496,9 @@ def assign_splits(
     are split at random into ``train`` and ``val``: round(val_fraction * n) (half up) go to
     ``val``, at least 1 when n >= 2 and at most n - 1. The draw uses
     ``numpy.random.default_rng(seed)`` over the sorted ids, so it depends only on the set of
-    ids, the seed and the fraction, never on the order of `ids`.
+    ids, the seed and the fraction, never on the order of `ids`. With `previous`, the images
+    already in train or val stay there and val gets the new images it needs to reach that
+    count (none where it has them already), drawn the same way over the new ones.
 
     Returns:
         (mos, votes, split, report): mos (n,) float32 and votes (n, 10) float32, NaN where
@@ -515,8 +525,13 @@ def assign_splits(
         rows = [k for k, key in enumerate(matches.label_keys) if key is not None]
         mos[rows], votes[rows] = labels.lookup([matches.label_keys[k] for k in rows])
     labelled = ~np.isnan(mos)
-    is_test = random_test(ids, labelled, test_fraction, seed) if test_fraction else matches.is_test
-    split = _draw_splits(ids, labelled=labelled, is_test=is_test, val_fraction=val_fraction, seed=seed)
+    previous = dict(previous or {})
+    if test_fraction:
+        is_test = random_test(ids, labelled, test_fraction, seed, [i for i, v in previous.items() if v == "test"])
+    else:
+        is_test = matches.is_test
+    split = _draw_splits(ids, labelled=labelled, is_test=is_test, val_fraction=val_fraction, seed=seed,
+                         previous=previous)
     report = matches.report(split, labelled)
     _log_report(report)
     return mos, votes, split, report
@@ -572,16 +587,21 @@ class _Matches:
 
 
 def _draw_splits(ids: list[str], *, labelled: np.ndarray, is_test: np.ndarray, val_fraction: float,
-                 seed: int) -> np.ndarray:
-    """``test`` for labelled test images, ``unlabeled`` for images without MOS, the other labelled
-    images drawn into ``train`` and ``val`` over their sorted ids (:func:`assign_splits`)."""
+                 seed: int, previous: Mapping[str, str]) -> np.ndarray:
+    """``test`` for labelled test images, ``unlabeled`` for images without MOS; the other labelled
+    images keep their ``previous`` train or val, and the rest are drawn into ``train`` and ``val``
+    over their sorted ids (:func:`assign_splits`)."""
     split = np.full(len(ids), "unlabeled", dtype="<U9")
     split[labelled & is_test] = "test"
-    pool = sorted(ids[k] for k in np.flatnonzero(labelled & ~is_test))
-    n_val = _n_val(len(pool), val_fraction)
-    val_ids = {pool[k] for k in np.random.default_rng(seed).permutation(len(pool))[:n_val]}
-    for k in np.flatnonzero(labelled & ~is_test):
-        split[k] = "val" if ids[k] in val_ids else "train"
+    rows = np.flatnonzero(labelled & ~is_test)
+    kept = {ids[k]: previous[ids[k]] for k in rows if previous.get(ids[k]) in ("train", "val")}
+    fresh = sorted(ids[k] for k in rows if ids[k] not in kept)
+    n_val = min(len(fresh), max(0, _n_val(len(rows), val_fraction) - sum(v == "val" for v in kept.values())))
+    if n_val and n_val == len(fresh) and "train" not in kept.values():
+        n_val -= 1  # train keeps an image
+    val_ids = {fresh[k] for k in np.random.default_rng(seed).permutation(len(fresh))[:n_val]}
+    for k in rows:
+        split[k] = kept.get(ids[k]) or ("val" if ids[k] in val_ids else "train")
     return split
 
 
