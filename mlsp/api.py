@@ -92,7 +92,7 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = E
             max_side: int = ExtractConfig.max_side, precision: str = ExtractConfig.precision,
             threads: tuple | None = None, checkpoint_every: int = FLUSH_IMAGES, workers: int = DECODE_WORKERS,
             progress=False, ray: str | None = None, ray_cpus_per_worker: float | None = None,
-            ray_gpus_per_worker: float | None = None, **options):
+            ray_gpus_per_worker: float | None = None, engine: str | None = None, **options):
     """``mlsp extract``: features of a folder (recursively) or a list of files into a store.
     ``ray``: an address as for ``--ray`` (``auto``, ``ray://HOST:PORT``, ``local:N``) spreads the
     images over a Ray cluster.
@@ -102,12 +102,15 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = E
     threads decoding images ahead of the model (each Ray worker's, with ``ray``); ``options`` are
     :func:`mlsp.extract.extract`'s (``val_fraction``, ``seed``, ``dataset``, ...);
     ``checkpoint_every``: images kept in memory before they are saved to a shard (its ``flush_images``).
+    ``engine``: ``auto``, ``keras`` or ``native`` (:func:`mlsp.native.choose`; None keeps the process's).
     Returns :class:`mlsp.extract.ExtractResult`
     (``.store``, ``.images``, ``.errors``, ...)."""
     from .backend import configure_threads
     from .extract import extract as run
+    from .native import choose
     from .precision import resolve_logged
 
+    choose(engine)
     if threads and not ray:
         configure_threads(*threads)
     precision = resolve_logged(precision)
@@ -159,7 +162,7 @@ def score(run_dir: str | None = None, *, model: str | None = None, store: str | 
           images: str | Sequence[str] | None = None, out: str | None = None, weights: str | None = None,
           precision: str | None = None, workers: int = DECODE_WORKERS, progress: bool = False,
           allow_unfinished: bool = False, ray: str | None = None, ray_cpus_per_worker: float | None = None,
-          ray_gpus_per_worker: float | None = None, users: Sequence[str] = ()):
+          ray_gpus_per_worker: float | None = None, users: Sequence[str] = (), engine: str | None = None):
     """``mlsp score``: a pandas DataFrame (id, pred, pred_std[, pred_opinion_std, p1..p10 for a
     run of the distribution target][, mos, split]) for every image of ``store``, or of the image
     files ``images`` (then files that could not be used are in ``frame.attrs["errors"]``).
@@ -167,9 +170,12 @@ def score(run_dir: str | None = None, *, model: str | None = None, store: str | 
     in place of a trained run. ``allow_unfinished``: also an interrupted or diverged run.
     ``ray`` (with ``images``): score on a Ray cluster, as for :func:`extract`. ``users``: personal
     model folders of this run (:func:`personalize`), with ``store``: one more column
-    ``pred_<user>`` each."""
+    ``pred_<user>`` each. ``engine``: what runs the backbone on image files, as for :func:`extract`."""
     from heads.score import score_images, score_store
 
+    from .native import choose
+
+    choose(engine)
     if (run_dir is None) == (model is None):
         raise ConfigError("score() takes either a run folder or model=")
     if (store is None) == (images is None):

@@ -110,10 +110,11 @@ def check_backend(engine: str):
                           "`mlsp --backend torch extract ... --engine native`")
 
 
-def resolve_engine(engine: str, supported: bool) -> tuple[str, str]:
-    """(``keras`` or ``native``, why) for a requested engine: ``auto`` is native where Keras runs on
-    PyTorch with a CUDA device and the backbone is supported, keras otherwise (TensorFlow stays
-    the CPU default)."""
+def resolve_engine(engine: str) -> tuple[str, str]:
+    """(``keras`` or ``native``, why) for a requested engine, before the backbone is read (a
+    backbone holding a layer type the native engine does not know keeps the Keras path then):
+    ``auto`` is native where Keras runs on PyTorch with a CUDA device, keras otherwise
+    (TensorFlow stays the CPU default)."""
     from . import backend
 
     check_engine(engine)
@@ -121,12 +122,26 @@ def resolve_engine(engine: str, supported: bool) -> tuple[str, str]:
         return "keras", "as asked"
     if engine == "native":
         check_backend(engine)
-        return ("native", "as asked") if supported else ("keras", "the backbone holds a layer type it does not know")
+        return "native", "as asked"
     if backend.name() != "torch":
         return "keras", f"Keras runs on {backend.name()}"
     if backend.devices()[0] == "cpu":
         return "keras", "no CUDA device"
-    return ("native", "a CUDA device") if supported else ("keras", "the backbone holds a layer type it does not know")
+    return "native", "a CUDA device"
+
+
+_CHOSEN = {"engine": DEFAULT_ENGINE}
+
+
+def choose(engine: str | None):
+    """Make ``engine`` this process's (like the Keras backend, one per process: every extractor
+    made from now on runs on it; ``mlsp extract --engine``, ``mlsp score --engine``). None keeps it."""
+    if engine is not None:
+        _CHOSEN["engine"] = check_engine(engine)
+
+
+def chosen_engine() -> str:
+    return _CHOSEN["engine"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,9 +291,12 @@ class NativeNet:
     """A :class:`Plan` on PyTorch: ``net(views)`` maps a (V, h, w, 3) uint8 batch of one size to
     the pooled float32 features, :meth:`run_mixed` a list of views of any sizes (bucketed)."""
 
-    def __init__(self, plan: Plan, *, preprocessing, grid: int, precision: str = "float32", device=None):
+    def __init__(self, plan: Plan, *, preprocessing, grid: int, precision: str = "float32", device=None,
+                 autotune: bool = False):
         torch = _torch()
         fidelity_switches()
+        # cuDNN's autotuning pays only for a bounded set of input shapes: the size buckets
+        torch.backends.cudnn.benchmark = bool(autotune)
         self.plan, self.grid = plan, int(grid)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, COMPUTE_DTYPES[precision])
