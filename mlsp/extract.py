@@ -162,6 +162,11 @@ class FeatureExtractor:
         return True
 
     @property
+    def native_net(self):
+        """The :class:`mlsp.native.NativeNet` running this extractor, or None on the Keras engine."""
+        return self._native
+
+    @property
     def engine(self) -> str:
         """``keras`` or ``native``: the engine that runs this extractor."""
         return self.provenance["engine"]
