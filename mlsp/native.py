@@ -279,22 +279,16 @@ def _torch():
     return torch
 
 
-def fidelity_switches():
-    """float32 means float32: PyTorch's TF32 off for matrix products and cuDNN convolutions
-    (both default on for cuDNN, so 'float32' features on an Ampere-or-newer GPU would be TF32)."""
-    torch = _torch()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-
-
 class NativeNet:
     """A :class:`Plan` on PyTorch: ``net(views)`` maps a (V, h, w, 3) uint8 batch of one size to
     the pooled float32 features, :meth:`run_mixed` a list of views of any sizes (bucketed)."""
 
     def __init__(self, plan: Plan, *, preprocessing, grid: int, precision: str = "float32", device=None,
                  autotune: bool = False):
+        from . import backend
+
         torch = _torch()
-        fidelity_switches()
+        backend.exact_float32()
         # cuDNN's autotuning pays only for a bounded set of input shapes: the size buckets
         torch.backends.cudnn.benchmark = bool(autotune)
         self.plan, self.grid = plan, int(grid)
