@@ -26,7 +26,7 @@ from helpers import write_image  # noqa: E402  (tests/ is on the path: pyproject
 # worker is left with a long file after the other has finished. Files not listed follow, in
 # pytest's order. Reorder here when a file's time changes much.
 SLOWEST_FILES = (
-    "test_train_cli.py", "test_cluster.py", "test_notebooks.py", "test_faults.py", "test_backends.py",
+    "test_train_cli.py", "test_cluster.py", "test_notebooks.py", "test_faults.py", "test_backends.py", "test_native.py",
     "test_extract.py", "test_train.py", "test_backbones.py", "test_score.py", "test_backbones_cli.py",
     "test_distribution.py", "test_files.py", "test_personal.py", "test_heads.py", "test_pretrained_scoring.py",
     "test_startup.py", "test_report.py", "test_explain.py", "test_onednn.py", "test_precision.py",

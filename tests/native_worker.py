@@ -17,22 +17,41 @@ import time
 import numpy as np
 
 
-def features(net: str, weights: str, arrays: list, precision: str) -> dict:
-    """{"narrow"|"wide": one-size features, "narrow_bucketed"|"wide_bucketed": one bucketed call}."""
+def features(net: str, weights: str, arrays: list, precisions: list) -> dict:
+    """{precision: {"narrow"|"wide": one-size features, "narrow_bucketed"|"wide_bucketed": one
+    bucketed call}}, from one extractor's plan (a lower precision casts the same weights, as
+    Keras' mixed precision policy does)."""
     from mlsp import native
     from mlsp.extract import ExtractConfig, FeatureExtractor
 
-    fx = FeatureExtractor(ExtractConfig(net=net, pooling="narrow", weights=weights, precision=precision),
-                          engine="native")
+    fx = FeatureExtractor(ExtractConfig(net=net, pooling="narrow", weights=weights), engine="native")
     assert fx.engine == "native", fx.engine
-    wide = native.NativeNet(fx.native_net.plan, preprocessing=fx.config.spec.preprocessing, grid=5,
-                            precision=precision)
-    out = {}
-    for name, model in (("narrow", fx.native_net), ("wide", wide)):
-        out[name] = np.concatenate([model(a) for a in arrays])
-        out[name + "_bucketed"] = model.run_mixed(arrays)
-    out["bucket_exact_plan"] = np.array(native.bucket_exact(fx.native_net.plan))
-    return out
+    plan, preprocessing = fx.native_net.plan, fx.config.spec.preprocessing
+    found = {}
+    for precision in precisions:
+        out = found[precision] = {"bucket_exact_plan": np.array(native.bucket_exact(plan))}
+        for name, grid in (("narrow", 1), ("wide", 5)):
+            model = native.NativeNet(plan, preprocessing=preprocessing, grid=grid, precision=precision)
+            out[name] = np.concatenate([model(a) for a in arrays])
+            out[name + "_bucketed"] = model.run_mixed(arrays)
+    return found
+
+
+def keras_fallback(net: str) -> dict:
+    """A backbone the native engine cannot run: its extractor's engine and the log lines saying so."""
+    import logging
+
+    from mlsp.extract import ExtractConfig, FeatureExtractor
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("mlsp").addHandler(handler)
+    try:
+        fx = FeatureExtractor(ExtractConfig(net=net, weights="random:0"), engine="native")
+    finally:
+        logging.getLogger("mlsp").removeHandler(handler)
+    return {"engine": fx.engine, "lines": [line for line in lines if "Keras engine" in line]}
 
 
 def main(job_path: str):
@@ -45,9 +64,11 @@ def main(job_path: str):
     found = {"seconds": {}}
     for net, weights in job["weights"].items():
         start = time.monotonic()
-        for precision in job["precisions"][net]:
-            np.savez(job["out"] + f"-{net}-{precision}.npz", **features(net, weights, arrays, precision))
+        for precision, out in features(net, weights, arrays, job["precisions"][net]).items():
+            np.savez(job["out"] + f"-{net}-{precision}.npz", **out)
         found["seconds"][net] = round(time.monotonic() - start, 1)
+    if job.get("fallback"):
+        found["fallback"] = keras_fallback(job["fallback"])
     if job.get("images"):
         cli.main(["extract", "--images", job["images"], "--net", "iv3", "--weights", job["weights"]["iv3"],
                   "--engine", "native", "--out", job["store"]], standalone_mode=False)

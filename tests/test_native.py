@@ -146,6 +146,7 @@ def sides(tmp_path_factory):
     write_image(tmp / "imgs" / "a.png", 96, 112, seed=0)
     write_image(tmp / "imgs" / "b.png", 101, 90, seed=1)
     job = {"views": views, "weights": weights, "precisions": PRECISIONS, "out": str(tmp / "torch"),
+           "fallback": "mobilenetv3_large",
            "images": str(tmp / "imgs"), "store": str(tmp / "native.h5")}
     (tmp / "job.json").write_text(json.dumps(job))
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
@@ -210,6 +211,13 @@ def test_native_bfloat16_within_the_projects_tolerance(sides, pooling):
     want, got = sides["tf"]["iv3"][pooling], sides["torch"][("iv3", "bfloat16")][pooling]
     assert 1e-4 < rel(want, got) <= 0.03  # bfloat16 really ran, and stayed close
     assert rel(got, sides["torch"][("iv3", "bfloat16")][pooling + "_bucketed"]) <= 0.03
+
+
+@pytest.mark.slow
+def test_an_unknown_layer_keeps_the_keras_path_with_one_log_line(sides):
+    fallback = sides["found"]["fallback"]
+    assert fallback["engine"] == "keras"
+    assert len(fallback["lines"]) == 1 and "mobilenetv3_large runs on the Keras engine" in fallback["lines"][0]
 
 
 @pytest.mark.slow
