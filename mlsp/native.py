@@ -374,9 +374,9 @@ class NativeNet:
             ins = [values[i] for i in step.inputs]
             ext = extents[step.inputs[0]]
             if masked and step.masks_input:
-                mask = self._mask(masks, ext, ins[0].shape[2:])
+                mask, outside = self._mask(masks, ext, ins[0].shape[2:])
                 fill = float("-inf") if step.kind == "maxpool" else 0.0
-                ins = [torch.where(mask, t, torch.tensor(fill, dtype=t.dtype, device=t.device)) for t in ins]
+                ins = [t.masked_fill(outside, fill) for t in ins]
             else:
                 mask = None
             values[step.output] = self._run(step, ins, mask)
@@ -387,8 +387,9 @@ class NativeNet:
                 values.pop(i, None)
         return torch.cat([pooled[t] for t in self.plan.taps], dim=-1)
 
-    def _mask(self, cache: dict, extents: tuple, shape) -> object:
-        """(B, 1, H, W) bool: True inside each view's valid extent (cached per extents and shape)."""
+    def _mask(self, cache: dict, extents: tuple, shape) -> tuple:
+        """(inside, outside): (B, 1, H, W) bool, True inside (outside) each view's valid extent,
+        cached per extents and shape."""
         torch = _torch()
         key = (extents, tuple(shape))
         if key not in cache:
@@ -396,7 +397,8 @@ class NativeNet:
             cols = torch.arange(shape[1], device=self.device)
             h = torch.tensor([e[0] for e in extents], device=self.device)
             w = torch.tensor([e[1] for e in extents], device=self.device)
-            cache[key] = ((rows[None, :, None] < h[:, None, None]) & (cols[None, None, :] < w[:, None, None]))[:, None]
+            inside = ((rows[None, :, None] < h[:, None, None]) & (cols[None, None, :] < w[:, None, None]))[:, None]
+            cache[key] = (inside, ~inside)
         return cache[key]
 
     def _pool(self, x, extents: tuple, cache: dict):
