@@ -315,17 +315,29 @@ class NativeNet:
             if i not in plan.taps:
                 self._free_after.setdefault(k, []).append(i)
         self.on_cuda = self.device.type == "cuda"
+        self._staging = None  # the pinned upload buffer (CUDA)
         self._in_place = _exclusive_activations(plan)
 
     # ---- inputs and outputs
 
-    def _upload(self, batch: np.ndarray):
-        """(B, H, W, 3) uint8 numpy -> preprocessed (B, 3, H, W) channels-last on the device."""
+    def _host_batch(self, shape: tuple) -> np.ndarray:
+        """A uint8 numpy array of ``shape`` to fill with views: on CUDA, a view of one pinned buffer
+        kept for the next calls (a new pinned allocation per call costs more than the copy;
+        the previous call's upload is over, :meth:`_download` waited for the stream)."""
         torch = _torch()
-        host = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8))
-        if self.on_cuda:
-            host = host.pin_memory()
-        x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32)
+        if not self.on_cuda:
+            return np.empty(shape, np.uint8)
+        need = int(np.prod(shape))
+        if self._staging is None or self._staging.numel() < need:
+            self._staging = torch.empty(need, dtype=torch.uint8, pin_memory=True)
+        return self._staging[:need].numpy().reshape(shape)
+
+    def _upload(self, batch: np.ndarray):
+        """(B, H, W, 3) uint8 numpy (from :meth:`_host_batch`, or any) -> preprocessed (B, 3, H, W)
+        channels-last on the device, one asynchronous copy."""
+        torch = _torch()
+        host = torch.from_numpy(batch)
+        x = host.to(self.device, non_blocking=self.on_cuda).permute(0, 3, 1, 2).to(torch.float32)
         x = (x * self.scale + self.offset).contiguous(memory_format=torch.channels_last)
         return x.to(self.dtype)
 
@@ -336,13 +348,15 @@ class NativeNet:
         host = torch.empty(pooled.shape, dtype=pooled.dtype, pin_memory=True)
         host.copy_(pooled, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
-        return host.numpy()
+        return host.numpy()  # its own pinned memory: the features only, small
 
     def __call__(self, views: np.ndarray) -> np.ndarray:
         """Features of a (V, h, w, 3) uint8 batch of one size: (V, C) or (V, g, g, C) float32."""
         torch = _torch()
+        batch = self._host_batch(views.shape)
+        batch[...] = views
         with torch.inference_mode():
-            x = self._upload(views)
+            x = self._upload(batch)
             sizes = [tuple(views.shape[1:3])] * len(views)
             return self._download(self._forward(x, sizes, masked=False))
 
@@ -355,10 +369,12 @@ class NativeNet:
         sizes = [tuple(a.shape[1:3]) for a in arrays for _ in range(len(a))]
         height = max(bucket_of(*s)[0] for s in sizes)
         width = max(bucket_of(*s)[1] for s in sizes)
-        batch = np.zeros((len(sizes), height, width, 3), np.uint8)
+        batch = self._host_batch((len(sizes), height, width, 3))
         row = 0
-        for a in arrays:
+        for a in arrays:  # each view at the top left of its bucket, zeros around it (read only by outputs outside it)
             batch[row:row + len(a), :a.shape[1], :a.shape[2]] = a
+            batch[row:row + len(a), a.shape[1]:] = 0
+            batch[row:row + len(a), :a.shape[1], a.shape[2]:] = 0
             row += len(a)
         with torch.inference_mode():
             return self._download(self._forward(self._upload(batch), sizes, masked=True))
