@@ -22,35 +22,40 @@ import click
 
 # TensorFlow's and oneDNN's C++ messages stay off the console unless -v (or the variable is set): 3
 # hides their ERROR level too, where oneDNN on an AVX2 CPU says once per process that it leaves
-# float16 ops to Eigen (mlsp.backend.prefer_onednn); what fails reaches mlsp as a Python exception.
+# float16 ops to Eigen (mlsp.runtime.backend.prefer_onednn); what fails reaches mlsp as a Python exception.
 TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from heads import explain as saliency  # noqa: E402
-from heads import report as reporting  # noqa: E402
-from heads.config import TrainConfig  # noqa: E402
-from heads.keras2 import LAYER_NAMES as KERAS2_HEADS  # noqa: E402
+from mlsp.runtime.backend import prepare_process  # noqa: E402
+
+prepare_process()  # before anything imports TensorFlow: oneDNN on AVX2, none of it next to PyTorch
+
+from heads.columns import SUMMARY as SCORES_CSV  # noqa: E402
+from heads.report import saliency  # noqa: E402
+from heads.report import build as reporting  # noqa: E402
+from heads.train.config import TrainConfig  # noqa: E402
+from heads.score.keras2 import LAYER_NAMES as KERAS2_HEADS  # noqa: E402
 from heads.personal import AUTO, RATING_SCALE, method_names  # noqa: E402
 from heads.personal.adapt import FALLBACK_SE  # noqa: E402
 from heads.personal.methods import METHODS  # noqa: E402
 from heads.personal.protocol import KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
 from heads.personal.ratings import MIN_RATINGS  # noqa: E402
-from heads.pretrained import CATALOGUE_ENV  # noqa: E402
+from heads.score.catalogue import CATALOGUE_ENV  # noqa: E402
 from heads.registry import HEADS, options_help, parse_options  # noqa: E402
-from heads.schedule import FULL_EPOCH_STEPS, MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr  # noqa: E402
+from heads.train.schedule import FULL_EPOCH_STEPS, MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr  # noqa: E402
 from heads.targets import TARGETS  # noqa: E402
 from mlsp import api  # noqa: E402
-from mlsp.backbones import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
-from mlsp import backend  # noqa: E402
-from mlsp.backend import BACKENDS  # noqa: E402
+from mlsp.backbone.nets import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
+from mlsp.runtime import backend  # noqa: E402
+from mlsp.runtime.backend import BACKENDS  # noqa: E402
 from mlsp.errors import MLSPError, NoUsableImages, RunInterrupted  # noqa: E402
-from mlsp import extract as extraction  # noqa: E402
-from mlsp.extract import ExtractConfig  # noqa: E402
-from mlsp.images import CROP_FRACTION, VIEW_NAMES  # noqa: E402
-from mlsp.native import DEFAULT_ENGINE, ENGINES  # noqa: E402
-from mlsp.precision import CHOICES as PRECISION_CHOICES  # noqa: E402
-from mlsp.progress import console_progress  # noqa: E402
-from mlsp.store import WIDE_GRID  # noqa: E402
+from mlsp.extraction import job as extraction  # noqa: E402
+from mlsp.extraction.job import ExtractConfig  # noqa: E402
+from mlsp.images.decode import CROP_FRACTION, VIEW_NAMES  # noqa: E402
+from mlsp.backbone.native import DEFAULT_ENGINE, ENGINES  # noqa: E402
+from mlsp.runtime.precision import CHOICES as PRECISION_CHOICES  # noqa: E402
+from mlsp.runtime.progress import console_progress  # noqa: E402
+from mlsp.store.format import WIDE_GRID, pooling_of  # noqa: E402
 
 log = logging.getLogger("cli")
 
@@ -80,7 +85,7 @@ def handle_errors(func):
         except BrokenPipeError:
             raise
         except OSError as exc:
-            from mlsp.atomic import describe_os_error
+            from mlsp.runtime.atomic import describe_os_error
 
             where = exc.filename or "a file"
             raise click.ClickException(f"{where}: {describe_os_error(exc)}") from exc
@@ -98,7 +103,7 @@ def _check_head(ctx, param, value):
 def _select_backend(ctx, param, value):
     """--backend sets KERAS_BACKEND before anything imports Keras (an eager option)."""
     if value:
-        from mlsp.backend import select
+        from mlsp.runtime.backend import select
 
         try:
             select(value)
@@ -251,7 +256,7 @@ def _echo_errors(errors, limit=10):
 @click.option("--net", type=click.Choice(sorted(BACKBONES)), default=EXTRACT_DEFAULTS.net, show_default=True,
               help="Backbone (`mlsp backbones` describes each). The paper's: irv2 = InceptionResNet-v2 "
                    "(43 blocks, 16,928 channels) and iv3 = Inception-v3 (11 blocks, 10,048 channels).")
-@click.option("--wide/--narrow", default=EXTRACT_DEFAULTS.pooling == "wide", show_default=True,
+@click.option("--wide/--narrow", default=pooling_of(EXTRACT_DEFAULTS.pooling).wide, show_default=True,
               help=f"Wide: each block pooled to {WIDE_GRID}x{WIDE_GRID} (area interpolation), for pool3fc. "
                    "Narrow: global average per block (1x1), for the single/multi heads.")
 @click.option("--augment/--no-augment", default=EXTRACT_DEFAULTS.augment, show_default=True,
@@ -640,7 +645,7 @@ def heads_command(nets, as_json):
     click.echo(f"{'head':<11}{'features':<9}" + "".join(f"{'params ' + n:>{max(16, len(n) + 9)}}" for n in nets)
                + "  description")
     for row in rows:
-        features = "wide" if row["features"] == "wide" else "narrow"
+        features = row["features"].split(" ")[0]  # "narrow (or wide: grid mean)" -> narrow
         params = "".join(f"{row['params'][n]:>{max(16, len(n) + 9)},}" for n in nets)
         click.echo(f"{row['name']:<11}{features:<9}{params}  {row['description']}")
         for n in nets:
@@ -742,7 +747,7 @@ def _run_or_model(run_dir, model, files=()):
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
               help="Score the images in this folder (recursively), running the run's backbone on them.")
 @click.option("--out", type=click.Path(dir_okay=False),
-              help="CSV to write (id, pred, pred_std[, pred_opinion_std, p1..p10][, mos, split]). "
+              help=f"CSV to write ({SCORES_CSV}). "
               "Default: print the scores.")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES),
@@ -917,7 +922,7 @@ def export_command(run_dir, model, out, weights, precision, allow_unfinished):
     over the run's views (a released model's: its own test-time views); for a run of --target
     distribution, a dict of mos, opinion_std and distribution (the 10 probabilities). Load it
     with keras.saving.load_model(path, safe_mode=True) after `import mlsp, heads` (which
-    register its layers), or with `heads.export.load_exported(path)`.
+    register its layers), or with `heads.score.export.load_exported(path)`.
     """
     run_dir, _ = _run_or_model(run_dir, model)
     path = api.export(run_dir, out, model=model, weights=weights, precision=precision,

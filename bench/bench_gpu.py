@@ -7,9 +7,9 @@ when its share is spent and says how many images it ran), its JSON written after
 2. >= 200 JPEGs of >= 40 distinct AVA-like sizes (300-800 px a side), decoded by the decode threads;
 3. for iv3 narrow and irv2 wide, in bfloat16 and float32: the model alone on the decoded views
    on today's Keras path (one size per call), on the native engine one size per call, bucketed
-   (views of one 32 px size bucket in one call: exact, mlsp/native.py) with the time to warm a
+   (views of one 32 px size bucket in one call: exact, mlsp/backbone/native.py) with the time to warm a
    bucket, and on one size (TFLOP/s against the matmul rate of the precision); then the whole
-   process (decode + forward + store write, ``mlsp.extract.extract`` on the native engine) in
+   process (decode + forward + store write, ``mlsp.extraction.job.extract`` on the native engine) in
    images/s. CUDA graphs per bucket, torch.compile and Keras on JAX are not run (open: docs/speed.md).
 
     python bench/bench_gpu.py                          # on the GPU machine (<= 8 minutes)
@@ -143,7 +143,8 @@ def train_pool3fc(samples: int, precision: str, epochs: int = 3) -> dict:
     import keras
 
     from heads.models import build_head
-    from mlsp import backbones, backend
+    from mlsp.backbone import nets as backbones
+    from mlsp.runtime import backend
 
     channels = backbones.get_backbone("irv2").channels
     backend.set_random_seed(0)
@@ -181,7 +182,7 @@ def make_set(work: str, args) -> tuple[list, dict]:
 def timed_calls(fx, decoded: list, batch_views: int, seconds: float, key=None) -> dict:
     """The model alone on decoded images, grouped as extract groups them (by size, or by bucket
     with ``key``), until ``seconds`` are spent: images, seconds, images/s."""
-    from mlsp.readahead import run_batched
+    from mlsp.images.readahead import run_batched
 
     done = 0
     sync()
@@ -215,8 +216,8 @@ def one_size(fx, side: int, views: int, seconds: float, gflop: float, matmul: fl
 
 
 def whole_process(fx, config, folder: str, store: str, args) -> dict:
-    """Decode + forward + store write: ``mlsp.extract.extract`` itself, images/s."""
-    from mlsp.extract import extract
+    """Decode + forward + store write: ``mlsp.extraction.job.extract`` itself, images/s."""
+    from mlsp.extraction.job import extract
 
     sync()
     start = time.perf_counter()
@@ -229,7 +230,7 @@ def whole_process(fx, config, folder: str, store: str, args) -> dict:
 def writer_rate(work: str, config, shape: tuple, images: int) -> dict:
     """The shard writer alone (HDF5, float16, as extract writes): ``images`` images of features of
     ``shape`` (views, ...), images/s and MB/s; the store's merge afterwards is not counted."""
-    from mlsp.shards import ShardWriter
+    from mlsp.store.shards import ShardWriter
 
     features = np.random.default_rng(0).normal(size=shape).astype(np.float16)
     writer = ShardWriter(os.path.join(work, f"writer-{config.net}-{config.pooling}-{config.precision}.h5"),
@@ -246,7 +247,7 @@ def writer_rate(work: str, config, shape: tuple, images: int) -> dict:
 
 def measure(args, clock: Clock, record: dict, path_of, config, decoded: list, work: str, stages_left: int) -> dict:
     """One net:pooling at one precision, stage by stage (the JSON written after each)."""
-    from mlsp.extract import FeatureExtractor
+    from mlsp.extraction.job import FeatureExtractor
 
     row = {"net": config.net, "pooling": config.pooling, "precision": config.precision}
     record["figures"]["extract"].append(row)
@@ -288,12 +289,12 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before PyTorch starts: no GPU is seen
-    from mlsp import backend
+    from mlsp.runtime import backend
 
     backend.select("torch")
     import keras
 
-    from mlsp.extract import ExtractConfig
+    from mlsp.extraction.job import ExtractConfig
 
     clock = Clock(args.budget)
     record = common.new_record("gpu", vars(args))
@@ -342,10 +343,10 @@ def main(argv=None) -> str:
 
 def decode_all(config, paths, workers) -> list:
     """Every image decoded into its views by ``workers`` threads, as extract decodes them
-    (:meth:`mlsp.extract.FeatureExtractor.load_views`): [(path, (views, size))]."""
+    (:meth:`mlsp.extraction.job.FeatureExtractor.load_views`): [(path, (views, size))]."""
     import concurrent.futures
 
-    from mlsp import images
+    from mlsp.images import decode as images
 
     def load(path):
         img = images.decode_bytes(path, images.read_file(path)[0], config.max_side)

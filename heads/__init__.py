@@ -1,4 +1,4 @@
-"""Stage 2 of MLSP: shallow heads trained on the features of a store (:mod:`mlsp.store`).
+"""Stage 2 of MLSP: shallow heads trained on the features of a store (:mod:`mlsp.store.read`).
 
 Public API::
 
@@ -10,13 +10,13 @@ Public API::
 The modules: :mod:`heads.registry` (names -> HeadSpec), :mod:`heads.models` (the four heads) and
 :mod:`heads.layers` (their registered layers), :mod:`heads.targets` (what a head predicts: the
 MOS or the vote distribution) and :mod:`heads.distribution` (the distribution's EMD loss),
-:mod:`heads.data` (feeding features from memory or the store), :mod:`heads.schedule` (the
-schedule's values for a store's size), :mod:`heads.schedule_callback` (the paper's LR schedule),
-:mod:`heads.training`, :mod:`heads.run` (a run folder), :mod:`heads.evaluation`,
-:mod:`heads.score` (a run applied to a store or to image files), :mod:`heads.export` (backbone +
-head as one model), :mod:`heads.plots`, :mod:`heads.pretrained` (the catalogue of released
-pretrained heads, fetched and checked), :mod:`heads.keras2` (the authors' Keras 2 weight files
-imported into single3fc/pool3fc), :mod:`heads.pretrained_scoring` (a released model scored
+:mod:`heads.data` (feeding features from memory or the store), :mod:`heads.train.schedule` (the
+schedule's values for a store's size), :mod:`heads.train.schedule_callback` (the paper's LR schedule),
+:mod:`heads.train.loop`, :mod:`heads.run` (a run folder), :mod:`heads.evaluation`,
+:mod:`heads.score.scoring` (a run applied to a store or to image files), :mod:`heads.score.export` (backbone +
+head as one model), :mod:`heads.plots`, :mod:`heads.score.catalogue` (the catalogue of released
+pretrained heads, fetched and checked), :mod:`heads.score.keras2` (the authors' Keras 2 weight files
+imported into single3fc/pool3fc), :mod:`heads.score.released` (a released model scored
 with its own test-time views) and :mod:`heads.personal` (a head adapted to one person).
 Everything but the registry, the targets and the catalogue imports Keras, so it is loaded on
 first use.
@@ -24,9 +24,13 @@ first use.
 
 import importlib
 import logging
+import os
 
 import wrapt
 
+from mlsp import KERAS_HOOK_ENV
+
+from . import models  # noqa: F401  (registers the heads, beside their builders)
 from .registry import HEADS, HeadSpec, get_head
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -38,18 +42,20 @@ def _register_layers(keras_module):
 
 # like mlsp's: the heads' layers are registered as soon as Keras is imported, so every saved
 # model.keras loads with keras.saving.load_model(path, safe_mode=True) after `import heads`
-wrapt.register_post_import_hook(_register_layers, "keras")
+# (MLSP_KERAS_HOOK=0 turns it off: then `import heads.layers, heads.distribution` registers them)
+if os.environ.get(KERAS_HOOK_ENV, "1") != "0":
+    wrapt.register_post_import_hook(_register_layers, "keras")
 
 _LAZY = {
     "build_head": "heads.models",
-    "train": "heads.training",
-    "TrainConfig": "heads.config",
-    "TrainResult": "heads.training",
+    "train": "heads.train.loop",
+    "TrainConfig": "heads.train.config",
+    "TrainResult": "heads.train.loop",
     "evaluate": "heads.evaluation",
     "compute_metrics": "heads.evaluation",
     "Run": "heads.run",
-    "score_store": "heads.score",
-    "score_images": "heads.score",
+    "score_store": "heads.score.scoring",
+    "score_images": "heads.score.scoring",
 }
 
 __all__ = ["HEADS", "HeadSpec", "get_head", *_LAZY]

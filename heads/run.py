@@ -15,13 +15,13 @@ import json
 import logging
 import os
 
-from mlsp.atomic import atomic_path, describe_os_error, write_json
+from mlsp.runtime.atomic import atomic_path, describe_os_error, write_json
 from mlsp.errors import ConfigError, StoreConfigMismatch, WriteError
-from mlsp import backend
-from mlsp.extract import ExtractConfig, random_weights_advice
-from mlsp.precision import resolve_logged as resolve_precision
-from mlsp.store import FEATURES_ROOT, FeatureStore
-from mlsp.store_config import from_attrs
+from mlsp.runtime import backend
+from mlsp.extraction.job import ExtractConfig, random_weights_advice
+from mlsp.store.read import FeatureStore
+from mlsp.store.format import FEATURES_ROOT
+from mlsp.store.config import from_attrs
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
@@ -133,12 +133,12 @@ class Run:
 
     def extract_config(self, weights: str | None = None, precision: str | None = None) -> ExtractConfig:
         """The extraction that made the run's store, with the weights file found again; ``precision``
-        (``auto`` resolved here) replaces the store's."""
+        (``auto``: resolved by :class:`ExtractConfig`) replaces the store's."""
         cfg = self.store_info["config"]
         stored = from_attrs({**cfg, "net": self.store_info["net"], "pooling": self.store_info["pooling"],
                              "views": self.store_info.get("views") or cfg.get("views")})
         if precision:
-            stored["precision"] = resolve_precision(precision)
+            stored["precision"] = precision
         source = cfg["weights_source"]
         if weights is None:
             if source == "imagenet" or source.startswith("random"):

@@ -1,6 +1,7 @@
 """Shared fixtures (plain helpers are in tests/helpers.py). Every test runs offline on random
 backbones and small generated images; nothing here needs ImageNet weights, AVA or a GPU."""
 
+import json
 import os
 import subprocess
 import tempfile
@@ -8,47 +9,79 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keras writes its config and weights cache under KERAS_HOME: keep tests away from the user's.
 os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="mlsp-keras-home-"))
-# The extractor cache (mlsp.forward_cache) would write an entry for each net and seed the tests
+# The extractor cache (mlsp.backbone.forward_cache) would write an entry for each net and seed the tests
 # use: tests/test_startup.py turns it on where it is tested.
 os.environ.setdefault("MLSP_FORWARD_CACHE", "0")
 
-# mlsp before any test module imports keras: TensorFlow reads its oneDNN switch once, when it
-# starts, and `import mlsp` sets it (on CPUs without AVX-512, mlsp.backend.prefer_onednn), so the
+# before any test module imports keras: TensorFlow reads its oneDNN switch once, when it starts,
+# and the CLI sets it (on CPUs without AVX-512, mlsp.runtime.backend.prepare_process), so the
 # tests' processes compute as the CLI's subprocesses do, whichever test file runs first
-import mlsp  # noqa: E402,F401
+from mlsp.runtime.backend import prepare_process  # noqa: E402
+
+prepare_process()
 import pytest  # noqa: E402
 
 from helpers import write_image  # noqa: E402  (tests/ is on the path: pyproject's pythonpath)
 
-# The slowest test files, slowest first (a full run on the 2-core machine, docs/testing.md). With
-# `-n 2 --dist loadfile` each worker takes the next file when it is nearly done with its own, in
-# collection order: the long files start first and the short ones fill the end, so neither
-# worker is left with a long file after the other has finished. Files not listed follow, in
-# pytest's order. Reorder here when a file's time changes much.
-SLOWEST_FILES = (
-    "test_train_cli.py", "test_cluster.py", "test_notebooks.py", "test_faults.py", "test_backends.py", "test_native.py",
-    "test_extract.py", "test_train.py", "test_backbones.py", "test_score.py", "test_backbones_cli.py",
-    "test_distribution.py", "test_files.py", "test_personal.py", "test_heads.py", "test_pretrained_scoring.py",
-    "test_startup.py", "test_report.py", "test_explain.py", "test_onednn.py", "test_precision.py",
-)
+#: Seconds each test file took in the last full run that stored them (`--store-durations`, on the
+#: 2-core machine; docs/testing.md). With `-n 2 --dist loadfile` each worker takes the next file
+#: when it is nearly done with its own, in collection order: the longest files start first and the
+#: short ones fill the end, so neither worker is left alone on a long file. A file not in it (a new
+#: one) counts as the median file.
+DURATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "durations.json")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--store-durations", action="store_true",
+                     help="write each test file's total time to tests/durations.json after the run")
 
 
 def pytest_configure(config):
     # pytest-xdist would otherwise hand out the files with the most tests first (its
-    # --loadscope-reorder), undoing SLOWEST_FILES
+    # --loadscope-reorder), undoing the order by duration
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
+    if config.getoption("store_durations") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(FileDurations(), "mlsp-file-durations")
+
+
+def _stored_durations() -> dict:
+    try:
+        with open(DURATIONS) as handle:
+            return {str(k): float(v) for k, v in json.load(handle).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: k for k, name in enumerate(SLOWEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+    seconds = _stored_durations()
+    default = sorted(seconds.values())[len(seconds) // 2] if seconds else 0.0
+    items.sort(key=lambda item: -seconds.get(item.path.name, default))  # stable: a file's own order is kept
+
+
+class FileDurations:
+    """``--store-durations``: each test file's total time (set-up, call and tear-down of its tests,
+    as the workers report them to the controller), written to tests/durations.json at the end."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    def pytest_runtest_logreport(self, report):
+        name = os.path.basename(report.fspath)
+        self.seconds[name] = self.seconds.get(name, 0.0) + report.duration
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        if self.seconds:
+            with open(DURATIONS, "w") as handle:
+                json.dump({k: round(v, 1) for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1])},
+                          handle, indent=1)
+                handle.write("\n")
 
 
 @pytest.fixture(scope="session")
 def extractors():
     """One FeatureExtractor per (net, pooling, augment) asked for, built once per session."""
-    from mlsp.extract import ExtractConfig, FeatureExtractor
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
 
     cache = {}
 
@@ -66,7 +99,7 @@ def extractors():
 def sample_store(tmp_path_factory, extractors):
     """A small sample (16 images, its votes, a test list) and its iv3 narrow store, made once
     per session. Read it; write elsewhere (a test's own tmp_path)."""
-    from mlsp.extract import ExtractConfig, extract
+    from mlsp.extraction.job import ExtractConfig, extract
     from mlsp.sample import build_sample
 
     root = tmp_path_factory.mktemp("sample_store")

@@ -21,8 +21,8 @@ def features(net: str, weights: str, arrays: list, precisions: list) -> dict:
     """{precision: {"narrow"|"wide": one-size features, "narrow_bucketed"|"wide_bucketed": one
     bucketed call}}, from one extractor's plan (a lower precision casts the same weights, as
     Keras' mixed precision policy does)."""
-    from mlsp import native
-    from mlsp.extract import ExtractConfig, FeatureExtractor
+    from mlsp.backbone import native
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
 
     fx = FeatureExtractor(ExtractConfig(net=net, pooling="narrow", weights=weights), engine="native")
     assert fx.engine == "native", fx.engine
@@ -41,7 +41,7 @@ def keras_fallback(net: str) -> dict:
     """A backbone the native engine cannot run: its extractor's engine and the log lines saying so."""
     import logging
 
-    from mlsp.extract import ExtractConfig, FeatureExtractor
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
 
     lines = []
     handler = logging.Handler()

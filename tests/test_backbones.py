@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mlsp import backbone_weights, backbones, cost, folding
+from mlsp.backbone import weights as backbone_weights, nets as backbones, cost, folding
 from mlsp.errors import ConfigError
 
 PAPER = {"iv3": (11, 10048), "irv2": (43, 16928)}
@@ -65,7 +65,7 @@ def test_registry_entry_matches_the_real_model(built, net):
     of the 5x5 grid is the narrow feature)."""
     import keras
 
-    from mlsp.pooling import MultiLevelPooling
+    from mlsp.backbone.pooling import MultiLevelPooling
 
     spec = backbones.get_backbone(net)
     _, folded, _ = built(net)
@@ -135,9 +135,9 @@ def test_imagenet_offline_names_file_and_place(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("net", sorted(backbones.BACKBONES))
 def test_registry_says_whether_the_native_engine_runs_it_bucket_exact(built, net):
-    """``bucket_exact`` is what the folded graph says (mlsp.native.bucket_exact: every strided
+    """``bucket_exact`` is what the folded graph says (mlsp.backbone.native.bucket_exact: every strided
     operation 'valid', every 'same' one of stride 1); a net the native engine cannot run is not."""
-    from mlsp import native
+    from mlsp.backbone import native
 
     spec = backbones.get_backbone(net)
     _, folded, _ = built(net)

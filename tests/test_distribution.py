@@ -168,9 +168,9 @@ def scored(tmp_path_factory, sample_store):
 
 
 def test_scores_and_the_exported_model_carry_the_distribution(scored, extractors):
-    from heads.export import export, load_exported
-    from heads.score import score_images, score_store
-    from mlsp.images import decode_image
+    from heads.score.export import export, load_exported
+    from heads.score.scoring import score_images, score_store
+    from mlsp.images.decode import decode_image
 
     from_store = score_store(scored["run"], scored["store"])
     assert list(from_store.columns) == ["id", "pred", "pred_std", "pred_opinion_std", *P_COLUMNS, "mos", "split"]

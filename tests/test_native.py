@@ -1,4 +1,4 @@
-"""The native engine (mlsp/native.py): its features equal the Keras model's on TensorFlow, views of
+"""The native engine (mlsp/backbone/native.py): its features equal the Keras model's on TensorFlow, views of
 mixed sizes in one bucketed call equal each alone, and ``--engine`` is refused where it cannot run
 (every registry entry's ``bucket_exact`` is checked with the other entry checks, tests/test_backbones.py).
 
@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 import backend_worker
 from helpers import write_image
-from mlsp import native
-from mlsp.readahead import run_batched
+from mlsp.backbone import native
+from mlsp.images.readahead import run_batched
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETS = ("iv3", "irv2")
@@ -37,7 +37,7 @@ def rel(a, b) -> float:
 
 
 def test_area_matrix_is_the_pooling_layers_weights_zero_beyond_the_view():
-    from mlsp.pooling import area_weights
+    from mlsp.backbone.pooling import area_weights
 
     for length, size in ((7, 5), (13, 5), (3, 5), (9, 1)):
         padded = length + 6
@@ -171,8 +171,8 @@ def _tensorflow_features(net: str, weights: str, arrays: list) -> dict:
     """Narrow and wide features of each array through mlsp's Keras extractor on TensorFlow."""
     import keras
 
-    from mlsp.extract import ExtractConfig, FeatureExtractor
-    from mlsp.pooling import MultiLevelPooling
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
+    from mlsp.backbone.pooling import MultiLevelPooling
 
     fx = FeatureExtractor(ExtractConfig(net=net, pooling="narrow", weights=weights))
     taps = fx.model.get_layer("mlsp_pooling").input

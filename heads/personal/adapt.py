@@ -22,10 +22,11 @@ import os
 
 import numpy as np
 
-from mlsp.atomic import atomic_path, write_json
+from mlsp.runtime.atomic import atomic_path, write_json
 from mlsp.errors import ConfigError
-from mlsp.labels import SCORES
+from mlsp.store.labels import SCORES
 
+from ..columns import user_column
 from .methods import FITTED, METHODS, Context, Images, MethodSpec, fit
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class PersonalModel:
 
     @property
     def column(self) -> str:
-        return f"pred_{self.user}"
+        return user_column(self.user)
 
     def predict_generic_scale(self, images: Images) -> np.ndarray:
         return self.fitted.predict(images)

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from mlsp.atomic import atomic_path, write_json
+from mlsp.runtime.atomic import atomic_path, write_json
 from mlsp.errors import ConfigError
-from mlsp.progress import ProgressFactory, null_progress
+from mlsp.runtime.progress import ProgressFactory, null_progress
 
 from ..plots import plot_gain_per_person
 from .adapt import AUTO, adapt

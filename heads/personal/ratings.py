@@ -6,8 +6,8 @@ names and values ignored):
 - FLICKR-AES's own ``FLICKR-AES_image_labeled_by_each_worker.csv``: ``worker, imagePair, score``;
 - a plain CSV ``user,image,score``.
 
-Image names are matched to the store's ids as labels are (:func:`mlsp.labels.match_ids`, an
-image extension removed by :func:`mlsp.labels.strip_image_extension`). Every rating whose image
+Image names are matched to the store's ids as labels are (:func:`mlsp.store.labels.match_ids`, an
+image extension removed by :func:`mlsp.store.labels.strip_image_extension`). Every rating whose image
 is not in the store is counted and reported. Scores outside the rating scale, missing values
 and a (user, image) pair rated twice are one-line :class:`mlsp.errors.LabelsError` naming the
 file and the line.
@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from mlsp.errors import ConfigError, LabelsError
-from mlsp.labels import match_ids, strip_image_extension
+from mlsp.store.labels import match_ids, strip_image_extension
 
 log = logging.getLogger(__name__)
 
