@@ -115,8 +115,8 @@ def run_batched(extractor: Callable, decoded: Iterable, batch_views: int, window
     groups: dict = {}  # group key -> entries waiting, in input order
     key = key or tuple
 
-    def run(shape):
-        entries = groups.pop(shape)
+    def run(group_key):
+        entries = groups.pop(group_key)
         per_call = max(1, batch_views // entries[0][1][0].shape[0])
         for start in range(0, len(entries), per_call):
             chunk = entries[start:start + per_call]
@@ -144,11 +144,11 @@ def run_batched(extractor: Callable, decoded: Iterable, batch_views: int, window
         entry = [item, result, failed]
         pending.append(entry)
         if not failed:
-            shape = key(result[0].shape)
-            group = groups.setdefault(shape, [])
+            group_key = key(result[0].shape)
+            group = groups.setdefault(group_key, [])
             group.append(entry)
             if sum(e[1][0].shape[0] for e in group) >= batch_views:
-                run(shape)
+                run(group_key)
         if len(pending) >= max(1, window) and not pending[0][2]:
             run(key(pending[0][1][0].shape))
         yield from ready()
