@@ -21,6 +21,7 @@ import dataclasses
 import logging
 from typing import Sequence
 
+from .backbone.native import with_engine
 from .backbone.nets import FLOPS_SIZE
 from .errors import ConfigError
 from .extraction.job import ExtractConfig
@@ -86,6 +87,7 @@ def info() -> dict:
     }
 
 
+@with_engine
 def extract(images: str | Sequence[str], out: str | None = None, *, net: str = ExtractConfig.net,
             wide: bool = pooling_of(ExtractConfig.pooling).wide, augment: bool = ExtractConfig.augment,
             weights: str = ExtractConfig.weights, labels: str | None = None, test_list: str | None = None,
@@ -102,14 +104,12 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = E
     threads decoding images ahead of the model (each Ray worker's, with ``ray``); ``options`` are
     :func:`mlsp.extraction.job.extract`'s (``val_fraction``, ``seed``, ``dataset``, ...);
     ``checkpoint_every``: images kept in memory before they are saved to a shard (its ``flush_images``).
-    ``engine``: ``auto``, ``keras`` or ``native`` (:func:`mlsp.backbone.native.choose`; None keeps the process's).
+    ``engine``: ``auto``, ``keras`` or ``native`` for this call (:func:`mlsp.backbone.native.engine_chosen`).
     Returns :class:`mlsp.extraction.job.ExtractResult`
     (``.store``, ``.images``, ``.errors``, ...)."""
-    from .backbone.native import choose
     from .runtime.backend import configure_threads
     from .extraction.job import extract as run
 
-    choose(engine)
     if threads and not ray:
         configure_threads(*threads)
     config = ExtractConfig(net=net, pooling=pooling_of(wide).name, augment=augment, weights=weights,
@@ -156,6 +156,7 @@ def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None,
     return run(run_dir, store, out=out, memory_budget=_bytes(memory_budget))
 
 
+@with_engine
 def score(run_dir: str | None = None, *, model: str | None = None, store: str | None = None,
           images: str | Sequence[str] | None = None, out: str | None = None, weights: str | None = None,
           precision: str | None = None, workers: int = DECODE_WORKERS, progress: bool = False,
@@ -170,9 +171,6 @@ def score(run_dir: str | None = None, *, model: str | None = None, store: str | 
     ``pred_<user>`` each. ``engine``: what runs the backbone on image files, as for :func:`extract`."""
     from heads.score.scoring import score_images, score_store
 
-    from .backbone.native import choose
-
-    choose(engine)
     if (run_dir is None) == (model is None):
         raise ConfigError("score() takes either a run folder or model=")
     if (store is None) == (images is None):

@@ -124,6 +124,7 @@ def test_native_engine_is_refused_on_tensorflow(tmp_path):
     assert result.exit_code == 1
     assert "--engine native runs on PyTorch" in result.output and "--backend torch" in result.output
     assert "Traceback" not in result.output
+    assert native.chosen_engine() == native.DEFAULT_ENGINE  # the choice was the call's, not the process's
     assert native.resolve_engine("auto") == ("keras", "Keras runs on tensorflow")
 
 

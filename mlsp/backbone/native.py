@@ -29,7 +29,9 @@ no backend, but a process runs the native engine only with Keras on PyTorch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 
 import numpy as np
@@ -132,11 +134,29 @@ def resolve_engine(engine: str) -> tuple[str, str]:
 _CHOSEN = {"engine": DEFAULT_ENGINE}
 
 
-def choose(engine: str | None):
-    """Make ``engine`` this process's (like the Keras backend, one per process: every extractor
-    made from now on runs on it; ``mlsp extract --engine``, ``mlsp score --engine``). None keeps it."""
+@contextlib.contextmanager
+def engine_chosen(engine: str | None):
+    """Inside the block, every extractor made without an engine of its own runs on ``engine``
+    (``mlsp extract --engine``, ``mlsp score --engine``, down to the extractors the scoring code
+    makes); None keeps the current one. The previous choice is back after the block."""
+    previous = _CHOSEN["engine"]
     if engine is not None:
         _CHOSEN["engine"] = check_engine(engine)
+    try:
+        yield
+    finally:
+        _CHOSEN["engine"] = previous
+
+
+def with_engine(function):
+    """``function(..., engine=None)`` run inside :func:`engine_chosen` of its ``engine``."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with engine_chosen(kwargs.get("engine")):
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 def chosen_engine() -> str:
