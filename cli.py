@@ -52,6 +52,7 @@ from mlsp.errors import IdentityConflict, MLSPError, NoUsableImages, RunInterrup
 from mlsp.extraction import job as extraction  # noqa: E402
 from mlsp.extraction.job import ExtractConfig  # noqa: E402
 from mlsp.images.decode import CROP_FRACTION, VIEW_NAMES  # noqa: E402
+from mlsp.backbone.native import DEFAULT_ENGINE, ENGINES  # noqa: E402
 from mlsp.runtime.precision import CHOICES as PRECISION_CHOICES  # noqa: E402
 from mlsp.runtime.progress import console_progress  # noqa: E402
 from mlsp.store.format import WIDE_GRID, pooling_of  # noqa: E402
@@ -203,6 +204,16 @@ _WORKERS_HELP = ("Threads decoding images ahead of the model (0: decode in the m
                  "Ray worker's.")
 
 
+def engine_option(func):
+    """--engine, shared by extract and score."""
+    return click.option("--engine", type=click.Choice(ENGINES), default=DEFAULT_ENGINE, show_default=True,
+                        help="What runs the backbone: keras (the Keras model on its backend), native (mlsp's own "
+                             "PyTorch forward of the same model and weights: channels-last, views of mixed sizes "
+                             "in one call on a GPU; needs --backend torch, runs on CPU too), auto (native with "
+                             "--backend torch on a CUDA device, keras otherwise). Features agree to float32 "
+                             "rounding; the engine is recorded in the store (docs/extraction.md).")(func)
+
+
 def ray_options(func):
     """--ray and the workers' resources, shared by extract and score."""
     func = click.option("--ray-gpus-per-worker", type=click.FloatRange(min=0),
@@ -300,11 +311,12 @@ def _echo_errors(errors, limit=10):
               help=f"Write finished images to disk every N images (and at least every "
                    f"{default_of(extraction.extract, 'flush_seconds'):g} s); an "
                    "interruption loses at most the images since the last write.")
+@engine_option
 @ray_options
 @handle_errors
 def extract(files, images_dir, net, wide, augment, weights, labels, test_list, test_fraction, val_fraction, seed, out,
             dataset, max_side, precision, workers, threads, batch_views, batch_window,
-            checkpoint_every, ray_address, ray_cpus_per_worker,
+            checkpoint_every, engine, ray_address, ray_cpus_per_worker,
             ray_gpus_per_worker):
     """Extract MLSP features of images into a feature store (stage 1, once per dataset).
 
@@ -323,7 +335,7 @@ def extract(files, images_dir, net, wide, augment, weights, labels, test_list, t
                              threads=threads, progress=console_progress, val_fraction=val_fraction,
                              test_fraction=test_fraction, seed=seed,
                              dataset=dataset, workers=workers, checkpoint_every=max(1, checkpoint_every),
-                             batch_views=batch_views, batch_window=batch_window, ray=ray_address,
+                             batch_views=batch_views, batch_window=batch_window, ray=ray_address, engine=engine,
                              ray_cpus_per_worker=ray_cpus_per_worker, ray_gpus_per_worker=ray_gpus_per_worker)
     except KeyboardInterrupt:
         _interrupted("finished images are kept; run the same command again to resume.")
@@ -802,10 +814,11 @@ def _run_or_model(run_dir, model, files=()):
 @click.option("--user", "user_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="A personal model folder of this run (`mlsp personalize`; repeatable), with --store: adds the "
                    "column pred_<user>, on that person's scale; the features are read once for all.")
+@engine_option
 @ray_options
 @handle_errors
 def score_command(run_dir, files, model, store_path, images_dir, out, weights, precision, workers, allow_unfinished,
-                  user_dirs, ray_address, ray_cpus_per_worker, ray_gpus_per_worker):
+                  user_dirs, engine, ray_address, ray_cpus_per_worker, ray_gpus_per_worker):
     """Score images with a trained run or a released model: a whole store, or image files.
 
     \b
@@ -831,7 +844,7 @@ def score_command(run_dir, files, model, store_path, images_dir, out, weights, p
                           images=None if store_path else images_dir or list(files), out=out, weights=weights,
                           precision=precision, workers=workers, progress=console_progress,
                           allow_unfinished=allow_unfinished, ray=ray_address, ray_cpus_per_worker=ray_cpus_per_worker,
-                          ray_gpus_per_worker=ray_gpus_per_worker, users=user_dirs)
+                          ray_gpus_per_worker=ray_gpus_per_worker, users=user_dirs, engine=engine)
     except KeyboardInterrupt as exc:
         if hasattr(exc, "kept"):  # while the model was downloaded: what that kept
             _interrupted(f"downloading the model: {exc.kept}.")

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 from typing import Sequence
 
+from .backbone.native import with_engine
 from .backbone.nets import FLOPS_SIZE
 from .errors import ConfigError
 from .extraction.job import ExtractConfig
@@ -86,13 +87,14 @@ def info() -> dict:
     }
 
 
+@with_engine
 def extract(images: str | Sequence[str], out: str | None = None, *, net: str = ExtractConfig.net,
             wide: bool = pooling_of(ExtractConfig.pooling).wide, augment: bool = ExtractConfig.augment,
             weights: str = ExtractConfig.weights, labels: str | None = None, test_list: str | None = None,
             max_side: int = ExtractConfig.max_side, precision: str = ExtractConfig.precision,
             threads: tuple | None = None, checkpoint_every: int = FLUSH_IMAGES, workers: int = DECODE_WORKERS,
             progress=False, ray: str | None = None, ray_cpus_per_worker: float | None = None,
-            ray_gpus_per_worker: float | None = None, **options):
+            ray_gpus_per_worker: float | None = None, engine: str | None = None, **options):
     """``mlsp extract``: features of a folder (recursively) or a list of files into a store.
     ``ray``: an address as for ``--ray`` (``auto``, ``ray://HOST:PORT``, ``local:N``) spreads the
     images over a Ray cluster.
@@ -102,6 +104,7 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = E
     threads decoding images ahead of the model (each Ray worker's, with ``ray``); ``options`` are
     :func:`mlsp.extraction.job.extract`'s (``val_fraction``, ``seed``, ``dataset``, ...);
     ``checkpoint_every``: images kept in memory before they are saved to a shard (its ``flush_images``).
+    ``engine``: ``auto``, ``keras`` or ``native`` for this call (:func:`mlsp.backbone.native.engine_chosen`).
     Returns :class:`mlsp.extraction.job.ExtractResult`
     (``.store``, ``.images``, ``.errors``, ...)."""
     from .runtime.backend import configure_threads
@@ -153,18 +156,19 @@ def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None,
     return run(run_dir, store, out=out, memory_budget=_bytes(memory_budget))
 
 
+@with_engine
 def score(run_dir: str | None = None, *, model: str | None = None, store: str | None = None,
           images: str | Sequence[str] | None = None, out: str | None = None, weights: str | None = None,
           precision: str | None = None, workers: int = DECODE_WORKERS, progress: bool = False,
           allow_unfinished: bool = False, ray: str | None = None, ray_cpus_per_worker: float | None = None,
-          ray_gpus_per_worker: float | None = None, users: Sequence[str] = ()):
+          ray_gpus_per_worker: float | None = None, users: Sequence[str] = (), engine: str | None = None):
     """``mlsp score``: a pandas DataFrame (the columns of :mod:`heads.columns`) for every image of ``store``, or of the image
     files ``images`` (then files that could not be used are in ``frame.attrs["errors"]``).
     ``model``: a released model (a catalogue name or the path of its file, :func:`pretrained`)
     in place of a trained run. ``allow_unfinished``: also an interrupted or diverged run.
     ``ray`` (with ``images``): score on a Ray cluster, as for :func:`extract`. ``users``: personal
     model folders of this run (:func:`personalize`), with ``store``: one more column
-    ``pred_<user>`` each."""
+    ``pred_<user>`` each. ``engine``: what runs the backbone on image files, as for :func:`extract`."""
     from heads.score.scoring import score_images, score_store
 
     if (run_dir is None) == (model is None):
@@ -241,7 +245,7 @@ def export(run_dir: str | None = None, out: str | None = None, *, model: str | N
 def report(source: str, out: str | None = None, *, images: str | None = None, saliency: str | None = None,
            max_photos: int | None = None, progress=False) -> str:
     """``mlsp report``: one self-contained HTML page of a scores file (``mlsp score --out``), a
-    run folder or a personalisation evaluation folder (:mod:`heads.report.make`); returns its path.
+    run folder or a personalisation evaluation folder (:mod:`heads.report.build.make`); returns its path.
     ``images``: the folder to find the photos in by id; ``saliency``: a folder of
     :func:`explain` overlays to show beside them; ``max_photos``: thumbnails made and photos per
     page (default :data:`heads.report.build.MAX_PHOTOS`)."""

@@ -134,6 +134,20 @@ def test_imagenet_offline_names_file_and_place(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("net", sorted(backbones.BACKBONES))
+def test_registry_says_whether_the_native_engine_runs_it_bucket_exact(built, net):
+    """``bucket_exact`` is what the folded graph says (mlsp.backbone.native.bucket_exact: every strided
+    operation 'valid', every 'same' one of stride 1); a net the native engine cannot run is not."""
+    from mlsp.backbone import native
+
+    spec = backbones.get_backbone(net)
+    _, folded, _ = built(net)
+    plan, why = native.plan_or_reason(folded, backbones.tap_outputs(spec, folded))
+    assert native.bucket_exact(plan) == spec.bucket_exact, why
+    if plan is not None:
+        assert plan.channels == tuple(spec.channels)
+
+
+@pytest.mark.parametrize("net", sorted(backbones.BACKBONES))
 def test_folding_batch_norms_keeps_the_function(built, net):
     """Every batch norm after a convolution (Conv2D or depthwise) is folded into it; ConvNeXt has
     layer norms only, which stay, and its grouped 7x7 convolutions become depthwise ones; every

@@ -268,7 +268,8 @@ def test_store_config_round_trip_and_what_derives_from_it(tmp_path, monkeypatch)
     for config in (ExtractConfig(net="iv3", pooling="wide", augment=False, weights="random:3", max_side=0,
                                  precision="bfloat16"),
                    ExtractConfig(net="irv2")):
-        attrs = to_attrs(config, record, {"backend": "tensorflow", "backend_version": "x", "device": "cpu"})
+        provenance = {"backend": "tensorflow", "backend_version": "x", "device": "cpu", "engine": "keras"}
+        attrs = to_attrs(config, record, provenance)
         written = set(attrs)
         assert written == set(names()) - set(names(kind="format")) - set(names(kind="description")) | {
             "weights", "weights_path"}

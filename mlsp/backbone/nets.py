@@ -85,6 +85,10 @@ class BackboneSpec:
     # keyword arguments of the constructor: the nets that would preprocess inside the model are
     # built without it, since mlsp applies ``preprocessing`` itself (no weights are involved)
     constructor_kwargs: tuple = ()
+    # views padded bottom/right to a size bucket compute exactly as each alone on the native
+    # engine (mlsp.backbone.native.bucket_exact: strided operations 'valid', 'same' ones of stride 1);
+    # checked against the built model by tests/test_native.py
+    bucket_exact: bool = False
 
     def __post_init__(self):
         if len(self.taps) != len(self.channels):
@@ -185,6 +189,7 @@ BACKBONES.register(
         weights_url=_KERAS_WEIGHTS + "inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
         why_taps="the paper's: the output (concatenation) of every Inception module; not the inner "
         "concatenations mixed9_0, mixed9_1, mixed10_0, mixed10_1",
+        bucket_exact=True,
     )
 )
 
@@ -208,6 +213,7 @@ BACKBONES.register(
         + "inception_resnet_v2/inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
         why_taps="the paper's (the authors' code): every layer named *mixed*, i.e. the reduction "
         "blocks' outputs and each residual block's branch concatenation",
+        bucket_exact=True,
     )
 )
 

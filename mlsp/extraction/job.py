@@ -19,7 +19,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from ..backbone import weights as backbone_weights, nets as backbones, folding
+from ..backbone import weights as backbone_weights, nets as backbones, folding, native
 from ..runtime import backend
 from ..images import identity, decode as images
 from ..store import read as store
@@ -85,13 +85,24 @@ class FeatureExtractor:
     same function; ``fold_batch_norms=False`` keeps Keras' graph as it is). ``cache=True`` loads
     the traced forward pass from :mod:`mlsp.backbone.forward_cache` when it was built before (and saves it
     when not): the same features, without building the backbone; ``model`` is then built only if
-    asked for."""
+    asked for.
 
-    def __init__(self, config: ExtractConfig, fold_batch_norms: bool = True, cache: bool = False):
+    ``engine`` (default: the process's, :func:`mlsp.backbone.native.chosen_engine`): ``keras`` runs the
+    Keras model, ``native`` the same model's weights as PyTorch steps of its own
+    (:mod:`mlsp.backbone.native`), ``auto`` native on a CUDA device where the backbone is supported.
+    ``buckets`` (default: on a CUDA device): the native engine runs views of different sizes in
+    one call, padded to size buckets, where the backbone is bucket-exact (the registry says)."""
+
+    def __init__(self, config: ExtractConfig, fold_batch_norms: bool = True, cache: bool = False,
+                 engine: str | None = None, buckets: bool | None = None):
         self.config = config
         self.fold_batch_norms = fold_batch_norms
         self._model = None
-        self.provenance = backend.describe()
+        self._native = None
+        self.buckets = False
+        self.provenance = {**backend.describe(), "engine": "keras"}
+        if self._start_native(engine or native.chosen_engine(), buckets):
+            return
         key = None
         if cache and fold_batch_norms:
             from ..backbone import forward_cache
@@ -137,6 +148,42 @@ class FeatureExtractor:
             model = keras.Model(backbone.input, pooled, name=f"mlsp_{spec.name}_{config.pooling}")
         return model, weights_record
 
+    def _start_native(self, engine: str, buckets: bool | None) -> bool:
+        """Run on the native engine where ``engine`` asks for it and the backbone allows; whether it does."""
+        wanted, why = native.resolve_engine(engine)
+        if wanted != "native":
+            log.debug("engine keras: %s", why)
+            return False
+        plan, why = native.plan_or_reason(self.model, self.model.get_layer("mlsp_pooling").input)
+        if plan is None:
+            log.info("%s runs on the Keras engine: %s", self.config.net, why)
+            return False
+        on_cuda = backend.devices()[0] != "cpu"
+        self.buckets = bool(on_cuda if buckets is None else buckets) and self.config.spec.bucket_exact
+        self._native = native.NativeNet(plan, preprocessing=self.config.spec.preprocessing,
+                                        grid=pooling_of(self.config.pooling).grid, precision=self.config.precision,
+                                        autotune=self.buckets and on_cuda)
+        self._forward = backend.Forward(self._native, lambda: 0)
+        self.provenance["engine"] = "native"
+        log.debug("engine native (%s), %d steps, buckets %s", why, len(plan.steps), self.buckets)
+        return True
+
+    @property
+    def native_net(self):
+        """The :class:`mlsp.backbone.native.NativeNet` running this extractor, or None on the Keras engine."""
+        return self._native
+
+    @property
+    def engine(self) -> str:
+        """``keras`` or ``native``: the engine that runs this extractor."""
+        return self.provenance["engine"]
+
+    def batch_key(self, shape: tuple):
+        """Views grouped into one call share this key: their shape, or with buckets their bucket."""
+        if not self.buckets:
+            return tuple(shape)
+        return ("bucket",) + native.bucket_of(*shape[1:3])
+
     def _trace_forward(self) -> backend.Forward:
         return backend.compile_forward(self.model, self.config.spec.preprocess)
 
@@ -146,7 +193,13 @@ class FeatureExtractor:
         pass loaded from the cache is one graph, never traced again; PyTorch runs eagerly: 0)."""
         return self._forward.tracing_count
 
-    def __call__(self, views: np.ndarray) -> np.ndarray:
+    def __call__(self, views) -> np.ndarray:
+        """Features of a (V, h, w, 3) uint8 batch; with buckets also of a list of batches of
+        different sizes (their rows in order)."""
+        if self.buckets:
+            return self._native.run_mixed(views if isinstance(views, list) else [views])
+        if isinstance(views, list):
+            return self._forward(np.concatenate(views))
         return self._forward(views)
 
     def store_attrs(self) -> dict:

@@ -86,7 +86,8 @@ class LocalRunner:
         size and file identity, :class:`mlsp.extraction.job.ImageFacts`)."""
         ahead = max(self.prefetch, self.batch_window) if self.batch_views > 0 else self.prefetch
         decoded = decode_ahead(self.processor.load_views, items, self.workers, ahead)
-        for item, result in run_batched(self.processor.process, decoded, self.batch_views, self.batch_window):
+        key = getattr(self.processor, "batch_key", None)
+        for item, result in run_batched(self.processor.process, decoded, self.batch_views, self.batch_window, key):
             if isinstance(result, ImageDecodeError):
                 yield item, result
             else:
@@ -94,7 +95,8 @@ class LocalRunner:
                 yield item, (facts, features)
 
 
-def run_batched(extractor: Callable, decoded: Iterable, batch_views: int, window: int) -> Iterable:
+def run_batched(extractor: Callable, decoded: Iterable, batch_views: int, window: int,
+                key: Callable | None = None) -> Iterable:
     """Features for a stream of decoded images, grouping the views of images of the same size.
 
     ``decoded`` yields ``(item, (views, facts))`` or ``(item, ImageDecodeError)`` in input order
@@ -105,13 +107,16 @@ def run_batched(extractor: Callable, decoded: Iterable, batch_views: int, window
     the oldest image's group runs as it is. ``batch_views`` at or below one image's views runs
     each image alone (then ``extractor`` may return any object; grouped, an array with one row per
     view). Each view's features depend only on that view, so the result equals an image-by-image
-    run.
+    run. ``key`` (default: the view shape itself) maps a view shape to its group: where views of
+    different shapes share a key (the native engine's size buckets), ``extractor`` gets the list
+    of their arrays instead of one array.
     """
     pending: deque = deque()  # [item, result, done] in input order
-    groups: dict = {}  # view shape -> entries waiting, in input order
+    groups: dict = {}  # group key -> entries waiting, in input order
+    key = key or tuple
 
-    def run(shape):
-        entries = groups.pop(shape)
+    def run(group_key):
+        entries = groups.pop(group_key)
         per_call = max(1, batch_views // entries[0][1][0].shape[0])
         for start in range(0, len(entries), per_call):
             chunk = entries[start:start + per_call]
@@ -119,7 +124,9 @@ def run_batched(extractor: Callable, decoded: Iterable, batch_views: int, window
                 entry = chunk[0]
                 entry[1], entry[2] = (extractor(entry[1][0]), entry[1][1]), True
                 continue
-            features = extractor(np.concatenate([e[1][0] for e in chunk]))
+            arrays = [e[1][0] for e in chunk]
+            same = all(a.shape == arrays[0].shape for a in arrays)
+            features = extractor(np.concatenate(arrays) if same else arrays)
             offset = 0
             for entry in chunk:
                 n = entry[1][0].shape[0]
@@ -137,13 +144,13 @@ def run_batched(extractor: Callable, decoded: Iterable, batch_views: int, window
         entry = [item, result, failed]
         pending.append(entry)
         if not failed:
-            shape = result[0].shape
-            group = groups.setdefault(shape, [])
+            group_key = key(result[0].shape)
+            group = groups.setdefault(group_key, [])
             group.append(entry)
-            if len(group) * shape[0] >= batch_views:
-                run(shape)
+            if sum(e[1][0].shape[0] for e in group) >= batch_views:
+                run(group_key)
         if len(pending) >= max(1, window) and not pending[0][2]:
-            run(pending[0][1][0].shape)
+            run(key(pending[0][1][0].shape))
         yield from ready()
     while groups:
         run(next(iter(groups)))

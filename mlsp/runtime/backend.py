@@ -185,7 +185,8 @@ def set_random_seed(seed: int):
     TensorFlow into a PyTorch process."""
     import keras
 
-    name()
+    if name() == "torch":
+        exact_float32()  # training starts here: float32 stays float32 (TF32 only where asked)
     keras.utils.set_random_seed(int(seed))
 
 
@@ -195,6 +196,7 @@ def loss_and_gradients(loss_fn: Callable, variables) -> tuple:
     if name() == "torch":
         import torch
 
+        exact_float32()
         with torch.enable_grad():
             loss = loss_fn()
             grads = torch.autograd.grad(loss, [v.value for v in variables])
@@ -417,9 +419,24 @@ def _tensorflow_forward(model, preprocess) -> Forward:
                    forward)
 
 
+TF32_SWITCH = "MLSP_TF32"  # =1: let PyTorch compute float32 as TF32 on GPUs that have it
+
+
+def exact_float32():
+    """float32 means float32 on PyTorch: TF32 off for matrix products and cuDNN convolutions
+    (cuDNN's is on by default, so "float32" on an Ampere-or-newer GPU would be TF32), for
+    extraction and training alike, unless ``MLSP_TF32=1`` asks for it."""
+    import torch
+
+    allowed = os.environ.get(TF32_SWITCH) == "1"
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
 def _torch_forward(model, preprocess) -> Forward:
     import torch
 
+    exact_float32()
     # cuDNN autotuning runs a benchmark for every new input shape: with thousands of image
     # sizes that is a tuning run per image. Keras' convolutions already run channels-last.
     torch.backends.cudnn.benchmark = False

@@ -111,6 +111,8 @@ ATTRIBUTES = (
               'writer version and UTC time'),
     Attribute(('backend', 'backend_version', 'device'), 'str, optional', 'provenance',
               "provenance of the run that last wrote the store: the Keras backend (`tensorflow` or `torch`), its version, and where the backbone ran (`cpu`, `cuda:0 NVIDIA H100 ...`, `/physical_device:GPU:0 ...`); written over a Ray cluster (`--ray`), the first worker's (workers may differ in these). Not part of the configuration; absent in stores written before they were recorded"),
+    Attribute('engine', 'str, optional', 'provenance',
+              "what ran the backbone in that run: `keras` (the Keras model on its backend) or `native` (mlsp's own PyTorch forward of the same model and weights, `--engine`; features equal Keras' to float32 rounding, tested). Not part of the configuration; absent in stores written before it was recorded"),
 )
 
 
