@@ -31,7 +31,7 @@ from mlsp.errors import ConfigError, RunInterrupted
 from mlsp.precision import resolve_logged as resolve_precision
 from mlsp.progress import ProgressFactory, null_progress
 
-from ..run import Run
+from ..run import FINETUNED as KIND, Run
 from ..targets import emd
 from . import checkpoint, model as network
 from .checkpoint import Checkpoint
@@ -40,7 +40,6 @@ from .images import LabelledImages, Target, n_steps, predict_files, train_batche
 from .metrics import run_metrics, score_of
 
 log = logging.getLogger(__name__)
-KIND = "finetune"  # config.json's "kind" of a fine-tuned run
 HISTORY_FIELDS = ("epoch", "phase", "loss", "val_loss", "val_srcc", "seconds")
 
 
@@ -164,8 +163,9 @@ class _Training:
             bar.set_postfix({k: f"{row[k]:.4f}" for k in ("loss", "val_loss", "val_srcc") if row[k] is not None})
         finally:
             bar.close()
-        self.state["train_seconds"] += seconds
-        self.state["train_images"] += images
+        if self.state["epoch"] > 0 or n_epochs == 1:  # a phase's first epoch also compiles its step
+            self.state["train_seconds"] += seconds
+            self.state["train_images"] += images
         return {**row, "seconds": round(seconds, 3)}
 
     def predict(self, rows) -> np.ndarray:

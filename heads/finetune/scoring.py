@@ -24,7 +24,7 @@ from mlsp.errors import ConfigError
 from mlsp.progress import ProgressFactory, null_progress
 from mlsp.readahead import DECODE_WORKERS, LocalRunner
 
-from ..run import Run
+from ..run import FINETUNED, Run
 from ..targets import prediction_columns
 from . import checkpoint
 from .config import FinetuneConfig
@@ -38,7 +38,7 @@ SPLITS = ("val", "test")
 def open_run(run_dir: str, *, finished: bool = True, allow_unfinished: bool = False) -> tuple[Run, FinetuneConfig]:
     """A fine-tuned run and its configuration."""
     run = Run.open(run_dir, finished=finished, allow_unfinished=allow_unfinished)
-    if run.config.get("kind") != "finetune":
+    if run.config.get("kind") != FINETUNED:
         raise ConfigError(f"{run_dir} is not a fine-tuned run (mlsp finetune)")
     return run, FinetuneConfig.from_dict(run.config["finetune"])
 
@@ -105,7 +105,7 @@ def finish(job, run: Run, precision: str) -> dict:
     run.save_config(
         status="finished", epochs_run=len(history), best_epoch=state["best_epoch"], best_val_loss=state["best"],
         params_trained=state["params"], metrics=metrics, test_ids=job.data.test_ids(),
-        timing={"seconds": round(state["seconds"], 2),
+        timing={"seconds": round(state["seconds"], 2),  # images/s: the training batches, not a phase's first epoch
                 "train_samples_per_second": round(state["train_images"] / state["train_seconds"], 2)
                 if state["train_seconds"] else None,
                 "epoch_seconds": [h["seconds"] for h in history]})
