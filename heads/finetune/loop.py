@@ -76,8 +76,6 @@ class _Training:
         backend.set_random_seed(config.seed)
         bias = self.target.output_bias(self.labels[self.rows["train"]])
         self.model, self.weights_record = network.build(config, bias, precision)
-        if config.weights.startswith("random"):
-            self.calibrate()
         self.loss_fn = keras.losses.get(_loss_name(config.target))
         self.state = {"phase": 1, "epoch": 0, "best": math.inf, "best_epoch": None, "wait": 0, "history": [],
                       "seconds": 0.0, "train_seconds": 0.0, "train_images": 0, "params": 0}
@@ -196,9 +194,11 @@ def _epoch_done(job: _Training, phase: int, row: dict) -> bool:
     s["epoch"] += 1
     s["history"].append({"epoch": len(s["history"]) + 1, "phase": phase, **row})
     s["seconds"] = job.elapsed()
-    if row["val_loss"] < s["best"]:
-        s["best"], s["best_epoch"], s["wait"] = row["val_loss"], len(s["history"]), 0
+    if row["val_loss"] < s["best"]:  # the best weights of the whole run
+        s["best"], s["best_epoch"] = row["val_loss"], len(s["history"])
         job.best_weights = [np.array(w) for w in job.model.get_weights()]
+    if row["val_loss"] < s.get("phase_best", math.inf):  # patience counts within the phase
+        s["phase_best"], s["wait"] = row["val_loss"], 0
     else:
         s["wait"] += 1
     _write_history(job.run, s["history"])
@@ -222,7 +222,7 @@ def _run_phases(job: _Training, resumed: Checkpoint | None):
                 break
         if job.best_weights is not None:
             job.model.set_weights(job.best_weights)
-        job.state.update(phase=phase + 1, epoch=0, wait=0)
+        job.state.update(phase=phase + 1, epoch=0, wait=0, phase_best=math.inf)
         job.optimizers = {}
         checkpoint.save(job.run.path, job.state, job.model, job.best_weights, {})
 
@@ -297,6 +297,8 @@ def finetune(config: FinetuneConfig, *, progress: ProgressFactory = null_progres
     run, resuming = _open_run(config, _record(config, data, precision))
     job = _Training(config, run, data, precision, progress)
     resumed = _resume(job) if resuming else None
+    if resumed is None and config.weights.startswith("random"):
+        job.calibrate()
     run.save_config(weights=job.weights_record)
     try:
         with backend.deterministic_ops(True):

@@ -107,16 +107,18 @@ def count(variables) -> int:
 
 def calibrate_batch_norm(backbone, batch: np.ndarray, preprocessing):
     """Random weights come without batch-norm statistics (mean 0, variance 1 would shrink the
-    signal to nothing within a few blocks): each batch norm's moving mean and variance are set,
-    in network order, to those of its input on ``batch`` (RGB 0..255), as a forward pass in
-    training mode would measure them."""
+    signal to nothing within a few blocks): each batch norm's moving mean and variance are set
+    to those of its input on ``batch`` (RGB 0..255), by one forward pass in training mode with
+    the moving averages' momentum at 0 (each batch norm then normalises with, and keeps, the
+    statistics of its input, as layer-by-layer measuring would give)."""
     import keras
 
-    x = keras.ops.convert_to_tensor(preprocessing(keras.ops.convert_to_tensor(batch)))
-    for layer in backbone.layers:
-        if not isinstance(layer, keras.layers.BatchNormalization):
-            continue
-        inputs = np.asarray(keras.ops.convert_to_numpy(keras.Model(backbone.input, layer.input)(x)), np.float64)
-        axes = tuple(range(inputs.ndim - 1))
-        layer.moving_mean.assign(inputs.mean(axis=axes).astype(np.float32))
-        layer.moving_variance.assign(inputs.var(axis=axes).astype(np.float32))
+    norms = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.momentum = 0.0
+    try:
+        backbone(preprocessing(keras.ops.convert_to_tensor(batch)), training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
