@@ -266,44 +266,59 @@ def test_score_evaluate_export_a_finetuned_run(learned, planted, tmp_path):
                        np.asarray(network.predict_on_batch(batch))[:, 0], atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def compared(sample_store, sample_run, tmp_path_factory):
+    """A short fine-tuning of the sample store's images (one phase-1 epoch) and the page of it
+    beside the sample's MLSP run."""
+    from mlsp import api
+
+    root = os.path.dirname(sample_store["images"])
+    tmp = tmp_path_factory.mktemp("compared")
+    out = str(tmp / "ft")
+    api.finetune(sample_store["images"], labels=os.path.join(root, "AVA.txt"),
+                 test_list=os.path.join(root, "generic_test.jpgl"), out=out,
+                 **dict(TINY, val_fraction=0.25, head_epochs=1, epochs=0, unfreeze="0"))
+    return {"mlsp": sample_run, "finetuned": out, "page": str(tmp / "compare.html")}
+
+
 @pytest.mark.slow
-def test_compare_sets_a_finetuned_run_beside_an_mlsp_run(sample_store, sample_run, learned, tmp_path):
+def test_compare_sets_a_finetuned_run_beside_an_mlsp_run(compared, learned):
+    import pandas as pd
     from click.testing import CliRunner
 
     import cli
     from mlsp import api
 
-    root = os.path.dirname(sample_store["images"])
-    out = str(tmp_path / "ft")
-    api.finetune(sample_store["images"], labels=os.path.join(root, "AVA.txt"),
-                 test_list=os.path.join(root, "generic_test.jpgl"), out=out,
-                 **dict(TINY, val_fraction=0.25, head_epochs=1, epochs=0, unfreeze="0"))
-    page = str(tmp_path / "compare.html")
-    result = CliRunner().invoke(cli.main, ["compare", sample_run, out, "--out", page])
+    runs = [compared["mlsp"], compared["finetuned"]]
+    result = CliRunner().invoke(cli.main, ["compare", *runs, "--out", compared["page"]])
     assert result.exit_code == 0, result.output
-    rows = api.compare([sample_run, out])
+    rows = api.compare(runs)
     assert [r["method"] for r in rows] == ["MLSP", "fine-tuned"]
     assert rows[0]["n"] == rows[1]["n"] > 0
-    import pandas as pd
-
-    for row, run in zip(rows, (sample_run, out)):
+    for row, run in zip(rows, runs):
         frame = pd.read_csv(os.path.join(run, "predictions.csv"))
         frame = frame[frame.split == "test"]
         assert row["srcc"] == pytest.approx(stats.spearmanr(frame.mos, frame.pred)[0])
-    refused = CliRunner().invoke(cli.main, ["compare", sample_run, learned])
+        assert row["params_trained"] > 0 and row["train_seconds"] > 0
+    refused = CliRunner().invoke(cli.main, ["compare", compared["mlsp"], learned])
     assert refused.exit_code == 1 and "test splits of" in refused.output and "differ" in refused.output
     assert len(refused.output.strip().splitlines()) == 1
-    _check_page(page, 2)
 
 
-def _check_page(page, n_rows):
-    from browser import chrome
+@pytest.mark.slow
+def test_the_comparison_page_in_a_browser(compared):
+    from browser import chrome, why_not
 
+    if why_not():
+        pytest.skip(why_not())
+    from mlsp import api
+
+    api.compare([compared["mlsp"], compared["finetuned"]], out=compared["page"])
     driver = chrome()
     try:
-        driver.get("file://" + os.path.abspath(page))
+        driver.get("file://" + os.path.abspath(compared["page"]))
         rows = driver.find_elements("css selector", "#comparison tbody tr")
-        assert len(rows) == n_rows
+        assert len(rows) == 2
         assert "MLSP" in rows[0].text and "fine-tuned" in rows[1].text
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     finally:

@@ -292,6 +292,9 @@ def finetune(config: FinetuneConfig, *, progress: ProgressFactory = null_progres
     if precision == "float16":
         raise ConfigError("fine-tuning trains in float32 or bfloat16 (float16 would need loss scaling); "
                           "--precision auto picks bfloat16 where the hardware has it")
+    if config.weights.startswith("random"):
+        log.warning("fine-tuning a RANDOM backbone (weights %s): no ImageNet knowledge to start from; fine for "
+                    "tests, not a comparison with MLSP", config.weights)
     data = LabelledImages.load(config.images, config.labels, config.test_list, val_fraction=config.val_fraction,
                                test_fraction=config.test_fraction, seed=config.seed)
     run, resuming = _open_run(config, _record(config, data, precision))
