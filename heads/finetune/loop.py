@@ -273,7 +273,7 @@ def _read_config(path: str) -> dict:
 
 
 def _record(config: FinetuneConfig, data: LabelledImages, precision: str) -> dict:
-    from ..training import versions
+    from heads.training import versions
 
     return {"kind": KIND, "store": None, "head": f"finetune-{config.net}", "target": config.target,
             "finetune": config.to_dict(), "finetune_key": config.training_key(),

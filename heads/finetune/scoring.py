@@ -154,7 +154,7 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
                  workers: int = DECODE_WORKERS, progress: ProgressFactory = null_progress,
                  allow_unfinished: bool = False):
     """Score image files with a fine-tuned run; ``(frame, errors)`` as :func:`heads.score.score_images`."""
-    from ..score import score_files
+    from heads.score import score_files
 
     return score_files(LocalRunner(FinetunedScorer(run_dir, allow_unfinished), workers), inputs, out,
                        progress=progress)
@@ -187,7 +187,7 @@ def build_export(run_dir: str, *, allow_unfinished: bool = False):
 
 
 def export(run_dir: str, out: str | None = None, *, allow_unfinished: bool = False) -> str:
-    from ..export import save
+    from heads.export import save
 
     return save(build_export(run_dir, allow_unfinished=allow_unfinished),
                 out or os.path.join(run_dir, "scoring_model.keras"))
