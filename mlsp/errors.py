@@ -50,7 +50,7 @@ class DownloadError(WeightsUnavailableError):
 
 
 class KerasGraphChanged(MLSPError):
-    """The installed Keras no longer has the graph attributes :mod:`mlsp.keras_graph` reads."""
+    """The installed Keras no longer has the graph attributes :mod:`mlsp.backbone.graph` reads."""
 
 
 class LabelsError(MLSPError, ValueError):
@@ -108,7 +108,7 @@ def _summary(value, limit: int = 4) -> str:
 
 
 class IdentityConflict(StoreError):
-    """A file differs from the one stored under its path (:mod:`mlsp.identity`); ``conflicts``:
+    """A file differs from the one stored under its path (:mod:`mlsp.images.identity`); ``conflicts``:
     ``(path, key, stored identity, identity now)`` each."""
 
     def __init__(self, store, conflicts):
@@ -123,7 +123,7 @@ class IdentityConflict(StoreError):
 
 
 class StoreLocked(StoreError):
-    """Another process is writing the store (see :class:`mlsp.files.StoreLock`)."""
+    """Another process is writing the store (see :class:`mlsp.runtime.files.StoreLock`)."""
 
     def __init__(self, path, holder: str):
         self.path = str(path)

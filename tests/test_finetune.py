@@ -103,7 +103,7 @@ def test_config_refuses(tmp_path, options, message):
 
 def test_imagenet_weights_without_a_pinned_hash_are_refused():
     from heads.finetune.model import check_weights_pinned
-    from mlsp.backbone_weights import WeightsSource
+    from mlsp.backbone.weights import WeightsSource
 
     with pytest.raises(WeightsUnavailableError, match="pins no hash.*--weights PATH"):
         check_weights_pinned(NETS["mobilenet"], WeightsSource.parse("imagenet"))
@@ -243,7 +243,7 @@ def test_binary_target_beats_a_wrong_label_mapping(planted, tmp_path):
 def test_score_evaluate_export_a_finetuned_run(learned, planted, tmp_path):
     import pandas as pd
 
-    from heads.export import load_exported
+    from heads.score.export import load_exported
     from heads.finetune.images import load_whole
     from heads.run import Run
     from mlsp import api

@@ -1,4 +1,4 @@
-"""The catalogue of pretrained predictors (heads.pretrained), its cache and `mlsp models`.
+"""The catalogue of pretrained predictors (heads.score.catalogue), its cache and `mlsp models`.
 
 Downloads come from a local HTTP server (tests/http_files.py); nothing leaves this machine."""
 
@@ -14,11 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from heads import pretrained as pt
+from heads.score import catalogue as pt
 from heads.registry import HEADS
-from mlsp.backbones import BACKBONES, get_backbone
+from mlsp.backbone.nets import BACKBONES, get_backbone
 from mlsp.errors import ConfigError, IntegrityError
-from mlsp.store_format import POOLINGS
+from mlsp.store.format import POOLINGS
 from http_files import FileServer, closed_port_url
 
 # The released heads (subpic/ava-mlsp, Git LFS): folder, head, pooling, size, sha256, in this order.

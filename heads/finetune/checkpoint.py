@@ -4,7 +4,7 @@ It holds every variable of the network (weights, batch-norm statistics and the d
 state), both optimizers' variables (step counts, momenta or moments), the best weights so far
 and the loop's state (phase, epoch, best validation loss, patience, history, time), so a run
 resumed from it continues as the uninterrupted run would have. The file is written with
-:func:`mlsp.atomic.atomic_path` (a kill leaves the previous one); a damaged one (truncated, a
+:func:`mlsp.runtime.atomic.atomic_path` (a kill leaves the previous one); a damaged one (truncated, a
 changed byte: zip's CRC-32 of each array, or arrays of other shapes than the network's) is
 refused in one line (:class:`mlsp.errors.ResumeError`), never loaded.
 """
@@ -17,7 +17,7 @@ import zipfile
 
 import numpy as np
 
-from mlsp.atomic import atomic_path
+from mlsp.runtime.atomic import atomic_path
 from mlsp.errors import ResumeError
 
 FILE = "checkpoint.npz"

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mlsp.atomic import atomic_path
+from mlsp.runtime.atomic import atomic_path
 from mlsp.errors import ConfigError
 
 from ..run import FINETUNED, Run

@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from mlsp.backbone_weights import WeightsSource
+from mlsp.backbone.weights import WeightsSource
 from mlsp.errors import ConfigError
-from mlsp.extract import ExtractConfig, extract as extract_images
-from mlsp.precision import DEFAULT as DEFAULT_PRECISION, check as check_precision
-from mlsp.readahead import DECODE_WORKERS
+from mlsp.extraction.job import ExtractConfig, extract as extract_images
+from mlsp.runtime.precision import DEFAULT as DEFAULT_PRECISION, check as check_precision
+from mlsp.images.readahead import DECODE_WORKERS
 from mlsp.registry import Registry
 
 from ..targets import TARGETS, TargetSpec

@@ -1,12 +1,12 @@
 """The labelled images of a fine-tuning run, their splits and their batches, streamed from files.
 
-The ids, labels and splits are exactly ``mlsp extract``'s (:func:`mlsp.extract.collect_inputs`,
-:func:`mlsp.labels.assign_splits` with the same test list or fraction, val fraction and seed), so
+The ids, labels and splits are exactly ``mlsp extract``'s (:func:`mlsp.extraction.job.collect_inputs`,
+:func:`mlsp.store.labels.assign_splits` with the same test list or fraction, val fraction and seed), so
 a fine-tuned run's test split is the test split of the store made from the same folder and
 labels, and ``mlsp compare`` can set them side by side.
 
 Training batches: each image decoded in a thread ahead of the model
-(:func:`mlsp.readahead.decode_ahead`, at most ``prefetch`` decoded images held), resized to a
+(:func:`mlsp.images.readahead.decode_ahead`, at most ``prefetch`` decoded images held), resized to a
 square of ``resize`` px, cropped at random to ``size`` and flipped at random (NIMA's
 augmentation). The order, crops and flips of epoch ``e`` come from ``(seed, e)`` alone, so a run
 resumed from a checkpoint sees the batches an uninterrupted one would. Validation, test and
@@ -23,10 +23,10 @@ import cv2
 import numpy as np
 
 from mlsp.errors import ConfigError, ImageDecodeError
-from mlsp.extract import collect_inputs
-from mlsp.images import decode_image
-from mlsp.labels import assign_splits, read_labels, read_test_list
-from mlsp.readahead import PREFETCH, decode_ahead
+from mlsp.extraction.job import collect_inputs
+from mlsp.images.decode import decode_image
+from mlsp.store.labels import assign_splits, read_labels, read_test_list
+from mlsp.images.readahead import PREFETCH, decode_ahead
 
 from ..evaluation import THRESHOLD
 from ..targets import initial_bias, vote_histograms

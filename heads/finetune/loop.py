@@ -25,11 +25,11 @@ import time
 
 import numpy as np
 
-from mlsp import backend
-from mlsp.atomic import atomic_path
+from mlsp.runtime import backend
+from mlsp.runtime.atomic import atomic_path
 from mlsp.errors import ConfigError, RunInterrupted
-from mlsp.precision import resolve_logged as resolve_precision
-from mlsp.progress import ProgressFactory, null_progress
+from mlsp.runtime.precision import resolve_logged as resolve_precision
+from mlsp.runtime.progress import ProgressFactory, null_progress
 
 from ..run import FINETUNED as KIND, Run
 from ..targets import emd
@@ -37,7 +37,7 @@ from . import checkpoint, model as network
 from .checkpoint import Checkpoint
 from .config import SGD_MOMENTUM, FinetuneConfig
 from .images import LabelledImages, Target, n_steps, predict_files, train_batches
-from .metrics import run_metrics, score_of
+from .metrics import run_metrics
 
 log = logging.getLogger(__name__)
 HISTORY_FIELDS = ("epoch", "phase", "loss", "val_loss", "val_srcc", "seconds")
@@ -181,11 +181,10 @@ class _Training:
         return {"val_loss": loss, "val_srcc": srcc}
 
 
-def _loss_name(target: str) -> str:
+def _loss_name(target: str):
     from .config import FINETUNE_TARGETS
 
-    spec = FINETUNE_TARGETS[target]
-    return spec.resolve_loss() if ":" in spec.loss else spec.loss
+    return FINETUNE_TARGETS[target].resolve_loss()
 
 
 def _epoch_done(job: _Training, phase: int, row: dict) -> bool:
@@ -273,7 +272,7 @@ def _read_config(path: str) -> dict:
 
 
 def _record(config: FinetuneConfig, data: LabelledImages, precision: str) -> dict:
-    from heads.training import versions
+    from heads.train.loop import versions
 
     return {"kind": KIND, "store": None, "head": f"finetune-{config.net}", "target": config.target,
             "finetune": config.to_dict(), "finetune_key": config.training_key(),

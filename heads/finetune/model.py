@@ -14,9 +14,9 @@ import logging
 
 import numpy as np
 
-from mlsp.backbone_weights import WeightsSource, build_backbone
+from mlsp.backbone.weights import WeightsSource, build_backbone
 from mlsp.errors import WeightsUnavailableError
-from mlsp.precision import dtype_policy
+from mlsp.runtime.precision import dtype_policy
 
 from .config import ALL, FINETUNE_TARGETS, FinetuneConfig
 from .nets import NETS, FinetuneNet

@@ -1,6 +1,6 @@
 """The backbones ``mlsp finetune`` trains end to end: a registry of :class:`FinetuneNet`.
 
-mlsp's own backbones (:data:`mlsp.backbones.BACKBONES`, ``iv3`` and ``irv2``) come with their
+mlsp's own backbones (:data:`mlsp.backbone.nets.BACKBONES`, ``iv3`` and ``irv2``) come with their
 preprocessing and blocks; the networks the fine-tuning literature used and Keras ships are added
 here: MobileNet v1 (NIMA), VGG16 (the fine-tuned classifiers, the reduced-fc study) and ResNet50.
 AlexNet, the other network of those studies, is not in ``keras.applications``.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from mlsp.backbones import BACKBONES, INCEPTION, Preprocessing
+from mlsp.backbone.nets import BACKBONES, INCEPTION, Preprocessing
 from mlsp.registry import Registry
 
 _KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -29,8 +29,8 @@ CAFFE_RGB = Preprocessing("caffe: x - ImageNet mean (123.68, 116.779, 103.939) (
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneNet:
-    """One network ``mlsp finetune`` can train; duck-types :class:`mlsp.backbones.BackboneSpec`
-    where :func:`mlsp.backbone_weights.build_backbone` reads it."""
+    """One network ``mlsp finetune`` can train; duck-types :class:`mlsp.backbone.nets.BackboneSpec`
+    where :func:`mlsp.backbone.weights.build_backbone` reads it."""
 
     name: str
     description: str

@@ -18,14 +18,14 @@ from typing import Sequence
 
 import numpy as np
 
-from mlsp.atomic import atomic_path, write_json
-from mlsp.backbone_weights import file_sha256
+from mlsp.runtime.atomic import atomic_path, write_json
+from mlsp.runtime.files import file_sha256
 from mlsp.errors import ConfigError
-from mlsp.progress import ProgressFactory, null_progress
-from mlsp.readahead import DECODE_WORKERS, LocalRunner
+from mlsp.runtime.progress import ProgressFactory, null_progress
+from mlsp.images.readahead import DECODE_WORKERS, LocalRunner
 
 from ..run import FINETUNED, Run
-from ..targets import prediction_columns
+from ..columns import prediction_columns
 from . import checkpoint
 from .config import FinetuneConfig
 from .images import LabelledImages, load_whole, predict_files
@@ -132,7 +132,7 @@ def evaluate(run_dir: str, images: str | None = None, *, out: str | None = None)
 
 
 class FinetunedScorer:
-    """A fine-tuned run as a scoring processor (:class:`mlsp.readahead.LocalRunner`)."""
+    """A fine-tuned run as a scoring processor (:class:`mlsp.images.readahead.LocalRunner`)."""
 
     def __init__(self, run_dir: str, allow_unfinished: bool = False):
         self.run, self.config = open_run(run_dir, allow_unfinished=allow_unfinished)
@@ -153,8 +153,8 @@ class FinetunedScorer:
 def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = None, *,
                  workers: int = DECODE_WORKERS, progress: ProgressFactory = null_progress,
                  allow_unfinished: bool = False):
-    """Score image files with a fine-tuned run; ``(frame, errors)`` as :func:`heads.score.score_images`."""
-    from heads.score import score_files
+    """Score image files with a fine-tuned run; ``(frame, errors)`` as :func:`heads.score.scoring.score_images`."""
+    from heads.score.scoring import score_files
 
     return score_files(LocalRunner(FinetunedScorer(run_dir, allow_unfinished), workers), inputs, out,
                        progress=progress)
@@ -166,7 +166,7 @@ def build_export(run_dir: str, *, allow_unfinished: bool = False):
     probability that the image is good (batch,)."""
     import keras
 
-    from mlsp.layers import ViewMean
+    from mlsp.backbone.layers import ViewMean
 
     from ..layers import HistogramMoments
 
@@ -187,7 +187,7 @@ def build_export(run_dir: str, *, allow_unfinished: bool = False):
 
 
 def export(run_dir: str, out: str | None = None, *, allow_unfinished: bool = False) -> str:
-    from heads.export import save
+    from heads.score.export import save
 
     return save(build_export(run_dir, allow_unfinished=allow_unfinished),
                 out or os.path.join(run_dir, "scoring_model.keras"))

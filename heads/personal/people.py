@@ -10,8 +10,9 @@ from typing import Sequence
 import numpy as np
 
 from mlsp.errors import ConfigError
-from mlsp.progress import ProgressFactory, null_progress
+from mlsp.runtime.progress import ProgressFactory, null_progress
 
+from ..columns import PRED, PRED_STD
 from .adapt import AUTO, PersonalModel, adapt, load_personal, to_generic
 from .generic import GenericHead, open_generic
 from .methods import Context, Images, learn_taste
@@ -95,7 +96,7 @@ class PersonalScorer:
     def columns(self, features: np.ndarray) -> dict:
         pred, hidden, tail = self.head.apply(features)
         images = Images(np.arange(len(pred)), pred.mean(1), hidden.mean(1), tail_cache=tail)
-        out = {"pred": pred.mean(1), "pred_std": pred.std(1)}
+        out = {PRED: pred.mean(1), PRED_STD: pred.std(1)}
         for model in self.models:
             out[model.column] = model.predict(images)
         return out
