@@ -227,15 +227,17 @@ def test_binary_target_beats_a_wrong_label_mapping(planted, tmp_path):
     from mlsp import api
 
     result = api.finetune(planted["images"], labels=planted["labels"], test_list=planted["test"],
-                          out=str(tmp_path / "binary"), **dict(LEARN, target="binary", delta=0.5, epochs=8))
+                          out=str(tmp_path / "binary"), **dict(LEARN, target="binary", delta=0.5, head_epochs=15, unfreeze="0"))
     test = result.metrics["test"]
     import pandas as pd
 
     frame = pd.read_csv(os.path.join(result.run_dir, "predictions.csv"))
     frame = frame[(frame.split == "test") & ((frame.mos - 5).abs() >= 0.5)]
     flipped = binary_metrics(10 - frame.mos.to_numpy(), frame.pred.to_numpy(), 0.5)  # good <-> bad
-    assert test["accuracy"] > 0.7 and test["auc"] > 0.75, test
-    assert flipped["accuracy"] < 0.3 + 1e-9 and flipped["auc"] < 0.25 + 1e-9
+    # phase 1 alone (the head on a random MobileNet): accuracy 0.74 and AUC 0.88 on the 23 test images
+    # outside 5 +- 0.5 when the bounds were chosen; the mapping good <-> bad gets their complements
+    assert test["accuracy"] > 0.65 and test["auc"] > 0.75, test
+    assert flipped["accuracy"] < 0.35 and flipped["auc"] < 0.25, flipped
     assert test["n_binary"] == len(frame) < N_TEST
 
 
