@@ -29,7 +29,7 @@ from mlsp.store.labels import assign_splits, read_labels, read_test_list
 from mlsp.images.readahead import PREFETCH, decode_ahead
 
 from ..evaluation import THRESHOLD
-from ..targets import initial_bias, vote_histograms
+from ..targets import TARGETS, initial_bias, vote_histograms
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,6 @@ class Target:
     def output_bias(self, train_labels: np.ndarray) -> list:
         """The last layer's bias: an untrained network predicts the training mean (or prior)."""
         if self.name != "binary":
-            from ..targets import TARGETS
-
             return initial_bias(TARGETS[self.name], train_labels)
         prior = np.clip(np.mean(train_labels, axis=0), 1e-4, 1.0)
         return [float(v) for v in np.log(prior) - np.log(prior).mean()]

@@ -120,14 +120,15 @@ def evaluate(run_dir: str, images: str | None = None, *, out: str | None = None)
     """Recompute a fine-tuned run's metrics on val and test from the image files (``images``:
     the run's folder by default, with the run's labels and splits)."""
     run, config = open_run(run_dir, finished=False)
-    data = LabelledImages.load(images or run.config["images"], run.config["labels"], run.config.get("test_list"),
+    images = images or run.config["images"]
+    data = LabelledImages.load(images, run.config["labels"], run.config.get("test_list"),
                                val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
     if run.config.get("test_ids") and data.test_ids() != run.config["test_ids"]:
         log.warning("%s: the test split differs from the run's (%d images, the run's %d)", images,
                     len(data.test_ids()), len(run.config["test_ids"]))
     predictions = _predictions(run.load_model(), data, config)
     if not predictions:
-        raise ConfigError(f"{images or run.config['images']}: no labelled val or test images to evaluate on")
+        raise ConfigError(f"{images}: no labelled val or test images to evaluate on")
     return write_outputs(out or run_dir, config.target, data, predictions, config.delta)
 
 
