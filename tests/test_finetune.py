@@ -327,3 +327,24 @@ def test_the_comparison_page_in_a_browser(compared):
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+def test_both_phases_run_on_the_torch_backend(tmp_path):
+    """The training step is keras.ops and mlsp's backend helpers: it runs on PyTorch (the GPU route
+    without TensorFlow's CUDA build), and the run scores there too."""
+    pytest.importorskip("torch")
+    images, labels, test, _ = planted_images(str(tmp_path), n=24, size=64, seed=2)
+    out = str(tmp_path / "torch-run")
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    args = [sys.executable, "-m", "cli", "finetune", "--images", images, "--labels", labels, "--test-list", test,
+            "--out", out, "--net", "mobilenet_025", "--weights", "random:0", "--size", "48", "--batch-size", "8",
+            "--head-epochs", "1", "--epochs", "1", "--steps-per-epoch", "1", "--val-fraction", "0.25",
+            "--target", "distribution", "--no-progress"]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["versions"]["keras_backend"] == "torch" and config["status"] == "finished"
+    scored = subprocess.run([sys.executable, "-m", "cli", "score", out, "--images", images], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert scored.returncode == 0 and "p10" in scored.stdout, scored.stderr[-2000:]
