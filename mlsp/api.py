@@ -323,6 +323,10 @@ def explain(images: str | Sequence[str], out: str, *, run: str | None = None, mo
         if weights or allow_unfinished:
             raise ConfigError("weights and allow_unfinished are a run's; a released model brings its own")
         scorer = saliency.PretrainedModelScore(model, precision, progress=resolve_progress(progress))
+    elif _finetuned(run, weights=weights):
+        from heads.finetune.scoring import SaliencyModel
+
+        scorer = SaliencyModel(run, allow_unfinished=allow_unfinished)
     else:
         scorer = saliency.RunModel(run, weights, precision, allow_unfinished=allow_unfinished)
     return saliency.explain(images, scorer, out, samples=saliency.SAMPLES if samples is None else samples,

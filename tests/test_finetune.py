@@ -242,7 +242,7 @@ def test_binary_target_beats_a_wrong_label_mapping(planted, tmp_path):
 
 
 @pytest.mark.slow
-def test_score_evaluate_export_report_a_finetuned_run(learned, planted, tmp_path):
+def test_score_evaluate_export_report_explain_a_finetuned_run(learned, planted, tmp_path):
     import pandas as pd
 
     from heads.score.export import load_exported
@@ -266,6 +266,10 @@ def test_score_evaluate_export_report_a_finetuned_run(learned, planted, tmp_path
     network = Run.open(learned).load_model()
     assert np.allclose(np.asarray(exported.predict_on_batch(batch)),
                        np.asarray(network.predict_on_batch(batch))[:, 0], atol=1e-4)
+    explained, errors = api.explain(paths[:1], str(tmp_path / "saliency"), run=learned, samples=2)
+    assert len(explained) == 1 and not errors
+    saliency = np.load(str(tmp_path / "saliency" / (os.path.splitext(os.path.basename(paths[0]))[0] + ".npy")))
+    assert saliency.shape == (96, 96) and saliency.max() == pytest.approx(1.0)
     page = api.report(learned, str(tmp_path / "report.html"), images=planted["images"])
     assert "Run: run" in open(page, encoding="utf-8").read()
 

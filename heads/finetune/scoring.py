@@ -161,10 +161,11 @@ def score_images(run_dir: str, inputs: str | Sequence[str], out: str | None = No
                        progress=progress)
 
 
-def build_export(run_dir: str, *, allow_unfinished: bool = False):
+def build_export(run_dir: str, *, allow_unfinished: bool = False, interpolation: str = "area"):
     """Images of any size (RGB 0..255) -> resized to the run's size -> the network -> the MOS
     (batch,); a distribution run: a dict of mos, opinion_std and distribution; a binary run: the
-    probability that the image is good (batch,)."""
+    probability that the image is good (batch,). ``interpolation``: the resize's (``area`` as
+    scoring decodes; saliency takes ``bilinear``, which has a gradient)."""
     import keras
 
     from mlsp.backbone.layers import ViewMean
@@ -174,7 +175,8 @@ def build_export(run_dir: str, *, allow_unfinished: bool = False):
     run, config = open_run(run_dir, allow_unfinished=allow_unfinished)
     network = run.load_model()
     images = keras.Input((None, None, 3), name="images")
-    x = keras.layers.Resizing(config.size, config.size, interpolation="area", name="resize")(images)
+    x = keras.layers.Resizing(config.size, config.size, interpolation=interpolation,
+                              antialias=interpolation == "bilinear", name="resize")(images)
     pred = network(x)
     name = f"mlsp_finetune_{config.net}_{config.target}"
     if config.target == "distribution":
@@ -192,3 +194,13 @@ def export(run_dir: str, out: str | None = None, *, allow_unfinished: bool = Fal
 
     return save(build_export(run_dir, allow_unfinished=allow_unfinished),
                 out or os.path.join(run_dir, "scoring_model.keras"))
+
+
+class SaliencyModel:
+    """A fine-tuned run as :func:`heads.report.saliency.explain` takes it: its image-to-score model
+    (the resize bilinear and antialiased, which has a gradient) and the side photos are decoded at."""
+
+    def __init__(self, run_dir: str, allow_unfinished: bool = False):
+        self.name = run_dir
+        self.max_side = 2 * open_run(run_dir, allow_unfinished=allow_unfinished)[1].size  # as scoring decodes
+        self.model = build_export(run_dir, allow_unfinished=allow_unfinished, interpolation="bilinear")
