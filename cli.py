@@ -34,6 +34,8 @@ from heads.columns import SUMMARY as SCORES_CSV  # noqa: E402
 from heads.report import saliency  # noqa: E402
 from heads.report import build as reporting  # noqa: E402
 from heads.train.config import TrainConfig  # noqa: E402
+from heads.finetune.config import FINETUNE_TARGETS, OPTIMIZERS, SGD_MOMENTUM, FinetuneConfig  # noqa: E402
+from heads.finetune.nets import NETS as FINETUNE_NETS  # noqa: E402
 from heads.score.keras2 import LAYER_NAMES as KERAS2_HEADS  # noqa: E402
 from heads.personal import AUTO, RATING_SCALE, method_names  # noqa: E402
 from heads.personal.adapt import FALLBACK_SE  # noqa: E402
@@ -604,11 +606,13 @@ def _echo_metrics(metrics):
               help="Where metrics.json, predictions.csv and predictions.png go. Default: the run folder "
                    "for its own store, RUN_DIR/eval-<store>-<fingerprint> for another.")
 @click.option("--memory-budget", help=_MEMORY_HELP)
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
+              help="A fine-tuned run (mlsp finetune): evaluate on the images of this folder. Default: its own.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @handle_errors
-def evaluate_command(run_dir, store_path, out, memory_budget, as_json):
+def evaluate_command(run_dir, store_path, out, memory_budget, images_dir, as_json):
     """Recompute a run's metrics (SRCC, PLCC, accuracy at MOS 5, balanced accuracy) on val and test."""
-    metrics = api.evaluate(run_dir, store_path, out=out, memory_budget=memory_budget)
+    metrics = api.evaluate(run_dir, store_path, out=out, memory_budget=memory_budget, images=images_dir)
     if as_json:
         echo_json(metrics)
     else:
@@ -1066,6 +1070,130 @@ def explain_command(images, run_dir, model, out, samples, noise, weights, precis
         _interrupted(f"the maps finished so far are in {out}, each written whole.")
     _echo_errors(errors)
     click.echo(f"{out}: {len(explained)} saliency maps" + (f", {len(errors)} files skipped" if errors else ""))
+
+
+FINETUNE = FinetuneConfig  # the defaults of `mlsp finetune`'s options are the fields' defaults
+
+
+@main.command("finetune")
+@click.option("--images", "images_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The photos (a folder, searched recursively), named by id as extraction names them.")
+@click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="AVA.txt or a CSV of ratings (id, mos, optional votes_1..votes_10), as for extract.")
+@click.option("--test-list", type=click.Path(exists=True, dir_okay=False),
+              help="Ids of the test images, as for extract. Without: --test-fraction of the labelled images, "
+                   "drawn by id with --seed: the test split of the store extracted with the same options.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder. The same command on an interrupted run's folder resumes it.")
+@click.option("--net", type=click.Choice(list(FINETUNE_NETS)), default=FINETUNE.net, show_default=True,
+              help="The network (docs/finetune.md): " + "; ".join(f"{n.name}: {n.literature}" for n in
+                                                                 FINETUNE_NETS.specs()) + ".")
+@click.option("--target", type=click.Choice(list(FINETUNE_TARGETS)), default=FINETUNE.target, show_default=True,
+              help="; ".join(f"{t.name}: {t.description}" for t in FINETUNE_TARGETS.specs()) + ".")
+@click.option("--weights", default=FINETUNE.weights, show_default=True,
+              help="The backbone's starting weights: imagenet, random:SEED (tests) or a weights file.")
+@click.option("--size", type=click.IntRange(min=32), default=FINETUNE.size, show_default=True,
+              help="Input side: images are resized to SIZE*256/224 and randomly cropped to SIZE (and flipped) for "
+                   "training, resized to SIZE for validation, test and scoring.")
+@click.option("--delta", type=click.FloatRange(0, 4.5, max_open=True), default=FINETUNE.delta, show_default=True,
+              help="Binary target: images with MOS in (5-DELTA, 5+DELTA) are left out of training and of the "
+                   "binary metrics.")
+@click.option("--fc", default=",".join(map(str, FINETUNE.fc)), show_default=True, metavar="N[,N...]",
+              help="Dense layers (ReLU) between the pooled features and the output: the reduced fc6/fc7 "
+                   "(e.g. 256,256). Empty: none (NIMA).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=FINETUNE.dropout,
+              show_default=True, help="Dropout before the output layer (NIMA's 0.75; 0: none).")
+@click.option("--head-epochs", type=click.IntRange(min=0), default=FINETUNE.head_epochs, show_default=True,
+              help="Phase 1: epochs of the new head with the backbone frozen.")
+@click.option("--epochs", type=click.IntRange(min=0), default=FINETUNE.epochs, show_default=True,
+              help="Phase 2: at most this many epochs of the head and the unfrozen backbone.")
+@click.option("--unfreeze", default=FINETUNE.unfreeze, show_default=True, metavar="all|N",
+              help="What phase 2 trains of the backbone: all of it, or its top N blocks (0: no phase 2).")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=FINETUNE.optimizer, show_default=True,
+              help=f"One per part (head, backbone): SGD with momentum {SGD_MOMENTUM} (the fine-tuned "
+                   "classifiers') or Adam (NIMA's).")
+@click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=FINETUNE.head_lr,
+              show_default=True, help="The new head's learning rate (the classifiers' 0.001 for the new layer).")
+@click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), default=FINETUNE.backbone_lr,
+              show_default=True, help="The unfrozen backbone's learning rate in phase 2 (the classifiers' 0.0001; "
+                                      "NIMA's 0.00003).")
+@click.option("--phase2-head-lr", type=click.FloatRange(min=0, min_open=True),
+              help="The head's learning rate in phase 2. Default: --head-lr (NIMA: the backbone's).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=FINETUNE.batch_size, show_default=True,
+              help="Images per training batch.")
+@click.option("--patience", type=click.IntRange(min=1), default=FINETUNE.patience, show_default=True,
+              help="Epochs without validation improvement that end a phase; the best weights are kept.")
+@click.option("--steps-per-epoch", type=click.IntRange(min=0), default=FINETUNE.steps_per_epoch,
+              show_default=True, help="At most this many batches per epoch (0: one pass over the training images).")
+@click.option("--val-fraction", type=float, default=FINETUNE.val_fraction, show_default=True,
+              help="Share of the labelled non-test images drawn for validation (as extract).")
+@click.option("--test-fraction", type=float, default=FINETUNE.test_fraction, show_default=True,
+              help="Without --test-list: share of the labelled images drawn for test (as extract).")
+@click.option("--seed", type=click.IntRange(min=0), default=FINETUNE.seed, show_default=True,
+              help="Seed of the splits, the head's weights, the batches, crops, flips and dropout.")
+@click.option("--workers", type=click.IntRange(min=0), default=FINETUNE.workers, show_default=True,
+              help=_WORKERS_HELP)
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default=FINETUNE.precision, show_default=True,
+              help="Compute precision while training (float32 or bfloat16 mixed precision; auto: bfloat16 where "
+                   "the hardware has it). The saved model is float32.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar per epoch.")
+@handle_errors
+def finetune_command(images_dir, labels, out, fc, progress, **options):
+    """Fine-tune an ImageNet network end to end on rated photos: NIMA, the fine-tuned classifiers.
+
+    \b
+    Phase 1 trains a new head with the backbone frozen; phase 2 also the unfrozen top of the
+    backbone, at its own lower rate. Early stopping on validation loss keeps the best weights; a
+    checkpoint after every epoch lets the same command resume a run that was stopped or killed.
+    The run folder is a run like `mlsp train`'s: `mlsp score RUN --images`, `mlsp evaluate`,
+    `mlsp export` and `mlsp compare` take it (docs/finetune.md).
+    """
+    _sigterm_as_interrupt()
+    widths = tuple(int(w) for w in fc.split(",") if w.strip()) if fc else ()
+    try:
+        result = api.finetune(images_dir, labels=labels, out=out, fc=widths,
+                              progress=console_progress if progress else False, **options)
+    except RunInterrupted as stopped:
+        _interrupted(f"{stopped.run_dir}: {stopped.kept}.")
+    except KeyboardInterrupt:
+        _interrupted("fine-tuning stopped before it started: nothing was written.")
+    _echo_compared([{"run": split, **m} for split, m in result.metrics.items()])
+    click.echo(f"run: {result.run_dir}")
+
+
+def _echo_compared(rows):
+    keys = ("srcc", "plcc", "accuracy", "balanced_accuracy", "auc", "emd2", "n")
+    keys = tuple(k for k in keys if any(r.get(k) is not None for r in rows))
+    fmt = (lambda v: "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
+    click.echo(f"{'':8}" + "".join(f"{k:>19}" for k in keys))
+    for row in rows:
+        click.echo(f"{shown(str(row['run'])):8}" + "".join(f"{fmt(row.get(k)):>19}" for k in keys))
+
+
+@main.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the comparison as an HTML page.")
+@click.option("--delta", type=click.FloatRange(0, 4.5, max_open=True), default=default_of(api.compare, "delta"),
+              show_default=True, help="Accuracy, balanced accuracy and AUC on the test images at least DELTA "
+                                      "from MOS 5.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@handle_errors
+def compare_command(runs, out, delta, as_json):
+    """Test metrics of RUNS (MLSP heads, fine-tuned networks) side by side, on their one test split.
+
+    Runs whose test splits differ are refused, naming the difference. Also shown: parameters
+    trained, training time and images/s (an MLSP run's: its head's, after the extraction).
+    """
+    rows = api.compare(list(runs), out=out, delta=delta)
+    if as_json:
+        echo_json(rows)
+        return
+    for k, row in enumerate(rows, start=1):
+        click.echo(f"run{k}: {shown(row['run'])} ({row['method']}: {row['model']}; {row['params_trained'] or 0:,} "
+                   f"parameters trained, {row['train_seconds'] or 0:.0f} s)")
+    _echo_compared([{**row, "run": f"run{k}"} for k, row in enumerate(rows, start=1)])
+    if out:
+        click.echo(f"page: {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,6 +36,13 @@ UNFINISHED_USABLE = {
 }
 ALLOW_UNFINISHED_FLAG = "--allow-unfinished"
 RUNS_ROOT = "runs"
+FINETUNED = "finetune"  # config.json's "kind" of a network fine-tuned end to end (heads.finetune): no store
+
+
+def is_finetuned(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a fine-tuned network (``mlsp finetune``), which scores image files."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    return os.path.isfile(path) and read_config(path).get("kind") == FINETUNED
 
 
 @dataclasses.dataclass
@@ -124,6 +131,8 @@ class Run:
 
     @property
     def store_info(self) -> dict:
+        if self.config.get("kind") == FINETUNED:
+            raise ConfigError(f"{self.path} is a fine-tuned network: it has no store; give it images (--images)")
         return self.config["store"]
 
     def load_model(self):

@@ -149,11 +149,41 @@ def _bytes(size):
 
 
 def evaluate(run_dir: str, store: str | None = None, *, out: str | None = None,
-             memory_budget: int | str | None = None) -> dict:
-    """``mlsp evaluate``: SRCC, PLCC, accuracy, balanced accuracy and n on val and test."""
+             memory_budget: int | str | None = None, images: str | None = None) -> dict:
+    """``mlsp evaluate``: SRCC, PLCC, accuracy, balanced accuracy and n on val and test.
+    ``images``: a fine-tuned run's image folder (default: the one it was trained on)."""
     from heads.evaluation import evaluate as run
+    from heads.run import is_finetuned
 
+    if is_finetuned(run_dir):
+        if store is not None:
+            raise ConfigError(f"{run_dir} is a fine-tuned network: it has no store; evaluate it on images (--images)")
+        from heads.finetune.scoring import evaluate as evaluate_finetuned
+
+        return evaluate_finetuned(run_dir, images, out=out)
+    if images is not None:
+        raise ConfigError("--images evaluates a fine-tuned run; an MLSP run is evaluated on its store")
     return run(run_dir, store, out=out, memory_budget=_bytes(memory_budget))
+
+
+def finetune(images: str, *, labels: str, out: str, progress=False, **options):
+    """``mlsp finetune``: an ImageNet network fine-tuned end to end on the labelled images
+    (:mod:`heads.finetune`); ``options`` are :class:`heads.finetune.config.FinetuneConfig` fields
+    (net, target, weights, size, delta, fc, epochs, unfreeze, the learning rates, ...). Returns
+    :class:`heads.finetune.loop.FinetuneResult` (``.run_dir``, ``.metrics``)."""
+    from heads.finetune.config import FinetuneConfig
+    from heads.finetune.loop import finetune as run
+
+    config = FinetuneConfig.from_dict({"images": images, "labels": labels, "out": out, **options})
+    return run(config, progress=resolve_progress(progress))
+
+
+def compare(runs: Sequence[str], *, out: str | None = None, delta: float = 0.0) -> list[dict]:
+    """``mlsp compare``: the test metrics of runs (MLSP or fine-tuned) side by side, on their test
+    split, which must be the same (:mod:`heads.finetune.compare`); ``out``: an HTML page of them."""
+    from heads.finetune.compare import compare as run
+
+    return run(runs, out=out, delta=delta)
 
 
 @with_engine
@@ -175,6 +205,13 @@ def score(run_dir: str | None = None, *, model: str | None = None, store: str | 
         raise ConfigError("score() takes either a run folder or model=")
     if (store is None) == (images is None):
         raise ConfigError("score() takes either store= or images=")
+    if run_dir is not None and _finetuned(run_dir, store, weights, users, ray):
+        from heads.finetune.scoring import score_images as score_finetuned
+
+        frame, errors = score_finetuned(run_dir, images, out, workers=workers, progress=resolve_progress(progress),
+                                        allow_unfinished=allow_unfinished)
+        frame.attrs["errors"] = errors
+        return frame
     if ray and store is not None:
         raise ConfigError("--ray scores image files (--images); a store is scored on this machine")
     if users and store is None:
@@ -201,6 +238,20 @@ def score(run_dir: str | None = None, *, model: str | None = None, store: str | 
                                      cluster=cluster)
     frame.attrs["errors"] = errors
     return frame
+
+
+def _finetuned(run_dir: str, store=None, weights=None, users=(), ray=None) -> bool:
+    """Whether ``run_dir`` is a fine-tuned network, refusing what only an MLSP run takes."""
+    from heads.run import is_finetuned
+
+    if not is_finetuned(run_dir):
+        return False
+    given = [name for name, value in (("--store", store), ("--weights", weights), ("--user", users),
+                                      ("--ray", ray)) if value]
+    if given:
+        raise ConfigError(f"{run_dir} is a fine-tuned network (its own weights, no store): {', '.join(given)} "
+                          "is for an MLSP run; give it images")
+    return True
 
 
 def pretrained(model: str, *, precision: str | None = None, progress=False):
@@ -239,6 +290,10 @@ def export(run_dir: str | None = None, out: str | None = None, *, model: str | N
         if weights is not None:
             raise ConfigError("a released model names its own backbone weights; --weights is for a run")
         return pretrained(model, precision=precision, progress=progress).export(out)
+    if _finetuned(run_dir, weights=weights):
+        from heads.finetune.scoring import export as export_finetuned
+
+        return export_finetuned(run_dir, out, allow_unfinished=allow_unfinished)
     return run(run_dir, out, weights=weights, precision=precision, allow_unfinished=allow_unfinished)
 
 
@@ -273,6 +328,10 @@ def explain(images: str | Sequence[str], out: str, *, run: str | None = None, mo
         if weights or allow_unfinished:
             raise ConfigError("weights and allow_unfinished are a run's; a released model brings its own")
         scorer = saliency.PretrainedModelScore(model, precision, progress=resolve_progress(progress))
+    elif _finetuned(run, weights=weights):
+        from heads.finetune.scoring import SaliencyModel
+
+        scorer = SaliencyModel(run, allow_unfinished=allow_unfinished)
     else:
         scorer = saliency.RunModel(run, weights, precision, allow_unfinished=allow_unfinished)
     return saliency.explain(images, scorer, out, samples=saliency.SAMPLES if samples is None else samples,

@@ -59,7 +59,7 @@ FLOORS = (
     ("heads",),  # stage 2's core: the head registry and models, targets, runs, data, metrics, plots
     ("heads.train",),
     ("heads.score",),  # scoring, export, released models
-    ("heads.personal",),
+    ("heads.personal", "heads.finetune"),  # a head adapted to one person; networks fine-tuned end to end
     ("heads.report",),  # the HTML report and saliency
     ("mlsp.api",),  # the facade over both stages
     ("cli",),

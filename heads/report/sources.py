@@ -145,7 +145,8 @@ def run_page(path: str, *, images, saliency, max_photos, progress, out_dir) -> P
     sections.append(section("Configuration", "<details><summary>config.json</summary><pre>"
                             + _escape(json.dumps(run.config, indent=2, default=str)) + "</pre></details>"))
     head = run.config.get("head", "?")
-    store = run.config.get("store", {})
+    store = run.config.get("store") or {"net": run.config.get("finetune", {}).get("net", "?"),  # fine-tuned: no store
+                                         "pooling": "fine-tuned end to end"}
     subtitle = f"{path}: head {head} on {store.get('net', '?')} {store.get('pooling', '')}, status {run.status}"
     return Page(f"Run: {os.path.basename(os.path.normpath(path))}", subtitle, sections, photos)
 
