@@ -26,7 +26,8 @@ from mlsp.atomic import atomic_path, write_json
 from mlsp.errors import ConfigError
 from mlsp.labels import SCORES
 
-from .methods import FITTED, METHODS, Context, Images, MethodSpec, fit
+from .features import find_basis
+from .methods import FITTED, METHODS, ContentResidual, Context, Images, MethodSpec, fit
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,15 @@ def from_generic(values, scale) -> np.ndarray:
     return lo + (np.asarray(values, np.float64) - g0) * (hi - lo) / (g1 - g0)
 
 
+#: What a method that is not available needs (by its spec's ``needs``).
+TRAINING_RATERS = ("there are none (give a ratings file with other raters: --users lists the test ones)")
+UNAVAILABLE = {
+    "taste": f"directions of taste learned from training raters, and {TRAINING_RATERS}",
+    "content_taste": f"directions of taste in the store's features learned from training raters, and {TRAINING_RATERS}",
+    "content": "the store's principal components, and its features vary along none",
+}
+
+
 def method_names() -> list[str]:
     """``auto`` and every registered method (the choices of ``--method``)."""
     return [AUTO, *METHODS.names()]
@@ -70,10 +80,9 @@ def candidates(method: str, context: Context, n: int) -> list[tuple[MethodSpec, 
     else:
         spec = METHODS.get(method)
         if not spec.available(context):
-            raise ConfigError(f"method {method!r} needs directions of taste learned from training raters, and "
-                              "there are none (give a ratings file with other raters: --users lists the test ones)")
+            raise ConfigError(f"method {method!r} needs {UNAVAILABLE[spec.needs]}")
         specs = [spec]
-    return [(spec, dict(params)) for spec in specs for params in spec.grid]
+    return [(spec, params) for spec in specs for params in spec.params(context)]
 
 
 def folds_of(n: int, seed: int) -> list[np.ndarray]:
@@ -118,8 +127,9 @@ def choose(images: Images, y, context: Context, method: str = AUTO) -> Choice:
 
 @dataclasses.dataclass
 class PersonalModel:
-    """One person's model: the chosen method's fitted part, the person's scale, and the generic
-    model it adapts (by name and SHA-256)."""
+    """One person's model: the chosen method's fitted part, the person's scale, the generic
+    model it adapts (by name and SHA-256) and, for the feature-space methods, the store's basis
+    (:class:`heads.personal.features.Basis`, recorded by its SHA-256; None for the others)."""
 
     user: str
     method: str
@@ -129,6 +139,7 @@ class PersonalModel:
     generic: dict
     n_ratings: int
     cv: list = dataclasses.field(default_factory=list)
+    basis: object = None
 
     @property
     def column(self) -> str:
@@ -150,7 +161,7 @@ class PersonalModel:
         write_json(os.path.join(out_dir, MODEL_JSON), {
             "format_version": FORMAT_VERSION, "user": self.user, "method": self.method, "params": self.params,
             "kind": self.fitted.kind, "scale": list(self.scale), "n_ratings": self.n_ratings,
-            "generic": self.generic, "cv": self.cv})
+            "generic": self.generic, "cv": self.cv, "basis": self.basis.describe() if self.basis else None})
         return out_dir
 
 
@@ -175,16 +186,20 @@ def load_personal(path: str, head) -> PersonalModel:
                           f"(sha256 {meta['generic']['sha256'][:12]}...), not {head.name}'s "
                           f"(sha256 {head.sha256[:12]}...); personalise again on this run")
     fitted = FITTED[meta["kind"]].from_state(state, head)
+    basis = find_basis(meta["basis"], head, path) if meta.get("basis") else None
     return PersonalModel(meta["user"], meta["method"], meta["params"], fitted, tuple(meta["scale"]),
-                         meta["generic"], int(meta["n_ratings"]), meta.get("cv", []))
+                         meta["generic"], int(meta["n_ratings"]), meta.get("cv", []), basis)
 
 
 def adapt(user: str, images: Images, scores, scale, context: Context, generic: dict,
-          method: str = AUTO) -> PersonalModel:
-    """A personal model of ``user`` from their ratings ``scores`` (on ``scale``) of ``images``."""
+          method: str = AUTO, basis=None) -> PersonalModel:
+    """A personal model of ``user`` from their ratings ``scores`` (on ``scale``) of ``images``;
+    ``basis``: the store's basis the images' content is in (kept when a feature-space method wins)."""
     y = to_generic(scores, scale)
     choice = choose(images, y, context, method)
     fitted = fit(choice.spec, images, y, context, choice.params)
     log.debug("%s: %s%s from %d ratings", user, choice.spec.name,
              "".join(f" {k}={v:g}" for k, v in choice.params.items()), len(y))
-    return PersonalModel(str(user), choice.spec.name, choice.params, fitted, tuple(scale), generic, len(y), choice.cv)
+    basis = basis if isinstance(fitted, ContentResidual) else None
+    return PersonalModel(str(user), choice.spec.name, choice.params, fitted, tuple(scale), generic, len(y), choice.cv,
+                         basis)

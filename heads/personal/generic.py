@@ -27,6 +27,7 @@ from mlsp.store import SLAB_BYTES, FeatureStore
 from ..run import MODEL_FILE, Run
 from ..score import check_store_matches
 from .adapt import GENERIC_SCALE
+from .features import pooled
 
 log = logging.getLogger(__name__)
 
@@ -120,22 +121,25 @@ class GenericHead:
 
     def embed(self, store: FeatureStore, rows, progress: ProgressFactory = null_progress):
         """Generic prediction (n,) and last hidden layer (n, d), each the mean over the views,
-        of the given store rows (read in slabs, sorted, returned in the order asked)."""
+        and the pooled features (n, C) (:func:`heads.personal.features.pooled`) of the given
+        store rows (read once, in slabs, sorted; returned in the order asked)."""
         rows = np.asarray(rows, np.int64)
         order = np.argsort(rows, kind="stable")
         generic = np.empty(len(rows))
         hidden = np.empty((len(rows), self.hidden_dim), np.float32)
+        features = np.empty((len(rows), store.channels), np.float32)
         step = max(1, SLAB_BYTES // store.image_nbytes)
         bar = progress(total=len(rows), desc="generic", unit="img")
         try:
             for start in range(0, len(rows), step):
                 at = order[start:start + step]
-                pred, h, _ = self.apply(store.read(rows[at]))
-                generic[at], hidden[at] = pred.mean(1), h.mean(1)
+                read = store.read(rows[at])
+                pred, h, _ = self.apply(read)
+                generic[at], hidden[at], features[at] = pred.mean(1), h.mean(1), pooled(read)
                 bar.update(len(at))
         finally:
             bar.close()
-        return generic, hidden
+        return generic, hidden, features
 
     def tail_inputs(self, store: FeatureStore, rows) -> np.ndarray:
         """(n, V, d_tail) per-view inputs of the tail (what fine-tuning trains on)."""
