@@ -8,9 +8,9 @@ the person's own scale.
 Choice (``method="auto"``): every available method with every parameter set of its grid is
 cross-validated on the person's ratings (fine-tuning from 50 ratings up; K folds, K = min(5, k)); the one with the least
 out-of-fold squared error wins, but a method other than ``generic`` only when it beats the
-generic prediction by more than two standard errors of the per-image difference (else its gain
-could be luck, and the person gets the generic prediction: no gain and no harm). A named method
-keeps its own grid's choice.
+generic prediction by more than :func:`fallback_se` standard errors of the per-image difference
+(else its gain could be luck, and the person gets the generic prediction: no gain and no harm).
+A named method keeps its own grid's choice.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ GENERIC_SCALE = (float(SCORES[0]), float(SCORES[-1]))
 AUTO = "auto"
 #: Cross-validation folds (at most: never more than the person's ratings).
 FOLDS = 5
-#: A method other than ``generic`` is chosen only when it beats the generic prediction's
-#: cross-validated error by more than this many standard errors of the per-image difference
-#: (two: several candidates compete, and one of them beats it by one by luck alone).
-FALLBACK_SE = 2.0
+#: A method other than ``generic`` is chosen only when the chance that the best of the candidates
+#: beats the generic prediction's cross-validated error by as much by luck alone is below this
+#: (one-sided, shared among the candidates: see :func:`fallback_se`).
+FALLBACK_P = 0.05
 MODEL_JSON = "personal.json"
 MODEL_NPZ = "personal.npz"
 FORMAT_VERSION = 1
@@ -85,6 +85,17 @@ def candidates(method: str, context: Context, n: int) -> list[tuple[MethodSpec, 
     return [(spec, params) for spec in specs for params in spec.params(context)]
 
 
+def fallback_se(n: int, candidates: int) -> float:
+    """Standard errors of the per-image difference by which the best of ``candidates`` must beat the
+    generic prediction on ``n`` images: Student's t quantile (n - 1 degrees of freedom) at
+    :data:`FALLBACK_P` shared among the candidates (Bonferroni). Several candidates compete, one of
+    them beats the generic prediction by luck, the more of them the more likely; with ten images
+    the standard error is itself a guess (k = 10 and 22 candidates: 3.8; k = 100 and 23: 2.9)."""
+    from scipy.stats import t  # here: scipy.stats takes a second to import, every command would pay it
+
+    return float(t.ppf(1.0 - FALLBACK_P / max(candidates, 1), max(n - 1, 1)))
+
+
 def folds_of(n: int, seed: int) -> list[np.ndarray]:
     k = min(FOLDS, n)
     return np.array_split(np.random.default_rng(seed).permutation(n), k)
@@ -120,7 +131,8 @@ def choose(images: Images, y, context: Context, method: str = AUTO) -> Choice:
     if method == AUTO and spec.name != "generic":
         base = next(e for s, _, e in found if s.name == "generic")
         diff = base - errors
-        if len(diff) < 2 or diff.mean() <= FALLBACK_SE * diff.std(ddof=1) / np.sqrt(len(diff)):
+        need = fallback_se(len(diff), len(found))
+        if len(diff) < 2 or diff.mean() <= need * diff.std(ddof=1) / np.sqrt(len(diff)):
             spec, params = METHODS.get("generic"), {}
     return Choice(spec, params, cv)
 

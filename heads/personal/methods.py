@@ -3,8 +3,8 @@
 Every method fits one person's ratings, mapped onto the generic scale, from what the generic head
 sees of the rated images (:class:`Images`) and returns a fitted model that predicts on that scale:
 
-- ``generic``: the generic prediction plus the person's mean offset (what cross-validation falls
-  back to when a person's ratings carry no signal the others can use);
+- ``generic``: the generic prediction scaled and shifted onto the person's ratings (what
+  cross-validation falls back to when a person's ratings carry no signal the others can use);
 - ``residual``: a linear residual on the generic prediction from the generic head's last hidden
   layer, ridge-regularised toward zero (closed form, in the dual: k ratings cost a k x k solve);
 - ``taste``: the same residual restricted to a few directions of taste shared by people, learned
@@ -43,6 +43,9 @@ CONTENT_TASTE_DIMS = 16
 #: The content method's grid: leading principal components used, and ridge penalties.
 CONTENT_DIMS = (4, 16, 64)
 CONTENT_PENALTIES = (0.3, 3.0, 30.0)
+#: The least slope of a person's ratings on the generic prediction (``generic``: positive, so that
+#: it ranks as the generic model).
+MIN_SLOPE = 1e-3
 #: Ridge penalty of each training rater's own residual when learning the directions of taste.
 TASTE_RATER_PENALTY = 1.0
 #: Fine-tuning: Adam's learning rate, most full-batch steps, steps without improvement on the
@@ -108,21 +111,22 @@ class Context:
 
 @dataclasses.dataclass
 class Residual:
-    """y = generic + hidden @ w + b, on the generic scale."""
+    """y = slope * generic + hidden @ w + b, on the generic scale."""
 
     w: np.ndarray
     b: float
+    slope: float = 1.0
     kind = "residual"
 
     def predict(self, images: Images) -> np.ndarray:
-        return images.generic + images.hidden.astype(np.float64) @ self.w + self.b
+        return self.slope * images.generic + images.hidden.astype(np.float64) @ self.w + self.b
 
     def state(self) -> dict:
-        return {"w": np.asarray(self.w, np.float64), "b": np.float64(self.b)}
+        return {"w": np.asarray(self.w, np.float64), "b": np.float64(self.b), "slope": np.float64(self.slope)}
 
     @classmethod
     def from_state(cls, state: dict, head=None) -> "Residual":
-        return cls(np.asarray(state["w"], np.float64), float(state["b"]))
+        return cls(np.asarray(state["w"], np.float64), float(state["b"]), float(state.get("slope", 1.0)))
 
 
 @dataclasses.dataclass
@@ -149,22 +153,23 @@ class Tail:
 
 @dataclasses.dataclass
 class ContentResidual:
-    """y = generic + content[:, :len(w)] @ w + b, on the generic scale (the content: the images'
-    features in the store's principal components, :mod:`heads.personal.features`)."""
+    """y = slope * generic + content[:, :len(w)] @ w + b, on the generic scale (the content: the
+    images' features in the store's principal components, :mod:`heads.personal.features`)."""
 
     w: np.ndarray
     b: float
+    slope: float = 1.0
     kind = "content"
 
     def predict(self, images: Images) -> np.ndarray:
-        return images.generic + images.content_of()[:, :len(self.w)] @ self.w + self.b
+        return self.slope * images.generic + images.content_of()[:, :len(self.w)] @ self.w + self.b
 
     def state(self) -> dict:
-        return {"w": np.asarray(self.w, np.float64), "b": np.float64(self.b)}
+        return {"w": np.asarray(self.w, np.float64), "b": np.float64(self.b), "slope": np.float64(self.slope)}
 
     @classmethod
     def from_state(cls, state: dict, head=None) -> "ContentResidual":
-        return cls(np.asarray(state["w"], np.float64), float(state["b"]))
+        return cls(np.asarray(state["w"], np.float64), float(state["b"]), float(state["slope"]))
 
 
 FITTED = {cls.kind: cls for cls in (Residual, Tail, ContentResidual)}
@@ -211,13 +216,37 @@ def _centred(hidden: np.ndarray):
     return h - mean, mean
 
 
-def _offset_only(images: Images, y) -> Residual:
-    return Residual(np.zeros(images.hidden.shape[1]), float(np.mean(y - images.generic)))
+def person_slope(generic: np.ndarray, y) -> float:
+    """The least-squares slope of the person's ratings on the generic prediction, at least
+    :data:`MIN_SLOPE` (1 where the generic prediction does not vary among the images)."""
+    g = generic - generic.mean()
+    spread = float(g @ g)
+    if spread <= 1e-12:
+        return 1.0
+    return max(float(g @ (np.asarray(y) - np.mean(y))) / spread, MIN_SLOPE)
 
 
 def fit_generic(images: Images, y, context: Context) -> Residual:
-    """The generic prediction, shifted by the person's mean residual."""
-    return _offset_only(images, y)
+    """The generic prediction scaled and shifted onto the person's ratings (least squares; the
+    slope kept positive, so that it ranks the images as the generic model does)."""
+    slope = person_slope(images.generic, y)
+    return Residual(np.zeros(images.hidden.shape[1]), float(np.mean(y - slope * images.generic)), slope)
+
+
+def ridge_with_generic(x: np.ndarray, generic: np.ndarray, y, penalty: float) -> tuple[np.ndarray, float, float]:
+    """(w, b, slope) of y = slope * generic + x @ w + b, ridge on ``w`` only (the slope is free):
+    the generic prediction is partialled out of ``x`` and ``y`` (Frisch-Waugh), the ridge fitted
+    on what is left, then the slope on what the ridge leaves."""
+    x = np.asarray(x, np.float64)
+    xm, gm, ym = x.mean(0), generic.mean(), float(np.mean(y))
+    xc, g, yc = x - xm, generic - gm, np.asarray(y, np.float64) - ym
+    spread = float(g @ g)
+    if spread <= 1e-12:
+        w = ridge_dual(xc, yc, penalty)
+        return w, float(ym - gm - xm @ w), 1.0
+    w = ridge_dual(xc - np.outer(g, g @ xc) / spread, yc - g * (g @ yc) / spread, penalty)
+    slope = float(g @ (yc - xc @ w)) / spread
+    return w, float(ym - slope * gm - xm @ w), slope
 
 
 def ridge_dual(h: np.ndarray, r: np.ndarray, penalty: float) -> np.ndarray:
@@ -255,18 +284,17 @@ def fit_taste(images: Images, y, context: Context, *, penalty: float) -> Residua
 
 
 def fit_content(images: Images, y, context: Context, *, dims: int, penalty: float) -> ContentResidual:
-    """A ridge residual on the generic prediction from the first ``dims`` principal components
-    of the images' standardised features."""
-    h, mean = _centred(images.content_of()[:, :dims])
-    r = y - images.generic
-    w = ridge_dual(h, r - r.mean(), penalty)
-    return ContentResidual(w, float(r.mean() - mean @ w))
+    """The person's ratings from the generic prediction (its own slope) and a ridge residual on
+    the first ``dims`` principal components of the images' standardised features."""
+    return ContentResidual(*ridge_with_generic(images.content_of()[:, :dims], images.generic, y, penalty))
 
 
 def fit_content_taste(images: Images, y, context: Context, *, directions: int, penalty: float) -> ContentResidual:
-    """A ridge residual within the first ``directions`` directions of taste in the content space."""
+    """The same within the first ``directions`` directions of taste in the content space: w = taste @ c."""
     taste = context.content_taste[:, :directions]
-    return ContentResidual(*_within(images.content_of()[:, :len(taste)], taste, images, y, penalty))
+    z = images.content_of()[:, :len(taste)] @ taste
+    c, b, slope = ridge_with_generic(z, images.generic, y, penalty)
+    return ContentResidual(taste @ c, b, slope)
 
 
 def hidden_of(images: Images) -> np.ndarray:
@@ -278,18 +306,22 @@ def content_of(images: Images) -> np.ndarray:
 
 
 def learn_taste(per_rater, dims: int = TASTE_DIMS, penalty: float = TASTE_RATER_PENALTY,
-                space: Callable = hidden_of) -> np.ndarray | None:
+                space: Callable = hidden_of, slope: bool = False) -> np.ndarray | None:
     """Directions of shared taste (d, q) from training raters: each rater's ridge residual
     (``per_rater``: (images, y) pairs) on ``space(images)`` (the last hidden layer, or
-    :func:`content_of`) as one row, the top right singular vectors of them all. None with
-    fewer than 2 raters."""
+    :func:`content_of`; ``slope``: with the rater's own slope on the generic prediction, as the
+    feature-space methods fit it) as one row, the top right singular vectors of them all. None
+    with fewer than 2 raters."""
     rows = []
     for images, y in per_rater:
         if len(images) < 2:
             continue
-        h, _ = _centred(space(images))
-        r = y - images.generic
-        w = ridge_dual(h, r - r.mean(), penalty)
+        if slope:
+            w = ridge_with_generic(space(images), images.generic, y, penalty)[0]
+        else:
+            h, _ = _centred(space(images))
+            r = y - images.generic
+            w = ridge_dual(h, r - r.mean(), penalty)
         norm = np.linalg.norm(w)
         if norm > 0:
             rows.append(w / norm)
@@ -401,18 +433,18 @@ def fit_finetune(images: Images, y, context: Context) -> Tail:
 
 
 for _spec in (
-    MethodSpec("generic", fit_generic, "the generic prediction plus the person's mean offset"),
+    MethodSpec("generic", fit_generic, "the generic prediction scaled and shifted onto the person's ratings"),
     MethodSpec("residual", fit_residual, "ridge residual on the generic prediction from the head's last hidden layer",
                grid=tuple({"penalty": p} for p in (0.3, 3.0, 30.0))),
     MethodSpec("taste", fit_taste, "ridge residual within directions of taste learned from the training raters",
                grid=tuple({"penalty": p} for p in (0.1, 1.0, 10.0)), needs="taste"),
     MethodSpec("finetune", fit_finetune, "the head's last layers fine-tuned from the generic weights, early stopping",
                min_ratings=FINETUNE_MIN_RATINGS),
-    MethodSpec("content", fit_content, "ridge residual on the generic prediction from the store's standardised "
-               "features, in their leading principal components", needs="content",
+    MethodSpec("content", fit_content, "the generic prediction (own slope) plus a ridge residual on the store's "
+               "standardised features, in their leading principal components", needs="content",
                grid=tuple({"dims": d, "penalty": p} for d in CONTENT_DIMS for p in CONTENT_PENALTIES)),
-    MethodSpec("content_taste", fit_content_taste, "ridge residual within directions of taste in the store's "
-               "features, learned from the training raters", needs="content_taste",
+    MethodSpec("content_taste", fit_content_taste, "the same within directions of taste in the store's features "
+               "learned from the training raters", needs="content_taste",
                grid=tuple({"directions": q, "penalty": p} for q in (TASTE_DIMS, CONTENT_TASTE_DIMS)
                           for p in (0.1, 1.0, 10.0))),
 ):

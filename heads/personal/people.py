@@ -60,7 +60,7 @@ class Rated:
         with_content = self.basis is not None and bool(per_rater)
         return Context(self.head, learn_taste(per_rater) if per_rater else None, seed,
                        self.basis.dims if self.basis is not None else 0,
-                       learn_taste(per_rater, CONTENT_TASTE_DIMS, space=content_of) if with_content else None)
+                       learn_taste(per_rater, CONTENT_TASTE_DIMS, space=content_of, slope=True) if with_content else None)
 
 
 def read_rated(run_dir: str, store_path: str, ratings_path: str, *, scale=RATING_SCALE,
