@@ -31,7 +31,7 @@ from heads import report as reporting  # noqa: E402
 from heads.config import TrainConfig  # noqa: E402
 from heads.keras2 import LAYER_NAMES as KERAS2_HEADS  # noqa: E402
 from heads.personal import AUTO, RATING_SCALE, method_names  # noqa: E402
-from heads.personal.adapt import FALLBACK_P  # noqa: E402
+from heads.personal.adapt import FALLBACK_SE  # noqa: E402
 from heads.personal.methods import METHODS  # noqa: E402
 from heads.personal.protocol import COLUMNS as EVAL_COLUMNS, KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
 from heads.personal.ratings import MIN_RATINGS  # noqa: E402
@@ -818,8 +818,8 @@ _PERSONALIZE_HELP = f"""Adapt a run's head to one person's taste, or evaluate pe
 
     \b
     Methods (--method; auto chooses by cross-validation on the person's ratings and falls back to
-    the generic prediction unless the best beats it by more than luck would, one-sided p <
-    {FALLBACK_P:g} shared among the candidates):
+    the generic prediction when the choice, cross-validated again within each fold, does not beat
+    it by more than {FALLBACK_SE:g} standard errors):
     {chr(10).join(f"      {s.name}: {s.description}" for s in METHODS.specs())}
 
     DIR gets personal.json and personal.npz: the fitted part, the scale, the method, and the

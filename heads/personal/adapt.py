@@ -7,10 +7,13 @@ the person's own scale.
 
 Choice (``method="auto"``): every available method with every parameter set of its grid is
 cross-validated on the person's ratings (fine-tuning from 50 ratings up; K folds, K = min(5, k)); the one with the least
-out-of-fold squared error wins, but a method other than ``generic`` only when it beats the
-generic prediction by more than :func:`fallback_se` standard errors of the per-image difference
-(else its gain could be luck, and the person gets the generic prediction: no gain and no harm).
-A named method keeps its own grid's choice.
+out-of-fold squared error wins, but a method other than ``generic`` only when the choice itself
+beats the generic prediction by more than two standard errors of the per-image difference (else
+its gain could be luck, and the person gets the generic prediction: no gain and no harm). The
+choice's own errors are nested: for each fold, the candidate that cross-validation on the other
+folds alone chooses, and its error on the fold (:func:`nested_errors`); the best of many
+candidates beats the generic prediction on the same folds it was chosen on by luck, the more of
+them the more likely. A named method keeps its own grid's choice.
 """
 
 from __future__ import annotations
@@ -36,10 +39,9 @@ GENERIC_SCALE = (float(SCORES[0]), float(SCORES[-1]))
 AUTO = "auto"
 #: Cross-validation folds (at most: never more than the person's ratings).
 FOLDS = 5
-#: A method other than ``generic`` is chosen only when the chance that the best of the candidates
-#: beats the generic prediction's cross-validated error by as much by luck alone is below this
-#: (one-sided, shared among the candidates: see :func:`fallback_se`).
-FALLBACK_P = 0.05
+#: A method other than ``generic`` is chosen only when the choice's nested cross-validated error
+#: beats the generic prediction's by more than this many standard errors of the per-image difference.
+FALLBACK_SE = 2.0
 MODEL_JSON = "personal.json"
 MODEL_NPZ = "personal.npz"
 FORMAT_VERSION = 1
@@ -85,17 +87,6 @@ def candidates(method: str, context: Context, n: int) -> list[tuple[MethodSpec, 
     return [(spec, params) for spec in specs for params in spec.params(context)]
 
 
-def fallback_se(n: int, candidates: int) -> float:
-    """Standard errors of the per-image difference by which the best of ``candidates`` must beat the
-    generic prediction on ``n`` images: Student's t quantile (n - 1 degrees of freedom) at
-    :data:`FALLBACK_P` shared among the candidates (Bonferroni). Several candidates compete, one of
-    them beats the generic prediction by luck, the more of them the more likely; with ten images
-    the standard error is itself a guess (k = 10 and 22 candidates: 3.8; k = 100 and 23: 2.9)."""
-    from scipy.stats import t  # here: scipy.stats takes a second to import, every command would pay it
-
-    return float(t.ppf(1.0 - FALLBACK_P / max(candidates, 1), max(n - 1, 1)))
-
-
 def folds_of(n: int, seed: int) -> list[np.ndarray]:
     k = min(FOLDS, n)
     return np.array_split(np.random.default_rng(seed).permutation(n), k)
@@ -119,6 +110,24 @@ class Choice:
     cv: list  # [{"method", "params", "mse"}]
 
 
+def nested_errors(found, images: Images, y, context: Context, folds) -> np.ndarray:
+    """Each image's squared error under the choice among ``found`` ((spec, params, out-of-fold
+    errors) of every candidate): for each fold, the candidate of least error in a cross-validation
+    on the other folds alone, and that candidate's out-of-fold error on the fold (the fit on the
+    other folds, which cross-validation made already). A candidate whose spec is not ``nested``
+    (fine-tuning: 25 more fits would cost seconds a person) enters the inner choice with its
+    out-of-fold errors on the other folds."""
+    nested = np.empty(len(y))
+    for k, fold in enumerate(folds):
+        keep = np.setdiff1d(np.arange(len(y)), fold)
+        inner = folds_of(len(keep), context.seed + k + 1)
+        sub = images.take(keep)
+        scores = [float(((out_of_fold(spec, params, sub, y[keep], context, inner) - y[keep]) ** 2).mean())
+                  if spec.nested else float(errors[keep].mean()) for spec, params, errors in found]
+        nested[fold] = found[int(np.argmin(scores))][2][fold]
+    return nested
+
+
 def choose(images: Images, y, context: Context, method: str = AUTO) -> Choice:
     """Cross-validate the candidates of ``method`` on the person's ratings; see the module docstring."""
     y = np.asarray(y, np.float64)
@@ -127,12 +136,11 @@ def choose(images: Images, y, context: Context, method: str = AUTO) -> Choice:
              for spec, params in candidates(method, context, len(y))]
     cv = [{"method": s.name, "params": p, "mse": float(e.mean())} for s, p, e in found]
     best = min(range(len(found)), key=lambda i: found[i][2].mean())
-    spec, params, errors = found[best]
+    spec, params, _ = found[best]
     if method == AUTO and spec.name != "generic":
         base = next(e for s, _, e in found if s.name == "generic")
-        diff = base - errors
-        need = fallback_se(len(diff), len(found))
-        if len(diff) < 2 or diff.mean() <= need * diff.std(ddof=1) / np.sqrt(len(diff)):
+        diff = base - nested_errors(found, images, y, context, folds)
+        if len(diff) < 2 or diff.mean() <= FALLBACK_SE * diff.std(ddof=1) / np.sqrt(len(diff)):
             spec, params = METHODS.get("generic"), {}
     return Choice(spec, params, cv)
 

@@ -188,6 +188,7 @@ class MethodSpec:
     grid: tuple = ({},)
     needs: str = ""
     min_ratings: int = 0  # the least ratings for which ``auto`` tries it
+    nested: bool = True  # cross-validated again within each fold when ``auto`` checks its choice
 
     def available(self, context: Context) -> bool:
         have = {"": True, "taste": context.taste is not None, "content": context.content_dims > 0,
@@ -330,7 +331,7 @@ def learn_taste(per_rater, dims: int = TASTE_DIMS, penalty: float = TASTE_RATER_
     _, s, vt = np.linalg.svd(np.stack(rows), full_matrices=False)
     q = int(min(dims, len(rows) - 1, vt.shape[0]))
     log.info("taste (%s): %d directions from %d training raters (share of their residuals: %.2f)",
-             space.__name__, q, len(rows), float((s[:q] ** 2).sum() / (s ** 2).sum()))
+             space.__name__.removesuffix("_of"), q, len(rows), float((s[:q] ** 2).sum() / (s ** 2).sum()))
     return vt[:q].T.copy()
 
 
@@ -439,7 +440,7 @@ for _spec in (
     MethodSpec("taste", fit_taste, "ridge residual within directions of taste learned from the training raters",
                grid=tuple({"penalty": p} for p in (0.1, 1.0, 10.0)), needs="taste"),
     MethodSpec("finetune", fit_finetune, "the head's last layers fine-tuned from the generic weights, early stopping",
-               min_ratings=FINETUNE_MIN_RATINGS),
+               min_ratings=FINETUNE_MIN_RATINGS, nested=False),
     MethodSpec("content", fit_content, "the generic prediction (own slope) plus a ridge residual on the store's "
                "standardised features, in their leading principal components", needs="content",
                grid=tuple({"dims": d, "penalty": p} for d in CONTENT_DIMS for p in CONTENT_PENALTIES)),

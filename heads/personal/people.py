@@ -57,10 +57,11 @@ class Rated:
         directions of taste (in the last hidden layer and in the content) learned from these
         training raters (none without them)."""
         per_rater = self._per_rater(training_users) if training_users else []
-        with_content = self.basis is not None and bool(per_rater)
-        return Context(self.head, learn_taste(per_rater) if per_rater else None, seed,
-                       self.basis.dims if self.basis is not None else 0,
-                       learn_taste(per_rater, CONTENT_TASTE_DIMS, space=content_of, slope=True) if with_content else None)
+        taste = learn_taste(per_rater) if per_rater else None
+        if self.basis is None:
+            return Context(self.head, taste, seed)
+        content_taste = learn_taste(per_rater, CONTENT_TASTE_DIMS, space=content_of, slope=True) if per_rater else None
+        return Context(self.head, taste, seed, self.basis.dims, content_taste)
 
 
 def read_rated(run_dir: str, store_path: str, ratings_path: str, *, scale=RATING_SCALE,
@@ -74,9 +75,8 @@ def read_rated(run_dir: str, store_path: str, ratings_path: str, *, scale=RATING
             raise ConfigError(f"{ratings_path}: none of its {ratings.unmatched} ratings is of an image in "
                               f"{store_path}")
         rows = np.unique(ratings.rows)
-        generic, hidden, features = head.embed(store, rows, progress)
         basis = store_basis(store, progress=progress)
-    content = basis.project(features) if basis is not None else None
+        generic, hidden, content = head.embed(store, rows, progress, basis)
     rated = Rated(head, store_path, ratings, Images(rows, generic, hidden, content=content),
                   {int(r): i for i, r in enumerate(rows)}, basis)
     rated.images.tail_source = rated.tail_source
