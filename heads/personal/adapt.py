@@ -6,14 +6,15 @@ methods fit and predict there, and a personal model maps its prediction back, so
 the person's own scale.
 
 Choice (``method="auto"``): every available method with every parameter set of its grid is
-cross-validated on the person's ratings (fine-tuning from 50 ratings up; K folds, K = min(5, k)); the one with the least
-out-of-fold squared error wins, but a method other than ``generic`` only when the choice itself
-beats the generic prediction by more than two standard errors of the per-image difference (else
-its gain could be luck, and the person gets the generic prediction: no gain and no harm). The
-choice's own errors are nested: for each fold, the candidate that cross-validation on the other
-folds alone chooses, and its error on the fold (:func:`nested_errors`); the best of many
-candidates beats the generic prediction on the same folds it was chosen on by luck, the more of
-them the more likely. A named method keeps its own grid's choice.
+cross-validated on the person's ratings (fine-tuning from 50 ratings up; K folds, K = min(5, k));
+the one with the least out-of-fold squared error wins, but a method other than ``generic`` only
+when it beats the generic prediction by more than two standard errors of the per-image
+difference, both in its own out-of-fold errors and in the choice's nested errors (else its gain
+could be luck, and the person gets the generic prediction: no gain and no harm). The nested
+errors (:func:`nested_errors`): for each fold, the candidate that a cross-validation on the other
+folds alone chooses, and its error on the fold; the best of many candidates beats the generic
+prediction on the folds it was chosen on by luck, the more of them the more likely, while the
+choice's nested errors do not. A named method keeps its own grid's choice.
 """
 
 from __future__ import annotations
@@ -136,13 +137,18 @@ def choose(images: Images, y, context: Context, method: str = AUTO) -> Choice:
              for spec, params in candidates(method, context, len(y))]
     cv = [{"method": s.name, "params": p, "mse": float(e.mean())} for s, p, e in found]
     best = min(range(len(found)), key=lambda i: found[i][2].mean())
-    spec, params, _ = found[best]
+    spec, params, errors = found[best]
     if method == AUTO and spec.name != "generic":
         base = next(e for s, _, e in found if s.name == "generic")
-        diff = base - nested_errors(found, images, y, context, folds)
-        if len(diff) < 2 or diff.mean() <= FALLBACK_SE * diff.std(ddof=1) / np.sqrt(len(diff)):
+        if not beats(base - errors) or not beats(base - nested_errors(found, images, y, context, folds)):
             spec, params = METHODS.get("generic"), {}
     return Choice(spec, params, cv)
+
+
+def beats(diff: np.ndarray) -> bool:
+    """Whether per-image differences of squared error (generic less a candidate's) show the
+    candidate better by more than :data:`FALLBACK_SE` standard errors."""
+    return len(diff) >= 2 and diff.mean() > FALLBACK_SE * diff.std(ddof=1) / np.sqrt(len(diff))
 
 
 @dataclasses.dataclass
