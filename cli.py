@@ -22,34 +22,39 @@ import click
 
 # TensorFlow's and oneDNN's C++ messages stay off the console unless -v (or the variable is set): 3
 # hides their ERROR level too, where oneDNN on an AVX2 CPU says once per process that it leaves
-# float16 ops to Eigen (mlsp.backend.prefer_onednn); what fails reaches mlsp as a Python exception.
+# float16 ops to Eigen (mlsp.runtime.backend.prefer_onednn); what fails reaches mlsp as a Python exception.
 TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from heads import explain as saliency  # noqa: E402
-from heads import report as reporting  # noqa: E402
-from heads.config import TrainConfig  # noqa: E402
-from heads.keras2 import LAYER_NAMES as KERAS2_HEADS  # noqa: E402
+from mlsp.runtime.backend import prepare_process  # noqa: E402
+
+prepare_process()  # before anything imports TensorFlow: oneDNN on AVX2, none of it next to PyTorch
+
+from heads.columns import SUMMARY as SCORES_CSV  # noqa: E402
+from heads.report import saliency  # noqa: E402
+from heads.report import build as reporting  # noqa: E402
+from heads.train.config import TrainConfig  # noqa: E402
+from heads.score.keras2 import LAYER_NAMES as KERAS2_HEADS  # noqa: E402
 from heads.personal import AUTO, RATING_SCALE, method_names  # noqa: E402
 from heads.personal.adapt import FALLBACK_SE  # noqa: E402
 from heads.personal.methods import METHODS  # noqa: E402
 from heads.personal.protocol import COLUMNS as EVAL_COLUMNS, KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
 from heads.personal.ratings import MIN_RATINGS  # noqa: E402
-from heads.pretrained import CATALOGUE_ENV  # noqa: E402
+from heads.score.catalogue import CATALOGUE_ENV  # noqa: E402
 from heads.registry import HEADS, options_help, parse_options  # noqa: E402
-from heads.schedule import FULL_EPOCH_STEPS, MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr  # noqa: E402
+from heads.train.schedule import FULL_EPOCH_STEPS, MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr  # noqa: E402
 from heads.targets import TARGETS  # noqa: E402
 from mlsp import api  # noqa: E402
-from mlsp.backbones import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
-from mlsp import backend  # noqa: E402
-from mlsp.backend import BACKENDS  # noqa: E402
+from mlsp.backbone.nets import BACKBONES, FLOPS_SIZE, PAPER_BACKBONES  # noqa: E402
+from mlsp.runtime import backend  # noqa: E402
+from mlsp.runtime.backend import BACKENDS  # noqa: E402
 from mlsp.errors import MLSPError, NoUsableImages, RunInterrupted  # noqa: E402
-from mlsp import extract as extraction  # noqa: E402
-from mlsp.extract import ExtractConfig  # noqa: E402
-from mlsp.images import CROP_FRACTION, VIEW_NAMES  # noqa: E402
-from mlsp.precision import CHOICES as PRECISION_CHOICES  # noqa: E402
-from mlsp.progress import console_progress  # noqa: E402
-from mlsp.store import WIDE_GRID  # noqa: E402
+from mlsp.extraction import job as extraction  # noqa: E402
+from mlsp.extraction.job import ExtractConfig  # noqa: E402
+from mlsp.images.decode import CROP_FRACTION, VIEW_NAMES  # noqa: E402
+from mlsp.runtime.precision import CHOICES as PRECISION_CHOICES  # noqa: E402
+from mlsp.runtime.progress import console_progress  # noqa: E402
+from mlsp.store.format import WIDE_GRID, pooling_of  # noqa: E402
 
 log = logging.getLogger("cli")
 
@@ -79,7 +84,7 @@ def handle_errors(func):
         except BrokenPipeError:
             raise
         except OSError as exc:
-            from mlsp.atomic import describe_os_error
+            from mlsp.runtime.atomic import describe_os_error
 
             where = exc.filename or "a file"
             raise click.ClickException(f"{where}: {describe_os_error(exc)}") from exc
@@ -97,7 +102,7 @@ def _check_head(ctx, param, value):
 def _select_backend(ctx, param, value):
     """--backend sets KERAS_BACKEND before anything imports Keras (an eager option)."""
     if value:
-        from mlsp.backend import select
+        from mlsp.runtime.backend import select
 
         try:
             select(value)
@@ -240,7 +245,7 @@ def _echo_errors(errors, limit=10):
 @click.option("--net", type=click.Choice(sorted(BACKBONES)), default=EXTRACT_DEFAULTS.net, show_default=True,
               help="Backbone (`mlsp backbones` describes each). The paper's: irv2 = InceptionResNet-v2 "
                    "(43 blocks, 16,928 channels) and iv3 = Inception-v3 (11 blocks, 10,048 channels).")
-@click.option("--wide/--narrow", default=EXTRACT_DEFAULTS.pooling == "wide", show_default=True,
+@click.option("--wide/--narrow", default=pooling_of(EXTRACT_DEFAULTS.pooling).wide, show_default=True,
               help=f"Wide: each block pooled to {WIDE_GRID}x{WIDE_GRID} (area interpolation), for pool3fc. "
                    "Narrow: global average per block (1x1), for the single/multi heads.")
 @click.option("--augment/--no-augment", default=EXTRACT_DEFAULTS.augment, show_default=True,
@@ -628,7 +633,7 @@ def heads_command(nets, as_json):
     click.echo(f"{'head':<11}{'features':<9}" + "".join(f"{'params ' + n:>{max(16, len(n) + 9)}}" for n in nets)
                + "  description")
     for row in rows:
-        features = "wide" if row["features"] == "wide" else "narrow"
+        features = row["features"].split(" ")[0]  # "narrow (or wide: grid mean)" -> narrow
         params = "".join(f"{row['params'][n]:>{max(16, len(n) + 9)},}" for n in nets)
         click.echo(f"{row['name']:<11}{features:<9}{params}  {row['description']}")
         for n in nets:
@@ -648,16 +653,26 @@ def heads_command(nets, as_json):
 @click.option("--fetch", is_flag=True,
               help="Download the NAMES given into the cache now (size and sha256 checked, mirrors tried in "
                    "order, a broken download resumed), e.g. before going offline.")
+@click.option("--check", "check", is_flag=True,
+              help="Check this install: score the photo of each model that has a published prediction (or of "
+                   "NAMES) as `mlsp score --model` does and compare with the published score; exit 1 when a "
+                   "difference exceeds the entry's tolerance (docs/pretrained.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 @handle_errors
-def models_command(names, catalogues, fetch, as_json):
+def models_command(names, catalogues, fetch, check, as_json):
     """List the pretrained predictors (all, or NAMES): a backbone, its pooling and a head the
     MLSP authors trained on AVA, ready to score photos. One line each: backbone, pooling, head,
-    views at test time, file size, whether the file is on this machine, the paper's AVA test
-    figures for its configuration, sha256 and where it comes from.
+    views at test time, file size, whether the file is on this machine (yes: its sha256 checked,
+    bad: another file is there), the paper's AVA test figures for its configuration, sha256 and
+    where it comes from.
 
     Files are fetched once into $KERAS_HOME/mlsp/models (default ~/.keras/mlsp/models) and used
     only while their sha256 is the catalogue's."""
+    if fetch and check:
+        raise click.UsageError("--check fetches what it needs itself; give --fetch or --check")
+    if check:
+        _check_models(names, catalogues, as_json)
+        return
     if fetch:
         if not names:
             raise click.UsageError("--fetch downloads the models named: give NAMES (`mlsp models` lists them)")
@@ -665,14 +680,38 @@ def models_command(names, catalogues, fetch, as_json):
         try:
             for name in names:
                 click.echo(f"{name}: {api.fetch_model(name, catalogues=catalogues, progress=console_progress)}")
-        except KeyboardInterrupt:
-            _interrupted("the bytes downloaded so far are kept; run the same command again to resume.")
+        except KeyboardInterrupt as exc:
+            _interrupted(f"{getattr(exc, 'kept', 'nothing was downloaded yet')}.")
         return
     rows = api.models(list(names) or None, catalogues=catalogues)
     if as_json:
         echo_json(rows)
         return
     _echo_models(rows)
+
+
+def _here(row) -> str:
+    """The 'here' column: the pinned file is in the cache (yes), is not (no), or another is (bad)."""
+    return "yes" if row["cached"] else "bad" if row["cache_problem"] else "no"
+
+
+def _check_models(names, catalogues, as_json):
+    """`mlsp models --check`: a line per model; the ones out of tolerance end in one error line."""
+    _sigterm_as_interrupt()
+    try:
+        results = api.check_models(list(names) or None, catalogues=catalogues, progress=console_progress)
+    except KeyboardInterrupt as exc:
+        kept = getattr(exc, "kept", None)  # while a file downloaded: what that kept
+        _interrupted(f"{kept}." if kept else "the files downloaded so far are kept; run the same command again.")
+    if as_json:
+        echo_json([result.as_dict() for result in results])
+    else:
+        for result in results:
+            if result.passed:
+                click.echo(result.summary())
+    failed = [r.summary() for r in results if not r.passed]
+    if failed:
+        raise click.ClickException(" | ".join(failed))
 
 
 def _echo_models(rows):
@@ -688,7 +727,11 @@ def _echo_models(rows):
     for r in rows:
         views = f"{r['views_count']} {r['views']}"
         click.echo(f"{r['name']:<{width}}{r['net']:<7}{r['pooling']:<8}{r['head']:<11}{views:<12}{r['size']:>12,}  "
-                   f"{'yes' if r['cached'] else 'no':<5}{paper(r['paper']):<34}{r['sha256']:<66}{r['source']}")
+                   f"{_here(r):<5}{paper(r['paper']):<34}{r['sha256']:<66}{r['source']}")
+    for r in rows:
+        if r["cache_problem"]:
+            click.echo(f"{r['name']}: bad file in the cache: {r['cache_problem']} (`mlsp models --fetch "
+                       f"{r['name']}` moves it aside and downloads it again)")
     backbones = {(r["net"], r["backbone_weights_file"]): r["backbone_weights_cached"] for r in rows
                  if r["backbone_weights_cached"] is not None}
     for (net, file), here in backbones.items():
@@ -698,6 +741,9 @@ def _echo_models(rows):
         click.echo(f"Files: {os.path.dirname(os.path.dirname(rows[0]['path']))}/<name>/ (`--fetch NAMES` downloads "
                    "them now); `--json` lists the URLs. More models: --catalogue FILE or "
                    f"${CATALOGUE_ENV} (docs/pretrained.md).")
+    checked = [r["name"] for r in rows if r.get("check")]
+    if checked:
+        click.echo(f"A published prediction to check this install against (`mlsp models --check`): {', '.join(checked)}")
 
 
 _UNFINISHED_HELP = ("Also use a run whose training did not finish: interrupted (Ctrl-C, kill) or diverged; "
@@ -730,7 +776,7 @@ def _run_or_model(run_dir, model, files=()):
 @click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
               help="Score the images in this folder (recursively), running the run's backbone on them.")
 @click.option("--out", type=click.Path(dir_okay=False),
-              help="CSV to write (id, pred, pred_std[, pred_opinion_std, p1..p10][, mos, split]). "
+              help=f"CSV to write ({SCORES_CSV}). "
               "Default: print the scores.")
 @click.option("--weights", help="The backbone's weights file, when the run's was moved (checked by hash).")
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES),
@@ -772,7 +818,9 @@ def score_command(run_dir, files, model, store_path, images_dir, out, weights, p
                           precision=precision, workers=workers, progress=console_progress,
                           allow_unfinished=allow_unfinished, ray=ray_address, ray_cpus_per_worker=ray_cpus_per_worker,
                           ray_gpus_per_worker=ray_gpus_per_worker, users=user_dirs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if hasattr(exc, "kept"):  # while the model was downloaded: what that kept
+            _interrupted(f"downloading the model: {exc.kept}.")
         kept = f"scored images are kept in {out}.partial; run the same command again to resume."
         _interrupted(kept if out and not store_path else "nothing was written; run the same command again.")
     errors = frame.attrs.get("errors", [])
@@ -798,8 +846,10 @@ def import_weights_command(file, head, store_path, out):
     """Import a Keras 2 head (an .h5 weights file written by the authors' kutils notebooks) as a run.
 
     Every tensor is placed by its layer's name and checked for shape; a file with a missing,
-    extra or misshapen tensor is refused, naming them. The run folder then works as a trained
-    one: `mlsp score RUN`, `mlsp evaluate RUN`, `mlsp export RUN`.
+    extra or misshapen tensor is refused, naming them, and so is one whose tensors are links (to
+    elsewhere in it or to another file), not floating-point, NaN or infinite (docs/faults.md).
+    The run folder then works as a trained one: `mlsp score RUN`, `mlsp evaluate RUN`,
+    `mlsp export RUN`. A killed import leaves no run; the same command then imports again.
     """
     click.echo(f"run: {api.import_weights(file, head=head, store=store_path, out=out)}")
 
@@ -907,7 +957,7 @@ def export_command(run_dir, model, out, weights, precision, allow_unfinished):
     over the run's views (a released model's: its own test-time views); for a run of --target
     distribution, a dict of mos, opinion_std and distribution (the 10 probabilities). Load it
     with keras.saving.load_model(path, safe_mode=True) after `import mlsp, heads` (which
-    register its layers), or with `heads.export.load_exported(path)`.
+    register its layers), or with `heads.score.export.load_exported(path)`.
     """
     run_dir, _ = _run_or_model(run_dir, model)
     path = api.export(run_dir, out, model=model, weights=weights, precision=precision,

@@ -18,8 +18,8 @@ def run_naive(fx, paths, h5_path, flops_of) -> dict:
     NumPy preprocessing; features written per image to a preallocated HDF5 dataset (float16)."""
     import h5py
 
-    from mlsp import images
-    from mlsp.extract import POOLINGS
+    from mlsp.images import decode as images
+    from mlsp.extraction.job import POOLINGS
 
     cfg = fx.config
     model = fx.model
@@ -87,7 +87,7 @@ def run_naive(fx, paths, h5_path, flops_of) -> dict:
 def run_graph_batch1(fx, paths, flops_of) -> dict:
     """mlsp's traced graph, but one view per call: separates the gain of batching the 8 views
     from the gain of a traced graph over ``model.predict`` (decode in the main thread)."""
-    from mlsp import images
+    from mlsp.images import decode as images
 
     cfg = fx.config
     rows = []

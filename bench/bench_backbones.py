@@ -9,7 +9,7 @@ after one untimed warm-up (the trace). Each repetition records
 the CPU cores other processes used meanwhile (``bench/common.py``); the figure kept is the
 least disturbed repetition's, and the record says how disturbed it was. The matmul reference
 is measured at the start and again at the end; every row is compared with its fastest
-repetition. FLOPs are counted from the Keras model (:class:`mlsp.cost.FlopCounter`).
+repetition. FLOPs are counted from the Keras model (:class:`mlsp.backbone.cost.FlopCounter`).
 
     python bench/bench_backbones.py                       # every backbone, float32 and bfloat16
     python bench/bench_backbones.py --nets iv3 mobilenetv3_large --precisions float32 --reps 2
@@ -38,10 +38,10 @@ from common import log  # noqa: E402
 
 def measure(net: str, precision: str, height: int, width: int, reps: int, max_wait: float,
             augment: bool = True) -> dict:
-    from mlsp import images
-    from mlsp.backbones import get_backbone
-    from mlsp.cost import FlopCounter
-    from mlsp.extract import ExtractConfig, FeatureExtractor
+    from mlsp.images import decode as images
+    from mlsp.backbone.nets import get_backbone
+    from mlsp.backbone.cost import FlopCounter
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
 
     spec = get_backbone(net)
     t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def markdown(rows: list, matmul: dict, isa: str) -> str:
 
 
 def main(argv=None):
-    from mlsp.backbones import BACKBONES
+    from mlsp.backbone.nets import BACKBONES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -3,7 +3,7 @@ extractor, and what the driver costs per image.
 
 Two measurements, written to ``bench/results/cluster-<time>-cpu.json``:
 
-- **rate**: the same folder of generated JPEGs extracted by ``mlsp.extract.extract`` in this
+- **rate**: the same folder of generated JPEGs extracted by ``mlsp.extraction.job.extract`` in this
   process (the one-process extractor, TensorFlow's default threads), then with ``local:1`` (one
   Ray worker with all the cores) and ``local:2`` (two workers of one core each). The model is
   built before the clock starts (each Ray worker builds its own); what is timed is the job:
@@ -33,9 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import common  # noqa: E402
 
-from mlsp import backbones, store  # noqa: E402
-from mlsp.cluster import Cluster  # noqa: E402
-from mlsp.extract import POOLINGS, ExtractConfig, FeatureExtractor, extract  # noqa: E402
+from mlsp.backbone import nets as backbones
+from mlsp.store.format import feature_shape  # noqa: E402
+from mlsp.extraction.cluster import Cluster  # noqa: E402
+from mlsp.extraction.job import POOLINGS, ExtractConfig, FeatureExtractor, extract  # noqa: E402
 
 
 def make_images(folder: str, n: int, seed: int = 0) -> None:
@@ -68,7 +69,7 @@ class FakeFeatures:
     def __init__(self, config: ExtractConfig):
         spec = config.spec
         self.config = config
-        self.shape = store.feature_shape(config.pooling, len(config.views), spec.total_channels)
+        self.shape = feature_shape(config.pooling, len(config.views), spec.total_channels)
         self.features = np.random.default_rng(0).standard_normal(self.shape).astype(np.float16)
 
     def info(self) -> dict:

@@ -217,7 +217,7 @@ def write_sets(run: Run) -> dict:
 
 def measure_decode(paths: list) -> dict:
     """Decoding alone, in the main thread: the host-side cost per image."""
-    from mlsp import images
+    from mlsp.images import decode as images
 
     with Phase() as ph:
         for p in paths:
@@ -247,7 +247,7 @@ def measure_precision(run: Run, key: str, net: str, pooling: str, precision: str
     """One extractor, built and traced once (timed apart), and every measurement of it: the mixed
     set, sizes new against seen, decode threads against none and, at the first precision, one
     resolution and the naive baseline. Returns its figures and the mixed set's store."""
-    from mlsp.extract import ExtractConfig, FeatureExtractor
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
 
     label = f"{key} {precision}"
     cfg = ExtractConfig(net=net, pooling=pooling, weights="random:0", precision=precision)
@@ -335,7 +335,7 @@ def measure_one_size(run: Run, label: str, fx, fig: dict, flops_of) -> tuple[dic
 def measure_naive(run: Run, label: str, cfg, fx, fig: dict, rows: list, flops_of) -> tuple[dict, dict, dict]:
     """The naive baseline (the authors' way) and mlsp's graph at batch 1 on the first images,
     against mlsp on the same images. Returns naive, graph_batch1 and vs_naive."""
-    from mlsp.extract import FeatureExtractor
+    from mlsp.extraction.job import FeatureExtractor
 
     k = run.args.naive_images
     # the authors' model: Keras' graph as built, batch norms not folded
@@ -370,7 +370,7 @@ def measure_naive(run: Run, label: str, cfg, fx, fig: dict, rows: list, flops_of
 def compare_precisions(precisions: list, key: str, net: str, stores: dict, figures: dict) -> dict:
     """The second precision against the first on the mixed set: speed, and the fidelity of the
     stored features (same images, same random weights)."""
-    from mlsp.backbones import get_backbone
+    from mlsp.backbone.nets import get_backbone
 
     base, other = precisions[0], precisions[1]
     a, b = figures[base]["mixed"], figures[other]["mixed"]
@@ -387,7 +387,7 @@ def compare_precisions(precisions: list, key: str, net: str, stores: dict, figur
 
 def measure_rss(run: Run, image_size: list) -> dict:
     """Peak RSS of the real command (``cli.py extract``) in a fresh process for each image count."""
-    from mlsp.backbones import get_backbone
+    from mlsp.backbone.nets import get_backbone
 
     net, pooling = run.args.rss_config.split(":")
     precision = run.args.precisions[-1]

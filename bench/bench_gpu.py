@@ -1,6 +1,6 @@
 """GPU benchmark of mlsp itself on the Keras backend asked for (made for PyTorch on CUDA).
 
-Runs mlsp's own extractor (`mlsp.extract.extract`, grouped batching, decode threads, store
+Runs mlsp's own extractor (`mlsp.extraction.job.extract`, grouped batching, decode threads, store
 writes) on AVA-like mixed sizes (--images distinct sizes from --min-side to --max-side px,
 8 views each) and on a set of one size with the same mean pixel count, for each net:pooling
 and precision; and, in the same run:
@@ -116,7 +116,7 @@ def conv_gflop(backbone, height: int, width: int) -> float:
 
 
 def run_extract(fx, config, folder, store, batch_views, workers) -> dict:
-    from mlsp.extract import extract
+    from mlsp.extraction.job import extract
 
     sync()
     start = time.perf_counter()
@@ -128,7 +128,7 @@ def run_extract(fx, config, folder, store, batch_views, workers) -> dict:
 
 def model_alone(fx, decoded: list, batch_views: int) -> float:
     """Seconds of the model alone on already decoded views, grouped as extract groups them."""
-    from mlsp.readahead import run_batched
+    from mlsp.images.readahead import run_batched
 
     sync()
     start = time.perf_counter()
@@ -141,7 +141,7 @@ def model_alone(fx, decoded: list, batch_views: int) -> float:
 def authors_way(config, paths: list) -> float:
     """Seconds per image the authors' way: decode in the main thread, Keras predict per view, batch 1,
     on Keras' model as it is (batch norms not folded)."""
-    from mlsp.extract import FeatureExtractor
+    from mlsp.extraction.job import FeatureExtractor
 
     import keras
 
@@ -165,7 +165,8 @@ def train_pool3fc(samples: int, precision: str, epochs: int = 3) -> dict:
     import keras
 
     from heads.models import build_head
-    from mlsp import backbones, backend
+    from mlsp.backbone import nets as backbones
+    from mlsp.runtime import backend
 
     channels = backbones.get_backbone("irv2").channels
     backend.set_random_seed(0)
@@ -205,7 +206,7 @@ def measure_extract(args, work: str, mixed: list, config, matmul: float, authors
     size first seen, then again), on the set of one size, the model alone on the decoded views
     and, on ``authors_paths`` if any, the authors' way. Returns the row and the authors' seconds
     per image (None when not run)."""
-    from mlsp.extract import FeatureExtractor
+    from mlsp.extraction.job import FeatureExtractor
 
     n_images, net, pooling, precision = len(mixed), config.net, config.pooling, config.precision
     fx = FeatureExtractor(config)
@@ -250,7 +251,7 @@ def measure_config(args, work: str, mixed: list, pair: str, precisions: list, ma
     """Every precision of one net:pooling; the authors' way runs at float32 and every row from
     there on is compared with it."""
     import common
-    from mlsp.extract import ExtractConfig
+    from mlsp.extraction.job import ExtractConfig
 
     net, pooling = pair.split(":")
     rows, baseline = [], None
@@ -268,7 +269,7 @@ def measure_config(args, work: str, mixed: list, pair: str, precisions: list, ma
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    from mlsp import backend
+    from mlsp.runtime import backend
 
     backend.select(args.backend)
     import keras

@@ -4,8 +4,8 @@ For each model's configuration -- irv2 wide + pool3fc on the whole image; irv2 n
 single3fc on the whole image; irv2 narrow + single3fc on the 18 views of the aug model -- a
 random-weight irv2 and a head of the exact shape (63,828,481 and 37,044,737 parameters; random
 weights cost the same FLOPs) score a folder of generated JPEGs of AVA-like sizes through the
-code behind the command (:func:`heads.score.score_files` with
-:class:`heads.pretrained_scoring.PretrainedScorer`: decoding ahead in 2 threads, the model's
+code behind the command (:func:`heads.score.scoring.score_files` with
+:class:`heads.score.released.PretrainedScorer`: decoding ahead in 2 threads, the model's
 views, the backbone, the head). The backbone and head are built and run once on one image
 before timing. Writes ``bench/results/pretrained-<time>-<device>.json``.
 
@@ -37,9 +37,9 @@ CONFIGS = {
 
 def measure(name: str, extractor, folder: str, paths: list, warm_path: str) -> dict:
     from heads.models import build_head
-    from heads.pretrained_scoring import PretrainedScorer
-    from heads.score import score_files
-    from mlsp.readahead import DECODE_WORKERS, LocalRunner
+    from heads.score.released import PretrainedScorer
+    from heads.score.scoring import score_files
+    from mlsp.images.readahead import DECODE_WORKERS, LocalRunner
 
     pooling, head, views, params = CONFIGS[name]
     model = build_head(head, extractor.config.spec.channels, pooling=pooling)
@@ -73,7 +73,7 @@ def main():
         args.images, args.crops_images = 2, 1
     lo, hi = (300, 400) if args.quick else (300, 800)
     record = new_record("pretrained", vars(args))
-    from mlsp.extract import ExtractConfig, FeatureExtractor
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
     from common import device_info
 
     record["device"] = device_info()

@@ -39,7 +39,7 @@ GPU_SPECS = {
     }
 }
 
-# The dataset the paper trains on (PAPER.md): image count and mean size.
+# The dataset the paper trains on (docs/paper.md, "Data: AVA" and "Stage 1: features"): image count and mean size.
 AVA = {"images": 255530, "mean_height": 497, "mean_width": 629, "max_side": 800}
 
 
@@ -362,7 +362,7 @@ def matmul_rate(dtype: str = "float32", n: int = 4096, reps: int = 7, warmup: in
 
 
 # one count for the benchmarks and `mlsp backbones`: the library's (Conv2D, DepthwiseConv2D, Dense)
-from mlsp.cost import FlopCounter  # noqa: E402,F401
+from mlsp.backbone.cost import FlopCounter  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------------
@@ -395,7 +395,7 @@ def write_record(record: dict, out_dir: str = RESULTS_DIR) -> str:
     device = record.get("device", {}).get("kind", "cpu")
     quick = "-quick" if record.get("args", {}).get("quick") else ""
     path = os.path.join(out_dir, f"{record['kind']}-{stamp}-{device}{quick}.json")
-    from mlsp.atomic import write_json
+    from mlsp.runtime.atomic import write_json
 
     write_json(path, record, indent=1, default=_json_default)
     return path

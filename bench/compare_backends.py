@@ -24,14 +24,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def measure(backend: str, net: str, weights: str, reps: int, size: tuple, out: str):
     """Runs in the child process: build mlsp's extractor on ``backend``, time ``reps`` calls."""
     sys.path.insert(0, ROOT)
-    from mlsp import backend as mlsp_backend
+    from mlsp.runtime import backend as mlsp_backend
 
     mlsp_backend.select(backend)
     import numpy as np
 
-    from mlsp import backbone_weights, backbones
-    from mlsp.extract import ExtractConfig, FeatureExtractor
-    from mlsp.images import make_views
+    from mlsp.backbone import weights as backbone_weights, nets as backbones
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
+    from mlsp.images.decode import make_views
 
     if not os.path.exists(weights):
         model, _ = backbone_weights.build_backbone(backbones.get_backbone(net),

@@ -24,8 +24,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mlsp import backbones  # noqa: E402
-from mlsp.pooling import MultiLevelPooling  # noqa: E402
+from mlsp.backbone import nets as backbones  # noqa: E402
+from mlsp.backbone.pooling import MultiLevelPooling  # noqa: E402
 
 
 def conv_flops(model, height, width):

@@ -6,7 +6,7 @@ Stage 2 reads features per batch straight from the HDF5 store when they do not f
 - ``feed``: training batches per second read by ``TrainBatches`` alone (no model), from memory
   and streamed from the file, with 1 and with several threads reading ahead, and streamed from a
   cold page cache when ``--drop-caches`` may empty it (root on Linux);
-- ``train``: samples per second that ``heads.training.train`` reaches (the batches only, first
+- ``train``: samples per second that ``heads.train.loop.train`` reaches (the batches only, first
   epoch left out), from memory and streamed, for each head asked for.
 
 If streamed training reaches the in-memory rate, reading does not starve the head.
@@ -62,7 +62,7 @@ def drop_caches() -> bool:
 
 def feed_rate(store_path, mode, threads, batch_size=128, epochs=1):
     from heads.data import TrainBatches, open_features
-    from mlsp.store import FeatureStore
+    from mlsp.store.read import FeatureStore
 
     with FeatureStore(store_path) as store:
         rows = store.split_indices("train")
@@ -90,7 +90,7 @@ def feed_rate(store_path, mode, threads, batch_size=128, epochs=1):
 
 
 def train_rate(store_path, head, mode, epochs, workers, out_root):
-    from heads.training import TrainConfig, train
+    from heads.train.loop import TrainConfig, train
 
     out = os.path.join(out_root, f"{head}-{mode}-{workers}")
     os.makedirs(out_root, exist_ok=True)

@@ -18,7 +18,7 @@ from quiet import CLEAN
 
 class TimedExtractor:
     """Wraps a FeatureExtractor for ``extract(..., extractor=)`` (the processor interface of
-    ``mlsp.readahead.LocalRunner``: ``info``, ``load_views``, ``process``): records when each
+    ``mlsp.images.readahead.LocalRunner``: ``info``, ``load_views``, ``process``): records when each
     forward pass starts and ends and how long each decode takes (in whichever thread it runs).
     The cast to float16 of ``process`` falls after the forward pass, into the write."""
 
@@ -77,9 +77,9 @@ class Marks:
 
 
 def run_mlsp(fx, paths, store_path, flops_of, workers=2) -> tuple[dict, list]:
-    """Extract ``paths`` into a new store through ``mlsp.extract.extract`` and take its timeline
+    """Extract ``paths`` into a new store through ``mlsp.extraction.job.extract`` and take its timeline
     apart. Returns (figures, per-image rows)."""
-    from mlsp.extract import extract
+    from mlsp.extraction.job import extract
 
     if os.path.exists(store_path):
         os.remove(store_path)
@@ -154,7 +154,7 @@ def repeat_forward(fx, paths, rows) -> dict:
     """Forward passes of images whose sizes the process has already seen, against their first
     pass in the mixed run: what a new input size costs beyond its FLOPs (e.g. oneDNN creating
     kernels for a new shape)."""
-    from mlsp import images
+    from mlsp.images import decode as images
 
     again = []
     with Phase() as phase:

@@ -37,9 +37,10 @@ def main(argv=None) -> None:
     import keras
     import numpy as np
 
-    from mlsp import backbone_weights, backbones, images
-    from mlsp.extract import POOLINGS
-    from mlsp.pooling import MultiLevelPooling
+    from mlsp.backbone import weights as backbone_weights, nets as backbones
+    from mlsp.images import decode as images
+    from mlsp.extraction.job import POOLINGS
+    from mlsp.backbone.pooling import MultiLevelPooling
 
     spec = backbones.BACKBONES.get(args.net)
     backbone, _ = backbone_weights.build_backbone(spec, backbone_weights.WeightsSource.parse(args.weights))

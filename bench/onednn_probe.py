@@ -18,11 +18,11 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np
 import common
-from mlsp import backend
+from mlsp.runtime import backend
 intra, inter = (int(v) for v in os.environ.get("THREADS", "0,0").split(","))
 backend.configure_threads(intra or None, inter or None)
-from mlsp.extract import ExtractConfig, FeatureExtractor
-from mlsp import images
+from mlsp.extraction.job import ExtractConfig, FeatureExtractor
+from mlsp.images import decode as images
 import tensorflow as tf
 from tensorflow.python.util import _pywrap_util_port as p
 net, pooling = os.environ.get("CFG", "iv3:narrow").split(":")

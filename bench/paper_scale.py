@@ -10,7 +10,8 @@ def scale_on_paper(measured: dict, flop_counters: dict, decode_s_per_image: floa
                    gpu_util: float = 0.10) -> dict:
     """All of AVA: store sizes of every variant; extraction time on this machine from the
     measured end-to-end GFLOP/s; on one H100 from FLOP counts."""
-    from mlsp import backbones, images
+    from mlsp.backbone import nets as backbones
+    from mlsp.images import decode as images
 
     n = common.AVA["images"]
     h, w = common.AVA["mean_height"], common.AVA["mean_width"]
@@ -18,7 +19,8 @@ def scale_on_paper(measured: dict, flop_counters: dict, decode_s_per_image: floa
     gpu = common.GPU_SPECS["H100 SXM"]
     gpu_cores = 16
     out = {"ava_images": n, "ava_mean_size": [h, w], "variants": [], "assumptions": [
-        f"AVA: {n} images of mean size {h}x{w} (PAPER.md); FLOPs of the mean-size image stand for the mean "
+        f"AVA: {n} images of mean size {h}x{w} (docs/paper.md, 'Stage 1: features'); FLOPs of the mean-size image "
+        "stand for the mean "
         "FLOPs (FLOPs grow about linearly with pixels)",
         "this machine: total FLOPs / end-to-end GFLOP/s measured here on the mixed set (decode wait, write "
         "and merge included) for that backbone and precision; the pooling measured for that backbone stands "

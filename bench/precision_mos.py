@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from heads.run import Run
-from heads.score import score_images, score_store  # noqa: E402
+from heads.score.scoring import score_images, score_store  # noqa: E402
 
 
 def main():

@@ -125,7 +125,7 @@ class _Runner:
 
 def unfolded_extractor(fx, precision):
     """The same extractor with Keras' graph as it is: batch norms not folded."""
-    from mlsp.extract import FeatureExtractor
+    from mlsp.extraction.job import FeatureExtractor
 
     return FeatureExtractor(fx.config, fold_batch_norms=False)
 
@@ -141,7 +141,7 @@ def main(argv=None):
                    help="also profile the graph without the batch norms folded into the convolutions")
     args = p.parse_args(argv)
     h, w = (int(v) for v in args.size.split("x"))
-    from mlsp.extract import ExtractConfig, FeatureExtractor
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
 
     record = common.new_record("profile", vars(args))
     record["device"] = common.device_info()

@@ -51,8 +51,8 @@ if threads:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 from mlsp import backbone_weights, backbones, folding
-from mlsp.extract import ExtractConfig, FeatureExtractor
-mark("import mlsp.extract")
+from mlsp.extraction.job import ExtractConfig, FeatureExtractor
+mark("import mlsp.extraction.job")
 config = ExtractConfig(net=net, weights="random:0")
 spec = config.spec
 model, record = backbone_weights.build_backbone(spec, backbone_weights.WeightsSource.parse("random:0"))

@@ -2,7 +2,7 @@
 
 Writes a planted store with irv2's narrow channel layout (tests/synthetic.py: MOS a fixed function
 of the features, so SRCC measures how well the head learned), trains the same head with the
-same seed at each precision through `heads.training.train` (what `mlsp train --precision`
+same seed at each precision through `heads.train.loop.train` (what `mlsp train --precision`
 runs), and reports the training rate (first epoch left out) and the test metrics.
 
     python bench/train_precision.py --images 3000 --head single3fc --out result.json
@@ -40,8 +40,8 @@ def main(argv=None):
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from synthetic import write_synthetic_store  # the planted store of the test suite
-    from heads.training import TrainConfig, train
-    from mlsp import backend
+    from heads.train.loop import TrainConfig, train
+    from mlsp.runtime import backend
 
     work = tempfile.mkdtemp(prefix="mlsp-train-precision-")
     store = os.path.join(work, "planted.h5")

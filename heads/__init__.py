@@ -1,61 +1,38 @@
 """Stage 2 of MLSP: shallow heads trained on the features of a store (:mod:`mlsp.store`).
 
-Public API::
+The core, here: :mod:`heads.registry` (names -> HeadSpec) and :mod:`heads.models` (the four heads,
+each registered beside its builder), :mod:`heads.layers` (their registered layers),
+:mod:`heads.targets` and :mod:`heads.distribution` (the MOS or the vote distribution, and its EMD
+loss), :mod:`heads.columns` (the scores CSV), :mod:`heads.run` (a run folder), :mod:`heads.data`
+(features fed from memory or the store), :mod:`heads.evaluation` and :mod:`heads.plots`. Around it:
+:mod:`heads.train`, :mod:`heads.score` (scoring, export, the released models),
+:mod:`heads.personal` and :mod:`heads.report` (the HTML report and saliency). The Python API of
+every command is :mod:`mlsp.api`.
 
-    HEADS.specs() -> list[HeadSpec]                 # the registry (no Keras import); HEADS.register(spec)
-    build_head(name, block_channels, *, pooling="narrow", output_bias=0.0, **options) -> keras.Model
-    train(TrainConfig(head="pool3fc", store=...), progress=False) -> TrainResult
-    evaluate(run_dir, store=None, *, out=None, memory_budget=None) -> {"val": {...}, "test": {...}}
-
-The modules: :mod:`heads.registry` (names -> HeadSpec), :mod:`heads.models` (the four heads) and
-:mod:`heads.layers` (their registered layers), :mod:`heads.targets` (what a head predicts: the
-MOS or the vote distribution) and :mod:`heads.distribution` (the distribution's EMD loss),
-:mod:`heads.data` (feeding features from memory or the store), :mod:`heads.schedule` (the
-schedule's values for a store's size), :mod:`heads.schedule_callback` (the paper's LR schedule),
-:mod:`heads.training`, :mod:`heads.run` (a run folder), :mod:`heads.evaluation`,
-:mod:`heads.score` (a run applied to a store or to image files), :mod:`heads.export` (backbone +
-head as one model), :mod:`heads.plots`, :mod:`heads.pretrained` (the catalogue of released
-pretrained heads, fetched and checked), :mod:`heads.keras2` (the authors' Keras 2 weight files
-imported into single3fc/pool3fc), :mod:`heads.pretrained_scoring` (a released model scored
-with its own test-time views) and :mod:`heads.personal` (a head adapted to one person).
-Everything but the registry, the targets and the catalogue imports Keras, so it is loaded on
-first use.
+``import heads`` registers the heads (no Keras import) and, like ``import mlsp``, the heads' Keras
+layers and loss the moment Keras is imported, so every saved ``model.keras`` loads with
+``keras.saving.load_model(path, safe_mode=True)`` (``MLSP_KERAS_HOOK=0`` turns that hook off: then
+``import heads.layers, heads.distribution`` registers them).
 """
 
-import importlib
 import logging
+import os
 
 import wrapt
 
+from mlsp import KERAS_HOOK_ENV
+
+from . import models  # noqa: F401  (registers the heads, beside their builders)
 from .registry import HEADS, HeadSpec, get_head
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = ["HEADS", "HeadSpec", "get_head"]
 
 
 def _register_layers(keras_module):
     from . import distribution, layers  # noqa: F401  (their layers and loss register themselves)
 
 
-# like mlsp's: the heads' layers are registered as soon as Keras is imported, so every saved
-# model.keras loads with keras.saving.load_model(path, safe_mode=True) after `import heads`
-wrapt.register_post_import_hook(_register_layers, "keras")
-
-_LAZY = {
-    "build_head": "heads.models",
-    "train": "heads.training",
-    "TrainConfig": "heads.config",
-    "TrainResult": "heads.training",
-    "evaluate": "heads.evaluation",
-    "compute_metrics": "heads.evaluation",
-    "Run": "heads.run",
-    "score_store": "heads.score",
-    "score_images": "heads.score",
-}
-
-__all__ = ["HEADS", "HeadSpec", "get_head", *_LAZY]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'heads' has no attribute {name!r}")
+if os.environ.get(KERAS_HOOK_ENV, "1") != "0":
+    wrapt.register_post_import_hook(_register_layers, "keras")

@@ -6,7 +6,7 @@ image (training) or all views (validation, test). Two kinds:
 - :class:`MemorySource`: the needed images' features loaded once (when they fit under the
   memory budget, see :func:`open_features`);
 - :class:`StoreSource`: every read goes to the file, through the store's own
-  :class:`mlsp.store.FeatureReader` (this module never opens the file). A training batch reads
+  :class:`mlsp.store.read.FeatureReader` (this module never opens the file). A training batch reads
   one view per image, each with one positional read at the view's byte offset (the store's
   chunks are uncompressed, one image or one view each), which is several times faster than an
   h5py call per view and runs in parallel threads; stores laid out otherwise are read through
@@ -37,7 +37,7 @@ import keras
 import numpy as np
 
 from mlsp.errors import ConfigError, StoreError
-from mlsp.store import SLAB_BYTES, FeatureReader, FeatureStore
+from mlsp.store.read import SLAB_BYTES, FeatureReader, FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class FeatureSource:
 
 
 class StoreSource(FeatureSource):
-    """Reads every batch from the store, through :class:`mlsp.store.FeatureReader`.
+    """Reads every batch from the store, through :class:`mlsp.store.read.FeatureReader`.
 
     One view per image (training batches): one positional read per view at its byte offset when
     the store's layout allows, else one h5py read. All views (validation, test, loading into
@@ -170,7 +170,7 @@ class StoreSource(FeatureSource):
     @property
     def direct(self) -> bool:
         """True when views are read straight from their byte offsets in the file (see
-        :func:`mlsp.store.chunk_offsets`)."""
+        :func:`mlsp.store.read.chunk_offsets`)."""
         return self.reader.direct
 
     @property
@@ -192,7 +192,7 @@ class StoreSource(FeatureSource):
 
     def _checked(self, read, *args):
         """``read(*args)`` of the store's reader, which checks that features are finite
-        (:func:`mlsp.store.check_finite`). A failure is also kept in :attr:`failure`: raised in a
+        (:func:`mlsp.store.read.check_finite`). A failure is also kept in :attr:`failure`: raised in a
         thread of Keras' data pipeline, it reaches the trainer wrapped in TensorFlow's error."""
         try:
             result = read(*args)

@@ -1,4 +1,4 @@
-"""Metrics (PAPER.md, "Metrics") and the evaluation of a trained run on a store.
+"""Metrics (docs/paper.md, "Metrics") and the evaluation of a trained run on a store.
 
 - SRCC (Spearman) and PLCC (Pearson) between predicted and true MOS;
 - accuracy of the binary decision at MOS 5 (high quality is MOS > 5, for truth and prediction);
@@ -24,13 +24,14 @@ from typing import Mapping
 
 import numpy as np
 
-from mlsp.atomic import atomic_path, describe_os_error, write_json
+from mlsp.runtime.atomic import atomic_path, describe_os_error, write_json
 from mlsp.errors import ConfigError, StoreError, WriteError
-from mlsp.store import FeatureStore
+from mlsp.store.read import FeatureStore
 
 from .data import open_features, predict_views
 from .run import Run
-from .targets import emd, moments, mos_of, prediction_columns, vote_histograms
+from .columns import prediction_columns
+from .targets import emd, moments, mos_of, vote_histograms
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import keras
 from keras import ops
 
-from mlsp.labels import N_BINS
+from mlsp.store.labels import N_BINS
 
 
 @keras.saving.register_keras_serializable(package="mlsp_heads")

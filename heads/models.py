@@ -1,4 +1,4 @@
-"""The four MLSP heads (PAPER.md, "Stage 2") as Keras functional models.
+"""The four MLSP heads (docs/paper.md, "Stage 2: heads") as Keras functional models.
 
 Every layer is a stock Keras layer except :class:`heads.layers.BlockSplit`, which ``import heads``
 registers, so that a saved ``model.keras`` loads under ``safe_mode``; there are no ``Lambda`` layers.
@@ -17,17 +17,16 @@ target's activation (the softmax of the distribution) as one named layer, ``targ
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import keras
-from keras import layers
+from typing import TYPE_CHECKING, Sequence
 
 from mlsp.errors import ConfigError
-from mlsp.store_format import POOLINGS, WIDE_GRID
+from mlsp.store.format import NARROW, POOLINGS, WIDE_GRID, pooling_of
 
-from .layers import BlockSplit
-from .registry import get_head
+from .registry import feature_width, get_head, inception_kernels, register_head
 from .targets import DEFAULT_TARGET, TARGETS
+
+if TYPE_CHECKING:
+    import keras
 
 DROPOUTS = (0.25, 0.25, 0.5)
 
@@ -39,6 +38,8 @@ def fc_sizes(width: int) -> tuple:
 
 def bias_initializer(output_bias):
     """A Constant initializer for the last layer's bias: one value, or one per output."""
+    import keras
+
     if isinstance(output_bias, (list, tuple)):
         output_bias = [float(v) for v in output_bias]
     return keras.initializers.Constant(output_bias)
@@ -46,6 +47,8 @@ def bias_initializer(output_bias):
 
 def three_fc(x, width: int, prefix: str = "", output_bias=0.0, outputs: int = 1):
     """The 3FC block on a (B, D) tensor; returns the (B, outputs) prediction."""
+    from keras import layers
+
     for i, (units, rate) in enumerate(zip(fc_sizes(width), DROPOUTS)):
         x = layers.Dense(units, activation="relu", kernel_initializer="he_normal", name=f"{prefix}fc{i}")(x)
         x = layers.BatchNormalization(name=f"{prefix}bn{i}")(x)
@@ -56,20 +59,36 @@ def three_fc(x, width: int, prefix: str = "", output_bias=0.0, outputs: int = 1)
     )(x)
 
 
+@register_head("single1fc", needs_wide=False, description="narrow features -> one Dense(1): a linear model")
 def single_1fc(x, block_channels, output_bias=0.0, outputs: int = 1):
+    from keras import layers
+
     return layers.Dense(outputs, bias_initializer=bias_initializer(output_bias), name="out")(x)
 
 
+@register_head(
+    "single3fc", needs_wide=False,
+    description="narrow features -> 3FC (X, X/2, X/8, 1); X = width, the paper's 2048 on iv3/irv2, "
+    "by default C/5 as a power of two up to 2048 on other features",
+    options={"width": feature_width},
+    option_help={"width": "X of the 3FC block; default C/5 as a power of two, 2048 on iv3/irv2"})
 def single_3fc(x, block_channels, output_bias=0.0, outputs: int = 1, *, width: int):
     return three_fc(x, width, output_bias=output_bias, outputs=outputs)
 
 
+@register_head(
+    "multi3fc", needs_wide=False,
+    description="narrow features split into blocks -> one 3FC per block (X = its channels) -> learned weighted sum")
 def multi_3fc(x, block_channels, output_bias=0.0, outputs: int = 1):
     """One 3FC per block (X = the block's channels); the prediction is their weighted sum.
 
     The weights start at 1/B (the mean of the blocks' predictions) and are learned; with several
     outputs, each output is the same weighted sum of the blocks' values for it.
     """
+    import keras
+    from keras import layers
+    from .layers import BlockSplit
+
     block_channels = [int(c) for c in block_channels]
     parts = BlockSplit(block_channels, name="split_blocks")(x) if len(block_channels) > 1 else [x]
     preds = [three_fc(part, c, prefix=f"b{k:02d}_", output_bias=output_bias, outputs=outputs)
@@ -89,6 +108,8 @@ def multi_3fc(x, block_channels, output_bias=0.0, outputs: int = 1):
 
 def conv_bn(x, filters: int, rows: int, cols: int, name: str):
     """Conv2D ('same', no bias) -> BN (no scale) -> ReLU, as in Keras' Inception-v3."""
+    from keras import layers
+
     x = layers.Conv2D(filters, (rows, cols), padding="same", use_bias=False, name=f"{name}_conv")(x)
     x = layers.BatchNormalization(scale=False, name=f"{name}_bn")(x)
     return layers.Activation("relu", name=name)(x)
@@ -96,6 +117,8 @@ def conv_bn(x, filters: int, rows: int, cols: int, name: str):
 
 def reduced_inception(x, kernels: int = 1024):
     """Three columns of ``kernels`` channels each, concatenated: 3 * kernels channels."""
+    from keras import layers
+
     branch1x1 = conv_bn(x, kernels, 1, 1, "branch1x1")
     branch3x3 = conv_bn(x, kernels, 1, 1, "branch3x3_1x1")
     branch3x3 = layers.Concatenate(name="branch3x3")(
@@ -107,7 +130,17 @@ def reduced_inception(x, kernels: int = 1024):
     return layers.Concatenate(name="inception")([branch1x1, branch3x3, branch_pool])
 
 
+@register_head(
+    "pool3fc", needs_wide=True,
+    description="wide 5x5 features -> reduced Inception module (3 columns of `kernels`) -> global average pool -> "
+    "3FC (X = width; the paper's figure uses 3072, its code 2048); defaults follow the features as single3fc's "
+    "(kernels = width / 2: 1024 on iv3/irv2)",
+    options={"width": feature_width, "kernels": inception_kernels},
+    option_help={"width": "X of the 3FC block, as single3fc's; the paper's figure shows 3072",
+                 "kernels": "kernels per column of the reduced Inception module; default width / 2"})
 def pool_3fc(x, block_channels, output_bias=0.0, outputs: int = 1, *, width: int, kernels: int):
+    from keras import layers
+
     x = reduced_inception(x, kernels)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     return three_fc(x, width, output_bias=output_bias, outputs=outputs)
@@ -117,7 +150,7 @@ def build_head(
     name: str,
     block_channels: Sequence[int],
     *,
-    pooling: str = "narrow",
+    pooling: str = NARROW.name,
     grid: int = WIDE_GRID,
     output_bias=0.0,
     target: str = DEFAULT_TARGET,
@@ -132,6 +165,9 @@ def build_head(
     output bias, one value or one per output (training sets it from the training labels:
     :func:`heads.targets.initial_bias`). ``options`` are the head's own (e.g. ``width``).
     """
+    import keras
+    from keras import layers
+
     spec = get_head(name)
     goal = TARGETS.get(target)
     block_channels = [int(c) for c in block_channels]
@@ -141,12 +177,13 @@ def build_head(
     channels = sum(block_channels)
     if pooling not in POOLINGS:
         raise ConfigError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
-    if spec.needs_wide and pooling != "wide":
+    wide = pooling_of(pooling).wide
+    if spec.needs_wide and not wide:
         raise ConfigError(
             f"head {name!r} needs wide (5x5) features, but the store is {pooling}; "
             "extract with `mlsp extract --wide`, or choose a narrow head"
         )
-    if pooling == "wide":
+    if wide:
         inputs = keras.Input((grid, grid, channels), name="features")
         x = inputs if spec.needs_wide else layers.GlobalAveragePooling2D(name="grid_mean")(inputs)
     else:

@@ -1,5 +1,5 @@
 """PNG plots (matplotlib, Agg backend): of a run, predicted against true MOS, the loss curves and
-the learning rate; a histogram of scores (for :mod:`heads.report`); the gain of personalisation
+the learning rate; a histogram of scores (for :mod:`heads.report.build`); the gain of personalisation
 per person. Each writes ``path``, or with ``path=None`` returns the PNG's bytes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mlsp.atomic import atomic_path
+from mlsp.runtime.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def plot_score_histogram(path: str | None, scores, label: str = "predicted MOS")
 
 
 def _save(fig, path: str | None):
-    """PNG under a temporary name, renamed when complete (:mod:`mlsp.atomic`); ``path=None``:
+    """PNG under a temporary name, renamed when complete (:mod:`mlsp.runtime.atomic`); ``path=None``:
     the PNG's bytes."""
     import io
 

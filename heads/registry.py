@@ -1,8 +1,8 @@
 """The head registry: name -> everything mlsp needs to know about one stage-2 head.
 
-Adding a head is one ``HEADS.register`` call with a :class:`HeadSpec` (:class:`mlsp.registry.Registry`).
-The builder is named as ``"module:function"`` (or given as a callable), so listing heads (``mlsp
-heads``, the CLI's help) does not import Keras. A head declares its own options (name, default,
+Adding a head is its builder in :mod:`heads.models` with ``@register_head(...)`` on it (a
+:class:`HeadSpec` in the :class:`mlsp.registry.Registry` ``HEADS``). The builders import Keras
+inside their bodies, so listing heads (``mlsp heads``, the CLI's help) does not. A head declares its own options (name, default,
 help): ``mlsp train --head-option KEY=VALUE`` and ``api.train(head_options={...})`` pass them
 through to the builder as keyword arguments, so a new option touches its head only.
 
@@ -21,7 +21,7 @@ import math
 from typing import Callable, Mapping, Sequence
 
 from mlsp.errors import ConfigError
-from mlsp.registry import Registry, resolve
+from mlsp.registry import Registry
 
 
 PAPER_WIDTH = 2048  # the 3FC's X of Single-3FC and (the authors' code) Pool-3FC, on iv3 and irv2
@@ -50,7 +50,7 @@ class HeadSpec:
     """How to build one head, and what it needs from the store."""
 
     name: str
-    builder: str | Callable  # "module:function" or the function itself
+    builder: Callable  # builder(x, block_channels, output_bias=..., outputs=..., **options)
     needs_wide: bool  # True: takes (5, 5, C) wide features; False: (C,) narrow features
     description: str
     # name -> default: an int, or a function of the features' total channels (``None``: the paper's value)
@@ -64,7 +64,7 @@ class HeadSpec:
                               f"received help for {sorted(self.option_help)}")
 
     def resolve_builder(self) -> Callable:
-        return resolve(self.builder)
+        return self.builder
 
     def default_options(self, channels: int | None = None) -> dict:
         """The head's default options for features of ``channels`` channels in all (``None``: the paper's)."""
@@ -92,6 +92,17 @@ HEADS: Registry[HeadSpec] = Registry("head")
 get_head = HEADS.get  # the name most callers know
 
 
+def register_head(name: str, *, needs_wide: bool, description: str, options: Mapping | None = None,
+                  option_help: Mapping | None = None):
+    """Register the decorated builder as head ``name`` (beside its code in :mod:`heads.models`;
+    ``import heads`` imports that module, so every head is registered before anyone asks)."""
+    def register(builder: Callable) -> Callable:
+        HEADS.register(HeadSpec(name, builder, needs_wide, description, dict(options or {}), dict(option_help or {})))
+        return builder
+
+    return register
+
+
 def parse_options(pairs: Sequence[str]) -> dict:
     """``["width=512", "kernels=256"]`` (``--head-option KEY=VALUE``, repeated) -> ``{"width": 512, ...}``;
     a value is an integer where it reads as one (the head checks the rest)."""
@@ -114,46 +125,3 @@ def options_help() -> str:
     """Every registered head's options and what they mean, for ``--head-option``'s help."""
     return "; ".join(f"{spec.name}: " + ", ".join(f"{k} ({spec.option_help[k]})" for k in spec.options)
                      for spec in HEADS.specs() if spec.options)
-
-
-HEADS.register(
-    HeadSpec(
-        name="single1fc",
-        builder="heads.models:single_1fc",
-        needs_wide=False,
-        description="narrow features -> one Dense(1): a linear model",
-    )
-)
-HEADS.register(
-    HeadSpec(
-        name="single3fc",
-        builder="heads.models:single_3fc",
-        needs_wide=False,
-        description="narrow features -> 3FC (X, X/2, X/8, 1); X = width, the paper's 2048 on iv3/irv2, "
-        "by default C/5 as a power of two up to 2048 on other features",
-        options={"width": feature_width},
-        option_help={"width": "X of the 3FC block; default C/5 as a power of two, 2048 on iv3/irv2"},
-    )
-)
-HEADS.register(
-    HeadSpec(
-        name="multi3fc",
-        builder="heads.models:multi_3fc",
-        needs_wide=False,
-        description="narrow features split into blocks -> one 3FC per block (X = its channels) "
-        "-> learned weighted sum",
-    )
-)
-HEADS.register(
-    HeadSpec(
-        name="pool3fc",
-        builder="heads.models:pool_3fc",
-        needs_wide=True,
-        description="wide 5x5 features -> reduced Inception module (3 columns of `kernels`) -> "
-        "global average pool -> 3FC (X = width; the paper's figure uses 3072, its code 2048); defaults "
-        "follow the features as single3fc's (kernels = width / 2: 1024 on iv3/irv2)",
-        options={"width": feature_width, "kernels": inception_kernels},
-        option_help={"width": "X of the 3FC block, as single3fc's; the paper's figure shows 3072",
-                     "kernels": "kernels per column of the reduced Inception module; default width / 2"},
-    )
-)

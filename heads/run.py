@@ -15,13 +15,13 @@ import json
 import logging
 import os
 
-from mlsp.atomic import atomic_path, describe_os_error, write_json
+from mlsp.runtime.atomic import atomic_path, describe_os_error, write_json
 from mlsp.errors import ConfigError, StoreConfigMismatch, WriteError
-from mlsp import backend
-from mlsp.extract import ExtractConfig, random_weights_advice
-from mlsp.precision import resolve_logged as resolve_precision
-from mlsp.store import FEATURES_ROOT, FeatureStore
-from mlsp.store_config import from_attrs
+from mlsp.runtime import backend
+from mlsp.extraction.job import ExtractConfig, random_weights_advice
+from mlsp.store.read import FeatureStore
+from mlsp.store.format import FEATURES_ROOT
+from mlsp.store.config import from_attrs
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
@@ -115,10 +115,11 @@ class Run:
         self.config.update(updates)
         write_json(self.config_path, self.config)
 
-    def save_model(self, model):
-        """Write ``model`` (a Keras model) to ``model.keras`` atomically: complete or not at all."""
-        with atomic_path(self.model_path, keep_extension=True,
-                         kept=f"{self.path} holds the run's config.json and history.csv, not its model") as tmp:
+    def save_model(self, model, kept: str | None = None):
+        """Write ``model`` (a Keras model) to ``model.keras`` atomically: complete or not at all.
+        ``kept``: what the folder holds should it fail (default: a training run's files)."""
+        kept = kept or f"{self.path} holds the run's config.json and history.csv, not its model"
+        with atomic_path(self.model_path, keep_extension=True, kept=kept) as tmp:
             model.save(tmp)
 
     @property
@@ -133,12 +134,12 @@ class Run:
 
     def extract_config(self, weights: str | None = None, precision: str | None = None) -> ExtractConfig:
         """The extraction that made the run's store, with the weights file found again; ``precision``
-        (``auto`` resolved here) replaces the store's."""
+        (``auto``: resolved by :class:`ExtractConfig`) replaces the store's."""
         cfg = self.store_info["config"]
         stored = from_attrs({**cfg, "net": self.store_info["net"], "pooling": self.store_info["pooling"],
                              "views": self.store_info.get("views") or cfg.get("views")})
         if precision:
-            stored["precision"] = resolve_precision(precision)
+            stored["precision"] = precision
         source = cfg["weights_source"]
         if weights is None:
             if source == "imagenet" or source.startswith("random"):

@@ -24,8 +24,10 @@ import dataclasses
 
 import numpy as np
 
-from mlsp.labels import N_BINS, SCORES, mos_from_votes
-from mlsp.registry import Registry, resolve
+from mlsp.store.labels import N_BINS, SCORES, mos_from_votes
+from typing import Callable
+
+from mlsp.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,17 +37,23 @@ class TargetSpec:
     name: str
     outputs: int  # units of the head's last layer
     activation: str | None  # applied after it (a stock Keras activation), None: linear
-    loss: str  # a Keras loss name, or "module:function" (imported when training starts)
+    loss: str | Callable  # a Keras loss name, or a function returning the loss (Keras is imported then)
     description: str
 
     def resolve_loss(self):
-        """What ``model.compile(loss=...)`` takes: the name, or the function it names."""
-        return resolve(self.loss) if ":" in self.loss else self.loss
+        """What ``model.compile(loss=...)`` takes: the name, or the loss the function returns."""
+        return self.loss() if callable(self.loss) else self.loss
 
 
 TARGETS: Registry[TargetSpec] = Registry("target")
 TARGETS.register(TargetSpec("mos", 1, None, "mse", "the mean opinion score; MSE (the paper's)"))
-TARGETS.register(TargetSpec("distribution", N_BINS, "softmax", "heads.distribution:emd_loss",
+def _emd_loss():
+    from .distribution import emd_loss  # the Keras side: imported when training starts
+
+    return emd_loss
+
+
+TARGETS.register(TargetSpec("distribution", N_BINS, "softmax", _emd_loss,
                             "the histogram of votes over the scores 1..10; EMD r = 2 (NIMA); MOS = its mean, "
                             "opinion std = its spread"))
 DEFAULT_TARGET = "mos"
@@ -121,13 +129,3 @@ def validation_loss(labels, pred) -> float:
     if pred.ndim == 1:
         return float(np.mean((pred - labels) ** 2))
     return float(np.mean(emd(labels, pred, 2)))
-
-
-def prediction_columns(pred) -> dict:
-    """Columns of predictions.csv and of scores: ``pred``, and for a histogram ``pred_opinion_std``
-    and ``p1``..``p10``."""
-    pred = np.asarray(pred, dtype=np.float64)
-    if pred.ndim == 1:
-        return {"pred": pred}
-    mean, std = moments(pred)
-    return {"pred": mean, "pred_opinion_std": std, **{f"p{k + 1}": pred[:, k] for k in range(pred.shape[1])}}

@@ -1,12 +1,23 @@
 """mlsp: image aesthetics from Multi-Level Spatially Pooled features (Hosu et al., CVPR 2019).
 
-The ground floor: stage 1 (images -> features, :mod:`mlsp.extract`) and the feature store
-(:mod:`mlsp.store`). Stage 2 (the :mod:`heads` package: features -> MOS) is built on it;
-:mod:`mlsp.api`, the facade the CLI calls, is the one module here that reaches up into it.
+Stage 1 (images -> features) and the feature store, in subpackages whose names say the stage
+(docs/architecture.md): :mod:`mlsp.runtime` (backends, precision, files, progress, downloads),
+:mod:`mlsp.images`, :mod:`mlsp.store`, :mod:`mlsp.backbone` and :mod:`mlsp.extraction`. Stage 2
+(the :mod:`heads` package: features -> MOS) is built on it; :mod:`mlsp.api`, the facade the CLI
+calls, is the one module here that reaches up into it.
 
-``import mlsp`` registers mlsp's Keras layers the moment Keras is imported (at once if it
-already is, without importing it otherwise), so that every model mlsp saves loads with
-``keras.saving.load_model(path, safe_mode=True)``.
+What ``import mlsp`` does to the process, and nothing else:
+
+- a ``logging.NullHandler`` on the ``mlsp`` logger (the library logs; applications configure);
+- mlsp's Keras layers are registered the moment Keras is imported (at once if it already is,
+  without importing it otherwise; a post-import hook through ``wrapt``), so that every model mlsp
+  saves loads with ``keras.saving.load_model(path, safe_mode=True)``. ``MLSP_KERAS_HOOK=0`` turns
+  the hook off (then ``import mlsp.backbone.layers, mlsp.backbone.pooling`` registers them).
+
+Process-wide switches are the application's: the ``mlsp`` command asks TensorFlow for oneDNN's
+convolutions on AVX2 CPUs and keeps TensorFlow out of a PyTorch process
+(:func:`mlsp.runtime.backend.prepare_process`); a program using the library calls that function
+itself, before it imports TensorFlow, if it wants the same.
 """
 
 import logging
@@ -14,23 +25,17 @@ import os
 
 import wrapt
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+#: Set to 0 to keep ``import mlsp`` from registering its Keras layers when Keras loads.
+KERAS_HOOK_ENV = "MLSP_KERAS_HOOK"
+
 
 def _register_layers(keras_module):
-    from . import layers, pooling  # noqa: F401  (their classes register themselves)
+    from .backbone import layers, pooling  # noqa: F401  (their classes register themselves)
 
 
-wrapt.register_post_import_hook(_register_layers, "keras")
-
-from .backend import prefer_onednn  # noqa: E402
-
-prefer_onednn()  # before TensorFlow starts: oneDNN's convolutions on AVX2 CPUs too (mlsp.backend)
-
-if os.environ.get("KERAS_BACKEND") == "torch":
-    # before Keras loads: Keras on PyTorch must never import TensorFlow (mlsp.backend)
-    from .backend import keep_tensorflow_out
-
-    keep_tensorflow_out()
+if os.environ.get(KERAS_HOOK_ENV, "1") != "0":
+    wrapt.register_post_import_hook(_register_layers, "keras")

@@ -9,7 +9,7 @@
 
 Every function logs through :mod:`logging` and shows no progress unless ``progress=True`` (a
 bar on stderr in a terminal, a log line every few seconds elsewhere) or a progress factory
-(:mod:`mlsp.progress`). Errors are :class:`mlsp.errors.MLSPError` subclasses.
+(:mod:`mlsp.runtime.progress`). Errors are :class:`mlsp.errors.MLSPError` subclasses.
 
 This facade is the top floor: the one module of :mod:`mlsp` that imports :mod:`heads` (stage 2
 is built on stage 1, never the other way round).
@@ -21,13 +21,13 @@ import dataclasses
 import logging
 from typing import Sequence
 
-from .backbones import FLOPS_SIZE
+from .backbone.nets import FLOPS_SIZE
 from .errors import ConfigError
-from .extract import ExtractConfig
-from .progress import resolve as resolve_progress
-from .readahead import DECODE_WORKERS
-from .shards import FLUSH_IMAGES
-from .store_format import pooling_of
+from .extraction.job import ExtractConfig
+from .runtime.progress import resolve as resolve_progress
+from .images.readahead import DECODE_WORKERS
+from .store.shards import FLUSH_IMAGES
+from .store.format import NARROW, WIDE, pooling_of
 from .sample import SAMPLE_IMAGES
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 def backbones(names: Sequence[str] | None = None, *, flops_at: tuple | None = FLOPS_SIZE) -> list[dict]:
     """``mlsp backbones``: one dict per registered backbone (or per name in ``names``): blocks,
     channels, minimum input side, preprocessing, weights file, and the forward pass's GFLOPs at
-    ``flops_at`` = (height, width) (``None``: not counted), as :func:`mlsp.backbones.describe`."""
-    from . import backbones as registry
+    ``flops_at`` = (height, width) (``None``: not counted), as :func:`mlsp.backbone.nets.describe`."""
+    from .backbone import nets as registry
 
     specs = [registry.get_backbone(n) for n in names] if names else registry.BACKBONES.specs()
     return [registry.describe(spec, flops_at) for spec in specs]
@@ -45,14 +45,14 @@ def backbones(names: Sequence[str] | None = None, *, flops_at: tuple | None = FL
 
 def ray_cluster(address: str | None = None, cpus_per_worker: float | None = None,
                 gpus_per_worker: float | None = None, decode_threads: int = DECODE_WORKERS):
-    """A :class:`mlsp.cluster.Cluster` for ``--ray ADDRESS`` (a context manager), or, without an
+    """A :class:`mlsp.extraction.cluster.Cluster` for ``--ray ADDRESS`` (a context manager), or, without an
     address, a context giving ``None``: Ray is imported only when asked for. ``decode_threads``:
     each worker's threads decoding images ahead (``--workers``, as on one machine)."""
     if not address:
         import contextlib
 
         return contextlib.nullcontext(None)
-    from .cluster import Cluster
+    from .extraction.cluster import Cluster
 
     return Cluster(address, cpus_per_worker, gpus_per_worker, decode_threads)
 
@@ -65,10 +65,10 @@ def info() -> dict:
 
     import keras
 
-    from . import backend
-    from .backbone_weights import keras_cache_dir
-    from .backbones import BACKBONES
-    from .precision import AUTO, resolve
+    from .runtime import backend
+    from .backbone.weights import keras_cache_dir
+    from .backbone.nets import BACKBONES
+    from .runtime.precision import AUTO, resolve
 
     described = backend.describe()
     precision, why = resolve(AUTO)
@@ -87,7 +87,7 @@ def info() -> dict:
 
 
 def extract(images: str | Sequence[str], out: str | None = None, *, net: str = ExtractConfig.net,
-            wide: bool = ExtractConfig.pooling == "wide", augment: bool = ExtractConfig.augment,
+            wide: bool = pooling_of(ExtractConfig.pooling).wide, augment: bool = ExtractConfig.augment,
             weights: str = ExtractConfig.weights, labels: str | None = None, test_list: str | None = None,
             max_side: int = ExtractConfig.max_side, precision: str = ExtractConfig.precision,
             threads: tuple | None = None, checkpoint_every: int = FLUSH_IMAGES, workers: int = DECODE_WORKERS,
@@ -97,21 +97,19 @@ def extract(images: str | Sequence[str], out: str | None = None, *, net: str = E
     ``ray``: an address as for ``--ray`` (``auto``, ``ray://HOST:PORT``, ``local:N``) spreads the
     images over a Ray cluster.
 
-    ``precision`` may be ``auto`` (:func:`mlsp.precision.resolve`); ``threads`` is
-    the backend's ``(intra, inter)`` (:func:`mlsp.backend.configure_threads`); ``workers``: the
+    ``precision`` may be ``auto`` (:func:`mlsp.runtime.precision.resolve`); ``threads`` is
+    the backend's ``(intra, inter)`` (:func:`mlsp.runtime.backend.configure_threads`); ``workers``: the
     threads decoding images ahead of the model (each Ray worker's, with ``ray``); ``options`` are
-    :func:`mlsp.extract.extract`'s (``val_fraction``, ``seed``, ``dataset``, ...);
+    :func:`mlsp.extraction.job.extract`'s (``val_fraction``, ``seed``, ``dataset``, ...);
     ``checkpoint_every``: images kept in memory before they are saved to a shard (its ``flush_images``).
-    Returns :class:`mlsp.extract.ExtractResult`
+    Returns :class:`mlsp.extraction.job.ExtractResult`
     (``.store``, ``.images``, ``.errors``, ...)."""
-    from .backend import configure_threads
-    from .extract import extract as run
-    from .precision import resolve_logged
+    from .runtime.backend import configure_threads
+    from .extraction.job import extract as run
 
     if threads and not ray:
         configure_threads(*threads)
-    precision = resolve_logged(precision)
-    config = ExtractConfig(net=net, pooling=pooling_of(wide), augment=augment, weights=weights,
+    config = ExtractConfig(net=net, pooling=pooling_of(wide).name, augment=augment, weights=weights,
                            max_side=max_side, precision=precision)
     if config.weights.startswith("random"):
         log.warning("using a RANDOM backbone (weights %s): features carry no ImageNet knowledge; "
@@ -126,13 +124,13 @@ def train(store: str | None = None, *, head: str, out: str | None = None, head_o
           memory_budget: int | str | None = None, progress=False, **options):
     """``mlsp train``: ``head_options`` are the head's own (``{"width": 512}``; each head declares
     them in :data:`heads.registry.HEADS`, ``mlsp heads`` lists them); ``options`` are
-    :class:`heads.config.TrainConfig` fields (target, epochs,
+    :class:`heads.train.config.TrainConfig` fields (target, epochs,
     lr, min_lr, lr_epochs, patience, batch_size, steps_per_epoch, seed, workers); an unknown one
     is an error; lr, min_lr and steps_per_epoch not given are chosen from the store's size
-    (:func:`heads.schedule.resolve_schedule`). ``memory_budget``: bytes, or a size like
-    ``"8GB"``. Returns :class:`heads.training.TrainResult`."""
-    from heads.config import TrainConfig
-    from heads.training import train as run
+    (:func:`heads.train.schedule.resolve_schedule`). ``memory_budget``: bytes, or a size like
+    ``"8GB"``. Returns :class:`heads.train.loop.TrainResult`."""
+    from heads.train.config import TrainConfig
+    from heads.train.loop import train as run
 
     config = TrainConfig.from_dict({"head": head, "store": store, "out": out, "head_options": dict(head_options or {}),
                                     "memory_budget": _bytes(memory_budget), **options})
@@ -160,15 +158,14 @@ def score(run_dir: str | None = None, *, model: str | None = None, store: str | 
           precision: str | None = None, workers: int = DECODE_WORKERS, progress: bool = False,
           allow_unfinished: bool = False, ray: str | None = None, ray_cpus_per_worker: float | None = None,
           ray_gpus_per_worker: float | None = None, users: Sequence[str] = ()):
-    """``mlsp score``: a pandas DataFrame (id, pred, pred_std[, pred_opinion_std, p1..p10 for a
-    run of the distribution target][, mos, split]) for every image of ``store``, or of the image
+    """``mlsp score``: a pandas DataFrame (the columns of :mod:`heads.columns`) for every image of ``store``, or of the image
     files ``images`` (then files that could not be used are in ``frame.attrs["errors"]``).
     ``model``: a released model (a catalogue name or the path of its file, :func:`pretrained`)
     in place of a trained run. ``allow_unfinished``: also an interrupted or diverged run.
     ``ray`` (with ``images``): score on a Ray cluster, as for :func:`extract`. ``users``: personal
     model folders of this run (:func:`personalize`), with ``store``: one more column
     ``pred_<user>`` each."""
-    from heads.score import score_images, score_store
+    from heads.score.scoring import score_images, score_store
 
     if (run_dir is None) == (model is None):
         raise ConfigError("score() takes either a run folder or model=")
@@ -185,8 +182,13 @@ def score(run_dir: str | None = None, *, model: str | None = None, store: str | 
     if store is not None:
         if scorer is not None:
             return scorer.score_store(store, out, progress=resolve_progress(progress))
+        apply = None  # the run's head
+        if users:  # one column per person instead, the features read once for all of them
+            from heads.personal.people import PersonalScorer
+
+            apply = PersonalScorer(run_dir, list(users), allow_unfinished).columns
         return score_store(run_dir, store, out, progress=resolve_progress(progress),
-                           allow_unfinished=allow_unfinished, users=users)
+                           allow_unfinished=allow_unfinished, apply=apply)
     with ray_cluster(ray, ray_cpus_per_worker, ray_gpus_per_worker, workers) as cluster:
         if scorer is not None:
             return scorer.score(images, out, workers=workers, progress=resolve_progress(progress), cluster=cluster)
@@ -200,19 +202,19 @@ def score(run_dir: str | None = None, *, model: str | None = None, store: str | 
 def pretrained(model: str, *, precision: str | None = None, progress=False):
     """A released model, ready to score (as pyiqa's ``create_metric``): ``model`` is a catalogue
     name (``mlsp models``; fetched and verified once, with a bar if ``progress``) or the path of
-    its file. Returns a :class:`heads.pretrained_scoring.PretrainedModel`:
+    its file. Returns a :class:`heads.score.released.PretrainedModel`:
     ``.score(paths_or_folder)`` (a DataFrame: id, pred (the MOS, 1-10), pred_std, path),
     ``.score_store(store)``, ``.export(out)``."""
-    from heads.pretrained_scoring import open_model
+    from heads.score.released import open_model
 
     return open_model(model, precision or ExtractConfig.precision, progress=resolve_progress(progress))
 
 
 def import_weights(path: str, *, head: str, store: str, out: str | None = None) -> str:
     """``mlsp import-weights``: a run folder with the head of a Keras 2 weights file trained with
-    the authors' notebooks (:func:`heads.keras2.import_run`); ``store`` names the features it
+    the authors' notebooks (:func:`heads.score.keras2.import_run`); ``store`` names the features it
     takes. Returns the run folder."""
-    from heads.keras2 import import_run
+    from heads.score.keras2 import import_run
 
     return import_run(path, head, store, out)
 
@@ -224,7 +226,7 @@ def export(run_dir: str | None = None, out: str | None = None, *, model: str | N
     released model (:func:`pretrained`) in place of a run (default ``out``: ``<name>.keras``;
     ``progress``: a bar while its file is fetched). ``allow_unfinished``: also an interrupted or
     diverged run."""
-    from heads.export import export as run
+    from heads.score.export import export as run
 
 
     if (run_dir is None) == (model is None):
@@ -239,11 +241,11 @@ def export(run_dir: str | None = None, out: str | None = None, *, model: str | N
 def report(source: str, out: str | None = None, *, images: str | None = None, saliency: str | None = None,
            max_photos: int | None = None, progress=False) -> str:
     """``mlsp report``: one self-contained HTML page of a scores file (``mlsp score --out``), a
-    run folder or a personalisation evaluation folder (:mod:`heads.report`); returns its path.
+    run folder or a personalisation evaluation folder (:mod:`heads.report.make`); returns its path.
     ``images``: the folder to find the photos in by id; ``saliency``: a folder of
     :func:`explain` overlays to show beside them; ``max_photos``: thumbnails made and photos per
-    page (default :data:`heads.report.MAX_PHOTOS`)."""
-    from heads.report import MAX_PHOTOS, report as run
+    page (default :data:`heads.report.build.MAX_PHOTOS`)."""
+    from heads.report.make import MAX_PHOTOS, report as run
 
     return run(source, out, images=images, saliency=saliency, max_photos=max_photos or MAX_PHOTOS,
                progress=resolve_progress(progress))
@@ -254,11 +256,11 @@ def explain(images: str | Sequence[str], out: str, *, run: str | None = None, mo
             precision: str | None = None, allow_unfinished: bool = False, seed: int = 0, progress=False):
     """``mlsp explain``: SmoothGrad saliency of each photo's predicted score through the whole
     image-to-score model of a trained ``run`` or of a released ``model`` (a catalogue name or the
-    path of its file, :func:`pretrained`) (:mod:`heads.explain`), written into ``out`` as
+    path of its file, :func:`pretrained`) (:mod:`heads.report.saliency`), written into ``out`` as
     ``<id>.png`` (an overlay) and ``<id>.npy`` (the map at the photo's size). ``samples`` and
-    ``noise``: default SmoothGrad's paper's (:data:`heads.explain.SAMPLES`,
-    :data:`heads.explain.NOISE`). Returns ``(explained, errors)``."""
-    from heads import explain as saliency
+    ``noise``: default SmoothGrad's paper's (:data:`heads.report.saliency.SAMPLES`,
+    :data:`heads.report.saliency.NOISE`). Returns ``(explained, errors)``."""
+    from heads.report import saliency
 
     if bool(run) == bool(model):
         raise ConfigError("explain needs one model: a trained run (--run RUN_DIR) or a released model (--model NAME|PATH)")
@@ -275,16 +277,16 @@ def explain(images: str | Sequence[str], out: str, *, run: str | None = None, mo
 
 def inspect(store: str, *, check_features: bool = True, progress=False) -> dict:
     """``mlsp inspect``: what a store holds (configuration, sizes, labels, splits, errors), the
-    store checked on the way (:func:`mlsp.store.describe`; ``check_features=False`` skips
+    store checked on the way (:func:`mlsp.store.read.describe`; ``check_features=False`` skips
     reading every feature value)."""
-    from .store import describe
+    from .store.read import describe
 
     return describe(store, check_features=check_features, progress=resolve_progress(progress))
 
 
 def unusable_inputs(store: str) -> list[dict]:
     """Every input a store's extraction could not use: ``[{"id", "path", "reason"}]``."""
-    from .store import FeatureStore
+    from .store.read import FeatureStore
 
     with FeatureStore(store) as s:
         return s.errors()
@@ -296,16 +298,16 @@ def heads(nets: Sequence[str] | None = None) -> list[dict]:
     from heads.models import build_head
     from heads.registry import HEADS
 
-    from .backbones import BACKBONES, PAPER_BACKBONES
+    from .backbone.nets import BACKBONES, PAPER_BACKBONES
 
     rows = []
     for spec in HEADS.specs():
-        row = {"name": spec.name, "features": "wide" if spec.needs_wide else "narrow (or wide: grid mean)",
+        row = {"name": spec.name, "features": WIDE.name if spec.needs_wide else f"{NARROW.name} (or {WIDE.name}: grid mean)",
                "description": spec.description, "options": {}, "params": {}}
         for net in nets or PAPER_BACKBONES:
             backbone = BACKBONES[net]
             row["options"][net] = spec.default_options(backbone.total_channels)
-            model = build_head(spec.name, backbone.channels, pooling=pooling_of(spec.needs_wide))
+            model = build_head(spec.name, backbone.channels, pooling=pooling_of(spec.needs_wide).name)
             row["params"][net] = model.count_params()
         rows.append(row)
     return rows
@@ -317,7 +319,7 @@ def models(names: Sequence[str] | None = None, *, catalogues: Sequence[str] = ()
     the paper's AVA figures, where its file is kept and whether it is there (``cached``), and
     whether the backbone's ImageNet weights are in Keras' cache. ``catalogues``: users' catalogue
     files to add (as ``$MLSP_MODELS`` does; docs/pretrained.md)."""
-    from heads.pretrained import add_catalogue, describe, get_pretrained, list_pretrained
+    from heads.score.catalogue import add_catalogue, describe, get_pretrained, list_pretrained
 
     for path in catalogues:
         add_catalogue(path)
@@ -329,11 +331,25 @@ def fetch_model(name: str, *, catalogues: Sequence[str] = (), progress=False) ->
     """The checked local path of pretrained model ``name``'s file, downloaded into the cache
     first if it is not there (size and sha256 checked, mirrors tried in order, a broken download
     resumed); offline, a :class:`mlsp.errors.DownloadError` says where to put a copy."""
-    from heads.pretrained import add_catalogue, fetch
+    from heads.score.catalogue import add_catalogue, fetch
 
     for path in catalogues:
         add_catalogue(path)
     return fetch(name, progress=resolve_progress(progress))
+
+
+def check_models(names: Sequence[str] | None = None, *, catalogues: Sequence[str] = (), progress=False) -> list:
+    """``mlsp models --check``: score the published photo of each model named (default: every
+    model whose catalogue entry has a published prediction) as ``mlsp score --model`` does, and
+    compare it with the published score. Returns one :class:`heads.score.check.CheckResult`
+    per model (``score``, ``reference``, ``difference``, ``passed``); offline, a
+    :class:`mlsp.errors.WeightsUnavailableError` names the files needed and where to put them."""
+    from heads.score.catalogue import add_catalogue
+    from heads.score.check import checkable, run_checks
+
+    for path in catalogues:
+        add_catalogue(path)
+    return run_checks(checkable(names), progress=resolve_progress(progress))
 
 
 @dataclasses.dataclass
@@ -343,8 +359,8 @@ class SampleResult:
     info: object  # mlsp.sample.SampleInfo
     weights: str
     weights_note: str
-    extraction: object  # mlsp.extract.ExtractResult
-    training: object | None  # heads.training.TrainResult, or None with train_head=False
+    extraction: object  # mlsp.extraction.job.ExtractResult
+    training: object | None  # heads.train.loop.TrainResult, or None with train_head=False
     ratings: str | None = None  # with users: the synthetic raters' ratings.csv
     test_users: str | None = None  # with users: their test raters, one per line
 
@@ -359,15 +375,15 @@ def sample(root: str = "data/sample", *, n_images: int = SAMPLE_IMAGES, net: str
     said plainly in the log and in ``weights_note``. ``users``: that many synthetic raters with
     planted personal taste rate every image (``ratings.csv`` and ``test_users.txt`` beside the
     labels, :func:`mlsp.sample.write_sample_ratings`), for ``mlsp personalize``."""
-    from .extract import default_store_path, extract as run_extract
+    from .extraction.job import default_store_path, extract as run_extract
     from .sample import build_sample, demo_weights, write_sample_ratings
-    from .shards import remove_store
+    from .store.shards import remove_store
 
     info = build_sample(root, n_images=n_images, seed=seed)
     log.info("sample: %d images in %s, votes in %s", info.n_images, info.images_dir, info.labels_path)
     weights, why = demo_weights(net, weights)
     (log.warning if weights.startswith("random") else log.info)(why)
-    config = ExtractConfig(net=net, pooling=pooling_of(wide), weights=weights)
+    config = ExtractConfig(net=net, pooling=pooling_of(wide).name, weights=weights)
     out = out or default_store_path(config, "sample")
     remove_store(out)
     extraction = run_extract(info.images_dir, config, out, labels=info.labels_path, test_list=info.test_list_path,

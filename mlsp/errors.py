@@ -50,7 +50,7 @@ class DownloadError(WeightsUnavailableError):
 
 
 class KerasGraphChanged(MLSPError):
-    """The installed Keras no longer has the graph attributes :mod:`mlsp.keras_graph` reads."""
+    """The installed Keras no longer has the graph attributes :mod:`mlsp.backbone.graph` reads."""
 
 
 class LabelsError(MLSPError, ValueError):
@@ -108,7 +108,7 @@ def _summary(value, limit: int = 4) -> str:
 
 
 class IdentityConflict(StoreError):
-    """A file differs from the one stored under its path (:mod:`mlsp.identity`); ``conflicts``:
+    """A file differs from the one stored under its path (:mod:`mlsp.images.identity`); ``conflicts``:
     ``(path, key, stored identity, identity now)`` each."""
 
     def __init__(self, store, conflicts):
@@ -123,7 +123,7 @@ class IdentityConflict(StoreError):
 
 
 class StoreLocked(StoreError):
-    """Another process is writing the store (see :class:`mlsp.files.StoreLock`)."""
+    """Another process is writing the store (see :class:`mlsp.runtime.files.StoreLock`)."""
 
     def __init__(self, path, holder: str):
         self.path = str(path)
@@ -161,6 +161,27 @@ class WriteError(MLSPError):
         self.reason = reason
         self.kept = kept
         super().__init__(f"{path}: cannot write: {reason}; {kept}")
+
+
+class LinkRefused(WriteError):
+    """A path where mlsp keeps its own file (a cache entry, a partial download) is a symbolic link,
+    or not a regular file: mlsp never writes or reads its caches through one (:func:`mlsp.runtime.atomic.open_no_follow`)."""
+
+    def __init__(self, path, what: str):
+        self.path = str(path)
+        self.reason = what
+        self.kept = "nothing was written"
+        MLSPError.__init__(self, f"{path}: {what}, where mlsp keeps a file of its own; refused (mlsp never writes "
+                                 "or reads its cache through links): delete it and run again")
+
+
+class DownloadInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a download; ``kept`` says what is kept for the next try, truly
+    (a partial file that received no byte is not kept)."""
+
+    def __init__(self, kept: str):
+        self.kept = kept
+        super().__init__(kept)
 
 
 class TrainingError(MLSPError):

@@ -1,32 +1,19 @@
 """One generic registry: name -> spec, for backbones, heads, targets and pretrained models.
 
 Each kind of thing mlsp can be asked for by name keeps its entries in one :class:`Registry`;
-an entry is data (a frozen dataclass with a ``name``), added with :meth:`Registry.register`.
-Code that a spec names lazily (so that listing entries does not import Keras) is written as
-``"module:function"`` and resolved with :func:`resolve`.
+an entry is data (a frozen dataclass with a ``name``), added with :meth:`Registry.register`,
+beside the code it names where there is code (a decorator: ``@register_head``, ``@report_source``).
+Code a spec names refers to functions, never to "module:function" strings; what must not import
+Keras when listed imports it inside its body.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 from .errors import ConfigError
 
 T = TypeVar("T")
-
-
-def resolve(target: str | Callable) -> Callable:
-    """A callable given as itself or as ``"module:function"`` (imported now)."""
-    if callable(target):
-        return target
-    module, sep, function = str(target).partition(":")
-    if not sep or not module or not function:
-        raise ConfigError(f"expected 'module:function', received {target!r}")
-    try:
-        return getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"cannot load {target!r}: {e}") from e
 
 
 class Registry(Generic[T]):

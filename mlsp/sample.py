@@ -393,7 +393,7 @@ def demo_weights(net: str, weights: str = "auto") -> tuple[str, str]:
     the pipeline, so it still runs end to end offline, but its numbers then say nothing about
     aesthetics. Any other value is used as given (``imagenet`` then fails when unavailable).
     """
-    from . import backbone_weights, backbones
+    from .backbone import weights as backbone_weights, nets as backbones
     from .errors import WeightsUnavailableError
 
     if weights != "auto":
@@ -477,7 +477,7 @@ def write_sample_ratings(store_path: str, out_dir: str, users: int, seed: int = 
     sample's store (:func:`plant_ratings`, the last rater pure noise) plus a rating of each of
     ``unstored_ids`` (labels without images: ratings that match no stored image), and
     ``test_users.txt``, the last :data:`TEST_RATERS` of them. Returns both paths."""
-    from .store import FeatureStore
+    from .store.read import FeatureStore
 
     if users < 2:
         raise ConfigError(f"the sample's raters need at least 2 (training and test), received {users}")

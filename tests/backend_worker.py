@@ -21,7 +21,7 @@ NETS = ("irv2", "iv3")
 def save_random_backbone(net: str, seed: int, path: str):
     """A seeded random backbone's weights in Keras' own file format, which every backend loads
     (the random initialisers themselves differ between backends)."""
-    from mlsp import backbone_weights, backbones
+    from mlsp.backbone import weights as backbone_weights, nets as backbones
 
     model, _ = backbone_weights.build_backbone(backbones.get_backbone(net),
                                                backbone_weights.WeightsSource.parse(f"random:{seed}"))
@@ -34,9 +34,9 @@ def features(net: str, weights: str, views: np.ndarray):
     serves both poolings."""
     import keras
 
-    from mlsp import backend
-    from mlsp.extract import ExtractConfig, FeatureExtractor
-    from mlsp.pooling import MultiLevelPooling
+    from mlsp.runtime import backend
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
+    from mlsp.backbone.pooling import MultiLevelPooling
 
     fx = FeatureExtractor(ExtractConfig(net=net, pooling="narrow", weights=weights))
     taps = fx.model.get_layer("mlsp_pooling").input
@@ -50,7 +50,7 @@ def train_head(head: str, channels, pooling: str, options: dict, x: np.ndarray, 
     import keras
 
     from heads.models import build_head
-    from mlsp import backend
+    from mlsp.runtime import backend
 
     backend.set_random_seed(3)
     model = build_head(head, channels, pooling=pooling, output_bias=float(y.mean()), **options)
@@ -78,7 +78,7 @@ def main(job_path: str):
     cli.main(["--backend", job["backend"], "info", "--json"], standalone_mode=False)
     import keras
 
-    from mlsp.extract import ExtractConfig, extract
+    from mlsp.extraction.job import ExtractConfig, extract
 
     found = {"backend": keras.backend.backend(), "seconds": {}}
     views = np.load(job["views"])

@@ -1,6 +1,7 @@
 """Shared fixtures (plain helpers are in tests/helpers.py). Every test runs offline on random
 backbones and small generated images; nothing here needs ImageNet weights, AVA or a GPU."""
 
+import json
 import os
 import subprocess
 import tempfile
@@ -8,47 +9,94 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keras writes its config and weights cache under KERAS_HOME: keep tests away from the user's.
 os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="mlsp-keras-home-"))
-# The extractor cache (mlsp.forward_cache) would write an entry for each net and seed the tests
+# The extractor cache (mlsp.backbone.forward_cache) would write an entry for each net and seed the tests
 # use: tests/test_startup.py turns it on where it is tested.
 os.environ.setdefault("MLSP_FORWARD_CACHE", "0")
 
-# mlsp before any test module imports keras: TensorFlow reads its oneDNN switch once, when it
-# starts, and `import mlsp` sets it (on CPUs without AVX-512, mlsp.backend.prefer_onednn), so the
+# before any test module imports keras: TensorFlow reads its oneDNN switch once, when it starts,
+# and the CLI sets it (on CPUs without AVX-512, mlsp.runtime.backend.prepare_process), so the
 # tests' processes compute as the CLI's subprocesses do, whichever test file runs first
-import mlsp  # noqa: E402,F401
+from mlsp.runtime.backend import prepare_process  # noqa: E402
+
+prepare_process()
 import pytest  # noqa: E402
 
 from helpers import write_image  # noqa: E402  (tests/ is on the path: pyproject's pythonpath)
 
-# The slowest test files, slowest first (a full run on the 2-core machine, docs/testing.md). With
-# `-n 2 --dist loadfile` each worker takes the next file when it is nearly done with its own, in
-# collection order: the long files start first and the short ones fill the end, so neither
-# worker is left with a long file after the other has finished. Files not listed follow, in
-# pytest's order. Reorder here when a file's time changes much.
-SLOWEST_FILES = (
-    "test_train_cli.py", "test_cluster.py", "test_notebooks.py", "test_faults.py", "test_backends.py",
-    "test_extract.py", "test_train.py", "test_backbones.py", "test_score.py", "test_backbones_cli.py",
-    "test_distribution.py", "test_files.py", "test_personal.py", "test_heads.py", "test_pretrained_scoring.py",
-    "test_startup.py", "test_report.py", "test_explain.py", "test_onednn.py", "test_precision.py",
-)
+#: What each test took in the last full run that stored it (`--store-durations`, on the 2-core
+#: machine; docs/testing.md): seconds per test, and per file. It decides two things, so that no
+#: list is kept by hand:
+#: - the order: with `-n 2 --dist loadfile` each worker takes the next file when it is nearly done
+#:   with its own, in collection order, so the longest files start first and the short ones fill
+#:   the end, and neither worker is left alone on a long file (a file not in it counts as the median);
+#: - the tiers: a test that took more than SLOW_SECONDS is marked `slow`, like those marked by hand,
+#:   so `-m "not slow"` (the fast tier, README) leaves it out. A new test is fast until measured.
+DURATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "durations.json")
+SLOW_SECONDS = 4.0
+
+
+def pytest_addoption(parser):
+    parser.addoption("--store-durations", action="store_true",
+                     help="write each test's and each file's time to tests/durations.json after the run")
 
 
 def pytest_configure(config):
     # pytest-xdist would otherwise hand out the files with the most tests first (its
-    # --loadscope-reorder), undoing SLOWEST_FILES
+    # --loadscope-reorder), undoing the order by duration
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
+    if config.getoption("store_durations") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(StoreDurations(), "mlsp-store-durations")
 
 
+def stored_durations() -> dict:
+    """{"tests": {nodeid: s}, "files": {name: s}} of tests/durations.json (empty where missing)."""
+    try:
+        with open(DURATIONS) as handle:
+            stored = json.load(handle)
+        return {"tests": dict(stored.get("tests", {})), "files": dict(stored.get("files", {}))}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {"tests": {}, "files": {}}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items):
-    rank = {name: k for k, name in enumerate(SLOWEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+    stored = stored_durations()
+    files = sorted(stored["files"].values())
+    default = files[len(files) // 2] if files else 0.0
+    for item in items:
+        if stored["tests"].get(item.nodeid, 0.0) > SLOW_SECONDS:
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: -stored["files"].get(item.path.name, default))  # stable: a file's own order kept
+
+
+class StoreDurations:
+    """``--store-durations``: each test's time (set-up, call and tear-down, as the workers report
+    them to the controller) and each file's sum, written to tests/durations.json at the end."""
+
+    def __init__(self):
+        self.tests = {}
+
+    def pytest_runtest_logreport(self, report):
+        self.tests[report.nodeid] = self.tests.get(report.nodeid, 0.0) + report.duration
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        if not self.tests:
+            return
+        files = {}
+        for nodeid, seconds in self.tests.items():
+            name = os.path.basename(nodeid.split("::")[0])
+            files[name] = files.get(name, 0.0) + seconds
+        by_time = lambda d: {k: round(v, 2) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}  # noqa: E731
+        with open(DURATIONS, "w") as handle:
+            json.dump({"files": by_time(files), "tests": by_time(self.tests)}, handle, indent=1)
+            handle.write("\n")
 
 
 @pytest.fixture(scope="session")
 def extractors():
     """One FeatureExtractor per (net, pooling, augment) asked for, built once per session."""
-    from mlsp.extract import ExtractConfig, FeatureExtractor
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
 
     cache = {}
 
@@ -66,7 +114,7 @@ def extractors():
 def sample_store(tmp_path_factory, extractors):
     """A small sample (16 images, its votes, a test list) and its iv3 narrow store, made once
     per session. Read it; write elsewhere (a test's own tmp_path)."""
-    from mlsp.extract import ExtractConfig, extract
+    from mlsp.extraction.job import ExtractConfig, extract
     from mlsp.sample import build_sample
 
     root = tmp_path_factory.mktemp("sample_store")

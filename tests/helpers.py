@@ -26,9 +26,9 @@ def write_image(path, height, width, seed=0, channels=3, ext=None):
 
 
 def ctrl_c_after(count=None):
-    """A progress factory (:mod:`mlsp.progress`) that presses Ctrl-C once ``count`` items are done
+    """A progress factory (:mod:`mlsp.runtime.progress`) that presses Ctrl-C once ``count`` items are done
     (``None``: all of them)."""
-    from mlsp.progress import NullProgress
+    from mlsp.runtime.progress import NullProgress
 
     class CtrlC(NullProgress):
         def update(self, n=1):
@@ -64,19 +64,20 @@ def write_store(
     """Write a complete store from in-memory arrays (tests, synthetic stores, benchmarks).
 
     mlsp itself never writes a store this way: extraction streams through
-    :class:`mlsp.shards.ShardWriter` and :func:`mlsp.store_write.finalize_store`, which write the
-    same layout (:func:`mlsp.store_write.create_layout`)."""
+    :class:`mlsp.store.shards.ShardWriter` and :func:`mlsp.store.write.finalize_store`, which write the
+    same layout (:func:`mlsp.store.write.create_layout`)."""
     import h5py
 
-    from mlsp.atomic import AtomicPath
-    from mlsp.store_format import AUGMENTED_VIEWS, FULL_VIEW, as_str_array
-    from mlsp.store_write import create_layout, write_errors
+    from mlsp.runtime.atomic import AtomicPath
+    from mlsp.images.decode import AUGMENTED_VIEWS, FULL_VIEWS
+    from mlsp.store.format import as_str_array
+    from mlsp.store.write import create_layout, write_errors
 
     features = np.asarray(features)
     n = features.shape[0]
     n_views = features.shape[1]
     if views is None:
-        views = AUGMENTED_VIEWS if n_views == 8 else FULL_VIEW if n_views == 1 else [f"v{i}" for i in range(n_views)]
+        views = AUGMENTED_VIEWS if n_views == 8 else FULL_VIEWS if n_views == 1 else [f"v{i}" for i in range(n_views)]
     mos = np.full(n, np.nan, np.float32) if mos is None else np.asarray(mos, np.float32)
     votes = np.full((n, 10), np.nan, np.float32) if votes is None else np.asarray(votes, np.float32)
     if split is None:

@@ -60,6 +60,20 @@ def authors_layers(head: str, channels: int, width: int, kernels: int | None = N
     return layers + fc_layers(rng, channels, width)
 
 
+def calibrated(layers, features):
+    """The batch norms' moving statistics set to those of these features, layer by layer, as
+    training leaves them: the head then tells these images apart (a random backbone's features
+    of similar pictures differ little)."""
+    weights = dict(layers)
+    x = np.concatenate(features)
+    for i in range(3):
+        fc, bn = weights[f"head_fc{i}"], weights[f"head_bn{i}"]
+        h = np.maximum(x @ fc["kernel"] + fc["bias"], 0.0)
+        bn["moving_mean"], bn["moving_variance"] = h.mean(0), h.var(0) + 1e-2
+        x = (h - bn["moving_mean"]) / np.sqrt(bn["moving_variance"] + 1e-3) * bn["gamma"] + bn["beta"]
+    return layers
+
+
 def write_keras2(path, layers: list, *, dtype=np.float32):
     """Write ``layers`` ((name, {tensor: array}) in model order) as Keras 2.2.4's save_weights does."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -38,13 +38,13 @@ def image(size: int = SIZE) -> np.ndarray:
 
 
 def saliency() -> np.ndarray:
-    from heads.explain import score_function, smoothgrad
+    from heads.report.saliency import score_function, smoothgrad
 
     return smoothgrad(score_function(region_model()), image(), SAMPLES, 0.15, seed=0)
 
 
 if __name__ == "__main__":
-    from mlsp import backend
+    from mlsp.runtime import backend
 
     assert backend.name() == "torch", backend.name()
     np.save(sys.argv[1], saliency())

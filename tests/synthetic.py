@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mlsp.labels import SCORES, mos_from_votes
+from mlsp.store.labels import SCORES, mos_from_votes
 from helpers import write_store
 
 

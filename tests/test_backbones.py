@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mlsp import backbone_weights, backbones, cost, folding
+from mlsp.backbone import weights as backbone_weights, nets as backbones, cost, folding
 from mlsp.errors import ConfigError
 
 PAPER = {"iv3": (11, 10048), "irv2": (43, 16928)}
@@ -65,7 +65,7 @@ def test_registry_entry_matches_the_real_model(built, net):
     of the 5x5 grid is the narrow feature)."""
     import keras
 
-    from mlsp.pooling import MultiLevelPooling
+    from mlsp.backbone.pooling import MultiLevelPooling
 
     spec = backbones.get_backbone(net)
     _, folded, _ = built(net)

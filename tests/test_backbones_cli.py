@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 import cli
 from heads.registry import get_head
-from mlsp import backbones
+from mlsp.backbone import nets as backbones
 from mlsp.sample import build_sample
-from mlsp.store import FeatureStore
+from mlsp.store.read import FeatureStore
 
 
 def invoke(*args):
@@ -126,8 +126,8 @@ def test_weights_file_of_keras_own_model(tmp_path, net):
     layer; mlsp applies the registry's preprocessing) and the features are Keras' own on raw RGB."""
     import keras
 
-    from mlsp.extract import ExtractConfig, FeatureExtractor
-    from mlsp.pooling import MultiLevelPooling
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
+    from mlsp.backbone.pooling import MultiLevelPooling
 
     spec = backbones.get_backbone(net)
     keras.utils.set_random_seed(5)

@@ -18,8 +18,8 @@ import pytest
 import backend_worker
 from helpers import write_image
 from mlsp.errors import ImageDecodeError
-from mlsp.extract import ExtractConfig, extract
-from mlsp.readahead import run_batched
+from mlsp.extraction.job import ExtractConfig, extract
+from mlsp.images.readahead import run_batched
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,

@@ -22,16 +22,15 @@ from click.testing import CliRunner
 
 import cli
 from helpers import ctrl_c_after, write_image
-from heads.score import score_images
-from mlsp import api
-from mlsp.extract import ExtractConfig, FeatureExtractor, extract
-from mlsp.progress import NullProgress
-from mlsp.readahead import DECODE_WORKERS
+from heads.score.scoring import score_images
+from mlsp.extraction.job import ExtractConfig, FeatureExtractor, extract
+from mlsp.runtime.progress import NullProgress
+from mlsp.images.readahead import DECODE_WORKERS
 
 ray = pytest.importorskip("ray", reason='the Ray extra is not installed (pip install -e ".[ray]")')
 psutil = pytest.importorskip("psutil", reason="psutil (a dependency of Ray) finds the workers' processes")
 
-from mlsp.cluster import Address, Cluster, plan  # noqa: E402
+from mlsp.extraction.cluster import Address, Cluster, plan  # noqa: E402
 from mlsp.errors import ClusterError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,7 +236,7 @@ def test_a_killed_driver_resumes_into_the_same_store(cluster, folder, tmp_path):
 
     out, never = tmp_path / "s.h5", tmp_path / "never"
     env = dict(os.environ, PYTHONPATH=ROOT, MLSP_ROOT=ROOT, MLSP_FORWARD_CACHE="0")
-    driver = subprocess.Popen(faulty_command("mlsp.shards:ShardWriter.flush", 3, str(never), "extract", "--images",
+    driver = subprocess.Popen(faulty_command("mlsp.store.shards:ShardWriter.flush", 3, str(never), "extract", "--images",
                                              folder["images"], "--net", "iv3", "--weights", "random:0", "--out", out,
                                              "--checkpoint-every", "2", "--ray", "local:2"),
                               cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -283,9 +282,9 @@ def test_workers_are_the_ray_workers_decode_threads_in_extract_and_score(monkeyp
             made.append(decode_threads)
             raise ClusterError("stopped before starting Ray")
 
-    import mlsp.cluster
+    import mlsp.extraction.cluster
 
-    monkeypatch.setattr(mlsp.cluster, "Cluster", Recording)
+    monkeypatch.setattr(mlsp.extraction.cluster, "Cluster", Recording)
     common = ["--images", folder["images"], "--ray", "local:2"]
     for args in (["extract", "--net", "iv3", "--weights", "random:0", "--out", str(tmp_path / "x.h5")],
                  ["score", sample_run]):

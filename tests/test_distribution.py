@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from heads.registry import HEADS
 from synthetic import write_synthetic_store
 from heads.targets import TARGETS, emd, moments, vote_histograms
 
@@ -58,8 +57,8 @@ def tiny_wide(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("head", sorted(HEADS))
-def test_every_head_trains_on_the_distribution(tiny_wide, tmp_path, head):
+@pytest.mark.parametrize("head", ["pool3fc"])  # every head builds, trains and reloads with it: test_heads.py
+def test_a_head_trains_on_the_distribution_end_to_end(tiny_wide, tmp_path, head):
     import keras
 
     out = tmp_path / "run"
@@ -168,9 +167,9 @@ def scored(tmp_path_factory, sample_store):
 
 
 def test_scores_and_the_exported_model_carry_the_distribution(scored, extractors):
-    from heads.export import export, load_exported
-    from heads.score import score_images, score_store
-    from mlsp.images import decode_image
+    from heads.score.export import export, load_exported
+    from heads.score.scoring import score_images, score_store
+    from mlsp.images.decode import decode_image
 
     from_store = score_store(scored["run"], scored["store"])
     assert list(from_store.columns) == ["id", "pred", "pred_std", "pred_opinion_std", *P_COLUMNS, "mos", "split"]

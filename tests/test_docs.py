@@ -114,3 +114,27 @@ def test_relative_links_resolve(path):
 def test_readme_is_a_front_door():
     lines = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
     assert len(lines) <= 250, f"README.md has {len(lines)} lines; move details into docs/"
+    # the install and the test commands together, near the top: one code block of Set up
+    install = next(k for k, line in enumerate(lines) if line.startswith("python3 -m venv") and "pip install" in line)
+    tests = [k for k, line in enumerate(lines) if line.startswith("python -m pytest")]
+    assert install < 60 and tests and all(0 < k - install <= 4 for k in tests), (install, tests)
+    assert any('-m "not slow"' in lines[k] for k in tests), "the fast tier's command"
+
+
+def test_citations_of_the_paper_point_at_headings_of_docs_paper():
+    """Code, tests and bench cite the paper as docs/paper.md and a heading in double quotes: each heading exists
+    there, and nothing cites a file the repository does not hold."""
+    with open(os.path.join(ROOT, "docs", "paper.md"), encoding="utf-8") as handle:
+        headings = set(re.findall(r"^## (.+)$", handle.read(), flags=re.M))
+    cited, missing = 0, []
+    for pattern in ("mlsp/**/*.py", "heads/**/*.py", "cli.py", "tests/*.py", "bench/*.py"):
+        for path in glob.glob(os.path.join(ROOT, pattern), recursive=True):
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+            assert "PAPER" + ".md" not in text, f"{path} cites a file outside the repository"
+            for heading in re.findall(r'docs/paper\.md, "([^"]+)"', text):
+                cited += 1
+                if heading not in headings:
+                    missing.append(f"{os.path.relpath(path, ROOT)}: {heading!r}")
+    assert missing == [], f"headings of docs/paper.md: {sorted(headings)}"
+    assert cited >= 5  # the check reads the citations

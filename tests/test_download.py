@@ -1,4 +1,4 @@
-"""mlsp.download against a local HTTP server (127.0.0.1): resume, mirrors, refused files, offline."""
+"""mlsp.runtime.download against a local HTTP server (127.0.0.1): resume, mirrors, refused files, offline."""
 
 import fcntl
 import hashlib
@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from mlsp import download as dl
+from mlsp.runtime import download as dl
 from mlsp.errors import DownloadError, IntegrityError, WeightsUnavailableError
-from mlsp.progress import NullProgress
+from mlsp.runtime.progress import NullProgress
 from helpers import ctrl_c_after
 from http_files import FileServer, closed_port_url
 
@@ -90,7 +90,7 @@ def test_a_wrong_sha256_is_refused_and_not_kept(tmp_path, server, payload, caplo
     wrong[SIZE // 2] ^= 0xFF
     url = server.add("/m.h5", wrong)
     dest = str(tmp_path / "m.h5")
-    with caplog.at_level(logging.WARNING, logger="mlsp.download"), pytest.raises(DownloadError) as info:
+    with caplog.at_level(logging.WARNING, logger="mlsp.runtime.download"), pytest.raises(DownloadError) as info:
         dl.download([url], dest, size=SIZE, sha256=sha)
     assert f"expected sha256 {sha}" in str(info.value)
     assert hashlib.sha256(wrong).hexdigest() in str(info.value)

@@ -76,7 +76,7 @@ def test_evaluate_on_another_store_of_the_same_layout(tmp_path):
 
 def test_evaluate_recomputes_the_run_and_refuses_an_unfinished_one(tmp_path):
     from heads.evaluation import evaluate
-    from heads.training import TrainConfig, train
+    from heads.train.loop import TrainConfig, train
 
     store = str(tmp_path / "s.h5")
     write_synthetic_store(store, 150, n_views=3, block_channels=(4, 8), pooling="wide", seed=2)

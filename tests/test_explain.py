@@ -1,4 +1,4 @@
-"""SmoothGrad saliency (heads.explain, mlsp explain): the map's mass falls where the score comes
+"""SmoothGrad saliency (heads.report.saliency, mlsp explain): the map's mass falls where the score comes
 from, TensorFlow and PyTorch give the same map, float32 and bfloat16 maps agree, and the CLI
 writes an overlay and a raw map per photo at the photo's size, listing files it cannot use."""
 
@@ -31,7 +31,7 @@ def test_saliency_falls_in_the_region_the_score_depends_on():
 def test_noise_and_samples_change_the_map_as_smoothgrad_says():
     """Without noise every sample is the plain gradient; with noise the map is smoother (the
     SmoothGrad paper's point): its pixel-to-pixel variation inside the region drops."""
-    from heads.explain import score_function, smoothgrad
+    from heads.report.saliency import score_function, smoothgrad
 
     fn = score_function(saliency_worker.region_model())
     img = saliency_worker.image()
@@ -66,7 +66,7 @@ def tiny_run(tmp_path_factory, extractors):
     """A single1fc run on 8 small images of a random iv3 (narrow; 2 of them the test split),
     trained for one short epoch."""
     from mlsp import api
-    from mlsp.extract import ExtractConfig, extract
+    from mlsp.extraction.job import ExtractConfig, extract
 
     root = tmp_path_factory.mktemp("explain")
     for k in range(8):
@@ -104,7 +104,7 @@ def test_explain_cli_writes_maps_at_each_photos_size(tmp_path, tiny_run):
 
 @pytest.mark.slow
 def test_float32_and_bfloat16_maps_correlate(tmp_path, tiny_run):
-    from heads.explain import RunModel, score_function, smoothgrad
+    from heads.report.saliency import RunModel, score_function, smoothgrad
 
     img = np.random.default_rng(0).integers(0, 256, (96, 96, 3)).astype(np.float32)
     maps = {}

@@ -16,10 +16,10 @@ from click.testing import CliRunner
 
 import cli
 from helpers import ctrl_c_after, write_image
-from mlsp import extract as ex_mod
+from mlsp.extraction import job as ex_mod
 from mlsp.errors import StoreConfigMismatch
-from mlsp.extract import ExtractConfig, extract
-from mlsp.store import FeatureStore
+from mlsp.extraction.job import ExtractConfig, extract
+from mlsp.store.read import FeatureStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,7 +153,7 @@ def test_a_killed_runs_temporary_does_not_stop_the_merge(tmp_path, image_dir, ex
 def test_features_beyond_float16_are_listed_not_stored(tmp_path, image_dir, extractors):
     """An image whose features overflow the store's float16 (a backbone with unsuitable weights)
     is listed with the reason; the store holds only readable features."""
-    from mlsp.extract import OVERFLOW_REASON
+    from mlsp.extraction.job import OVERFLOW_REASON
 
     fx = extractors(net="iv3")
 
@@ -226,7 +226,7 @@ def test_other_configuration_is_refused(tmp_path, image_dir, extractors):
 def test_version_1_store_is_read_but_never_extended_with_the_new_decoding(tmp_path, image_dir, extractors):
     import h5py
 
-    from mlsp.store import FeatureStore
+    from mlsp.store.read import FeatureStore
 
     out = tmp_path / "v1.h5"
     config = ExtractConfig(net="iv3", weights="random:0")

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -92,7 +91,7 @@ def no_temporaries(folder):
 @pytest.fixture(scope="module")
 def clean_store(world, extractors):
     """The store of an extraction nothing interrupted, made in this process."""
-    from mlsp.extract import ExtractConfig, extract
+    from mlsp.extraction.job import ExtractConfig, extract
 
     out = str(world["root"] / "clean.h5")
     extract(str(world["images"]), ExtractConfig(net="iv3", weights="random:0"), out, extractor=extractors(net="iv3"),
@@ -101,13 +100,13 @@ def clean_store(world, extractors):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["mlsp.shards:ShardWriter.flush:2", "mlsp.store_write:create_layout:1"],
+@pytest.mark.parametrize("point", ["mlsp.store.shards:ShardWriter.flush:2", "mlsp.store.write:create_layout:1"],
                          ids=["between-shards", "in-the-merge"])
 def test_extract_killed_then_rerun_gives_the_store_of_an_uninterrupted_run(world, clean_store, extractors, point,
                                                                               tmp_path):
     """kill -9 after the first shard, and inside the merge (the store's temporary open): the
     rerun finishes, keeping the shards already written, and equals a run nothing stopped."""
-    from mlsp.extract import ExtractConfig, extract
+    from mlsp.extraction.job import ExtractConfig, extract
 
     target, count = point.rsplit(":", 1)
     out = tmp_path / "s.h5"
@@ -127,10 +126,10 @@ def test_a_second_writer_is_refused_and_the_first_finishes(world, clean_store, e
     """While one extraction writes a store (held after its first shard), a second into the same
     store is refused at once naming the first's pid; the first then finishes untouched."""
     from mlsp.errors import StoreLocked
-    from mlsp.extract import ExtractConfig, extract
+    from mlsp.extraction.job import ExtractConfig, extract
 
     out, go = tmp_path / "s.h5", tmp_path / "go"
-    first = subprocess.Popen(faulty_command("mlsp.shards:ShardWriter.flush", 2, str(go), *EXTRACT, "--images",
+    first = subprocess.Popen(faulty_command("mlsp.store.shards:ShardWriter.flush", 2, str(go), *EXTRACT, "--images",
                                             world["images"], "--out", out),
                              cwd=ROOT, env=world["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -207,10 +206,10 @@ def test_score_out_killed_then_rerun_gives_the_uninterrupted_scores(world, sampl
     OUT.partial, and the rerun scores only the rest into the CSV an uninterrupted run writes."""
     import pandas as pd
 
-    from heads.score import score_images, score_store
+    from heads.score.scoring import score_images, score_store
 
     out = str(tmp_path / "p.csv")
-    res = run(world, faulty_command("heads.score:ImageScorer.process", 6, "kill", "score", sample_run, "--images",
+    res = run(world, faulty_command("heads.score.scoring:ImageScorer.process", 6, "kill", "score", sample_run, "--images",
                                     sample_store["images"], "--out", out))
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     with open(out + ".partial") as handle:
@@ -227,8 +226,8 @@ def test_score_out_killed_then_rerun_gives_the_uninterrupted_scores(world, sampl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["heads.callbacks:HistoryCSV.on_epoch_end:2", "heads.run:Run.save_model:1",
-                                   "heads.training:write_outputs:1"],
+@pytest.mark.parametrize("point", ["heads.train.callbacks:HistoryCSV.on_epoch_end:2", "heads.run:Run.save_model:1",
+                                   "heads.train.loop:write_outputs:1"],
                          ids=["mid-training", "saving-the-model", "before-the-evaluation"])
 def test_train_killed_keeps_what_it_finished(world, tmp_path, point):
     """kill -9 of `mlsp train` mid-training, while saving its model and before its evaluation:

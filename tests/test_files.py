@@ -15,10 +15,10 @@ from click.testing import CliRunner
 
 import cli
 from helpers import remount, write_image
-from mlsp import atomic, files
+from mlsp.runtime import atomic, files
 from mlsp.errors import LabelsError, StoreLocked, WriteError
-from mlsp.extract import ExtractConfig, extract
-from mlsp.store import FeatureStore
+from mlsp.extraction.job import ExtractConfig, extract
+from mlsp.store.read import FeatureStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ExtractConfig(net="iv3", weights="random:0")
@@ -62,7 +62,7 @@ def test_a_lock_file_of_another_user_is_a_refusal_not_a_licence(tmp_path):
     store = str(shared / "s.h5")
     with files.StoreLock(store):  # the first writer (root here): its lock file is 0644, root's
         res = _as_another_user(
-            "print('ok-python'); from mlsp.files import StoreLock; from mlsp.errors import MLSPError\n"
+            "print('ok-python'); from mlsp.runtime.files import StoreLock; from mlsp.errors import MLSPError\n"
             f"try:\n    lock = StoreLock({store!r}).acquire(); print('read_only', lock.read_only)\n"
             "except MLSPError as exc:\n    print('refused:', exc)")
         assert "refused: " in res.stdout, res.stdout + res.stderr
@@ -71,7 +71,7 @@ def test_a_lock_file_of_another_user_is_a_refusal_not_a_licence(tmp_path):
         assert os.path.exists(store + ".lock")  # the first writer's, untouched
     # a folder nobody but its owner may write, and no lock in it: nothing can be written there
     os.chmod(shared, 0o755)
-    res = _as_another_user(f"print('ok-python'); from mlsp.files import StoreLock; "
+    res = _as_another_user(f"print('ok-python'); from mlsp.runtime.files import StoreLock; "
                            f"print('read_only', StoreLock({store!r}).acquire().read_only)")
     shutil.rmtree(shared)
     assert "read_only True" in res.stdout, res.stdout + res.stderr
@@ -256,7 +256,7 @@ def test_full_disk_simulated(tmp_path, image_dir, extractors, monkeypatch):
 
 
 def test_a_mismatch_message_summarises_long_values():
-    from mlsp.backbones import BACKBONES
+    from mlsp.backbone.nets import BACKBONES
     from mlsp.errors import StoreConfigMismatch
 
     irv2, iv3 = list(BACKBONES["irv2"].taps), list(BACKBONES["iv3"].taps)

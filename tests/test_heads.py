@@ -7,11 +7,11 @@ import pytest
 from heads.registry import HEADS
 from mlsp.errors import ConfigError
 
-# The channel layouts of the two backbones, as the paper gives them (PAPER.md, "Stage 1").
+# The channel layouts of the two backbones, as the paper gives them (docs/paper.md, "Stage 1: features").
 IRV2 = [320] + [128] * 10 + [1088] + [384] * 20 + [2080] + [448] * 10
 IV3 = [256, 288, 288, 768, 768, 768, 768, 768, 1280, 2048, 2048]
 SMALL = [8, 16, 8]
-PAPER_HEADS = ["single1fc", "single3fc", "multi3fc", "pool3fc"]  # the paper's four (PAPER.md)
+PAPER_HEADS = ["single1fc", "single3fc", "multi3fc", "pool3fc"]  # the paper's four (docs/paper.md, "Stage 2: heads")
 HEAD_NAMES = HEADS.names()  # every registered head: each test over heads covers a new one
 
 
@@ -60,7 +60,7 @@ def counts(model):
 
 
 def test_layouts_are_the_backbones():
-    from mlsp.backbones import BACKBONES
+    from mlsp.backbone.nets import BACKBONES
 
     assert sum(IRV2) == 16928 and len(IRV2) == 43
     assert sum(IV3) == 10048 and len(IV3) == 11
@@ -160,7 +160,7 @@ def test_registry_refuses_a_name_twice():
 
     before = get_head("single1fc")
     with pytest.raises(ConfigError, match="'single1fc' is already registered"):
-        HEADS.register(HeadSpec("single1fc", "heads.models:single_1fc", needs_wide=True, description="again"))
+        HEADS.register(HeadSpec("single1fc", before.builder, needs_wide=True, description="again"))
     assert get_head("single1fc") is before
 
 
@@ -216,22 +216,30 @@ def small_options(spec) -> dict:
     return {key: 8 for key in spec.options}
 
 
+@pytest.mark.parametrize("target", ["mos", "distribution"])
 @pytest.mark.parametrize("head", HEAD_NAMES)
-def test_every_head_keeps_the_contract(tmp_path, head):
-    """Every registered head, with its own options: builds on the features it needs, trains a
-    step (its loss changes), saves, reloads with safe_mode (no Lambda layers) and predicts the
-    same as before saving."""
+def test_every_head_keeps_the_contract(tmp_path, head, target):
+    """Every registered head, with its own options, for every target: builds on the features it
+    needs, trains a step with the target's loss (its loss changes), saves, reloads with safe_mode
+    (no Lambda layers) and predicts the same as before saving. (The planted-signal learning tests
+    train one head of each family: narrow and wide, tests/test_train_cli.py.)"""
     import keras
 
     from heads.models import build_head
+    from heads.targets import TARGETS
 
-    spec = HEADS.get(head)
-    model = build_head(head, SMALL, pooling="wide" if spec.needs_wide else "narrow", output_bias=3.0,
+    spec, goal = HEADS.get(head), TARGETS.get(target)
+    model = build_head(head, SMALL, pooling="wide" if spec.needs_wide else "narrow",
+                       output_bias=3.0 if goal.outputs == 1 else [0.0] * goal.outputs, target=target,
                        **small_options(spec))
     rng = np.random.default_rng(1)
     x = rng.uniform(size=(16,) + tuple(model.input_shape[1:])).astype(np.float32)
-    y = rng.uniform(1, 10, 16).astype(np.float32)
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    if goal.outputs == 1:
+        y = rng.uniform(1, 10, 16).astype(np.float32)
+    else:  # vote histograms
+        y = rng.dirichlet(np.ones(goal.outputs), 16).astype(np.float32)
+        assert model.output_shape == (None, goal.outputs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=goal.resolve_loss())
     before = model.evaluate(x, y, verbose=0)
     model.train_on_batch(x, y)
     assert model.evaluate(x, y, verbose=0) != before
@@ -259,4 +267,4 @@ def test_head_options_are_parsed_generically():
         for key, meaning in spec.option_help.items():
             assert f"{key} ({meaning})" in shown
     with pytest.raises(ConfigError, match="need one help text each"):
-        type(spec)("x", "heads.models:single_1fc", needs_wide=False, description="", options={"width": 8})
+        type(spec)("x", spec.builder, needs_wide=False, description="", options={"width": 8})

@@ -1,6 +1,7 @@
 """The house's rules, checked on the source: floors, private names, progress, registered layers."""
 
 import ast
+import json
 import logging
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from mlsp.progress import LogProgress, NullProgress, console_progress, null_progress, resolve
+from mlsp.runtime.progress import LogProgress, NullProgress, console_progress, null_progress, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("mlsp", "heads")
@@ -46,6 +47,95 @@ def imports(module, path):
             yield base, [alias.name for alias in node.names]
 
 
+#: The floors, lowest first: a module imports only from its own floor or those below it (function-local
+#: imports included). ``mlsp`` and ``heads`` themselves (their ``__init__``) only register Keras layers.
+FLOORS = (
+    ("mlsp.errors", "mlsp.registry", "mlsp.version"),
+    ("mlsp.runtime",),  # backends, precision, files, progress, downloads, trust
+    ("mlsp.images",),  # decoding, views, identity, read-ahead
+    ("mlsp.store",),  # the format, its attributes, writing, shards, reading, labels and splits
+    ("mlsp.backbone",),  # the networks, their weights, folding, Keras' graph, cost, layers, forward cache
+    ("mlsp.extraction", "mlsp.sample"),  # stage 1 as a job, on one machine or a Ray cluster
+    ("heads",),  # stage 2's core: the head registry and models, targets, runs, data, metrics, plots
+    ("heads.train",),
+    ("heads.score",),  # scoring, export, released models
+    ("heads.personal",),
+    ("heads.report",),  # the HTML report and saliency
+    ("mlsp.api",),  # the facade over both stages
+    ("cli",),
+)
+
+
+def floor_of(module):
+    matches = [(len(name), k) for k, names in enumerate(FLOORS) for name in names
+               if module == name or module.startswith(name + ".")]
+    return max(matches)[1] if matches else None
+
+
+def import_graph():
+    """module -> the library modules it imports (anywhere in it, function-local imports too)."""
+    modules = dict(library_modules())
+    graph = {}
+    for module, path in modules.items():
+        edges = set()
+        for target, names in imports(module, path):
+            found = next((c for c in [f"{target}.{n}" for n in names] + [target] if c in modules), None)
+            if found and found != module:
+                edges.add(found)
+        graph[module] = edges
+    return graph
+
+
+def cycles(graph):
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_function_local_imports_included():
+    assert cycles(import_graph()) == []
+    # the checker finds a cycle where there is one (function-local imports count)
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_module_lives_on_a_floor_and_imports_only_downwards():
+    graph = import_graph()
+    homeless = [m for m in graph if m not in ("mlsp", "heads") and floor_of(m) is None]
+    assert homeless == [], "give these a floor in FLOORS (docs/architecture.md)"
+    upwards = [f"{m} imports {t}" for m, targets in graph.items() if m not in ("mlsp", "heads")
+               for t in targets if floor_of(t) is not None and floor_of(t) > floor_of(m)]
+    assert upwards == [], "imports run downwards only (docs/architecture.md)"
+    # the subpackages the floors name exist, each with modules of its own
+    packages = {m.rpartition(".")[0] for m in graph if m.count(".") >= 2}
+    assert {"mlsp.runtime", "mlsp.images", "mlsp.store", "mlsp.backbone", "mlsp.extraction", "heads.train",
+            "heads.score", "heads.report", "heads.personal"} <= packages
+
+
 def test_the_ground_floor_never_imports_stage_2():
     offenders = []
     for module, path in library_modules():
@@ -61,8 +151,8 @@ def test_the_graph_is_seen():
     """The checker itself finds the imports it must (so an empty list above means something)."""
     graph = {module: {f"{target}.{n}" for target, names in imports(module, path) for n in names}
              | {target for target, _ in imports(module, path)} for module, path in library_modules()}
-    assert "heads.score" in graph["mlsp.api"] and "heads.run" in graph["heads.score"]
-    assert "mlsp.store" in graph["heads.evaluation"] and "mlsp.api" in graph["cli"]
+    assert "heads.score.scoring" in graph["mlsp.api"] and "heads.run" in graph["heads.score.scoring"]
+    assert "mlsp.store.read" in graph["heads.evaluation"] and "mlsp.api" in graph["cli"]
 
 
 def test_no_module_imports_another_modules_private_names():
@@ -82,22 +172,22 @@ def test_tests_take_helpers_from_helpers_not_conftest():
     offenders = [f"tests/{name}" for name in sorted(os.listdir(tests)) if name.endswith(".py")
                  for target, _ in imports(name[:-3], os.path.join(tests, name)) if target == "conftest"]
     assert offenders == []
-    from mlsp import store, store_write
+    from mlsp.store import read as store, write as store_write
 
     assert not hasattr(store_write, "write_store") and not hasattr(store, "write_store")  # tests/helpers.py's
 
 
 def test_keras_internals_are_read_in_one_module():
-    """Only mlsp/keras_graph.py names Keras' private graph attributes (tests/test_keras_graph.py
+    """Only mlsp/backbone/graph.py names Keras' private graph attributes (tests/test_keras_graph.py
     checks them against the installed Keras)."""
     private = ("_inbound_nodes", "_outbound_nodes", "_keras_history")
     offenders = []
     for module, path in library_modules():
         with open(path) as handle:
             text = handle.read()
-        offenders += [f"{module}: {name}" for name in private if name in text and module != "mlsp.keras_graph"]
+        offenders += [f"{module}: {name}" for name in private if name in text and module != "mlsp.backbone.graph"]
     assert offenders == []
-    with open(os.path.join(ROOT, "mlsp", "keras_graph.py")) as handle:
+    with open(os.path.join(ROOT, "mlsp", "backbone", "graph.py")) as handle:
         text = handle.read()
     assert all(name in text for name in private)  # the check reads the right files
 
@@ -142,7 +232,7 @@ def test_log_progress_logs_every_few_percent_or_seconds_never_per_update(caplog)
     now = [0]  # in 10 ms ticks
     bar = LogProgress(total=1000, desc="extract", unit="img", percent=10, interval=30, min_interval=3,
                       clock=lambda: now[0] / 100, dynamic_ncols=True, leave=True)
-    with caplog.at_level(logging.INFO, logger="mlsp.progress"):
+    with caplog.at_level(logging.INFO, logger="mlsp.runtime.progress"):
         for _ in range(1000):  # 1000 updates, 10 ms apart: 10 s in all
             now[0] += 1
             bar.update(1)
@@ -186,22 +276,65 @@ def registered_in_source():
     return found
 
 
-def test_import_mlsp_and_heads_register_every_custom_layer():
-    """Whether Keras is imported before or after, every custom layer (and loss) is registered."""
+#: Imported by no command that needs no model: the backends, and scipy (scipy.stats alone took
+#: 1.3 s of every command's start before it was imported lazily).
+HEAVY = ("tensorflow", "keras", "torch", "jax", "scipy")
+
+HYGIENE = r"""
+import json, os, sys
+order, commands, heavy, names = sys.argv[1], *map(json.loads, sys.argv[2:5])
+out = {}
+if order == "keras-first":
+    import keras
+env, finders = dict(os.environ), len(sys.meta_path)
+import mlsp, heads
+out["env_changed"] = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))
+out["new_finders"] = [type(f).__name__ for f in sys.meta_path][: len(sys.meta_path) - finders]
+if order == "keras-last":
+    import cli
+    for args in commands:
+        try:
+            cli.main(args)
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                raise
+    out["heavy"] = sorted({m.split(".")[0] for m in sys.modules} & set(heavy))
+    import keras
+if order != "no-hook":
+    out["missing"] = [n for n in names if keras.saving.get_registered_object(n) is None]
+print(json.dumps(out))
+"""
+
+
+def test_import_hygiene_and_every_custom_layer_registered(tmp_path):
+    """One process per order of imports: `import mlsp, heads` changes no environment variable
+    and adds no import finder but wrapt's post-import hook (none with MLSP_KERAS_HOOK=0); the
+    commands that need no model (--help, inspect) import no backend and no scipy; and whether Keras
+    is imported before or after, every custom layer (and loss) is registered."""
+    from synthetic import write_synthetic_store
+
     names = registered_in_source()
     assert {"mlsp>MultiLevelPooling", "mlsp>ViewCrops", "mlsp_heads>BlockSplit"} <= set(names)
-    code = ("import sys\n"
-            "order = sys.argv[1]\n"
-            "if order == 'keras-first': import keras\n"
-            "import mlsp, heads\n"
-            "assert 'keras' in sys.modules or order == 'keras-last'\n"
-            "import keras\n"
-            f"missing = [n for n in {names!r} if keras.saving.get_registered_object(n) is None]\n"
-            "assert not missing, missing\n")
-    for order in ("keras-first", "keras-last"):
-        res = subprocess.run([sys.executable, "-c", code, order], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"})
-        assert res.returncode == 0, res.stderr[-2000:]
+    store = str(tmp_path / "s.h5")
+    write_synthetic_store(store, 20, n_views=2, block_channels=(4,))
+    commands = [["--help"], ["inspect", store], ["inspect", "--json", store]]
+    commands += [[name, "--help"] for name in ("extract", "train", "evaluate", "score", "export", "sample", "heads",
+                                               "personalize", "report", "explain", "models")]
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "MLSP_KERAS_HOOK")}
+    env.update(PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    runs = {}
+    for order in ("keras-last", "keras-first", "no-hook"):
+        res = subprocess.run([sys.executable, "-c", HYGIENE, order, json.dumps(commands), json.dumps(HEAVY),
+                              json.dumps(names)], capture_output=True, text=True, timeout=300,
+                             env={**env, "MLSP_KERAS_HOOK": "0"} if order == "no-hook" else env)
+        assert res.returncode == 0, (order, res.stderr[-2000:])
+        runs[order] = json.loads(res.stdout.strip().splitlines()[-1])
+    for order, out in runs.items():
+        assert out["env_changed"] == [], (order, "import mlsp changes the environment")
+    assert runs["keras-last"]["new_finders"] == ["ImportHookFinder"], runs["keras-last"]
+    assert runs["no-hook"]["new_finders"] == [], "MLSP_KERAS_HOOK=0: no finder at all"
+    assert runs["keras-last"]["heavy"] == [], "commands that need no model import no backend and no scipy"
+    assert runs["keras-last"]["missing"] == [] and runs["keras-first"]["missing"] == []
 
 
 def test_cli_defaults_and_choices_come_from_their_owners():
@@ -212,9 +345,9 @@ def test_cli_defaults_and_choices_come_from_their_owners():
     from click.testing import CliRunner
 
     import cli
-    from heads.config import TrainConfig
-    from mlsp.extract import ExtractConfig, extract
-    from mlsp.precision import CHOICES
+    from heads.train.config import TrainConfig
+    from mlsp.extraction.job import ExtractConfig, extract
+    from mlsp.runtime.precision import CHOICES
 
     def flat(args):
         return " ".join(CliRunner().invoke(cli.main, args).output.split())
@@ -233,7 +366,7 @@ def test_cli_defaults_and_choices_come_from_their_owners():
     assert {"lr", "min_lr", "lr_epochs", "patience", "batch_size", "steps_per_epoch", "seed",
             "workers"} <= set(checked)
     shown = flat(["train", "--help"])
-    from heads.schedule import MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr
+    from heads.train.schedule import MAX_AUTO_LR, MIN_EPOCH_STEPS, PAPER, fmt_lr
 
     assert f"batch {PAPER.batch_size}, LR {fmt_lr(PAPER.lr)} divided by 10 every {PAPER.lr_epochs} epochs" in shown
     assert f"at least {MIN_EPOCH_STEPS} batches" in shown and f"(up to {fmt_lr(MAX_AUTO_LR)})" in shown
@@ -256,6 +389,6 @@ def test_cli_defaults_and_choices_come_from_their_owners():
         assert f"[default: {value}]" in shown, value
     for command in (cli.train_command, cli.score_command, cli.export_command):  # auto everywhere
         assert tuple(next(p for p in command.params if p.name == "precision").type.choices) == CHOICES
-    from mlsp.readahead import DECODE_WORKERS
+    from mlsp.images.readahead import DECODE_WORKERS
 
     assert defaults(cli.score_command, ROOT)["workers"] == DECODE_WORKERS == signature["workers"].default

@@ -7,10 +7,10 @@ import h5py
 import pytest
 
 from helpers import write_image
-from mlsp import images
+from mlsp.images import decode as images
 from mlsp.errors import ConfigError
-from mlsp.extract import ExtractConfig, extract
-from mlsp.store import FeatureStore
+from mlsp.extraction.job import ExtractConfig, extract
+from mlsp.store.read import FeatureStore
 
 CONFIG = ExtractConfig(net="iv3", weights="random:0")
 
@@ -187,7 +187,7 @@ def test_each_photo_is_read_once_for_its_pixels_and_its_identity(tmp_path, extra
     (in the decode threads), and the identity stored is the file's own (size, time, SHA-256)."""
     import builtins
 
-    from mlsp import identity
+    from mlsp.images import identity
 
     src = tmp_path / "imgs"
     for k in range(3):

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mlsp import images
+from mlsp.images import decode as images
 from mlsp.errors import ImageDecodeError
 
 

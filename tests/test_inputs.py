@@ -15,9 +15,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from helpers import write_image
-from mlsp import images
+from mlsp.images import decode as images
 from mlsp.errors import ConfigError, ImageDecodeError
-from mlsp.extract import collect_inputs
+from mlsp.extraction.job import collect_inputs
 
 pillow_heif = pytest.importorskip("pillow_heif", reason="pillow-heif (a dependency) writes the HEIC test files")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -331,8 +331,8 @@ def test_cli_missing_and_empty_folder_exit_with_one_line(tmp_path):
 
 
 def test_phone_photos_extract_upright_and_missing_decoder_listed(tmp_path, extractors, monkeypatch):
-    from mlsp.extract import ExtractConfig, extract
-    from mlsp.store import FeatureStore
+    from mlsp.extraction.job import ExtractConfig, extract
+    from mlsp.store.read import FeatureStore
 
     img = picture(120, 100, seed=7)
     folder = tmp_path / "phone"

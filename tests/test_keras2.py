@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from heads.keras2 import import_head, read_weights
+from heads.score.keras2 import import_head, read_weights
 from keras2_files import authors_layers, forward, n_params, write_keras2
 from synthetic import write_synthetic_store
 
@@ -113,7 +113,7 @@ def test_a_file_for_other_features_or_not_keras2_is_refused(tmp_path):
 def test_import_weights_writes_a_run_that_scores_evaluates_and_refuses(tmp_path):
     """`mlsp import-weights FILE --head pool3fc --store STORE --out RUN`: `mlsp score RUN --store`
     gives the authors' prediction averaged over the stored views; `mlsp evaluate` works."""
-    from mlsp.store import FeatureStore
+    from mlsp.store.read import FeatureStore
 
     store = str(tmp_path / "wide.h5")
     write_synthetic_store(store, n_images=12, n_views=2, block_channels=(16, 24), pooling="wide", seed=4)

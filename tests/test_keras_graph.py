@@ -1,10 +1,10 @@
-"""mlsp.keras_graph against the installed Keras: the graph attributes it reads are there and mean
+"""mlsp.backbone.graph against the installed Keras: the graph attributes it reads are there and mean
 what mlsp takes them to mean. A Keras release that changes them fails here, by name, before
 tapping, folding or FLOP counting go wrong elsewhere."""
 
 import pytest
 
-from mlsp import keras_graph
+from mlsp.backbone import graph as keras_graph
 from mlsp.errors import KerasGraphChanged
 
 
@@ -35,5 +35,5 @@ def test_producers_consumers_and_node_tensors(graph):
 
 
 def test_a_missing_attribute_is_one_error_naming_it():
-    with pytest.raises(KerasGraphChanged, match="object has no _inbound_nodes; .*mlsp/keras_graph.py"):
+    with pytest.raises(KerasGraphChanged, match="object has no _inbound_nodes; .*mlsp/backbone/graph.py"):
         keras_graph.inbound_nodes(object())

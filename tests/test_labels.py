@@ -1,4 +1,4 @@
-"""mlsp.labels: AVA.txt and CSV parsing, test lists, id matching and splits."""
+"""mlsp.store.labels: AVA.txt and CSV parsing, test lists, id matching and splits."""
 
 import logging
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlsp.errors import LabelsError
-from mlsp.labels import Labels, assign_splits, match_ids, read_labels, read_test_list
+from mlsp.store.labels import Labels, assign_splits, match_ids, read_labels, read_test_list
 
 # Hand-checkable votes: all on 5 -> 5.0; 1 on 1 and 1 on 10 -> 5.5; 3 on 2 and 1 on 6 -> 3.0.
 AVA_LINES = [
@@ -206,7 +206,7 @@ def test_no_labels_means_all_unlabeled():
 
 def test_test_ids_without_labels_warn(caplog):
     labels = make_labels(["a", "b", "c"])
-    with caplog.at_level(logging.WARNING, logger="mlsp.labels"):
+    with caplog.at_level(logging.WARNING, logger="mlsp.store.labels"):
         _, _, split, report = assign_splits(["a", "b", "c", "d"], labels, ["a", "d", "zz"])
     assert split.tolist()[0] == "test" and split.tolist()[3] == "unlabeled"
     assert report["test_ids_without_labels"] == 1 and report["test_ids_without_images"] == 1
@@ -241,7 +241,7 @@ def test_csv_vote_count_beyond_float32_names_file_and_line(tmp_path):
 
 
 def test_random_test_split_is_kept_when_images_are_added():
-    from mlsp.labels import random_test
+    from mlsp.store.labels import random_test
 
     ids = [f"photo_{k:04d}" for k in range(400)]
     labels = make_labels(ids)

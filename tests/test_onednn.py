@@ -1,4 +1,4 @@
-"""oneDNN's convolutions (TF_ENABLE_ONEDNN_OPTS): mlsp asks TensorFlow for them where the user has
+"""oneDNN's convolutions (TF_ENABLE_ONEDNN_OPTS): the CLI (mlsp.runtime.backend.prepare_process) asks TensorFlow for them where the user has
 not chosen, and the features stay those of Eigen's convolutions to float32 rounding.
 
 TensorFlow reads the variable once, when it starts, so each setting runs in its own process."""
@@ -18,10 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = r"""
 import json, sys
 import numpy as np
-import mlsp
 import os
-from mlsp.extract import ExtractConfig, FeatureExtractor
-from mlsp.images import make_views
+from mlsp.runtime.backend import prepare_process
+prepare_process()  # as the CLI does
+from mlsp.extraction.job import ExtractConfig, FeatureExtractor
+from mlsp.images.decode import make_views
 from tensorflow.python.util import _pywrap_util_port as port
 rng = np.random.default_rng(0)
 out = {"env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "onednn": bool(port.IsMklEnabled()), "features": {}}
@@ -47,7 +48,7 @@ def run_worker(setting):
 @pytest.mark.slow
 def test_onednn_is_asked_for_unless_chosen_and_features_agree_to_float32_rounding():
     default, off = run_worker(None), run_worker("0")
-    assert default["env"] == "1" and default["onednn"], "import mlsp asks TensorFlow for oneDNN"
+    assert default["env"] == "1" and default["onednn"], "the CLI asks TensorFlow for oneDNN"
     assert off["env"] == "0" and not off["onednn"], "the user's own setting is kept"
     assert default["features"].keys() == off["features"].keys()
     for key, a in default["features"].items():

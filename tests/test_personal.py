@@ -187,7 +187,7 @@ def test_cli_personalize_score_and_evaluate(world, tmp_path):
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "personal.json").read_text())
     assert meta["user"] == user and meta["method"] == "residual" and meta["scale"] == [1.0, 5.0]
-    from mlsp.backbone_weights import file_sha256
+    from mlsp.runtime.files import file_sha256
 
     assert meta["generic"]["sha256"] == file_sha256(os.path.join(world["run"], "model.keras"))
     other = tmp_path / "other"
@@ -277,7 +277,7 @@ def test_sample_raters_have_planted_taste_and_unmatched_ratings(tmp_path):
     taste visible (raters disagree beyond noise), ratings of unstored ids reported, test raters listed."""
     from heads.personal.ratings import read_ratings
     from mlsp.sample import write_sample_ratings
-    from mlsp.store import FeatureStore
+    from mlsp.store.read import FeatureStore
 
     store = str(tmp_path / "s.h5")
     write_synthetic_store(store, 60, n_views=2, block_channels=(8, 8), seed=1)
@@ -334,7 +334,7 @@ def test_a_content_model_keeps_its_coefficients_and_its_basis_bound_by_hash(worl
 def test_scoring_several_people_reads_each_image_once(world, tmp_path, monkeypatch):
     """Personal models of the hidden layer and of the content, scored together: every stored
     image's features are read once, and each column is the person's model on them."""
-    from mlsp.store import FeatureStore
+    from mlsp.store.read import FeatureStore
 
     users = world["planted"].users[-3], world["planted"].users[-4]
     dirs = [str(tmp_path / u) for u in users]

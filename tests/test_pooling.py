@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from mlsp.pooling import MultiLevelPooling
+from mlsp.backbone.pooling import MultiLevelPooling
 
 
 def cv2_area(x, size=5):
@@ -66,7 +66,7 @@ def test_layer_saves_and_loads_with_safe_mode(tmp_path):
 def test_backbone_blocks_pooled_like_cv2(extractors):
     """On the real backbone: every block's activations, pooled by cv2 INTER_AREA and
     concatenated, equal the extractor's wide features."""
-    from mlsp import backbones
+    from mlsp.backbone import nets as backbones
 
     ex = extractors(net="iv3", pooling="wide", augment=False)
     spec = backbones.get_backbone("iv3")

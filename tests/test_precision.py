@@ -6,10 +6,10 @@ import pytest
 
 from helpers import write_image
 from mlsp.errors import StoreConfigMismatch
-from mlsp.extract import ExtractConfig, extract
-from mlsp.precision import resolve as resolve_precision
-from mlsp.images import make_views
-from mlsp.store import FeatureStore
+from mlsp.extraction.job import ExtractConfig, extract
+from mlsp.runtime.precision import resolve as resolve_precision
+from mlsp.images.decode import make_views
+from mlsp.store.read import FeatureStore
 
 
 def cpu_has_bf16():
@@ -119,7 +119,7 @@ def test_training_in_bfloat16_learns_and_saves_a_float32_model(tmp_path):
     import keras
 
     from synthetic import write_synthetic_store
-    from heads.training import TrainConfig, train
+    from heads.train.loop import TrainConfig, train
 
     store = str(tmp_path / "planted.h5")
     write_synthetic_store(store, 600, n_views=2, block_channels=(16, 32, 16), seed=0)
@@ -160,13 +160,13 @@ def test_a_mixed_precision_head_gives_float32_outputs(target):
 
 
 def test_one_owner_checks_every_precision_and_restores_the_policy():
-    """mlsp.precision: a stored configuration is resolved (never auto), a training config may say
+    """mlsp.runtime.precision: a stored configuration is resolved (never auto), a training config may say
     auto, a misspelt name is one error naming it, and the dtype policy is the caller's again after."""
     import keras
 
-    from heads.config import TrainConfig
+    from heads.train.config import TrainConfig
     from mlsp.errors import ConfigError
-    from mlsp.precision import AUTO, CHOICES, DEFAULT, check, dtype_policy
+    from mlsp.runtime.precision import AUTO, CHOICES, DEFAULT, check, dtype_policy
 
     assert ExtractConfig().precision == DEFAULT == TrainConfig.precision and AUTO in CHOICES
     with pytest.raises(ConfigError, match="received 'auto'"):
@@ -184,10 +184,10 @@ def test_one_owner_checks_every_precision_and_restores_the_policy():
 def test_score_and_export_resolve_auto(monkeypatch):
     """The run's extraction at ``auto`` is the machine's precision, as extract's would be."""
     from heads.run import Run
-    from mlsp import precision
+    from mlsp.runtime import precision
 
     monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx512_bf16"})
-    monkeypatch.setattr("mlsp.backend.gpu_bfloat16", lambda: None)
+    monkeypatch.setattr("mlsp.runtime.backend.gpu_bfloat16", lambda: None)
     run = Run("r", {"store": {"net": "iv3", "pooling": "narrow", "views": ["full"],
                               "config": {"weights_source": "random:0", "precision": "float32", "max_side": 0}}})
     assert run.extract_config().precision == "float32"

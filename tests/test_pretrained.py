@@ -1,4 +1,4 @@
-"""The catalogue of pretrained predictors (heads.pretrained), its cache and `mlsp models`.
+"""The catalogue of pretrained predictors (heads.score.catalogue), its cache and `mlsp models`.
 
 Downloads come from a local HTTP server (tests/http_files.py); nothing leaves this machine."""
 
@@ -14,11 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from heads import pretrained as pt
+from heads.score import catalogue as pt
 from heads.registry import HEADS
-from mlsp.backbones import BACKBONES, get_backbone
+from mlsp.backbone.nets import BACKBONES, get_backbone
 from mlsp.errors import ConfigError, IntegrityError
-from mlsp.store_format import POOLINGS
+from mlsp.store.format import POOLINGS
 from http_files import FileServer, closed_port_url
 
 # The released heads (subpic/ava-mlsp, Git LFS): folder, head, pooling, size, sha256, in this order.
@@ -30,6 +30,8 @@ RELEASED = {
     "ava-mlsp-irv2-narrow-aug": ("irnv2_mlsp_narrow_orig_aug", "single3fc", "narrow", 148_210_608,
                                  "6e069d80b8c31a5e683129bc9ee242707773cec14ab91edaa36ababb94135636"),
 }
+
+MIRRORS = {"ava-mlsp-irv2-wide": ("https://www.dropbox.com/s/16k0vh1dn7ls0cd/model_best_weights.h5?dl=1",)}
 
 
 def invoke(*args, env=None):
@@ -53,8 +55,11 @@ def test_every_catalogue_entry(name):
     assert spec.views == ("crops18" if name.endswith("-aug") else "full")
     assert pt.VIEWS.get(spec.views).n_views == (18 if name.endswith("-aug") else 1)
     path = f"models/{folder}/model_best_weights.h5"
+    # the authors' Dropbox mirror of the wide head, which their predict_mlsp_wide.ipynb fetches
+    mirrors = MIRRORS.get(name, ())
     assert spec.urls == (f"https://github.com/subpic/ava-mlsp/raw/master/{path}",
-                         f"https://media.githubusercontent.com/media/subpic/ava-mlsp/master/{path}")
+                         f"https://media.githubusercontent.com/media/subpic/ava-mlsp/master/{path}", *mirrors)
+    assert all("Dropbox" in spec.source for _ in mirrors)
     assert "osf.io/ubps5" in spec.source and path in spec.source
     assert spec.backbone_weights == "imagenet"
     # the head options are the authors' (3FC of 2048; Pool-3FC's columns of 1024) and the head takes them
@@ -239,6 +244,22 @@ def test_a_catalogue_file_adds_an_entry_through_the_cli_and_mlsp_models(tmp_path
     ({"head_options": {"depth": 3}}, "does not take depth"),
     ({"size": "big"}, "size must be the file's size in bytes"),
     ({"paper": {"srcc": "high"}}, "paper must map"),
+    ({"paper": {"srcc": float("nan")}}, "paper must map"),
+    # fields of the wrong type: one line naming the field, never a traceback, never accepted
+    ({"urls": None}, "urls must be a list of http(s) URLs, received None"),
+    ({"urls": 0}, "urls must be a list of http(s) URLs, received 0"),
+    ({"urls": ""}, "urls must be a list of http(s) URLs, received ''"),
+    ({"urls": {}}, "urls must be a list of http(s) URLs, received {}"),
+    ({"urls": ["https://x/a b.h5\n"]}, "urls must be a list of http(s) URLs, received ['https://x/a b.h5\\n']"),
+    ({"net": ["iv3"]}, "net must be text, received ['iv3']"),
+    ({"views": {"full": 1}}, "views must be text"),
+    ({"head": None}, "head must be text, received None"),
+    ({"source": 5}, "source must be text, received 5"),
+    ({"file_name": "head\u0000.h5"}, "file_name 'head\\x00.h5' must be a plain file name"),
+    ({"file_name": "a\\b.h5"}, "must be a plain file name"),
+    ({"size": 10 ** 30}, "size must be the file's size in bytes (1 to 68,719,476,736), received 1000000000000000000"),
+    ({"size": 1.5}, "size must be the file's size in bytes"),
+    ({"head_options": []}, "head_options must be a table, received []"),
 ])
 def test_a_bad_catalogue_entry_is_one_line_naming_the_file_the_entry_and_the_field(tmp_path, change, said):
     data, _ = head_file(seed=9, size=100)
@@ -252,7 +273,8 @@ def test_a_bad_catalogue_entry_is_one_line_naming_the_file_the_entry_and_the_fie
 
 
 def test_a_catalogue_that_is_not_one_is_refused(tmp_path):
-    for text, said in (("{not json", "not valid JSON"), ('{"model": []}', "one list 'models'")):
+    for text, said in (("{not json", "not valid JSON"), ('{"model": []}', "one list 'models'"),
+                       ("[" * 100_000 + "]" * 100_000, "nested too deeply")):
         path = tmp_path / "c.json"
         path.write_text(text)
         with pytest.raises(ConfigError, match=said):

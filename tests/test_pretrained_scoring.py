@@ -1,5 +1,5 @@
-"""Released models as mlsp heads (heads/pretrained_scoring.py): the test-time views
-(mlsp/views.py), `mlsp score --model` on images and on a store, the kept conversion, export.
+"""Released models as mlsp heads (heads/score/released.py): the test-time views
+(mlsp/images/views.py), `mlsp score --model` on images and on a store, the kept conversion, export.
 
 A small catalogue entry per view procedure (iv3 narrow, a random backbone, a small single3fc in
 the authors' Keras 2 layout): the procedures are the same code for any backbone and head.
@@ -16,8 +16,8 @@ from click.testing import CliRunner
 import cli
 from mlsp.errors import StoreConfigMismatch
 from helpers import write_image
-from keras2_files import authors_layers, forward, write_keras2
-from mlsp.views import VIEW_PROCEDURES, crop_origin, get_procedure
+from keras2_files import authors_layers, calibrated, forward, write_keras2
+from mlsp.images.views import VIEW_PROCEDURES, crop_origin, get_procedure
 
 IV3_CHANNELS = 10048
 SIZES = [(120, 160), (150, 110), (133, 187), (101, 101)]
@@ -52,7 +52,7 @@ def test_crops18_are_the_authors_crops():
 @pytest.mark.parametrize("name", VIEW_PROCEDURES.names())
 def test_every_procedure_in_the_graph_equals_its_views(name):
     """The exported model's views layer makes exactly the views scoring files makes."""
-    from mlsp.layers import PositionCrops
+    from mlsp.backbone.layers import PositionCrops
 
     p = get_procedure(name)
     layer = PositionCrops(p.fraction, p.positions, p.flips)
@@ -65,38 +65,24 @@ def test_every_procedure_in_the_graph_equals_its_views(name):
 
 def _view_features(extractor, procedure, paths):
     """Each image's views' features, rounded to float16 as mlsp stores them."""
-    from mlsp.images import decode_image
+    from mlsp.images.decode import decode_image
 
     return [extractor(procedure.make(decode_image(str(p), extractor.config.max_side))).astype(np.float16)
             .astype(np.float32) for p in paths]
 
 
-def _calibrated(layers, features):
-    """The batch norms' moving statistics set to those of these features, layer by layer, as
-    training leaves them: the head then tells these images apart (a random backbone's features
-    of similar pictures differ little)."""
-    weights = dict(layers)
-    x = np.concatenate(features)
-    for i in range(3):
-        fc, bn = weights[f"head_fc{i}"], weights[f"head_bn{i}"]
-        h = np.maximum(x @ fc["kernel"] + fc["bias"], 0.0)
-        bn["moving_mean"], bn["moving_variance"] = h.mean(0), h.var(0) + 1e-2
-        x = (h - bn["moving_mean"]) / np.sqrt(bn["moving_variance"] + 1e-3) * bn["gamma"] + bn["beta"]
-    return layers
-
-
 @pytest.fixture(scope="module")
 def released(tmp_path_factory, extractors):
     """Images, and per view procedure a Keras 2 head file with its catalogue entry."""
-    from heads import pretrained
+    from heads.score import catalogue as pretrained
     root = tmp_path_factory.mktemp("released")
     paths = [write_image(root / "images" / f"photo{k}.jpg", h, w, seed=k) for k, (h, w) in enumerate(SIZES)]
     models = {}
     for seed, views in enumerate(("full", "crops18")):
         features = _view_features(extractors(net="iv3", augment=False), get_procedure(views), paths)
-        layers = _calibrated(authors_layers("single3fc", IV3_CHANNELS, WIDTH, seed=10 + seed), features)
+        layers = calibrated(authors_layers("single3fc", IV3_CHANNELS, WIDTH, seed=10 + seed), features)
         path = str(write_keras2(root / views / "model_best_weights.h5", layers))
-        from mlsp.backbone_weights import file_sha256
+        from mlsp.runtime.files import file_sha256
 
         sha = file_sha256(path)
         spec = pretrained.PretrainedSpec(
@@ -127,7 +113,7 @@ def _authors_scores(extractor, procedure, paths, layers):
 def test_score_model_on_images_equals_its_store_and_the_authors_computation(released, tmp_path, extractors):
     """`mlsp score --model PATH --images DIR` = `mlsp score --model PATH --store STORE` of the same
     images extracted whole (the `full` model's views) = the authors' computation."""
-    from mlsp.extract import ExtractConfig, extract
+    from mlsp.extraction.job import ExtractConfig, extract
 
     model = released["full"]
     runner = CliRunner()
@@ -154,10 +140,10 @@ def test_score_model_on_images_equals_its_store_and_the_authors_computation(rele
 
 @pytest.mark.slow
 def test_crops18_model_scores_its_18_views_and_refuses_a_store(released, tmp_path, extractors):
-    from heads.export import load_exported
+    from heads.score.export import load_exported
     from mlsp import api
-    from mlsp.images import decode_image
-    from heads.pretrained_scoring import open_model
+    from mlsp.images.decode import decode_image
+    from heads.score.released import open_model
 
     model = released["crops18"]
     scorer = open_model(model["path"], extractor=extractors(net="iv3", augment=False))
@@ -175,7 +161,7 @@ def test_crops18_model_scores_its_18_views_and_refuses_a_store(released, tmp_pat
     got = np.asarray(exported(decode_image(first, 1024)[None].astype(np.float32)))
     np.testing.assert_allclose(got, frame["pred"].iloc[:1], rtol=1e-3)
     # a store holds other views (8 corner crops): refused, saying what to do
-    from mlsp.backbones import get_backbone
+    from mlsp.backbone.nets import get_backbone
     from synthetic import write_synthetic_store
 
     store = str(tmp_path / "iv3_narrow.h5")
@@ -189,12 +175,16 @@ def test_crops18_model_scores_its_18_views_and_refuses_a_store(released, tmp_pat
 
 
 def test_conversion_is_kept_beside_the_file_and_used_only_if_its_hash_is_recorded(released, caplog):
-    from heads.pretrained_scoring import converted_path, open_model
+    from heads.score.released import conversions, converted_path, open_model
+    from mlsp.runtime.files import file_sha256
 
     model = released["full"]
     first = open_model(model["path"])
     kept = converted_path(model["path"], model["spec"].sha256)
-    assert first.head_path == kept and os.path.isfile(kept) and os.path.isfile(kept + ".json")
+    assert first.head_path == kept and os.path.isfile(kept) and not os.path.exists(kept + ".json")
+    # recorded outside the model's folder, by mlsp, bound to the pinned sha256 of the source
+    assert conversions().trusted(f"{model['spec'].sha256}:{kept}") == file_sha256(kept) == first.head_sha256
+    assert os.path.dirname(conversions().path) != os.path.dirname(kept)
     stamp = os.stat(kept).st_mtime_ns
     x = np.abs(np.random.default_rng(0).normal(size=(2, IV3_CHANNELS))).astype(np.float32)
     want = forward("single3fc", x, model["layers"])
@@ -205,6 +195,36 @@ def test_conversion_is_kept_beside_the_file_and_used_only_if_its_hash_is_recorde
     assert "not the conversion mlsp recorded" in caplog.text
     np.testing.assert_allclose(again.head.predict(x, verbose=0)[:, 0], want, rtol=1e-5)
     np.testing.assert_allclose(first.head.predict(x, verbose=0)[:, 0], want, rtol=1e-5)
+
+
+def test_a_planted_conversion_with_a_record_beside_it_is_not_believed(released, tmp_path, caplog):
+    """Another head (the authors' file shifted by +100) saved under the conversion's name, with the
+    record older versions of mlsp believed beside it, is converted again from the pinned file."""
+    import json
+
+    from heads.score.keras2 import import_head
+    from heads.score.released import converted_path, open_model
+    from mlsp.backbone.nets import get_backbone
+    from mlsp.runtime.files import file_sha256
+
+    model = released["full"]
+    kept = converted_path(model["path"], model["spec"].sha256)
+    open_model(model["path"])
+    x = np.abs(np.random.default_rng(1).normal(size=(3, IV3_CHANNELS))).astype(np.float32)
+    want = forward("single3fc", x, model["layers"])
+    planted_layers = [(layer, {**tensors, "bias": tensors["bias"] + 100.0} if layer == "head_out" else tensors)
+                      for layer, tensors in model["layers"]]
+    planted, _ = import_head(str(write_keras2(tmp_path / "planted.h5", planted_layers)), "single3fc",
+                             get_backbone("iv3").channels, "narrow", options={"width": WIDTH})
+    assert abs(planted.predict(x, verbose=0)[:, 0] - want - 100).max() < 1e-3
+    planted.save(kept)
+    with open(kept + ".json", "w") as handle:
+        json.dump({"source": model["path"], "source_sha256": model["spec"].sha256, "model": model["spec"].name,
+                   "head": "single3fc", "sha256": file_sha256(kept)}, handle)
+    again = open_model(model["path"])
+    assert "not the conversion mlsp recorded" in caplog.text
+    np.testing.assert_allclose(again.head.predict(x, verbose=0)[:, 0], want, rtol=1e-5)
+    assert file_sha256(kept) == again.head_sha256 and again.head_path == kept
 
 
 def test_a_file_not_in_the_catalogue_is_refused_in_one_line(released, tmp_path):
@@ -221,7 +241,7 @@ def test_a_file_not_in_the_catalogue_is_refused_in_one_line(released, tmp_path):
 def test_explain_takes_a_released_model(released, tmp_path):
     """`mlsp explain --model PATH` maps a photo through the released model's own views, backbone and
     head; a run and a model together, or neither, is one line."""
-    from mlsp.images import decode_image
+    from mlsp.images.decode import decode_image
 
     photo = sorted(os.listdir(released["images"]))[0]
     path = os.path.join(released["images"], photo)
@@ -240,13 +260,39 @@ def test_explain_takes_a_released_model(released, tmp_path):
 
 
 @pytest.mark.slow
+def test_precision_auto_works_with_a_released_model_for_score_export_and_explain(released, tmp_path):
+    """`--precision auto` is resolved once, where the backbone's configuration is made
+    (ExtractConfig), so it works with --model as it does for extract: score, export, explain."""
+    from mlsp.runtime.precision import AUTO, resolve
+
+    chosen, _ = resolve(AUTO)
+    model, runner = released["full"]["path"], CliRunner()
+    frames = {}
+    for precision in ("float32", AUTO):
+        out = tmp_path / f"{precision}.csv"
+        res = runner.invoke(cli.main, ["score", "--model", model, "--images", released["images"], "--out", str(out),
+                                       "--precision", precision])
+        assert res.exit_code == 0, res.output
+        frames[precision] = pd.read_csv(out, dtype={"id": str}).set_index("id").sort_index()
+    assert len(frames[AUTO]) == len(SIZES)
+    if chosen == "float32":  # this machine: auto is float32, the very same numbers
+        np.testing.assert_array_equal(frames[AUTO]["pred"], frames["float32"]["pred"])
+    res = runner.invoke(cli.main, ["export", "--model", model, "--precision", AUTO, "--out", str(tmp_path / "m.keras")])
+    assert res.exit_code == 0 and (tmp_path / "m.keras").is_file(), res.output
+    photo = os.path.join(released["images"], sorted(os.listdir(released["images"]))[0])
+    res = runner.invoke(cli.main, ["explain", photo, "--model", model, "--precision", AUTO, "--samples", "1",
+                                   "--out", str(tmp_path / "saliency")])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.slow
 def test_readme_score_your_photos_by_name_from_a_served_catalogue(released, tmp_path, monkeypatch):
     """README's command, `mlsp score --model NAME --images DIR --out scores.csv`, as a user with a
     catalogue file of their own (MLSP_MODELS) and a mirror (here a server on 127.0.0.1) runs it:
     the file is fetched once into the Keras cache, checked, and scores as the same file given by path."""
     import json
 
-    from heads import pretrained
+    from heads.score import catalogue as pretrained
     from http_files import FileServer
 
     model = released["full"]
@@ -283,7 +329,7 @@ def test_personalize_adapts_a_released_model(released, tmp_path, extractors):
     views is refused in one line."""
     import json
 
-    from mlsp.extract import ExtractConfig, extract
+    from mlsp.extraction.job import ExtractConfig, extract
 
     images = tmp_path / "photos"
     for k in range(8):

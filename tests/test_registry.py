@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from mlsp.errors import ConfigError
-from mlsp.registry import Registry, resolve
+from mlsp.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +32,3 @@ def test_a_name_is_never_replaced_and_unknown_names_list_the_known():
     assert reg.get("a").value == 1
     with pytest.raises(ConfigError, match="unknown widget 'z'; registered: a"):
         reg.get("z")
-
-
-def test_resolve_module_function():
-    assert resolve("os.path:join") is __import__("os").path.join
-    assert resolve(len) is len
-    for bad in ("os.path", "nosuchmodule_xyz:f", "os.path:nosuchfunction"):
-        with pytest.raises(ConfigError):
-            resolve(bad)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from helpers import write_image
-from mlsp.extract import ExtractConfig, extract
+from mlsp.extraction.job import ExtractConfig, extract
 from helpers import write_store
-from mlsp.store import FeatureStore
+from mlsp.store.read import FeatureStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ExtractConfig(net="iv3", weights="random:0")
@@ -27,7 +27,7 @@ N = 6
 CHILD = textwrap.dedent("""
     import os, shutil, signal, sys
     import h5py, numpy as np
-    from mlsp.store_write import relabel_store
+    from mlsp.store.write import relabel_store
 
     path, kill_at = sys.argv[1], int(sys.argv[2])
     count = [0]

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from browser import chrome
 from helpers import write_image
-from heads.report import SOURCES
+from heads.report.make import SOURCES
 
 N_PHOTOS = 30
 
@@ -99,7 +99,7 @@ PLANT = {"scores": lambda root: plant_scores(root)[0], "run": lambda root: plant
 @pytest.mark.parametrize("name", SOURCES.names())
 def test_every_source_kind_is_detected_and_reported(tmp_path, name):
     """One planted source per registered kind: detected as that kind, and its page written."""
-    from heads.report import detect, report
+    from heads.report.make import detect, report
 
     assert name in PLANT, "a new report source needs a planted example here"
     source = str(PLANT[name](tmp_path / name))
@@ -112,7 +112,7 @@ def test_every_source_kind_is_detected_and_reported(tmp_path, name):
 
 
 def test_scores_page_holds_every_photo_best_first(tmp_path):
-    from heads.report import report
+    from heads.report.make import report
 
     source, frame = plant_scores(tmp_path)
     data = page_data(report(str(source), str(tmp_path / "out" / "r.html")))
@@ -128,7 +128,7 @@ def test_scores_page_holds_every_photo_best_first(tmp_path):
 
 
 def test_run_page_shows_metrics_charts_and_largest_misses(tmp_path):
-    from heads.report import report
+    from heads.report.make import report
 
     run, mos, pred, split = plant_run(tmp_path)
     out = report(str(run), images=str(tmp_path / "imgs"))
@@ -149,7 +149,7 @@ def test_run_page_shows_metrics_charts_and_largest_misses(tmp_path):
 def test_distribution_run_tiles_carry_the_predicted_histogram(tmp_path):
     """A run of --target distribution: predictions.csv has the true opinion_std beside the
     predicted one; the tiles show the predicted spread and histogram."""
-    from heads.report import report
+    from heads.report.make import report
 
     run, *_ = plant_run(tmp_path, images=False)
     frame = pd.read_csv(run / "predictions.csv")
@@ -165,7 +165,7 @@ def test_distribution_run_tiles_carry_the_predicted_histogram(tmp_path):
 
 
 def test_personalisation_page_has_the_gain_per_person(tmp_path):
-    from heads.report import report
+    from heads.report.make import report
 
     text = open(report(str(plant_personalisation(tmp_path)), str(tmp_path / "p.html")), encoding="utf-8").read()
     assert "Gain per person" in text and "data:image/png;base64," in text
@@ -177,7 +177,7 @@ def test_personalisation_page_has_the_gain_per_person(tmp_path):
 def test_saliency_overlays_are_shown_beside_their_photos(tmp_path):
     """Overlays named <id>.png (as mlsp explain writes them) join their photo's tile; a run finds
     its own RUN/saliency folder without being told."""
-    from heads.report import report
+    from heads.report.make import report
 
     source, frame = plant_scores(tmp_path, n=6, distribution=False)
     for k in (1, 4):
@@ -193,7 +193,7 @@ def test_saliency_overlays_are_shown_beside_their_photos(tmp_path):
 
 
 def test_unusable_photos_become_placeholder_tiles(tmp_path, caplog):
-    from heads.report import report
+    from heads.report.make import report
 
     source, frame = plant_scores(tmp_path, n=6, distribution=False)
     bad = tmp_path / "photos" / "photo_001.jpg"
@@ -208,7 +208,7 @@ def test_unusable_photos_become_placeholder_tiles(tmp_path, caplog):
 
 
 def test_moved_photos_are_found_again_with_images(tmp_path):
-    from heads.report import report
+    from heads.report.make import report
 
     source, frame = plant_scores(tmp_path, n=5, distribution=False)
     os.rename(tmp_path / "photos", tmp_path / "moved")
@@ -255,7 +255,7 @@ def big_scores(root, rows, photos=40):
 
 
 def test_build_time_follows_the_photos_shown_not_the_rows(tmp_path):
-    from heads.report import report
+    from heads.report.make import report
 
     times, data = {}, {}
     for rows in (5_000, 50_000):
@@ -303,7 +303,7 @@ def gallery_scores(driver):
 
 
 def test_browser_shows_the_photos_in_order_sorts_and_filters(tmp_path, browser):
-    from heads.report import report
+    from heads.report.make import report
 
     source, frame = plant_scores(tmp_path)
     out = report(str(source), str(tmp_path / "r.html"))
@@ -339,7 +339,7 @@ def test_browser_shows_the_photos_in_order_sorts_and_filters(tmp_path, browser):
 
 
 def test_browser_opens_fifty_thousand_rows_in_seconds(tmp_path, browser):
-    from heads.report import report
+    from heads.report.make import report
 
     out = report(str(big_scores(tmp_path, 50_000)), str(tmp_path / "big.html"))
     start = time.perf_counter()

@@ -10,7 +10,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from mlsp.errors import ConfigError
-from mlsp.labels import assign_splits, read_labels, read_test_list
+from mlsp.store.labels import assign_splits, read_labels, read_test_list
 from bad_files import make_bad_files
 from mlsp.sample import SOURCES, build_sample, skimage_data_dir
 

@@ -9,13 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from heads import columns
 from mlsp import api
 from mlsp.errors import StoreConfigMismatch
-from mlsp.extract import ExtractConfig, extract
-from mlsp.images import decode_image
+from mlsp.extraction.job import ExtractConfig, extract
+from mlsp.images.decode import decode_image
 from bad_files import make_bad_files
 from heads.run import Run
-from heads.score import score_images, score_store
+from heads.score.scoring import score_images, score_store
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,8 @@ def test_store_and_images_agree(trained, extractors):
 def test_store_is_scored_in_reads_of_bounded_size(trained, monkeypatch):
     """score_store reads as many images at a time as fit in SLAB_BYTES (a wide store of irv2
     would otherwise hold gigabytes at once); the scores do not depend on it."""
-    from heads import score
-    from mlsp.store import FeatureStore
+    from heads.score import scoring as score
+    from mlsp.store.read import FeatureStore
 
     expected = score_store(trained["run"], trained["store"])
     with FeatureStore(trained["store"]) as s:
@@ -128,6 +129,8 @@ def test_cli_score_and_api(trained):
     lines = res.output.strip().splitlines()
     header = next(k for k, line in enumerate(lines) if line.split()[:2] == ["id", "pred"])  # after any warning
     assert lines[header].split() == ["id", "pred", "pred_std", "mos", "split"]
+    # the schema that owns the columns says the same (a MOS head's: heads.columns.names(1))
+    assert lines[header].split() == [columns.ID, *columns.names(1), columns.MOS, columns.SPLIT]
     printed = pd.DataFrame([line.split() for line in lines[header + 1:]], columns=lines[header].split())
     assert printed["id"].tolist() == expected["id"].tolist()
     assert printed["split"].tolist() == expected["split"].tolist()
@@ -265,7 +268,7 @@ def test_the_exported_model_resizes_as_scoring_decodes(tmp_path, size):
     import cv2
     import keras
 
-    from mlsp.layers import FitMaxSide
+    from mlsp.backbone.layers import FitMaxSide
 
     rng = np.random.default_rng(sum(size))
     img = cv2.resize(rng.integers(0, 256, (14, 20, 3), dtype=np.uint8), size[::-1], interpolation=cv2.INTER_CUBIC)

@@ -1,5 +1,6 @@
-"""Start-up: commands that need no model never import TensorFlow; the extractor cache
-(mlsp.forward_cache) gives the same features as building, and an altered entry is refused."""
+"""Start-up: the extractor cache (mlsp.backbone.forward_cache) gives the same features as building,
+and an altered entry is refused. (Commands that need no model import no backend:
+tests/test_house.py's import hygiene test.)"""
 
 import json
 import os
@@ -8,37 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
-from synthetic import write_synthetic_store
-
-# the backends, and scipy (scipy.stats alone took 1.3 s of every command's start before it was imported lazily)
-HEAVY = ("tensorflow", "keras", "torch", "jax", "scipy")
-
-RUN_CLI = """
-import json, sys
-import cli
-for args in json.loads(sys.argv[1]):
-    try:
-        cli.main(args)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
-print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(sys.argv[2])))))
-"""
-
-
-def test_help_and_inspect_never_import_a_backend_or_scipy(tmp_path):
-    store = str(tmp_path / "s.h5")
-    write_synthetic_store(store, 20, n_views=2, block_channels=(4,))
-    commands = [["--help"], ["inspect", store], ["inspect", "--json", store]]
-    commands += [[name, "--help"] for name in ("extract", "train", "evaluate", "score", "export", "sample", "heads",
-                                                           "personalize")]
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", RUN_CLI, json.dumps(commands), json.dumps(HEAVY)],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "synthetic" in proc.stdout  # inspect described the store
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
 
 
 @pytest.fixture
@@ -50,8 +20,8 @@ def keras_home(tmp_path, monkeypatch):
 
 def test_cached_extractor_gives_the_same_features_and_an_altered_entry_is_refused(keras_home, extractors, caplog,
                                                                                   monkeypatch, tmp_path):
-    from mlsp import forward_cache
-    from mlsp.extract import ExtractConfig, FeatureExtractor
+    from mlsp.backbone import forward_cache
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
 
     config = ExtractConfig(net="iv3", weights="random:0")
     built = extractors(net="iv3")
@@ -71,7 +41,7 @@ def test_cached_extractor_gives_the_same_features_and_an_altered_entry_is_refuse
 
     # an entry is found by the weights' hash: the file's name and place recorded are this run's,
     # not those of the run that wrote the entry (the file's content is never read from the cache)
-    from mlsp.backbone_weights import file_sha256
+    from mlsp.runtime.files import file_sha256
 
     renamed = tmp_path / "renamed.weights.h5"
     renamed.write_bytes(b"the same weights as another file, under another name")
@@ -112,8 +82,8 @@ def test_a_planted_cache_entry_is_never_loaded_or_run(keras_home, extractors, ca
 
     import tensorflow as tf
 
-    from mlsp import forward_cache
-    from mlsp.extract import ExtractConfig, FeatureExtractor
+    from mlsp.backbone import forward_cache
+    from mlsp.extraction.job import ExtractConfig, FeatureExtractor
 
     config = ExtractConfig(net="iv3", weights="random:0")
     built = extractors(net="iv3")
@@ -155,8 +125,8 @@ def test_the_key_follows_the_code_that_builds_the_model(tmp_path):
     the version string says: the key holds a hash of the package's code, not its version."""
     import shutil
 
-    from mlsp import forward_cache
-    from mlsp.extract import ExtractConfig
+    from mlsp.backbone import forward_cache
+    from mlsp.extraction.job import ExtractConfig
 
     same, changed = tmp_path / "same" / "mlsp", tmp_path / "changed" / "mlsp"
     for copy in (same, changed):
@@ -174,8 +144,8 @@ def test_a_cache_folder_that_cannot_be_written_means_no_cache(small_disk, monkey
     """KERAS_HOME on read-only media or a full disk (a real tmpfs): saving keeps nothing and
     raises nothing, loading finds nothing; the run goes on as without a cache."""
     from helpers import remount
-    from mlsp import forward_cache
-    from mlsp.extract import ExtractConfig
+    from mlsp.backbone import forward_cache
+    from mlsp.extraction.job import ExtractConfig
 
     disk = small_disk("256k")
     home = disk / "keras"

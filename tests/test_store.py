@@ -9,7 +9,8 @@ import pytest
 
 from mlsp.errors import StoreError
 from helpers import write_store
-from mlsp.store import FORMAT_VERSION, FeatureStore, describe, find_latest_store
+from mlsp.store.read import FeatureStore, describe, find_latest_store
+from mlsp.store.format import FORMAT_VERSION
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_describe_and_latest(store, tmp_path):
     assert info["images"] == 30 and info["channels"] == 6 and info["pooling"] == "wide"
     assert info["splits"]["train"] == 30 and info["labelled"] == 30
     assert "decoding" not in info  # a store written before the format had it
-    from mlsp.images import DECODING
+    from mlsp.images.decode import DECODING
 
     with h5py.File(path, "r+") as f:
         f.attrs["decoding"] = DECODING
@@ -96,7 +97,7 @@ def test_non_finite_features_are_named_with_the_image(store):
             s.load()
     info = describe(str(path), check_features=True)
     assert "image im17" in info["features_check"]
-    from mlsp.store import FeatureReader
+    from mlsp.store.read import FeatureReader
 
     for direct in (True, False):  # positional reads, and h5py's where the layout does not allow them
         with FeatureReader(str(path), direct=direct) as reader:
@@ -214,7 +215,7 @@ def test_inspect_through_the_cli(store, tmp_path):
 
 
 def test_consecutive_runs():
-    from mlsp.store import consecutive_runs
+    from mlsp.store.read import consecutive_runs
 
     rows = [0, 1, 2, 2, 3, 7, 9, 10, 11, 12, 13]
     assert consecutive_runs(rows) == [(0, 5), (5, 6), (6, 11)]
@@ -223,7 +224,7 @@ def test_consecutive_runs():
 
 
 def test_feature_reader_reads_what_the_store_holds(store):
-    from mlsp.store import FeatureReader
+    from mlsp.store.read import FeatureReader
 
     path, features = store
     with FeatureReader(str(path)) as reader:
@@ -239,11 +240,11 @@ def test_feature_reader_reads_what_the_store_holds(store):
 
 
 def test_features_readme_lists_the_attribute_table():
-    """features/README.md's root attributes are mlsp.store_config's table, row for row (names,
+    """features/README.md's root attributes are mlsp.store.config's table, row for row (names,
     type, meaning), and its configuration paragraph names exactly the configuration's keys."""
     import re
 
-    from mlsp.store_config import ATTRIBUTES, CONFIG_KEYS
+    from mlsp.store.config import ATTRIBUTES, CONFIG_KEYS
 
     text = open(os.path.join(os.path.dirname(__file__), "..", "features", "README.md")).read()
     section = text.split("## Root attributes", 1)[1].split("\n## ", 1)[0]
@@ -258,9 +259,9 @@ def test_features_readme_lists_the_attribute_table():
 def test_store_config_round_trip_and_what_derives_from_it(tmp_path, monkeypatch):
     """to_attrs writes every row of the table an extraction knows; from_attrs gives back the
     extraction; the forward cache's key and the scoring checks are the table's."""
-    from mlsp import forward_cache
-    from mlsp.extract import ExtractConfig
-    from mlsp.store_config import (ATTRIBUTES, CONFIG_KEYS, FORWARD_KEYS, SCORED_KEYS, config_attrs,
+    from mlsp.backbone import forward_cache
+    from mlsp.extraction.job import ExtractConfig
+    from mlsp.store.config import (ATTRIBUTES, CONFIG_KEYS, FORWARD_KEYS, SCORED_KEYS, config_attrs,
                                    from_attrs, names, to_attrs)
 
     record = {"source": "random:3", "sha256": "ab" * 32}

@@ -1,4 +1,4 @@
-"""heads.training: the run folder, determinism, the best weights as the result, the checks that
+"""heads.train.loop: the run folder, determinism, the best weights as the result, the checks that
 come before any training, and training a store larger than the process may hold in memory."""
 
 import csv
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from synthetic import write_synthetic_store
-from heads.training import TrainConfig, train
+from heads.train.loop import TrainConfig, train
 from mlsp.errors import ConfigError, StoreError
 from helpers import write_store
 
@@ -173,7 +173,7 @@ def test_a_run_folder_is_never_overwritten(narrow_store, tmp_path):
 
 MEMORY_CAPPED = textwrap.dedent("""
     import json, resource, sys
-    from heads.training import TrainConfig, train
+    from heads.train.loop import TrainConfig, train
 
     store, small, out, headroom = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     # warm up first (TensorFlow's thread pools and allocator arenas), then cap the address space
@@ -225,7 +225,7 @@ def test_a_store_larger_than_the_memory_cap_trains_from_disk(tmp_path):
 
 
 def test_ctrl_c_keeps_the_best_weights_so_far(narrow_store, tmp_path, monkeypatch):
-    from heads import training
+    from heads.train import loop as training
 
     original = training.HistoryCSV.on_epoch_end
 
@@ -268,7 +268,7 @@ def test_features_that_are_not_finite_are_a_clear_error(tmp_path):
 
 
 def test_divergence_rule():
-    from heads.training import divergence
+    from heads.train.loop import divergence
 
     rng = np.random.default_rng(0)
     train_mos, val_mos = rng.uniform(2, 8, 100), rng.uniform(2, 8, 20)

@@ -8,7 +8,7 @@ from heads.data import (MemorySource, StoreSource, TrainBatches, epoch_plan, ope
                         predict_views)
 from mlsp.errors import ConfigError
 from helpers import write_store
-from mlsp.store import FeatureStore
+from mlsp.store.read import FeatureStore
 
 N, V = 40, 8
 

@@ -1,4 +1,4 @@
-"""heads.schedule: the paper's LR schedule, driven epoch by epoch with planted validation losses.
+"""heads.train.schedule: the paper's LR schedule, driven epoch by epoch with planted validation losses.
 
 The model's weight marks the epoch it was set in, so a reload shows which epoch's weights came
 back.
@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from heads.schedule import lr_stages
-from heads.schedule_callback import StepOrPlateauSchedule
+from heads.train.schedule import lr_stages
+from heads.train.schedule_callback import StepOrPlateauSchedule
 
 
 def drive(val_losses, **kwargs):
@@ -124,15 +124,15 @@ def test_nan_is_never_an_improvement():
     assert rows[5][2] == 0
 
 
-# ---- the values a run uses: heads.schedule.resolve_schedule, a pure function of the store's size
+# ---- the values a run uses: heads.train.schedule.resolve_schedule, a pure function of the store's size
 
 
 def test_a_store_of_avas_size_gets_exactly_the_papers_schedule():
-    from heads.schedule import PAPER, resolve_schedule
-    from heads.training import TrainConfig
+    from heads.train.schedule import PAPER, resolve_schedule
+    from heads.train.loop import TrainConfig
 
     assert (PAPER.lr, PAPER.min_lr, PAPER.lr_factor, PAPER.lr_epochs, PAPER.patience, PAPER.batch_size,
-            PAPER.steps_per_epoch) == (1e-4, 1e-6, 0.1, 20, 5, 128, None)  # PAPER.md, "Training"
+            PAPER.steps_per_epoch) == (1e-4, 1e-6, 0.1, 20, 5, 128, None)  # docs/paper.md, "Training"
     # AVA: 235,574 non-test images, 95% of them for training (223,795: 1,749 batches of 128)
     for n_train in (223_795, 235_574, 128_000):
         schedule, why = resolve_schedule(n_train)
@@ -144,7 +144,7 @@ def test_a_store_of_avas_size_gets_exactly_the_papers_schedule():
 
 
 def test_a_small_store_gets_longer_epochs_and_a_higher_lr():
-    from heads.schedule import resolve_schedule
+    from heads.train.schedule import resolve_schedule
 
     small, why = resolve_schedule(1400)  # 11 batches per pass
     assert (small.steps_per_epoch, small.lr, small.min_lr) == (100, 1e-3, 1e-5)
@@ -158,7 +158,7 @@ def test_a_small_store_gets_longer_epochs_and_a_higher_lr():
 
 
 def test_every_value_is_overridable():
-    from heads.schedule import resolve_schedule
+    from heads.train.schedule import resolve_schedule
     from mlsp.errors import ConfigError
 
     schedule, why = resolve_schedule(1400, lr=3e-4, min_lr=1e-6, steps_per_epoch=7, lr_epochs=4, patience=2,
@@ -182,7 +182,7 @@ def test_the_rule_imports_no_keras():
     import subprocess
     import sys
 
-    code = ("import sys; import heads.schedule as s; s.resolve_schedule(100); "
+    code = ("import sys; import heads.train.schedule as s; s.resolve_schedule(100); "
             "print(sorted(m for m in ('keras', 'tensorflow', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

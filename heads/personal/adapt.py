@@ -20,18 +20,19 @@ choice's nested errors do not. A named method keeps its own grid's choice.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 
 import numpy as np
 
-from mlsp.atomic import atomic_path, write_json
 from mlsp.errors import ConfigError
-from mlsp.labels import SCORES
+from mlsp.store.labels import SCORES
 
+from ..columns import user_column
+from . import model_file
 from .features import find_basis
-from .methods import FITTED, METHODS, ContentResidual, Context, Images, MethodSpec, fit
+from .methods import METHODS, ContentResidual, Context, Images, MethodSpec, fit
+from .model_file import FORMAT_VERSION, MODEL_JSON, MODEL_NPZ  # noqa: F401 (the files' names, here as before)
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,6 @@ FOLDS = 5
 #: A method other than ``generic`` is chosen only when the choice's nested cross-validated error
 #: beats the generic prediction's by more than this many standard errors of the per-image difference.
 FALLBACK_SE = 2.0
-MODEL_JSON = "personal.json"
-MODEL_NPZ = "personal.npz"
-FORMAT_VERSION = 1
 
 
 def to_generic(scores, scale) -> np.ndarray:
@@ -169,7 +167,7 @@ class PersonalModel:
 
     @property
     def column(self) -> str:
-        return f"pred_{self.user}"
+        return user_column(self.user)
 
     def predict_generic_scale(self, images: Images) -> np.ndarray:
         return self.fitted.predict(images)
@@ -180,41 +178,29 @@ class PersonalModel:
 
     def save(self, out_dir: str) -> str:
         """``personal.json`` (what, whose, on which generic model) and ``personal.npz`` (the
-        fitted arrays), each written atomically; the npz first, so a json always has its arrays."""
-        os.makedirs(out_dir, exist_ok=True)
-        with atomic_path(os.path.join(out_dir, MODEL_NPZ), keep_extension=True) as tmp:
-            np.savez(tmp, **self.fitted.state())
-        write_json(os.path.join(out_dir, MODEL_JSON), {
-            "format_version": FORMAT_VERSION, "user": self.user, "method": self.method, "params": self.params,
-            "kind": self.fitted.kind, "scale": list(self.scale), "n_ratings": self.n_ratings,
-            "generic": self.generic, "cv": self.cv, "basis": self.basis.describe() if self.basis else None})
-        return out_dir
+        fitted arrays), written as one unit (:mod:`.model_file`); a feature-space model's json
+        records its basis (:meth:`heads.personal.features.Basis.describe`)."""
+        return model_file.write(out_dir, {
+            "user": self.user, "method": self.method, "params": self.params, "kind": self.fitted.kind,
+            "scale": list(self.scale), "n_ratings": self.n_ratings, "generic": self.generic, "cv": self.cv,
+            "basis": self.basis.describe() if self.basis else None},
+            self.fitted.state())
 
 
 def load_personal(path: str, head) -> PersonalModel:
     """A personal model folder, for the generic ``head`` (a :class:`heads.personal.generic.GenericHead`);
-    a model of another generic model (its SHA-256 differs) is refused."""
-    meta_path = os.path.join(path, MODEL_JSON)
-    try:
-        with open(meta_path) as handle:
-            meta = json.load(handle)
-        with np.load(os.path.join(path, MODEL_NPZ)) as arrays:
-            state = {k: arrays[k] for k in arrays.files}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: not a personal model ({os.path.basename(exc.filename)} is missing)") from None
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"{path}: the personal model cannot be read ({exc})") from None
-    if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") not in FITTED:
-        raise ConfigError(f"{meta_path}: not a personal model of format {FORMAT_VERSION}")
+    a model of another generic model (its SHA-256 differs) is refused, and so is a damaged one, in
+    one line naming the file (:func:`.model_file.read`)."""
+    meta, state = model_file.read(path)
     if meta["generic"]["sha256"] != head.sha256:
-        generic = "/".join(str(part) for part in (meta["generic"].get("run"), meta["generic"]["model"]) if part)
+        generic = "/".join(str(part) for part in (meta["generic"].get("run"), meta["generic"].get("model")) if part)
         raise ConfigError(f"{path}: adapts the generic model {generic} "
                           f"(sha256 {meta['generic']['sha256'][:12]}...), not {head.name}'s "
                           f"(sha256 {head.sha256[:12]}...); personalise again on this run")
-    fitted = FITTED[meta["kind"]].from_state(state, head)
-    basis = find_basis(meta["basis"], head, path) if meta.get("basis") else None
+    basis = find_basis(meta, head, path)
+    fitted = model_file.fitted(meta, state, head, os.path.join(path, MODEL_NPZ), basis.dims if basis else 0)
     return PersonalModel(meta["user"], meta["method"], meta["params"], fitted, tuple(meta["scale"]),
-                         meta["generic"], int(meta["n_ratings"]), meta.get("cv", []), basis)
+                         meta["generic"], meta["n_ratings"], meta.get("cv", []), basis)
 
 
 def adapt(user: str, images: Images, scores, scale, context: Context, generic: dict,

@@ -27,15 +27,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
 
 import numpy as np
 
-from mlsp.atomic import atomic_path
+from mlsp.runtime.atomic import atomic_path
 from mlsp.errors import ConfigError
-from mlsp.progress import ProgressFactory, null_progress
-from mlsp.store import SLAB_BYTES, FeatureStore
+from mlsp.runtime.progress import ProgressFactory, null_progress
+from mlsp.store.read import SLAB_BYTES, FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +195,18 @@ def basis_home(head, model_dir: str) -> str:
     return basis_folders(head, model_dir)[-1]
 
 
-def find_basis(record: dict, head, model_dir: str) -> Basis:
-    """The basis a personal model records (``{"sha256", "file"}``), from :func:`basis_folders`."""
-    name = os.path.basename(str(record["file"]))
+def find_basis(meta: dict, head, model_dir: str) -> Basis | None:
+    """The basis a personal model's json ``meta`` records (``basis``: ``{"sha256", "file"}``),
+    from :func:`basis_folders`; None for a model of a method that needs none."""
+    record = meta.get("basis")
+    if record is None and meta.get("kind") != "content":
+        return None
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("sha256", "file")):
+        raise ConfigError(f"{os.path.join(model_dir, 'personal.json')}: 'basis' is {json.dumps(record)[:60]}, "
+                          "expected the sha256 and file of the store's basis; personalise again")
+    name = os.path.basename(record["file"])
     paths = [os.path.join(folder, name) for folder in basis_folders(head, model_dir)]
     found = next((p for p in paths if os.path.isfile(p)), None)
     if found is None:
         raise ConfigError(f"{model_dir}: its basis {name} is in none of {', '.join(paths)}; personalise again")
-    return load_basis(found, str(record["sha256"]))
+    return load_basis(found, record["sha256"])

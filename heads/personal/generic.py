@@ -19,13 +19,13 @@ import logging
 import keras
 import numpy as np
 
-from mlsp.backbone_weights import file_sha256
+from mlsp.runtime.files import file_sha256
 from mlsp.errors import ConfigError
-from mlsp.progress import ProgressFactory, null_progress
-from mlsp.store import SLAB_BYTES, FeatureStore
+from mlsp.runtime.progress import ProgressFactory, null_progress
+from mlsp.store.read import SLAB_BYTES, FeatureStore
 
 from ..run import MODEL_FILE, Run
-from ..score import check_store_matches
+from ..score.scoring import check_store_matches
 from .adapt import GENERIC_SCALE
 from .features import pooled
 
@@ -77,7 +77,7 @@ class GenericHead:
     def released(cls, model: str, progress=None) -> "GenericHead":
         """A released model's head (a catalogue name or the path of its file, as ``mlsp score
         --model`` takes it), named by its file's SHA-256; stores must hold its own features."""
-        from ..pretrained_scoring import open_model
+        from ..score.released import open_model
 
         opened = open_model(model, progress=progress)
         head = cls.__new__(cls)

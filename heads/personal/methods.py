@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from mlsp.errors import ConfigError
-from mlsp.registry import Registry, resolve
+from mlsp.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class MethodSpec:
     taste in the content space)."""
 
     name: str
-    fit: str | Callable
+    fit: Callable
     description: str
     grid: tuple = ({},)
     needs: str = ""
@@ -358,7 +358,7 @@ class FineTuner:
     def __init__(self, head, lr: float = FINETUNE_LR):
         import keras
 
-        from mlsp.backend import compile_step
+        from mlsp.runtime.backend import compile_step
 
         self.model = build_tail(head)
         self.generic = self.model.get_weights()
@@ -381,7 +381,7 @@ class FineTuner:
         return keras.ops.mean((self.model(x, training=training) - y) ** 2)
 
     def _train_step(self, x, y):
-        from mlsp.backend import loss_and_gradients
+        from mlsp.runtime.backend import loss_and_gradients
 
         loss, grads = loss_and_gradients(lambda: self._loss(x, y, training=True), self.variables)
         self.optimizer.apply_gradients(zip(grads, self.variables))
@@ -415,7 +415,7 @@ def fit_finetune(images: Images, y, context: Context) -> Tail:
     """The generic head's last layers trained from the generic weights (Adam, full batch, MSE on
     every view of the person's images), stopped when the loss on a held-out share of the images
     has not improved for :data:`FINETUNE_PATIENCE` steps; the best weights on it are kept."""
-    from mlsp.backend import set_random_seed
+    from mlsp.runtime.backend import set_random_seed
 
     set_random_seed(int(context.seed))
     tuner = FineTuner.of(context.head)
@@ -454,4 +454,4 @@ for _spec in (
 
 def fit(spec: MethodSpec, images: Images, y, context: Context, params: dict):
     """Fit one method with one parameter set."""
-    return resolve(spec.fit)(images, np.asarray(y, np.float64), context, **params)
+    return spec.fit(images, np.asarray(y, np.float64), context, **params)

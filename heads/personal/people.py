@@ -10,8 +10,9 @@ from typing import Sequence
 import numpy as np
 
 from mlsp.errors import ConfigError
-from mlsp.progress import ProgressFactory, null_progress
+from mlsp.runtime.progress import ProgressFactory, null_progress
 
+from ..columns import PRED, PRED_STD
 from .adapt import AUTO, PersonalModel, adapt, load_personal, to_generic
 from .features import Basis, basis_home, pooled, store_basis
 from .generic import GenericHead, open_generic
@@ -119,7 +120,7 @@ class PersonalScorer:
         bases = {m.basis.sha256: m.basis for m in self.models if m.basis is not None}
         features = pooled(features) if bases else None
         content = {sha: basis.project(features) for sha, basis in bases.items()}
-        out = {"pred": pred.mean(1), "pred_std": pred.std(1)}
+        out = {PRED: pred.mean(1), PRED_STD: pred.std(1)}
         for model in self.models:
             seen = images if model.basis is None else dataclasses.replace(images, content=content[model.basis.sha256])
             out[model.column] = model.predict(seen)

@@ -16,13 +16,13 @@ Outputs in the evaluation folder:
   number of draws each method was chosen for;
 - ``gain_per_person.png``: each person's mean gain, per k (as in the PIAA literature).
 
-Rows are appended to ``evaluation.csv.partial`` as they come; an interrupted evaluation run again
-with the same settings goes on from there.
+Rows are appended to ``evaluation.csv.partial`` as they come (one JSON object a line, any id
+round-trips); an interrupted evaluation run again with the same settings goes on from there.
+Settings that leave no test rater with enough ratings are refused before anything is written.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from mlsp.atomic import atomic_path, write_json
-from mlsp.errors import ConfigError
-from mlsp.progress import ProgressFactory, null_progress
+from mlsp.runtime.atomic import atomic_path, write_json
+from mlsp.errors import ConfigError, ResumeError
+from mlsp.runtime.jsonlines import JsonLines
+from mlsp.runtime.progress import ProgressFactory, null_progress
 
 from ..plots import plot_gain_per_person
 from .adapt import AUTO, adapt
@@ -104,40 +105,78 @@ class Settings:
     scale: list
 
 
+#: How the partial file is written (recorded with its settings: a rerun finding another starts afresh;
+#: 2: rows with the method chosen).
+PARTIAL_FORMAT = "json-lines/2"
+
+
 class Partial:
-    """``evaluation.csv.partial``: finished rows appended as they come, with the settings they
-    were made under beside them (a rerun under other settings starts afresh)."""
+    """``evaluation.csv.partial``: finished rows appended as they come, one JSON object a line
+    (:mod:`mlsp.runtime.jsonlines`: any person's id round-trips), with the settings they were
+    made under beside them (a rerun under other settings starts afresh)."""
 
     def __init__(self, out: str, settings: Settings):
-        self.path = os.path.join(out, EVALUATION_CSV + ".partial")
+        self.rows = JsonLines(os.path.join(out, EVALUATION_CSV + ".partial"))
+        self.path = self.rows.path
         self.settings_path = os.path.join(out, SETTINGS_JSON)
-        wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
+        wanted = {**json.loads(json.dumps(dataclasses.asdict(settings))), "partial_format": PARTIAL_FORMAT}
         have = None
         if os.path.isfile(self.settings_path):
-            with open(self.settings_path) as handle:
-                have = json.load(handle)
-        if have != wanted or not os.path.isfile(self.path):
+            try:
+                with open(self.settings_path, encoding="utf-8") as handle:
+                    have = json.load(handle)
+            except (ValueError, RecursionError):  # not ours: start afresh
+                have = None
+        if have != wanted or not self.rows.exists():
             os.makedirs(out, exist_ok=True)
             write_json(self.settings_path, wanted)
-            with open(self.path, "w", newline="") as handle:
-                csv.writer(handle).writerow(COLUMNS)
+            self.rows.start()
+
+    def damaged(self, what: str) -> ResumeError:
+        return ResumeError(f"{self.path}: {what}; the draws of an interrupted evaluation cannot be trusted: delete "
+                           f"{self.path} to evaluate every draw again")
 
     def read(self) -> dict:
-        with open(self.path, newline="") as handle:
-            text = handle.read()
-        lines = text.splitlines()[1:] if text.endswith("\n") else text.splitlines()[1:-1]
-        rows = [dict(zip(COLUMNS, r)) for r in csv.reader(lines) if len(r) == len(COLUMNS)]
-        return {(r["user"], int(r["k"]), int(r["repeat"])): r for r in rows}
+        """{(user, k, repeat): row} of the rows complete on disk."""
+        try:
+            lines = self.rows.read()
+        except UnicodeDecodeError:
+            raise self.damaged("damaged (not text)") from None
+        done = {}
+        for number, value in lines:
+            row = _partial_row(value)
+            if row is None:
+                raise self.damaged(f"line {number} is not a finished draw (damaged)")
+            done[(row["user"], row["k"], row["repeat"])] = row
+        return done
 
     def remove(self):
-        for path in (self.path, self.settings_path):
-            if os.path.exists(path):
-                os.remove(path)
+        self.rows.remove()
+        if os.path.exists(self.settings_path):
+            os.remove(self.settings_path)
 
     def append(self, row: dict):
-        with open(self.path, "a", newline="") as handle:
-            csv.writer(handle).writerow([row[c] for c in COLUMNS])
-            handle.flush()
+        self.rows.append({c: row[c] for c in COLUMNS})
+
+    def close(self):
+        self.rows.close()
+
+
+_INTEGERS = ("k", "repeat", "n_adapt", "n_test")
+
+
+def _partial_row(value) -> dict | None:
+    """A line of the partial file as its row (every column, of its type), or None."""
+    if not isinstance(value, dict) or not set(COLUMNS) <= set(value):
+        return None
+    if not isinstance(value["user"], str) or not isinstance(value["method"], str):
+        return None
+    if not all(isinstance(value[c], int) and not isinstance(value[c], bool) for c in _INTEGERS):
+        return None
+    if not all(isinstance(value[c], (int, float)) and not isinstance(value[c], bool)
+               for c in ("srcc_generic", "srcc_personal")):
+        return None
+    return {c: value[c] for c in COLUMNS}
 
 
 def evaluate_person(rated: Rated, user: str, k: int, repeat: int, context: Context, method: str,
@@ -170,6 +209,9 @@ def evaluate(run_dir: str, store_path: str, ratings_path: str, out: str, *, user
     rated = read_rated(run_dir, store_path, ratings_path, scale=scale, progress=progress,
                        allow_unfinished=allow_unfinished)
     test_users, training_users = split_users(rated, users_file)
+    if not any(len(rated.ratings.of(user)[1]) >= ks[0] + MIN_TEST for user in test_users):
+        raise ConfigError(f"{ratings_path}: no test rater has k + {MIN_TEST} rated images of the store for any k "
+                          f"asked ({', '.join(map(str, ks))}); choose a smaller --k")
     context = rated.context(training_users, seed)
     settings = Settings(getattr(run_dir, "name", run_dir), store_path, ratings_path, test_users, ks, repeats, method, seed, list(scale))
     partial = Partial(out, settings)
@@ -186,10 +228,8 @@ def evaluate(run_dir: str, store_path: str, ratings_path: str, out: str, *, user
                     bar.update(1)
     finally:
         bar.close()
+        partial.close()
     frame = _finish(out, partial, test_users)
-    if not len(frame):
-        raise ConfigError(f"{ratings_path}: no test rater has k + {MIN_TEST} rated images of the store for any k "
-                          f"asked ({', '.join(map(str, ks))}); choose a smaller --k")
     summary = summarise(frame, ks, len(training_users))
     write_json(os.path.join(out, SUMMARY_JSON), summary)
     plot_gain_per_person(os.path.join(out, GAIN_PLOT), per_person_gain(frame))

@@ -6,8 +6,8 @@ names and values ignored):
 - FLICKR-AES's own ``FLICKR-AES_image_labeled_by_each_worker.csv``: ``worker, imagePair, score``;
 - a plain CSV ``user,image,score``.
 
-Image names are matched to the store's ids as labels are (:func:`mlsp.labels.match_ids`, an
-image extension removed by :func:`mlsp.labels.strip_image_extension`). Every rating whose image
+Image names are matched to the store's ids as labels are (:func:`mlsp.store.labels.match_ids`, an
+image extension removed by :func:`mlsp.store.labels.strip_image_extension`). Every rating whose image
 is not in the store is counted and reported. Scores outside the rating scale, missing values
 and a (user, image) pair rated twice are one-line :class:`mlsp.errors.LabelsError` naming the
 file and the line.
@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from mlsp.errors import ConfigError, LabelsError
-from mlsp.labels import match_ids, strip_image_extension
+from mlsp.store.labels import match_ids, strip_image_extension
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,10 @@ def _checked_scores(path: str, frame, scale) -> np.ndarray:
 
 
 def check_scale(scale) -> tuple:
+    """``(low, high)`` as finite floats, low below high (an infinite or NaN end is refused)."""
     lo, hi = (float(v) for v in scale)
-    if not lo < hi:
-        raise ConfigError(f"a rating scale runs from a lower to a higher score, received {lo:g}..{hi:g}")
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ConfigError(f"a rating scale runs from a lower to a higher finite score, received {lo:g}..{hi:g}")
     return lo, hi
 
 
@@ -160,13 +161,15 @@ def read_ratings(path: str, store_ids, scale=RATING_SCALE) -> Ratings:
 
 
 def read_user_list(path: str) -> list[str]:
-    """Users, one per line (``--users``); blank lines and ``#`` comments are skipped."""
+    """Users, one per line (``--users``); blank lines and ``#`` comments are skipped. Lines end at
+    ``\n`` alone (an id may hold any other character, such as U+2028 or ``\x1c``); spaces and tabs
+    around an id are not part of it."""
     try:
-        with open(path, encoding="utf-8-sig") as handle:
-            lines = handle.read().splitlines()
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            lines = handle.read().split("\n")
     except OSError as exc:
         raise LabelsError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    users = [line.split("#", 1)[0].strip() for line in lines]
+    users = [line.split("#", 1)[0].strip(" \t\r\f\v") for line in lines]
     users = list(dict.fromkeys(u for u in users if u))
     if not users:
         raise LabelsError(f"{path}: no users in the file (one per line)")
