@@ -8,9 +8,9 @@ the person's own scale.
 Choice (``method="auto"``): every available method with every parameter set of its grid is
 cross-validated on the person's ratings (fine-tuning from 50 ratings up; K folds, K = min(5, k));
 the one with the least out-of-fold squared error wins, but a method other than ``generic`` only
-when it beats the generic prediction by more than two standard errors of the per-image
-difference, both in its own out-of-fold errors and in the choice's nested errors (else its gain
-could be luck, and the person gets the generic prediction: no gain and no harm). The nested
+when the choice beats the generic prediction by more than two standard errors of the per-image
+difference in its nested errors (else its gain could be luck, and the person gets the generic
+prediction: no gain and no harm). The nested
 errors (:func:`nested_errors`): for each fold, the candidate that a cross-validation on the other
 folds alone chooses, and its error on the fold; the best of many candidates beats the generic
 prediction on the folds it was chosen on by luck, the more of them the more likely, while the
@@ -135,17 +135,17 @@ def choose(images: Images, y, context: Context, method: str = AUTO) -> Choice:
              for spec, params in candidates(method, context, len(y))]
     cv = [{"method": s.name, "params": p, "mse": float(e.mean())} for s, p, e in found]
     best = min(range(len(found)), key=lambda i: found[i][2].mean())
-    spec, params, errors = found[best]
+    spec, params, _ = found[best]
     if method == AUTO and spec.name != "generic":
         base = next(e for s, _, e in found if s.name == "generic")
-        if not beats(base - errors) or not beats(base - nested_errors(found, images, y, context, folds)):
+        if not beats(base - nested_errors(found, images, y, context, folds)):
             spec, params = METHODS.get("generic"), {}
     return Choice(spec, params, cv)
 
 
 def beats(diff: np.ndarray) -> bool:
-    """Whether per-image differences of squared error (generic less a candidate's) show the
-    candidate better by more than :data:`FALLBACK_SE` standard errors."""
+    """Whether per-image differences of squared error (generic less the choice's) show the choice
+    better by more than :data:`FALLBACK_SE` standard errors."""
     return len(diff) >= 2 and diff.mean() > FALLBACK_SE * diff.std(ddof=1) / np.sqrt(len(diff))
 
 
