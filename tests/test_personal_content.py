@@ -140,3 +140,22 @@ def test_the_basis_is_the_stores_principal_components_and_its_hash_is_its_arrays
     assert list(basis_rows(10, 20)) == list(range(10))
     spread = basis_rows(10_000, 2000)
     assert len(spread) == 2000 and spread[0] == 0 and spread[-1] == 9999
+
+
+def test_a_wide_stores_basis_pools_views_and_cells(tmp_path):
+    """A wide store's images pooled over their views and the 5 x 5 cells of each, read in slabs
+    from the store, and its basis the principal components of those."""
+    from heads.personal.features import read_pooled, store_basis
+    from mlsp.store.read import FeatureStore
+    from synthetic import write_synthetic_store
+
+    path = str(tmp_path / "wide.h5")
+    truth = write_synthetic_store(path, 40, n_views=2, block_channels=(8, 8), pooling="wide", seed=2)
+    with FeatureStore(path) as store:
+        rows = np.array([5, 0, 39, 5])
+        np.testing.assert_allclose(read_pooled(store, rows), truth["mean_features"][rows], rtol=1e-5, atol=1e-5)
+        basis = store_basis(store, dims=8)
+    assert basis.components.shape == (16, 8)
+    features = truth["mean_features"]
+    direct = fit_basis(features, dims=8)
+    np.testing.assert_allclose(basis.project(features), direct.project(features), rtol=1e-3, atol=1e-3)
