@@ -40,7 +40,7 @@ from heads.score.keras2 import LAYER_NAMES as KERAS2_HEADS  # noqa: E402
 from heads.personal import AUTO, RATING_SCALE, method_names  # noqa: E402
 from heads.personal.adapt import FALLBACK_SE  # noqa: E402
 from heads.personal.methods import METHODS  # noqa: E402
-from heads.personal.protocol import KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
+from heads.personal.protocol import COLUMNS as EVAL_COLUMNS, KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
 from heads.personal.ratings import MIN_RATINGS  # noqa: E402
 from heads.score.catalogue import CATALOGUE_ENV  # noqa: E402
 from heads.registry import HEADS, options_help, parse_options  # noqa: E402
@@ -899,16 +899,19 @@ _PERSONALIZE_HELP = f"""Adapt a run's head to one person's taste, or evaluate pe
 
     \b
     Methods (--method; auto chooses by cross-validation on the person's ratings and falls back to
-    the generic prediction when no method beats it by more than {FALLBACK_SE:g} standard errors):
+    the generic prediction when the choice, cross-validated again within each fold, does not beat
+    it by more than {FALLBACK_SE:g} standard errors):
     {chr(10).join(f"      {s.name}: {s.description}" for s in METHODS.specs())}
 
     DIR gets personal.json and personal.npz: the fitted part, the scale, the method, and the
-    generic model's run and SHA-256 (`mlsp score RUN --store S --user DIR` refuses another run's).
+    generic model's run and SHA-256 (`mlsp score RUN --store S --user DIR` refuses another run's);
+    for content and content_taste also the SHA-256 of the store's basis, saved once beside the
+    run's model (in RUN/personal-basis; with --model, in DIR) and used only when its arrays hash to it.
 
     With --evaluate (the literature's protocol), for each test person, each k and each repeat, k
     rated images are drawn for adaptation and the SRCC of the generic and the personal model is
-    computed on the person's other images; DIR gets evaluation.csv (user, k, repeat, n_adapt,
-    n_test, srcc_generic, srcc_personal), summary.json and gain_per_person.png.
+    computed on the person's other images; DIR gets evaluation.csv ({", ".join(EVAL_COLUMNS)}; method:
+    the one chosen for the draw), summary.json and gain_per_person.png.
     """
 
 

@@ -99,3 +99,29 @@ def write_synthetic_store(
     )
     return out
 
+
+
+def write_content_store(path: str, n_images: int = 1000, *, factors: int = 16, channels: int = 32, n_views: int = 2,
+                        noise: float = 0.3, seed: int = 0) -> dict:
+    """A store whose content varies along ``factors`` latent factors (each image's features a fixed
+    linear mix of its factors plus noise, all positive as pooled activations are), its MOS along
+    one direction of them (``5.5 + 1.5 q`` plus noise, clipped to [1, 10]): what a generic head
+    learns, while the other directions are content only people's own taste cares about. Splits
+    70/15/15. Returns ``{"mos", "factors", "quality", "mean_features", "ids"}`` (``quality``: q)."""
+    rng = np.random.default_rng([seed, 31])
+    latent = rng.normal(size=(n_images, factors))
+    mix = rng.normal(size=(factors, channels)) / np.sqrt(factors)
+    base = latent @ mix + noise * rng.normal(size=(n_images, channels))
+    features = (3.0 + base[:, None, :] + 0.05 * rng.normal(size=(n_images, n_views, channels))).astype(np.float32)
+    direction = rng.normal(size=factors)
+    quality = latent @ (direction / np.linalg.norm(direction))
+    mos = np.clip(5.5 + 1.5 * quality + 0.2 * rng.normal(size=n_images), 1.0, 10.0).astype(np.float32)
+    order = rng.permutation(n_images) / n_images
+    split = np.where(order < 0.7, "train", np.where(order < 0.85, "val", "test"))
+    ids = [f"img{i:06d}" for i in range(n_images)]
+    half = channels // 2
+    write_store(path, features, ids, net="synthetic", pooling="narrow", block_names=["block0", "block1"],
+                block_channels=[half, channels - half], mos=mos, split=split,
+                attrs={"dataset": "synthetic-content", "seed": seed})
+    mean_features = features.astype(np.float16).astype(np.float32).mean(axis=1)
+    return {"mos": mos, "factors": latent, "quality": quality, "mean_features": mean_features, "ids": ids}

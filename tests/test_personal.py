@@ -294,3 +294,65 @@ def test_sample_raters_have_planted_taste_and_unmatched_ratings(tmp_path):
     assert abs(corr[7, :7]).max() < 0.4  # the last rater is pure noise
     with pytest.raises(ConfigError, match="at least 2"):
         write_sample_ratings(store, str(tmp_path), 1)
+
+
+def test_a_content_model_keeps_its_coefficients_and_its_basis_bound_by_hash(world, tmp_path):
+    """A feature-space personal model holds the person's coefficients and the basis's SHA-256; the
+    basis is saved once beside the run's model and used only when its arrays hash to that."""
+    from heads.personal import load_personal
+    from heads.personal.features import BASIS_FOLDER, Basis, load_basis
+
+    user = world["planted"].users[-3]
+    rated = read_rated(world["run"], world["store"], world["ratings"])
+    model = personalize(world["run"], world["store"], world["ratings"], user, str(tmp_path / "me"), method="content")
+    meta = json.loads((tmp_path / "me" / "personal.json").read_text())
+    assert meta["kind"] == "content" and meta["basis"]["sha256"] == rated.basis.sha256
+    with np.load(tmp_path / "me" / "personal.npz") as arrays:
+        assert arrays["w"].size == meta["params"]["dims"] <= meta["basis"]["dims"]
+    shared = os.path.join(world["run"], BASIS_FOLDER, meta["basis"]["file"])
+    assert os.path.isfile(shared) and not os.path.exists(tmp_path / "me" / meta["basis"]["file"])
+    images, _ = rated.person(user)
+    np.testing.assert_allclose(load_personal(str(tmp_path / "me"), rated.head).predict(images), model.predict(images),
+                               rtol=1e-5, atol=1e-5)
+    personalize(world["run"], world["store"], world["ratings"], world["planted"].users[-4], str(tmp_path / "you"),
+                method="content_taste")
+    assert json.loads((tmp_path / "you" / "personal.json").read_text())["basis"] == meta["basis"]  # one basis
+    original = load_basis(shared, meta["basis"]["sha256"])
+    planted = Basis(original.mean, original.scale, original.components[:, ::-1].copy())
+    try:
+        np.savez(shared, mean=planted.mean, scale=planted.scale, components=planted.components)
+        with pytest.raises(ConfigError, match=r"personal-basis.*sha256 .* is not the .* personalise again"):
+            load_personal(str(tmp_path / "me"), rated.head)
+        os.remove(shared)
+        with pytest.raises(ConfigError, match=r"its basis basis-.*\.npz is in none of"):
+            load_personal(str(tmp_path / "me"), rated.head)
+    finally:
+        original.save(os.path.dirname(shared))
+    assert load_personal(str(tmp_path / "me"), rated.head).basis.sha256 == meta["basis"]["sha256"]
+
+
+def test_scoring_several_people_reads_each_image_once(world, tmp_path, monkeypatch):
+    """Personal models of the hidden layer and of the content, scored together: every stored
+    image's features are read once, and each column is the person's model on them."""
+    from mlsp.store.read import FeatureStore
+
+    users = world["planted"].users[-3], world["planted"].users[-4]
+    dirs = [str(tmp_path / u) for u in users]
+    mine = personalize(world["run"], world["store"], world["ratings"], users[0], dirs[0], method="content")
+    yours = personalize(world["run"], world["store"], world["ratings"], users[1], dirs[1], method="residual")
+    read = []
+    real = FeatureStore.read
+
+    def counted(self, indices, views=None):
+        read.extend(np.asarray(indices).tolist())
+        return real(self, indices, views)
+
+    monkeypatch.setattr(FeatureStore, "read", counted)
+    frame = api.score(world["run"], store=world["store"], users=dirs)
+    assert sorted(read) == list(range(N_IMAGES))
+    monkeypatch.setattr(FeatureStore, "read", real)
+    rated = read_rated(world["run"], world["store"], world["ratings"])
+    images = rated.images
+    for model in (mine, yours):
+        np.testing.assert_allclose(frame[model.column].to_numpy()[images.rows], model.predict(images),
+                                   rtol=1e-4, atol=1e-4)

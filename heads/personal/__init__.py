@@ -2,8 +2,11 @@
 
 - :mod:`.ratings`: ratings per person (FLICKR-AES's file or ``user,image,score``), matched to a store;
 - :mod:`.generic`: what the generic head sees of an image (prediction, last hidden layer, tail);
-- :mod:`.methods`: the registry of adaptation methods (generic offset, ridge residual, residual
-  in the space of shared taste, fine-tuned last layers);
+- :mod:`.features`: the store's features as taste sees them (pooled, standardised, in the
+  store's principal components: the basis, shared by a run's personal models, bound by hash);
+- :mod:`.methods`: the registry of adaptation methods (the generic prediction on the person's
+  scale, ridge residual, residual in the space of shared taste, fine-tuned last layers, and the
+  residual and taste on the store's features);
 - :mod:`.adapt`: the person's scale, the choice of method by cross-validation, the model's files;
 - :mod:`.people`: ``mlsp personalize`` for one person and scoring for several;
 - :mod:`.protocol`: the literature's evaluation protocol (k adaptation images, repeats, SRCC gain).

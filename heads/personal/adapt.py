@@ -6,11 +6,15 @@ methods fit and predict there, and a personal model maps its prediction back, so
 the person's own scale.
 
 Choice (``method="auto"``): every available method with every parameter set of its grid is
-cross-validated on the person's ratings (fine-tuning from 50 ratings up; K folds, K = min(5, k)); the one with the least
-out-of-fold squared error wins, but a method other than ``generic`` only when it beats the
-generic prediction by more than two standard errors of the per-image difference (else its gain
-could be luck, and the person gets the generic prediction: no gain and no harm). A named method
-keeps its own grid's choice.
+cross-validated on the person's ratings (fine-tuning from 50 ratings up; K folds, K = min(5, k));
+the one with the least out-of-fold squared error wins, but a method other than ``generic`` only
+when the choice beats the generic prediction by more than two standard errors of the per-image
+difference in its nested errors (else its gain could be luck, and the person gets the generic
+prediction: no gain and no harm). The nested
+errors (:func:`nested_errors`): for each fold, the candidate that a cross-validation on the other
+folds alone chooses, and its error on the fold; the best of many candidates beats the generic
+prediction on the folds it was chosen on by luck, the more of them the more likely, while the
+choice's nested errors do not. A named method keeps its own grid's choice.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from mlsp.store.labels import SCORES
 
 from ..columns import user_column
 from . import model_file
-from .methods import METHODS, Context, Images, MethodSpec, fit
+from .features import find_basis
+from .methods import METHODS, ContentResidual, Context, Images, MethodSpec, fit
 from .model_file import FORMAT_VERSION, MODEL_JSON, MODEL_NPZ  # noqa: F401 (the files' names, here as before)
 
 log = logging.getLogger(__name__)
@@ -36,9 +41,8 @@ GENERIC_SCALE = (float(SCORES[0]), float(SCORES[-1]))
 AUTO = "auto"
 #: Cross-validation folds (at most: never more than the person's ratings).
 FOLDS = 5
-#: A method other than ``generic`` is chosen only when it beats the generic prediction's
-#: cross-validated error by more than this many standard errors of the per-image difference
-#: (two: several candidates compete, and one of them beats it by one by luck alone).
+#: A method other than ``generic`` is chosen only when the choice's nested cross-validated error
+#: beats the generic prediction's by more than this many standard errors of the per-image difference.
 FALLBACK_SE = 2.0
 
 
@@ -56,6 +60,15 @@ def from_generic(values, scale) -> np.ndarray:
     return lo + (np.asarray(values, np.float64) - g0) * (hi - lo) / (g1 - g0)
 
 
+#: What a method that is not available needs (by its spec's ``needs``).
+TRAINING_RATERS = ("there are none (give a ratings file with other raters: --users lists the test ones)")
+UNAVAILABLE = {
+    "taste": f"directions of taste learned from training raters, and {TRAINING_RATERS}",
+    "content_taste": f"directions of taste in the store's features learned from training raters, and {TRAINING_RATERS}",
+    "content": "the store's principal components, and its features vary along none",
+}
+
+
 def method_names() -> list[str]:
     """``auto`` and every registered method (the choices of ``--method``)."""
     return [AUTO, *METHODS.names()]
@@ -68,10 +81,9 @@ def candidates(method: str, context: Context, n: int) -> list[tuple[MethodSpec, 
     else:
         spec = METHODS.get(method)
         if not spec.available(context):
-            raise ConfigError(f"method {method!r} needs directions of taste learned from training raters, and "
-                              "there are none (give a ratings file with other raters: --users lists the test ones)")
+            raise ConfigError(f"method {method!r} needs {UNAVAILABLE[spec.needs]}")
         specs = [spec]
-    return [(spec, dict(params)) for spec in specs for params in spec.grid]
+    return [(spec, params) for spec in specs for params in spec.params(context)]
 
 
 def folds_of(n: int, seed: int) -> list[np.ndarray]:
@@ -97,6 +109,24 @@ class Choice:
     cv: list  # [{"method", "params", "mse"}]
 
 
+def nested_errors(found, images: Images, y, context: Context, folds) -> np.ndarray:
+    """Each image's squared error under the choice among ``found`` ((spec, params, out-of-fold
+    errors) of every candidate): for each fold, the candidate of least error in a cross-validation
+    on the other folds alone, and that candidate's out-of-fold error on the fold (the fit on the
+    other folds, which cross-validation made already). A candidate whose spec is not ``nested``
+    (fine-tuning: 25 more fits would cost seconds a person) enters the inner choice with its
+    out-of-fold errors on the other folds."""
+    nested = np.empty(len(y))
+    for k, fold in enumerate(folds):
+        keep = np.setdiff1d(np.arange(len(y)), fold)
+        inner = folds_of(len(keep), context.seed + k + 1)
+        sub = images.take(keep)
+        scores = [float(((out_of_fold(spec, params, sub, y[keep], context, inner) - y[keep]) ** 2).mean())
+                  if spec.nested else float(errors[keep].mean()) for spec, params, errors in found]
+        nested[fold] = found[int(np.argmin(scores))][2][fold]
+    return nested
+
+
 def choose(images: Images, y, context: Context, method: str = AUTO) -> Choice:
     """Cross-validate the candidates of ``method`` on the person's ratings; see the module docstring."""
     y = np.asarray(y, np.float64)
@@ -105,19 +135,25 @@ def choose(images: Images, y, context: Context, method: str = AUTO) -> Choice:
              for spec, params in candidates(method, context, len(y))]
     cv = [{"method": s.name, "params": p, "mse": float(e.mean())} for s, p, e in found]
     best = min(range(len(found)), key=lambda i: found[i][2].mean())
-    spec, params, errors = found[best]
+    spec, params, _ = found[best]
     if method == AUTO and spec.name != "generic":
         base = next(e for s, _, e in found if s.name == "generic")
-        diff = base - errors
-        if len(diff) < 2 or diff.mean() <= FALLBACK_SE * diff.std(ddof=1) / np.sqrt(len(diff)):
+        if not beats(base - nested_errors(found, images, y, context, folds)):
             spec, params = METHODS.get("generic"), {}
     return Choice(spec, params, cv)
 
 
+def beats(diff: np.ndarray) -> bool:
+    """Whether per-image differences of squared error (generic less the choice's) show the choice
+    better by more than :data:`FALLBACK_SE` standard errors."""
+    return len(diff) >= 2 and diff.mean() > FALLBACK_SE * diff.std(ddof=1) / np.sqrt(len(diff))
+
+
 @dataclasses.dataclass
 class PersonalModel:
-    """One person's model: the chosen method's fitted part, the person's scale, and the generic
-    model it adapts (by name and SHA-256)."""
+    """One person's model: the chosen method's fitted part, the person's scale, the generic
+    model it adapts (by name and SHA-256) and, for the feature-space methods, the store's basis
+    (:class:`heads.personal.features.Basis`, recorded by its SHA-256; None for the others)."""
 
     user: str
     method: str
@@ -127,6 +163,7 @@ class PersonalModel:
     generic: dict
     n_ratings: int
     cv: list = dataclasses.field(default_factory=list)
+    basis: object = None
 
     @property
     def column(self) -> str:
@@ -141,10 +178,12 @@ class PersonalModel:
 
     def save(self, out_dir: str) -> str:
         """``personal.json`` (what, whose, on which generic model) and ``personal.npz`` (the
-        fitted arrays), written as one unit (:mod:`.model_file`)."""
+        fitted arrays), written as one unit (:mod:`.model_file`); a feature-space model's json
+        records its basis (:meth:`heads.personal.features.Basis.describe`)."""
         return model_file.write(out_dir, {
             "user": self.user, "method": self.method, "params": self.params, "kind": self.fitted.kind,
-            "scale": list(self.scale), "n_ratings": self.n_ratings, "generic": self.generic, "cv": self.cv},
+            "scale": list(self.scale), "n_ratings": self.n_ratings, "generic": self.generic, "cv": self.cv,
+            "basis": self.basis.describe() if self.basis else None},
             self.fitted.state())
 
 
@@ -158,17 +197,21 @@ def load_personal(path: str, head) -> PersonalModel:
         raise ConfigError(f"{path}: adapts the generic model {generic} "
                           f"(sha256 {meta['generic']['sha256'][:12]}...), not {head.name}'s "
                           f"(sha256 {head.sha256[:12]}...); personalise again on this run")
-    fitted = model_file.fitted(meta, state, head, os.path.join(path, MODEL_NPZ))
+    basis = find_basis(meta, head, path)
+    fitted = model_file.fitted(meta, state, head, os.path.join(path, MODEL_NPZ), basis.dims if basis else 0)
     return PersonalModel(meta["user"], meta["method"], meta["params"], fitted, tuple(meta["scale"]),
-                         meta["generic"], meta["n_ratings"], meta.get("cv", []))
+                         meta["generic"], meta["n_ratings"], meta.get("cv", []), basis)
 
 
 def adapt(user: str, images: Images, scores, scale, context: Context, generic: dict,
-          method: str = AUTO) -> PersonalModel:
-    """A personal model of ``user`` from their ratings ``scores`` (on ``scale``) of ``images``."""
+          method: str = AUTO, basis=None) -> PersonalModel:
+    """A personal model of ``user`` from their ratings ``scores`` (on ``scale``) of ``images``;
+    ``basis``: the store's basis the images' content is in (kept when a feature-space method wins)."""
     y = to_generic(scores, scale)
     choice = choose(images, y, context, method)
     fitted = fit(choice.spec, images, y, context, choice.params)
     log.debug("%s: %s%s from %d ratings", user, choice.spec.name,
              "".join(f" {k}={v:g}" for k, v in choice.params.items()), len(y))
-    return PersonalModel(str(user), choice.spec.name, choice.params, fitted, tuple(scale), generic, len(y), choice.cv)
+    basis = basis if isinstance(fitted, ContentResidual) else None
+    return PersonalModel(str(user), choice.spec.name, choice.params, fitted, tuple(scale), generic, len(y), choice.cv,
+                         basis)

@@ -27,6 +27,7 @@ from mlsp.store.read import SLAB_BYTES, FeatureStore
 from ..run import MODEL_FILE, Run
 from ..score.scoring import check_store_matches
 from .adapt import GENERIC_SCALE
+from .features import pooled
 
 log = logging.getLogger(__name__)
 
@@ -118,24 +119,30 @@ class GenericHead:
         pred, hidden, tail = (np.asarray(a, np.float64) for a in self.taps.predict_on_batch(flat))
         return pred.reshape(n, v), hidden.reshape(n, v, -1), tail.reshape(n, v, -1)
 
-    def embed(self, store: FeatureStore, rows, progress: ProgressFactory = null_progress):
-        """Generic prediction (n,) and last hidden layer (n, d), each the mean over the views,
-        of the given store rows (read in slabs, sorted, returned in the order asked)."""
+    def embed(self, store: FeatureStore, rows, progress: ProgressFactory = null_progress, basis=None):
+        """Generic prediction (n,) and last hidden layer (n, d), each the mean over the views, of
+        the given store rows (read once, in slabs, sorted; returned in the order asked), and with
+        a ``basis`` (:class:`heads.personal.features.Basis`) their content (n, D) from the same
+        read (None without)."""
         rows = np.asarray(rows, np.int64)
         order = np.argsort(rows, kind="stable")
         generic = np.empty(len(rows))
         hidden = np.empty((len(rows), self.hidden_dim), np.float32)
+        content = None if basis is None else np.empty((len(rows), basis.dims))
         step = max(1, SLAB_BYTES // store.image_nbytes)
         bar = progress(total=len(rows), desc="generic", unit="img")
         try:
             for start in range(0, len(rows), step):
                 at = order[start:start + step]
-                pred, h, _ = self.apply(store.read(rows[at]))
+                read = store.read(rows[at])
+                pred, h, _ = self.apply(read)
                 generic[at], hidden[at] = pred.mean(1), h.mean(1)
+                if basis is not None:
+                    content[at] = basis.project(pooled(read))
                 bar.update(len(at))
         finally:
             bar.close()
-        return generic, hidden
+        return generic, hidden, content
 
     def tail_inputs(self, store: FeatureStore, rows) -> np.ndarray:
         """(n, V, d_tail) per-view inputs of the tail (what fine-tuning trains on)."""

@@ -3,15 +3,21 @@
 Every method fits one person's ratings, mapped onto the generic scale, from what the generic head
 sees of the rated images (:class:`Images`) and returns a fitted model that predicts on that scale:
 
-- ``generic``: the generic prediction plus the person's mean offset (what cross-validation falls
-  back to when a person's ratings carry no signal the others can use);
+- ``generic``: the generic prediction scaled and shifted onto the person's ratings (what
+  cross-validation falls back to when a person's ratings carry no signal the others can use);
 - ``residual``: a linear residual on the generic prediction from the generic head's last hidden
   layer, ridge-regularised toward zero (closed form, in the dual: k ratings cost a k x k solve);
 - ``taste``: the same residual restricted to a few directions of taste shared by people, learned
   once from the training raters' own residuals (:func:`learn_taste`); k = 10 ratings can place a
   person in a 4-dimensional space where they could not fit a 256-dimensional residual;
 - ``finetune``: the generic head's last layers (:mod:`heads.personal.generic`), trained from the
-  generic weights on the person's ratings with early stopping on a held-out part of them.
+  generic weights on the person's ratings with early stopping on a held-out part of them;
+- ``content``: the residual fitted on the store's features instead of the head's last hidden
+  layer, in the store's principal components (:mod:`heads.personal.features`): a head trained for
+  the generic MOS discards content people like for reasons of their own, the features keep it;
+  the number of components and the penalty are chosen by cross-validation;
+- ``content_taste``: ``taste`` in that space, the directions learned from the training raters'
+  residuals on the content.
 
 Each spec lists its hyperparameter grid; cross-validation (:mod:`heads.personal.adapt`) picks
 among them. A new method is one more :class:`MethodSpec` in :data:`METHODS`.
@@ -32,6 +38,14 @@ log = logging.getLogger(__name__)
 
 #: Directions of shared taste learned from the training raters (at most; fewer with few raters).
 TASTE_DIMS = 4
+#: The same in the content space (:mod:`heads.personal.features`), where more of a person's taste lies.
+CONTENT_TASTE_DIMS = 16
+#: The content method's grid: leading principal components used, and ridge penalties.
+CONTENT_DIMS = (4, 16, 64)
+CONTENT_PENALTIES = (0.3, 3.0, 30.0)
+#: The least slope of a person's ratings on the generic prediction (``generic``: positive, so that
+#: it ranks as the generic model).
+MIN_SLOPE = 1e-3
 #: Ridge penalty of each training rater's own residual when learning the directions of taste.
 TASTE_RATER_PENALTY = 1.0
 #: Fine-tuning: Adam's learning rate, most full-batch steps, steps without improvement on the
@@ -49,20 +63,29 @@ FINETUNE_MIN_RATINGS = 50
 class Images:
     """Rated images as the generic head sees them: store ``rows``, the ``generic`` prediction
     (n,) and the last ``hidden`` layer (n, d), both means over the views; ``tail_source(rows)``
-    gives the tail's per-view inputs (n, V, d_tail) when fine-tuning asks for them."""
+    gives the tail's per-view inputs (n, V, d_tail) when fine-tuning asks for them; ``content``
+    (n, D): the images' features in the store's principal components (None: not computed)."""
 
     rows: np.ndarray
     generic: np.ndarray
     hidden: np.ndarray
     tail_source: Callable | None = None
     tail_cache: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    content: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self):
         return len(self.rows)
 
     def take(self, index) -> "Images":
         tail = None if self.tail_cache is None else self.tail_cache[index]
-        return Images(self.rows[index], self.generic[index], self.hidden[index], self.tail_source, tail)
+        content = None if self.content is None else self.content[index]
+        return Images(self.rows[index], self.generic[index], self.hidden[index], self.tail_source, tail, content)
+
+    def content_of(self) -> np.ndarray:
+        if self.content is None:
+            raise ConfigError("the feature-space methods need the images' content (the store's principal "
+                              "components), which was not given")
+        return self.content
 
     def tail_inputs(self) -> np.ndarray:
         if self.tail_cache is None:
@@ -75,30 +98,35 @@ class Images:
 @dataclasses.dataclass
 class Context:
     """What a method may use besides the person's ratings: the generic head (for fine-tuning),
-    the directions of taste (d, q) learned from training raters (None: none), and a seed."""
+    the directions of taste (d, q) learned from training raters (None: none), a seed, the
+    dimension of the images' content (0: none, the feature-space methods are not tried) and the
+    directions of taste in the content space (D, q)."""
 
     head: object = None  # heads.personal.generic.GenericHead
     taste: np.ndarray | None = None
     seed: int = 0
+    content_dims: int = 0
+    content_taste: np.ndarray | None = None
 
 
 @dataclasses.dataclass
 class Residual:
-    """y = generic + hidden @ w + b, on the generic scale."""
+    """y = slope * generic + hidden @ w + b, on the generic scale."""
 
     w: np.ndarray
     b: float
+    slope: float = 1.0
     kind = "residual"
 
     def predict(self, images: Images) -> np.ndarray:
-        return images.generic + images.hidden.astype(np.float64) @ self.w + self.b
+        return self.slope * images.generic + images.hidden.astype(np.float64) @ self.w + self.b
 
     def state(self) -> dict:
-        return {"w": np.asarray(self.w, np.float64), "b": np.float64(self.b)}
+        return {"w": np.asarray(self.w, np.float64), "b": np.float64(self.b), "slope": np.float64(self.slope)}
 
     @classmethod
     def from_state(cls, state: dict, head=None) -> "Residual":
-        return cls(np.asarray(state["w"], np.float64), float(state["b"]))
+        return cls(np.asarray(state["w"], np.float64), float(state["b"]), float(state.get("slope", 1.0)))
 
 
 @dataclasses.dataclass
@@ -123,13 +151,36 @@ class Tail:
         return cls([state[f"tail_{k}"] for k in range(len(tuner.generic))], tuner)
 
 
-FITTED = {cls.kind: cls for cls in (Residual, Tail)}
+@dataclasses.dataclass
+class ContentResidual:
+    """y = slope * generic + content[:, :len(w)] @ w + b, on the generic scale (the content: the
+    images' features in the store's principal components, :mod:`heads.personal.features`)."""
+
+    w: np.ndarray
+    b: float
+    slope: float = 1.0
+    kind = "content"
+
+    def predict(self, images: Images) -> np.ndarray:
+        return self.slope * images.generic + images.content_of()[:, :len(self.w)] @ self.w + self.b
+
+    def state(self) -> dict:
+        return {"w": np.asarray(self.w, np.float64), "b": np.float64(self.b), "slope": np.float64(self.slope)}
+
+    @classmethod
+    def from_state(cls, state: dict, head=None) -> "ContentResidual":
+        return cls(np.asarray(state["w"], np.float64), float(state["b"]), float(state["slope"]))
+
+
+FITTED = {cls.kind: cls for cls in (Residual, Tail, ContentResidual)}
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """One adaptation method: ``fit(images, y, context, **params)`` -> a fitted model, tried with
-    each parameter set of ``grid``; ``needs``: ``"taste"`` when it needs directions of taste."""
+    each parameter set of ``grid``; ``needs``: what it needs of the context (``"taste"``:
+    directions of taste; ``"content"``: the images' content; ``"content_taste"``: directions of
+    taste in the content space)."""
 
     name: str
     fit: Callable
@@ -137,9 +188,24 @@ class MethodSpec:
     grid: tuple = ({},)
     needs: str = ""
     min_ratings: int = 0  # the least ratings for which ``auto`` tries it
+    nested: bool = True  # cross-validated again within each fold when ``auto`` checks its choice
 
     def available(self, context: Context) -> bool:
-        return not (self.needs == "taste" and context.taste is None)
+        have = {"": True, "taste": context.taste is not None, "content": context.content_dims > 0,
+                "content_taste": context.content_taste is not None}
+        return have[self.needs]
+
+    def params(self, context: Context) -> list[dict]:
+        """The grid's parameter sets, each number of components or directions capped at what the
+        context holds (sets made equal by the cap are tried once)."""
+        limits = {"dims": context.content_dims,
+                  "directions": 0 if context.content_taste is None else context.content_taste.shape[1]}
+        out = []
+        for params in self.grid:
+            params = {k: min(v, limits[k]) if k in limits else v for k, v in params.items()}
+            if params not in out:
+                out.append(params)
+        return out
 
 
 METHODS: Registry[MethodSpec] = Registry("adaptation method")
@@ -151,13 +217,37 @@ def _centred(hidden: np.ndarray):
     return h - mean, mean
 
 
-def _offset_only(images: Images, y) -> Residual:
-    return Residual(np.zeros(images.hidden.shape[1]), float(np.mean(y - images.generic)))
+def person_slope(generic: np.ndarray, y) -> float:
+    """The least-squares slope of the person's ratings on the generic prediction, at least
+    :data:`MIN_SLOPE` (1 where the generic prediction does not vary among the images)."""
+    g = generic - generic.mean()
+    spread = float(g @ g)
+    if spread <= 1e-12:
+        return 1.0
+    return max(float(g @ (np.asarray(y) - np.mean(y))) / spread, MIN_SLOPE)
 
 
 def fit_generic(images: Images, y, context: Context) -> Residual:
-    """The generic prediction, shifted by the person's mean residual."""
-    return _offset_only(images, y)
+    """The generic prediction scaled and shifted onto the person's ratings (least squares; the
+    slope kept positive, so that it ranks the images as the generic model does)."""
+    slope = person_slope(images.generic, y)
+    return Residual(np.zeros(images.hidden.shape[1]), float(np.mean(y - slope * images.generic)), slope)
+
+
+def ridge_with_generic(x: np.ndarray, generic: np.ndarray, y, penalty: float) -> tuple[np.ndarray, float, float]:
+    """(w, b, slope) of y = slope * generic + x @ w + b, ridge on ``w`` only (the slope is free):
+    the generic prediction is partialled out of ``x`` and ``y`` (Frisch-Waugh), the ridge fitted
+    on what is left, then the slope on what the ridge leaves."""
+    x = np.asarray(x, np.float64)
+    xm, gm, ym = x.mean(0), generic.mean(), float(np.mean(y))
+    xc, g, yc = x - xm, generic - gm, np.asarray(y, np.float64) - ym
+    spread = float(g @ g)
+    if spread <= 1e-12:
+        w = ridge_dual(xc, yc, penalty)
+        return w, float(ym - gm - xm @ w), 1.0
+    w = ridge_dual(xc - np.outer(g, g @ xc) / spread, yc - g * (g @ yc) / spread, penalty)
+    slope = float(g @ (yc - xc @ w)) / spread
+    return w, float(ym - slope * gm - xm @ w), slope
 
 
 def ridge_dual(h: np.ndarray, r: np.ndarray, penalty: float) -> np.ndarray:
@@ -177,29 +267,62 @@ def fit_residual(images: Images, y, context: Context, *, penalty: float) -> Resi
     return Residual(w, float(r.mean() - mean @ w))
 
 
-def fit_taste(images: Images, y, context: Context, *, penalty: float) -> Residual:
-    """A ridge residual within the directions of taste (d, q): w = taste @ c."""
-    h, mean = _centred(images.hidden)
-    z = h @ context.taste
+def _within(x: np.ndarray, directions: np.ndarray, images: Images, y, penalty: float) -> tuple[np.ndarray, float]:
+    """Ridge weights w = directions @ c of a residual on ``x`` (n, d), and its offset."""
+    h, mean = _centred(x)
+    z = h @ directions
     r = y - images.generic
     gram = z.T @ z
     scale = max(float(np.trace(gram)) / max(z.shape[1], 1), 1e-12)
     c = np.linalg.solve(gram + penalty * scale * np.eye(z.shape[1]), z.T @ (r - r.mean()))
-    w = context.taste @ c
-    return Residual(w, float(r.mean() - mean @ w))
+    w = directions @ c
+    return w, float(r.mean() - mean @ w)
 
 
-def learn_taste(per_rater, dims: int = TASTE_DIMS, penalty: float = TASTE_RATER_PENALTY) -> np.ndarray | None:
+def fit_taste(images: Images, y, context: Context, *, penalty: float) -> Residual:
+    """A ridge residual within the directions of taste (d, q): w = taste @ c."""
+    return Residual(*_within(images.hidden, context.taste, images, y, penalty))
+
+
+def fit_content(images: Images, y, context: Context, *, dims: int, penalty: float) -> ContentResidual:
+    """The person's ratings from the generic prediction (its own slope) and a ridge residual on
+    the first ``dims`` principal components of the images' standardised features."""
+    return ContentResidual(*ridge_with_generic(images.content_of()[:, :dims], images.generic, y, penalty))
+
+
+def fit_content_taste(images: Images, y, context: Context, *, directions: int, penalty: float) -> ContentResidual:
+    """The same within the first ``directions`` directions of taste in the content space: w = taste @ c."""
+    taste = context.content_taste[:, :directions]
+    z = images.content_of()[:, :len(taste)] @ taste
+    c, b, slope = ridge_with_generic(z, images.generic, y, penalty)
+    return ContentResidual(taste @ c, b, slope)
+
+
+def hidden_of(images: Images) -> np.ndarray:
+    return images.hidden
+
+
+def content_of(images: Images) -> np.ndarray:
+    return images.content_of()
+
+
+def learn_taste(per_rater, dims: int = TASTE_DIMS, penalty: float = TASTE_RATER_PENALTY,
+                space: Callable = hidden_of, slope: bool = False) -> np.ndarray | None:
     """Directions of shared taste (d, q) from training raters: each rater's ridge residual
-    (``per_rater``: (images, y) pairs) as one row, the top right singular vectors of them all.
-    None with fewer than 2 raters."""
+    (``per_rater``: (images, y) pairs) on ``space(images)`` (the last hidden layer, or
+    :func:`content_of`; ``slope``: with the rater's own slope on the generic prediction, as the
+    feature-space methods fit it) as one row, the top right singular vectors of them all. None
+    with fewer than 2 raters."""
     rows = []
     for images, y in per_rater:
         if len(images) < 2:
             continue
-        h, _ = _centred(images.hidden)
-        r = y - images.generic
-        w = ridge_dual(h, r - r.mean(), penalty)
+        if slope:
+            w = ridge_with_generic(space(images), images.generic, y, penalty)[0]
+        else:
+            h, _ = _centred(space(images))
+            r = y - images.generic
+            w = ridge_dual(h, r - r.mean(), penalty)
         norm = np.linalg.norm(w)
         if norm > 0:
             rows.append(w / norm)
@@ -207,8 +330,8 @@ def learn_taste(per_rater, dims: int = TASTE_DIMS, penalty: float = TASTE_RATER_
         return None
     _, s, vt = np.linalg.svd(np.stack(rows), full_matrices=False)
     q = int(min(dims, len(rows) - 1, vt.shape[0]))
-    log.info("taste: %d directions from %d training raters (share of their residuals: %.2f)", q, len(rows),
-             float((s[:q] ** 2).sum() / (s ** 2).sum()))
+    log.info("taste (%s): %d directions from %d training raters (share of their residuals: %.2f)",
+             space.__name__.removesuffix("_of"), q, len(rows), float((s[:q] ** 2).sum() / (s ** 2).sum()))
     return vt[:q].T.copy()
 
 
@@ -311,13 +434,20 @@ def fit_finetune(images: Images, y, context: Context) -> Tail:
 
 
 for _spec in (
-    MethodSpec("generic", fit_generic, "the generic prediction plus the person's mean offset"),
+    MethodSpec("generic", fit_generic, "the generic prediction scaled and shifted onto the person's ratings"),
     MethodSpec("residual", fit_residual, "ridge residual on the generic prediction from the head's last hidden layer",
                grid=tuple({"penalty": p} for p in (0.3, 3.0, 30.0))),
     MethodSpec("taste", fit_taste, "ridge residual within directions of taste learned from the training raters",
                grid=tuple({"penalty": p} for p in (0.1, 1.0, 10.0)), needs="taste"),
     MethodSpec("finetune", fit_finetune, "the head's last layers fine-tuned from the generic weights, early stopping",
-               min_ratings=FINETUNE_MIN_RATINGS),
+               min_ratings=FINETUNE_MIN_RATINGS, nested=False),
+    MethodSpec("content", fit_content, "the generic prediction (own slope) plus a ridge residual on the store's "
+               "standardised features, in their leading principal components", needs="content",
+               grid=tuple({"dims": d, "penalty": p} for d in CONTENT_DIMS for p in CONTENT_PENALTIES)),
+    MethodSpec("content_taste", fit_content_taste, "the same within directions of taste in the store's features "
+               "learned from the training raters", needs="content_taste",
+               grid=tuple({"directions": q, "penalty": p} for q in (TASTE_DIMS, CONTENT_TASTE_DIMS)
+                          for p in (0.1, 1.0, 10.0))),
 ):
     METHODS.register(_spec)
 

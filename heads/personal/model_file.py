@@ -154,9 +154,10 @@ def _read_arrays(npz_path: str, data: bytes) -> dict:
         raise ConfigError(f"{npz_path}: not a readable .npz archive ({reason}); {AGAIN}") from None
 
 
-def fitted(meta: dict, state: dict, head, npz_path: str):
+def fitted(meta: dict, state: dict, head, npz_path: str, content_dims: int = 0):
     """The fitted part of the json's kind from the arrays, tried on two dummy images: arrays that
-    are not that kind's for this head (missing, of other shapes) are refused here, in one line."""
+    are not that kind's for this head (missing, of other shapes) are refused here, in one line.
+    ``content_dims``: the dimension of the images' content (the basis of a feature-space model)."""
     kind = FITTED[meta["kind"]]
     try:
         model = kind.from_state(state, head)
@@ -166,7 +167,8 @@ def fitted(meta: dict, state: dict, head, npz_path: str):
         raise ConfigError(f"{npz_path}: not the arrays of a {meta['kind']} model ({exc}); {AGAIN}") from None
     tail_width = int(head.tail[0].input.shape[-1])
     dummy = Images(np.arange(2), np.full(2, 5.0), np.zeros((2, head.hidden_dim), np.float32),
-                   tail_cache=np.zeros((2, 1, tail_width), np.float32))
+                   tail_cache=np.zeros((2, 1, tail_width), np.float32),
+                   content=np.zeros((2, content_dims)) if content_dims else None)
     try:
         pred = np.asarray(model.predict(dummy), np.float64)
     except (TypeError, ValueError, IndexError) as exc:

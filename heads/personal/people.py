@@ -14,8 +14,9 @@ from mlsp.runtime.progress import ProgressFactory, null_progress
 
 from ..columns import PRED, PRED_STD
 from .adapt import AUTO, PersonalModel, adapt, load_personal, to_generic
+from .features import Basis, basis_home, pooled, store_basis
 from .generic import GenericHead, open_generic
-from .methods import Context, Images, learn_taste
+from .methods import CONTENT_TASTE_DIMS, Context, Images, content_of, learn_taste
 from .ratings import MIN_RATINGS, RATING_SCALE, Ratings, read_ratings
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class Rated:
     ratings: Ratings
     images: Images  # one entry per distinct rated store row
     position: dict  # store row -> index into images
+    basis: Basis | None = None  # the store's principal components (images.content is in them)
 
     def person(self, user: str, least: int = 0) -> tuple[Images, np.ndarray]:
         """A person's rated images and their scores (on the rating scale)."""
@@ -42,11 +44,25 @@ class Rated:
 
     def taste(self, users: Sequence[str]) -> np.ndarray | None:
         """Directions of taste learned from these (training) raters' ratings."""
+        return learn_taste(self._per_rater(users))
+
+    def _per_rater(self, users: Sequence[str]) -> list:
         per_rater = []
         for user in users:
             images, scores = self.person(user)
             per_rater.append((images, to_generic(scores, self.ratings.scale)))
-        return learn_taste(per_rater)
+        return per_rater
+
+    def context(self, training_users: Sequence[str], seed: int) -> Context:
+        """What the methods may use: the generic head, the content's dimension, and the
+        directions of taste (in the last hidden layer and in the content) learned from these
+        training raters (none without them)."""
+        per_rater = self._per_rater(training_users) if training_users else []
+        taste = learn_taste(per_rater) if per_rater else None
+        if self.basis is None:
+            return Context(self.head, taste, seed)
+        content_taste = learn_taste(per_rater, CONTENT_TASTE_DIMS, space=content_of, slope=True) if per_rater else None
+        return Context(self.head, taste, seed, self.basis.dims, content_taste)
 
 
 def read_rated(run_dir: str, store_path: str, ratings_path: str, *, scale=RATING_SCALE,
@@ -60,8 +76,10 @@ def read_rated(run_dir: str, store_path: str, ratings_path: str, *, scale=RATING
             raise ConfigError(f"{ratings_path}: none of its {ratings.unmatched} ratings is of an image in "
                               f"{store_path}")
         rows = np.unique(ratings.rows)
-        generic, hidden = head.embed(store, rows, progress)
-    rated = Rated(head, store_path, ratings, Images(rows, generic, hidden), {int(r): i for i, r in enumerate(rows)})
+        basis = store_basis(store, progress=progress)
+        generic, hidden, content = head.embed(store, rows, progress, basis)
+    rated = Rated(head, store_path, ratings, Images(rows, generic, hidden, content=content),
+                  {int(r): i for i, r in enumerate(rows)}, basis)
     rated.images.tail_source = rated.tail_source
     return rated
 
@@ -75,8 +93,11 @@ def personalize(run_dir: str, store_path: str, ratings_path: str, user: str, out
                        allow_unfinished=allow_unfinished)
     images, scores = rated.person(str(user), least=MIN_RATINGS)
     others = [u for u in rated.ratings.user_names() if u != str(user)]
-    context = Context(rated.head, rated.taste(others) if others else None, seed)
-    model = adapt(str(user), images, scores, rated.ratings.scale, context, rated.head.describe(), method)
+    context = rated.context(others, seed)
+    model = adapt(str(user), images, scores, rated.ratings.scale, context, rated.head.describe(), method,
+                  rated.basis)
+    if model.basis is not None:  # first the shared basis, so that a saved model always has it
+        model.basis.save(basis_home(rated.head, out))
     model.save(out)
     return model
 
@@ -96,7 +117,11 @@ class PersonalScorer:
     def columns(self, features: np.ndarray) -> dict:
         pred, hidden, tail = self.head.apply(features)
         images = Images(np.arange(len(pred)), pred.mean(1), hidden.mean(1), tail_cache=tail)
+        bases = {m.basis.sha256: m.basis for m in self.models if m.basis is not None}
+        features = pooled(features) if bases else None
+        content = {sha: basis.project(features) for sha, basis in bases.items()}
         out = {PRED: pred.mean(1), PRED_STD: pred.std(1)}
         for model in self.models:
-            out[model.column] = model.predict(images)
+            seen = images if model.basis is None else dataclasses.replace(images, content=content[model.basis.sha256])
+            out[model.column] = model.predict(seen)
         return out

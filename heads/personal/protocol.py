@@ -10,9 +10,10 @@ every draw. Each draw is seeded by (seed, k, repeat, person), so a rerun gives t
 Outputs in the evaluation folder:
 
 - ``evaluation.csv``: one row per person, k and repeat: ``user,k,repeat,n_adapt,n_test,
-  srcc_generic,srcc_personal``;
+  srcc_generic,srcc_personal,method`` (the method cross-validation chose for that draw);
 - ``summary.json``: per k the mean gain in SRCC over people (each person's mean over the
-  repeats), its standard deviation, min and max over people, and its spread over repeats;
+  repeats), its standard deviation, min and max over people, its spread over repeats, and the
+  number of draws each method was chosen for;
 - ``gain_per_person.png``: each person's mean gain, per k (as in the PIAA literature).
 
 Rows are appended to ``evaluation.csv.partial`` as they come (one JSON object a line, any id
@@ -51,7 +52,7 @@ KS = (10, 100)
 REPEATS = 10
 #: A person is tested at k only with at least this many other rated images left for the test.
 MIN_TEST = 5
-COLUMNS = ("user", "k", "repeat", "n_adapt", "n_test", "srcc_generic", "srcc_personal")
+COLUMNS = ("user", "k", "repeat", "n_adapt", "n_test", "srcc_generic", "srcc_personal", "method")
 EVALUATION_CSV = "evaluation.csv"
 SUMMARY_JSON = "summary.json"
 GAIN_PLOT = "gain_per_person.png"
@@ -104,8 +105,9 @@ class Settings:
     scale: list
 
 
-#: How the partial file is written (recorded with its settings: a rerun finding another starts afresh).
-PARTIAL_FORMAT = "json-lines"
+#: How the partial file is written (recorded with its settings: a rerun finding another starts afresh;
+#: 2: rows with the method chosen).
+PARTIAL_FORMAT = "json-lines/2"
 
 
 class Partial:
@@ -165,7 +167,9 @@ _INTEGERS = ("k", "repeat", "n_adapt", "n_test")
 
 def _partial_row(value) -> dict | None:
     """A line of the partial file as its row (every column, of its type), or None."""
-    if not isinstance(value, dict) or not set(COLUMNS) <= set(value) or not isinstance(value["user"], str):
+    if not isinstance(value, dict) or not set(COLUMNS) <= set(value):
+        return None
+    if not isinstance(value["user"], str) or not isinstance(value["method"], str):
         return None
     if not all(isinstance(value[c], int) and not isinstance(value[c], bool) for c in _INTEGERS):
         return None
@@ -208,11 +212,10 @@ def evaluate(run_dir: str, store_path: str, ratings_path: str, out: str, *, user
     if not any(len(rated.ratings.of(user)[1]) >= ks[0] + MIN_TEST for user in test_users):
         raise ConfigError(f"{ratings_path}: no test rater has k + {MIN_TEST} rated images of the store for any k "
                           f"asked ({', '.join(map(str, ks))}); choose a smaller --k")
-    context = Context(rated.head, rated.taste(training_users) if training_users else None, seed)
+    context = rated.context(training_users, seed)
     settings = Settings(getattr(run_dir, "name", run_dir), store_path, ratings_path, test_users, ks, repeats, method, seed, list(scale))
     partial = Partial(out, settings)
     done = partial.read()
-    chosen: dict = {}
     bar = progress(total=len(ks) * repeats * len(test_users), desc="personalise", unit="person")
     try:
         for k in ks:
@@ -221,14 +224,13 @@ def evaluate(run_dir: str, store_path: str, ratings_path: str, out: str, *, user
                     if (user, k, repeat) not in done:
                         row = evaluate_person(rated, user, k, repeat, context, method, seed)
                         if row is not None:
-                            chosen.setdefault(k, []).append(row.pop("method"))
                             partial.append(row)
                     bar.update(1)
     finally:
         bar.close()
         partial.close()
     frame = _finish(out, partial, test_users)
-    summary = summarise(frame, ks, chosen, len(training_users))
+    summary = summarise(frame, ks, len(training_users))
     write_json(os.path.join(out, SUMMARY_JSON), summary)
     plot_gain_per_person(os.path.join(out, GAIN_PLOT), per_person_gain(frame))
     partial.remove()
@@ -255,9 +257,9 @@ def per_person_gain(frame):
     return gain.groupby(["k", "user"], sort=False)["gain"].agg(["mean", "std"]).reset_index()
 
 
-def summarise(frame, ks, chosen: dict, n_training: int) -> dict:
+def summarise(frame, ks, n_training: int) -> dict:
     """``summary.json``'s content, keyed by k; see the module docstring. ``methods_chosen``
-    counts the methods cross-validation chose in the draws computed by this call."""
+    counts the methods cross-validation chose, over every draw of the table."""
     people = per_person_gain(frame)
     summary = {}
     for k in ks:
@@ -267,7 +269,7 @@ def summarise(frame, ks, chosen: dict, n_training: int) -> dict:
             log.warning("k = %d: no test person has %d + %d rated images; nothing evaluated", k, k, MIN_TEST)
             continue
         by_repeat = (at["srcc_personal"] - at["srcc_generic"]).groupby(at["repeat"]).mean().to_numpy()
-        methods, counts = np.unique(chosen.get(k, []), return_counts=True)
+        methods, counts = np.unique(at["method"].astype(str).to_numpy(), return_counts=True)
         summary[str(k)] = {
             "k": k, "people": int(len(mine)), "repeats": int(at["repeat"].nunique()),
             "mean": float(mine.mean()), "std": float(mine.std(ddof=1)) if len(mine) > 1 else 0.0,
