@@ -50,7 +50,7 @@ threads = int(sys.argv[2])
 if threads:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-from mlsp import backbone_weights, backbones, folding
+from mlsp.backbone import weights as backbone_weights, nets as backbones, folding
 from mlsp.extraction.job import ExtractConfig, FeatureExtractor
 mark("import mlsp.extraction.job")
 config = ExtractConfig(net=net, weights="random:0")

@@ -126,7 +126,7 @@ def test_two_concurrent_extractions_never_mix(tmp_path, extractors):
     # the first run pauses after its first image until the second one has tried
     script = f"""
 import os, sys, time, cli
-from mlsp import extract as ex
+from mlsp.extraction import job as ex
 run = ex.FeatureExtractor.__call__
 def paused(self, views):
     out = run(self, views)
@@ -275,7 +275,7 @@ def test_a_signal_ends_extraction_promptly_and_keeps_finished_images(tmp_path, s
     out = tmp_path / "s.h5"
     script = f"""
 import sys, threading, time, cli
-from mlsp import extract as ex
+from mlsp.extraction import job as ex
 load, run = ex.FeatureExtractor.load_views, ex.FeatureExtractor.__call__
 def slow(self, path):
     if path.endswith('3.png'):

@@ -24,6 +24,7 @@ from heads.finetune.metrics import auc, binary_metrics, run_metrics
 from heads.finetune.nets import NETS
 from heads.targets import emd
 from mlsp.errors import ConfigError, ResumeError, WeightsUnavailableError
+from mlsp.images.decode import SALIENCY_SUFFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(net="mobilenet_025", weights="random:0", size=64, batch_size=16, dropout=0.25, optimizer="adam",
@@ -268,7 +269,8 @@ def test_score_evaluate_export_report_explain_a_finetuned_run(learned, planted, 
                        np.asarray(network.predict_on_batch(batch))[:, 0], atol=1e-4)
     explained, errors = api.explain(paths[:1], str(tmp_path / "saliency"), run=learned, samples=2)
     assert len(explained) == 1 and not errors
-    saliency = np.load(str(tmp_path / "saliency" / (os.path.splitext(os.path.basename(paths[0]))[0] + ".npy")))
+    name = os.path.splitext(os.path.basename(paths[0]))[0] + SALIENCY_SUFFIX + ".npy"
+    saliency = np.load(str(tmp_path / "saliency" / name))
     assert saliency.shape == (96, 96) and saliency.max() == pytest.approx(1.0)
     page = api.report(learned, str(tmp_path / "report.html"), images=planted["images"])
     assert "Run: run" in open(page, encoding="utf-8").read()

@@ -180,7 +180,7 @@ def test_large_jpeg_reduced_decode_same_size_close_values(tmp_path, orientation)
 
 PEAK_SCRIPT = """
 import sys
-from mlsp import images
+from mlsp.images import decode as images
 from PIL import JpegImagePlugin  # imported by the decode anyway: not part of its growth
 
 

@@ -160,17 +160,20 @@ def test_a_mixed_precision_head_gives_float32_outputs(target):
 
 
 def test_one_owner_checks_every_precision_and_restores_the_policy():
-    """mlsp.runtime.precision: a stored configuration is resolved (never auto), a training config may say
-    auto, a misspelt name is one error naming it, and the dtype policy is the caller's again after."""
+    """mlsp.runtime.precision: a backbone's configuration resolves auto once, where it is made (never
+    stores auto), a training config may say auto, a misspelt name is one error naming it, and the
+    dtype policy is the caller's again after."""
     import keras
 
     from heads.train.config import TrainConfig
     from mlsp.errors import ConfigError
-    from mlsp.runtime.precision import AUTO, CHOICES, DEFAULT, check, dtype_policy
+    from mlsp.runtime.precision import AUTO, CHOICES, DEFAULT, PRECISIONS, check, dtype_policy, resolve
 
     assert ExtractConfig().precision == DEFAULT == TrainConfig.precision and AUTO in CHOICES
-    with pytest.raises(ConfigError, match="received 'auto'"):
-        ExtractConfig(net="iv3", precision=AUTO)
+    resolved = ExtractConfig(net="iv3", precision=AUTO).precision
+    assert resolved in PRECISIONS and resolved == resolve(AUTO)[0]
+    with pytest.raises(ConfigError, match="received 'bf16'"):
+        ExtractConfig(net="iv3", precision="bf16")
     TrainConfig(head="single1fc", precision=AUTO).validate()
     with pytest.raises(ConfigError, match="received 'bf16'"):
         check("bf16")
