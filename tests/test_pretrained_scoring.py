@@ -267,16 +267,13 @@ def test_precision_auto_works_with_a_released_model_for_score_export_and_explain
 
     chosen, _ = resolve(AUTO)
     model, runner = released["full"]["path"], CliRunner()
-    frames = {}
-    for precision in ("float32", AUTO):
-        out = tmp_path / f"{precision}.csv"
-        res = runner.invoke(cli.main, ["score", "--model", model, "--images", released["images"], "--out", str(out),
-                                       "--precision", precision])
-        assert res.exit_code == 0, res.output
-        frames[precision] = pd.read_csv(out, dtype={"id": str}).set_index("id").sort_index()
-    assert len(frames[AUTO]) == len(SIZES)
-    if chosen == "float32":  # this machine: auto is float32, the very same numbers
-        np.testing.assert_array_equal(frames[AUTO]["pred"], frames["float32"]["pred"])
+    out = tmp_path / "auto.csv"
+    assert chosen in ("float32", "bfloat16")
+    res = runner.invoke(cli.main, ["score", "--model", model, "--images", released["images"], "--out", str(out),
+                                   "--precision", AUTO])
+    assert res.exit_code == 0, res.output
+    scores = pd.read_csv(out, dtype={"id": str})
+    assert len(scores) == len(SIZES) and scores["pred"].notna().all()
     res = runner.invoke(cli.main, ["export", "--model", model, "--precision", AUTO, "--out", str(tmp_path / "m.keras")])
     assert res.exit_code == 0 and (tmp_path / "m.keras").is_file(), res.output
     photo = os.path.join(released["images"], sorted(os.listdir(released["images"]))[0])

@@ -129,16 +129,17 @@ def test_heads_lists_every_head_with_parameter_counts():
 
 
 @pytest.mark.slow
-def test_sample_dataset_trains_and_evaluates_with_every_head(tmp_path, monkeypatch):
+def test_sample_dataset_trains_and_evaluates_a_narrow_and_a_wide_head(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing lands in the checkout's features/ or runs/
     store = tmp_path / "sample.h5"
     res = invoke("sample", "--dir", tmp_path / "data", "--images", "16", "--wide", "--weights", "random:0",
                  "--out", store, "--no-train")
     assert res.exit_code == 0, res.output
-    # small batches and heads: what is tested is that every head goes through on the sample's
-    # real iv3 store (10,048 channels), not how well; the default pool3fc alone is 24 M weights
+    # small batches and heads: what is tested is that a narrow head (each view's 5x5 grid reduced to
+    # its mean) and the wide one go through on the sample's real iv3 wide store (10,048 channels),
+    # not how well; every head's contract on wide and narrow features is tests/test_heads.py's
     sizes = {"single3fc": ["--width", "64"], "pool3fc": ["--width", "64", "--kernels", "16"]}
-    for head in ("single1fc", "single3fc", "multi3fc", "pool3fc"):
+    for head in ("single3fc", "pool3fc"):
         out = tmp_path / head
         res = invoke("train", "--store", store, "--head", head, "--out", out, "--epochs", "2", "--steps-per-epoch", "2",
                      "--batch-size", "8", "--no-progress", *sizes.get(head, []))
