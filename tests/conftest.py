@@ -32,7 +32,7 @@ from helpers import write_image  # noqa: E402  (tests/ is on the path: pyproject
 #: - the tiers: a test that took more than SLOW_SECONDS is marked `slow`, like those marked by hand,
 #:   so `-m "not slow"` (the fast tier, README) leaves it out. A new test is fast until measured.
 DURATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "durations.json")
-SLOW_SECONDS = 4.0
+SLOW_SECONDS = 2.0
 
 
 def pytest_addoption(parser):

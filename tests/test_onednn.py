@@ -26,7 +26,7 @@ from mlsp.images.decode import make_views
 from tensorflow.python.util import _pywrap_util_port as port
 rng = np.random.default_rng(0)
 out = {"env": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "onednn": bool(port.IsMklEnabled()), "features": {}}
-for pooling in ("narrow", "wide"):
+for pooling in ("narrow",):  # the convolutions differ between the two; the pooling after them does not
     fx = FeatureExtractor(ExtractConfig(net="iv3", pooling=pooling, augment=False, weights="random:0"))
     for h, w in ((150, 200), (181, 143)):
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
