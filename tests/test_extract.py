@@ -2,10 +2,6 @@
 interruption, refusal to mix configurations, and features equal to an independent computation."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import cv2
 import h5py
@@ -170,40 +166,6 @@ def test_features_beyond_float16_are_listed_not_stored(tmp_path, image_dir, extr
     with FeatureStore(str(out)) as s:
         s.check_features()
         assert "img1" not in s.ids.tolist()
-
-
-def test_kill_minus_9_then_resume(tmp_path):
-    """A real kill -9 of the CLI mid-run, then the same command: the store equals an
-    uninterrupted run's."""
-    root = tmp_path / "imgs"
-    for k in range(14):
-        write_image(root / f"{k:02d}.png", 260 + 7 * k, 300, seed=k)
-    args = ["extract", "--images", str(root), "--net", "iv3", "--weights", "random:3", "--checkpoint-every", "1"]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-c", "import cli; cli.main()"]
-    killed = tmp_path / "killed.h5"
-    proc = subprocess.Popen(cmd + args + ["--out", str(killed)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = str(killed) + ".partial"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if os.path.isdir(partial) and len([f for f in os.listdir(partial) if f.endswith(".h5")]) >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not killed.exists()
-    shards_before = len([f for f in os.listdir(partial) if f.endswith(".h5")])
-    assert 3 <= shards_before < 14
-    runner = CliRunner()
-    res = runner.invoke(cli.main, args + ["--out", str(killed)], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    assert f"{14 - shards_before} new" in res.output
-    clean = tmp_path / "clean.h5"
-    res = runner.invoke(cli.main, args + ["--out", str(clean)], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    assert_same_store(killed, clean)
 
 
 def test_other_configuration_is_refused(tmp_path, image_dir, extractors):

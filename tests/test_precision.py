@@ -25,10 +25,11 @@ needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bflo
 
 
 @needs_bf16
-@pytest.mark.parametrize("net", ["iv3", "irv2", "convnext_tiny", "mobilenetv3_large"])
+@pytest.mark.parametrize("net", ["iv3", "convnext_tiny", "mobilenetv3_large"])
 def test_bfloat16_fidelity(extractors, net):
-    """The paper's nets, a net of layer norms (ConvNeXt) and one of depthwise convolutions and
-    hard-swish (MobileNetV3): bfloat16 features stay within 3% of float32's."""
+    """A net of Inception blocks (iv3; irv2 is built of the same convolutions and batch norms, and
+    took 20 s of every suite run), one of layer norms (ConvNeXt) and one of depthwise convolutions
+    and hard-swish (MobileNetV3): bfloat16 features stay within 3% of float32's."""
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
     import cv2
