@@ -167,3 +167,23 @@ def small_disk(tmp_path):
     yield mount
     for folder in mounts:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def server():
+    """A file server on 127.0.0.1 for the download tests (tests/http_files.py)."""
+    from http_files import FileServer
+
+    with FileServer() as files:
+        yield files
+
+
+@pytest.fixture
+def model_home(tmp_path, monkeypatch):
+    """An empty KERAS_HOME (the models' cache lives below it) and no users' catalogue."""
+    from heads.score.catalogue import CATALOGUE_ENV
+
+    home = tmp_path / "keras-home"
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    monkeypatch.delenv(CATALOGUE_ENV, raising=False)
+    return home

@@ -12,7 +12,7 @@ from mlsp.runtime import download as dl
 from mlsp.errors import DownloadError, IntegrityError, WeightsUnavailableError
 from mlsp.runtime.progress import NullProgress
 from helpers import ctrl_c_after
-from http_files import FileServer, closed_port_url
+from http_files import closed_port_url
 
 SIZE = 300_000  # bytes of the served file
 
@@ -21,12 +21,6 @@ SIZE = 300_000  # bytes of the served file
 def payload():
     data = np.random.default_rng(7).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
     return data, hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def server():
-    with FileServer() as files:
-        yield files
 
 
 class Counting(NullProgress):

@@ -20,7 +20,6 @@ from mlsp.runtime import download as dl
 from mlsp.runtime.atomic import temporary_name, write_json
 from mlsp.errors import DownloadError, DownloadInterrupted, IntegrityError, LinkRefused, WriteError
 from mlsp.runtime.progress import NullProgress
-from http_files import FileServer
 
 SIZE = 300_000
 FAST = {"timeout": 0.5, "retries": 2}  # a stall is noticed after 0.5 s
@@ -31,20 +30,6 @@ BREAKS = FAST["retries"] + 1
 def payload():
     data = np.random.default_rng(29).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
     return data, hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def server():
-    with FileServer() as files:
-        yield files
-
-
-@pytest.fixture
-def keras_home(tmp_path, monkeypatch):
-    home = tmp_path / "keras-home"
-    monkeypatch.setenv("KERAS_HOME", str(home))
-    monkeypatch.delenv(pt.CATALOGUE_ENV, raising=False)
-    return home
 
 
 class Bars(NullProgress):
@@ -118,7 +103,7 @@ def test_a_link_replacing_the_partial_file_during_the_download_is_never_moved_in
     assert not os.path.lexists(dest) and victim.read_bytes() == b"mine"
 
 
-def test_a_cached_model_that_is_a_link_is_refused_in_one_line(tmp_path, keras_home, server, payload):
+def test_a_cached_model_that_is_a_link_is_refused_in_one_line(tmp_path, model_home, server, payload):
     data, sha = payload
     spec, catalogue = catalogue_entry(tmp_path, "team-link", data, [server.add("/head.h5", data)])
     outside = tmp_path / "outside.h5"
@@ -265,7 +250,7 @@ def test_ctrl_c_says_what_is_kept_truly(tmp_path, server, payload):
     assert info.value.kept.startswith(f"{kept:,} of 300,000 bytes downloaded so far are kept in ") and kept >= 100_000
 
 
-def test_mlsp_models_fetch_interrupted_before_a_byte_says_nothing_is_kept(tmp_path, keras_home, server, payload,
+def test_mlsp_models_fetch_interrupted_before_a_byte_says_nothing_is_kept(tmp_path, model_home, server, payload,
                                                                          monkeypatch):
     data, sha = payload
     spec, catalogue = catalogue_entry(tmp_path, "team-ctrl-c", data, [server.add("/head.h5", data)])
@@ -280,7 +265,7 @@ def test_mlsp_models_fetch_interrupted_before_a_byte_says_nothing_is_kept(tmp_pa
 
 
 @pytest.mark.slow  # imports TensorFlow when run alone
-def test_score_interrupted_while_its_model_downloads_says_what_the_download_kept(tmp_path, keras_home, server,
+def test_score_interrupted_while_its_model_downloads_says_what_the_download_kept(tmp_path, model_home, server,
                                                                                 payload, monkeypatch):
     data, sha = payload
     spec, catalogue = catalogue_entry(tmp_path, "team-score-ctrl-c", data, [server.add("/head.h5", data)])
@@ -345,7 +330,7 @@ def test_a_servers_reason_phrase_is_kept_to_one_line(tmp_path, payload):
 # --------------------------------------------------------------------------------------------
 
 
-def test_mlsp_models_shows_a_file_of_the_right_size_and_another_sha256_as_bad(tmp_path, keras_home, payload):
+def test_mlsp_models_shows_a_file_of_the_right_size_and_another_sha256_as_bad(tmp_path, model_home, payload):
     data, sha = payload
     spec, catalogue = catalogue_entry(tmp_path, "team-bad-sha", data, [])
     dest = pt.local_path(spec)
@@ -370,7 +355,7 @@ def test_mlsp_models_shows_a_file_of_the_right_size_and_another_sha256_as_bad(tm
     assert rows[0]["cached"] is True and rows[0]["cache_problem"] is None
 
 
-def test_a_read_only_cache_holding_a_bad_file_says_what_is_wrong(tmp_path, keras_home, payload, monkeypatch):
+def test_a_read_only_cache_holding_a_bad_file_says_what_is_wrong(tmp_path, model_home, payload, monkeypatch):
     data, sha = payload
     spec, catalogue = catalogue_entry(tmp_path, "team-read-only", data, [])
     dest = pt.local_path(spec)

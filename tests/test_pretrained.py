@@ -19,7 +19,7 @@ from heads.registry import HEADS
 from mlsp.backbone.nets import BACKBONES, get_backbone
 from mlsp.errors import ConfigError, IntegrityError
 from mlsp.store.format import POOLINGS
-from http_files import FileServer, closed_port_url
+from http_files import closed_port_url
 
 # The released heads (subpic/ava-mlsp, Git LFS): folder, head, pooling, size, sha256, in this order.
 RELEASED = {
@@ -78,20 +78,6 @@ def test_the_papers_figures_are_those_of_each_models_configuration():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def keras_home(tmp_path, monkeypatch):
-    home = tmp_path / "keras-home"
-    monkeypatch.setenv("KERAS_HOME", str(home))
-    monkeypatch.delenv(pt.CATALOGUE_ENV, raising=False)
-    return home
-
-
-@pytest.fixture
-def server():
-    with FileServer() as files:
-        yield files
-
-
 def head_file(seed=3, size=200_000):
     data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
     return data, hashlib.sha256(data).hexdigest()
@@ -117,14 +103,14 @@ def write_toml(path, entries):
     return path
 
 
-def test_a_user_catalogue_adds_a_model_that_is_fetched_once_checked_and_listed(tmp_path, keras_home, server):
+def test_a_user_catalogue_adds_a_model_that_is_fetched_once_checked_and_listed(tmp_path, model_home, server):
     data, sha = head_file()
     url = server.add("/team/head.h5", data, cut_after=70_000)
     catalogue = write_toml(tmp_path / "team.toml", [entry("team-fetch", data, [closed_port_url(), url])])
     spec, = pt.add_catalogue(catalogue)
     assert pt.get_pretrained("team-fetch") == spec and spec.urls[1] == url
     path = pt.fetch("team-fetch")
-    assert path == str(keras_home / "mlsp" / "models" / "team-fetch" / "head.h5") == pt.local_path(spec)
+    assert path == str(model_home / "mlsp" / "models" / "team-fetch" / "head.h5") == pt.local_path(spec)
     assert open(path, "rb").read() == data
     assert server.ranges_asked("/team/head.h5") == [None, "bytes=70000-"]
     assert pt.fetch(spec) == path and len(server.requests) == 2  # once: then from the cache, checked
@@ -132,7 +118,7 @@ def test_a_user_catalogue_adds_a_model_that_is_fetched_once_checked_and_listed(t
     assert row["cached"] is True and row["path"] == path and row["sha256"] == sha
 
 
-def test_a_corrupt_file_in_the_cache_is_moved_aside_and_fetched_again(tmp_path, keras_home, server):
+def test_a_corrupt_file_in_the_cache_is_moved_aside_and_fetched_again(tmp_path, model_home, server):
     data, sha = head_file(seed=4)
     url = server.add("/head.h5", data)
     spec, = pt.add_catalogue(write_toml(tmp_path / "c.toml", [entry("team-corrupt", data, [url])]))
@@ -147,7 +133,7 @@ def test_a_corrupt_file_in_the_cache_is_moved_aside_and_fetched_again(tmp_path, 
     assert len(server.requests) == 1
 
 
-def test_offline_a_catalogue_model_is_one_line_saying_what_to_put_where(tmp_path, keras_home):
+def test_offline_a_catalogue_model_is_one_line_saying_what_to_put_where(tmp_path, model_home):
     data, sha = head_file(seed=5)
     urls = [closed_port_url("/a/head.h5"), closed_port_url("/b/head.h5")]
     catalogue = tmp_path / "offline.json"
@@ -156,7 +142,7 @@ def test_offline_a_catalogue_model_is_one_line_saying_what_to_put_where(tmp_path
     assert res.exit_code == 1
     message, = [line for line in res.output.splitlines() if line.startswith("Error: ")]
     assert message.startswith("Error: cannot download team-offline's head.h5 (")
-    dest = str(keras_home / "mlsp" / "models" / "team-offline" / "head.h5")
+    dest = str(model_home / "mlsp" / "models" / "team-offline" / "head.h5")
     assert sha in message and urls[0] in message and urls[1] in message and f"put it at {dest}" in message
     assert "--model" in message
     assert os.listdir(os.path.dirname(dest)) == []  # nothing kept of the failed downloads
@@ -166,7 +152,7 @@ def test_offline_a_catalogue_model_is_one_line_saying_what_to_put_where(tmp_path
     assert res.exit_code == 0 and res.output.strip() == f"team-offline: {dest}"
 
 
-def test_resolve_model_takes_a_name_or_a_file_checked_against_the_catalogue(tmp_path, keras_home, server):
+def test_resolve_model_takes_a_name_or_a_file_checked_against_the_catalogue(tmp_path, model_home, server):
     data, sha = head_file(seed=6)
     url = server.add("/head.h5", data)
     spec, = pt.add_catalogue(write_toml(tmp_path / "r.toml", [entry("team-resolve", data, [url])]))
@@ -190,7 +176,7 @@ def test_resolve_model_takes_a_name_or_a_file_checked_against_the_catalogue(tmp_
 # --------------------------------------------------------------------------------------------
 
 
-def test_mlsp_models_lists_the_three_with_sizes_and_sha256(keras_home):
+def test_mlsp_models_lists_the_three_with_sizes_and_sha256(model_home):
     res = invoke("models")
     assert res.exit_code == 0
     lines = res.output.splitlines()
@@ -208,15 +194,15 @@ def test_mlsp_models_lists_the_three_with_sizes_and_sha256(keras_home):
     assert res.exit_code == 1 and res.output.strip().startswith("Error: unknown pretrained model 'ava-mlsp-irv2-wid'")
 
 
-def test_mlsp_models_says_when_the_backbone_weights_are_here(keras_home):
-    weights = keras_home / "models" / BACKBONES["irv2"].weights_file
+def test_mlsp_models_says_when_the_backbone_weights_are_here(model_home):
+    weights = model_home / "models" / BACKBONES["irv2"].weights_file
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"placed")
     rows = json.loads(invoke("models", "ava-mlsp-irv2-wide", "--json").output)
     assert [r["name"] for r in rows] == ["ava-mlsp-irv2-wide"] and rows[0]["backbone_weights_cached"] is True
 
 
-def test_a_catalogue_file_adds_an_entry_through_the_cli_and_mlsp_models(tmp_path, keras_home):
+def test_a_catalogue_file_adds_an_entry_through_the_cli_and_mlsp_models(tmp_path, model_home):
     data, sha = head_file(seed=8, size=1234)
     toml = write_toml(tmp_path / "team.toml", [entry("team-cli-toml", data, ["https://mirror.example/head.h5"],
                                                      paper={"srcc": 0.7})])
@@ -300,7 +286,7 @@ def test_a_name_taken_by_another_entry_is_refused_the_same_entry_again_is_not(tm
                                                           | {"net": "iv3"}]))
 
 
-def test_listing_the_catalogue_never_imports_keras(keras_home):
+def test_listing_the_catalogue_never_imports_keras(model_home):
     code = ("import sys, cli\n"
             "cli.main(['models', '--json'], standalone_mode=False)\n"
             "print('heavy:', sorted(m for m in ('keras', 'tensorflow', 'torch') if m in sys.modules))")

@@ -141,16 +141,9 @@ def entry(name, published, head_url, photo_urls, **check):
                       "source": "computed by the test apart from mlsp", **check}}
 
 
-@pytest.fixture
-def keras_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
-    monkeypatch.delenv(pt.CATALOGUE_ENV, raising=False)
-    return tmp_path / "keras-home"
-
-
 @pytest.mark.slow
 def test_the_check_passes_on_the_published_value_and_fails_with_the_figure_on_another(
-        published, tmp_path, keras_home):
+        published, tmp_path, model_home):
     """The photo is fetched once (a broken first try resumed), scored as `mlsp score --model`
     scores it, and the score printed beside the published value: the value computed the
     authors' way passes; one shifted by 0.05 fails in one line giving the difference."""
@@ -171,7 +164,7 @@ def test_the_check_passes_on_the_published_value_and_fails_with_the_figure_on_an
         difference = float(line.split("difference ")[1].split(",")[0])
         assert difference == pytest.approx(score - published["reference"], abs=2e-6)
         assert abs(difference) <= TOLERANCE
-        photo = keras_home / "mlsp" / "models" / "test-check-match" / "check" / "photo.jpg"
+        photo = model_home / "mlsp" / "models" / "test-check-match" / "check" / "photo.jpg"
         assert photo.read_bytes() == published["photo"]
         # scored exactly as `mlsp score --model NAME PHOTO`
         res = invoke("score", "--model", "test-check-match", photo, env={pt.CATALOGUE_ENV: str(catalogue)})
@@ -194,7 +187,7 @@ def test_the_check_passes_on_the_published_value_and_fails_with_the_figure_on_an
             "the first model's photo and head come from the cache"
 
 
-def test_a_photo_of_another_sha256_is_refused_and_nothing_is_scored(small, tmp_path, keras_home, monkeypatch):
+def test_a_photo_of_another_sha256_is_refused_and_nothing_is_scored(small, tmp_path, model_home, monkeypatch):
     published = small
 
     def no_model(*args, **kwargs):
@@ -214,12 +207,12 @@ def test_a_photo_of_another_sha256_is_refused_and_nothing_is_scored(small, tmp_p
     actual = hashlib.sha256(published["photo"]).hexdigest()
     assert "cannot check test-check-wrong: the photo could not be fetched" in message
     assert f"gave sha256 {actual}, expected sha256 {wrong}" in message
-    photo = keras_home / "mlsp" / "models" / "test-check-wrong" / "check" / "photo.jpg"
+    photo = model_home / "mlsp" / "models" / "test-check-wrong" / "check" / "photo.jpg"
     assert not photo.exists() and os.listdir(photo.parent) == []
     assert "the head model_best_weights.h5" in message and "[here]" in message
 
 
-def test_offline_one_line_names_the_three_files_and_where_to_put_them(small, tmp_path, keras_home, monkeypatch):
+def test_offline_one_line_names_the_three_files_and_where_to_put_them(small, tmp_path, model_home, monkeypatch):
     """Offline (every URL refused; Keras' download of the ImageNet weights fails): one line naming
     the weights, the head and the photo, each with where it goes."""
     def offline(spec):
@@ -236,13 +229,13 @@ def test_offline_one_line_names_the_three_files_and_where_to_put_them(small, tmp
     res = invoke("models", "--check", "test-check-offline", "--catalogue", catalogue)
     assert res.exit_code == 1
     message = error_line(res.output)
-    models = keras_home / "mlsp" / "models" / "test-check-offline"
+    models = model_home / "mlsp" / "models" / "test-check-offline"
     assert "the photo, head and backbone weights could not be fetched" in message
     assert "needs 3 files" in message
     assert f"the photo photo.jpg ({len(small['photo']):,} bytes" in message
     assert f"at {models / 'check' / 'photo.jpg'} [missing: {photo_url}: connection refused]" in message
     assert f"at {models / 'model_best_weights.h5'} [missing: {head_url}: connection refused]" in message
-    weights = keras_home / "models" / "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    weights = model_home / "models" / "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
     assert f"at {weights} [missing: name or service not known]" in message
 
 
