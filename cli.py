@@ -898,9 +898,10 @@ _PERSONALIZE_HELP = f"""Adapt a run's head to one person's taste, or evaluate pe
     so the personal model predicts on the person's own scale.
 
     \b
-    Methods (--method; auto chooses by cross-validation on the person's ratings and falls back to
-    the generic prediction when the choice, cross-validated again within each fold, does not beat
-    it by more than {FALLBACK_SE:g} standard errors):
+    Methods (--method; auto chooses by cross-validation on the person's ratings, first among the
+    methods in the head's last hidden layer, then among those in the store's features, and keeps
+    a space's best only when it, cross-validated again within each fold, beats the choice so far
+    (at first the generic prediction) by more than {FALLBACK_SE:g} standard errors):
     {chr(10).join(f"      {s.name}: {s.description}" for s in METHODS.specs())}
 
     DIR gets personal.json and personal.npz: the fitted part, the scale, the method, and the

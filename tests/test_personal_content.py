@@ -113,6 +113,33 @@ def test_content_taste_gains_as_a_ridge_on_the_features_and_harms_no_one(content
     assert chosen.isin(["content", "content_taste"]).mean() > 0.5, chosen.value_counts()
 
 
+def test_auto_chooses_in_the_heads_space_first_then_in_the_features_against_that_choice(content_world,
+                                                                                      monkeypatch, tmp_path):
+    """`auto` judges each space's candidates on their own (heads.personal.adapt.choose): the nested
+    check sees the choice so far and one space's candidates, the head's space before the store's
+    features; a rater whose taste lies in content gets a feature-space model."""
+    from heads.personal import adapt as adapt_module
+    from heads.personal.methods import SPACES
+    from heads.personal.people import personalize
+
+    seen = []
+    real = adapt_module.nested_errors
+
+    def spy(found, *args):
+        seen.append([spec.space for spec, _, _ in found[1:]])
+        return real(found, *args)
+
+    monkeypatch.setattr(adapt_module, "nested_errors", spy)
+    world = content_world
+    user = next(u for u in world["test"] if u not in world["noise"])
+    model = personalize(world["run"], world["store"], world["ratings"], user, str(tmp_path / "me"))
+    spaces = [set(call) for call in seen]
+    assert all(len(s) == 1 for s in spaces), seen  # one space's candidates per check
+    order = [s.pop() for s in spaces]
+    assert order == sorted(order, key=SPACES.index) and order[-1] == "features", order
+    assert model.method in ("content", "content_taste"), model.method
+
+
 def test_pooled_features_average_views_and_a_wide_views_cells():
     rng = np.random.default_rng(0)
     narrow = rng.normal(size=(3, 4, 6)).astype(np.float16)

@@ -6,15 +6,19 @@ methods fit and predict there, and a personal model maps its prediction back, so
 the person's own scale.
 
 Choice (``method="auto"``): every available method with every parameter set of its grid is
-cross-validated on the person's ratings (fine-tuning from 50 ratings up; K folds, K = min(5, k));
-the one with the least out-of-fold squared error wins, but a method other than ``generic`` only
-when the choice beats the generic prediction by more than two standard errors of the per-image
-difference in its nested errors (else its gain could be luck, and the person gets the generic
-prediction: no gain and no harm). The nested
-errors (:func:`nested_errors`): for each fold, the candidate that a cross-validation on the other
-folds alone chooses, and its error on the fold; the best of many candidates beats the generic
-prediction on the folds it was chosen on by luck, the more of them the more likely, while the
-choice's nested errors do not. A named method keeps its own grid's choice.
+cross-validated on the person's ratings (fine-tuning from 50 ratings up; K folds, K = min(5, k)),
+one space after the other (:data:`heads.personal.methods.SPACES`): first the generic head's last
+hidden layer, then the store's features. In each space the candidate of least out-of-fold
+squared error replaces the choice so far (at first the generic prediction) only when it is
+better and the choice among that space's candidates and the choice so far beats the choice so
+far by more than two standard errors of the per-image difference in its nested errors; else its
+gain could be luck. The nested errors (:func:`nested_errors`): for each fold, the candidate that a
+cross-validation on the other folds alone chooses, and its error on the fold; the best of many
+candidates beats the generic prediction on the folds it was chosen on by luck, the more of them
+the more likely, while the choice's nested errors do not. Space by space, the few candidates of
+the head's space are not judged among the many of the feature space, where a person's ten
+ratings would rarely show a taste in the head's space through the noise of twenty other
+choices. A named method keeps its own grid's choice.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from mlsp.store.labels import SCORES
 from ..columns import user_column
 from . import model_file
 from .features import find_basis
-from .methods import METHODS, ContentResidual, Context, Images, MethodSpec, fit
+from .methods import METHODS, SPACES, ContentResidual, Context, Images, MethodSpec, fit
 from .model_file import FORMAT_VERSION, MODEL_JSON, MODEL_NPZ  # noqa: F401 (the files' names, here as before)
 
 log = logging.getLogger(__name__)
@@ -134,18 +138,25 @@ def choose(images: Images, y, context: Context, method: str = AUTO) -> Choice:
     found = [(spec, params, (out_of_fold(spec, params, images, y, context, folds) - y) ** 2)
              for spec, params in candidates(method, context, len(y))]
     cv = [{"method": s.name, "params": p, "mse": float(e.mean())} for s, p, e in found]
-    best = min(range(len(found)), key=lambda i: found[i][2].mean())
-    spec, params, _ = found[best]
-    if method == AUTO and spec.name != "generic":
-        base = next(e for s, _, e in found if s.name == "generic")
-        if not beats(base - nested_errors(found, images, y, context, folds)):
-            spec, params = METHODS.get("generic"), {}
-    return Choice(spec, params, cv)
+    if method != AUTO:
+        spec, params, _ = min(found, key=lambda f: f[2].mean())
+        return Choice(spec, params, cv)
+    chosen = next(f for f in found if f[0].name == "generic")
+    for space in SPACES:  # the head's space first, then the store's features against its choice
+        tier = [f for f in found if f[0].space == space and f[0].name != "generic"]
+        if not tier:
+            continue
+        best = min(tier, key=lambda f: f[2].mean())
+        if best[2].mean() >= chosen[2].mean():
+            continue
+        if beats(chosen[2] - nested_errors([chosen, *tier], images, y, context, folds)):
+            chosen = best
+    return Choice(chosen[0], chosen[1], cv)
 
 
 def beats(diff: np.ndarray) -> bool:
-    """Whether per-image differences of squared error (generic less the choice's) show the choice
-    better by more than :data:`FALLBACK_SE` standard errors."""
+    """Whether per-image differences of squared error (the choice so far less the candidate's) show
+    the candidate better by more than :data:`FALLBACK_SE` standard errors."""
     return len(diff) >= 2 and diff.mean() > FALLBACK_SE * diff.std(ddof=1) / np.sqrt(len(diff))
 
 

@@ -175,6 +175,13 @@ class ContentResidual:
 FITTED = {cls.kind: cls for cls in (Residual, Tail, ContentResidual)}
 
 
+#: Where a method fits the person: in the generic head's last hidden layer (few candidates, the
+#: space the head learned for the generic MOS) or in the store's features (many candidates, and
+#: the content the head discards). ``auto`` chooses in this order (:func:`heads.personal.adapt.choose`).
+HEAD_SPACE, FEATURE_SPACE = "head", "features"
+SPACES = (HEAD_SPACE, FEATURE_SPACE)
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """One adaptation method: ``fit(images, y, context, **params)`` -> a fitted model, tried with
@@ -189,6 +196,7 @@ class MethodSpec:
     needs: str = ""
     min_ratings: int = 0  # the least ratings for which ``auto`` tries it
     nested: bool = True  # cross-validated again within each fold when ``auto`` checks its choice
+    space: str = HEAD_SPACE  # where it fits: the head's last hidden layer, or the store's features
 
     def available(self, context: Context) -> bool:
         have = {"": True, "taste": context.taste is not None, "content": context.content_dims > 0,
@@ -442,10 +450,10 @@ for _spec in (
     MethodSpec("finetune", fit_finetune, "the head's last layers fine-tuned from the generic weights, early stopping",
                min_ratings=FINETUNE_MIN_RATINGS, nested=False),
     MethodSpec("content", fit_content, "the generic prediction (own slope) plus a ridge residual on the store's "
-               "standardised features, in their leading principal components", needs="content",
+               "standardised features, in their leading principal components", needs="content", space=FEATURE_SPACE,
                grid=tuple({"dims": d, "penalty": p} for d in CONTENT_DIMS for p in CONTENT_PENALTIES)),
     MethodSpec("content_taste", fit_content_taste, "the same within directions of taste in the store's features "
-               "learned from the training raters", needs="content_taste",
+               "learned from the training raters", needs="content_taste", space=FEATURE_SPACE,
                grid=tuple({"directions": q, "penalty": p} for q in (TASTE_DIMS, CONTENT_TASTE_DIMS)
                           for p in (0.1, 1.0, 10.0))),
 ):
