@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-views", type=int, default=64, help="views per call, bucketed (default 64)")
     p.add_argument("--workers", type=int, default=8, help="decode threads (default 8)")
     p.add_argument("--budget", type=float, help="seconds for the whole run (default 450; cpu 60)")
+    p.add_argument("--one-size-seconds", type=float,
+                   help="at most this long for the model alone on one size (default 20; cpu 2)")
     p.add_argument("--with-training", action="store_true", help="also pool3fc training from memory")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the JSON (default bench/results)")
     args = p.parse_args(argv)
@@ -74,6 +76,7 @@ def parse_args(argv=None):
     # the least view of a CPU run: 0.875 x 96 = 84 px, above the nets' 75
     args.min_side, args.max_side = args.min_side or (96 if cpu else 300), args.max_side or (144 if cpu else 800)
     args.budget = args.budget or (60.0 if cpu else 450.0)
+    args.one_size_seconds = args.one_size_seconds or (2.0 if cpu else 20.0)
     return args
 
 
@@ -270,8 +273,8 @@ def measure(args, clock: Clock, record: dict, path_of, config, decoded: list, wo
     path_of(record)
     side = record["figures"]["set"]["one_size_view"][0]
     gflop = conv_gflop(bucketed.model, side, side)
-    row["model_one_size"] = one_size(bucketed, side, args.batch_views, min(20.0, clock.share(stages_left * 2)),
-                                     gflop, record["figures"]["matmul_tflops"].get(config.precision))
+    seconds = min(args.one_size_seconds, clock.share(stages_left * 2))
+    row["model_one_size"] = one_size(bucketed, side, args.batch_views, seconds, gflop, record["figures"]["matmul_tflops"].get(config.precision))
     row["mixed_cost"] = round(row["model_one_size"]["images_per_s"] / max(row["native_bucketed"]["images_per_s"],
                                                                          1e-9), 3)
     path_of(record)
