@@ -38,7 +38,8 @@ from heads.finetune.config import FINETUNE_TARGETS, OPTIMIZERS, SGD_MOMENTUM, Fi
 from heads.finetune.nets import NETS as FINETUNE_NETS  # noqa: E402
 from heads.score.keras2 import LAYER_NAMES as KERAS2_HEADS  # noqa: E402
 from heads.personal import AUTO, RATING_SCALE, method_names  # noqa: E402
-from heads.personal.adapt import FALLBACK_SE  # noqa: E402
+from heads.personal.adapt import FALLBACK_SE, NESTED_SE  # noqa: E402
+from heads.personal.methods import FEATURE_SPACE, HEAD_SPACE  # noqa: E402
 from heads.personal.methods import METHODS  # noqa: E402
 from heads.personal.protocol import COLUMNS as EVAL_COLUMNS, KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
 from heads.personal.ratings import MIN_RATINGS  # noqa: E402
@@ -900,9 +901,10 @@ _PERSONALIZE_HELP = f"""Adapt a run's head to one person's taste, or evaluate pe
     \b
     Methods (--method; auto chooses by cross-validation on the person's ratings, first among the
     methods in the head's last hidden layer, then among those in the store's features, and keeps
-    a space's best only when it, cross-validated again within each fold, beats the choice so far
-    (at first the generic prediction) by more than {FALLBACK_SE:g} standard errors):
-    {chr(10).join(f"      {s.name}: {s.description}" for s in METHODS.specs())}
+    a space's best only when it beats the choice so far (at first the generic prediction) by more
+    than {FALLBACK_SE:g} standard errors, and so does the choice cross-validated again within each
+    fold, by {NESTED_SE[HEAD_SPACE]:g} and {NESTED_SE[FEATURE_SPACE]:g} standard errors in the two spaces):
+    {(chr(10) + "    ").join(f"{s.name}: {s.description}" for s in METHODS.specs())}
 
     DIR gets personal.json and personal.npz: the fitted part, the scale, the method, and the
     generic model's run and SHA-256 (`mlsp score RUN --store S --user DIR` refuses another run's);
