@@ -274,3 +274,36 @@ def test_a_random_seed_store_of_another_backend_says_why(tmp_path, image_dir, ex
     # any other difference keeps the usual advice
     assert ex_mod.random_weights_advice({"weights_sha256": (1, 2), "net": (1, 2)}, "random:0") is None
     assert ex_mod.random_weights_advice({"weights_sha256": (1, 2)}, "imagenet") is None
+
+
+def test_a_process_builds_each_extractor_model_once_and_a_rewritten_weights_file_anew(tmp_path, monkeypatch):
+    """The models built in a process are kept by what determines them (at most BUILT_MODELS_KEPT):
+    the same configuration is not built twice, another seed or a weights file rewritten in place is."""
+    import collections
+
+    builds = []
+
+    def build(self):
+        builds.append(self.config.weights)
+        return object(), {"source": self.config.weights}
+
+    monkeypatch.setattr(ex_mod.FeatureExtractor, "_build_new_model", build)
+    monkeypatch.setattr(ex_mod, "_built_models", collections.OrderedDict())
+    monkeypatch.setattr(ex_mod, "BUILT_MODELS_KEPT", 2)
+
+    def model_of(weights, pooling="narrow"):
+        fx = ex_mod.FeatureExtractor.__new__(ex_mod.FeatureExtractor)  # the model alone, not its traced forward
+        fx.config, fx.fold_batch_norms, fx._model = ExtractConfig(net="iv3", pooling=pooling, weights=weights), True, None
+        return fx.model
+
+    first = model_of("random:0")
+    assert model_of("random:0") is first and builds == ["random:0"]
+    assert model_of("random:1") is not first and model_of("random:0", "wide") is not first
+    assert builds == ["random:0", "random:1", "random:0"]
+    assert model_of("random:0") is not first  # pushed out by the two after it
+    path = tmp_path / "w.weights.h5"
+    path.write_bytes(b"weights, first version")
+    from_file = model_of(str(path))
+    assert model_of(str(path)) is from_file
+    path.write_bytes(b"weights, second version")
+    assert model_of(str(path)) is not from_file and builds.count(str(path)) == 2

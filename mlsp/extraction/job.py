@@ -10,6 +10,7 @@ into one store (see ``features/README.md``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -25,7 +26,7 @@ from ..images import identity, decode as images
 from ..store import read as store
 from ..runtime.atomic import describe_os_error, is_write_failure, remove_stale_temporaries
 from ..errors import ConfigError, IdentityConflict, ImageDecodeError, NoUsableImages, StoreConfigMismatch, WriteError
-from ..runtime.files import NoSpace, StoreLock
+from ..runtime.files import NoSpace, StoreLock, file_sha256
 from ..runtime.precision import DEFAULT as DEFAULT_PRECISION, check as check_precision, dtype_policy
 from ..runtime.precision import resolve_logged as resolve_precision
 from ..runtime.progress import ProgressFactory, null_progress
@@ -36,6 +37,13 @@ from ..store.config import CONFIG_KEYS, config_attrs, config_differences, to_att
 from ..store.format import FEATURES_ROOT, NARROW, POOLINGS, pooling_of
 
 log = logging.getLogger(__name__)
+
+#: Extractor models built in this process, by what determines them (:func:`built_model_key`), so
+#: that a process that extracts and then scores, exports or explains with the same backbone (a
+#: notebook, ``api`` calls in a script) builds it once: building and folding is seconds. Bounded:
+#: an Inception model holds 100-220 MB of weights.
+BUILT_MODELS_KEPT = 2
+_built_models: collections.OrderedDict = collections.OrderedDict()
 
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
@@ -75,6 +83,20 @@ class ExtractConfig:
         if self.precision != DEFAULT_PRECISION:
             name += f"_{self.precision}"
         return name + ".h5"
+
+
+def built_model_key(config: ExtractConfig, fold_batch_norms: bool) -> tuple:
+    """What an extractor model is determined by: the Keras backend, the configuration and the
+    weights' identity (``random:SEED``; ImageNet's pinned SHA-256; a file's path and SHA-256, so
+    a file rewritten in place is a new model)."""
+    source = backbone_weights.WeightsSource.parse(config.weights)
+    if source.kind == "file":
+        weights = ("file", os.path.realpath(source.path), file_sha256(source.path))
+    elif source.kind == "imagenet":
+        weights = ("imagenet", config.spec.weights_hash)
+    else:
+        weights = (str(source),)
+    return (backend.name(), config.net, config.pooling, config.precision, bool(fold_batch_norms), weights)
 
 
 class FeatureExtractor:
@@ -129,6 +151,17 @@ class FeatureExtractor:
         return self._model
 
     def _build_model(self):
+        key = built_model_key(self.config, self.fold_batch_norms)
+        if key in _built_models:
+            _built_models.move_to_end(key)
+            log.debug("%s: the model built earlier in this process", self.config.spec.name)
+        else:
+            _built_models[key] = self._build_new_model()
+            while len(_built_models) > BUILT_MODELS_KEPT:
+                _built_models.popitem(last=False)
+        return _built_models[key]
+
+    def _build_new_model(self):
         import keras
 
         from ..backbone.pooling import MultiLevelPooling
