@@ -264,6 +264,21 @@ def test_a_killed_driver_resumes_into_the_same_store(cluster, folder, tmp_path):
     assert_same_store(out, folder["one"])
 
 
+def test_the_workers_run_on_the_engine_the_driver_chose(cluster, folder, tmp_path):
+    """--engine reaches the Ray workers: native is refused there as on one machine (this suite's
+    workers run TensorFlow), where a worker left to its own default would run Keras."""
+    from mlsp.backbone import native
+
+    with native.engine_chosen("native"), pytest.raises(ClusterError, match="--engine native runs on PyTorch"):
+        extract(folder["images"], CONFIG, str(tmp_path / "n.h5"), runner=cluster.runner(CONFIG, chunk_images=4))
+    assert not os.path.exists(tmp_path / "n.h5")
+    with native.engine_chosen("keras"):
+        result = extract(folder["images"], CONFIG, str(tmp_path / "k.h5"), runner=cluster.runner(CONFIG, chunk_images=4))
+    assert result.images == 12
+    with h5py.File(tmp_path / "k.h5", "r") as f:
+        assert f.attrs["engine"] == "keras"
+
+
 def test_ray_without_the_extra_says_how_to_install_it(monkeypatch, folder, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed
     res = CliRunner().invoke(cli.main, ["extract", "--images", folder["images"], "--net", "iv3", "--weights",

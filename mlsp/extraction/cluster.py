@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 
 from ..version import __version__
 from ..errors import ClusterError, ConfigError, ImageDecodeError
+from ..backbone import native
 from ..runtime.progress import Closing
 from ..images.readahead import DECODE_WORKERS
 
@@ -82,7 +83,9 @@ def model_identity(configuration: dict) -> str:
 
 
 class Worker:
-    """One Ray actor: builds each recipe's model once and runs chunks of images through it."""
+    """One Ray actor: builds each recipe's model once and runs chunks of images through it, on the
+    engine the driver chose (``--engine``: :func:`mlsp.backbone.native.engine_chosen`), which a
+    worker's process would not otherwise know."""
 
     def __init__(self, threads: int, decode_threads: int):
         if threads:
@@ -92,24 +95,25 @@ class Worker:
         self.decode_threads = decode_threads
         self.built = {}
 
-    def _get(self, recipe):
-        if recipe not in self.built:
-            processor = recipe.build()
+    def _get(self, recipe, engine: str):
+        if (recipe, engine) not in self.built:
+            with native.engine_chosen(engine):
+                processor = recipe.build()
             # the identity: configuration only; provenance (backend, its version, device) may differ
             configuration = {**processor.configuration(), "mlsp": __version__}
-            self.built[recipe] = (processor, processor.info(), configuration, model_identity(configuration))
-        return self.built[recipe]
+            self.built[recipe, engine] = (processor, processor.info(), configuration, model_identity(configuration))
+        return self.built[recipe, engine]
 
-    def info(self, recipe) -> dict:
-        _, info, configuration, identity = self._get(recipe)
+    def info(self, recipe, engine: str = native.DEFAULT_ENGINE) -> dict:
+        _, info, configuration, identity = self._get(recipe, engine)
         return {"info": info, "configuration": configuration, "identity": identity, "mlsp": __version__,
                 "host": socket.gethostname(), "pid": os.getpid()}
 
-    def run(self, recipe, items: list) -> tuple[str, list]:
+    def run(self, recipe, items: list, engine: str = native.DEFAULT_ENGINE) -> tuple[str, list]:
         """``items`` are (path, id); returns (identity, [("ok", result) or ("error", reason)])."""
         from ..images.readahead import LocalRunner
 
-        processor, _, _, identity = self._get(recipe)
+        processor, _, _, identity = self._get(recipe, engine)
         out = []
         for _, result in LocalRunner(processor, workers=self.decode_threads).map(items):
             out.append(("error", result.reason) if isinstance(result, ImageDecodeError) else ("ok", result))
@@ -251,6 +255,7 @@ class ClusterRunner:
         self.ray = cluster.ray
         self.recipe = recipe
         self.recipe_ref = self.ray.put(recipe)
+        self.engine = native.chosen_engine()  # the driver's, for every worker
         self.chunk_images = max(1, int(chunk_images))
         self.lost = _lost_errors(self.ray)
         self.identity = None
@@ -278,7 +283,8 @@ class ClusterRunner:
         """The model's description (for extraction: the store's attributes), the same on every worker."""
         if self.identity is not None:
             return self._info
-        pending = {self.cluster.actors[i].info.remote(self.recipe_ref): i for i in range(self.cluster.n_workers)}
+        pending = {self.cluster.actors[i].info.remote(self.recipe_ref, self.engine): i
+                   for i in range(self.cluster.n_workers)}
         replies = {}
         deaths = 0
         while pending:
@@ -292,7 +298,7 @@ class ClusterRunner:
                     raise ClusterError(f"Ray workers keep dying while building the model: {exc}") from exc
                 log.warning("a Ray worker died while building the model; starting another")
                 self.cluster.replace(index)
-                pending[self.cluster.actors[index].info.remote(self.recipe_ref)] = index
+                pending[self.cluster.actors[index].info.remote(self.recipe_ref, self.engine)] = index
             except self.ray.exceptions.RayTaskError as exc:
                 self._raise_task_error(exc, "building the model")
         first = replies[min(replies)]
@@ -321,7 +327,7 @@ class ClusterRunner:
             for index in sorted(self.ready, key=lambda i: load[i]):
                 while queue and load[index] < TASKS_PER_WORKER:
                     chunk, attempts = queue.popleft()
-                    ref = self.cluster.actors[index].run.remote(self.recipe_ref, chunk)
+                    ref = self.cluster.actors[index].run.remote(self.recipe_ref, chunk, self.engine)
                     running[ref] = (index, chunk, attempts)
                     load[index] += 1
             if not running and not starting:
@@ -371,7 +377,7 @@ class ClusterRunner:
                                "finished images are kept, rerun to resume once the cluster is healthy")
         self.ready.discard(index)
         self.cluster.replace(index)
-        starting[self.cluster.actors[index].info.remote(self.recipe_ref)] = index
+        starting[self.cluster.actors[index].info.remote(self.recipe_ref, self.engine)] = index
         # chunks already sent to the dead actor: requeued now, their refs dropped
         for ref, (i, chunk, attempts) in list(running.items()):
             if i == index:
