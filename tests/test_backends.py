@@ -8,21 +8,17 @@ never share a process (together they crash), and that subprocess must not import
 import importlib.util
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 
 import backend_worker
-from helpers import write_image
+from helpers import torch_worker, write_image
 from mlsp.errors import ImageDecodeError
 from mlsp.extraction.job import ExtractConfig, extract
 from mlsp.images.readahead import run_batched
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                  reason="PyTorch is not installed (pip install -e '.[torch]'); "
                                         "the backend-agreement tests compare it with TensorFlow")
@@ -63,27 +59,13 @@ def both(tmp_path_factory):
            "store": str(tmp / "torch_store.h5"), "out": str(tmp / "torch"),
            "heads": {k: {kk: vv for kk, vv in v.items() if kk != "tf_predictions"} for k, v in heads.items()}}
     (tmp / "job.json").write_text(json.dumps(job))
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    # one thread: PyTorch's OpenMP threads spin while they wait, which on a busy 2-core machine
-    # made the same work 10x slower (6 s of CPU instead of 0.6 s for one irv2 forward)
-    env["OMP_NUM_THREADS"] = "1"
     # PyTorch's side runs while TensorFlow computes its own features here
-    # (its output goes to a file: a full pipe would stop it while nobody reads)
-    with open(tmp / "worker.log", "w") as log:
-        worker = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "backend_worker.py"),
-                                   str(tmp / "job.json")], env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            tf_side = {}
-            for net in backend_worker.NETS:
-                fx, tf_side[net] = backend_worker.features(net, weights[net], views)
-                if net == "iv3":
-                    tf_fx = fx
-            worker.wait(timeout=600)
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
+    with torch_worker("backend_worker.py", tmp / "job.json", tmp / "worker.log", timeout=600) as worker:
+        tf_side = {}
+        for net in backend_worker.NETS:
+            fx, tf_side[net] = backend_worker.features(net, weights[net], views)
+            if net == "iv3":
+                tf_fx = fx
     assert worker.returncode == 0, (tmp / "worker.log").read_text()[-3000:]
     torch_side = {net: dict(np.load(tmp / f"torch-{net}.npz")) for net in backend_worker.NETS}
     found = json.loads((tmp / "torch.json").read_text())

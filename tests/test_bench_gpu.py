@@ -11,18 +11,17 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import torch_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
 def test_gpu_benchmark_smoke_run_writes_every_stage(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_gpu.py"), "--device", "cpu",
                            "--images", "8", "--out", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=torch_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     (path,) = list(tmp_path.glob("gpu-*-cpu.json"))
     record = json.loads(path.read_text())

@@ -8,20 +8,16 @@ process runs, and PyTorch never share a process.
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import backend_worker
-from helpers import write_image
+from helpers import torch_worker, write_image
 from mlsp.backbone import native
 from mlsp.images.readahead import run_batched
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETS = ("iv3", "irv2")
 # one array of two views at an odd size, one of one view at an even size (the nets' least side is 75)
 SIZES = ((2, 83, 101), (1, 96, 120))
@@ -150,19 +146,8 @@ def sides(tmp_path_factory):
            "fallback": "mobilenetv3_large",
            "images": str(tmp / "imgs"), "store": str(tmp / "native.h5")}
     (tmp / "job.json").write_text(json.dumps(job))
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"  # see tests/test_backends.py: spinning OpenMP threads on a busy machine
-    with open(tmp / "worker.log", "w") as log:
-        worker = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "native_worker.py"),
-                                   str(tmp / "job.json")], env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            tf_side = {net: _tensorflow_features(net, weights[net], [np.load(v) for v in views]) for net in NETS}
-            worker.wait(timeout=900)
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
+    with torch_worker("native_worker.py", tmp / "job.json", tmp / "worker.log") as worker:
+        tf_side = {net: _tensorflow_features(net, weights[net], [np.load(v) for v in views]) for net in NETS}
     assert worker.returncode == 0, (tmp / "worker.log").read_text()[-3000:]
     torch_side = {(net, p): dict(np.load(tmp / f"torch-{net}-{p}.npz")) for net in NETS for p in PRECISIONS[net]}
     return {"tf": tf_side, "torch": torch_side, "found": json.loads((tmp / "torch.json").read_text())}
