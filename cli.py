@@ -39,8 +39,7 @@ from heads.finetune.nets import NETS as FINETUNE_NETS  # noqa: E402
 from heads.score.keras2 import LAYER_NAMES as KERAS2_HEADS  # noqa: E402
 from heads.personal import AUTO, RATING_SCALE, method_names  # noqa: E402
 from heads.personal.adapt import FALLBACK_SE, NESTED_SE  # noqa: E402
-from heads.personal.methods import FEATURE_SPACE, HEAD_SPACE  # noqa: E402
-from heads.personal.methods import METHODS  # noqa: E402
+from heads.personal.methods import FEATURE_SPACE, HEAD_SPACE, METHODS  # noqa: E402
 from heads.personal.protocol import COLUMNS as EVAL_COLUMNS, KS as EVAL_KS, REPEATS as EVAL_REPEATS  # noqa: E402
 from heads.personal.ratings import MIN_RATINGS  # noqa: E402
 from heads.score.catalogue import CATALOGUE_ENV  # noqa: E402

@@ -274,7 +274,8 @@ def measure(args, clock: Clock, record: dict, path_of, config, decoded: list, wo
     side = record["figures"]["set"]["one_size_view"][0]
     gflop = conv_gflop(bucketed.model, side, side)
     seconds = min(args.one_size_seconds, clock.share(stages_left * 2))
-    row["model_one_size"] = one_size(bucketed, side, args.batch_views, seconds, gflop, record["figures"]["matmul_tflops"].get(config.precision))
+    row["model_one_size"] = one_size(bucketed, side, args.batch_views, seconds, gflop,
+                                     record["figures"]["matmul_tflops"].get(config.precision))
     row["mixed_cost"] = round(row["model_one_size"]["images_per_s"] / max(row["native_bucketed"]["images_per_s"],
                                                                          1e-9), 3)
     path_of(record)

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 BUILT_MODELS_KEPT = 2
 _built_models: collections.OrderedDict = collections.OrderedDict()
 
+
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
     """Everything that determines the features of an image (and so a store's configuration)."""
@@ -91,7 +92,7 @@ def built_model_key(config: ExtractConfig, fold_batch_norms: bool) -> tuple:
     a file rewritten in place is a new model)."""
     source = backbone_weights.WeightsSource.parse(config.weights)
     if source.kind == "file":
-        weights = ("file", os.path.realpath(source.path), file_sha256(source.path))
+        weights = ("file", source.path, file_sha256(source.path))  # the path too: stores record it
     elif source.kind == "imagenet":
         weights = ("imagenet", config.spec.weights_hash)
     else:
