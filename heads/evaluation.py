@@ -60,15 +60,21 @@ def compute_metrics(mos, pred, threshold: float = THRESHOLD) -> dict:
     n = int(len(mos))
     if n == 0:
         return {"srcc": None, "plcc": None, "accuracy": None, "balanced_accuracy": None, "n": 0}
-    high, high_pred = mos > threshold, pred > threshold
-    recalls = [float(np.mean(high_pred[cls] == high[cls])) for cls in (high, ~high) if cls.any()]
+    accuracy, balanced = decision_accuracy(mos > threshold, pred > threshold)
     return {
         "srcc": _correlation("spearmanr", mos, pred),
         "plcc": _correlation("pearsonr", mos, pred),
-        "accuracy": float(np.mean(high == high_pred)),
-        "balanced_accuracy": float(np.mean(recalls)),
+        "accuracy": accuracy,
+        "balanced_accuracy": balanced,
         "n": n,
     }
+
+
+def decision_accuracy(high, said) -> tuple[float, float]:
+    """Accuracy and balanced accuracy (the mean recall of the classes present) of the good/bad
+    decisions ``said`` against the truth ``high`` (boolean arrays, not empty)."""
+    recalls = [float(np.mean(said[cls] == high[cls])) for cls in (high, ~high) if cls.any()]
+    return float(np.mean(said == high)), float(np.mean(recalls))
 
 
 def distribution_metrics(votes, pred) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from ..evaluation import THRESHOLD, compute_metrics, distribution_metrics
+from ..evaluation import THRESHOLD, compute_metrics, decision_accuracy, distribution_metrics
 from ..targets import mos_of
 
 DECISION = {"binary": 0.5}  # a binary run's score is a probability; the others' a MOS (decided at THRESHOLD)
@@ -40,9 +40,9 @@ def binary_metrics(mos, score, decision: float, delta: float = 0.0) -> dict:
     high, said = mos[keep] > THRESHOLD, score[keep] > decision
     if not keep.any():
         return {"accuracy": None, "balanced_accuracy": None, "auc": None, "n_binary": 0}
-    recalls = [float(np.mean(said[cls] == high[cls])) for cls in (high, ~high) if cls.any()]
-    return {"accuracy": float(np.mean(said == high)), "balanced_accuracy": float(np.mean(recalls)),
-            "auc": auc(high, score[keep]), "n_binary": int(keep.sum())}
+    accuracy, balanced = decision_accuracy(high, said)
+    return {"accuracy": accuracy, "balanced_accuracy": balanced, "auc": auc(high, score[keep]),
+            "n_binary": int(keep.sum())}
 
 
 def score_of(target: str, pred) -> np.ndarray:
