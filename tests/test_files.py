@@ -265,6 +265,39 @@ def test_a_mismatch_message_summarises_long_values():
     assert irv2[1] not in message and message.endswith("Do this.") and len(message) < 300
 
 
+def test_a_signal_another_thread_receives_still_ends_the_wait_for_a_stalled_decode():
+    """The kernel may hand a process's signal to any of its threads (a backend's pool): Python then
+    runs its handler only when the main thread next runs Python code. Waiting for a decode that
+    never returns, the main thread wakes often enough to see it."""
+    import threading
+
+    from mlsp.images.readahead import WAKE_SECONDS, decode_ahead
+
+    class Stopped(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    release = threading.Event()
+    before = signal.signal(signal.SIGUSR1, stop)
+    poke = threading.Timer(0.3, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGUSR1))
+    unstick = threading.Timer(5.0, release.set)  # without the waking wait: the handler runs only now
+    try:
+        waiting = decode_ahead(lambda path: release.wait(), [("stalled.jpg", 0)], workers=1)
+        start = time.monotonic()
+        poke.start()
+        unstick.start()
+        with pytest.raises(Stopped):
+            next(waiting)
+        assert time.monotonic() - start < 0.3 + 4 * WAKE_SECONDS
+    finally:
+        release.set()
+        poke.cancel()
+        unstick.cancel()
+        signal.signal(signal.SIGUSR1, before)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_ends_extraction_promptly_and_keeps_finished_images(tmp_path, sig):
     """A decode that never returns (a FIFO named like a photo, read by a custom loader that
