@@ -37,9 +37,11 @@ def planted(tmp_path_factory):
 
 # one head of each family, narrow features and wide ones; every head's contract (builds on its
 # features, trains a step for every target, saves and reloads) is tests/test_heads.py's
+# (narrow heads: what is tested is that each family learns; at these widths they reach SRCC 0.99
+# and 0.97 on the planted signal, in about half the time of widths 512 and 128)
 @pytest.mark.parametrize("head,pooling,options", [
-    ("single3fc", "narrow", ["--width", "512"]),
-    ("pool3fc", "wide", ["--width", "128", "--kernels", "32"]),
+    ("single3fc", "narrow", ["--width", "128"]),
+    ("pool3fc", "wide", ["--width", "64", "--kernels", "16"]),
 ])
 def test_a_head_of_each_family_learns_a_planted_signal(planted, tmp_path, head, pooling, options):
     out = tmp_path / "run"
