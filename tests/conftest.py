@@ -19,6 +19,19 @@ os.environ.setdefault("MLSP_FORWARD_CACHE", "0")
 from mlsp.runtime.backend import prepare_process  # noqa: E402
 
 prepare_process()
+
+# pytest-xdist's workers share the machine's cores: each worker's TensorFlow gets its share (on 2
+# cores, 2 or 3 workers: one thread each) instead of a pool of one thread per core, which ran 4 busy
+# threads on 2 cores (the CPU-bound test files took 14% longer). In the worker only, before its first
+# op: a subprocess a test starts keeps every core while its worker waits for it; one whose result
+# must equal the worker's bit for bit runs with the worker's threads (helpers.same_threads_env).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _WORKERS > 1:
+    from mlsp.runtime.backend import configure_threads  # noqa: E402
+
+    _SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
+    configure_threads(_SHARE, _SHARE)
+
 import pytest  # noqa: E402
 
 from helpers import write_image  # noqa: E402  (tests/ is on the path: pyproject's pythonpath)
@@ -26,7 +39,7 @@ from helpers import write_image  # noqa: E402  (tests/ is on the path: pyproject
 #: What each test took in the last full run that stored it (`--store-durations`, on the 2-core
 #: machine; docs/testing.md): seconds per test, and per file. It decides two things, so that no
 #: list is kept by hand:
-#: - the order: with `-n 2 --dist loadfile` each worker takes the next file when it is nearly done
+#: - the order: with `-n 3 --dist loadfile` each worker takes the next file when it is nearly done
 #:   with its own, in collection order, so the longest files start first and the short ones fill
 #:   the end, and neither worker is left alone on a long file (a file not in it counts as the median);
 #: - the tiers: a test that took more than SLOW_SECONDS is marked `slow`, like those marked by hand,

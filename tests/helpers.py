@@ -101,6 +101,20 @@ def write_store(
         write_errors(f, errors)
 
 
+def same_threads_env() -> dict:
+    """This process's environment, with the thread counts its TensorFlow runs with (tests/conftest.py
+    gives each pytest-xdist worker its share of the cores), for a subprocess whose result must
+    equal one computed here bit for bit: a training's sums depend on how many threads add them."""
+    from mlsp.runtime.backend import configure_threads
+
+    env = dict(os.environ)
+    intra, inter = configure_threads()
+    for name, value in (("TF_NUM_INTRAOP_THREADS", intra), ("TF_NUM_INTEROP_THREADS", inter)):
+        if value:
+            env[name] = str(value)
+    return env
+
+
 def torch_env() -> dict:
     """The environment of a subprocess that runs Keras on PyTorch beside pytest's TensorFlow: this
     checkout on its path, no KERAS_BACKEND of the caller's, and one OpenMP thread (PyTorch's OpenMP

@@ -16,6 +16,7 @@ import pytest
 from scipy import stats
 
 from finetune_data import planted_images
+from helpers import same_threads_env
 from heads.finetune import checkpoint
 from heads.finetune.checkpoint import Checkpoint
 from heads.finetune.config import FinetuneConfig
@@ -198,7 +199,8 @@ def test_a_small_network_learns_the_planted_mos(learned):
 def test_killed_in_phase_2_resumes_to_the_uninterrupted_result(planted, learned, tmp_path):
     out = str(tmp_path / "killed")
     args = _cli_args(planted, out, LEARN)
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = same_threads_env()  # `learned` was trained in this process
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(os.path.join(out, checkpoint.FILE)):
@@ -213,7 +215,7 @@ def test_killed_in_phase_2_resumes_to_the_uninterrupted_result(planted, learned,
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
     assert json.load(open(os.path.join(out, "config.json")))["status"] == "running"  # killed: nothing marked it
-    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming after epoch" in again.stderr
     want = json.load(open(os.path.join(learned, "metrics.json")))
