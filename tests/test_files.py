@@ -326,8 +326,12 @@ sys.argv = ['mlsp', 'extract', '--images', {str(root)!r}, '--net', 'iv3', '--wei
             '--out', {str(out)!r}, '--checkpoint-every', '100']
 cli.main()
 """
+    # as in a terminal: the signal's default action. (Full-suite runs were seen to hand this child
+    # SIGINT, SIGQUIT and SIGHUP ignored, /proc's SigIgn 0x7, from whatever the worker ran before;
+    # an ignored Ctrl-C ends no program.)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "stuck"
     time.sleep(0.5)
     sent = time.monotonic()
