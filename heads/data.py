@@ -37,7 +37,7 @@ import keras
 import numpy as np
 
 from mlsp.errors import ConfigError, StoreError
-from mlsp.images.readahead import WAKE_SECONDS
+from mlsp.images.readahead import wait_waking
 from mlsp.store.read import SLAB_BYTES, FeatureReader, FeatureStore
 
 log = logging.getLogger(__name__)
@@ -345,16 +345,6 @@ class TrainBatches(keras.utils.PyDataset):
         self._plan = self.plan(self.epoch)
 
 
-def _next(q: queue.Queue):
-    """``q.get()``, waking every ``WAKE_SECONDS`` so that Ctrl-C is seen at once (as
-    :func:`mlsp.images.readahead.wait_result`)."""
-    while True:
-        try:
-            return q.get(timeout=WAKE_SECONDS)
-        except queue.Empty:
-            continue
-
-
 def prefetch(items: Iterable, size: int = 2) -> Iterator:
     """Iterate ``items`` computed ahead in a background thread (at most ``size`` waiting)."""
     done = object()
@@ -380,7 +370,7 @@ def prefetch(items: Iterable, size: int = 2) -> Iterator:
     thread.start()
     try:
         while True:
-            item = _next(q)
+            item = wait_waking(q.get, queue.Empty)  # Ctrl-C is seen at once
             if item is done:
                 return
             if isinstance(item, Exception):

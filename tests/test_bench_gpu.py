@@ -11,9 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import torch_env
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, torch_env
 
 
 @pytest.mark.slow

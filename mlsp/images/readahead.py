@@ -22,19 +22,20 @@ DECODE_WORKERS = 2
 PREFETCH = 4
 #: Decoded images at most held while views of one size are grouped into one model call.
 BATCH_WINDOW = 64
-#: Seconds between the waking checks of a wait for a decode (see :func:`wait_result`).
+#: Seconds between the waking checks of a wait for a decode (see :func:`wait_waking`).
 WAKE_SECONDS = 0.25
 
 
-def wait_result(future: concurrent.futures.Future):
-    """``future.result()``, waking every :data:`WAKE_SECONDS`. A signal (Ctrl-C, ``kill``) is handled
-    in the main thread only when that thread runs Python code; the kernel may deliver it to another
-    thread (a backend's pool), and then a wait that never wakes (a decode stalled on a network
-    share) would never see it: the process would ignore Ctrl-C."""
+def wait_waking(wait: Callable, timeout_error: type[BaseException]):
+    """``wait()`` (a future's ``result``, a queue's ``get``), waking every :data:`WAKE_SECONDS`
+    (``wait(timeout=...)`` raising ``timeout_error`` until it returns). A signal (Ctrl-C, ``kill``)
+    is handled in the main thread only when that thread runs Python code; the kernel may deliver it
+    to another thread (a backend's pool), and then a wait that never wakes (a decode stalled on a
+    network share) would never see it: the process would ignore Ctrl-C."""
     while True:
         try:
-            return future.result(timeout=WAKE_SECONDS)
-        except concurrent.futures.TimeoutError:
+            return wait(timeout=WAKE_SECONDS)
+        except timeout_error:
             continue
 
 
@@ -67,7 +68,7 @@ def decode_ahead(load: Callable, items: Iterable, workers: int, prefetch: int = 
             nxt = next(it, None)
             if nxt is not None:
                 pending.append((nxt, pool.submit(safe_load, nxt[0])))
-            yield item, wait_result(future)
+            yield item, wait_waking(future.result, concurrent.futures.TimeoutError)
     finally:
         # never wait for a decode that does not return (a stalled network share): an interrupted
         # run must end promptly; what is queued is cancelled, a running decode is abandoned (its
